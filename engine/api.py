@@ -1,0 +1,213 @@
+"""Request, progress and result types shared by the pipeline, the batcher, the server, the clients and the bot.
+
+They are plain dataclasses with ``to_json``/``from_json`` helpers so the same objects cross the HTTP boundary
+(engine service ⇄ ``HttpEngine``) and the in-process boundary (``InProcessEngine``) unchanged.
+
+Reproducibility contract: candidate ``i`` of a request with seed ``s`` is sampled from a random stream
+derived from ``(s, i)`` alone, so a request gives the same images whether it was sampled alone, batched
+with other requests, or spread over several devices.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Literal, Protocol
+
+import numpy as np
+
+MAX_IMAGES_PER_REQUEST = 16
+MAX_PROMPT_CHARS = 1000
+
+
+class EngineError(RuntimeError):
+    """The engine failed to produce a result for a request (message is safe to show to a user)."""
+
+
+class BadRequest(EngineError):
+    """The request itself is invalid (empty prompt, n out of range, unknown parameter...)."""
+
+
+class RequestCancelled(EngineError):
+    """The request was cancelled before it finished."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling knobs; defaults are what the reference effectively used (scale 10, top-k 50, T 1, no top-p)."""
+
+    condition_scale: float = 10.0
+    top_k: int = 50
+    top_p: float = 1.0
+    temperature: float = 1.0
+
+    def validate(self) -> None:
+        if not (0.0 <= self.condition_scale <= 100.0):
+            raise BadRequest("condition_scale must be between 0 and 100")
+        if not (0 <= self.top_k <= 16384):
+            raise BadRequest("top_k must be between 0 (off) and 16384")
+        if not (0.0 < self.top_p <= 1.0):
+            raise BadRequest("top_p must be in (0, 1]")
+        if not (0.01 <= self.temperature <= 10.0):
+            raise BadRequest("temperature must be between 0.01 and 10")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One user's request: ``n`` candidates for ``prompt``; candidate i uses the stream (seed, i)."""
+
+    prompt: str
+    n: int = 9
+    seed: int = 0
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    preview_every: int = 0  # emit a partially decoded preview every k tokens (0 = never)
+
+    def validate(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise BadRequest("prompt must be a non-empty string")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise BadRequest(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+        if not (1 <= int(self.n) <= MAX_IMAGES_PER_REQUEST):
+            raise BadRequest(f"n must be between 1 and {MAX_IMAGES_PER_REQUEST}")
+        if not (0 <= int(self.seed) < 2**63):
+            raise BadRequest("seed must be between 0 and 2**63-1")
+        if self.preview_every < 0:
+            raise BadRequest("preview_every must be >= 0")
+        self.params.validate()
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GenerationRequest:
+        data = dict(data)
+        params = data.pop("params", None) or {}
+        if not isinstance(params, dict):
+            raise BadRequest("params must be an object")
+        unknown = set(params) - {f.name for f in dataclasses.fields(SamplingParams)}
+        if unknown:
+            raise BadRequest(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+        try:
+            req = cls(params=SamplingParams(**params), **data)
+        except TypeError as exc:
+            raise BadRequest(str(exc)) from exc
+        return req
+
+
+@dataclass
+class GeneratedImage:
+    """One candidate image with its scores. ``tokens`` are the exact image codes sampled (int16)."""
+
+    index: int  # candidate index within the request: the (seed, index) stream that made it
+    rank: int  # 0 = best CLIP score among the request's candidates
+    png: bytes
+    tokens: np.ndarray
+    clip_score: float
+    safety: dict[str, float]
+    flagged: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "rank": self.rank,
+            "png": base64.b64encode(self.png).decode("ascii"),
+            "tokens": np.asarray(self.tokens, dtype=np.int16).tolist(),
+            "clip_score": float(self.clip_score),
+            "safety": {k: float(v) for k, v in self.safety.items()},
+            "flagged": bool(self.flagged),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GeneratedImage:
+        return cls(
+            index=int(data["index"]),
+            rank=int(data["rank"]),
+            png=base64.b64decode(data["png"]),
+            tokens=np.asarray(data["tokens"], dtype=np.int16),
+            clip_score=float(data["clip_score"]),
+            safety={k: float(v) for k, v in data["safety"].items()},
+            flagged=bool(data["flagged"]),
+        )
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    prompt: str
+    seed: int
+    images: list[GeneratedImage]  # ordered by rank (best first)
+    checkpoint_id: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "images": [im.to_json() for im in self.images],
+            "checkpoint_id": self.checkpoint_id,
+            "timings": dict(self.timings),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GenerationResult:
+        return cls(
+            request_id=data["request_id"],
+            prompt=data["prompt"],
+            seed=int(data["seed"]),
+            images=[GeneratedImage.from_json(d) for d in data["images"]],
+            checkpoint_id=data["checkpoint_id"],
+            timings={k: float(v) for k, v in data.get("timings", {}).items()},
+        )
+
+
+State = Literal["queued", "running", "done", "failed", "cancelled"]
+
+
+@dataclass
+class Progress:
+    """A progress event for one request (queue position while queued, tokens while running)."""
+
+    request_id: str
+    state: State
+    queue_position: int | None = None
+    tokens_done: int = 0
+    tokens_total: int = 0
+    preview_png: bytes | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["preview_png"] = base64.b64encode(self.preview_png).decode("ascii") if self.preview_png else None
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Progress:
+        data = dict(data)
+        if data.get("preview_png"):
+            data["preview_png"] = base64.b64decode(data["preview_png"])
+        return cls(**data)
+
+
+class Engine(Protocol):
+    """What the bot needs from a model backend; implemented in-process and over HTTP (engine.client)."""
+
+    async def submit(self, request: GenerationRequest) -> str:
+        """Queue a request; returns its id at once. Raises BadRequest for invalid input."""
+
+    def events(self, request_id: str) -> AsyncIterator[Progress]:
+        """Progress events until the request reaches done, failed or cancelled."""
+
+    async def result(self, request_id: str, timeout: float | None = None) -> GenerationResult:
+        """Wait for the result. Raises RequestCancelled or EngineError."""
+
+    async def cancel(self, request_id: str) -> bool:
+        """Cancel a queued or running request; False if it was unknown or already finished."""
+
+    async def close(self) -> None: ...
