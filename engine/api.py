@@ -13,8 +13,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -211,3 +212,27 @@ class Engine(Protocol):
         """Cancel a queued or running request; False if it was unknown or already finished."""
 
     async def close(self) -> None: ...
+
+
+
+
+class Pipeline(Protocol):
+    """The model side of the engine: one call samples every candidate of several requests in one pass.
+
+    ``generate`` is synchronous and CPU/accelerator bound: callers run it in an executor or a worker
+    process, never on the event loop. The total candidate count (sum of ``n``) is padded up to the
+    smallest of ``batch_buckets`` that fits, so nothing recompiles at run time; callers never pass more
+    than ``max(batch_buckets)`` candidates. ``on_progress(request_id, tokens_done, tokens_total,
+    preview_png_or_None)`` is called from the sampling thread; ``should_cancel(request_id)`` is polled
+    between chunks of tokens and a cancelled request is dropped from the returned list.
+    """
+
+    checkpoint_id: str
+    batch_buckets: tuple[int, ...]
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_progress: Callable[[str, int, int, bytes | None], None] | None = None,
+        should_cancel: Callable[[str], bool] | None = None,
+    ) -> list[GenerationResult]: ...
