@@ -216,17 +216,18 @@ def test_grad_accumulation_matches_one_big_batch(cfg):
 MESH_SCRIPT = """
 import json, sys
 from jax.sharding import Mesh, PartitionSpec as P
-from training.loop import ArrayBatches, data_mesh, train
+from engine.sharding import make_mesh
+from training.loop import ArrayBatches, train
 from training.optim import OptimConfig
 assert jax.device_count() == 4, jax.devices()
 out = {}
 data = ArrayBatches(make_data(), 32, seed=7)
 cfg = OptimConfig(name="adamw", learning_rate=1e-2, warmup_steps=3)
-dp = train(init_mlp(), mse, data, steps=12, optim=cfg, mesh=data_mesh(), progress=False)
+dp = train(init_mlp(), mse, data, steps=12, optim=cfg, mesh=make_mesh(), progress=False)
 out["dp"] = dp.losses
 assert dp.params["w1"].sharding.is_fully_replicated
 acc = train(init_mlp(), mse, data, steps=12, optim=OptimConfig(**{**cfg.to_dict(), "grad_accum_steps": 2}),
-            mesh=data_mesh(), progress=False)
+            mesh=make_mesh(), progress=False)
 out["dp_accum"] = acc.losses
 mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
 specs = {"w1": P(None, "model"), "b1": P("model"), "w2": P("model", None), "b2": P()}
@@ -281,3 +282,32 @@ def test_continuing_from_a_train_state_and_bad_loss_fn():
     np.testing.assert_array_equal(_flat(second.params), _flat(straight.params))
     with pytest.raises(TypeError, match="loss_fn"):
         train(init_mlp(), lambda p, b, r: (1.0, 2.0, 3.0), data, steps=1, optim=ADAM, progress=False)
+
+
+def _mse_with_side_output(params, batch, rng):
+    loss, aux = mse(params, batch, rng)
+    return loss, {**aux, "_rows": batch["x"][:, 0]}
+
+
+def _count_rows(params, extra, aux, step, rng):
+    # untrained state updated inside the step from a side output; also nudges a param deterministically
+    extra = {"seen": extra["seen"] + aux["_rows"].shape[0], "last_row_sum": jnp.sum(aux["_rows"])}
+    return {**params, "b2": params["b2"] * 0.5}, extra
+
+
+def test_extra_state_is_updated_in_step_and_survives_resume(tmp_path):
+    data = ArrayBatches(make_data(), 32, seed=4)
+    kw = dict(steps=8, optim=OptimConfig(learning_rate=1e-2, grad_accum_steps=2), progress=False,
+              extra_init={"seen": jnp.zeros((), jnp.int32), "last_row_sum": jnp.zeros(())},
+              extra_update=_count_rows)
+    full = train(init_mlp(), _mse_with_side_output, data, **kw)
+    assert int(full.state.extra["seen"]) == 8 * 16  # last micro-batch of each of the 8 steps
+    x_last = data[7]["x"][:, 0]
+    np.testing.assert_allclose(float(full.state.extra["last_row_sum"]), np.sum(x_last[1::2]), rtol=1e-5)
+    assert all(not k.startswith("_") for r in full.history for k in r)
+    ck = dict(ckpt_dir=tmp_path / "ck", save_every=3)
+    train(init_mlp(), _mse_with_side_output, data, stop_after=5, **kw, **ck)
+    resumed = train(init_mlp(), _mse_with_side_output, data, **kw, **ck)
+    assert resumed.resumed_from == 3
+    np.testing.assert_array_equal(_flat(resumed.state.extra), _flat(full.state.extra))
+    np.testing.assert_array_equal(_flat(resumed.params), _flat(full.params))

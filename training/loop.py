@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,6 +41,8 @@ from training.optim import OptimConfig, make_optimizer, make_schedule
 Batch = Any
 Params = Any
 LossFn = Callable[[Params, Batch, jax.Array], Any]
+# (params, extra, aux, step, rng) -> (params, extra): runs inside the jitted step, after the optimiser update
+ExtraUpdate = Callable[[Params, Any, dict[str, jax.Array], jax.Array, jax.Array], tuple[Params, Any]]
 
 
 class BatchSource(Protocol):
@@ -51,19 +53,27 @@ class BatchSource(Protocol):
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step reads and writes. ``rng`` is the base key; step keys are derived from it."""
+    """Everything a step reads and writes. ``rng`` is the base key; step keys are derived from it.
+
+    ``extra`` is state that is not trained by gradient but must survive a resume (e.g. codebook usage
+    statistics); it is ``None`` unless the trainer passes ``extra_init``.
+    """
 
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
+    extra: Any = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "params": self.params, "opt_state": self.opt_state, "rng": self.rng}
+        d = {"step": self.step, "params": self.params, "opt_state": self.opt_state, "rng": self.rng}
+        if self.extra is not None:
+            d["extra"] = self.extra
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainState:
-        return cls(step=d["step"], params=d["params"], opt_state=d["opt_state"], rng=d["rng"])
+        return cls(step=d["step"], params=d["params"], opt_state=d["opt_state"], rng=d["rng"], extra=d.get("extra"))
 
 
 @dataclass
@@ -124,12 +134,6 @@ class ArrayBatches:
         return {name: arr[idx] for name, arr in self.arrays.items()}
 
 
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``("data", "model")`` mesh with every device on ``data`` (pure data parallelism), Auto axes."""
-    devs = np.asarray(list(devices) if devices is not None else jax.devices()).reshape(-1, 1)
-    return Mesh(devs, ("data", "model"))
-
-
 def _get_batch(batches: Any, k: int) -> Batch:
     return batches(k) if callable(batches) and not hasattr(batches, "__getitem__") else batches[k]
 
@@ -160,8 +164,13 @@ def make_train_step(
     grad_accum_steps: int = 1,
     mesh: Mesh | None = None,
     batch_axis: str = "data",
+    extra_update: ExtraUpdate | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """The pure (un-jitted) update: ``(state, batch) -> (state, metrics)``."""
+    """The pure (un-jitted) update: ``(state, batch) -> (state, metrics)``.
+
+    Metrics whose name starts with ``_`` are side outputs of the loss (any shape) for ``extra_update``;
+    under accumulation they come from the last micro-batch, the others are averaged over micro-batches.
+    """
     accum = grad_accum_steps
 
     def grads_of(params: Params, batch: Batch, rng: jax.Array):
@@ -190,25 +199,40 @@ def make_train_step(
 
             def body(carry, xs):
                 i, mb = xs
-                out = grads_of(state.params, mb, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, out), None
+                loss, aux, grads = grads_of(state.params, mb, jax.random.fold_in(rng, i))
+                mean_part = {k: v for k, v in aux.items() if not k.startswith("_")}
+                last_part = {k: v for k, v in aux.items() if k.startswith("_")}
+                summed = jax.tree.map(jnp.add, carry[0], (loss, mean_part, grads))
+                return (summed, last_part), None
 
-            total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+            zeros_mean = (zeros[0], {k: v for k, v in zeros[1].items() if not k.startswith("_")}, zeros[2])
+            zeros_last = {k: v for k, v in zeros[1].items() if k.startswith("_")}
+            (total, last), _ = jax.lax.scan(body, (zeros_mean, zeros_last), (jnp.arange(accum), micro))
             loss, aux, grads = jax.tree.map(lambda x: x / accum, total)
+            aux = {**aux, **last}
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), **aux}
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        extra = state.extra
+        if extra_update is not None:
+            params, extra = extra_update(params, extra, aux, state.step, jax.random.fold_in(rng, accum + 1))
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        metrics.update({k: v for k, v in aux.items() if not k.startswith("_")})
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
         return new, metrics
 
     return step
 
 
+def _copy(tree: Any) -> Any:
+    """Fresh device arrays: the step donates its input state, and the caller's arrays must survive that."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
 def _place_params(params: Params, mesh: Mesh | None, param_specs: Any) -> Params:
     if mesh is None:
-        return jax.tree.map(jnp.asarray, params)
+        return _copy(params)
     if param_specs is None:
-        return jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+        return jax.device_put(params, NamedSharding(mesh, PartitionSpec()), may_alias=False)
     if callable(param_specs):
         specs = jax.tree_util.tree_map_with_path(lambda path, x: param_specs(path, x), params)
     else:
@@ -216,7 +240,7 @@ def _place_params(params: Params, mesh: Mesh | None, param_specs: Any) -> Params
     shardings = jax.tree.map(
         lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, PartitionSpec)
     )
-    return jax.device_put(params, shardings)
+    return jax.device_put(params, shardings, may_alias=False)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool | None):
@@ -245,6 +269,8 @@ def train(
     param_specs: Any = None,
     batch_axis: str = "data",
     progress: bool | None = None,
+    extra_init: Any = None,
+    extra_update: ExtraUpdate | None = None,
     post_step: Callable[[TrainState, Batch], TrainState] | None = None,
     eval_fn: Callable[[Params], Mapping[str, Any]] | None = None,
     eval_every: int = 0,
@@ -256,6 +282,8 @@ def train(
     ``init``: initial params (fresh optimiser state) or a :class:`TrainState`. ``save_every``: checkpoint
     period in steps (a final checkpoint is always written when ``ckpt_dir`` is set). ``param_specs``: a pytree
     of ``PartitionSpec`` matching the params, or ``fn(path, leaf) -> PartitionSpec``; default replicated.
+    ``extra_init``/``extra_update``: untrained state carried in :attr:`TrainState.extra` and its in-step
+    update from the loss's ``_``-prefixed side outputs (see :func:`make_train_step`).
     ``post_step(state, host_batch) -> state`` runs on the host after each update (e.g. codebook restarts);
     it must be deterministic for resume to be exact. ``eval_fn(params) -> metrics`` runs every
     ``eval_every`` steps and its numbers join that step's log record. ``stop_after``: leave the loop after
@@ -270,7 +298,13 @@ def train(
     accum = optim.grad_accum_steps
 
     if isinstance(init, TrainState):
-        state = init.replace(params=_place_params(init.params, mesh, param_specs))
+        state = init.replace(
+            params=_place_params(init.params, mesh, param_specs),
+            opt_state=_copy(init.opt_state),
+            extra=_copy(init.extra),
+            step=_copy(init.step),
+            rng=_copy(init.rng),
+        )
     else:
         params = _place_params(init, mesh, param_specs)
         state = TrainState(
@@ -278,13 +312,17 @@ def train(
             params=params,
             opt_state=jax.jit(tx.init)(params),
             rng=jax.random.PRNGKey(seed),
+            extra=_copy(extra_init) if extra_init is not None else None,
         )
     if mesh is not None:
         replicated = NamedSharding(mesh, PartitionSpec())
         state = state.replace(
             step=jax.device_put(state.step, replicated), rng=jax.device_put(state.rng, replicated)
         )
-        state = state.replace(opt_state=jax.tree.map(_ensure_placed(replicated), state.opt_state))
+        state = state.replace(
+            opt_state=jax.tree.map(_ensure_placed(replicated), state.opt_state),
+            extra=jax.tree.map(_ensure_placed(replicated), state.extra),
+        )
 
     ckpt = Checkpointer(ckpt_dir, save_every=save_every, keep=keep) if ckpt_dir is not None else None
     log = MetricsLog(log_path)
@@ -304,7 +342,9 @@ def train(
             raise ValueError(f"{ckpt.directory}: data position and step disagree in the checkpoint metadata")
         log.rewind(resumed_from)
 
-    step_fn = make_train_step(loss_fn, tx, schedule, grad_accum_steps=accum, mesh=mesh, batch_axis=batch_axis)
+    step_fn = make_train_step(
+        loss_fn, tx, schedule, grad_accum_steps=accum, mesh=mesh, batch_axis=batch_axis, extra_update=extra_update
+    )
     if mesh is not None:
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
         batch_sharding = NamedSharding(mesh, PartitionSpec(batch_axis))
@@ -412,6 +452,6 @@ def _ensure_placed(sharding: NamedSharding) -> Callable[[Any], Any]:
     def place(x: Any) -> Any:
         if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == sharding.mesh:
             return x
-        return jax.device_put(x, sharding)
+        return jax.device_put(x, sharding, may_alias=False)
 
     return place
