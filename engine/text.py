@@ -62,7 +62,7 @@ class WordSplitter:
             raise ValueError("WordSplitter needs a non-empty word list")
         self._cost: dict[str, float] = {}
         for rank, word in enumerate(words):
-            self._cost.setdefault(word, math.log(rank + 1.0))
+            self._cost[word] = math.log(rank + 1.0)  # a repeated word keeps its last rank, as the reference
         self._longest = max(len(w) for w in self._cost)
 
     @classmethod
