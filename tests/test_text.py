@@ -92,6 +92,10 @@ def test_bart_special_ids_and_files(bart_dir):
     vocab = json.loads((bart_dir / "vocab.json").read_text())
     assert [vocab[s] for s in ("<s>", "<pad>", "</s>", "<unk>", "<mask>")] == [0, 1, 2, 3, 4]
     assert (bart_dir / "merges.txt").is_file()
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(bart_dir / "tokenizer.json")).encode(" a red circle").ids
+    assert raw[0] == 0 and raw[-1] == 2  # BART framing for direct users of tokenizer.json
     tok = DalleBartTokenizer.from_dir(bart_dir)
     assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.mask_token_id) == (
         0, 1, 2, 3, 4)
@@ -112,6 +116,7 @@ def test_bart_padding_truncation(bart_dir, tmp_path, layout):
     n0 = int(mask[0].sum())
     assert ids[0, 0] == 0 and ids[0, n0 - 1] == 2 and (ids[0, n0:] == 1).all() and 2 < n0 < 10
     assert tok.decode(ids[0]) == " a red circle"  # normalised: lowercase, "!" dropped, leading space
+    assert 0 not in ids[0, 1:].tolist() and ids[0, 1:n0].tolist().count(2) == 1  # framed exactly once
     assert mask[1].all() and ids[1, 0] == 0 and ids[1, -1] == 2  # truncated, </s> kept
     assert ids[2].tolist() == [0, 2] + [1] * 8 and mask[2].tolist() == [1, 1] + [0] * 8
     unc = tok.unconditional(4)

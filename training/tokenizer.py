@@ -30,7 +30,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path, *, min
     model will see when its config has ``normalize_text``. Writes ``tokenizer.json``, ``vocab.json``,
     ``merges.txt``; returns ``out_dir``.
     """
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
     from tokenizers.models import BPE
 
     if vocab_size < len(BART_SPECIALS) + 256:
@@ -52,6 +52,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path, *, min
     for i, name in enumerate(BART_SPECIALS):
         if tok.token_to_id(name) != i:
             raise RuntimeError(f"special token {name} got id {tok.token_to_id(name)}, expected {i}")
+    # BART's framing for tools that use tokenizer.json directly (DalleBartTokenizer frames by itself)
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=False,
+                                                      add_prefix_space=False)
     tok.save(str(out / "tokenizer.json"))
     tok.model.save(str(out))
     return out
