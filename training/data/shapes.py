@@ -123,7 +123,8 @@ def sample_scene(rng: np.random.Generator, config: ShapesConfig, *, wrappers: tu
         for k, (shape, colour) in enumerate(zip(shapes, (c0, c1), strict=True)):
             sign = 1 if k == 0 else -1  # object 0 sits on the relation side of object 1
             jitter = rng.uniform(-0.03, 0.03, size=2)
-            centre = (base[0] + sign * vx * POSITION_OFFSET + jitter[0], base[1] + sign * vy * POSITION_OFFSET + jitter[1])
+            centre = (base[0] + sign * vx * POSITION_OFFSET + jitter[0],
+                      base[1] + sign * vy * POSITION_OFFSET + jitter[1])
             extent = SIZE_FRACTION["small"] * rng.uniform(0.92, 1.08)
             objects.append(_object(shape, colour, "small", centre, extent, None))
         named["objects"] = [{"colour": o["colour"], "shape": o["shape"], "size": None, "position": None}
