@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     url = args.url or database_url()
     try:
         if args.command == "upgrade":
-            upgrade(url, args.revision)
+            upgrade(url, args.revision, configure_logging=True)
         elif args.command == "downgrade":
-            downgrade(url, args.revision)
+            downgrade(url, args.revision, configure_logging=True)
         current, heads = schema_revisions(url)
     except DatabaseURLError as exc:
         print(f"store: DATABASE_URL: {exc}", file=sys.stderr)

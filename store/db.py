@@ -169,12 +169,17 @@ def migrations_dir() -> Path:
     return Path(migrations.__file__).resolve().parent
 
 
-def alembic_config(url: str | URL | None = None):  # -> alembic.config.Config
-    """An Alembic config that works without ``alembic.ini`` (installed package) and points at ``url``."""
+def alembic_config(url: str | URL | None = None, *, configure_logging: bool = False):  # -> alembic.config.Config
+    """An Alembic config that works without ``alembic.ini`` (installed package) and points at ``url``.
+
+    ``configure_logging``: let env.py apply alembic.ini's logging setup (the CLI wants it; the bot, which
+    configured its own logging, does not).
+    """
     from alembic.config import Config
 
     ini = migrations_dir().parent / "alembic.ini"
     cfg = Config(str(ini)) if ini.is_file() else Config()
+    cfg.attributes["skip_logging_config"] = not configure_logging
     cfg.set_main_option("script_location", str(migrations_dir()))
     if url is not None:
         # ConfigParser interpolates '%': escape it so passwords with % survive
@@ -198,16 +203,16 @@ def schema_revisions(url: str | URL) -> tuple[set[str], set[str]]:
     return current, heads
 
 
-def upgrade(url: str | URL, revision: str = "head") -> None:
+def upgrade(url: str | URL, revision: str = "head", *, configure_logging: bool = False) -> None:
     from alembic import command
 
-    command.upgrade(alembic_config(url), revision)
+    command.upgrade(alembic_config(url, configure_logging=configure_logging), revision)
 
 
-def downgrade(url: str | URL, revision: str = "-1") -> None:
+def downgrade(url: str | URL, revision: str = "-1", *, configure_logging: bool = False) -> None:
     from alembic import command
 
-    command.downgrade(alembic_config(url), revision)
+    command.downgrade(alembic_config(url, configure_logging=configure_logging), revision)
 
 
 def ensure_migrated(url: str | URL, auto: bool) -> bool:
@@ -234,7 +239,7 @@ def ensure_migrated(url: str | URL, auto: bool) -> bool:
         now = ", ".join(sorted(current)) or "empty"
         raise MigrationRequired(
             f"database {shown} schema is not current (at {now}, code expects {', '.join(sorted(heads))}); "
-            f"run: DATABASE_URL=... python -m store upgrade   (or set AUTO_MIGRATE=true)"
+            f"run `python -m store upgrade` (it uses the same DATABASE_URL) or set AUTO_MIGRATE=true"
         )
     upgrade(url, "head")
     return True

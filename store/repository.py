@@ -609,7 +609,7 @@ class Repository:
         _check_value("source", source, CaseSource)
         if image_id is None and generation_id is None:
             raise ValueError("a moderation case needs an image_id or a generation_id")
-        for _attempt in range(3):
+        for attempt in range(3):
             try:
                 async with self.sessions.begin() as s:
                     if image_id is not None:
@@ -639,8 +639,10 @@ class Repository:
                     s.add(case)
                 return case, True
             except IntegrityError:
-                continue  # a concurrent report opened it first: read it back
-        raise RuntimeError(f"could not open a moderation case for image {image_id}")
+                if image_id is None or attempt == 2:
+                    raise
+                # a concurrent report opened a case for this image first: go round and return it
+        raise AssertionError("unreachable")
 
     async def set_case_review_message(self, case_id: int, message_id: int) -> ModerationCase:
         async with self.sessions.begin() as s:
@@ -769,11 +771,16 @@ class Repository:
         return state.strikes
 
     async def _upsert(self, model: type, key: int, fields: Mapping[str, Any], defaults: Mapping[str, Any]) -> Any:
-        for _attempt in range(3):
+        for quota in ("daily_quota", "max_queue_per_user"):
+            if fields.get(quota) is not None and int(fields[quota]) < 0:
+                raise ValueError(f"{quota} must be >= 0; got {fields[quota]}")
+        for attempt in range(3):
+            created = False
             try:
                 async with self.sessions.begin() as s:
                     row = await s.get(model, key, with_for_update=True)
                     if row is None:
+                        created = True
                         row = model(**{model.__mapper__.primary_key[0].key: key}, **defaults)  # type: ignore[attr-defined]
                         s.add(row)
                     for name, value in fields.items():
@@ -781,8 +788,10 @@ class Repository:
                     row.updated_at = utcnow()
                 return row
             except IntegrityError:
-                continue  # created concurrently: update it
-        raise RuntimeError(f"could not upsert {model.__name__} {key}")
+                if not created or attempt == 2:
+                    raise
+                # another task created the row first: go round and update it
+        raise AssertionError("unreachable")
 
     # --- checkpoints and training runs ---------------------------------------------------------------------
 
