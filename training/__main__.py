@@ -1,0 +1,290 @@
+"""``python -m training <command>``: train the demo models on the procedural shapes dataset.
+
+Commands (each resumable: run the same command again after an interruption):
+
+  vqgan      train a VQGAN                         → --out DIR (config.json, flax_model.msgpack)
+  encode     images → VQGAN token shards            → --out DIR (shard-*.parquet)
+  dallebart  train DalleBart on token shards        → --out DIR (+ tokenizer files)
+  clip       train CLIP on image–caption pairs      → --out DIR (+ tokenizer files)
+  demo       vqgan → encode → dallebart → clip into one directory (small sizes; see --help)
+
+Training state (orbax checkpoints, metrics.jsonl) goes to ``<out>-train`` unless ``--work-dir`` is given.
+With more than one device, the batch is split over a ("data", "model") mesh (``--model-parallel`` sets the
+model axis); ``--devices 1`` turns that off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from training.optim import OptimConfig
+
+
+def _mesh(args: argparse.Namespace) -> Any:
+    import jax
+
+    n = jax.device_count()
+    if args.devices == 1 or (args.devices is None and n == 1):
+        return None
+    from engine.sharding import make_mesh
+
+    devices = jax.devices()[: args.devices] if args.devices else None
+    return make_mesh(args.model_parallel, devices)
+
+
+def _optim(args: argparse.Namespace, default_lr: float, steps: int, **extra: Any) -> OptimConfig:
+    warmup = args.warmup if args.warmup is not None else min(100, max(steps // 10, 1))
+    return OptimConfig(
+        name=args.optimizer,
+        learning_rate=args.lr if args.lr is not None else default_lr,
+        warmup_steps=warmup,
+        decay=args.decay,
+        decay_steps=max(steps - warmup, 1),
+        end_lr_ratio=0.1,
+        max_grad_norm=args.clip_grad,
+        grad_accum_steps=args.grad_accum,
+        **extra,
+    )
+
+
+def _common(p: argparse.ArgumentParser, *, steps: int, batch_size: int) -> None:
+    p.add_argument("--steps", type=int, default=steps, help=f"optimiser updates (default {steps})")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"examples per update (default {batch_size})")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default min(100, steps/10))")
+    p.add_argument("--decay", choices=("constant", "cosine", "linear"), default="cosine")
+    p.add_argument("--optimizer", choices=("adamw", "adafactor", "sgd"), default="adamw")
+    p.add_argument("--clip-grad", type=float, default=None, help="global-norm gradient clipping")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", type=Path, default=None, help="checkpoints + metrics.jsonl (default <out>-train)")
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--devices", type=int, default=None, help="devices to use (default all)")
+    p.add_argument("--model-parallel", type=int, default=1)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _vqgan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--factor", type=int, default=8, help="downsampling factor (token grid = size/factor)")
+    p.add_argument("--ch", type=int, default=16)
+    p.add_argument("--n-embed", type=int, default=512)
+    p.add_argument("--embed-dim", type=int, default=32)
+    p.add_argument("--res-blocks", type=int, default=1)
+    p.add_argument("--data-seed", type=int, default=0)
+
+
+def _dallebart_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: train one on the captions)")
+    p.add_argument("--vocab-size", type=int, default=1024, help="BPE size when training a tokenizer")
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=256)
+    p.add_argument("--max-text-length", type=int, default=32)
+    p.add_argument("--blank-prob", type=float, default=0.0, help="extra caption blanking (the data has 10%%)")
+    p.add_argument("--vqgan", type=Path, default=None, help="VQGAN checkpoint dir (its n_embed sets the image vocab)")
+    p.add_argument("--n-codes", type=int, default=None, help="image vocab size if no --vqgan (default: max code + 1)")
+
+
+def _clip_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clip-tokenizer", type=Path, default=None, help="CLIP tokenizer dir (default: train one)")
+    p.add_argument("--clip-vocab-size", type=int, default=1024)
+    p.add_argument("--clip-image-size", type=int, default=64)
+    p.add_argument("--patch", type=int, default=8)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--clip-layers", type=int, default=2)
+    p.add_argument("--clip-heads", type=int, default=4)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("vqgan", help="train a VQGAN on the shapes dataset")
+    p.add_argument("--out", type=Path, required=True)
+    _vqgan_args(p)
+    _common(p, steps=1000, batch_size=8)
+
+    p = sub.add_parser("encode", help="encode shapes images into VQGAN token shards")
+    p.add_argument("--vqgan", type=Path, required=True, help="VQGAN checkpoint dir")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--num-images", type=int, required=True)
+    p.add_argument("--start", type=int, default=0, help="first dataset index")
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--rows-per-shard", type=int, default=10_000)
+    p.add_argument("--devices", type=int, default=None)
+    p.add_argument("--model-parallel", type=int, default=1)
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("dallebart", help="train DalleBart on token shards")
+    p.add_argument("--shards", type=Path, required=True, help="token shard dir (python -m training encode)")
+    p.add_argument("--eval-shards", type=Path, default=None)
+    p.add_argument("--out", type=Path, required=True)
+    _dallebart_args(p)
+    _common(p, steps=1000, batch_size=32)
+
+    p = sub.add_parser("clip", help="train CLIP on shapes image-caption pairs")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--data-seed", type=int, default=0)
+    _clip_args(p)
+    _common(p, steps=500, batch_size=64)
+
+    p = sub.add_parser("demo", help="vqgan → encode → dallebart → clip into one directory")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--vqgan-steps", type=int, default=1000)
+    p.add_argument("--num-images", type=int, default=20_000)
+    p.add_argument("--dallebart-steps", type=int, default=2000)
+    p.add_argument("--clip-steps", type=int, default=500)
+    _vqgan_args(p)
+    _dallebart_args(p)
+    _clip_args(p)
+    _common(p, steps=0, batch_size=0)
+    return parser
+
+
+def _train_dalle_tokenizer(captions: list[str], vocab_size: int, out: Path) -> Path:
+    from engine.text import TextNormalizer
+    from training.tokenizer import train_bpe
+
+    return train_bpe([c for c in captions if c], vocab_size, out, normalizer=TextNormalizer())
+
+
+def _shard_captions(shards: Path) -> list[str]:
+    from training.data.parquet import iter_token_shards
+
+    return [row["caption"] for row in iter_token_shards(shards)]
+
+
+def _dataset_captions(n: int, seed: int) -> list[str]:
+    from training.data.shapes import ShapesDataset
+
+    ds = ShapesDataset(seed)
+    return [ds.scene(i)[1] for i in range(n)]
+
+
+def cmd_vqgan(args: argparse.Namespace, out: Path | None = None, steps: int | None = None) -> dict[str, Any]:
+    from training.train_vqgan import small_vqgan_config, train_vqgan
+
+    out = out or args.out
+    steps = steps if steps is not None else args.steps
+    config = small_vqgan_config(args.image_size, args.factor, ch=args.ch, n_embed=args.n_embed,
+                                embed_dim=args.embed_dim, num_res_blocks=args.res_blocks)
+    res = train_vqgan(out, config, steps=steps, batch_size=args.batch_size or 8,
+                      optim=_optim(args, 1e-3, steps, b2=0.99), seed=args.seed, data_seed=args.data_seed,
+                      work_dir=args.work_dir if out == args.out else None, save_every=args.save_every,
+                      log_every=args.log_every, mesh=_mesh(args), progress=not args.no_progress)
+    return {"out": str(out), "eval": res.eval_metrics, "steps_per_s": res.result.steps_per_s}
+
+
+def cmd_encode(args: argparse.Namespace) -> dict[str, Any]:
+    from training.encode import encode_shapes
+
+    paths = encode_shapes(args.vqgan, args.out, num_images=args.num_images, seed=args.data_seed,
+                          start=args.start, batch_size=args.batch_size, rows_per_shard=args.rows_per_shard,
+                          mesh=_mesh(args), progress=not args.no_progress)
+    return {"out": str(args.out), "shards": [str(p) for p in paths]}
+
+
+def cmd_dallebart(args: argparse.Namespace, shards: Path | None = None, out: Path | None = None,
+                  steps: int | None = None) -> dict[str, Any]:
+    from engine.config import VQGANConfig
+    from engine.text import DalleBartTokenizer
+    from training.data.parquet import iter_token_shards
+    from training.train_dallebart import small_dallebart_config, train_dallebart
+
+    shards = shards or args.shards
+    out = out or args.out
+    steps = steps if steps is not None else args.steps
+    tok_dir = args.tokenizer
+    if tok_dir is None:
+        tok_dir = _train_dalle_tokenizer(_shard_captions(shards), args.vocab_size,
+                                         out.with_name(out.name + "-tokenizer"))
+    first = next(iter_token_shards(shards))
+    image_length = int(first["encoding"].shape[0])
+    if args.vqgan is not None:
+        n_codes = VQGANConfig.from_json(args.vqgan).n_embed
+    elif args.n_codes is not None:
+        n_codes = args.n_codes
+    else:
+        n_codes = max(int(r["encoding"].max()) for r in iter_token_shards(shards)) + 1
+    vocab = DalleBartTokenizer.from_dir(tok_dir).vocab_size
+    config = small_dallebart_config(vocab, n_codes, image_length, d_model=args.d_model, layers=args.layers,
+                                    heads=args.heads, ffn_dim=args.ffn, max_text_length=args.max_text_length)
+    optim = _optim(args, 1e-3 if args.optimizer != "adafactor" else 1e-2, steps,
+                   **({"b2": 0.98} if args.optimizer == "adamw" else {}))
+    res = train_dallebart(out, config, shards, tok_dir, steps=steps, batch_size=args.batch_size or 32,
+                          optim=optim, seed=args.seed, blank_caption_prob=args.blank_prob,
+                          eval_shards=getattr(args, "eval_shards", None),
+                          work_dir=args.work_dir if out == args.out else None, save_every=args.save_every,
+                          log_every=args.log_every, mesh=_mesh(args), progress=not args.no_progress)
+    return {"out": str(out), "eval": res.eval_metrics, "steps_per_s": res.result.steps_per_s}
+
+
+def cmd_clip(args: argparse.Namespace, out: Path | None = None, steps: int | None = None) -> dict[str, Any]:
+    from engine.text import CLIPTokenizer
+    from training.tokenizer import train_clip_bpe
+    from training.train_clip import small_clip_config, train_clip
+
+    out = out or args.out
+    steps = steps if steps is not None else args.steps
+    tok_dir = args.clip_tokenizer
+    if tok_dir is None:
+        captions = [c for c in _dataset_captions(5000, args.data_seed if hasattr(args, "data_seed") else 0) if c]
+        tok_dir = train_clip_bpe(captions, args.clip_vocab_size, out.with_name(out.name + "-tokenizer"))
+    tokenizer = CLIPTokenizer.from_dir(tok_dir)
+    config = small_clip_config(tokenizer, image_size=args.clip_image_size, patch_size=args.patch, width=args.width,
+                               layers=args.clip_layers, heads=args.clip_heads, projection_dim=args.width)
+    optim = _optim(args, 5e-4, steps, b2=0.98, weight_decay=0.1)
+    res = train_clip(out, config, tok_dir, steps=steps, batch_size=args.batch_size or 64, optim=optim,
+                     seed=args.seed, data_seed=getattr(args, "data_seed", 0),
+                     work_dir=args.work_dir if out == args.out else None, save_every=args.save_every,
+                     log_every=args.log_every, mesh=_mesh(args), progress=not args.no_progress)
+    return {"out": str(out), "eval": res.eval_metrics, "steps_per_s": res.result.steps_per_s}
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline up to trained models; evaluation and packaging into engine/assets are the lead's."""
+    from training.encode import encode_shapes
+
+    root = args.out
+    report: dict[str, Any] = {}
+    args.work_dir = None
+    vq_dir = root / "vqgan"
+    if not (vq_dir / "flax_model.msgpack").exists():
+        report["vqgan"] = cmd_vqgan(args, vq_dir, args.vqgan_steps)
+    shards = root / "tokens"
+    if not (shards.is_dir() and any(shards.glob("*.parquet"))):
+        encode_shapes(vq_dir, shards, num_images=args.num_images, seed=args.data_seed, mesh=_mesh(args),
+                      progress=not args.no_progress)
+    args.vqgan = vq_dir
+    report["dallebart"] = cmd_dallebart(args, shards, root / "dallebart", args.dallebart_steps)
+    report["clip"] = cmd_clip(args, root / "clip", args.clip_steps)
+    (root / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+COMMANDS = {"vqgan": cmd_vqgan, "encode": cmd_encode, "dallebart": cmd_dallebart, "clip": cmd_clip,
+            "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Contrastive CLIP training on (image, caption) pairs of the shapes dataset.
+
+Symmetric InfoNCE over the batch (Radford et al. 2021) with one change for this dataset: many images share a
+caption ("a red circle"), so every pair whose captions are equal counts as a positive — the target of each
+row is uniform over the rows with the same caption — instead of punishing the model for matching them.
+Blank captions are left out (CLIP ranks images against a prompt; an empty prompt is never scored).
+Images go through ``engine.models.clip.preprocess`` inside the step, exactly as at inference.
+
+The result is a checkpoint directory: ``config.json`` (HF ``CLIPConfig`` layout), ``flax_model.msgpack`` and
+the CLIP tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from engine.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from engine.models.clip import CLIPModel, preprocess
+from engine.text import CLIPTokenizer
+from training.checkpoint import export_flax_checkpoint
+from training.data.shapes import ShapesConfig, ShapesDataset
+from training.loop import TrainResult, train
+from training.optim import OptimConfig
+
+CLIP_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                        "special_tokens_map.json")
+
+
+def small_clip_config(tokenizer: CLIPTokenizer, *, image_size: int = 64, patch_size: int = 8, width: int = 128,
+                      layers: int = 2, heads: int = 4, projection_dim: int = 128,
+                      max_text_length: int = 32) -> CLIPConfig:
+    """A demo-sized CLIP (ViT + text transformer) for a trained CLIP BPE ``tokenizer``."""
+    text = CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=max_text_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+
+
+def caption_key(caption: str) -> int:
+    """A stable 31-bit id of a caption (equal captions ⇒ equal ids), for the same-caption positives."""
+    return zlib.crc32(" ".join(caption.lower().split()).encode("utf-8")) & 0x7FFFFFFF
+
+
+class CaptionedImageBatches:
+    """Batch ``k``: ``batch_size`` consecutive non-blank examples of a shapes dataset, tokenised.
+
+    Blank-caption examples are skipped; the example index where batch ``k`` starts is found by scanning the
+    (cheap, image-free) scene specs, cached, so batch k is a pure function of (seed, k).
+    """
+
+    def __init__(self, dataset: ShapesDataset, tokenizer: CLIPTokenizer, batch_size: int):
+        if batch_size < 2:
+            raise ValueError(f"contrastive training needs batch_size >= 2, got {batch_size}")
+        self.dataset, self.tokenizer, self.batch_size = dataset, tokenizer, batch_size
+        self._kept: list[int] = []  # indices of non-blank examples found so far, in order
+        self._next = 0
+
+    def _index(self, j: int) -> int:
+        while len(self._kept) <= j:
+            _, caption = self.dataset.scene(self._next)
+            if caption.strip():
+                self._kept.append(self._next)
+            self._next += 1
+        return self._kept[j]
+
+    def examples(self, k: int) -> list[Any]:
+        return [self.dataset[self._index(j)] for j in range(k * self.batch_size, (k + 1) * self.batch_size)]
+
+    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+        exs = self.examples(int(k))
+        tokens = self.tokenizer([e.caption for e in exs])
+        return {
+            "images": np.stack([e.image for e in exs]),
+            "input_ids": tokens["input_ids"].astype(np.int32),
+            "attention_mask": tokens["attention_mask"].astype(np.int32),
+            "caption_key": np.asarray([caption_key(e.caption) for e in exs], np.int32),
+        }
+
+
+def make_loss(model: CLIPModel, config: CLIPConfig):
+    size = config.vision_config.image_size
+
+    def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
+        pixels = preprocess(batch["images"], size)
+        logits_per_image, logits_per_text, _, _ = model.apply(
+            {"params": params}, batch["input_ids"], pixels, batch["attention_mask"]
+        )
+        same = (batch["caption_key"][:, None] == batch["caption_key"][None, :]).astype(jnp.float32)
+        targets = same / jnp.sum(same, axis=1, keepdims=True)  # symmetric: same.T == same
+        loss_i = optax.softmax_cross_entropy(logits_per_image, targets)
+        loss_t = optax.softmax_cross_entropy(logits_per_text, targets)
+        loss = 0.5 * (jnp.mean(loss_i) + jnp.mean(loss_t))
+        # retrieval accuracy: the top text of each image has the image's caption
+        top = jnp.argmax(logits_per_image, axis=1)
+        acc = jnp.mean(same[jnp.arange(same.shape[0]), top])
+        return loss, {"i2t_accuracy": acc, "logit_scale": params["logit_scale"]}
+
+    return loss_fn
+
+
+def clamp_logit_scale(params: Any, extra: Any, aux: dict[str, jax.Array], step: jax.Array, rng: jax.Array):
+    """CLIP clips the learned temperature so exp(logit_scale) <= 100."""
+    return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, jnp.log(100.0))}, extra
+
+
+@dataclass
+class CLIPTrainOutput:
+    out_dir: Path
+    config: CLIPConfig
+    params: Any
+    result: TrainResult
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def evaluate(model: CLIPModel, config: CLIPConfig, params: Any, batches: CaptionedImageBatches,
+             n_batches: int = 2) -> dict[str, float]:
+    """Image→text retrieval accuracy (same-caption counts as correct) on held-out batches."""
+    fn = jax.jit(make_loss(model, config))
+    losses, accs = [], []
+    for k in range(n_batches):
+        loss, aux = fn(params, {n: jnp.asarray(v) for n, v in batches[k].items()}, jax.random.PRNGKey(0))
+        losses.append(float(loss))
+        accs.append(float(aux["i2t_accuracy"]))
+    return {"loss": float(np.mean(losses)), "i2t_accuracy": float(np.mean(accs))}
+
+
+def train_clip(
+    out_dir: str | Path,
+    config: CLIPConfig,
+    tokenizer_dir: str | Path,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    optim: OptimConfig | None = None,
+    seed: int = 0,
+    data_seed: int = 0,
+    shapes: ShapesConfig | None = None,
+    work_dir: str | Path | None = None,
+    save_every: int = 200,
+    log_every: int = 10,
+    eval_batches: int = 2,
+    mesh: Any = None,
+    progress: bool | None = None,
+    stop_after: int | None = None,
+) -> CLIPTrainOutput:
+    """Train (or resume) CLIP on shapes image–caption pairs and write the checkpoint directory ``out_dir``.
+
+    Evaluation uses ``eval_batches`` batches of a dataset with seed ``data_seed + 1``.
+    """
+    out_dir = Path(out_dir)
+    work = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + "-train")
+    tokenizer = CLIPTokenizer.from_dir(tokenizer_dir, max_length=config.text_config.max_position_embeddings)
+    if tokenizer.vocab_size > config.text_config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the text vocab_size is "
+                         f"{config.text_config.vocab_size}")
+    shapes = shapes or ShapesConfig()
+    batches = CaptionedImageBatches(ShapesDataset(data_seed, shapes), tokenizer, batch_size)
+    optim = optim or OptimConfig(name="adamw", learning_rate=5e-4, warmup_steps=min(100, max(steps // 10, 1)),
+                                 decay="cosine", decay_steps=max(steps, 1), end_lr_ratio=0.1, b2=0.98,
+                                 weight_decay=0.1, max_grad_norm=1.0)
+    model = CLIPModel(config)
+    v = config.vision_config
+    params = model.init(
+        jax.random.PRNGKey(seed),
+        jnp.zeros((1, config.text_config.max_position_embeddings), jnp.int32),
+        jnp.zeros((1, v.image_size, v.image_size, 3), jnp.float32),
+    )["params"]
+    result = train(
+        params,
+        make_loss(model, config),
+        batches,
+        steps=steps,
+        optim=optim,
+        seed=seed,
+        ckpt_dir=work / "checkpoints",
+        save_every=save_every,
+        log_path=work / "metrics.jsonl",
+        log_every=log_every,
+        mesh=mesh,
+        progress=progress,
+        extra_update=clamp_logit_scale,
+        stop_after=stop_after,
+        meta={"model": "clip", "batch_size": batch_size, "data_seed": data_seed},
+    )
+    final = jax.device_get(result.params)
+    metrics: dict[str, float] = {}
+    if eval_batches:
+        held_out = CaptionedImageBatches(ShapesDataset(data_seed + 1, shapes), tokenizer, batch_size)
+        metrics = evaluate(model, config, final, held_out, eval_batches)
+    if not result.interrupted:
+        export_flax_checkpoint(out_dir, final, config.to_dict())
+        src = Path(tokenizer_dir)
+        for name in CLIP_TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, out_dir / name)
+        summary = {"steps": int(result.state.step), "eval": metrics, "examples_per_s": result.examples_per_s,
+                   "steps_per_s": result.steps_per_s}
+        (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return CLIPTrainOutput(out_dir=out_dir, config=config, params=final, result=result, eval_metrics=metrics)

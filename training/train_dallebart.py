@@ -1,0 +1,237 @@
+"""Train DalleBart on VQGAN token shards: text tokens in, image tokens out.
+
+As the reference trainer: captions go through the checkpoint's text normaliser and tokenizer (padded to
+``max_text_length``); ``labels`` are the image codes, ``decoder_input_ids = [start] + labels[:-1]``; the loss
+is softmax cross-entropy over every image position (no mask, no label smoothing). Blank captions teach the
+unconditional branch used by super-conditioning: the shapes dataset already blanks a share of captions, and
+``blank_caption_prob`` can blank more, deterministically per (seed, batch).
+
+The result is a checkpoint directory in the published layout: ``config.json``, ``flax_model.msgpack`` and the
+tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from engine.config import DalleBartConfig
+from engine.models.dallebart import DalleBart, init_params
+from engine.text import DalleBartTokenizer
+from training.checkpoint import export_flax_checkpoint
+from training.data.parquet import iter_token_shards
+from training.loop import ArrayBatches, TrainResult, train
+from training.optim import OptimConfig
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+    "enwiki-words-frequency.txt",
+)
+
+
+def small_dallebart_config(text_vocab_size: int, image_codes: int, image_length: int, *, d_model: int = 128,
+                           layers: int = 2, heads: int = 4, ffn_dim: int = 256, max_text_length: int = 32,
+                           normalize_text: bool = True) -> DalleBartConfig:
+    """A demo-sized DalleBart for a tokenizer of ``text_vocab_size`` ids and a VQGAN of ``image_codes`` codes.
+
+    The decoder start token is row ``image_codes`` of the decoder embedding (as in the published models).
+    """
+    return DalleBartConfig(
+        d_model=d_model,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=ffn_dim,
+        decoder_ffn_dim=ffn_dim,
+        encoder_vocab_size=text_vocab_size,
+        image_vocab_size=image_codes,
+        max_text_length=max_text_length,
+        image_length=image_length,
+        decoder_start_token_id=image_codes,
+        bos_token_id=image_codes + 1,
+        eos_token_id=image_codes + 1,
+        pad_token_id=image_codes + 1,
+        normalize_text=normalize_text,
+    )
+
+
+def load_token_data(shards: Any, tokenizer: DalleBartTokenizer, image_length: int) -> dict[str, np.ndarray]:
+    """All rows of the shards, captions tokenised once: ``input_ids``, ``attention_mask`` (N, T), ``labels``."""
+    captions, codes = [], []
+    for row in iter_token_shards(shards, encoding_length=image_length):
+        captions.append(row["caption"])
+        codes.append(row["encoding"])
+    if not captions:
+        raise ValueError(f"{shards}: no rows in the token shards")
+    tokens = tokenizer(captions)
+    return {
+        "input_ids": tokens["input_ids"].astype(np.int32),
+        "attention_mask": tokens["attention_mask"].astype(np.int32),
+        "labels": np.stack(codes).astype(np.int32),
+    }
+
+
+class BlankCaptions:
+    """Wrap a batch source: each row's caption becomes the empty prompt with probability ``prob``.
+
+    The choice for batch ``k`` is drawn from ``(seed, k)``, so it is the same in a resumed run.
+    """
+
+    def __init__(self, source: Any, prob: float, blank: dict[str, np.ndarray], *, seed: int = 0):
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"blank_caption_prob must be in [0, 1], got {prob}")
+        self.source, self.prob, self.seed = source, prob, seed
+        self.blank = {k: np.asarray(v)[0] for k, v in blank.items()}
+
+    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+        batch = dict(self.source[k])
+        if self.prob <= 0:
+            return batch
+        rows = np.random.default_rng([self.seed, int(k), 0xB1A4]).random(len(batch["labels"])) < self.prob
+        for name in ("input_ids", "attention_mask"):
+            arr = batch[name].copy()
+            arr[rows] = self.blank[name]
+            batch[name] = arr
+        return batch
+
+
+def make_loss(model: DalleBart, config: DalleBartConfig):
+    """Cross-entropy over all image positions, plus token accuracy."""
+    start = config.decoder_start_token_id
+
+    def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
+        labels = batch["labels"]
+        dec_in = jnp.concatenate([jnp.full((labels.shape[0], 1), start, labels.dtype), labels[:, :-1]], axis=1)
+        logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], dec_in)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+        acc = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+        return jnp.mean(ce), {"accuracy": acc}
+
+    return loss_fn
+
+
+@dataclass
+class DalleBartTrainOutput:
+    out_dir: Path
+    config: DalleBartConfig
+    params: Any
+    result: TrainResult
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def copy_tokenizer(tokenizer_dir: str | Path, out_dir: str | Path) -> list[str]:
+    """Copy the tokenizer files a checkpoint ships with; returns the names copied."""
+    src, dst = Path(tokenizer_dir), Path(out_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    if "tokenizer.json" not in copied and not {"vocab.json", "merges.txt"} <= set(copied):
+        raise FileNotFoundError(f"{src}: no tokenizer.json and no vocab.json + merges.txt to ship")
+    return copied
+
+
+def evaluate_loss(model: DalleBart, config: DalleBartConfig, params: Any, data: dict[str, np.ndarray],
+                  batch_size: int = 32) -> dict[str, float]:
+    """Mean cross-entropy and token accuracy over ``data`` (e.g. a held-out shard)."""
+    fn = jax.jit(make_loss(model, config))
+    n = len(data["labels"])
+    total_ce = total_acc = 0.0
+    for i in range(0, n, batch_size):
+        batch = {k: jnp.asarray(v[i : i + batch_size]) for k, v in data.items()}
+        ce, aux = fn(params, batch, jax.random.PRNGKey(0))
+        m = len(batch["labels"])
+        total_ce += float(ce) * m
+        total_acc += float(aux["accuracy"]) * m
+    return {"loss": total_ce / n, "accuracy": total_acc / n}
+
+
+def train_dallebart(
+    out_dir: str | Path,
+    config: DalleBartConfig,
+    shards: Any,
+    tokenizer_dir: str | Path,
+    *,
+    steps: int,
+    batch_size: int = 32,
+    optim: OptimConfig | None = None,
+    seed: int = 0,
+    blank_caption_prob: float = 0.0,
+    eval_shards: Any = None,
+    work_dir: str | Path | None = None,
+    save_every: int = 200,
+    log_every: int = 10,
+    mesh: Any = None,
+    progress: bool | None = None,
+    stop_after: int | None = None,
+) -> DalleBartTrainOutput:
+    """Train (or resume) DalleBart on token shards and write the checkpoint directory ``out_dir``.
+
+    ``tokenizer_dir`` holds the trained tokenizer (``training.tokenizer.train_bpe``); its vocabulary must fit
+    ``config.encoder_vocab_size``. With a mesh whose ``"model"`` axis is larger than 1, params are split by
+    ``engine.sharding``'s partition rules; the batch always splits over ``"data"``.
+    """
+    out_dir = Path(out_dir)
+    work = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + "-train")
+    tokenizer = DalleBartTokenizer.from_dir(tokenizer_dir, max_length=config.max_text_length,
+                                            normalize=config.normalize_text)
+    if tokenizer.vocab_size > config.encoder_vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but encoder_vocab_size is "
+                         f"{config.encoder_vocab_size}")
+    data = load_token_data(shards, tokenizer, config.image_length)
+    if int(data["labels"].max()) >= config.num_image_codes:
+        raise ValueError(f"token shards hold code {int(data['labels'].max())} >= the config's "
+                         f"{config.num_image_codes} image codes")
+    optim = optim or OptimConfig(name="adamw", learning_rate=1e-3, warmup_steps=min(100, max(steps // 10, 1)),
+                                 decay="cosine", decay_steps=max(steps, 1), end_lr_ratio=0.1, b2=0.98,
+                                 max_grad_norm=1.0)
+    model = DalleBart(config)
+    params = init_params(config, jax.random.PRNGKey(seed))
+    batches: Any = ArrayBatches(data, batch_size, seed=seed)
+    if blank_caption_prob > 0:
+        batches = BlankCaptions(batches, blank_caption_prob, tokenizer.unconditional(1), seed=seed)
+    param_specs = None
+    if mesh is not None and mesh.shape.get("model", 1) > 1:
+        from engine.sharding import param_specs as dallebart_specs
+
+        param_specs = dallebart_specs(params, mesh)
+
+    result = train(
+        params,
+        make_loss(model, config),
+        batches,
+        steps=steps,
+        optim=optim,
+        seed=seed,
+        ckpt_dir=work / "checkpoints",
+        save_every=save_every,
+        log_path=work / "metrics.jsonl",
+        log_every=log_every,
+        mesh=mesh,
+        param_specs=param_specs,
+        progress=progress,
+        stop_after=stop_after,
+        meta={"model": "dallebart", "batch_size": batch_size, "rows": int(len(data["labels"]))},
+    )
+    final = jax.device_get(result.params)
+    metrics: dict[str, float] = {}
+    if eval_shards is not None:
+        metrics = evaluate_loss(model, config, final, load_token_data(eval_shards, tokenizer, config.image_length))
+    if not result.interrupted:
+        export_flax_checkpoint(out_dir, final, config.to_dict())
+        copy_tokenizer(tokenizer_dir, out_dir)
+        summary = {"steps": int(result.state.step), "eval": metrics, "examples_per_s": result.examples_per_s,
+                   "steps_per_s": result.steps_per_s}
+        (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return DalleBartTrainOutput(out_dir=out_dir, config=config, params=final, result=result, eval_metrics=metrics)

@@ -1,0 +1,270 @@
+"""Train a small VQGAN on the procedural shapes dataset.
+
+Loss = L1 + L2 reconstruction + codebook loss + beta * commitment loss (taming's VQ objective without the
+perceptual and GAN terms: flat-colour shapes do not need them). Codebook collapse — most codes never chosen,
+the usual failure of a VQ bottleneck — is fought with dead-code restarts: the step keeps an exponential
+moving average of how often each code is chosen (``TrainState.extra``), and every ``restart_every`` steps
+the codes whose average use fell below ``dead_threshold`` are moved onto encoder outputs drawn at random from
+the current batch. Everything happens inside the jitted step, so resumed runs are exact.
+
+The result is written in the published layout (``config.json`` + ``flax_model.msgpack``) that
+``engine.models.vqgan.VQModel`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.config import VQGANConfig
+from engine.models.vqgan import VQModel
+from training.checkpoint import export_flax_checkpoint
+from training.data.shapes import ShapesConfig, ShapesDataset
+from training.loop import TrainResult, train
+from training.optim import OptimConfig
+
+
+def small_vqgan_config(image_size: int = 128, factor: int = 8, *, ch: int = 16, n_embed: int = 512,
+                       embed_dim: int = 32, num_res_blocks: int = 1) -> VQGANConfig:
+    """A demo-sized VQGAN: ``factor`` (a power of two, 2..32) sets the token grid ``image_size // factor``.
+
+    Channels grow slowly with depth (``ch * (1, 1, 2, 2, 4, 4)``): most of the cost is at full resolution.
+    """
+    levels = int(round(np.log2(factor))) if factor >= 1 else -1
+    if factor < 2 or factor > 32 or 2**levels != factor:
+        raise ValueError(f"factor must be a power of two in 2..32, got {factor}")
+    ch_mult = (1, 1, 2, 2, 4, 4)[: levels + 1]
+    return VQGANConfig(
+        resolution=image_size,
+        ch=ch,
+        ch_mult=ch_mult,
+        num_res_blocks=num_res_blocks,
+        attn_resolutions=(),
+        z_channels=embed_dim,
+        embed_dim=embed_dim,
+        n_embed=n_embed,
+    )
+
+
+class ShapeImageBatches:
+    """Batch ``k`` = images ``k*B .. (k+1)*B - 1`` of a :class:`ShapesDataset` as float32 [0, 1] NHWC.
+
+    The dataset is endless and deterministic in (seed, index), so batch k is a pure function of (seed, k)
+    and a long run never repeats an image.
+    """
+
+    def __init__(self, dataset: ShapesDataset, batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+
+    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+        start = int(k) * self.batch_size
+        images = np.stack([self.dataset[i].image for i in range(start, start + self.batch_size)])
+        return {"images": images.astype(np.float32) / 255.0}
+
+
+@dataclass(frozen=True)
+class VQGANLoss:
+    """Weights of the VQGAN objective and the codebook-maintenance rule.
+
+    ``ema=True``: the codebook is not trained by gradient but set to the exponential moving average of the
+    encoder outputs assigned to each code (van den Oord et al. 2017, appendix; decay ``usage_decay``), which
+    converges much faster than the codebook loss; ``ema=False``: taming's codebook loss. Either way a code
+    whose average use per step falls below ``dead_threshold`` is restarted on a random encoder output of the
+    current batch (every step with EMA — which also initialises the codebook from data at step 0 — and every
+    ``restart_every`` steps without).
+    """
+
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    beta: float = 0.25
+    ema: bool = True
+    usage_decay: float = 0.99
+    dead_threshold: float = 0.03
+    restart_every: int = 50  # gradient codebook only; 0: never restart
+
+
+def _forward(model: VQModel, params: Any, images: jax.Array):
+    """(reconstruction, pre-quantisation z, code indices, VQ losses) in one pass."""
+
+    def fn(m: VQModel, x: jax.Array):
+        z = m.quant_conv(m.encoder(x, True))
+        z_q, indices, losses = m.quantize(z)
+        return m.decode(z_q), z, indices, losses
+
+    return model.apply({"params": params}, images, method=fn)
+
+
+def psnr(reference: jax.Array, image: jax.Array) -> jax.Array:
+    """Mean over the batch of the per-image PSNR (dB) of [0, 1] images (reconstruction clipped to [0, 1])."""
+    mse = jnp.mean(jnp.square(jnp.clip(image, 0.0, 1.0) - reference), axis=(1, 2, 3))
+    return jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse, 1e-10)))
+
+
+def make_loss(model: VQModel, weights: VQGANLoss):
+    n_embed = model.config.n_embed
+
+    def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
+        x = batch["images"]
+        recon, z, indices, vq = _forward(model, params, x)
+        l1 = jnp.mean(jnp.abs(recon - x))
+        l2 = jnp.mean(jnp.square(recon - x))
+        loss = weights.l1_weight * l1 + weights.l2_weight * l2 + weights.beta * vq["commitment_loss"]
+        if not weights.ema:
+            loss = loss + vq["codebook_loss"]
+        flat_z = jax.lax.stop_gradient(z.reshape(-1, z.shape[-1]).astype(jnp.float32))
+        flat_i = indices.reshape(-1)
+        counts = jnp.zeros((n_embed,), jnp.float32).at[flat_i].add(1.0)
+        metrics = {
+            "l1": l1,
+            "l2": l2,
+            "codebook_loss": vq["codebook_loss"],
+            "commitment_loss": vq["commitment_loss"],
+            "psnr": psnr(x, recon),
+            "codes_used": jnp.sum(counts > 0).astype(jnp.float32),
+            "_counts": counts,
+            "_z": flat_z,
+        }
+        if weights.ema:
+            metrics["_zsum"] = jnp.zeros((n_embed, flat_z.shape[-1]), jnp.float32).at[flat_i].add(flat_z)
+        return loss, metrics
+
+    return loss_fn
+
+
+def init_codebook_state(config: VQGANConfig, weights: VQGANLoss) -> dict[str, jax.Array]:
+    """``TrainState.extra`` for the codebook: zero usage, so every code is (re)started from data at step 0."""
+    extra = {"usage": jnp.zeros((config.n_embed,), jnp.float32)}
+    if weights.ema:
+        extra["embed_sum"] = jnp.zeros((config.n_embed, config.embed_dim), jnp.float32)
+    return extra
+
+
+def make_codebook_update(weights: VQGANLoss):
+    """The in-step ``extra_update``: usage (and EMA) statistics, then dead codes moved onto encoder outputs."""
+    d = weights.usage_decay
+
+    def update(params: Any, extra: dict[str, jax.Array], aux: dict[str, jax.Array], step: jax.Array,
+               rng: jax.Array):
+        codebook = params["quantize"]["embedding"]["embedding"]
+        usage = d * extra["usage"] + (1.0 - d) * aux["_counts"]
+        z = aux["_z"]
+        if weights.ema:
+            embed_sum = d * extra["embed_sum"] + (1.0 - d) * aux["_zsum"]
+            used = usage > 1e-8
+            codebook = jnp.where(used[:, None], embed_sum / jnp.maximum(usage, 1e-8)[:, None], codebook)
+            due = jnp.bool_(True)
+        else:
+            embed_sum = None
+            due = weights.restart_every > 0 and ((step + 1) % max(weights.restart_every, 1)) == 0
+        dead = (usage < weights.dead_threshold) & due
+        pick = jax.random.randint(rng, (codebook.shape[0],), 0, z.shape[0])
+        candidates = z[pick]
+        codebook = jnp.where(dead[:, None], candidates, codebook)
+        # a restarted code starts with the threshold usage, so it has time to be chosen before it dies again
+        reset = jnp.maximum(weights.dead_threshold * 2.0, 1e-3)
+        usage = jnp.where(dead, reset, usage)
+        new_extra = {"usage": usage}
+        if weights.ema:
+            new_extra["embed_sum"] = jnp.where(dead[:, None], candidates * reset, embed_sum)
+        codebook = codebook.astype(params["quantize"]["embedding"]["embedding"].dtype)
+        params = {**params, "quantize": {**params["quantize"], "embedding": {"embedding": codebook}}}
+        return params, new_extra
+
+    return update
+
+
+@dataclass
+class VQGANTrainOutput:
+    out_dir: Path
+    config: VQGANConfig
+    params: Any
+    result: TrainResult
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def evaluate(model: VQModel, params: Any, images: np.ndarray, batch_size: int = 16) -> dict[str, float]:
+    """PSNR (mean of per-image dB) and distinct codes used on a fixed image set."""
+    fwd = jax.jit(lambda p, x: _forward(model, p, x)[0:3:2])
+    psnrs, used = [], set()
+    for i in range(0, len(images), batch_size):
+        x = jnp.asarray(images[i : i + batch_size], jnp.float32)
+        recon, indices = fwd(params, x)
+        mse = np.mean(np.square(np.clip(np.asarray(recon), 0, 1) - np.asarray(x)), axis=(1, 2, 3))
+        psnrs.extend((-10 * np.log10(np.maximum(mse, 1e-10))).tolist())
+        used.update(np.unique(np.asarray(indices)).tolist())
+    return {"psnr": float(np.mean(psnrs)), "psnr_min": float(np.min(psnrs)), "codes_used": float(len(used))}
+
+
+def train_vqgan(
+    out_dir: str | Path,
+    config: VQGANConfig,
+    *,
+    steps: int,
+    batch_size: int = 16,
+    optim: OptimConfig | None = None,
+    loss: VQGANLoss | None = None,
+    seed: int = 0,
+    data_seed: int = 0,
+    shapes: ShapesConfig | None = None,
+    work_dir: str | Path | None = None,
+    save_every: int = 200,
+    log_every: int = 10,
+    eval_images: int = 64,
+    mesh: Any = None,
+    progress: bool | None = None,
+    stop_after: int | None = None,
+) -> VQGANTrainOutput:
+    """Train (or resume) a VQGAN and export it to ``out_dir`` in the published layout.
+
+    Training state (orbax checkpoints, ``metrics.jsonl``) lives in ``work_dir`` (default ``<out_dir>-train``,
+    next to the checkpoint); running the same call again resumes there. The evaluation set is the first
+    ``eval_images`` images of a dataset with seed ``data_seed + 1``, disjoint from the training stream.
+    """
+    out_dir = Path(out_dir)
+    work = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + "-train")
+    optim = optim or OptimConfig(name="adamw", learning_rate=1e-3, warmup_steps=min(100, max(steps // 10, 1)),
+                                 decay="cosine", decay_steps=max(steps, 1), end_lr_ratio=0.1, b2=0.99)
+    loss = loss or VQGANLoss()
+    shapes = shapes or ShapesConfig(image_size=config.resolution, factor=config.downsample_factor)
+    if shapes.image_size != config.resolution:
+        raise ValueError(f"dataset image_size {shapes.image_size} != VQGAN resolution {config.resolution}")
+    model = VQModel(config)
+    batches = ShapeImageBatches(ShapesDataset(data_seed, shapes), batch_size)
+    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, config.resolution, config.resolution, 3)))["params"]
+    eval_set = np.stack([ShapesDataset(data_seed + 1, shapes)[i].image for i in range(eval_images)]) / 255.0
+
+    result = train(
+        params,
+        make_loss(model, loss),
+        batches,
+        steps=steps,
+        optim=optim,
+        seed=seed,
+        ckpt_dir=work / "checkpoints",
+        save_every=save_every,
+        log_path=work / "metrics.jsonl",
+        log_every=log_every,
+        mesh=mesh,
+        progress=progress,
+        extra_init=init_codebook_state(config, loss),
+        extra_update=make_codebook_update(loss),
+        stop_after=stop_after,
+        meta={"model": "vqgan", "batch_size": batch_size, "data_seed": data_seed},
+    )
+    final = jax.device_get(result.params)
+    metrics = evaluate(model, final, eval_set) if eval_images else {}
+    if not result.interrupted:
+        export_flax_checkpoint(out_dir, final, config.to_dict())
+        summary = {"steps": int(result.state.step), "eval": metrics, "examples_per_s": result.examples_per_s,
+                   "steps_per_s": result.steps_per_s}
+        (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return VQGANTrainOutput(out_dir=out_dir, config=config, params=final, result=result, eval_metrics=metrics)
