@@ -51,7 +51,7 @@ async def test_window_merges_staggered_requests_into_one_pass():
     results = await asyncio.gather(*(batcher.result(i, timeout=10) for i in ids))
     assert fake.call_count == 1
     assert fake.calls[0].candidates == 8 and fake.calls[0].bucket == 8
-    for r, res in zip(reqs, results):
+    for r, res in zip(reqs, results, strict=True):
         assert res.request_id == r.request_id and res.prompt == r.prompt
         assert_same_images(res, r)
     await batcher.close()
@@ -64,7 +64,7 @@ async def test_bucket_one_means_one_candidate_per_pass():
     ids = [await batcher.submit(r) for r in reqs]
     results = await asyncio.gather(*(batcher.result(i, timeout=10) for i in ids))
     assert fake.call_count == 6 and all(c.candidates == 1 and c.bucket == 1 for c in fake.calls)
-    for r, res in zip(reqs, results):
+    for r, res in zip(reqs, results, strict=True):
         assert_same_images(res, r)
     await batcher.close()
 
@@ -82,7 +82,7 @@ async def test_concurrent_requests_take_far_fewer_passes_and_same_images_as_alon
     assert fake.call_count <= len(reqs) // 3
     assert all(c.candidates <= 16 and c.bucket in fake.batch_buckets for c in fake.calls)
     assert sum(c.candidates for c in fake.calls) == sum(r.n for r in reqs)
-    for r, res in zip(reqs, results):
+    for r, res in zip(reqs, results, strict=True):
         assert_same_images(res, r)
     assert batcher.metrics.pipeline_calls._value.get() == fake.call_count
     await batcher.close()
@@ -109,7 +109,7 @@ async def test_failing_request_does_not_fail_its_batch_mates():
     ids = [await batcher.submit(r) for r in (good[0], bad, good[1], good[2])]
     outcomes = await asyncio.gather(*(batcher.result(i, timeout=10) for i in ids), return_exceptions=True)
     assert isinstance(outcomes[1], EngineError) and "boom" in str(outcomes[1])
-    for r, res in zip(good, (outcomes[0], outcomes[2], outcomes[3])):
+    for r, res in zip(good, (outcomes[0], outcomes[2], outcomes[3]), strict=True):
         assert_same_images(res, r)
     assert fake.calls[0].failed and len(fake.calls[0].requests) == 4
     assert fake.call_count == 5  # the failed pass, then each request alone
