@@ -45,6 +45,10 @@ class UnknownRequest(BadRequest):
     """No such request id (never submitted, or its result outlived the TTL)."""
 
 
+class DuplicateRequest(BadRequest):
+    """A request with this id is already known (a retried submit that did arrive, or an id collision)."""
+
+
 class QueueFull(EngineError):
     """The engine's queue is at capacity; try again later."""
 
@@ -204,7 +208,7 @@ class Batcher:
             raise ShuttingDown("engine is shutting down")
         self._gc()
         if request.request_id in self._jobs:
-            raise BadRequest(f"request id {request.request_id!r} is already in use")
+            raise DuplicateRequest(f"request id {request.request_id!r} is already in use")
         if self.queue_depth >= self.max_queue:
             self.metrics.errors.labels("queue_full").inc()
             raise QueueFull(f"engine queue is full ({self.max_queue} requests waiting); try again later")
