@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import time
 from collections import OrderedDict
@@ -29,6 +30,8 @@ from engine.api import (
     RequestCancelled,
 )
 from engine.batching import TERMINAL, Batcher, DuplicateRequest, UnknownRequest
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "EngineUnavailable",
@@ -334,7 +337,9 @@ class MultiEngine:
     async def _probe(self, backend: _Backend) -> None:
         try:
             status = await backend.engine.status(retries=0)
-        except EngineUnavailable:
+        except EngineError as exc:  # unreachable, or refusing us (e.g. a wrong token): skip it for a while
+            if not isinstance(exc, EngineUnavailable):
+                log.warning("engine %s refused the status probe: %s", backend.engine.base_url, exc)
             self._mark_dead(backend)
             return
         backend.load = float(status.get("queued_candidates", 0)) + float(status.get("running_candidates", 0))

@@ -72,6 +72,12 @@ class ServerSettings:
             )
         if not (0 <= self.port < 65536):
             raise ValueError("port must be between 0 and 65535")
+        if self.window_ms < 0 or self.result_ttl < 0 or self.shutdown_grace < 0:
+            raise ValueError("window_ms, result_ttl and shutdown_grace must be >= 0")
+        if self.max_queue < 1 or self.max_body_bytes < 1024 or self.heartbeat <= 0:
+            raise ValueError("max_queue must be >= 1, max_body_bytes >= 1024 and heartbeat > 0")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
 
 
 def is_loopback(host: str) -> bool:

@@ -262,3 +262,17 @@ async def test_multi_engine_with_every_server_down():
     with pytest.raises(BadRequest):
         await multi.submit(GenerationRequest("", n=1))
     await multi.close()
+
+
+async def test_multi_engine_skips_a_server_that_refuses_its_token():
+    good = await start_server(FakePipeline(), ServerSettings(port=0, token=TOKEN))
+    other = await start_server(FakePipeline(), ServerSettings(port=0, token="another-token"))
+    multi = MultiEngine.from_urls([other.url, good.url], TOKEN, retries=0, timeout=3)
+    try:
+        rid = await multi.submit(GenerationRequest("routed past the refusing server"))
+        assert multi.engine_for(rid).base_url == good.url
+        assert len((await multi.result(rid, timeout=5)).images) == 9
+    finally:
+        await multi.close()
+        await good.stop()
+        await other.stop()

@@ -131,6 +131,8 @@ def test_no_token_only_on_loopback():
         create_app(FakePipeline(), ServerSettings(host="0.0.0.0"))
     create_app(FakePipeline(), ServerSettings(host="127.0.0.1"))  # allowed, with a warning
     create_app(FakePipeline(), ServerSettings(host="0.0.0.0", token="t"))
+    with pytest.raises(ValueError, match="max_queue"):
+        create_app(FakePipeline(), ServerSettings(max_queue=0))
 
 
 async def test_loopback_without_token_serves_without_auth():
