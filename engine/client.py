@@ -85,10 +85,21 @@ class SseEvent:
 class SseParser:
     """Incremental ``text/event-stream`` parser: feed it lines, it returns an event at each blank line."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_line: int = 64 * 1024 * 1024) -> None:
         self._data: list[str] = []
         self._event = ""
         self._id: str | None = None
+        self._buffer = b""
+        self._max_line = max_line
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        """Feed raw bytes as they arrive (lines may be split anywhere, and be far longer than aiohttp's
+        ``readline`` allows: a preview PNG travels base64 on one ``data:`` line)."""
+        *lines, self._buffer = (self._buffer + chunk).split(b"\n")
+        if len(self._buffer) > self._max_line:
+            raise EngineError(f"event stream line longer than {self._max_line} bytes")
+        events = (self.feed_line(line.decode("utf-8")) for line in lines)
+        return [ev for ev in events if ev is not None]
 
     def feed_line(self, line: str) -> SseEvent | None:
         line = line.rstrip("\r\n")
@@ -232,15 +243,13 @@ class HttpEngine:
                             raise self._client_error(resp.status, message)
                         raise EngineUnavailable(f"GET {path}: HTTP {resp.status}: {message}")
                     parser = SseParser()
-                    async for raw in resp.content:
-                        event = parser.feed_line(raw.decode("utf-8"))
-                        if event is None:
-                            continue
-                        failures = 0
-                        progress = Progress.from_json(json.loads(event.data))
-                        yield progress
-                        if progress.state in TERMINAL:
-                            return
+                    async for chunk in resp.content.iter_any():
+                        for event in parser.feed(chunk):
+                            failures = 0
+                            progress = Progress.from_json(json.loads(event.data))
+                            yield progress
+                            if progress.state in TERMINAL:
+                                return
             except (*_RETRYABLE, EngineUnavailable):
                 pass
             failures += 1  # stream dropped (or ended) before a final state

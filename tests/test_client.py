@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 import time
@@ -71,6 +72,11 @@ def test_sse_parser_handles_multiline_comments_crlf_and_ids():
     assert len(events) == 2
     assert events[0].id == "7" and events[0].event == "progress" and json.loads(events[0].data) == {"a": 1}
     assert events[1].event == "message" and events[1].data == "no-space"
+    # the same stream as bytes cut at awkward places (inside a CRLF, inside a multi-byte character)
+    raw = "".join(lines).replace("no-space", "nö-späce").encode()
+    chunked = SseParser()
+    got = [ev for i in range(0, len(raw), 3) for ev in chunked.feed(raw[i : i + 3])]
+    assert [(ev.event, ev.data) for ev in got] == [("progress", '{"a":\n1}'), ("message", "nö-späce")]
 
 
 # -- HTTP client against scripted servers --------------------------------------------------------------------
@@ -152,7 +158,8 @@ async def test_http_events_reconnect_after_a_dropped_stream():
             await resp.write(frame("queued", queue_position=2))
             return resp  # stream ends without a final state
         await resp.write(b": keep-alive\n\n")
-        await resp.write(frame("running", tokens_done=128, tokens_total=256))
+        big = base64.b64encode(bytes(300_000)).decode()  # one data line far beyond aiohttp's readline limit
+        await resp.write(frame("running", tokens_done=128, tokens_total=256, preview_png=big))
         await resp.write(frame("done", tokens_done=256, tokens_total=256))
         await resp.write(frame("done"))  # never read: the client stops at the first final state
         return resp
@@ -162,8 +169,13 @@ async def test_http_events_reconnect_after_a_dropped_stream():
     runner, url = await start_raw(app)
     engine = HttpEngine(url, timeout=5, retries=2, backoff=0.01)
     try:
-        seen = [(ev.state, ev.queue_position, ev.tokens_done) async for ev in engine.events("r1")]
-        assert seen == [("queued", 2, 0), ("running", None, 128), ("done", None, 256)]
+        seen = [ev async for ev in engine.events("r1")]
+        assert [(ev.state, ev.queue_position, ev.tokens_done) for ev in seen] == [
+            ("queued", 2, 0),
+            ("running", None, 128),
+            ("done", None, 256),
+        ]
+        assert seen[1].preview_png == bytes(300_000)
         assert connections["n"] == 2
     finally:
         await engine.close()
