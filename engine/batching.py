@@ -538,6 +538,12 @@ class Batcher:
         job = unit.job
         if job.state in TERMINAL:
             return
+        expected = list(range(unit.first_index, unit.first_index + unit.n))
+        if isinstance(outcome, GenerationResult) and sorted(im.index for im in outcome.images) != expected:
+            outcome = EngineError(
+                f"pipeline returned candidates {sorted(im.index for im in outcome.images)} for a part that asked "
+                f"for {unit.first_index}..{unit.first_index + unit.n - 1} (does it honour first_index?)"
+            )
         if isinstance(outcome, GenerationResult):
             unit.tokens_done = unit.tokens_total
             job.parts.append(outcome)

@@ -237,3 +237,22 @@ async def test_close_drains_then_cancels_the_rest():
     with pytest.raises(ShuttingDown):
         await batcher.submit(GenerationRequest("late"))
     assert fake.call_count <= 3
+
+
+class IgnoresFirstIndex(FakePipeline):
+    """A pipeline that forgets ``first_index`` (would hand out duplicate candidates for split requests)."""
+
+    def generate(self, requests, on_progress=None, should_cancel=None):
+        import dataclasses
+
+        return super().generate([dataclasses.replace(r, first_index=0) for r in requests], on_progress, should_cancel)
+
+
+async def test_a_pipeline_ignoring_first_index_fails_loudly_not_with_duplicates():
+    batcher = Batcher(IgnoresFirstIndex(batch_buckets=(4,)), window_ms=0)
+    small = await batcher.submit(GenerationRequest("fits one pass", n=3))
+    big = await batcher.submit(GenerationRequest("needs a split", n=6))
+    assert len((await batcher.result(small, timeout=5)).images) == 3
+    with pytest.raises(EngineError, match="first_index"):
+        await batcher.result(big, timeout=5)
+    await batcher.close()
