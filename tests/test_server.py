@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import json
 
 import aiohttp
 import numpy as np
 import pytest
+from PIL import Image
 
 from engine.api import GenerationRequest, GenerationResult
 from engine.client import HttpEngine, SseParser
@@ -82,6 +84,8 @@ async def test_submit_poll_result_and_stream():
             assert base64.b64decode(wire["png"]) == im.png == ref[im.index][0]
             assert wire["tokens"] == ref[im.index][1]
             assert set(wire) >= {"index", "rank", "clip_score", "safety", "flagged"}
+            with Image.open(io.BytesIO(im.png)) as png:  # the fake's PNGs are real images
+                assert png.size == (32, 32) and png.mode == "RGB"
 
 
 async def test_sixteen_concurrent_http_clients_get_their_own_images():
