@@ -100,12 +100,18 @@ def test_embeddings_match_transformers(tiny_pair):
         t_out = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=torch.tensor(pix))
     model = CLIPModel(cfg)
     pix_nhwc = jnp.asarray(pix.transpose(0, 2, 3, 1))
-    img = model.apply({"params": params}, pix_nhwc, method=CLIPModel.get_image_features)
-    txt = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask), method=CLIPModel.get_text_features)
+
+    @jax.jit
+    def run(p, ids, pix, mask):
+        v = {"params": p}
+        img = model.apply(v, pix, method=CLIPModel.get_image_features)
+        txt = model.apply(v, ids, mask, method=CLIPModel.get_text_features)
+        return img, txt, model.apply(v, ids, pix, mask)
+
+    img, txt, (lpi, lpt, ie, te) = run(params, jnp.asarray(ids), pix_nhwc, jnp.asarray(mask))
     assert img.shape == (2, 24) and txt.shape == (3, 24)
     assert np.abs(np.asarray(img) - t_img).max() <= 1e-4
     assert np.abs(np.asarray(txt) - t_txt).max() <= 1e-4
-    lpi, lpt, ie, te = jax.jit(model.apply)({"params": params}, jnp.asarray(ids), pix_nhwc, jnp.asarray(mask))
     assert lpi.shape == (2, 3) and lpt.shape == (3, 2)
     np.testing.assert_allclose(np.asarray(lpi), t_out.logits_per_image.numpy(), atol=1e-4)
     np.testing.assert_allclose(np.asarray(lpt), t_out.logits_per_text.numpy(), atol=1e-4)
