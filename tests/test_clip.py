@@ -10,7 +10,7 @@ from flax.traverse_util import flatten_dict
 
 from engine.config import CLIPConfig, preset
 from engine.convert import clip_from_torch
-from engine.models.clip import CLIP_MEAN, CLIP_STD, CLIPModel, dummy_inputs, preprocess
+from engine.models.clip import CLIP_MEAN, CLIP_STD, CLIPModel, param_shapes, preprocess
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -38,8 +38,7 @@ def _hf_config(cfg: CLIPConfig, **kw):
 
 
 def _shapes(cfg: CLIPConfig) -> dict[str, jax.ShapeDtypeStruct]:
-    tree = jax.eval_shape(lambda: CLIPModel(cfg).init(jax.random.PRNGKey(0), *dummy_inputs(cfg)))["params"]
-    return flatten_dict(tree, sep="/")
+    return flatten_dict(param_shapes(cfg), sep="/")
 
 
 @pytest.mark.parametrize("name,published", [("clip-b32", 151_277_313), ("clip-l14", 427_616_513)])

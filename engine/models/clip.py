@@ -275,3 +275,9 @@ def preprocess(images: Array | np.ndarray, image_size: int = 224) -> Array:
     top, left = (nh - image_size) // 2, (nw - image_size) // 2
     x = x[:, top : top + image_size, left : left + image_size]
     return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+
+
+def param_shapes(config: CLIPConfig) -> dict[str, Any]:
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves (no allocation): the ``expected_shapes`` for
+    :func:`engine.weights.load_params`."""
+    return jax.eval_shape(lambda: CLIPModel(config).init(jax.random.PRNGKey(0), *dummy_inputs(config)))["params"]

@@ -302,7 +302,8 @@ class VQModel(nn.Module):
       * ``encode(images) -> (quantised (B, r, r, embed_dim), indices (B, r*r))``
       * ``decode(quantised, clip=False) -> images (B, R, R, out_ch)``
       * ``decode_code(indices, clip=False) -> images (B, R, R, out_ch)``
-      * ``__call__(images, deterministic=True) -> (reconstruction, aux)`` for training, with
+      * ``__call__(images, deterministic=True) -> (reconstruction, aux)`` for training (with dropout > 0 and
+        ``deterministic=False`` pass ``rngs={"dropout": key}``), with
         aux = {"indices", "quantised", "codebook_loss", "commitment_loss", "quant_loss"}.
     """
 
@@ -348,3 +349,10 @@ class VQModel(nn.Module):
 def decoder_param_names() -> tuple[str, ...]:
     """Top-level entries the generation path needs (``decode_code``): the encoder may be dropped."""
     return ("quantize", "post_quant_conv", "decoder")
+
+
+def param_shapes(config: VQGANConfig, norm_groups: int = 32) -> dict[str, Any]:
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves (no allocation): the ``expected_shapes`` for
+    :func:`engine.weights.load_params`."""
+    x = jnp.zeros((1, config.resolution, config.resolution, config.in_channels))
+    return jax.eval_shape(lambda: VQModel(config, norm_groups).init(jax.random.PRNGKey(0), x))["params"]
