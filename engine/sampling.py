@@ -22,6 +22,7 @@ Decoding uses the unscanned (per-layer) param layout so every layer's kernels ar
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -114,6 +115,78 @@ class _RowParams:
     temperature: np.ndarray
 
 
+class _Programs:
+    """The traced sampling functions for one (decode config, dtype); jitted once and shared by every Sampler.
+
+    They depend on shapes, config and dtype only (params are arguments), so samplers of different checkpoints
+    with the same config reuse the compiled programs.
+    """
+
+    def __init__(self, config: DalleBartConfig, dtype: Any) -> None:
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.model = DalleBart(config, dtype=self.dtype)
+        self.prepare_jit = jax.jit(self.prepare)
+        self.chunk_jit = jax.jit(self.chunk, static_argnames=("n_steps", "collect"), donate_argnums=(1,))
+        self.run_all_jit = jax.jit(self.run_all, static_argnames=("collect",))
+
+    def prepare(self, params, enc_ids, enc_mask, uncond_ids, uncond_mask, seed_hi, seed_lo, indices):
+        """Encode both branches (interleaved rows), project cross K/V once, make an empty cache and row keys."""
+        b, t = enc_ids.shape
+        ids = jnp.stack([enc_ids, uncond_ids], axis=1).reshape(2 * b, t)
+        mask = jnp.stack([enc_mask, uncond_mask], axis=1).reshape(2 * b, t)
+        variables = {"params": params}
+        hidden = self.model.apply(variables, ids, mask, method=DalleBart.encode)
+        cross = self.model.apply(variables, hidden, method=DalleBart.cross_kv)
+        return {
+            "cache": self.model.init_cache(2 * b, self.dtype),
+            "cross": cross,
+            "mask": mask,
+            "token": jnp.full((b,), self.config.decoder_start_token_id, jnp.int32),
+            "keys": jax.random.key_data(candidate_keys(seed_hi, seed_lo, indices)),
+        }
+
+    def chunk(self, params, state, start, scale, top_k, top_p, temperature, *, n_steps: int, collect: bool):
+        """Run ``n_steps`` decoder steps from position ``start``; returns (state, tokens (B,n), [logits])."""
+        n_codes = self.config.num_image_codes
+        keys = jax.random.wrap_key_data(state["keys"], impl="threefry2x32")
+        variables = {"params": params}
+
+        def step(carry, position):
+            cache, token = carry
+            logits, cache = self.model.apply(
+                variables, jnp.repeat(token, 2), position, cache, state["cross"], state["mask"],
+                method=DalleBart.decode_step,
+            )
+            pair = logits[:, :n_codes].reshape(token.shape[0], 2, n_codes)
+            x = process_logits(pair[:, 0], pair[:, 1], scale, temperature, top_k, top_p)
+            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, position.astype(jnp.uint32))
+            token = jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32)
+            return (cache, token), ((token, logits) if collect else (token, None))
+
+        positions = start + jnp.arange(n_steps, dtype=jnp.int32)
+        (cache, token), (tokens, logits) = jax.lax.scan(step, (state["cache"], state["token"]), positions)
+        state = dict(state, cache=cache, token=token)
+        return state, tokens.T, (None if logits is None else jnp.swapaxes(logits, 0, 1))
+
+    def run_all(self, params, rows: dict, *, collect: bool):
+        state = self.prepare(
+            params, rows["enc_ids"], rows["enc_mask"], rows["uncond_ids"], rows["uncond_mask"],
+            rows["seed_hi"], rows["seed_lo"], rows["indices"],
+        )
+        _, tokens, logits = self.chunk(
+            params, state, jnp.int32(0), rows["scale"], rows["top_k"], rows["top_p"], rows["temperature"],
+            n_steps=self.config.image_length, collect=collect,
+        )
+        return tokens, logits
+
+
+
+@functools.lru_cache(maxsize=16)
+def _programs(config: DalleBartConfig, dtype_name: str) -> _Programs:
+    return _Programs(config, jnp.dtype(dtype_name))
+
+
 class Sampler:
     """Samples image tokens for batches of candidates with a DalleBart; one compiled program per bucket.
 
@@ -140,64 +213,10 @@ class Sampler:
         self.buckets = tuple(sorted(int(b) for b in buckets))
         self.chunk_size = max(1, min(int(chunk_size), config.image_length))
         self._decode_config = dataclasses.replace(config, use_scan=False, gradient_checkpointing=False)
-        self.model = DalleBart(self._decode_config, dtype=self.dtype)
+        self._progs = _programs(self._decode_config, self.dtype.name)
+        self.model = self._progs.model
         tree = params["params"] if set(params) == {"params"} else params
         self.params = jax.tree.map(jnp.asarray, cast_params(normalize_layout(tree, self._decode_config), self.dtype))
-        self._prepare = jax.jit(self._prepare_fn)
-        self._chunk = jax.jit(self._chunk_fn, static_argnames=("n_steps", "collect"), donate_argnums=(1,))
-        self._all = jax.jit(self._all_fn, static_argnames=("collect",))
-
-    # -------------------------------------------------------------------------------- traced parts
-
-    def _prepare_fn(self, params, enc_ids, enc_mask, uncond_ids, uncond_mask, seed_hi, seed_lo, indices):
-        """Encode both branches (interleaved rows), project cross K/V once, make an empty cache and row keys."""
-        b, t = enc_ids.shape
-        ids = jnp.stack([enc_ids, uncond_ids], axis=1).reshape(2 * b, t)
-        mask = jnp.stack([enc_mask, uncond_mask], axis=1).reshape(2 * b, t)
-        variables = {"params": params}
-        hidden = self.model.apply(variables, ids, mask, method=DalleBart.encode)
-        cross = self.model.apply(variables, hidden, method=DalleBart.cross_kv)
-        return {
-            "cache": self.model.init_cache(2 * b, self.dtype),
-            "cross": cross,
-            "mask": mask,
-            "token": jnp.full((b,), self.config.decoder_start_token_id, jnp.int32),
-            "keys": jax.random.key_data(candidate_keys(seed_hi, seed_lo, indices)),
-        }
-
-    def _chunk_fn(self, params, state, start, scale, top_k, top_p, temperature, *, n_steps: int, collect: bool):
-        """Run ``n_steps`` decoder steps from position ``start``; returns (state, tokens (B,n), [logits])."""
-        n_codes = self.config.num_image_codes
-        keys = jax.random.wrap_key_data(state["keys"], impl="threefry2x32")
-        variables = {"params": params}
-
-        def step(carry, position):
-            cache, token = carry
-            logits, cache = self.model.apply(
-                variables, jnp.repeat(token, 2), position, cache, state["cross"], state["mask"],
-                method=DalleBart.decode_step,
-            )
-            pair = logits[:, :n_codes].reshape(token.shape[0], 2, n_codes)
-            x = process_logits(pair[:, 0], pair[:, 1], scale, temperature, top_k, top_p)
-            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, position.astype(jnp.uint32))
-            token = jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32)
-            return (cache, token), ((token, logits) if collect else (token, None))
-
-        positions = start + jnp.arange(n_steps, dtype=jnp.int32)
-        (cache, token), (tokens, logits) = jax.lax.scan(step, (state["cache"], state["token"]), positions)
-        state = dict(state, cache=cache, token=token)
-        return state, tokens.T, (None if logits is None else jnp.swapaxes(logits, 0, 1))
-
-    def _all_fn(self, params, rows: dict, *, collect: bool):
-        state = self._prepare_fn(
-            params, rows["enc_ids"], rows["enc_mask"], rows["uncond_ids"], rows["uncond_mask"],
-            rows["seed_hi"], rows["seed_lo"], rows["indices"],
-        )
-        _, tokens, logits = self._chunk_fn(
-            params, state, jnp.int32(0), rows["scale"], rows["top_k"], rows["top_p"], rows["temperature"],
-            n_steps=self.config.image_length, collect=collect,
-        )
-        return tokens, logits
 
     # -------------------------------------------------------------------------------- host side
 
@@ -293,10 +312,10 @@ class Sampler:
         n, rows = self._rows(enc_ids, enc_mask, uncond_ids, uncond_mask, seeds, indices, scale, top_k, top_p,
                              temperature)
         if on_chunk is None:
-            tokens, logits = self._all(self.params, rows, collect=collect)
+            tokens, logits = self._progs.run_all_jit(self.params, rows, collect=collect)
             logits_np = None if logits is None else np.asarray(logits)[: 2 * n]
             return np.asarray(tokens)[:n], logits_np
-        state = self._prepare(
+        state = self._progs.prepare_jit(
             self.params, rows["enc_ids"], rows["enc_mask"], rows["uncond_ids"], rows["uncond_mask"],
             rows["seed_hi"], rows["seed_lo"], rows["indices"],
         )
@@ -304,7 +323,7 @@ class Sampler:
         length = self.config.image_length
         while done < length:
             steps = min(self.chunk_size, length - done)
-            state, tokens, logits = self._chunk(
+            state, tokens, logits = self._progs.chunk_jit(
                 self.params, state, jnp.int32(done), rows["scale"], rows["top_k"], rows["top_p"],
                 rows["temperature"], n_steps=steps, collect=collect,
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -76,12 +77,12 @@ def test_checkpoint_loads_in_both_layouts_with_identical_outputs(tmp_path, scann
     cfg = tiny_config()
     params = random_params(cfg, seed=3)
     ids, mask, dec = _inputs(cfg)
-    ref = DalleBart(cfg).apply({"params": params}, ids, mask, dec)
+    ref = jax.jit(DalleBart(cfg).apply)({"params": params}, ids, mask, dec)
     path = write_checkpoint(tmp_path / "ckpt", params, cfg, scanned=scanned_file)
     for use_scan in (True, False):
         run_cfg = dataclasses.replace(cfg, use_scan=use_scan)
         loaded = load_dallebart_params(path, run_cfg)
-        out = DalleBart(run_cfg).apply({"params": loaded}, ids, mask, dec)
+        out = jax.jit(DalleBart(run_cfg).apply)({"params": loaded}, ids, mask, dec)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
@@ -124,8 +125,8 @@ def test_decode_step_matches_full_decode(use_scan):
     model = DalleBart(cfg)
     variables = {"params": params}
     ids, mask, dec = _inputs(cfg, batch=3)
-    enc = model.apply(variables, ids, mask, method=DalleBart.encode)
-    full = model.apply(variables, dec, enc, mask, method=DalleBart.decode)
+    enc = jax.jit(partial(model.apply, method=DalleBart.encode))(variables, ids, mask)
+    full = jax.jit(partial(model.apply, method=DalleBart.decode))(variables, dec, enc, mask)
     assert full.shape == (3, cfg.image_length, cfg.image_vocab_size + 1) and full.dtype == jnp.float32
     cross = model.apply(variables, enc, method=DalleBart.cross_kv)
     assert cross[0].shape == (cfg.decoder_layers, 3, cfg.max_text_length, 4, 16)
@@ -137,15 +138,15 @@ def test_decode_step_matches_full_decode(use_scan):
 
 
 def test_gradient_checkpointing_same_forward_and_grads():
-    cfg = tiny_config()
+    cfg = tiny_config(image_length=4, max_text_length=4)
     params = random_params(cfg, seed=2)
     ids, mask, dec = _inputs(cfg)
 
     def loss(p, c):
         return DalleBart(c).apply({"params": p}, ids, mask, dec).mean()
 
-    g_ref = jax.grad(loss)(params, cfg)
-    g_rem = jax.grad(loss)(params, dataclasses.replace(cfg, gradient_checkpointing=True))
+    g_ref = jax.jit(jax.grad(loss), static_argnums=1)(params, cfg)
+    g_rem = jax.jit(jax.grad(loss), static_argnums=1)(params, dataclasses.replace(cfg, gradient_checkpointing=True))
     for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_rem), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
@@ -154,9 +155,9 @@ def test_bfloat16_compute_close_to_float32():
     cfg = tiny_config()
     params = random_params(cfg, seed=4)
     ids, mask, dec = _inputs(cfg)
-    ref = DalleBart(cfg).apply({"params": params}, ids, mask, dec)
+    ref = jax.jit(DalleBart(cfg).apply)({"params": params}, ids, mask, dec)
     p16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
-    out = DalleBart(cfg, dtype=jnp.bfloat16).apply({"params": p16}, ids, mask, dec)
+    out = jax.jit(DalleBart(cfg, dtype=jnp.bfloat16).apply)({"params": p16}, ids, mask, dec)
     assert out.dtype == jnp.float32
     assert float(jnp.max(jnp.abs(out - ref))) < 0.1 * float(jnp.max(jnp.abs(ref)))
 
@@ -208,7 +209,7 @@ def test_parity_with_min_dalle():
     with torch.no_grad():
         t_ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
         t_hidden = t_enc.forward(t_ids)
-        enc = model.apply(variables, ids, mask, method=DalleBart.encode)
+        enc = jax.jit(partial(model.apply, method=DalleBart.encode))(variables, ids, mask)
         np.testing.assert_allclose(np.asarray(enc), t_hidden.numpy(), atol=1e-4, rtol=0)
 
         # decoder: one image per branch (min-dalle feeds the same token to both rows)
@@ -220,7 +221,8 @@ def test_parity_with_min_dalle():
         cross = model.apply(variables, enc, method=DalleBart.cross_kv)
         cache = model.init_cache(2, jnp.float32)
         dec_ids = jnp.asarray(np.tile(tokens[None], (2, 1)), jnp.int32)
-        full = model.apply(variables, dec_ids, enc, mask, method=DalleBart.decode)
+        full = jax.jit(partial(model.apply, method=DalleBart.decode))(variables, dec_ids, enc, mask)
+        step = jax.jit(partial(model.apply, method=DalleBart.decode_step))
         for pos in range(steps):
             t_logits, t_state = t_dec.forward(
                 attention_mask=t_mask,
@@ -230,9 +232,7 @@ def test_parity_with_min_dalle():
                 token_index=torch.tensor([pos]),
             )
             tok = jnp.full((2,), int(tokens[pos]), jnp.int32)
-            logits, cache = model.apply(
-                variables, tok, jnp.int32(pos), cache, cross, mask, method=DalleBart.decode_step
-            )
+            logits, cache = step(variables, tok, jnp.int32(pos), cache, cross, mask)
             want = t_logits[:, -1].numpy()
             assert np.abs(want).max() > 1.0  # the comparison is not between near-zero numbers
             np.testing.assert_allclose(np.asarray(logits), want, atol=1e-4, rtol=0)

@@ -196,10 +196,10 @@ def test_never_emits_ids_outside_the_codebook(params):
     assert tokens.max() < CFG.num_image_codes  # ...but nothing outside it is ever sampled
 
 
-def test_progress_hook_chunks_give_the_same_tokens(params):
+def test_progress_hook_chunks_give_the_same_tokens(sampler, params):
     s = Sampler(None, scan_params(params), CFG, buckets=(1,), chunk_size=6)  # scanned input layout converted
     ids, mask, uids, umask = _prompts(1, seed=9)
-    plain = s.sample(ids, mask, uids, umask, [11], [2])
+    plain = sampler.sample(ids, mask, uids, umask, [11], [2])
     seen = []
     hooked = s.sample(ids, mask, uids, umask, [11], [2], on_chunk=lambda done, toks: seen.append((done, toks.copy())))
     np.testing.assert_array_equal(plain, hooked)
