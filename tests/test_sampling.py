@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine.models.dallebart import DalleBart, scan_params, unscan_params
-from engine.sampling import Sampler, bucket_for, candidate_keys, process_logits, split_seeds
+from engine.sampling import FAST_TOP_K, Sampler, bucket_for, candidate_keys, process_logits, split_seeds
 from tests.helpers_dallebart import random_params, tiny_config
 
 CFG = tiny_config()  # image_length 16, 60 valid codes of 64 (+1 start row)
@@ -84,6 +84,19 @@ def test_top_p_nucleus():
     # top-k is applied before top-p: nucleus of the renormalised top-2 {0.5/0.7, 0.2/0.7}
     out = np.asarray(_pl(x[:1], top_k=2, top_p=0.75))
     assert np.isfinite(out).sum() == 2
+
+
+def test_fast_top_k_path_equals_full_sort_path():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 1000)).astype(np.float32)
+    ks, ps = [50, 1, FAST_TOP_K, 0], [1.0, 1.0, 0.3, 1.0]
+    fast = np.asarray(_pl(x, top_k=ks, top_p=ps))  # every row fits the lax.top_k path
+    # the same rows next to one that needs a full sort (top-k off, top-p on) take the sort path
+    slow = np.asarray(_pl(np.concatenate([x, x[:1]]), top_k=ks + [0], top_p=ps + [0.9]))
+    np.testing.assert_array_equal(fast, slow[:4])
+    assert np.isfinite(fast).sum(axis=1).tolist()[:2] == [50, 1] and np.isfinite(fast[3]).all()
+    big = np.asarray(_pl(x[:1], top_k=FAST_TOP_K + 44))
+    assert np.isfinite(big).sum() == FAST_TOP_K + 44
 
 
 def test_sampling_draws_only_from_nucleus_and_low_temperature_is_argmax():
