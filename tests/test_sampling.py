@@ -225,3 +225,14 @@ def test_progress_hook_chunks_give_the_same_tokens(sampler, params):
 
     with pytest.raises(KeyboardInterrupt):
         s.sample(ids, mask, uids, umask, [11], [2], on_chunk=stop)
+
+
+def test_bfloat16_sampler_close_to_float32(sampler, params):
+    ids, mask, uids, umask = _prompts(1, seed=4)
+    _, ref = sampler.sample_with_logits(ids, mask, uids, umask, [3], [0], top_k=1)
+    s16 = Sampler(None, params, CFG, jnp.bfloat16, buckets=(1,))
+    assert {x.dtype for x in jax.tree.leaves(s16.params)} == {jnp.dtype(jnp.bfloat16)}
+    tokens, logits = s16.sample_with_logits(ids, mask, uids, umask, [3], [0], top_k=1)
+    assert logits.dtype == np.float32 and tokens.max() < CFG.num_image_codes
+    # the first step sees identical inputs in both runs: only bf16 rounding separates them
+    np.testing.assert_allclose(logits[:, :, 0], ref[:, :, 0], atol=0.05 * np.abs(ref[:, :, 0]).max())
