@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -148,6 +149,31 @@ class _Programs:
         self.prepare_jit = jax.jit(self.prepare)
         self.chunk_jit = jax.jit(self.chunk, static_argnames=("n_steps", "collect"), donate_argnums=(1,))
         self.run_all_jit = jax.jit(self.run_all, static_argnames=("collect",))
+        self._jitted = {"prepare": self.prepare_jit, "chunk": self.chunk_jit, "run_all": self.run_all_jit}
+        self._executables: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+
+    def executable(self, name: str, *args: Any, **static: Any) -> Any:
+        """The compiled program for ``name`` at these argument shapes (arrays or ShapeDtypeStructs), cached.
+
+        Compiling ahead of time (see :meth:`Sampler.warmup`) and running the cached executable means a request
+        never waits for a compile once its bucket is warm.
+        """
+        leaves, treedef = jax.tree.flatten(args)
+        key = (name, tuple(sorted(static.items())), treedef, tuple((x.shape, jnp.dtype(x.dtype)) for x in leaves))
+        with self._lock:
+            exe = self._executables.get(key)
+            if exe is None:
+                exe = self._jitted[name].lower(*args, **static).compile()
+                self._executables[key] = exe
+        return exe
+
+    def call(self, name: str, *args: Any, **static: Any) -> Any:
+        return self.executable(name, *args, **static)(*args)
+
+    @property
+    def num_compiled(self) -> int:
+        return len(self._executables)
 
     def prepare(self, params, enc_ids, enc_mask, uncond_ids, uncond_mask, seed_hi, seed_lo, indices):
         """Encode both branches (interleaved rows), project cross K/V once, make an empty cache and row keys."""
@@ -288,6 +314,32 @@ class Sampler:
         )
         return n, {k: jnp.asarray(v) for k, v in dataclasses.asdict(rows).items()}
 
+    def warmup(self, buckets: Sequence[int] | None = None, *, chunked: bool = False) -> int:
+        """Compile (without running) the programs for ``buckets`` (default: all) at text length ``max_text_length``.
+
+        ``chunked=True`` compiles the progress-hook path (prepare + chunk programs) instead of the single loop.
+        Returns how many programs this sampler's config/dtype now has compiled.
+        """
+        t = self.config.max_text_length
+        for bucket in buckets or self.buckets:
+            ids = np.ones((bucket, t), np.int32)
+            _, rows = self._rows(ids, ids, ids, ids, [0] * bucket, [0] * bucket, 10.0, 50, 1.0, 1.0)
+            if not chunked:
+                self._progs.executable("run_all", self.params, rows, collect=False)
+                continue
+            prep_args = (self.params, rows["enc_ids"], rows["enc_mask"], rows["uncond_ids"], rows["uncond_mask"],
+                         rows["seed_hi"], rows["seed_lo"], rows["indices"])
+            self._progs.executable("prepare", *prep_args)
+            state = jax.eval_shape(self._progs.prepare_jit, *prep_args)
+            sizes = {min(self.chunk_size, self.config.image_length - d)
+                     for d in range(0, self.config.image_length, self.chunk_size)}
+            for steps in sorted(sizes):
+                self._progs.executable(
+                    "chunk", self.params, state, jnp.int32(0), rows["scale"], rows["top_k"], rows["top_p"],
+                    rows["temperature"], n_steps=steps, collect=False,
+                )
+        return self._progs.num_compiled
+
     def sample(
         self,
         enc_ids: Any,
@@ -331,10 +383,11 @@ class Sampler:
         n, rows = self._rows(enc_ids, enc_mask, uncond_ids, uncond_mask, seeds, indices, scale, top_k, top_p,
                              temperature)
         if on_chunk is None:
-            tokens, logits = self._progs.run_all_jit(self.params, rows, collect=collect)
+            tokens, logits = self._progs.call("run_all", self.params, rows, collect=collect)
             logits_np = None if logits is None else np.asarray(logits)[: 2 * n]
             return np.asarray(tokens)[:n], logits_np
-        state = self._progs.prepare_jit(
+        state = self._progs.call(
+            "prepare",
             self.params, rows["enc_ids"], rows["enc_mask"], rows["uncond_ids"], rows["uncond_mask"],
             rows["seed_hi"], rows["seed_lo"], rows["indices"],
         )
@@ -342,7 +395,8 @@ class Sampler:
         length = self.config.image_length
         while done < length:
             steps = min(self.chunk_size, length - done)
-            state, tokens, logits = self._progs.chunk_jit(
+            state, tokens, logits = self._progs.call(
+                "chunk",
                 self.params, state, jnp.int32(done), rows["scale"], rows["top_k"], rows["top_p"],
                 rows["temperature"], n_steps=steps, collect=collect,
             )

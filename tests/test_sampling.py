@@ -213,9 +213,11 @@ def test_progress_hook_chunks_give_the_same_tokens(sampler, params):
     s = Sampler(None, scan_params(params), CFG, buckets=(1,), chunk_size=6)  # scanned input layout converted
     ids, mask, uids, umask = _prompts(1, seed=9)
     plain = sampler.sample(ids, mask, uids, umask, [11], [2])
+    compiled = s.warmup(chunked=True)  # prepare + 6-step and 4-step chunk programs, compiled without running
     seen = []
     hooked = s.sample(ids, mask, uids, umask, [11], [2], on_chunk=lambda done, toks: seen.append((done, toks.copy())))
     np.testing.assert_array_equal(plain, hooked)
+    assert s._progs.num_compiled == compiled  # sampling after warmup compiled nothing new
     assert [d for d, _ in seen] == [6, 12, 16]
     for done, toks in seen:
         np.testing.assert_array_equal(toks, plain[:, :done])
