@@ -188,6 +188,17 @@ def alembic_config(url: str | URL | None = None, *, configure_logging: bool = Fa
     return cfg
 
 
+def _has_app_tables(url: str | URL) -> bool:
+    from sqlalchemy import inspect
+
+    engine = make_sync_engine(url)
+    try:
+        with engine.connect() as conn:
+            return bool(set(inspect(conn).get_table_names()) - {"alembic_version"})
+    finally:
+        engine.dispose()
+
+
 def schema_revisions(url: str | URL) -> tuple[set[str], set[str]]:
     """(current revisions in the database, head revisions of the code)."""
     from alembic.runtime.migration import MigrationContext
@@ -234,6 +245,11 @@ def ensure_migrated(url: str | URL, auto: bool) -> bool:
         raise MigrationRequired(
             f"database {shown} is at revision {', '.join(sorted(unknown))}, which this code does not know "
             f"(newer code migrated it?); run a matching version of dalle-bot"
+        )
+    if not current and _has_app_tables(url):
+        raise MigrationRequired(
+            f"database {shown} has tables but no Alembic revision (created outside migrations?); if its schema "
+            f"matches the code run `alembic stamp head`, otherwise point DATABASE_URL at an empty database"
         )
     if not auto:
         now = ", ".join(sorted(current)) or "empty"

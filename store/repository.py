@@ -173,11 +173,6 @@ class Repository:
         if self._engine is not None:
             await self._engine.dispose()
 
-    @property
-    def dialect(self) -> str:
-        bind = self.sessions.kw.get("bind")
-        return bind.dialect.name if bind is not None else "unknown"
-
     # --- generations ---------------------------------------------------------------------------------------
 
     async def create_generation(
@@ -314,6 +309,28 @@ class Repository:
         async with self.sessions() as s:
             rows = (await s.execute(stmt)).all()
         return [QueuedJob(*row) for row in rows]
+
+    async def queue_position(self, generation_id: int) -> int | None:
+        """1-based FIFO position among queued jobs (an estimate when the scheduler reorders for fairness);
+        None if the job is not queued."""
+        async with self.sessions() as s:
+            gen = await s.get(Generation, generation_id)
+            if gen is None or gen.status != Status.QUEUED.value:
+                return None
+            ahead = (
+                await s.execute(
+                    select(func.count())
+                    .select_from(Generation)
+                    .where(
+                        Generation.status == Status.QUEUED.value,
+                        or_(
+                            Generation.queued_at < gen.queued_at,
+                            and_(Generation.queued_at == gen.queued_at, Generation.id < gen.id),
+                        ),
+                    )
+                )
+            ).scalar_one()
+        return int(ahead) + 1
 
     async def count_queued(
         self, user_id: int | None = None, *, guild_id: int | None = None, include_running: bool = False
@@ -469,15 +486,15 @@ class Repository:
             "note": note,
             "created_at": utcnow(),
         }
-        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-        stmt = insert(Feedback).values(**values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[Feedback.image_id, Feedback.user_id],
-            index_where=text(where),
-            set_={"kind": stmt.excluded.kind, "reason": stmt.excluded.reason, "note": stmt.excluded.note,
-                  "created_at": stmt.excluded.created_at},
-        ).returning(Feedback.id)
         async with self.sessions.begin() as s:
+            insert = postgresql.insert if s.bind.dialect.name == "postgresql" else sqlite.insert
+            stmt = insert(Feedback).values(**values)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[Feedback.image_id, Feedback.user_id],
+                index_where=text(where),
+                set_={"kind": stmt.excluded.kind, "reason": stmt.excluded.reason, "note": stmt.excluded.note,
+                      "created_at": stmt.excluded.created_at},
+            ).returning(Feedback.id)
             if await s.get(Image, image_id) is None:
                 raise NotFound(f"image {image_id} does not exist")
             fid = (await s.execute(stmt)).scalar_one()
@@ -849,6 +866,15 @@ class Repository:
             )
             await s.flush()
             row.status = CheckpointStatus.ACTIVE.value
+        return row
+
+    async def retire_checkpoint(self, checkpoint_id: str) -> Checkpoint:
+        """Take a checkpoint out of service (an active one leaves no active checkpoint behind)."""
+        async with self.sessions.begin() as s:
+            row = await s.get(Checkpoint, checkpoint_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"checkpoint {checkpoint_id!r} is not registered")
+            row.status = CheckpointStatus.RETIRED.value
         return row
 
     async def get_active_checkpoint(self) -> Checkpoint | None:

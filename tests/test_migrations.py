@@ -126,3 +126,11 @@ def test_python_m_store_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "store", "current"], cwd=tmp_path, capture_output=True, text=True,
                          env={**env, "DATABASE_URL": "mysql://x@y/z"}, timeout=60)
     assert bad.returncode == 2 and "DATABASE_URL" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ensure_migrated_refuses_unversioned_tables(sqlite_url):
+    engine = make_sync_engine(sqlite_url)
+    Base.metadata.create_all(engine)  # a schema made outside Alembic
+    engine.dispose()
+    with pytest.raises(MigrationRequired, match="alembic stamp head"):
+        ensure_migrated(sqlite_url, auto=True)

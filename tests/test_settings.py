@@ -209,3 +209,12 @@ def test_python_m_bot_migrates_then_dispatches(tmp_path):
     assert (tmp_path / "run.db").exists()
     assert out.returncode == 3
     assert "local front end (bot.local) is not available" in out.stderr
+
+
+def test_python_m_bot_unreachable_database_is_one_line(tmp_path):
+    out = _run_bot({"DATABASE_URL": "postgresql://bot:pg-secret-pw@127.0.0.1:1/dalle", "AUTO_MIGRATE": "true",
+                    "LOG_LEVEL": "ERROR"}, tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("database error: cannot open postgresql://bot:***@127.0.0.1:1")
+    assert "pg-secret-pw" not in out.stderr

@@ -459,3 +459,21 @@ async def test_foreign_keys_enforced(repo):
     with pytest.raises(IntegrityError):
         async with repo.sessions.begin() as s:
             s.add(UserState(user_id=1, strikes=0, daily_quota=-5))
+
+
+async def test_queue_position(repo):
+    a = await repo.create_generation(user_id=1, prompt="a")
+    b = await repo.create_generation(user_id=2, prompt="b")
+    c = await repo.create_generation(user_id=3, prompt="c")
+    assert [await repo.queue_position(g.id) for g in (a, b, c)] == [1, 2, 3]
+    await repo.claim(a.id)
+    assert await repo.queue_position(a.id) is None
+    assert [await repo.queue_position(g.id) for g in (b, c)] == [1, 2]
+    assert await repo.queue_position(10**9) is None
+
+
+async def test_retire_checkpoint(repo):
+    await repo.register_checkpoint("demo", "engine/assets/demo")
+    await repo.set_active_checkpoint("demo")
+    assert (await repo.retire_checkpoint("demo")).status == "retired"
+    assert await repo.get_active_checkpoint() is None
