@@ -67,6 +67,8 @@ def test_full_configuration():
     assert s.discord_guild_ids == (123, 456) and s.sync_commands is False
     assert s.auto_migrate is False  # PostgreSQL: migrations are an explicit step by default
     assert s.engine_urls == ("http://10.0.0.5:8000", "https://gpu2.example:8443")
+    assert s.engine_url == "http://10.0.0.5:8000"
+    assert load(ENGINE_URLS="http://h:1").engine_url is None  # listed but ENGINE_MODE=inprocess
     assert (s.default_images, s.daily_quota, s.max_queue_per_user, s.max_queue_total) == (4, 0, 3, 500)
     assert s.rate_limit_user == "2/minute;20/day" and s.review_channel_id == 987654321098765432
     assert s.flagged_mode == "withhold" and s.log_level == "DEBUG"
