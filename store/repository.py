@@ -777,15 +777,24 @@ class Repository:
         return await self._upsert(UserState, user_id, fields, {"banned": False, "opted_out": False, "strikes": 0})
 
     async def add_strike(self, user_id: int) -> int:
-        """Increment a user's strike count; returns the new count."""
-        async with self.sessions.begin() as s:
-            state = await s.get(UserState, user_id, with_for_update=True)
-            if state is None:
-                state = UserState(user_id=user_id, banned=False, opted_out=False, strikes=0)
-                s.add(state)
-            state.strikes = (state.strikes or 0) + 1
-            state.updated_at = utcnow()
-        return state.strikes
+        """Increment a user's strike count atomically; returns the new count."""
+        for attempt in range(3):
+            created = False
+            try:
+                async with self.sessions.begin() as s:
+                    state = await s.get(UserState, user_id, with_for_update=True)
+                    if state is None:
+                        created = True
+                        state = UserState(user_id=user_id, banned=False, opted_out=False, strikes=0)
+                        s.add(state)
+                    state.strikes = (state.strikes or 0) + 1
+                    state.updated_at = utcnow()
+                return state.strikes
+            except IntegrityError:
+                if not created or attempt == 2:
+                    raise
+                # another task created the row first: go round and increment it
+        raise AssertionError("unreachable")
 
     async def _upsert(self, model: type, key: int, fields: Mapping[str, Any], defaults: Mapping[str, Any]) -> Any:
         for quota in ("daily_quota", "max_queue_per_user"):

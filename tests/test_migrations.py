@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,11 @@ def test_ensure_migrated_refuses_unversioned_tables(sqlite_url):
     engine.dispose()
     with pytest.raises(MigrationRequired, match="alembic stamp head"):
         ensure_migrated(sqlite_url, auto=True)
+
+
+def test_migrations_do_not_import_application_code():
+    """Revisions must keep working after the models change, so they use plain sqlalchemy types only."""
+    for path in (ROOT / "migrations" / "versions").glob("*.py"):
+        source = path.read_text()
+        assert not re.search(r"^\s*(from|import)\s+(store|bot)\b", source, re.M), path
+        assert "UTCDateTime" not in source, path

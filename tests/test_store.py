@@ -477,3 +477,18 @@ async def test_retire_checkpoint(repo):
     await repo.set_active_checkpoint("demo")
     assert (await repo.retire_checkpoint("demo")).status == "retired"
     assert await repo.get_active_checkpoint() is None
+
+
+async def test_concurrent_strikes_are_not_lost(repo):
+    counts = await asyncio.gather(*(repo.add_strike(4242) for _ in range(20)))
+    assert sorted(counts) == list(range(1, 21))
+    assert (await repo.get_user_state(4242)).strikes == 20
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_token_packing_random_round_trip(seed):
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(x) for x in rng.integers(1, 20, size=int(rng.integers(1, 3))))
+    tokens = rng.integers(0, 32768, size=shape)
+    back = decode_tokens(encode_tokens(tokens))
+    assert back.dtype == np.int16 and np.array_equal(back, tokens.reshape(-1))
