@@ -6,7 +6,8 @@
 SQLite is made safe for several concurrent async writers: WAL journal (readers never block the writer),
 foreign keys on, a busy timeout, and every transaction opened with ``BEGIN IMMEDIATE`` so a transaction that
 reads and then writes cannot fail with "database is locked" when another writer got in between (a deferred
-transaction's lock upgrade fails at once, without waiting for the busy timeout).
+transaction's lock upgrade fails at once, without waiting for the busy timeout). Read-only sessions can opt
+out with the execution option ``sqlite_begin="DEFERRED"`` (the repository's reads do).
 """
 
 from __future__ import annotations
@@ -120,7 +121,12 @@ def _install_sqlite_pragmas(sync_engine: Engine) -> None:
 
     @event.listens_for(sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # read-only work may ask for a deferred transaction (execution option sqlite_begin="DEFERRED"):
+        # in WAL mode readers then never hold the write lock
+        mode = str(conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")).upper()
+        if mode not in ("DEFERRED", "IMMEDIATE", "EXCLUSIVE"):
+            raise ValueError(f"sqlite_begin must be DEFERRED, IMMEDIATE or EXCLUSIVE; got {mode!r}")
+        conn.exec_driver_sql(f"BEGIN {mode}")
 
 
 def _prepare(url: URL) -> None:

@@ -492,3 +492,12 @@ def test_token_packing_random_round_trip(seed):
     tokens = rng.integers(0, 32768, size=shape)
     back = decode_tokens(encode_tokens(tokens))
     assert back.dtype == np.int16 and np.array_equal(back, tokens.reshape(-1))
+
+
+async def test_open_read_session_does_not_block_writers(repo):
+    """Repository reads use deferred transactions on SQLite: a long read never holds the write lock."""
+    await repo.create_generation(user_id=1, prompt="a")
+    async with repo._read() as s:
+        assert (await s.execute(text("SELECT count(*) FROM generations"))).scalar_one() == 1
+        await asyncio.wait_for(repo.create_generation(user_id=2, prompt="b"), timeout=5)
+    assert await repo.count_queued() == 2
