@@ -214,6 +214,9 @@ class VQGANConfig(_FromDict):
     dropout: float = 0.0
     resamp_with_conv: bool = True
     give_pre_end: bool = False
+    # GroupNorm groups (published: 32). Each norm uses min(norm_groups, channels) groups; a small model with
+    # fewer than 64 channels needs fewer groups, or its norms act per channel and erase flat colours.
+    norm_groups: int = 32
 
     @property
     def downsample_factor(self) -> int:
@@ -229,6 +232,8 @@ class VQGANConfig(_FromDict):
             raise ConfigError(f"{source}: resolution {self.resolution} not divisible by the VQGAN factor")
         if self.double_z:
             raise ConfigError(f"{source}: double_z=True is not implemented")
+        if self.norm_groups < 1:
+            raise ConfigError(f"{source}: norm_groups must be >= 1, got {self.norm_groups}")
 
 
 # ----------------------------------------------------------------------------------------------
