@@ -76,6 +76,7 @@ def _vqgan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-embed", type=int, default=512)
     p.add_argument("--embed-dim", type=int, default=32)
     p.add_argument("--res-blocks", type=int, default=1)
+    p.add_argument("--norm-groups", type=int, default=4, help="GroupNorm groups (several channels per group)")
     p.add_argument("--data-seed", type=int, default=0)
 
 
@@ -176,7 +177,8 @@ def cmd_vqgan(args: argparse.Namespace, out: Path | None = None, steps: int | No
     out = out or args.out
     steps = steps if steps is not None else args.steps
     config = small_vqgan_config(args.image_size, args.factor, ch=args.ch, n_embed=args.n_embed,
-                                embed_dim=args.embed_dim, num_res_blocks=args.res_blocks)
+                                embed_dim=args.embed_dim, num_res_blocks=args.res_blocks,
+                                norm_groups=args.norm_groups)
     res = train_vqgan(out, config, steps=steps, batch_size=args.batch_size or 8,
                       optim=_optim(args, 1e-3, steps, b2=0.99), seed=args.seed, data_seed=args.data_seed,
                       work_dir=args.work_dir if out == args.out else None, save_every=args.save_every,

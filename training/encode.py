@@ -31,7 +31,7 @@ def load_vqgan(path: str | Path) -> tuple[VQModel, VQGANConfig, Any]:
     config = VQGANConfig.from_json(path)
     params = load_flax_params(path)
     params = params.get("params", params)
-    return VQModel(config), config, jax.tree.map(jnp.asarray, params)
+    return VQModel(config, norm_groups=config.norm_groups), config, jax.tree.map(jnp.asarray, params)
 
 
 class Encoder:

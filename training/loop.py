@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,13 @@ class ArrayBatches:
         return {name: arr[idx] for name, arr in self.arrays.items()}
 
 
+def init_key(seed: int) -> jax.Array:
+    """A key for parameter initialisation. It uses XLA's RngBitGenerator ("unsafe_rbg"): a model init with
+    threefry keys makes one threefry program per parameter, which takes XLA:CPU ~30 s to compile even for a
+    tiny model; RBG compiles in seconds. (Training keys stay threefry: few calls, reproducible everywhere.)"""
+    return jax.random.key(int(seed), impl="unsafe_rbg")
+
+
 def _get_batch(batches: Any, k: int) -> Batch:
     return batches(k) if callable(batches) and not hasattr(batches, "__getitem__") else batches[k]
 
@@ -221,6 +229,25 @@ def make_train_step(
         return new, metrics
 
     return step
+
+
+_JIT_CACHE: OrderedDict[Any, Any] = OrderedDict()
+
+
+def _cached_jit(key: Any, build: Callable[[], Any], size: int = 16) -> Any:
+    """One jitted step per (loss_fn, optimiser config, extra_update): repeated ``train`` calls in a process
+    (resume, tests, sweeps over steps) reuse the compiled program instead of compiling it again."""
+    try:
+        hash(key)
+    except TypeError:
+        return build()
+    if key in _JIT_CACHE:
+        _JIT_CACHE.move_to_end(key)
+        return _JIT_CACHE[key]
+    fn = _JIT_CACHE[key] = build()
+    if len(_JIT_CACHE) > size:
+        _JIT_CACHE.popitem(last=False)
+    return fn
 
 
 def _copy(tree: Any) -> Any:
@@ -357,7 +384,7 @@ def train(
         n_data = mesh.shape[batch_axis]
     else:
         batch_sharding = None
-        jstep = jax.jit(step_fn, donate_argnums=0)
+        jstep = _cached_jit((loss_fn, optim, extra_update), lambda: jax.jit(step_fn, donate_argnums=0))
         n_data = 1
 
     def put_batch(host_batch: Batch) -> Batch:

@@ -12,6 +12,7 @@ the CLIP tokenizer files.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import zlib
@@ -25,11 +26,11 @@ import numpy as np
 import optax
 
 from engine.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
-from engine.models.clip import CLIPModel, preprocess
+from engine.models.clip import CLIPModel, dummy_inputs, preprocess
 from engine.text import CLIPTokenizer
 from training.checkpoint import export_flax_checkpoint
 from training.data.shapes import ShapesConfig, ShapesDataset
-from training.loop import TrainResult, train
+from training.loop import TrainResult, init_key, train
 from training.optim import OptimConfig
 
 CLIP_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
@@ -129,6 +130,14 @@ def clamp_logit_scale(params: Any, extra: Any, aux: dict[str, jax.Array], step: 
     return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, jnp.log(100.0))}, extra
 
 
+@functools.lru_cache(maxsize=8)
+def _step_fns(config: CLIPConfig):
+    """One (loss, init) pair per config, so repeated runs reuse compiled programs."""
+    model = CLIPModel(config)
+    init = jax.jit(lambda rng: model.init(rng, *dummy_inputs(config))["params"])
+    return make_loss(model, config), init
+
+
 @dataclass
 class CLIPTrainOutput:
     out_dir: Path
@@ -185,15 +194,11 @@ def train_clip(
                                  decay="cosine", decay_steps=max(steps, 1), end_lr_ratio=0.1, b2=0.98,
                                  weight_decay=0.1, max_grad_norm=1.0)
     model = CLIPModel(config)
-    v = config.vision_config
-    params = model.init(
-        jax.random.PRNGKey(seed),
-        jnp.zeros((1, config.text_config.max_position_embeddings), jnp.int32),
-        jnp.zeros((1, v.image_size, v.image_size, 3), jnp.float32),
-    )["params"]
+    loss_fn, init = _step_fns(config)
+    params = init(init_key(seed))
     result = train(
         params,
-        make_loss(model, config),
+        loss_fn,
         batches,
         steps=steps,
         optim=optim,

@@ -12,6 +12,7 @@ tokenizer files.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from engine.models.dallebart import DalleBart, init_params
 from engine.text import DalleBartTokenizer
 from training.checkpoint import export_flax_checkpoint
 from training.data.parquet import iter_token_shards
-from training.loop import ArrayBatches, TrainResult, train
+from training.loop import ArrayBatches, TrainResult, init_key, train
 from training.optim import OptimConfig
 
 TOKENIZER_FILES = (
@@ -119,6 +120,17 @@ def make_loss(model: DalleBart, config: DalleBartConfig):
     return loss_fn
 
 
+@functools.lru_cache(maxsize=8)
+def _loss_for(config: DalleBartConfig):
+    """One loss function object per config, so repeated runs reuse the compiled train step."""
+    return make_loss(DalleBart(config), config)
+
+
+@functools.lru_cache(maxsize=8)
+def _jit_init(config: DalleBartConfig):
+    return jax.jit(lambda rng: init_params(config, rng))
+
+
 @dataclass
 class DalleBartTrainOutput:
     out_dir: Path
@@ -197,7 +209,7 @@ def train_dallebart(
                                  decay="cosine", decay_steps=max(steps, 1), end_lr_ratio=0.1, b2=0.98,
                                  max_grad_norm=1.0)
     model = DalleBart(config)
-    params = init_params(config, jax.random.PRNGKey(seed))
+    params = _jit_init(config)(init_key(seed))
     batches: Any = ArrayBatches(data, batch_size, seed=seed)
     if blank_caption_prob > 0:
         batches = BlankCaptions(batches, blank_caption_prob, tokenizer.unconditional(1), seed=seed)
@@ -209,7 +221,7 @@ def train_dallebart(
 
     result = train(
         params,
-        make_loss(model, config),
+        _loss_for(config),
         batches,
         steps=steps,
         optim=optim,

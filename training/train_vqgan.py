@@ -13,6 +13,7 @@ The result is written in the published layout (``config.json`` + ``flax_model.ms
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,15 +27,17 @@ from engine.config import VQGANConfig
 from engine.models.vqgan import VQModel
 from training.checkpoint import export_flax_checkpoint
 from training.data.shapes import ShapesConfig, ShapesDataset
-from training.loop import TrainResult, train
+from training.loop import TrainResult, init_key, train
 from training.optim import OptimConfig
 
 
 def small_vqgan_config(image_size: int = 128, factor: int = 8, *, ch: int = 16, n_embed: int = 512,
-                       embed_dim: int = 32, num_res_blocks: int = 1) -> VQGANConfig:
+                       embed_dim: int = 32, num_res_blocks: int = 1, norm_groups: int = 4) -> VQGANConfig:
     """A demo-sized VQGAN: ``factor`` (a power of two, 2..32) sets the token grid ``image_size // factor``.
 
     Channels grow slowly with depth (``ch * (1, 1, 2, 2, 4, 4)``): most of the cost is at full resolution.
+    ``norm_groups`` must leave several channels per GroupNorm group: with one channel per group (the
+    published 32 groups on a 16-channel layer) the norm erases each channel's mean, i.e. a flat colour.
     """
     levels = int(round(np.log2(factor))) if factor >= 1 else -1
     if factor < 2 or factor > 32 or 2**levels != factor:
@@ -49,6 +52,7 @@ def small_vqgan_config(image_size: int = 128, factor: int = 8, *, ch: int = 16, 
         z_channels=embed_dim,
         embed_dim=embed_dim,
         n_embed=n_embed,
+        norm_groups=norm_groups,
     )
 
 
@@ -90,6 +94,11 @@ class VQGANLoss:
     usage_decay: float = 0.99
     dead_threshold: float = 0.03
     restart_every: int = 50  # gradient codebook only; 0: never restart
+
+
+def vqgan_module(config: VQGANConfig) -> VQModel:
+    """The VQModel of ``config``, with the config's GroupNorm groups."""
+    return VQModel(config, norm_groups=config.norm_groups)
 
 
 def _forward(model: VQModel, params: Any, images: jax.Array):
@@ -182,6 +191,15 @@ def make_codebook_update(weights: VQGANLoss):
     return update
 
 
+@functools.lru_cache(maxsize=8)
+def _step_fns(config: VQGANConfig, weights: VQGANLoss):
+    """One (loss, codebook update, init) triple per config, so repeated runs reuse compiled programs."""
+    model = vqgan_module(config)
+    size = config.resolution
+    init = jax.jit(lambda rng: model.init(rng, jnp.zeros((1, size, size, 3)))["params"])
+    return make_loss(model, weights), make_codebook_update(weights), init
+
+
 @dataclass
 class VQGANTrainOutput:
     out_dir: Path
@@ -237,14 +255,15 @@ def train_vqgan(
     shapes = shapes or ShapesConfig(image_size=config.resolution, factor=config.downsample_factor)
     if shapes.image_size != config.resolution:
         raise ValueError(f"dataset image_size {shapes.image_size} != VQGAN resolution {config.resolution}")
-    model = VQModel(config)
+    model = vqgan_module(config)
     batches = ShapeImageBatches(ShapesDataset(data_seed, shapes), batch_size)
-    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, config.resolution, config.resolution, 3)))["params"]
+    loss_fn, codebook_update, init = _step_fns(config, loss)
+    params = init(init_key(seed))
     eval_set = np.stack([ShapesDataset(data_seed + 1, shapes)[i].image for i in range(eval_images)]) / 255.0
 
     result = train(
         params,
-        make_loss(model, loss),
+        loss_fn,
         batches,
         steps=steps,
         optim=optim,
@@ -256,7 +275,7 @@ def train_vqgan(
         mesh=mesh,
         progress=progress,
         extra_init=init_codebook_state(config, loss),
-        extra_update=make_codebook_update(loss),
+        extra_update=codebook_update,
         stop_after=stop_after,
         meta={"model": "vqgan", "batch_size": batch_size, "data_seed": data_seed},
     )

@@ -1,0 +1,191 @@
+"""The model trainers on tiny configs: the CLI pipeline (vqgan → encode → dallebart → clip), engine-layout
+checkpoints that load back, decreasing losses, codebook maintenance, caption blanking and exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engine import weights
+from engine.config import CLIPConfig, DalleBartConfig, VQGANConfig
+from engine.models.clip import CLIPModel, dummy_inputs
+from engine.models.dallebart import DalleBart, init_params, load_dallebart_params
+from engine.text import DalleBartTokenizer
+from training.__main__ import main
+from training.checkpoint import Checkpointer
+from training.data.parquet import iter_token_shards
+from training.encode import encode_shapes, load_vqgan
+from training.metrics_log import read_metrics
+from training.optim import OptimConfig
+from training.train_dallebart import BlankCaptions, make_loss, train_dallebart
+from training.train_vqgan import VQGANLoss, make_codebook_update
+
+TINY = [
+    "--vqgan-steps", "24", "--num-images", "48", "--dallebart-steps", "24", "--clip-steps", "16",
+    "--image-size", "32", "--factor", "4", "--ch", "8", "--n-embed", "32", "--embed-dim", "8", "--norm-groups", "2",
+    "--d-model", "32", "--layers", "1", "--heads", "2", "--ffn", "64", "--max-text-length", "24",
+    "--vocab-size", "300", "--clip-vocab-size", "600", "--clip-image-size", "32", "--patch", "8", "--width", "32",
+    "--clip-layers", "1", "--clip-heads", "2", "--batch-size", "8", "--log-every", "4", "--save-every", "12",
+    "--lr", "3e-3", "--warmup", "2", "--no-progress",
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "ckpt"
+    assert main(["demo", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def _losses(path: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(path)]
+
+
+@pytest.mark.parametrize("part", ["vqgan", "dallebart", "clip"])
+def test_demo_trains_each_model_and_its_loss_decreases(demo, part):
+    losses = _losses(demo / f"{part}-train" / "metrics.jsonl")
+    assert len(losses) >= 4 and all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+    summary = json.loads((demo / part / "training.json").read_text())
+    assert summary["steps"] > 0 and summary["steps_per_s"] > 0
+    # orbax training checkpoints sit beside (not inside) the engine checkpoint
+    assert Checkpointer(demo / f"{part}-train" / "checkpoints").all_steps()[-1] == summary["steps"]
+    assert not (demo / part / "checkpoints").exists()
+
+
+def test_vqgan_checkpoint_loads_in_the_engine_layout_and_encodes(demo):
+    cfg = VQGANConfig.from_json(demo / "vqgan")
+    assert (cfg.resolution, cfg.downsample_factor, cfg.n_embed, cfg.norm_groups) == (32, 4, 32, 2)
+    model, _, params = load_vqgan(demo / "vqgan")
+    shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 32, 32, 3)))["params"], jax.random.PRNGKey(0))
+    loaded = weights.load_params(demo / "vqgan", shapes)
+    assert jax.tree.structure(loaded) == jax.tree.structure(shapes)
+    rows = list(iter_token_shards(demo / "tokens", encoding_length=cfg.grid_size**2))
+    assert len(rows) == 48
+    codes = np.stack([r["encoding"] for r in rows])
+    assert codes.min() >= 0 and codes.max() < cfg.n_embed
+    assert sum(r["caption"] == "" for r in rows) >= 1  # the dataset's blanked captions are kept
+    # the shards hold exactly what the saved VQGAN gives for those images
+    from training.data.shapes import ShapesConfig, ShapesDataset
+
+    ds = ShapesDataset(0, ShapesConfig(image_size=32, factor=4))
+    images = jnp.asarray(np.stack([ds[i].image for i in range(4)]) / 255.0, jnp.float32)
+    again = jax.jit(lambda p, x: model.apply({"params": p}, x, method=type(model).encode)[1])(loaded, images)
+    np.testing.assert_array_equal(np.asarray(again), codes[:4])
+    img = jax.jit(lambda p, c: model.apply({"params": p}, c, method=type(model).decode_code))(loaded, again[:2])
+    assert img.shape == (2, 32, 32, 3)
+
+
+def test_dallebart_checkpoint_loads_with_its_tokenizer(demo):
+    d = demo / "dallebart"
+    for name in ("config.json", "flax_model.msgpack", "tokenizer.json"):
+        assert (d / name).is_file(), name
+    cfg = DalleBartConfig.from_json(d)
+    assert (cfg.image_vocab_size, cfg.image_length, cfg.decoder_start_token_id) == (32, 64, 32)
+    tok = DalleBartTokenizer.from_dir(d, max_length=cfg.max_text_length, normalize=cfg.normalize_text)
+    assert tok.vocab_size <= cfg.encoder_vocab_size
+    params = load_dallebart_params(d, cfg)
+    batch = tok(["a red circle", ""])
+    fwd = jax.jit(lambda p, i, m, d: DalleBart(cfg).apply({"params": p}, i, m, d))
+    logits = fwd(params, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
+                 jnp.full((2, 3), 32, jnp.int32))
+    assert logits.shape == (2, 3, 33) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_clip_checkpoint_loads(demo):
+    d = demo / "clip"
+    cfg = CLIPConfig.from_json(d)
+    assert (d / "vocab.json").is_file() and (d / "merges.txt").is_file()
+    shapes = jax.eval_shape(lambda r: CLIPModel(cfg).init(r, *dummy_inputs(cfg))["params"], jax.random.PRNGKey(0))
+    params = weights.load_params(d, shapes)
+    assert float(params["logit_scale"]) <= np.log(100.0) + 1e-6
+    summary = json.loads((d / "training.json").read_text())
+    assert 0.0 <= summary["eval"]["i2t_accuracy"] <= 1.0
+
+
+def test_dallebart_loss_is_next_token_cross_entropy():
+    cfg = DalleBartConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                          decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_vocab_size=20,
+                          image_vocab_size=10, max_text_length=6, image_length=5, decoder_start_token_id=10)
+    model = DalleBart(cfg)
+    params = jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(1))
+    r = np.random.default_rng(0)
+    batch = {"input_ids": r.integers(0, 20, (3, 6)).astype(np.int32), "attention_mask": np.ones((3, 6), np.int32),
+             "labels": r.integers(0, 10, (3, 5)).astype(np.int32)}
+    loss, aux = jax.jit(lambda p, b: make_loss(model, cfg)(p, b, None))(params, batch)
+    dec_in = np.concatenate([np.full((3, 1), 10), batch["labels"][:, :-1]], axis=1)
+    logits = jax.jit(lambda p, i, m, d: model.apply({"params": p}, i, m, d))(
+        params, batch["input_ids"], batch["attention_mask"], dec_in)
+    logp = jax.nn.log_softmax(logits, -1)
+    manual = -np.mean(np.take_along_axis(np.asarray(logp), batch["labels"][..., None], -1))
+    assert float(loss) == pytest.approx(manual, rel=1e-5)
+    assert 0.0 <= float(aux["accuracy"]) <= 1.0
+
+
+def test_blank_captions_are_deterministic_and_use_the_empty_prompt():
+    src = {k: {"input_ids": np.full((200, 4), 7), "attention_mask": np.ones((200, 4), int),
+               "labels": np.zeros((200, 3), int)} for k in range(3)}
+    blank = {"input_ids": np.array([[0, 2, 1, 1]]), "attention_mask": np.array([[1, 1, 0, 0]])}
+    a, b = BlankCaptions(src, 0.3, blank, seed=1), BlankCaptions(src, 0.3, blank, seed=1)
+    rows = (a[2]["input_ids"] == blank["input_ids"][0]).all(axis=1)
+    assert 0.2 < rows.mean() < 0.4
+    np.testing.assert_array_equal(a[2]["input_ids"], b[2]["input_ids"])
+    np.testing.assert_array_equal(a[2]["attention_mask"][rows], np.tile(blank["attention_mask"], (rows.sum(), 1)))
+    assert not np.array_equal(a[1]["input_ids"], a[2]["input_ids"])
+    assert (src[2]["input_ids"] == 7).all()  # the source is not modified
+    with pytest.raises(ValueError, match="blank_caption_prob"):
+        BlankCaptions(src, 1.5, blank)
+
+
+def test_ema_codebook_update_and_dead_code_restart():
+    n, d = 4, 2
+    weights_ = VQGANLoss(ema=True, usage_decay=0.5, dead_threshold=0.3)
+    update = make_codebook_update(weights_)
+    params = {"quantize": {"embedding": {"embedding": jnp.zeros((n, d))}}, "other": jnp.ones(3)}
+    z = jnp.asarray([[1.0, 1.0], [3.0, 3.0], [10.0, -10.0]])
+    counts = jnp.asarray([2.0, 1.0, 0.0, 0.0])
+    zsum = jnp.asarray([[4.0, 4.0], [10.0, -10.0], [0.0, 0.0], [0.0, 0.0]])
+    extra = {"usage": jnp.asarray([1.0, 1.0, 1.0, 0.0]), "embed_sum": jnp.asarray([[2.0, 2.0], [0, 0], [5, 5], [0, 0]])}
+    new_params, new_extra = update(params, extra, {"_counts": counts, "_z": z, "_zsum": zsum}, jnp.int32(0),
+                                   jax.random.PRNGKey(0))
+    cb = np.asarray(new_params["quantize"]["embedding"]["embedding"])
+    usage = np.asarray(new_extra["usage"])
+    # code 0: usage .5*1+.5*2 = 1.5, sum .5*[2,2]+.5*[4,4] = [3,3] -> mean [2,2]
+    np.testing.assert_allclose(cb[0], [2.0, 2.0])
+    np.testing.assert_allclose(cb[1], [5.0, -5.0] / np.float32(1.0))
+    np.testing.assert_allclose(usage[:3], [1.5, 1.0, 0.5])
+    # code 3 never used (usage 0 < threshold): restarted onto one of the batch's encoder outputs
+    assert any(np.allclose(cb[3], row) for row in np.asarray(z))
+    assert usage[3] == pytest.approx(0.6)
+    np.testing.assert_array_equal(np.asarray(new_params["other"]), np.ones(3))
+
+
+def test_dallebart_resume_reaches_the_same_params(demo, tmp_path):
+    kw = dict(steps=8, batch_size=8, save_every=3, log_every=2, progress=False,
+              optim=OptimConfig(learning_rate=3e-3, warmup_steps=2))
+    cfg = DalleBartConfig.from_json(demo / "dallebart")
+    tok = demo / "dallebart"
+    full = train_dallebart(tmp_path / "a", cfg, demo / "tokens", tok, **kw)
+    part = train_dallebart(tmp_path / "b", cfg, demo / "tokens", tok, stop_after=5, **kw)
+    assert part.result.interrupted and not (tmp_path / "b" / "flax_model.msgpack").exists()
+    resumed = train_dallebart(tmp_path / "b", cfg, demo / "tokens", tok, **kw)
+    assert resumed.result.resumed_from == 3
+    for x, y in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
+    assert [r["step"] for r in read_metrics(tmp_path / "b-train" / "metrics.jsonl")] == [2, 4, 6, 8]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["encode", "--vqgan", str(tmp_path / "missing"), "--out", str(tmp_path / "t"),
+                 "--num-images", "2", "--no-progress"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_encode_refuses_to_overwrite_shards(demo, tmp_path):
+    with pytest.raises(FileExistsError):
+        encode_shapes(demo / "vqgan", demo / "tokens", num_images=1, progress=False)
