@@ -189,3 +189,52 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_encode_refuses_to_overwrite_shards(demo, tmp_path):
     with pytest.raises(FileExistsError):
         encode_shapes(demo / "vqgan", demo / "tokens", num_images=1, progress=False)
+
+
+SHARDED_SCRIPT = """
+import json, sys
+import jax, numpy as np
+from engine.config import DalleBartConfig
+from engine.sharding import make_mesh
+from training.encode import Encoder, load_vqgan
+from training.optim import OptimConfig
+from training.train_dallebart import train_dallebart
+from training.data.shapes import ShapesConfig, ShapesDataset
+assert jax.device_count() == 4
+demo, out = sys.argv[1], sys.argv[2]
+model, _, params = load_vqgan(demo + "/vqgan")
+ds = ShapesDataset(0, ShapesConfig(image_size=32, factor=4))
+images = np.stack([ds[i].image for i in range(10)])
+codes = Encoder(model, params, mesh=make_mesh(), batch_size=6)(images)  # 6 -> 8 rows, last batch padded
+cfg = DalleBartConfig.from_json(demo + "/dallebart")
+mesh = make_mesh(model_parallel=2)
+res = train_dallebart(out, cfg, demo + "/tokens", demo + "/dallebart", steps=4, batch_size=8, log_every=1,
+                      optim=OptimConfig(learning_rate=3e-3), mesh=mesh, progress=False)
+sharded = [str(x.sharding.spec) for x in jax.tree.leaves(res.result.state.params) if not x.sharding.is_fully_replicated]
+print("RESULT" + json.dumps({"codes": codes.tolist(), "losses": res.result.losses, "sharded": sharded}))
+"""
+
+
+def test_encode_and_dallebart_sharded_over_4_devices_match_one_device(demo, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(demo), str(tmp_path / "sharded")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    model, _, params = load_vqgan(demo / "vqgan")
+    from training.data.shapes import ShapesConfig, ShapesDataset
+    from training.encode import Encoder
+
+    ds = ShapesDataset(0, ShapesConfig(image_size=32, factor=4))
+    images = np.stack([ds[i].image for i in range(10)])
+    np.testing.assert_array_equal(np.asarray(out["codes"]), Encoder(model, params, batch_size=6)(images))
+    assert out["sharded"], "no parameter was split over the model axis"
+    cfg = DalleBartConfig.from_json(demo / "dallebart")
+    ref = train_dallebart(tmp_path / "single", cfg, demo / "tokens", demo / "dallebart", steps=4, batch_size=8,
+                          log_every=1, optim=OptimConfig(learning_rate=3e-3), progress=False)
+    np.testing.assert_allclose(out["losses"], ref.result.losses, rtol=2e-5)
