@@ -129,8 +129,9 @@ def test_decode_step_matches_full_decode(use_scan):
     full = jax.jit(partial(model.apply, method=DalleBart.decode))(variables, dec, enc, mask)
     assert full.shape == (3, cfg.image_length, cfg.image_vocab_size + 1) and full.dtype == jnp.float32
     cross = model.apply(variables, enc, method=DalleBart.cross_kv)
-    assert cross[0].shape == (cfg.decoder_layers, 3, cfg.max_text_length, 4, 16)
+    assert cross[0].shape == (cfg.decoder_layers, 3, 4, cfg.max_text_length, 16)
     cache = model.init_cache(3, jnp.float32)
+    assert cache["k"].shape == (cfg.decoder_layers, 3, 4, cfg.image_length, 16)
     step = jax.jit(lambda t, p, c: model.apply(variables, t, p, c, cross, mask, method=DalleBart.decode_step))
     for pos in range(cfg.image_length):
         logits, cache = step(dec[:, pos], jnp.int32(pos), cache)
