@@ -14,9 +14,11 @@ batched with other requests, in any row, at any batch bucket. Sampling parameter
 different requests share one compiled program.
 
 Speed (see the jax-stack notes): encoder and cross-attention K/V run once per call; the self-attention K/V cache
-is static ``(L, 2B, image_length, H, Dh)`` written in place; the whole step loop is one ``lax.scan`` inside one
-``jax.jit`` (or a few chunks of it when a progress hook is given); params are jit arguments, never constants.
-Decoding uses the unscanned (per-layer) param layout so every layer's kernels are used in place.
+is static ``(L, 2B, H, image_length, Dh)`` written in place (write-then-read, so XLA never copies it); the whole
+step loop is one ``lax.scan`` inside one ``jax.jit`` (or a few chunks of it when a progress hook is given);
+params are jit arguments, never constants; top-k ranks with ``lax.top_k`` instead of a sort when it can.
+Decoding uses the unscanned (per-layer) param layout: measured faster than slicing stacked kernels in a scan.
+Programs are compiled ahead of time per (bucket, text length, dtype) and shared by samplers of one config.
 """
 
 from __future__ import annotations

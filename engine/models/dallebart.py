@@ -620,8 +620,3 @@ def load_dallebart_params(
     tree = normalize_layout(tree, config)
     _check_shapes(tree, param_shapes(config))
     return jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype) if dtype is not None else jnp.asarray(x), tree)
-
-
-def replace_config(config: DalleBartConfig, **changes: Any) -> DalleBartConfig:
-    """``dataclasses.replace`` for the frozen config (e.g. to switch ``use_scan``)."""
-    return dataclasses.replace(config, **changes)
