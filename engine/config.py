@@ -214,8 +214,7 @@ class VQGANConfig(_FromDict):
     dropout: float = 0.0
     resamp_with_conv: bool = True
     give_pre_end: bool = False
-    # GroupNorm groups (published: 32). Each norm uses min(norm_groups, channels) groups; a small model with
-    # fewer than 64 channels needs fewer groups, or its norms act per channel and erase flat colours.
+    # GroupNorm groups (min(norm_groups, channels) per layer); 32 in the published model, fewer for tiny ones
     norm_groups: int = 32
 
     @property
@@ -232,8 +231,6 @@ class VQGANConfig(_FromDict):
             raise ConfigError(f"{source}: resolution {self.resolution} not divisible by the VQGAN factor")
         if self.double_z:
             raise ConfigError(f"{source}: double_z=True is not implemented")
-        if self.norm_groups < 1:
-            raise ConfigError(f"{source}: norm_groups must be >= 1, got {self.norm_groups}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -116,7 +116,9 @@ class ModelPipeline:
         if dallebart_config.num_image_codes > vqgan_config.n_embed:
             raise ValueError("DalleBart emits more image codes than the VQGAN codebook has")
         self.vqgan_config = vqgan_config
-        vq = vqgan_model.VQModel(vqgan_config, dtype=weights.as_dtype(options.vqgan_dtype))
+        vq = vqgan_model.VQModel(
+            vqgan_config, norm_groups=vqgan_config.norm_groups, dtype=weights.as_dtype(options.vqgan_dtype)
+        )
         self._vq_params = vqgan_params
         self._decode = jax.jit(lambda p, t: vq.apply({"params": p}, t, clip=True, method=vq.decode_code))
 
@@ -323,13 +325,14 @@ def load_pipeline(checkpoint_dir: str | Path | None = None, **opts: Any) -> Mode
 
     db_dir = directory / "dallebart"
     db_config = DalleBartConfig.from_json(db_dir)
-    db_params = load_dallebart_params(db_dir, db_config)
+    # the sampler decodes with per-layer params: load straight into that layout (no second copy of the weights)
+    db_params = load_dallebart_params(db_dir, dataclasses.replace(db_config, use_scan=False))
     tokenizer = DalleBartTokenizer.from_dir(db_dir, max_length=db_config.max_text_length,
                                             normalize=db_config.normalize_text)
 
     vq_dir = directory / "vqgan"
     vq_config = VQGANConfig.from_json(vq_dir)
-    vq = vqgan_model.VQModel(vq_config)
+    vq = vqgan_model.VQModel(vq_config, norm_groups=vq_config.norm_groups)
     grid = vq_config.grid_size
     vq_shapes = jax.eval_shape(
         lambda r: vq.init(r, jnp.zeros((1, grid * grid), jnp.int32), method=vq.decode_code)["params"],

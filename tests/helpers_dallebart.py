@@ -62,9 +62,7 @@ def write_checkpoint(directory: str | Path, params: dict, config: DalleBartConfi
     """Write ``config.json`` and ``flax_model.msgpack`` (scanned or unscanned layout) like HF ``save_pretrained``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tree = scan_params(params) if scanned else unscan_params(params)
-    tree = {k: v for k, v in tree.items()}
-    tree = _to_numpy(tree)
+    tree = _to_numpy(scan_params(params) if scanned else unscan_params(params))
     (directory / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(tree))
     cfg = config.to_dict()
     cfg["use_scan"] = scanned

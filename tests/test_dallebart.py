@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from functools import partial
 
 import jax
@@ -22,6 +23,12 @@ from engine.models.dallebart import (
     unscan_params,
 )
 from tests.helpers_dallebart import random_params, tiny_config, torch_state_dict, write_checkpoint
+
+
+@functools.cache
+def _forward(config, dtype=jnp.float32):
+    """One jitted training forward per (config, dtype), shared by the tests (compiles once)."""
+    return jax.jit(DalleBart(config, dtype=dtype).apply)
 
 
 def _inputs(config, batch=2, text_len=None, seed=1):
@@ -77,12 +84,12 @@ def test_checkpoint_loads_in_both_layouts_with_identical_outputs(tmp_path, scann
     cfg = tiny_config()
     params = random_params(cfg, seed=3)
     ids, mask, dec = _inputs(cfg)
-    ref = jax.jit(DalleBart(cfg).apply)({"params": params}, ids, mask, dec)
+    ref = _forward(cfg)({"params": params}, ids, mask, dec)
     path = write_checkpoint(tmp_path / "ckpt", params, cfg, scanned=scanned_file)
     for use_scan in (True, False):
         run_cfg = dataclasses.replace(cfg, use_scan=use_scan)
         loaded = load_dallebart_params(path, run_cfg)
-        out = jax.jit(DalleBart(run_cfg).apply)({"params": loaded}, ids, mask, dec)
+        out = _forward(run_cfg)({"params": loaded}, ids, mask, dec)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
@@ -129,8 +136,9 @@ def test_decode_step_matches_full_decode(use_scan):
     full = jax.jit(partial(model.apply, method=DalleBart.decode))(variables, dec, enc, mask)
     assert full.shape == (3, cfg.image_length, cfg.image_vocab_size + 1) and full.dtype == jnp.float32
     cross = model.apply(variables, enc, method=DalleBart.cross_kv)
-    assert cross[0].shape == (cfg.decoder_layers, 3, cfg.max_text_length, 4, 16)
+    assert cross[0].shape == (cfg.decoder_layers, 3, 4, cfg.max_text_length, 16)
     cache = model.init_cache(3, jnp.float32)
+    assert cache["k"].shape == (cfg.decoder_layers, 3, 4, cfg.image_length, 16)
     step = jax.jit(lambda t, p, c: model.apply(variables, t, p, c, cross, mask, method=DalleBart.decode_step))
     for pos in range(cfg.image_length):
         logits, cache = step(dec[:, pos], jnp.int32(pos), cache)
@@ -155,9 +163,9 @@ def test_bfloat16_compute_close_to_float32():
     cfg = tiny_config()
     params = random_params(cfg, seed=4)
     ids, mask, dec = _inputs(cfg)
-    ref = jax.jit(DalleBart(cfg).apply)({"params": params}, ids, mask, dec)
+    ref = _forward(cfg)({"params": params}, ids, mask, dec)
     p16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
-    out = jax.jit(DalleBart(cfg, dtype=jnp.bfloat16).apply)({"params": p16}, ids, mask, dec)
+    out = _forward(cfg, jnp.bfloat16)({"params": p16}, ids, mask, dec)
     assert out.dtype == jnp.float32
     assert float(jnp.max(jnp.abs(out - ref))) < 0.1 * float(jnp.max(jnp.abs(ref)))
 

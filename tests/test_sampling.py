@@ -187,9 +187,10 @@ def test_step_logits_equal_full_forward_and_top_k_1_is_argmax(sampler, params):
     model = DalleBart(CFG)
     variables = {"params": params}
     dec_in = np.concatenate([np.full((2, 1), CFG.decoder_start_token_id), tokens[:, :-1]], axis=1)
+    forward = jax.jit(lambda v, i, m, d: model.apply(v, d, model.apply(v, i, m, method=model.encode), m,
+                                                     method=model.decode))
     for branch, (bi, bm) in enumerate(((ids, mask), (uids, umask))):
-        enc = model.apply(variables, bi, bm, method=DalleBart.encode)
-        full = model.apply(variables, jnp.asarray(dec_in, jnp.int32), enc, bm, method=DalleBart.decode)
+        full = forward(variables, bi, bm, jnp.asarray(dec_in, jnp.int32))
         np.testing.assert_allclose(logits[:, branch], np.asarray(full), atol=1e-4, rtol=1e-4)
     # top_k = 1: every token is the argmax of the guided logits over the valid codes
     n = CFG.num_image_codes
