@@ -211,7 +211,12 @@ class VQGANTrainOutput:
 
 def evaluate(model: VQModel, params: Any, images: np.ndarray, batch_size: int = 16) -> dict[str, float]:
     """PSNR (mean of per-image dB) and distinct codes used on a fixed image set."""
-    fwd = jax.jit(lambda p, x: _forward(model, p, x)[0:3:2])
+
+    def recon_and_codes(p: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        recon, _, indices, _ = _forward(model, p, x)
+        return recon, indices
+
+    fwd = jax.jit(recon_and_codes)
     psnrs, used = [], set()
     for i in range(0, len(images), batch_size):
         x = jnp.asarray(images[i : i + batch_size], jnp.float32)
