@@ -1,11 +1,13 @@
 """Train a small VQGAN on the procedural shapes dataset.
 
-Loss = L1 + L2 reconstruction + codebook loss + beta * commitment loss (taming's VQ objective without the
-perceptual and GAN terms: flat-colour shapes do not need them). Codebook collapse — most codes never chosen,
-the usual failure of a VQ bottleneck — is fought with dead-code restarts: the step keeps an exponential
-moving average of how often each code is chosen (``TrainState.extra``), and every ``restart_every`` steps
-the codes whose average use fell below ``dead_threshold`` are moved onto encoder outputs drawn at random from
-the current batch. Everything happens inside the jitted step, so resumed runs are exact.
+Loss = L1 + L2 reconstruction + beta * commitment loss (taming's VQ objective without the perceptual and GAN
+terms: flat-colour shapes do not need them). By default the codebook is not learned by gradient but kept as the
+exponential moving average of the encoder outputs assigned to each code (VQ-VAE's EMA update, which converges
+much faster); ``VQGANLoss(ema=False)`` uses taming's codebook loss instead. Codebook collapse — most codes
+never chosen, the usual failure of a VQ bottleneck — is fought with dead-code restarts: the step keeps a moving
+average of how often each code is chosen (``TrainState.extra``), and codes whose use falls below
+``dead_threshold`` are moved onto encoder outputs drawn at random from the current batch (at step 0 that
+initialises the whole codebook from data). Everything happens inside the jitted step, so resumed runs are exact.
 
 The result is written in the published layout (``config.json`` + ``flax_model.msgpack``) that
 ``engine.models.vqgan.VQModel`` loads.
