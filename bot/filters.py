@@ -92,7 +92,7 @@ def normalise(text: str, aggressive: bool = False) -> str:
             raw = raw.rstrip(".,!?;:") or raw  # sentence punctuation, not leetspeak ("world!")
         has_letter = any(c.isalpha() for c in raw)
         # A lone symbol is leetspeak only inside a spaced-out run of single characters ("g o r 3").
-        spaced = len(raw) == 1 and any(
+        spaced = len(raw) == 1 and aggressive or len(raw) == 1 and any(
             0 <= j < len(raws) and len(raws[j]) <= 3 and any(c.isalnum() or c in LEET for c in raws[j])
             for j in (k - 1, k + 1)
         )
