@@ -133,7 +133,12 @@ class BlockTerm:
 
     def matches(self, tokens: Sequence[str]) -> bool:
         """Match the text as written, and with repeated letters collapsed on both sides ("fuuuck")."""
-        return self._matches(tokens) or self.collapsed._matches([_collapse_repeats(t) for t in tokens])
+        if self._matches(tokens):
+            return True
+        # Terms that are mostly repeats ("xxx", "kkk") would collapse to one letter: match those only as written.
+        if min(len(w) for w in self.collapsed.words) < 3:
+            return False
+        return self.collapsed._matches([_collapse_repeats(t) for t in tokens])
 
     def _matches(self, tokens: Sequence[str]) -> bool:
         n = len(self.words)

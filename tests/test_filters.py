@@ -120,6 +120,9 @@ def test_spaced_letters_and_multiword_terms():
     assert FILTER.check("a school bus").allowed
     # Repeat collapsing must not make "xxx" match "sex" or vice versa.
     assert FILTER.check("a fox box").allowed
+    assert FILTER.check("f u c k").category == "profanity"  # not "kkk" collapsed to "k"
+    assert FILTER.check("x marks the spot on a k").allowed
+    assert not FILTER.check("XXX poster").allowed
 
 
 def test_guild_block_and_allow_lists():
