@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from pathlib import Path
 
 import pytest
+from store.models import Feedback, ModerationCase, Refusal
 
 from bot.ratelimit import LimitPolicy, RateLimiter, StrikePolicy
 from bot.scheduler import Scheduler
 from bot.service import GenerationService, derive_seed
-from store.models import Feedback, ModerationCase, Refusal
 from tests.botkit import RecordingPublisher, create_schema, make_repo, sqlite_url
 from tests.fake_engine import FakeEngine, colour_for
 
