@@ -238,9 +238,10 @@ class GenerationService:
         """Admit a request or refuse it with a reason the user can act on. Every refusal is recorded."""
         n = self.default_images if n is None else n
         if not 1 <= n <= MAX_IMAGES:
-            return Admission(False, category="invalid", message=f"images must be between 1 and {MAX_IMAGES}.")
+            return await self._refuse(user_id, guild_id, prompt, None, "invalid",
+                                      f"images must be between 1 and {MAX_IMAGES}.")
         if seed is not None and not 0 <= seed < 2**63:
-            return Admission(False, category="invalid", message="seed must be between 0 and 2^63-1.")
+            return await self._refuse(user_id, guild_id, prompt, None, "invalid", "seed must be between 0 and 2^63-1.")
         if self._closing:
             return Admission(False, category="closing", message="The bot is restarting; try again in a minute.")
         state = await self.repo.get_user_state(user_id)
@@ -518,3 +519,72 @@ def _write_pngs(folder: Path, gen_id: int, result: GenerationResult) -> list[tup
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+# --------------------------------------------------------------------------------------------------
+# Wiring from settings (shared by the Discord and terminal front ends)
+
+
+class EngineUnavailable(RuntimeError):
+    """The configured engine could not be started; the message is one line for the operator."""
+
+
+def _setting(settings: Any, name: str, default: Any = None) -> Any:
+    value = getattr(settings, name, None)
+    if value is None:
+        value = getattr(settings, name.upper(), None)
+    return default if value is None else value
+
+
+def engine_from_settings(settings: Any) -> Engine:
+    """The engine the settings ask for: an engine service over HTTP (ENGINE_URL) or the model in-process
+    from CHECKPOINT_DIR. Imported lazily: the front ends never import JAX unless they run the model."""
+    url = _setting(settings, "engine_url")
+    try:
+        if url:
+            from engine.client import HttpEngine
+
+            return HttpEngine(str(url))
+        from engine.client import InProcessEngine
+        from engine.pipeline import load_pipeline
+
+        checkpoint = _setting(settings, "checkpoint_dir")
+        return InProcessEngine(load_pipeline(checkpoint) if checkpoint else load_pipeline())
+    except ImportError as exc:
+        raise EngineUnavailable(f"the engine is not available in this installation ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear line
+        where = f" from {_setting(settings, 'checkpoint_dir')}" if not url else f" at {url}"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise EngineUnavailable(f"could not load the model{where}: {first}") from exc
+
+
+async def open_repository(settings: Any) -> Repository:
+    """Repository on DATABASE_URL (default: the embedded SQLite file), migrated when AUTO_MIGRATE allows."""
+    from store.db import default_sqlite_url, ensure_migrated
+
+    url = str(_setting(settings, "database_url") or default_sqlite_url())
+    await asyncio.to_thread(ensure_migrated, url, bool(_setting(settings, "auto_migrate", True)))
+    return Repository.from_url(url)
+
+
+def service_from_settings(settings: Any, repo: Repository, engine: Engine, publisher: Publisher | None,
+                          **overrides: Any) -> GenerationService:
+    limiter = RateLimiter(
+        storage_uri=_setting(settings, "redis_url"),
+        namespace=str(_setting(settings, "redis_namespace", "dalle")),
+        policy=LimitPolicy(
+            user=str(_setting(settings, "rate_limit_user", LimitPolicy.user)),
+            guild=str(_setting(settings, "rate_limit_guild", LimitPolicy.guild)),
+            daily_quota=_setting(settings, "daily_quota", LimitPolicy.daily_quota),
+        ),
+    )
+    scheduler = Scheduler(per_user_cap=int(_setting(settings, "max_queue_per_user", 5)),
+                          total_cap=int(_setting(settings, "max_queue_total", 1000)))
+    kwargs: dict[str, Any] = dict(
+        output_dir=_setting(settings, "output_dir", "outputs"), limiter=limiter, scheduler=scheduler,
+        concurrency=int(_setting(settings, "engine_concurrency", 2)),
+        default_images=int(_setting(settings, "default_images", 9)),
+        flagged_mode=str(_setting(settings, "flagged_mode", FlaggedMode.SPOILER.value)),
+    )
+    kwargs.update(overrides)
+    return GenerationService(repo, engine, publisher, **kwargs)
