@@ -202,7 +202,7 @@ async def test_queue_command_and_cancel_button(fake, db_url, tmp_path):
         assert len(lines) == 3 and "running" in lines[0] and "position 1" in lines[1] and "position 2" in lines[2]
         gens = sorted(await _rows(repo, Generation), key=lambda g: g.id)
         last = gens[-1]
-        ack = fake.messages[fake.interactions[recs[-1].id].original_message_id]
+        ack = next(m for m in fake.messages.values() if f"dalle:cancel:{last.id}" in _custom_ids(m))
         rec = await fake.click(ack, f"dalle:cancel:{last.id}", user_id=99)
         cb = await _callback(fake, rec)
         assert cb.json["type"] == 4 and "Only a queued request of yours" in cb.json["data"]["content"]
