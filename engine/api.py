@@ -65,6 +65,9 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     preview_every: int = 0  # emit a partially decoded preview every k tokens (0 = never)
+    # candidates are first_index .. first_index+n-1; the batcher sets it when it splits a request larger
+    # than the biggest batch bucket, so every part keeps its (seed, index) streams.
+    first_index: int = 0
 
     def validate(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -77,6 +80,8 @@ class GenerationRequest:
             raise BadRequest("seed must be between 0 and 2**63-1")
         if self.preview_every < 0:
             raise BadRequest("preview_every must be >= 0")
+        if not (0 <= int(self.first_index) < 2**31):
+            raise BadRequest("first_index must be between 0 and 2**31-1")
         self.params.validate()
 
     def to_json(self) -> dict[str, Any]:

@@ -1,0 +1,88 @@
+"""Roofline model of one DalleBart decode step, and this machine's measured ceilings.
+
+``python -m bench roofline [--preset mini] [--batch 8]`` prints the machine's measured matmul throughput
+and memory bandwidth, and the FLOPs and bytes one cached decode step moves, hence the fastest a step can
+possibly run here. ``bench sampler`` uses the same functions to report its measured step time as a share
+of that bound.
+
+Cost of one step for ``R = 2·B`` rows (conditional and unconditional branch in one batch), ``L`` decoder
+layers, width ``d``, GLU width ``f``, static KV cache of ``S`` slots, ``T`` text positions, ``V`` logits:
+
+* FLOPs = R · [L · (8d² (q,k,v,o) + 4dS (scores, values) + 4d² (cross q,o) + 4dT + 6df (GLU)) + 2dV]
+* bytes = weights read once (L · (6d² + 3df) + dV) · w  +  KV cache R · L · 2 · S · d · a
+  + cross K/V R · L · 2 · T · d · a   (w, a: bytes per weight / activation element)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.config import DalleBartConfig, preset
+
+
+@dataclass(frozen=True)
+class StepCost:
+    flops: float
+    bytes: float
+
+    def bound_seconds(self, flops_per_s: float, bytes_per_s: float) -> float:
+        return max(self.flops / flops_per_s, self.bytes / bytes_per_s)
+
+
+def decode_step_cost(cfg: DalleBartConfig, batch: int, weight_bytes: int = 4, act_bytes: int = 4) -> StepCost:
+    """FLOPs and bytes of one cached decode step for ``batch`` images (2·batch rows)."""
+    rows = 2 * batch
+    d, f, layers = cfg.d_model, cfg.decoder_ffn_dim, cfg.decoder_layers
+    slots, text, vocab = cfg.image_length, cfg.max_text_length, cfg.image_vocab_size + 1
+    per_layer = 8 * d * d + 4 * d * slots + 4 * d * d + 4 * d * text + 6 * d * f
+    flops = rows * (layers * per_layer + 2 * d * vocab)
+    weights = (layers * (6 * d * d + 3 * d * f) + d * vocab) * weight_bytes
+    cache = rows * layers * 2 * (slots + text) * d * act_bytes
+    return StepCost(flops=float(flops), bytes=float(weights + cache))
+
+
+def _best_time(fn, repeats: int) -> float:
+    fn().block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn().block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_matmul_flops(n: int = 2048, repeats: int = 3) -> float:
+    """fp32 GEMM throughput (FLOP/s) of XLA on this machine."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+    f = jax.jit(lambda x: x @ x)
+    return 2 * n**3 / _best_time(lambda: f(a), repeats)
+
+
+def measure_bandwidth(mbytes: int = 512, repeats: int = 3) -> float:
+    """Streaming read bandwidth (bytes/s): a reduction over a large array."""
+    x = jnp.ones((mbytes * 2**20 // 4,), jnp.float32)
+    f = jax.jit(lambda v: jnp.sum(v))
+    return x.size * 4 / _best_time(lambda: f(x), repeats)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench roofline", description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="mini")
+    ap.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args(argv)
+    flops_s, bw = measure_matmul_flops(), measure_bandwidth()
+    cost = decode_step_cost(preset(args.preset), args.batch)
+    bound = cost.bound_seconds(flops_s, bw)
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}")
+    print(f"measured: matmul {flops_s / 1e9:.1f} GFLOP/s, bandwidth {bw / 1e9:.1f} GB/s")
+    print(
+        f"{args.preset} batch {args.batch}: {cost.flops / 1e9:.2f} GFLOP and {cost.bytes / 1e6:.0f} MB per step "
+        f"-> roofline {bound * 1e3:.1f} ms/step, {bound * 256:.1f} s per {args.batch} images"
+    )
+    return 0

@@ -1,0 +1,71 @@
+"""``python -m bot``: load settings, make sure the database schema is current, start the front end.
+
+Discord mode runs ``bot.app.main(settings)``; local (terminal) mode runs ``bot.local.main(settings)``. A bad
+setting or a database that needs migrating is one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+import sys
+
+EXIT_CONFIG = 2
+EXIT_NO_FRONT_END = 3
+FRONT_ENDS = {"discord": "bot.app", "local": "bot.local"}
+
+
+def _fail(message: str, code: int) -> int:
+    print(message, file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bot.config import SettingsError, load_settings
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        return _fail(f"config error: {exc}", EXIT_CONFIG)
+
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    log = logging.getLogger("bot")
+    log.info("starting in %s mode with %r", settings.mode, settings)
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from store.db import MigrationRequired, ensure_migrated, redact_url
+
+    try:
+        if ensure_migrated(settings.database_url, settings.auto_migrate):
+            log.info("database migrated to the latest schema")
+    except MigrationRequired as exc:
+        return _fail(f"database error: {exc}", EXIT_CONFIG)
+    except (SQLAlchemyError, OSError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        return _fail(f"database error: cannot open {redact_url(settings.database_url)}: {reason}", EXIT_CONFIG)
+
+    module_name = FRONT_ENDS[settings.mode]
+    try:
+        front_end = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise  # the front end exists but one of ITS imports is missing: show the real error
+        message = f"dalle-bot: the {settings.mode} front end ({module_name}) is not available in this build"
+        return _fail(message, EXIT_NO_FRONT_END)
+    try:
+        result = front_end.main(settings)
+        if inspect.isawaitable(result):
+            result = asyncio.run(result)
+    except KeyboardInterrupt:
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

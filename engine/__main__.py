@@ -1,0 +1,108 @@
+"""Command line of the engine: ``python -m engine <command>``.
+
+Each command is an ``add_<name>(subparsers)`` function in ``COMMANDS`` that registers its sub-parser and sets
+``func``; add ``inspect`` and ``generate`` the same way. Heavy imports (JAX, the pipeline) stay inside the
+command functions so ``--help`` and the fake server start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "demo"
+
+
+def load_checkpoint_pipeline(checkpoint: str | Path, **opts: Any) -> Any:
+    """``engine.pipeline.load_pipeline`` imported lazily, with clear errors for a missing module or directory."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise SystemExit(f"error: checkpoint directory not found: {path}")
+    try:
+        from engine.pipeline import load_pipeline
+    except ImportError as exc:
+        raise SystemExit(f"error: the model pipeline cannot be imported ({exc}); use --fake to serve the fake") from exc
+    return load_pipeline(path, **opts)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from engine.server import ServerSettings, serve
+
+    token = args.token if args.token is not None else os.environ.get("ENGINE_TOKEN") or None
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        token=token,
+        window_ms=args.window_ms,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        result_ttl=args.result_ttl,
+        shutdown_grace=args.shutdown_grace,
+    )
+    try:
+        settings.validate()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.fake:
+        from engine.fake import FakePipeline
+
+        pipeline = FakePipeline(
+            fixed_latency=args.fake_latency_ms / 1000.0, per_candidate_latency=args.fake_per_candidate_ms / 1000.0
+        )
+    else:
+        pipeline = load_checkpoint_pipeline(args.checkpoint or DEMO_CHECKPOINT)
+    serve(pipeline, settings)
+    return 0
+
+
+def add_serve(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the engine HTTP service",
+        description="Serve generation jobs over HTTP (see engine/server.py for the routes).",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8808, help="port (default 8808)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (default: the shipped demo)")
+    p.add_argument(
+        "--token",
+        default=None,
+        help="bearer token clients must send (default: env ENGINE_TOKEN; without one, only loopback is allowed)",
+    )
+    p.add_argument("--window-ms", type=float, default=10.0, help="batching window in milliseconds (default 10)")
+    p.add_argument("--max-batch", type=int, default=None, help="cap candidates per pass (default: biggest bucket)")
+    p.add_argument("--max-queue", type=int, default=1024, help="requests allowed to wait (default 1024)")
+    p.add_argument("--result-ttl", type=float, default=600.0, help="seconds results stay retrievable (default 600)")
+    p.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds to finish work on shutdown")
+    p.add_argument("--fake", action="store_true", help="serve the deterministic fake pipeline instead of a model")
+    p.add_argument("--fake-latency-ms", type=float, default=0.0, help="fake: fixed cost of one pass")
+    p.add_argument("--fake-per-candidate-ms", type=float, default=0.0, help="fake: extra cost per padded candidate")
+    p.set_defaults(func=cmd_serve)
+
+
+COMMANDS: list[Callable[[Any], None]] = [add_serve]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description="dalle-bot model engine")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,416 @@
+"""One interface (:class:`engine.api.Engine`), three implementations for the bot.
+
+- :class:`InProcessEngine`: the batcher and pipeline in this process (the embedded default).
+- :class:`HttpEngine`: an engine service over HTTP (``engine.server``), with retries and SSE progress.
+- :class:`MultiEngine`: several services behind one client, least-loaded first, dead ones skipped a while.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from engine.api import (
+    BadRequest,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    Pipeline,
+    Progress,
+    RequestCancelled,
+)
+from engine.batching import TERMINAL, Batcher, DuplicateRequest, UnknownRequest
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EngineUnavailable",
+    "HttpEngine",
+    "InProcessEngine",
+    "MultiEngine",
+    "SseEvent",
+    "SseParser",
+]
+
+
+class EngineUnavailable(EngineError):
+    """The engine service could not be reached (or kept answering 5xx) after all retries."""
+
+
+class InProcessEngine:
+    """The :class:`Engine` protocol over a :class:`Batcher` in this process (the model runs in its worker thread)."""
+
+    def __init__(self, pipeline: Pipeline, window_ms: float = 10.0, **batcher_opts: Any) -> None:
+        self.batcher = Batcher(pipeline, window_ms=window_ms, **batcher_opts)
+
+    async def submit(self, request: GenerationRequest) -> str:
+        return await self.batcher.submit(request)
+
+    def events(self, request_id: str) -> AsyncIterator[Progress]:
+        return self.batcher.events(request_id)
+
+    async def result(self, request_id: str, timeout: float | None = None) -> GenerationResult:
+        return await self.batcher.result(request_id, timeout)
+
+    async def cancel(self, request_id: str) -> bool:
+        return await self.batcher.cancel(request_id)
+
+    async def status(self) -> dict[str, Any]:
+        return self.batcher.load()
+
+    async def close(self, drain_timeout: float = 0.0) -> None:
+        await self.batcher.close(drain_timeout=drain_timeout)
+
+
+# -- Server-Sent Events ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SseEvent:
+    data: str
+    event: str = "message"
+    id: str | None = None
+
+
+class SseParser:
+    """Incremental ``text/event-stream`` parser: feed it lines, it returns an event at each blank line."""
+
+    def __init__(self, max_line: int = 64 * 1024 * 1024) -> None:
+        self._data: list[str] = []
+        self._event = ""
+        self._id: str | None = None
+        self._buffer = b""
+        self._max_line = max_line
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        """Feed raw bytes as they arrive (lines may be split anywhere, and be far longer than aiohttp's
+        ``readline`` allows: a preview PNG travels base64 on one ``data:`` line)."""
+        *lines, self._buffer = (self._buffer + chunk).split(b"\n")
+        if len(self._buffer) > self._max_line:
+            raise EngineError(f"event stream line longer than {self._max_line} bytes")
+        events = (self.feed_line(line.decode("utf-8")) for line in lines)
+        return [ev for ev in events if ev is not None]
+
+    def feed_line(self, line: str) -> SseEvent | None:
+        line = line.rstrip("\r\n")
+        if not line:
+            if not self._data:
+                self._event = ""
+                return None
+            event = SseEvent("\n".join(self._data), self._event or "message", self._id)
+            self._data, self._event = [], ""
+            return event
+        if line.startswith(":"):
+            return None  # comment / keep-alive
+        name, sep, value = line.partition(":")
+        if sep and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            self._id = value
+        return None
+
+
+# -- HTTP -----------------------------------------------------------------------------------------------------
+
+
+_RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
+
+
+class HttpEngine:
+    """The :class:`Engine` protocol over the engine's HTTP API.
+
+    Connection errors, timeouts and 5xx are retried ``retries`` times with exponential back-off (jittered);
+    4xx never are and raise :class:`BadRequest` (404: :class:`UnknownRequest`) with the server's message.
+    Submits carry the request id, so a retried submit that had in fact arrived is recognised (409) not doubled.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 3,
+        *,
+        backoff: float = 0.1,
+        max_backoff: float = 5.0,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self._session = session
+        self._own_session = session is None
+
+    def __repr__(self) -> str:
+        return f"HttpEngine({self.base_url!r})"
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+            self._own_session = True
+        return self._session
+
+    async def _sleep_backoff(self, attempt: int) -> None:
+        delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+        await asyncio.sleep(delay * (0.5 + random.random() / 2))
+
+    @staticmethod
+    async def _body(resp: aiohttp.ClientResponse) -> dict[str, Any]:
+        text = await resp.text()
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return {"error": text[:300] or resp.reason or f"HTTP {resp.status}"}
+        return data if isinstance(data, dict) else {"value": data}
+
+    @staticmethod
+    def _client_error(status: int, message: str) -> BadRequest:
+        if status == 404:
+            return UnknownRequest(message)
+        if status == 409:
+            return DuplicateRequest(message)
+        return BadRequest(message)
+
+    async def _call(
+        self, method: str, path: str, *, body: Any = None, retries: int | None = None, resubmit: bool = False
+    ) -> dict[str, Any]:
+        attempts = 1 + (self.retries if retries is None else retries)
+        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        last: EngineError = EngineUnavailable(f"{method} {path}: no attempt made")
+        for attempt in range(attempts):
+            if attempt:
+                await self._sleep_backoff(attempt)
+            try:
+                async with self._get_session().request(
+                    method, self.base_url + path, json=body, headers=self._headers(), timeout=timeout
+                ) as resp:
+                    data = await self._body(resp)
+                    if resp.status < 400:
+                        return data
+                    message = str(data.get("error") or resp.reason or f"HTTP {resp.status}")
+                    if resp.status == 409 and resubmit and attempt > 0:
+                        return {"id": data.get("id")}  # our earlier attempt did arrive
+                    if resp.status < 500:
+                        raise self._client_error(resp.status, message)
+                    last = EngineUnavailable(f"{method} {path}: HTTP {resp.status}: {message}")
+            except _RETRYABLE as exc:
+                last = EngineUnavailable(f"{method} {path} on {self.base_url}: {type(exc).__name__}: {exc}")
+        raise last
+
+    async def submit(self, request: GenerationRequest, *, retries: int | None = None) -> str:
+        request.validate()
+        data = await self._call("POST", "/v1/generations", body=request.to_json(), retries=retries, resubmit=True)
+        return str(data.get("id") or request.request_id)
+
+    async def get(self, request_id: str) -> dict[str, Any]:
+        """The raw status document of a request (state, queue position, progress, result)."""
+        return await self._call("GET", f"/v1/generations/{request_id}")
+
+    async def events(self, request_id: str) -> AsyncIterator[Progress]:
+        """Progress events from the SSE stream; reconnects (the server resends the current state) on drops."""
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=max(self.timeout, 60.0))
+        path = f"/v1/generations/{request_id}/events"
+        failures = 0
+        while True:
+            try:
+                async with self._get_session().get(
+                    self.base_url + path, headers={**self._headers(), "Accept": "text/event-stream"}, timeout=timeout
+                ) as resp:
+                    if resp.status >= 400:
+                        data = await self._body(resp)
+                        message = str(data.get("error") or f"HTTP {resp.status}")
+                        if resp.status < 500:
+                            raise self._client_error(resp.status, message)
+                        raise EngineUnavailable(f"GET {path}: HTTP {resp.status}: {message}")
+                    parser = SseParser()
+                    async for chunk in resp.content.iter_any():
+                        for event in parser.feed(chunk):
+                            failures = 0
+                            progress = Progress.from_json(json.loads(event.data))
+                            yield progress
+                            if progress.state in TERMINAL:
+                                return
+            except (*_RETRYABLE, EngineUnavailable):
+                pass
+            failures += 1  # stream dropped (or ended) before a final state
+            if failures > self.retries:
+                raise EngineUnavailable(f"lost the event stream of {request_id} on {self.base_url}")
+            await self._sleep_backoff(failures)
+
+    async def result(self, request_id: str, timeout: float | None = None) -> GenerationResult:
+        async def wait() -> GenerationResult:
+            async with contextlib.aclosing(self.events(request_id)) as events:
+                async for progress in events:
+                    if progress.state in TERMINAL:
+                        break
+            return self._result_from(await self.get(request_id))
+
+        return await asyncio.wait_for(wait(), timeout)
+
+    @staticmethod
+    def _result_from(data: dict[str, Any]) -> GenerationResult:
+        state = data.get("state")
+        if state == "done" and data.get("result"):
+            return GenerationResult.from_json(data["result"])
+        if state == "cancelled":
+            raise RequestCancelled(data.get("error") or "request was cancelled")
+        raise EngineError(data.get("error") or f"generation ended in state {state!r}")
+
+    async def cancel(self, request_id: str) -> bool:
+        try:
+            data = await self._call("DELETE", f"/v1/generations/{request_id}")
+        except UnknownRequest:
+            return False
+        return bool(data.get("cancelled"))
+
+    async def status(self, *, retries: int | None = None) -> dict[str, Any]:
+        """The service's load summary (``GET /v1/status``)."""
+        return await self._call("GET", "/v1/status", retries=retries)
+
+    async def close(self) -> None:
+        if self._session is not None and self._own_session and not self._session.closed:
+            await self._session.close()
+
+
+# -- several services -----------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Backend:
+    engine: HttpEngine
+    load: float = 0.0  # candidates queued + running at the last probe
+    pending: float = 0.0  # candidates we sent since that probe
+    probed_at: float = float("-inf")
+    dead_until: float = float("-inf")
+
+    @property
+    def score(self) -> float:
+        return self.load + self.pending
+
+
+class MultiEngine:
+    """Several :class:`HttpEngine` s behind one :class:`Engine`: each submit goes to the least-loaded live one.
+
+    Load is the service's queued + running candidates (``GET /v1/status``, probed at most every
+    ``probe_interval`` seconds) plus what this client sent since. A service that cannot be reached is
+    skipped for ``dead_retry`` seconds, then probed again. Later calls for a request go where it was sent.
+    """
+
+    def __init__(
+        self,
+        engines: Sequence[HttpEngine],
+        *,
+        probe_interval: float = 1.0,
+        dead_retry: float = 5.0,
+        max_tracked: int = 100_000,
+    ) -> None:
+        if not engines:
+            raise ValueError("MultiEngine needs at least one engine")
+        self.backends = [_Backend(e) for e in engines]
+        self.probe_interval = float(probe_interval)
+        self.dead_retry = float(dead_retry)
+        self.max_tracked = int(max_tracked)
+        self._routes: OrderedDict[str, _Backend] = OrderedDict()
+        self._probe_lock = asyncio.Lock()
+
+    @classmethod
+    def from_urls(cls, urls: Sequence[str], token: str | None = None, **opts: Any) -> MultiEngine:
+        http_keys = {"timeout", "retries", "backoff", "max_backoff"}
+        http = {k: v for k, v in opts.items() if k in http_keys}
+        rest = {k: v for k, v in opts.items() if k not in http_keys}
+        return cls([HttpEngine(u, token, **http) for u in urls], **rest)
+
+    def _mark_dead(self, backend: _Backend) -> None:
+        backend.dead_until = time.monotonic() + self.dead_retry
+
+    async def _probe(self, backend: _Backend) -> None:
+        try:
+            status = await backend.engine.status(retries=0)
+        except EngineError as exc:  # unreachable, or refusing us (e.g. a wrong token): skip it for a while
+            if not isinstance(exc, EngineUnavailable):
+                log.warning("engine %s refused the status probe: %s", backend.engine.base_url, exc)
+            self._mark_dead(backend)
+            return
+        backend.load = float(status.get("queued_candidates", 0)) + float(status.get("running_candidates", 0))
+        backend.pending = 0.0
+        backend.probed_at = time.monotonic()
+        backend.dead_until = float("-inf")
+
+    async def refresh(self, force: bool = False) -> None:
+        """Probe every backend whose figures are stale (and dead ones whose retry time has come)."""
+        async with self._probe_lock:
+            now = time.monotonic()
+            never_dead = float("-inf")
+            stale = [
+                b
+                for b in self.backends
+                if now >= b.dead_until
+                and (force or b.dead_until != never_dead or now - b.probed_at >= self.probe_interval)
+            ]
+            await asyncio.gather(*(self._probe(b) for b in stale))
+
+    def live(self) -> list[_Backend]:
+        now = time.monotonic()
+        return [b for b in self.backends if now >= b.dead_until and b.probed_at > float("-inf")]
+
+    async def submit(self, request: GenerationRequest) -> str:
+        request.validate()
+        await self.refresh()
+        for backend in sorted(self.live(), key=lambda b: b.score):
+            try:
+                rid = await backend.engine.submit(request, retries=0)
+            except EngineUnavailable:
+                self._mark_dead(backend)
+                continue
+            backend.pending += request.n
+            self._routes[rid] = backend
+            while len(self._routes) > self.max_tracked:
+                self._routes.popitem(last=False)
+            return rid
+        raise EngineUnavailable("no engine service is reachable")
+
+    def _route(self, request_id: str) -> HttpEngine:
+        backend = self._routes.get(request_id)
+        if backend is None:
+            raise UnknownRequest(f"unknown request id {request_id!r}")
+        return backend.engine
+
+    def events(self, request_id: str) -> AsyncIterator[Progress]:
+        return self._route(request_id).events(request_id)
+
+    async def result(self, request_id: str, timeout: float | None = None) -> GenerationResult:
+        return await self._route(request_id).result(request_id, timeout)
+
+    async def cancel(self, request_id: str) -> bool:
+        try:
+            engine = self._route(request_id)
+        except UnknownRequest:
+            return False
+        return await engine.cancel(request_id)
+
+    def engine_for(self, request_id: str) -> HttpEngine:
+        """Which service a request was sent to."""
+        return self._route(request_id)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(b.engine.close() for b in self.backends))

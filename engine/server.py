@@ -1,0 +1,387 @@
+"""The engine as an HTTP service (aiohttp): generation jobs, progress events, health and metrics.
+
+Routes (all JSON; errors are ``{"error": "..."}`` with a 4xx/5xx status):
+
+- ``POST /v1/generations`` → 202 ``{"id": ...}`` (body: ``GenerationRequest`` fields; unknown fields refused)
+- ``GET /v1/generations/{id}`` → state, queue position, progress and, once done, ``GenerationResult.to_json()``
+- ``GET /v1/generations/{id}/events`` → Server-Sent Events of ``Progress.to_json()``, ending at a final state
+- ``DELETE /v1/generations/{id}`` → cancels a queued or running request
+- ``GET /v1/status`` → load summary (queue depth, candidates waiting/running) used for least-loaded routing
+- ``GET /healthz`` (never needs the token) and ``GET /metrics`` (Prometheus text, the app's own registry)
+
+Every route but ``/healthz`` needs ``Authorization: Bearer <token>`` when a token is set; without one the
+server only binds a loopback address. The model runs in the batcher's worker thread, never on the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import re
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from engine.api import BadRequest, GenerationRequest, Pipeline, SamplingParams
+from engine.batching import TERMINAL, Batcher, DuplicateRequest, QueueFull, ShuttingDown, UnknownRequest
+from engine.metrics import EngineMetrics
+
+log = logging.getLogger(__name__)
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_REQUEST_TYPES: dict[str, type] = {
+    "prompt": str,
+    "n": int,
+    "seed": int,
+    "request_id": str,
+    "preview_every": int,
+    "first_index": int,
+}
+_PARAM_TYPES: dict[str, type] = {"condition_scale": float, "top_k": int, "top_p": float, "temperature": float}
+
+
+@dataclass
+class ServerSettings:
+    """How the service binds, authenticates, batches and bounds its memory."""
+
+    host: str = "127.0.0.1"
+    port: int = 8808
+    token: str | None = None
+    window_ms: float = 10.0
+    max_batch: int | None = None  # cap candidates per pass below the pipeline's biggest bucket
+    max_queue: int = 1024
+    result_ttl: float = 600.0  # seconds a finished result stays retrievable
+    max_body_bytes: int = 64 * 1024
+    shutdown_grace: float = 10.0  # seconds in-flight work may finish on shutdown before it is cancelled
+    heartbeat: float = 15.0  # SSE keep-alive comment interval
+
+    def validate(self) -> None:
+        if self.token is not None and not self.token.strip():
+            raise ValueError("the engine token must not be empty")
+        if self.token is None and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to serve on {self.host!r} without a token: set --token or ENGINE_TOKEN, "
+                "or bind a loopback address"
+            )
+        if not (0 <= self.port < 65536):
+            raise ValueError("port must be between 0 and 65535")
+        if self.window_ms < 0 or self.result_ttl < 0 or self.shutdown_grace < 0:
+            raise ValueError("window_ms, result_ttl and shutdown_grace must be >= 0")
+        if self.max_queue < 1 or self.max_body_bytes < 1024 or self.heartbeat <= 0:
+            raise ValueError("max_queue must be >= 1, max_body_bytes >= 1024 and heartbeat > 0")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+BATCHER = web.AppKey("batcher", Batcher)
+SETTINGS = web.AppKey("settings", ServerSettings)
+METRICS = web.AppKey("metrics", EngineMetrics)
+STARTED = web.AppKey("started", float)
+
+
+def _error(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers or None)
+
+
+def parse_generation_request(data: Any) -> GenerationRequest:
+    """A JSON body → a validated GenerationRequest; raises BadRequest with a message naming the problem."""
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    known = {f.name for f in dataclasses.fields(GenerationRequest)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(unknown)}")
+    for name, value in data.items():
+        if name in _REQUEST_TYPES:
+            _check_type(name, value, _REQUEST_TYPES[name])
+    if "prompt" not in data:
+        raise BadRequest("prompt is required")
+    if "request_id" in data and not _ID_RE.match(data["request_id"]):
+        raise BadRequest("request_id must be 1-64 characters of letters, digits, '_', '-' or '.'")
+    params = data.get("params")
+    if params is not None:
+        if not isinstance(params, dict):
+            raise BadRequest("params must be an object")
+        known_params = {f.name for f in dataclasses.fields(SamplingParams)}
+        unknown = sorted(set(params) - known_params)
+        if unknown:
+            raise BadRequest(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        for name, value in params.items():
+            _check_type(f"params.{name}", value, _PARAM_TYPES.get(name, float))
+    request = GenerationRequest.from_json(data)
+    request.validate()
+    return request
+
+
+def _check_type(name: str, value: Any, kind: type) -> None:
+    if kind is str:
+        ok = isinstance(value, str)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        raise BadRequest(f"{name} must be {'a string' if kind is str else 'an integer' if kind is int else 'a number'}")
+
+
+# -- middlewares ----------------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """aiohttp's own errors (404, 405, 413...) as JSON like ours."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
+        return _error(exc.status, exc.reason, **headers)
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    token = request.app[SETTINGS].token
+    if token is None or request.path == "/healthz":
+        return await handler(request)
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        request.app[METRICS].errors.labels("unauthorized").inc()
+        return _error(401, "missing or invalid bearer token", **{"WWW-Authenticate": 'Bearer realm="engine"'})
+    return await handler(request)
+
+
+# -- handlers -------------------------------------------------------------------------------------------------
+
+
+async def post_generation(request: web.Request) -> web.Response:
+    app = request.app
+    metrics = app[METRICS]
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        metrics.errors.labels("too_large").inc()
+        return _error(413, f"request body is larger than {app[SETTINGS].max_body_bytes} bytes")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        metrics.errors.labels("bad_request").inc()
+        return _error(400, f"malformed JSON: {exc}")
+    try:
+        gen = parse_generation_request(data)
+    except BadRequest as exc:
+        metrics.errors.labels("bad_request").inc()
+        return _error(400, str(exc))
+    batcher = app[BATCHER]
+    try:
+        rid = await batcher.submit(gen)
+    except DuplicateRequest as exc:
+        return web.json_response({"error": str(exc), "id": gen.request_id}, status=409)
+    except BadRequest as exc:
+        return _error(400, str(exc))
+    except QueueFull as exc:
+        return _error(503, str(exc), **{"Retry-After": "5"})
+    except ShuttingDown as exc:
+        return _error(503, str(exc))
+    status = batcher.status(rid)
+    location = f"/v1/generations/{rid}"
+    return web.json_response(
+        {
+            "id": rid,
+            "state": status.state,
+            "queue_position": status.queue_position,
+            "links": {"self": location, "events": f"{location}/events"},
+        },
+        status=202,
+        headers={"Location": location},
+    )
+
+
+def _status_json(batcher: Batcher, rid: str) -> dict[str, Any]:
+    progress = batcher.status(rid)
+    result = batcher.result_of(rid)
+    return {
+        "id": rid,
+        "state": progress.state,
+        "queue_position": progress.queue_position,
+        "tokens_done": progress.tokens_done,
+        "tokens_total": progress.tokens_total,
+        "error": progress.error,
+        "request": batcher.request_of(rid).to_json(),
+        "result": result.to_json() if result is not None else None,
+    }
+
+
+async def get_generation(request: web.Request) -> web.Response:
+    try:
+        return web.json_response(_status_json(request.app[BATCHER], request.match_info["id"]))
+    except UnknownRequest as exc:
+        request.app[METRICS].errors.labels("not_found").inc()
+        return _error(404, str(exc))
+
+
+async def generation_events(request: web.Request) -> web.StreamResponse:
+    batcher = request.app[BATCHER]
+    rid = request.match_info["id"]
+    try:
+        sub, event = batcher.subscribe(rid)
+    except UnknownRequest as exc:
+        request.app[METRICS].errors.labels("not_found").inc()
+        return _error(404, str(exc))
+    heartbeat = request.app[SETTINGS].heartbeat
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    try:
+        await resp.prepare(request)
+        seq = 0
+        while True:
+            if event is None:
+                await resp.write(b": keep-alive\n\n")
+            else:
+                seq += 1
+                data = json.dumps(event.to_json(), separators=(",", ":"))
+                await resp.write(f"id: {seq}\nevent: progress\ndata: {data}\n\n".encode())
+                if event.state in TERMINAL:
+                    break
+            event = await sub.get(timeout=heartbeat)
+    except (ConnectionResetError, ConnectionError):
+        log.debug("events client for %s went away", rid)
+    finally:
+        batcher.unsubscribe(rid, sub)
+    return resp
+
+
+async def delete_generation(request: web.Request) -> web.Response:
+    batcher = request.app[BATCHER]
+    rid = request.match_info["id"]
+    try:
+        batcher.status(rid)
+    except UnknownRequest as exc:
+        request.app[METRICS].errors.labels("not_found").inc()
+        return _error(404, str(exc))
+    cancelled = await batcher.cancel(rid)
+    return web.json_response({"id": rid, "cancelled": cancelled, "state": batcher.status(rid).state})
+
+
+async def get_status(request: web.Request) -> web.Response:
+    load = request.app[BATCHER].load()
+    load["uptime_s"] = time.monotonic() - request.app[STARTED]
+    return web.json_response(load)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    batcher = request.app[BATCHER]
+    body = {
+        "status": "draining" if batcher.closing else "ok",
+        "checkpoint_id": batcher.checkpoint_id,
+        "queue_depth": batcher.queue_depth,
+    }
+    return web.json_response(body, status=503 if batcher.closing else 200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    m = request.app[METRICS]
+    return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
+
+
+# -- app lifecycle --------------------------------------------------------------------------------------------
+
+
+async def _on_startup(app: web.Application) -> None:
+    app[BATCHER].start()
+    app[STARTED] = time.monotonic()
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    """Finish in-flight work for up to ``shutdown_grace`` seconds, cancel the rest; event streams then end."""
+    await app[BATCHER].close(drain_timeout=app[SETTINGS].shutdown_grace)
+
+
+def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> web.Application:
+    """The aiohttp application serving ``pipeline`` (its own batcher and metrics registry)."""
+    settings = settings or ServerSettings()
+    settings.validate()
+    if settings.token is None:
+        log.warning("no engine token set: authentication is DISABLED (bound to loopback %s)", settings.host)
+    app = web.Application(middlewares=[_json_errors, _auth], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[METRICS] = EngineMetrics()
+    app[STARTED] = time.monotonic()
+    app[BATCHER] = Batcher(
+        pipeline,
+        window_ms=settings.window_ms,
+        max_batch=settings.max_batch,
+        max_queue=settings.max_queue,
+        result_ttl=settings.result_ttl,
+        metrics=app[METRICS],
+    )
+    app.router.add_post("/v1/generations", post_generation)
+    app.router.add_get("/v1/generations/{id}", get_generation)
+    app.router.add_get("/v1/generations/{id}/events", generation_events)
+    app.router.add_delete("/v1/generations/{id}", delete_generation)
+    app.router.add_get("/v1/status", get_status)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.on_startup.append(_on_startup)
+    app.on_shutdown.append(_on_shutdown)
+    return app
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family)
+
+
+@dataclass
+class RunningServer:
+    """A started service (for tests, benchmarks and embedding): its URL, app and runner."""
+
+    app: web.Application
+    runner: web.AppRunner
+    url: str
+
+    @property
+    def batcher(self) -> Batcher:
+        return self.app[BATCHER]
+
+    async def stop(self) -> None:
+        """Graceful stop: close the socket, drain/cancel work, end event streams, clean up."""
+        await self.runner.cleanup()
+
+
+async def start_server(pipeline: Pipeline, settings: ServerSettings | None = None) -> RunningServer:
+    """Start serving on the running loop (``port=0`` picks a free port); returns once it accepts requests."""
+    settings = settings or ServerSettings()
+    app = create_app(pipeline, settings)
+    runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_grace + 5.0, access_log=None)
+    await runner.setup()
+    sock = _bind(settings.host, settings.port)
+    await web.SockSite(runner, sock).start()
+    host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host
+    return RunningServer(app, runner, f"http://{host}:{port}")
+
+
+def serve(pipeline: Pipeline, settings: ServerSettings) -> None:
+    """Run the service until SIGINT/SIGTERM (blocking), then shut down gracefully."""
+    app = create_app(pipeline, settings)
+    sock = _bind(settings.host, settings.port)
+    log.info("engine serving %s on http://%s:%d", getattr(pipeline, "checkpoint_id", "?"), settings.host, settings.port)
+    web.run_app(app, sock=sock, shutdown_timeout=settings.shutdown_grace + 5.0, print=None)

@@ -1,0 +1,245 @@
+"""Engines and sessions from ONE ``DATABASE_URL``, and the "is the schema current?" gate.
+
+``sqlite:///x`` becomes ``sqlite+pysqlite`` (sync: Alembic, training scripts) and ``sqlite+aiosqlite``
+(async: the bot); ``postgresql://`` becomes ``postgresql+psycopg`` and ``postgresql+asyncpg``.
+
+SQLite is made safe for several concurrent async writers: WAL journal (readers never block the writer),
+foreign keys on, a busy timeout, and every transaction opened with ``BEGIN IMMEDIATE`` so a transaction that
+reads and then writes cannot fail with "database is locked" when another writer got in between (a deferred
+transaction's lock upgrade fails at once, without waiting for the busy timeout).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+_SQLITE_DRIVERS = {"sqlite", "sqlite+pysqlite", "sqlite+aiosqlite"}
+_PG_DRIVERS = {
+    "postgres",
+    "postgresql",
+    "postgresql+psycopg",
+    "postgresql+psycopg2",
+    "postgresql+asyncpg",
+    "postgresql+pg8000",
+}
+
+
+class DatabaseURLError(ValueError):
+    """DATABASE_URL is malformed or names a database we don't support."""
+
+
+class MigrationRequired(RuntimeError):
+    """The database schema is not at the code's Alembic head and automatic migration is off."""
+
+
+def default_sqlite_url(cwd: str | Path | None = None) -> str:
+    """``sqlite:///./data/dalle.db`` if ``./data`` is (or can be made) writable, else the user data dir."""
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    data = base / "data"
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+        if os.access(data, os.W_OK):
+            return f"sqlite:///{data.resolve() / 'dalle.db'}"
+    except OSError:
+        pass
+    from platformdirs import user_data_dir
+
+    fallback = Path(user_data_dir("dalle-bot", appauthor=False))
+    fallback.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{fallback / 'dalle.db'}"
+
+
+def parse_url(url: str | URL) -> URL:
+    """Parse and check a database URL; raise :class:`DatabaseURLError` with a readable reason."""
+    try:
+        parsed = make_url(url) if isinstance(url, str) else url
+    except (ArgumentError, ValueError) as exc:
+        raise DatabaseURLError(f"not a database URL (expected e.g. sqlite:///data/dalle.db or "
+                               f"postgresql://user@host/db): {exc}") from None
+    name = parsed.drivername
+    if name in _SQLITE_DRIVERS:
+        return parsed
+    if name in _PG_DRIVERS:
+        if not parsed.database:
+            raise DatabaseURLError("postgresql URL has no database name (postgresql://user@host:5432/dbname)")
+        return parsed
+    raise DatabaseURLError(f"unsupported database {name!r}: use sqlite:///path or postgresql://...")
+
+
+def sync_url(url: str | URL) -> URL:
+    parsed = parse_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return parsed.set(drivername="sqlite+pysqlite")
+    return parsed.set(drivername="postgresql+psycopg")
+
+
+def async_url(url: str | URL) -> URL:
+    parsed = parse_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return parsed.set(drivername="sqlite+aiosqlite")
+    return parsed.set(drivername="postgresql+asyncpg")
+
+
+def redact_url(url: str | URL) -> str:
+    """The URL with any password masked, safe for logs and error messages."""
+    try:
+        parsed = make_url(url) if isinstance(url, str) else url
+    except (ArgumentError, ValueError):
+        return "<unparseable database URL>"
+    return parsed.render_as_string(hide_password=True)
+
+
+def _sqlite_file(url: URL) -> Path | None:
+    db = url.database
+    if not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return Path(db)
+
+
+def _install_sqlite_pragmas(sync_engine: Engine) -> None:
+    @event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # take transaction control away from the driver so we can issue BEGIN IMMEDIATE ourselves
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _prepare(url: URL) -> None:
+    path = _sqlite_file(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def make_sync_engine(url: str | URL, **kwargs: Any) -> Engine:
+    """A sync engine (psycopg / pysqlite) for Alembic, scripts and training."""
+    target = sync_url(url)
+    _prepare(target)
+    engine = create_engine(target, **kwargs)
+    if target.get_backend_name() == "sqlite":
+        _install_sqlite_pragmas(engine)
+    return engine
+
+
+def make_async_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
+    """An async engine (asyncpg / aiosqlite) for the bot."""
+    target = async_url(url)
+    _prepare(target)
+    if target.get_backend_name() == "postgresql":
+        kwargs.setdefault("pool_pre_ping", True)
+    engine = create_async_engine(target, **kwargs)
+    if target.get_backend_name() == "sqlite":
+        _install_sqlite_pragmas(engine.sync_engine)
+    return engine
+
+
+def sync_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def async_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions whose objects stay readable after commit (the bot hands rows around after the transaction)."""
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+# --- migrations ---------------------------------------------------------------------------------------------
+
+
+def migrations_dir() -> Path:
+    import migrations
+
+    return Path(migrations.__file__).resolve().parent
+
+
+def alembic_config(url: str | URL | None = None, *, configure_logging: bool = False):  # -> alembic.config.Config
+    """An Alembic config that works without ``alembic.ini`` (installed package) and points at ``url``.
+
+    ``configure_logging``: let env.py apply alembic.ini's logging setup (the CLI wants it; the bot, which
+    configured its own logging, does not).
+    """
+    from alembic.config import Config
+
+    ini = migrations_dir().parent / "alembic.ini"
+    cfg = Config(str(ini)) if ini.is_file() else Config()
+    cfg.attributes["skip_logging_config"] = not configure_logging
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    if url is not None:
+        # ConfigParser interpolates '%': escape it so passwords with % survive
+        rendered = sync_url(url).render_as_string(hide_password=False)
+        cfg.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
+    return cfg
+
+
+def schema_revisions(url: str | URL) -> tuple[set[str], set[str]]:
+    """(current revisions in the database, head revisions of the code)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    heads = set(ScriptDirectory.from_config(alembic_config()).get_heads())
+    engine = make_sync_engine(url)
+    try:
+        with engine.connect() as conn:
+            current = set(MigrationContext.configure(conn).get_current_heads())
+    finally:
+        engine.dispose()
+    return current, heads
+
+
+def upgrade(url: str | URL, revision: str = "head", *, configure_logging: bool = False) -> None:
+    from alembic import command
+
+    command.upgrade(alembic_config(url, configure_logging=configure_logging), revision)
+
+
+def downgrade(url: str | URL, revision: str = "-1", *, configure_logging: bool = False) -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(url, configure_logging=configure_logging), revision)
+
+
+def ensure_migrated(url: str | URL, auto: bool) -> bool:
+    """Make sure the schema is at head. Returns True if a migration ran.
+
+    ``auto``: upgrade now. Otherwise raise :class:`MigrationRequired` naming the exact command to run.
+    A database that is *ahead* of the code (newer revision than we know) is always an error.
+    """
+    current, heads = schema_revisions(url)
+    if current == heads:
+        return False
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config())
+    known = {rev.revision for rev in script.walk_revisions()}
+    unknown = current - known
+    shown = redact_url(url)
+    if unknown:
+        raise MigrationRequired(
+            f"database {shown} is at revision {', '.join(sorted(unknown))}, which this code does not know "
+            f"(newer code migrated it?); run a matching version of dalle-bot"
+        )
+    if not auto:
+        now = ", ".join(sorted(current)) or "empty"
+        raise MigrationRequired(
+            f"database {shown} schema is not current (at {now}, code expects {', '.join(sorted(heads))}); "
+            f"run `python -m store upgrade` (it uses the same DATABASE_URL) or set AUTO_MIGRATE=true"
+        )
+    upgrade(url, "head")
+    return True

@@ -1,0 +1,290 @@
+"""Engine clients: in-process, HTTP (retries, 4xx, SSE reconnects) and several services behind one client."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import time
+
+import pytest
+from aiohttp import web
+
+from engine.api import BadRequest, EngineError, GenerationRequest, RequestCancelled
+from engine.batching import DuplicateRequest, UnknownRequest
+from engine.client import EngineUnavailable, HttpEngine, InProcessEngine, MultiEngine, SseParser
+from engine.fake import FakePipeline
+from engine.server import ServerSettings, start_server
+
+TOKEN = "tok"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def start_raw(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+# -- in-process ---------------------------------------------------------------------------------------------
+
+
+async def test_in_process_engine_implements_the_protocol():
+    fake = FakePipeline(fixed_latency=0.05, chunk_tokens=64)
+    engine = InProcessEngine(fake, window_ms=5)
+    req = GenerationRequest("in process", n=2, seed=3)
+    rid = await engine.submit(req)
+    states = [ev.state async for ev in engine.events(rid)]
+    assert states[-1] == "done" and "running" in states
+    res = await engine.result(rid, timeout=5)
+    [ref] = FakePipeline().generate([req])
+    assert [im.png for im in res.images] == [im.png for im in ref.images]
+    with pytest.raises(BadRequest):
+        await engine.submit(GenerationRequest("", n=1))
+    slow = InProcessEngine(FakePipeline(fixed_latency=1.0, chunk_tokens=16), window_ms=0)
+    r1 = await slow.submit(GenerationRequest("a"))
+    r2 = await slow.submit(GenerationRequest("b"))
+    assert await slow.cancel(r2) is True and await slow.cancel(r2) is False
+    with pytest.raises(RequestCancelled):
+        await slow.result(r2)
+    await slow.close()  # cancels r1 and waits for the model thread
+    with pytest.raises(RequestCancelled, match="shutting down"):
+        await slow.result(r1)
+    await engine.close()
+
+
+# -- SSE parsing --------------------------------------------------------------------------------------------
+
+
+def test_sse_parser_handles_multiline_comments_crlf_and_ids():
+    parser = SseParser()
+    lines = [": keep-alive\r\n", "\r\n", "id: 7\r\n", "event: progress\r\n", 'data: {"a":\r\n', "data: 1}\r\n", "\r\n"]
+    lines += ["data:no-space\n", "\n", "retry: 10\n", "\n"]
+    events = [ev for ev in map(parser.feed_line, lines) if ev is not None]
+    assert len(events) == 2
+    assert events[0].id == "7" and events[0].event == "progress" and json.loads(events[0].data) == {"a": 1}
+    assert events[1].event == "message" and events[1].data == "no-space"
+    # the same stream as bytes cut at awkward places (inside a CRLF, inside a multi-byte character)
+    raw = "".join(lines).replace("no-space", "nö-späce").encode()
+    chunked = SseParser()
+    got = [ev for i in range(0, len(raw), 3) for ev in chunked.feed(raw[i : i + 3])]
+    assert [(ev.event, ev.data) for ev in got] == [("progress", '{"a":\n1}'), ("message", "nö-späce")]
+
+
+# -- HTTP client against scripted servers --------------------------------------------------------------------
+
+
+async def test_http_retries_5xx_and_recognises_its_own_resubmit():
+    calls = []
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.json()
+        calls.append(body["request_id"])
+        if len(calls) == 1:
+            return web.json_response({"error": "bad gateway"}, status=502)  # ...but the job did arrive
+        if len(calls) == 2:
+            return web.json_response({"error": "busy"}, status=503)
+        return web.json_response({"error": "already in use", "id": body["request_id"]}, status=409)
+
+    app = web.Application()
+    app.router.add_post("/v1/generations", handler)
+    runner, url = await start_raw(app)
+    engine = HttpEngine(url, TOKEN, timeout=5, retries=3, backoff=0.01)
+    try:
+        req = GenerationRequest("retry me")
+        assert await engine.submit(req) == req.request_id
+        assert calls == [req.request_id] * 3
+        with pytest.raises(DuplicateRequest):  # a 409 on the first attempt is a real conflict
+            await engine.submit(req)
+    finally:
+        await engine.close()
+        await runner.cleanup()
+
+
+async def test_http_never_retries_4xx_and_gives_up_after_retries():
+    hits = {"n": 0}
+
+    async def handler(request: web.Request) -> web.Response:
+        hits["n"] += 1
+        return web.json_response({"error": "prompt is not allowed here"}, status=422)
+
+    async def always_500(request: web.Request) -> web.Response:
+        hits["n"] += 1
+        return web.Response(status=500, text="boom")
+
+    app = web.Application()
+    app.router.add_post("/v1/generations", handler)
+    app.router.add_get("/v1/status", always_500)
+    runner, url = await start_raw(app)
+    engine = HttpEngine(url, None, timeout=5, retries=2, backoff=0.01)
+    try:
+        with pytest.raises(BadRequest, match="prompt is not allowed here"):
+            await engine.submit(GenerationRequest("x"))
+        assert hits["n"] == 1
+        hits["n"] = 0
+        with pytest.raises(EngineUnavailable, match="HTTP 500: boom"):
+            await engine.status()
+        assert hits["n"] == 3
+    finally:
+        await engine.close()
+        await runner.cleanup()
+    dead = HttpEngine(f"http://127.0.0.1:{free_port()}", timeout=2, retries=2, backoff=0.01)
+    with pytest.raises(EngineUnavailable, match="ClientConnectorError"):
+        await dead.submit(GenerationRequest("nobody home"))
+    await dead.close()
+
+
+async def test_http_events_reconnect_after_a_dropped_stream():
+    connections = {"n": 0}
+
+    def frame(state: str, **extra) -> bytes:
+        data = {"request_id": "r1", "state": state, "queue_position": None, "tokens_done": 0, "tokens_total": 0}
+        data.update(extra)
+        return f"event: progress\ndata: {json.dumps(data)}\n\n".encode()
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        connections["n"] += 1
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        if connections["n"] == 1:
+            await resp.write(frame("queued", queue_position=2))
+            return resp  # stream ends without a final state
+        await resp.write(b": keep-alive\n\n")
+        big = base64.b64encode(bytes(300_000)).decode()  # one data line far beyond aiohttp's readline limit
+        await resp.write(frame("running", tokens_done=128, tokens_total=256, preview_png=big))
+        await resp.write(frame("done", tokens_done=256, tokens_total=256))
+        await resp.write(frame("done"))  # never read: the client stops at the first final state
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/generations/{id}/events", events)
+    runner, url = await start_raw(app)
+    engine = HttpEngine(url, timeout=5, retries=2, backoff=0.01)
+    try:
+        seen = [ev async for ev in engine.events("r1")]
+        assert [(ev.state, ev.queue_position, ev.tokens_done) for ev in seen] == [
+            ("queued", 2, 0),
+            ("running", None, 128),
+            ("done", None, 256),
+        ]
+        assert seen[1].preview_png == bytes(300_000)
+        assert connections["n"] == 2
+    finally:
+        await engine.close()
+        await runner.cleanup()
+
+
+# -- HTTP client against the real service ------------------------------------------------------------------
+
+
+async def test_http_engine_against_the_service():
+    fake = FakePipeline(fixed_latency=0.3, chunk_tokens=16, batch_buckets=(1, 2, 4), fail_prompts={"kaboom"})
+    server = await start_server(fake, ServerSettings(port=0, token=TOKEN, window_ms=0))
+    engine = HttpEngine(server.url, TOKEN, timeout=5, retries=1, backoff=0.01)
+    try:
+        req = GenerationRequest("over http", n=6, seed=11, preview_every=64)  # split 4 + 2
+        rid = await engine.submit(req)
+        events = [ev async for ev in engine.events(rid)]
+        assert events[-1].state == "done" and any(ev.preview_png for ev in events)
+        res = await engine.result(rid, timeout=10)
+        [ref] = FakePipeline(batch_buckets=(8,)).generate([req])
+        assert {im.index: im.png for im in res.images} == {im.index: im.png for im in ref.images}
+        assert [im.rank for im in res.images] == list(range(6))
+
+        slow = await engine.submit(GenerationRequest("to cancel", n=4))
+        assert await engine.cancel(slow) is True
+        assert await engine.cancel(slow) is False and await engine.cancel("unknown") is False
+        with pytest.raises(RequestCancelled):
+            await engine.result(slow, timeout=5)
+        bad = await engine.submit(GenerationRequest("kaboom"))
+        with pytest.raises(EngineError, match="kaboom"):
+            await engine.result(bad, timeout=5)
+        with pytest.raises(UnknownRequest):
+            await engine.result("never", timeout=5)
+        with pytest.raises(BadRequest, match="request_id must be"):
+            await engine.submit(GenerationRequest("x", request_id="bad id!"))
+        wrong = HttpEngine(server.url, "wrong", timeout=5, retries=3)
+        with pytest.raises(BadRequest, match="bearer token"):
+            await wrong.submit(GenerationRequest("x"))
+        await wrong.close()
+        status = await engine.status()
+        assert status["checkpoint_id"] == "fake-0" and status["capacity"] == 4
+    finally:
+        await engine.close()
+        await server.stop()
+
+
+# -- several services ---------------------------------------------------------------------------------------
+
+
+async def test_multi_engine_routes_to_least_loaded_and_skips_a_stopped_server():
+    def pipeline():
+        return FakePipeline(fixed_latency=0.15, chunk_tokens=64, batch_buckets=(1,))
+
+    a = await start_server(pipeline(), ServerSettings(port=0, token=TOKEN, window_ms=0, shutdown_grace=0))
+    b = await start_server(pipeline(), ServerSettings(port=0, token=TOKEN, window_ms=0, shutdown_grace=0))
+    b_port = int(b.url.rsplit(":", 1)[1])
+    multi = MultiEngine.from_urls([a.url, b.url], TOKEN, probe_interval=0.0, dead_retry=0.3, retries=0, timeout=3)
+    direct_a = HttpEngine(a.url, TOKEN)
+    b2 = None
+    try:
+        for i in range(3):  # make A busy behind the multi-engine's back: 24 one-candidate passes
+            await direct_a.submit(GenerationRequest(f"busy {i}", n=8))
+        first = await multi.submit(GenerationRequest("routed 1", n=1))
+        assert multi.engine_for(first).base_url == b.url
+        second = await multi.submit(GenerationRequest("routed 2", n=1))
+        assert multi.engine_for(second).base_url == b.url
+        states = [ev.state async for ev in multi.events(first)]
+        assert states[-1] == "done"
+        assert len((await multi.result(second, timeout=5)).images) == 1
+
+        await b.stop()
+        third = await multi.submit(GenerationRequest("while b is down", n=1))
+        assert multi.engine_for(third).base_url == a.url
+        assert multi.backends[1].dead_until > time.monotonic()  # b is skipped for a while
+        assert await multi.cancel(third) is True
+
+        b2 = await start_server(pipeline(), ServerSettings(port=b_port, token=TOKEN, window_ms=0, shutdown_grace=0))
+        await asyncio.sleep(0.35)  # past dead_retry: b is probed again
+        fourth = await multi.submit(GenerationRequest("b is back", n=1))
+        assert multi.engine_for(fourth).base_url == b.url
+        assert len((await multi.result(fourth, timeout=5)).images) == 1
+        with pytest.raises(UnknownRequest):
+            await multi.result("not-routed")
+    finally:
+        await multi.close()
+        await direct_a.close()
+        await a.stop()
+        if b2 is not None:
+            await b2.stop()
+
+
+async def test_multi_engine_with_every_server_down():
+    multi = MultiEngine.from_urls([f"http://127.0.0.1:{free_port()}"], retries=0, timeout=2, dead_retry=10)
+    with pytest.raises(EngineUnavailable, match="no engine service"):
+        await multi.submit(GenerationRequest("anyone?"))
+    with pytest.raises(BadRequest):
+        await multi.submit(GenerationRequest("", n=1))
+    await multi.close()
+
+
+async def test_multi_engine_skips_a_server_that_refuses_its_token():
+    good = await start_server(FakePipeline(), ServerSettings(port=0, token=TOKEN))
+    other = await start_server(FakePipeline(), ServerSettings(port=0, token="another-token"))
+    multi = MultiEngine.from_urls([other.url, good.url], TOKEN, retries=0, timeout=3)
+    try:
+        rid = await multi.submit(GenerationRequest("routed past the refusing server"))
+        assert multi.engine_for(rid).base_url == good.url
+        assert len((await multi.result(rid, timeout=5)).images) == 9
+    finally:
+        await multi.close()
+        await good.stop()
+        await other.stop()
