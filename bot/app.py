@@ -16,12 +16,12 @@ from typing import Any
 import discord
 from discord import app_commands
 from discord.ext import commands
-from store.repository import Repository
 
 from bot.service import EngineUnavailable, GenerationService, _setting, engine_from_settings, open_repository
 from bot.service import service_from_settings as _service_from_settings
 from bot.views import DYNAMIC_ITEMS
 from engine.api import Engine
+from store.repository import Repository
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,15 @@ def main(settings: Any) -> int:
     except EngineUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+    api_base = _setting(settings, "discord_api_base")
+    gateway = _setting(settings, "discord_gateway_url")
+    if api_base:  # test-only: a loopback fake Discord (config accepts loopback URLs only)
+        discord.http.Route.BASE = str(api_base).rstrip("/")
+    if gateway:
+        import yarl
+
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(str(gateway))
 
     async def _run() -> None:
         bot = create_bot(settings, engine)

@@ -20,14 +20,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from store.models import CaseSource, FeedbackKind, FeedbackReason, FlaggedMode, GenerationKind, Status
-from store.repository import NewImage, Repository
-
 from bot.filters import FilterDecision, GuildPolicy, PromptFilter
 from bot.ratelimit import LimitPolicy, RateLimiter
 from bot.ratelimit import _human as _human
 from bot.scheduler import QueuedJob, QueueRefused, Scheduler
 from engine.api import Engine, EngineError, GenerationRequest, GenerationResult, RequestCancelled
+from store.models import CaseSource, FeedbackKind, FeedbackReason, FlaggedMode, GenerationKind, Status
+from store.repository import NewImage, Repository
 
 log = logging.getLogger(__name__)
 
@@ -537,25 +536,31 @@ def _setting(settings: Any, name: str, default: Any = None) -> Any:
 
 
 def engine_from_settings(settings: Any) -> Engine:
-    """The engine the settings ask for: an engine service over HTTP (ENGINE_URL) or the model in-process
-    from CHECKPOINT_DIR. Imported lazily: the front ends never import JAX unless they run the model."""
-    url = _setting(settings, "engine_url")
+    """The engine the settings ask for: engine services over HTTP (ENGINE_MODE=http, ENGINE_URLS) or the model
+    in-process from CHECKPOINT_DIR. Imported lazily: a front end never imports JAX unless it runs the model."""
+    mode = str(_setting(settings, "engine_mode", "inprocess"))
+    urls = list(_setting(settings, "engine_urls", ()) or ())
+    token = _setting(settings, "engine_token")
+    checkpoint = _setting(settings, "checkpoint_dir")
     try:
-        if url:
-            from engine.client import HttpEngine
+        if mode == "http":
+            from engine.client import HttpEngine, MultiEngine
 
-            return HttpEngine(str(url))
-        from engine.client import InProcessEngine
+            if not urls:
+                raise EngineUnavailable("ENGINE_MODE=http needs ENGINE_URLS")
+            return HttpEngine(urls[0], token) if len(urls) == 1 else MultiEngine.from_urls(urls, token)
         from engine.pipeline import load_pipeline
 
-        checkpoint = _setting(settings, "checkpoint_dir")
-        return InProcessEngine(load_pipeline(checkpoint) if checkpoint else load_pipeline())
+        from engine.client import InProcessEngine
+
+        return InProcessEngine(load_pipeline(checkpoint))
+    except EngineUnavailable:
+        raise
     except ImportError as exc:
-        raise EngineUnavailable(f"the engine is not available in this installation ({exc})") from exc
+        raise EngineUnavailable(f"the model engine is not available in this installation ({exc})") from exc
     except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear line
-        where = f" from {_setting(settings, 'checkpoint_dir')}" if not url else f" at {url}"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise EngineUnavailable(f"could not load the model{where}: {first}") from exc
+        raise EngineUnavailable(f"could not load the model from {checkpoint}: {first}") from exc
 
 
 async def open_repository(settings: Any) -> Repository:

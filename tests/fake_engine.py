@@ -138,3 +138,12 @@ class FakeEngine:
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+
+def inprocess_fake_engine():
+    """The real ``InProcessEngine`` (batcher included) over ``engine.fake.FakePipeline``: for subprocess tests
+    (``DALLE_ENGINE_FACTORY=tests.fake_engine:inprocess_fake_engine``)."""
+    from engine.client import InProcessEngine
+    from engine.fake import FakePipeline
+
+    return InProcessEngine(FakePipeline(flag_prompts=("unsafe",)))

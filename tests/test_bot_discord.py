@@ -113,6 +113,8 @@ async def test_dalle_defers_progresses_and_posts_result(fake, db_url, tmp_path):
         assert gen.delivered_at is not None and gen.interaction_token is None
         assert fake.errors == []
     finally:
+        if engine.gate is not None:
+            engine.gate.set()
         await run.stop()
         await repo.close()
 
@@ -261,6 +263,10 @@ async def test_fifty_users_at_once_all_served_fairly(fake, db_url, tmp_path):
         heavy = [await fake.slash("dalle", {"prompt": f"heavy {k}"}, user_id=500) for k in range(5)]
         for r in heavy:
             await _callback(fake, r)
+        for _ in range(200):  # the heavy user's jobs are all queued before anyone else arrives
+            if len(await _rows(repo, Generation)) == 5:
+                break
+            await asyncio.sleep(0.02)
         others = await asyncio.gather(*(fake.slash("dalle", {"prompt": f"user {u}"}, user_id=600 + u)
                                         for u in range(45)))
         cbs = await asyncio.gather(*(_callback(fake, r) for r in others))
@@ -278,5 +284,7 @@ async def test_fifty_users_at_once_all_served_fairly(fake, db_url, tmp_path):
         assert order.index("heavy 4") > max(order.index(f"user {u}") for u in range(45))
         assert fake.errors == []
     finally:
+        if engine.gate is not None:
+            engine.gate.set()
         await run.stop()
         await repo.close()

@@ -11,10 +11,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from sqlalchemy import select
-from store.models import Feedback, Generation, Refusal
-from store.repository import Repository
 
 from bot.local import _parse_dalle, run
+from store.models import Feedback, Generation, Refusal
+from store.repository import Repository
 from tests.fake_engine import FakeEngine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def test_python_m_bot_subprocess_over_stdin(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
     env.update(
         DATABASE_URL=f"sqlite:///{tmp_path / 'sub.db'}", OUTPUT_DIR=str(tmp_path / "outputs"),
-        DALLE_ENGINE_FACTORY="tests.fake_engine:FakeEngine", PYTHONPATH=os.pathsep.join(
+        DALLE_ENGINE_FACTORY="tests.fake_engine:inprocess_fake_engine", PYTHONPATH=os.pathsep.join(
             p for p in [os.environ.get("PYTHONPATH", ""), str(ROOT)] if p),
     )
     if (ROOT / "bot" / "__main__.py").exists():
