@@ -9,9 +9,9 @@ import discord
 import pytest
 import yarl
 from sqlalchemy import select
-from store.models import Feedback, Generation, ModerationCase, Refusal
 
 from bot.app import create_bot
+from store.models import Feedback, Generation, ModerationCase, Refusal
 from tests.botkit import create_schema, make_repo, sqlite_url
 from tests.fake_engine import FakeEngine
 from tests.fakediscord import APP_ID, FakeDiscord
