@@ -184,6 +184,12 @@ class FakeDiscord:
             if not ws.closed:
                 await ws.send_str(frame)
 
+    async def request_reconnect(self) -> None:
+        """op 7 RECONNECT: the client opens a new socket and RESUMEs its session."""
+        for ws in list(self.sockets):
+            if not ws.closed:
+                await ws.send_str(json.dumps({"op": 7, "d": None}))
+
     def _interaction_base(self, itype: int, user_id: int, guild_id: int | None, channel_id: int | None) -> dict:
         iid = self.snowflake()
         token = f"tok-{iid}"

@@ -288,3 +288,72 @@ async def test_fifty_users_at_once_all_served_fairly(fake, db_url, tmp_path):
             engine.gate.set()
         await run.stop()
         await repo.close()
+
+
+async def test_gateway_reconnect_resumes_and_commands_still_work(fake, db_url, tmp_path):
+    repo = make_repo(db_url)
+    run = await start_bot(_settings(tmp_path, sync_commands=False), FakeEngine(), repo)
+    try:
+        await fake.request_reconnect()
+        for _ in range(200):
+            if fake.resumes and fake.sockets:
+                break
+            await asyncio.sleep(0.02)
+        assert fake.resumes and fake.resumes[0]["session_id"] == "session-1" and fake.resumes[0]["token"]
+        assert len(fake.identifies) == 1  # resumed, not re-identified
+        await asyncio.sleep(0.1)
+        await fake.slash("dalle", {"prompt": "a small white boat", "images": 1}, user_id=70)
+        post = await fake.wait_for(_posts(fake))
+        assert post.status == 200 and "a small white boat" in post.json["content"]
+    finally:
+        await run.stop()
+        await repo.close()
+
+
+async def test_expired_token_still_delivers_as_channel_message(fake, db_url, tmp_path):
+    fake.token_ttl = 0.3  # the interaction token dies while the job waits in the queue
+    repo = make_repo(db_url)
+    engine = FakeEngine()
+    engine.gate = asyncio.Event()
+    run = await start_bot(_settings(tmp_path), engine, repo)
+    try:
+        rec = await fake.slash("dalle", {"prompt": "a lonely lighthouse", "images": 2}, user_id=80)
+        await _callback(fake, rec)
+        await asyncio.sleep(0.5)
+        engine.gate.set()
+        post = await fake.wait_for(_posts(fake))
+        assert post.status == 200 and "<@80>" in post.json["content"] and "grid.png" in post.files
+        late = [c for c in fake.errors if rec.token in c.path]
+        assert all(c.status == 401 for c in late)  # only best-effort ack edits were refused
+        await asyncio.sleep(0.1)
+        gen = (await _rows(repo, Generation))[0]
+        assert gen.status == "done" and gen.delivered_at is not None
+    finally:
+        if engine.gate is not None:
+            engine.gate.set()
+        await run.stop()
+        await repo.close()
+
+
+async def test_fake_enforces_the_ack_deadline_and_double_ack(fake):
+    """The fake's own strictness: a late first response is 10062, a second one 40060."""
+    import aiohttp
+
+    fake.ack_deadline = 0.05
+    payload = fake._interaction_base(2, 1, 2000, None)
+    payload["data"] = {"id": "1", "name": "x", "type": 1}
+    rec = await fake.send_interaction(payload)
+    async with aiohttp.ClientSession() as s:
+        url = f"{fake.api_base}/interactions/{rec.id}/{rec.token}/callback"
+        await asyncio.sleep(0.1)
+        async with s.post(url, json={"type": 5}) as r:
+            assert r.status == 404 and (await r.json())["code"] == 10062
+        fake.ack_deadline = 3.0
+        async with s.post(url, json={"type": 5}) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "application/json"
+        async with s.post(url, json={"type": 5}) as r:
+            assert r.status == 400 and (await r.json())["code"] == 40060
+        async with s.get(f"{fake.api_base}/no/such/route") as r:
+            assert r.status == 404
+    assert [c.path for c in fake.unknown] == ["/no/such/route"]
+    fake.unknown.clear()
