@@ -6,25 +6,25 @@ import asyncio
 import hashlib
 
 import pytest
-from store.models import Feedback, ModerationCase, Refusal
 
 from bot.ratelimit import LimitPolicy, RateLimiter, StrikePolicy
 from bot.scheduler import Scheduler
 from bot.service import GenerationService, derive_seed
+from store.models import Feedback, ModerationCase, Refusal
 from tests.botkit import RecordingPublisher, create_schema, make_repo, sqlite_url
 from tests.fake_engine import FakeEngine, colour_for
 
 
 @pytest.fixture
-def db_url(tmp_path):
+def bot_db_url(tmp_path):
     url = sqlite_url(tmp_path)
     create_schema(url)
     return url
 
 
 @pytest.fixture
-async def env(db_url, tmp_path):
-    repo = make_repo(db_url)
+async def env(bot_db_url, tmp_path):
+    repo = make_repo(bot_db_url)
     engine = FakeEngine()
     pub = RecordingPublisher()
     limiter = RateLimiter(policy=LimitPolicy(user="100 per minute", guild="1000 per minute", daily_quota=None))
@@ -182,8 +182,8 @@ async def test_engine_failure_is_recorded_and_published(env):
     assert gen.status == "failed" and "exploded" in gen.error and gen.delivered_at is not None
 
 
-async def test_fair_dispatch_across_users(db_url, tmp_path):
-    repo = make_repo(db_url)
+async def test_fair_dispatch_across_users(bot_db_url, tmp_path):
+    repo = make_repo(bot_db_url)
     engine = FakeEngine(concurrency=1, step_s=0.0)
     pub = RecordingPublisher()
     svc = GenerationService(repo, engine, pub, output_dir=tmp_path / "o", concurrency=1,
@@ -202,8 +202,8 @@ async def test_fair_dispatch_across_users(db_url, tmp_path):
     await repo.close()
 
 
-async def test_restart_resumes_queued_and_interrupted_jobs(db_url, tmp_path):
-    repo = make_repo(db_url)
+async def test_restart_resumes_queued_and_interrupted_jobs(bot_db_url, tmp_path):
+    repo = make_repo(bot_db_url)
     engine = FakeEngine()
     engine.gate = asyncio.Event()  # nothing finishes before the "crash"
     pub = RecordingPublisher()
@@ -220,7 +220,7 @@ async def test_restart_resumes_queued_and_interrupted_jobs(db_url, tmp_path):
     await repo.close()
 
     # a new process: new repository, engine, service
-    repo2 = make_repo(db_url)
+    repo2 = make_repo(bot_db_url)
     engine2 = FakeEngine()
     pub2 = RecordingPublisher()
     svc2 = GenerationService(repo2, engine2, pub2, output_dir=tmp_path / "o", concurrency=2)
@@ -236,8 +236,8 @@ async def test_restart_resumes_queued_and_interrupted_jobs(db_url, tmp_path):
     await repo2.close()
 
 
-async def test_undelivered_results_are_posted_on_start(db_url, tmp_path):
-    repo = make_repo(db_url)
+async def test_undelivered_results_are_posted_on_start(bot_db_url, tmp_path):
+    repo = make_repo(bot_db_url)
     engine = FakeEngine()
     pub = RecordingPublisher()
     pub.fail_next = 1  # Discord was down when the result was ready
@@ -266,3 +266,25 @@ def test_derive_seed_is_stable():
     assert all(0 <= derive_seed(s, i) < 2**31 for s in range(5) for i in range(5))
 
 
+
+
+async def test_lifecycle_on_sqlite_and_postgresql(repo, tmp_path):
+    """The same admit → run → persist → publish path on both databases (``repo`` is migrated by Alembic)."""
+    engine = FakeEngine()
+    pub = RecordingPublisher()
+    svc = GenerationService(repo, engine, pub, output_dir=tmp_path / "out", concurrency=2)
+    await svc.start()
+    try:
+        a = await svc.submit(user_id=1, guild_id=1, prompt="an unsafe red circle", n=3, seed=9)
+        b = await svc.submit(user_id=2, guild_id=1, prompt="b.a.d w0rd f.u.c.k")
+        assert a.ok and not b.ok
+        [o] = await pub.wait_for(1)
+        assert [im.rank for im in o.images] == [0, 1, 2] and sum(im.flagged for im in o.images) == 1
+        fb = await svc.feedback(o.images[0].id, 3, "report", reason="quality")
+        assert fb.ok and fb.case_id
+        assert len(await _rows(repo, ModerationCase)) == 2 and len(await _rows(repo, Refusal)) == 1
+        gen = await repo.get_generation(a.generation_id)
+        assert gen.status == "done" and gen.delivered_at is not None and len(gen.images) == 3
+    finally:
+        await svc.stop()
+        await engine.close()
