@@ -9,7 +9,9 @@ when the original interaction expired). ``close`` stops the workers first, so no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -17,7 +19,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.service import EngineUnavailable, GenerationService, _setting, engine_from_settings, open_repository
+from bot.service import EngineUnavailable, GenerationService, _setting, engine_for_settings, open_repository
 from bot.service import service_from_settings as _service_from_settings
 from bot.views import DYNAMIC_ITEMS
 from engine.api import Engine
@@ -47,6 +49,7 @@ class DalleBot(commands.AutoShardedBot):
         self.shutdown_grace = shutdown_grace
         self.service: GenerationService | None = None
         self.resumed: list[int] = []
+        self._close_task: asyncio.Future | None = None
         self.tree.on_error = self.on_app_command_error  # type: ignore[method-assign]
 
     async def setup_hook(self) -> None:
@@ -99,6 +102,17 @@ class DalleBot(commands.AutoShardedBot):
             log.warning("could not tell the user about the error", exc_info=True)
 
     async def close(self) -> None:
+        """Idempotent: a signal handler and ``async with`` may both call it; the work runs once, to the end."""
+        if self._close_task is None:
+            self._close_task = asyncio.ensure_future(self._close_once())
+        await asyncio.shield(self._close_task)
+
+    async def wait_closed(self) -> None:
+        """Wait until a close that is under way (service stop, database dispose) has finished."""
+        if self._close_task is not None:
+            await asyncio.shield(self._close_task)
+
+    async def _close_once(self) -> None:
         if self.service is not None:
             await self.service.stop(grace=self.shutdown_grace)
         await super().close()
@@ -112,17 +126,14 @@ def create_bot(settings: Any, engine: Engine, **kwargs: Any) -> DalleBot:
 
 
 def main(settings: Any) -> int:
-    """Entry point used by ``python -m bot`` when DISCORD_TOKEN is set. Returns the exit status."""
+    """Entry point used by ``python -m bot`` when DISCORD_TOKEN is set. Returns the exit status.
+
+    SIGTERM and SIGINT close the bot gracefully: workers stop, running jobs get ``shutdown_grace`` seconds
+    and are otherwise put back in the queue for the next start."""
     token = _setting(settings, "discord_token")
     if not token:
         print("error: DISCORD_TOKEN is not set", file=sys.stderr)
         return 2
-    try:
-        engine = engine_from_settings(settings)
-    except EngineUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
     api_base = _setting(settings, "discord_api_base")
     gateway = _setting(settings, "discord_gateway_url")
     if api_base:  # test-only: a loopback fake Discord (config accepts loopback URLs only)
@@ -133,15 +144,24 @@ def main(settings: Any) -> int:
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(str(gateway))
 
     async def _run() -> None:
+        engine = await asyncio.to_thread(engine_for_settings, settings)
         bot = create_bot(settings, engine)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, lambda: asyncio.ensure_future(bot.close()))
         try:
             async with bot:
                 await bot.start(str(token))
         finally:
+            await bot.wait_closed()  # ``async with`` returns once discord.py is closed, before our cleanup is
             await engine.close()
 
     try:
         asyncio.run(_run())
+    except EngineUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except discord.LoginFailure:
         print("error: Discord rejected DISCORD_TOKEN (login failed)", file=sys.stderr)
         return 2

@@ -18,9 +18,7 @@ A bare line without a leading slash is taken as a prompt.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
-import os
 import sys
 from typing import Any, TextIO
 
@@ -29,8 +27,7 @@ from bot.service import (
     GenerationService,
     Outcome,
     ProgressUpdate,
-    _setting,
-    engine_from_settings,
+    engine_for_settings,
     open_repository,
     service_from_settings,
 )
@@ -178,25 +175,12 @@ class LocalFrontEnd:
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout)
 
 
-def _engine_factory(settings: Any) -> Engine:
-    """ENGINE_FACTORY / DALLE_ENGINE_FACTORY = ``module:callable`` (development and tests: e.g. a fake engine),
-    else the configured engine."""
-    spec = _setting(settings, "engine_factory") or os.environ.get("DALLE_ENGINE_FACTORY")
-    if spec:
-        module, _, attr = str(spec).partition(":")
-        try:
-            return getattr(importlib.import_module(module), attr or "create_engine")()
-        except (ImportError, AttributeError) as exc:
-            raise EngineUnavailable(f"engine factory {spec!r} could not be loaded: {exc}") from exc
-    return engine_from_settings(settings)
-
-
 async def run(settings: Any, stdin: TextIO | None = None, out: TextIO | None = None,
               engine: Engine | None = None) -> int:
     stdin = stdin or sys.stdin
     out = out or sys.stdout
     if engine is None:
-        engine = await asyncio.to_thread(_engine_factory, settings)
+        engine = await asyncio.to_thread(engine_for_settings, settings)
     repo = await open_repository(settings)
     publisher = TerminalPublisher(out)
     service = service_from_settings(settings, repo, engine, publisher)

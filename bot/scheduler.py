@@ -33,6 +33,10 @@ class QueueRefused(Exception):
     """The queue will not take the job; ``str(exc)`` is safe to show the user."""
 
 
+class SchedulerClosed(Exception):
+    """``next()`` was waiting when the scheduler was closed (shutdown)."""
+
+
 class _Ring:
     """Round-robin over keys that have work; a key re-joins at the back after each turn."""
 
@@ -169,6 +173,15 @@ class Scheduler:
         self.total_cap = total_cap
         self._running: dict[int, QueuedJob] = {}
         self._changed = asyncio.Event()
+        self.closed = False
+
+    def close(self) -> None:
+        """Wake every ``next()`` waiter with ``SchedulerClosed``; queued jobs stay (they are in the database)."""
+        self.closed = True
+        self._changed.set()
+
+    def reopen(self) -> None:
+        self.closed = False
 
     def check_admission(self, user_id: int) -> None:
         """Raise ``QueueRefused`` if this user (or everyone) has too much queued or running already."""
@@ -199,6 +212,8 @@ class Scheduler:
     async def next(self) -> QueuedJob:
         """Wait for and take the next job; it counts as running until ``done(job_id)``."""
         while True:
+            if self.closed:
+                raise SchedulerClosed
             job = self.queue.pop()
             if job is not None:
                 self._running[job.id] = job

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import importlib
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -23,7 +25,7 @@ from typing import Any, Protocol
 from bot.filters import FilterDecision, GuildPolicy, PromptFilter
 from bot.ratelimit import LimitPolicy, RateLimiter
 from bot.ratelimit import _human as _human
-from bot.scheduler import QueuedJob, QueueRefused, Scheduler
+from bot.scheduler import QueuedJob, QueueRefused, Scheduler, SchedulerClosed
 from engine.api import Engine, EngineError, GenerationRequest, GenerationResult, RequestCancelled
 from store.models import CaseSource, FeedbackKind, FeedbackReason, FlaggedMode, GenerationKind, Status
 from store.repository import NewImage, Repository
@@ -175,6 +177,7 @@ class GenerationService:
         """Requeue interrupted jobs, load every queued job into the fair queue, deliver results that were
         finished but never posted, and start the workers. Returns the ids of the jobs resumed."""
         self._closing = False
+        self.scheduler.reopen()
         await self.repo.requeue_interrupted()
         resumed = []
         for job in await self.repo.queued_generations():
@@ -193,13 +196,15 @@ class GenerationService:
         (status queued) so the next start resumes them. Nothing is left half-recorded: the step that stores
         images and marks the job done runs shielded from cancellation."""
         self._closing = True
+        self.scheduler.close()  # idle workers return; nothing is cancelled in the middle of a database call
         running = list(self._running.values())
         if running:
             _, pending = await asyncio.wait(running, timeout=grace)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        for w in self._workers:
+        _, stuck = await asyncio.wait(self._workers, timeout=5.0) if self._workers else (set(), set())
+        for w in stuck:
             w.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
@@ -374,7 +379,13 @@ class GenerationService:
 
     async def _worker(self, number: int) -> None:
         while not self._closing:
-            job = await self.scheduler.next()
+            try:
+                job = await self.scheduler.next()
+            except SchedulerClosed:
+                return
+            if self._closing:  # not claimed: it stays queued in the database for the next start
+                self.scheduler.done(job.id)
+                return
             await self._notify_positions()
             task = asyncio.create_task(self._run_job(job.id))
             self._running[job.id] = task
@@ -561,6 +572,19 @@ def engine_from_settings(settings: Any) -> Engine:
     except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise EngineUnavailable(f"could not load the model from {checkpoint}: {first}") from exc
+
+
+def engine_for_settings(settings: Any) -> Engine:
+    """ENGINE_FACTORY / DALLE_ENGINE_FACTORY = ``module:callable`` (development and tests: e.g. a fake engine),
+    else the configured engine."""
+    spec = _setting(settings, "engine_factory") or os.environ.get("DALLE_ENGINE_FACTORY")
+    if spec:
+        module, _, attr = str(spec).partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr or "create_engine")()
+        except (ImportError, AttributeError) as exc:
+            raise EngineUnavailable(f"engine factory {spec!r} could not be loaded: {exc}") from exc
+    return engine_from_settings(settings)
 
 
 async def open_repository(settings: Any) -> Repository:

@@ -7,6 +7,7 @@ The items call ``interaction.client.service`` (a ``bot.service.GenerationService
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import math
@@ -38,7 +39,7 @@ async def _queued_reply(interaction: discord.Interaction, adm: Any, what: str) -
         return
     msg = await interaction.edit_original_response(
         content=f"{what} queued, position {adm.position}.", view=CancelView(adm.generation_id))
-    await _service(interaction).repo.update_delivery(adm.generation_id, ack_message_id=msg.id)
+    await asyncio.shield(_service(interaction).repo.update_delivery(adm.generation_id, ack_message_id=msg.id))
 
 
 class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dalle:reroll:(?P<gen>[0-9]+)"):

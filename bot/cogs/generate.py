@@ -8,6 +8,7 @@ a result to the 15-minute token (peers.md #1, #2).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import time
@@ -156,7 +157,8 @@ class Generate(commands.Cog):
             return
         msg = await interaction.edit_original_response(
             content=f"Queued, position {position}. Seed `{adm.seed}`.", view=CancelView(adm.generation_id))
-        await self.service.repo.update_delivery(adm.generation_id, ack_message_id=msg.id)
+        # shielded: a shutdown must not cut a database write in half
+        await asyncio.shield(self.service.repo.update_delivery(adm.generation_id, ack_message_id=msg.id))
 
     @app_commands.command(name="dalle-queue", description="Your queued image requests and their positions")
     async def dalle_queue(self, interaction: discord.Interaction) -> None:
