@@ -64,6 +64,11 @@ class Settings:
     discord_api_base: str | None = None
     discord_gateway_url: str | None = None
 
+    @property
+    def engine_url(self) -> str | None:
+        """The first engine service URL when ENGINE_MODE=http, else None (callers that drive one service)."""
+        return self.engine_urls[0] if self.engine_mode == "http" and self.engine_urls else None
+
     def redacted(self) -> dict[str, Any]:
         """All fields with secrets masked: safe to log."""
         out: dict[str, Any] = {}

@@ -86,7 +86,19 @@ def add_serve(subparsers: Any) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-COMMANDS: list[Callable[[Any], None]] = [add_serve]
+def add_inspect(subparsers: Any) -> None:
+    from engine.inspection import add_inspect as add
+
+    add(subparsers)
+
+
+def add_generate(subparsers: Any) -> None:
+    from engine.generate import add_generate as add
+
+    add(subparsers)
+
+
+COMMANDS: list[Callable[[Any], None]] = [add_serve, add_inspect, add_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("jax").setLevel(max(logging.WARNING, logging.getLogger().level))
     return int(args.func(args) or 0)
 
 

@@ -214,6 +214,8 @@ class VQGANConfig(_FromDict):
     dropout: float = 0.0
     resamp_with_conv: bool = True
     give_pre_end: bool = False
+    # GroupNorm groups (min(norm_groups, channels) per layer); 32 in the published model, fewer for tiny ones
+    norm_groups: int = 32
 
     @property
     def downsample_factor(self) -> int:

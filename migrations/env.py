@@ -78,9 +78,21 @@ def run_migrations_online() -> None:
     engine = make_sync_engine(_database_url())
     try:
         with engine.connect() as conn:
+            is_sqlite = conn.dialect.name == "sqlite"
+            if is_sqlite:
+                # Batch migrations rebuild a table by copy + DROP; with foreign keys on, that DROP would fire
+                # ON DELETE CASCADE / SET NULL on the child tables. The pragma only takes effect outside a
+                # transaction, so it goes straight to the driver before SQLAlchemy begins one.
+                conn.connection.dbapi_connection.execute("PRAGMA foreign_keys = OFF")
             _configure(conn)
             with context.begin_transaction():
                 context.run_migrations()
+            if is_sqlite:
+                problems = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                conn.rollback()
+                conn.connection.dbapi_connection.execute("PRAGMA foreign_keys = ON")
+                if problems:
+                    raise RuntimeError(f"migration left broken foreign keys (table, rowid, parent, fk): {problems[:5]}")
     finally:
         engine.dispose()
 

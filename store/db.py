@@ -6,7 +6,8 @@
 SQLite is made safe for several concurrent async writers: WAL journal (readers never block the writer),
 foreign keys on, a busy timeout, and every transaction opened with ``BEGIN IMMEDIATE`` so a transaction that
 reads and then writes cannot fail with "database is locked" when another writer got in between (a deferred
-transaction's lock upgrade fails at once, without waiting for the busy timeout).
+transaction's lock upgrade fails at once, without waiting for the busy timeout). Read-only sessions can opt
+out with the execution option ``sqlite_begin="DEFERRED"`` (the repository's reads do).
 """
 
 from __future__ import annotations
@@ -120,7 +121,12 @@ def _install_sqlite_pragmas(sync_engine: Engine) -> None:
 
     @event.listens_for(sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # read-only work may ask for a deferred transaction (execution option sqlite_begin="DEFERRED"):
+        # in WAL mode readers then never hold the write lock
+        mode = str(conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")).upper()
+        if mode not in ("DEFERRED", "IMMEDIATE", "EXCLUSIVE"):
+            raise ValueError(f"sqlite_begin must be DEFERRED, IMMEDIATE or EXCLUSIVE; got {mode!r}")
+        conn.exec_driver_sql(f"BEGIN {mode}")
 
 
 def _prepare(url: URL) -> None:
@@ -188,6 +194,17 @@ def alembic_config(url: str | URL | None = None, *, configure_logging: bool = Fa
     return cfg
 
 
+def _has_app_tables(url: str | URL) -> bool:
+    from sqlalchemy import inspect
+
+    engine = make_sync_engine(url)
+    try:
+        with engine.connect() as conn:
+            return bool(set(inspect(conn).get_table_names()) - {"alembic_version"})
+    finally:
+        engine.dispose()
+
+
 def schema_revisions(url: str | URL) -> tuple[set[str], set[str]]:
     """(current revisions in the database, head revisions of the code)."""
     from alembic.runtime.migration import MigrationContext
@@ -234,6 +251,11 @@ def ensure_migrated(url: str | URL, auto: bool) -> bool:
         raise MigrationRequired(
             f"database {shown} is at revision {', '.join(sorted(unknown))}, which this code does not know "
             f"(newer code migrated it?); run a matching version of dalle-bot"
+        )
+    if not current and _has_app_tables(url):
+        raise MigrationRequired(
+            f"database {shown} has tables but no Alembic revision (created outside migrations?); if its schema "
+            f"matches the code run `alembic stamp head`, otherwise point DATABASE_URL at an empty database"
         )
     if not auto:
         now = ", ".join(sorted(current)) or "empty"

@@ -11,7 +11,8 @@ Queue fairness is deliberately NOT decided here: the bot's scheduler reads :meth
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -168,15 +169,17 @@ class Repository:
         engine = make_async_engine(url, **engine_kwargs)
         return cls(async_session_factory(engine), engine)
 
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncSession]:
+        """A session for reads only: on SQLite its transaction is DEFERRED, so it never blocks writers."""
+        async with self.sessions() as s:
+            await s.connection(execution_options={"sqlite_begin": "DEFERRED"})
+            yield s
+
     async def close(self) -> None:
         """Dispose the engine if this repository created it."""
         if self._engine is not None:
             await self._engine.dispose()
-
-    @property
-    def dialect(self) -> str:
-        bind = self.sessions.kw.get("bind")
-        return bind.dialect.name if bind is not None else "unknown"
 
     # --- generations ---------------------------------------------------------------------------------------
 
@@ -233,7 +236,7 @@ class Repository:
         stmt = select(Generation).where(Generation.id == generation_id)
         if with_images:
             stmt = stmt.options(selectinload(Generation.images))
-        async with self.sessions() as s:
+        async with self._read() as s:
             return (await s.execute(stmt)).scalar_one_or_none()
 
     async def set_status(
@@ -311,9 +314,31 @@ class Repository:
         )
         if limit is not None:
             stmt = stmt.limit(limit)
-        async with self.sessions() as s:
+        async with self._read() as s:
             rows = (await s.execute(stmt)).all()
         return [QueuedJob(*row) for row in rows]
+
+    async def queue_position(self, generation_id: int) -> int | None:
+        """1-based FIFO position among queued jobs (an estimate when the scheduler reorders for fairness);
+        None if the job is not queued."""
+        async with self._read() as s:
+            gen = await s.get(Generation, generation_id)
+            if gen is None or gen.status != Status.QUEUED.value:
+                return None
+            ahead = (
+                await s.execute(
+                    select(func.count())
+                    .select_from(Generation)
+                    .where(
+                        Generation.status == Status.QUEUED.value,
+                        or_(
+                            Generation.queued_at < gen.queued_at,
+                            and_(Generation.queued_at == gen.queued_at, Generation.id < gen.id),
+                        ),
+                    )
+                )
+            ).scalar_one()
+        return int(ahead) + 1
 
     async def count_queued(
         self, user_id: int | None = None, *, guild_id: int | None = None, include_running: bool = False
@@ -325,7 +350,7 @@ class Repository:
             stmt = stmt.where(Generation.user_id == user_id)
         if guild_id is not None:
             stmt = stmt.where(Generation.guild_id == guild_id)
-        async with self.sessions() as s:
+        async with self._read() as s:
             return int((await s.execute(stmt)).scalar_one())
 
     async def count_generations_since(
@@ -341,7 +366,7 @@ class Repository:
             stmt = stmt.where(Generation.user_id == user_id)
         if guild_id is not None:
             stmt = stmt.where(Generation.guild_id == guild_id)
-        async with self.sessions() as s:
+        async with self._read() as s:
             return int((await s.execute(stmt)).scalar_one())
 
     async def requeue_interrupted(self) -> list[int]:
@@ -388,7 +413,7 @@ class Repository:
             .options(selectinload(Generation.images))
             .order_by(Generation.finished_at, Generation.id)
         )
-        async with self.sessions() as s:
+        async with self._read() as s:
             return list((await s.execute(stmt)).scalars())
 
     async def list_generations(
@@ -400,7 +425,7 @@ class Repository:
             stmt = stmt.where(Generation.user_id == user_id)
         if status is not None:
             stmt = stmt.where(Generation.status == status)
-        async with self.sessions() as s:
+        async with self._read() as s:
             return list((await s.execute(stmt)).scalars())
 
     async def _update_generation(self, generation_id: int, values: Mapping[str, Any]) -> Generation:
@@ -439,7 +464,7 @@ class Repository:
         return rows
 
     async def get_image(self, image_id: int) -> Image | None:
-        async with self.sessions() as s:
+        async with self._read() as s:
             return await s.get(Image, image_id)
 
     async def set_image_hidden(self, image_id: int, hidden: bool = True) -> Image:
@@ -469,15 +494,15 @@ class Repository:
             "note": note,
             "created_at": utcnow(),
         }
-        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-        stmt = insert(Feedback).values(**values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[Feedback.image_id, Feedback.user_id],
-            index_where=text(where),
-            set_={"kind": stmt.excluded.kind, "reason": stmt.excluded.reason, "note": stmt.excluded.note,
-                  "created_at": stmt.excluded.created_at},
-        ).returning(Feedback.id)
         async with self.sessions.begin() as s:
+            insert = postgresql.insert if s.bind.dialect.name == "postgresql" else sqlite.insert
+            stmt = insert(Feedback).values(**values)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[Feedback.image_id, Feedback.user_id],
+                index_where=text(where),
+                set_={"kind": stmt.excluded.kind, "reason": stmt.excluded.reason, "note": stmt.excluded.note,
+                      "created_at": stmt.excluded.created_at},
+            ).returning(Feedback.id)
             if await s.get(Image, image_id) is None:
                 raise NotFound(f"image {image_id} does not exist")
             fid = (await s.execute(stmt)).scalar_one()
@@ -502,7 +527,7 @@ class Repository:
         """{'up': n, 'down': n, 'report': n} for one image."""
         stmt = select(Feedback.kind, func.count()).where(Feedback.image_id == image_id).group_by(Feedback.kind)
         counts = {k.value: 0 for k in FeedbackKind}
-        async with self.sessions() as s:
+        async with self._read() as s:
             for kind, n in (await s.execute(stmt)).all():
                 counts[kind] = int(n)
         return counts
@@ -533,7 +558,7 @@ class Repository:
             stmt = stmt.where(Refusal.user_id == user_id)
         if since is not None:
             stmt = stmt.where(Refusal.created_at >= since)
-        async with self.sessions() as s:
+        async with self._read() as s:
             return list((await s.execute(stmt)).scalars())
 
     async def feedback_export(
@@ -572,7 +597,7 @@ class Repository:
             for k in kinds:
                 _check_value("kind", k, FeedbackKind)
             stmt = stmt.where(Feedback.kind.in_(list(kinds)))
-        async with self.sessions() as s:
+        async with self._read() as s:
             rows = (await s.execute(stmt)).all()
         out = []
         for fb, generation_id, blob, clip_score, gen in rows:
@@ -654,7 +679,7 @@ class Repository:
 
     async def get_case(self, case_id: int) -> ModerationCase | None:
         stmt = select(ModerationCase).where(ModerationCase.id == case_id).options(selectinload(ModerationCase.actions))
-        async with self.sessions() as s:
+        async with self._read() as s:
             return (await s.execute(stmt)).scalar_one_or_none()
 
     async def list_open_cases(self, limit: int = 50) -> list[ModerationCase]:
@@ -665,7 +690,7 @@ class Repository:
             .order_by(ModerationCase.opened_at, ModerationCase.id)
             .limit(limit)
         )
-        async with self.sessions() as s:
+        async with self._read() as s:
             return list((await s.execute(stmt)).scalars())
 
     async def add_action(
@@ -733,7 +758,7 @@ class Repository:
     # --- guild settings and user state ---------------------------------------------------------------------
 
     async def get_guild_settings(self, guild_id: int) -> GuildSettings | None:
-        async with self.sessions() as s:
+        async with self._read() as s:
             return await s.get(GuildSettings, guild_id)
 
     async def update_guild_settings(self, guild_id: int, **fields: Any) -> GuildSettings:
@@ -749,7 +774,7 @@ class Repository:
         return await self._upsert(GuildSettings, guild_id, fields, {"block_list": [], "allow_list": []})
 
     async def get_user_state(self, user_id: int) -> UserState | None:
-        async with self.sessions() as s:
+        async with self._read() as s:
             return await s.get(UserState, user_id)
 
     async def update_user_state(self, user_id: int, **fields: Any) -> UserState:
@@ -760,15 +785,24 @@ class Repository:
         return await self._upsert(UserState, user_id, fields, {"banned": False, "opted_out": False, "strikes": 0})
 
     async def add_strike(self, user_id: int) -> int:
-        """Increment a user's strike count; returns the new count."""
-        async with self.sessions.begin() as s:
-            state = await s.get(UserState, user_id, with_for_update=True)
-            if state is None:
-                state = UserState(user_id=user_id, banned=False, opted_out=False, strikes=0)
-                s.add(state)
-            state.strikes = (state.strikes or 0) + 1
-            state.updated_at = utcnow()
-        return state.strikes
+        """Increment a user's strike count atomically; returns the new count."""
+        for attempt in range(3):
+            created = False
+            try:
+                async with self.sessions.begin() as s:
+                    state = await s.get(UserState, user_id, with_for_update=True)
+                    if state is None:
+                        created = True
+                        state = UserState(user_id=user_id, banned=False, opted_out=False, strikes=0)
+                        s.add(state)
+                    state.strikes = (state.strikes or 0) + 1
+                    state.updated_at = utcnow()
+                return state.strikes
+            except IntegrityError:
+                if not created or attempt == 2:
+                    raise
+                # another task created the row first: go round and increment it
+        raise AssertionError("unreachable")
 
     async def _upsert(self, model: type, key: int, fields: Mapping[str, Any], defaults: Mapping[str, Any]) -> Any:
         for quota in ("daily_quota", "max_queue_per_user"):
@@ -817,14 +851,14 @@ class Repository:
         return row
 
     async def get_checkpoint(self, checkpoint_id: str) -> Checkpoint | None:
-        async with self.sessions() as s:
+        async with self._read() as s:
             return await s.get(Checkpoint, checkpoint_id)
 
     async def list_checkpoints(self, status: str | None = None) -> list[Checkpoint]:
         stmt = select(Checkpoint).order_by(Checkpoint.created_at, Checkpoint.id)
         if status is not None:
             stmt = stmt.where(Checkpoint.status == status)
-        async with self.sessions() as s:
+        async with self._read() as s:
             return list((await s.execute(stmt)).scalars())
 
     async def update_checkpoint_metrics(self, checkpoint_id: str, metrics: Mapping[str, Any]) -> Checkpoint:
@@ -851,9 +885,18 @@ class Repository:
             row.status = CheckpointStatus.ACTIVE.value
         return row
 
+    async def retire_checkpoint(self, checkpoint_id: str) -> Checkpoint:
+        """Take a checkpoint out of service (an active one leaves no active checkpoint behind)."""
+        async with self.sessions.begin() as s:
+            row = await s.get(Checkpoint, checkpoint_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"checkpoint {checkpoint_id!r} is not registered")
+            row.status = CheckpointStatus.RETIRED.value
+        return row
+
     async def get_active_checkpoint(self) -> Checkpoint | None:
         stmt = select(Checkpoint).where(Checkpoint.status == CheckpointStatus.ACTIVE.value)
-        async with self.sessions() as s:
+        async with self._read() as s:
             return (await s.execute(stmt)).scalar_one_or_none()
 
     async def create_training_run(
@@ -901,5 +944,5 @@ class Repository:
         return row
 
     async def get_training_run(self, run_id: int) -> TrainingRun | None:
-        async with self.sessions() as s:
+        async with self._read() as s:
             return await s.get(TrainingRun, run_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,19 @@ def test_python_m_store_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "store", "current"], cwd=tmp_path, capture_output=True, text=True,
                          env={**env, "DATABASE_URL": "mysql://x@y/z"}, timeout=60)
     assert bad.returncode == 2 and "DATABASE_URL" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ensure_migrated_refuses_unversioned_tables(sqlite_url):
+    engine = make_sync_engine(sqlite_url)
+    Base.metadata.create_all(engine)  # a schema made outside Alembic
+    engine.dispose()
+    with pytest.raises(MigrationRequired, match="alembic stamp head"):
+        ensure_migrated(sqlite_url, auto=True)
+
+
+def test_migrations_do_not_import_application_code():
+    """Revisions must keep working after the models change, so they use plain sqlalchemy types only."""
+    for path in (ROOT / "migrations" / "versions").glob("*.py"):
+        source = path.read_text()
+        assert not re.search(r"^\s*(from|import)\s+(store|bot)\b", source, re.M), path
+        assert "UTCDateTime" not in source, path

@@ -67,6 +67,8 @@ def test_full_configuration():
     assert s.discord_guild_ids == (123, 456) and s.sync_commands is False
     assert s.auto_migrate is False  # PostgreSQL: migrations are an explicit step by default
     assert s.engine_urls == ("http://10.0.0.5:8000", "https://gpu2.example:8443")
+    assert s.engine_url == "http://10.0.0.5:8000"
+    assert load(ENGINE_URLS="http://h:1").engine_url is None  # listed but ENGINE_MODE=inprocess
     assert (s.default_images, s.daily_quota, s.max_queue_per_user, s.max_queue_total) == (4, 0, 3, 500)
     assert s.rate_limit_user == "2/minute;20/day" and s.review_channel_id == 987654321098765432
     assert s.flagged_mode == "withhold" and s.log_level == "DEBUG"
@@ -209,3 +211,12 @@ def test_python_m_bot_migrates_then_dispatches(tmp_path):
     assert (tmp_path / "run.db").exists()
     assert out.returncode == 3
     assert "local front end (bot.local) is not available" in out.stderr
+
+
+def test_python_m_bot_unreachable_database_is_one_line(tmp_path):
+    out = _run_bot({"DATABASE_URL": "postgresql://bot:pg-secret-pw@127.0.0.1:1/dalle", "AUTO_MIGRATE": "true",
+                    "LOG_LEVEL": "ERROR"}, tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("database error: cannot open postgresql://bot:***@127.0.0.1:1")
+    assert "pg-secret-pw" not in out.stderr

@@ -459,3 +459,45 @@ async def test_foreign_keys_enforced(repo):
     with pytest.raises(IntegrityError):
         async with repo.sessions.begin() as s:
             s.add(UserState(user_id=1, strikes=0, daily_quota=-5))
+
+
+async def test_queue_position(repo):
+    a = await repo.create_generation(user_id=1, prompt="a")
+    b = await repo.create_generation(user_id=2, prompt="b")
+    c = await repo.create_generation(user_id=3, prompt="c")
+    assert [await repo.queue_position(g.id) for g in (a, b, c)] == [1, 2, 3]
+    await repo.claim(a.id)
+    assert await repo.queue_position(a.id) is None
+    assert [await repo.queue_position(g.id) for g in (b, c)] == [1, 2]
+    assert await repo.queue_position(10**9) is None
+
+
+async def test_retire_checkpoint(repo):
+    await repo.register_checkpoint("demo", "engine/assets/demo")
+    await repo.set_active_checkpoint("demo")
+    assert (await repo.retire_checkpoint("demo")).status == "retired"
+    assert await repo.get_active_checkpoint() is None
+
+
+async def test_concurrent_strikes_are_not_lost(repo):
+    counts = await asyncio.gather(*(repo.add_strike(4242) for _ in range(20)))
+    assert sorted(counts) == list(range(1, 21))
+    assert (await repo.get_user_state(4242)).strikes == 20
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_token_packing_random_round_trip(seed):
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(x) for x in rng.integers(1, 20, size=int(rng.integers(1, 3))))
+    tokens = rng.integers(0, 32768, size=shape)
+    back = decode_tokens(encode_tokens(tokens))
+    assert back.dtype == np.int16 and np.array_equal(back, tokens.reshape(-1))
+
+
+async def test_open_read_session_does_not_block_writers(repo):
+    """Repository reads use deferred transactions on SQLite: a long read never holds the write lock."""
+    await repo.create_generation(user_id=1, prompt="a")
+    async with repo._read() as s:
+        assert (await s.execute(text("SELECT count(*) FROM generations"))).scalar_one() == 1
+        await asyncio.wait_for(repo.create_generation(user_id=2, prompt="b"), timeout=5)
+    assert await repo.count_queued() == 2

@@ -1,0 +1,622 @@
+"""DalleBart: DALL·E mini's text→image-token encoder–decoder, written as small Flax linen modules.
+
+Architecture (the published setting, ``ln_positions="normformer"``, ``use_glu=True``, ``force_ln_scale=False``):
+
+    encoder: x = LN_emb(tok_emb[ids] + pos_emb[0..T-1]);  L × EncoderLayer;  final_ln (bias only)
+    decoder: y = LN_emb(img_emb[ids] + pos_emb[p]);       L × DecoderLayer;  final_ln (bias only);  y @ lm_head
+
+    EncoderLayer(x):  x += LN_1( SelfAttn( LN_0(x) ) );                x += GLU(x)
+    DecoderLayer(y):  y += LN_1( CausalSelfAttn( LN_0(y) ) );
+                      y += LN_3( CrossAttn( LN_2(y), enc ) );           y += GLU(y)
+    GLU(x)         =  Dense_2( LN_1( gelu(Dense_0 LN_0 x) * Dense_1 LN_0 x ) )
+
+Every LN that feeds a dense layer is bias-only (LN_0, LN_2, GLU LN_0/LN_1, final_ln); the NormFormer post-attention
+LNs and ``layernorm_embedding`` have scale and bias. No dense layer has a bias. LN epsilon 1e-5; attention scale
+1/sqrt(head_dim); GELU is the exact (erf) one.
+
+Parameter names and shapes are those of the published ``flax_model.msgpack`` files, so a checkpoint restores
+directly into this tree. Two layouts exist: *scanned* (``layers/FlaxBartEncoderLayers/...`` with a leading layer
+axis; used when ``config.use_scan``) and *unscanned* (``layers/FlaxBartEncoderLayer_{i}/...``). The module builds
+whichever layout ``config.use_scan`` names; :func:`normalize_layout` converts a tree of either layout to it.
+
+Methods (``model.apply(params, ..., method=...)``):
+    encode(input_ids (B,T) int, attention_mask (B,T))                       -> hidden (B,T,d)
+    decode(decoder_input_ids (B,S), encoder_hidden (B,T,d), encoder_mask)   -> logits (B,S,V+1) float32
+    __call__(input_ids, attention_mask, decoder_input_ids)                  -> logits (B,S,V+1) float32
+    cross_kv(encoder_hidden (B,T,d))                                        -> (K, V), each (L,B,H,T,Dh)
+    decode_step(token (B,), position (), cache, cross_kv, encoder_mask)     -> (logits (B,V+1) f32, new cache)
+Plain methods (no params): ``init_cache(batch, dtype)`` -> {"k","v"} each (L,B,H,image_length,Dh) zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization, traverse_util
+
+from engine.config import DalleBartConfig
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+
+LN_EPS = 1e-5
+MASK_VALUE = -1e9  # added to masked attention scores (computed in float32)
+
+_ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+    "swish": nn.swish,
+    "silu": nn.silu,
+}
+
+
+def _mask_bias(mask: jax.Array) -> jax.Array:
+    """(B,T) 0/1 key mask -> (B,1,1,T) float32 additive bias (0 where kept, MASK_VALUE where masked)."""
+    return jnp.where(mask[:, None, None, :] > 0, 0.0, MASK_VALUE).astype(jnp.float32)
+
+
+def _causal_bias(length: int) -> jax.Array:
+    """(1,1,S,S) float32 bias letting query i see keys 0..i."""
+    idx = jnp.arange(length)
+    return jnp.where(idx[None, :] <= idx[:, None], 0.0, MASK_VALUE).astype(jnp.float32)[None, None]
+
+
+def _heads_first(x: jax.Array) -> jax.Array:
+    """(B,S,H,Dh) -> (B,H,S,Dh)."""
+    return jnp.swapaxes(x, 1, 2)
+
+
+def _layer_norm(use_scale: bool, dtype: Any, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=LN_EPS, use_scale=use_scale, use_bias=True, dtype=dtype, name=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+class FlaxBartAttention(nn.Module):
+    """Multi-head attention with bias-free q/k/v/out projections; scores and softmax in float32.
+
+    ``__call__(x (B,Q,d), kv_in (B,K,d), bias (·,·,Q|1,K) f32) -> (B,Q,d)``; the other methods expose the pieces
+    the cached decoder needs (projecting K/V once, attending to precomputed K/V).
+    """
+
+    config: DalleBartConfig
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        d = self.config.d_model
+        init = nn.initializers.normal(self.config.init_std)
+        dense = lambda: nn.Dense(d, use_bias=False, dtype=self.dtype, kernel_init=init)  # noqa: E731
+        self.q_proj = dense()
+        self.k_proj = dense()
+        self.v_proj = dense()
+        self.out_proj = dense()
+
+    def _split(self, x: jax.Array) -> jax.Array:
+        """(B,N,d) -> (B,N,H,Dh)."""
+        return x.reshape(x.shape[:2] + (self.num_heads, x.shape[-1] // self.num_heads))
+
+    def query(self, x: jax.Array) -> jax.Array:
+        """(B,Q,d) -> scaled queries (B,Q,H,Dh)."""
+        q = self._split(self.q_proj(x))
+        return q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+
+    def kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(B,K,d) -> keys, values, each heads-first (B,H,K,Dh): the layout of the KV caches."""
+        return _heads_first(self._split(self.k_proj(x))), _heads_first(self._split(self.v_proj(x)))
+
+    def output(self, o: jax.Array) -> jax.Array:
+        """(B,Q,H,Dh) -> (B,Q,d)."""
+        return self.out_proj(o.reshape(o.shape[:2] + (-1,)))
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+        """Softmax attention of q (B,Q,H,Dh) over k, v (B,H,K,Dh) with additive bias (·,·,Q|1,K) -> (B,Q,d)."""
+        scores = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return self.output(jnp.einsum("bhqk,bhkd->bqhd", probs, v))
+
+    def attend_cached(
+        self, q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array, v_cache: jax.Array, bias: jax.Array
+    ) -> jax.Array:
+        """One new query (B,1,H,Dh) over the old cache (B,H,S,Dh) (bias (1,1,1,S) hides unwritten slots) and its
+        own key/value (B,H,1,Dh), without writing the cache (used by the scanned layout's decode step)."""
+        s_cache = jnp.einsum("bqhd,bhkd->bhqk", q, k_cache, preferred_element_type=jnp.float32) + bias
+        s_self = jnp.einsum("bqhd,bhqd->bhq", q, k_new, preferred_element_type=jnp.float32)[..., None]
+        probs = jax.nn.softmax(jnp.concatenate([s_cache, s_self], axis=-1), axis=-1)
+        o = jnp.einsum("bhqk,bhkd->bhqd", probs[..., :-1].astype(v_cache.dtype), v_cache)
+        o = o + probs[..., -1:].astype(v_new.dtype) * v_new
+        return self.output(jnp.swapaxes(o, 1, 2))
+
+    def __call__(self, x: jax.Array, kv_in: jax.Array, bias: jax.Array) -> jax.Array:
+        k, v = self.kv(kv_in)
+        return self.attend(self.query(x), k, v, bias)
+
+
+class GLU(nn.Module):
+    """Gated FFN: ``Dense_2( LN_1( act(Dense_0 h) * Dense_1 h ) )`` with ``h = LN_0(x)``; both LNs bias-only.
+
+    (B,N,d) -> (B,N,d); hidden width ``ffn_dim``.
+    """
+
+    config: DalleBartConfig
+    ffn_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        init = nn.initializers.normal(cfg.init_std)
+        scale = cfg.force_ln_scale
+        h = _layer_norm(scale, self.dtype, "LayerNorm_0")(x)
+        w = nn.Dense(self.ffn_dim, use_bias=False, dtype=self.dtype, kernel_init=init, name="Dense_0")(h)
+        w = _ACTIVATIONS[cfg.activation_function](w)
+        v = nn.Dense(self.ffn_dim, use_bias=False, dtype=self.dtype, kernel_init=init, name="Dense_1")(h)
+        h = _layer_norm(scale, self.dtype, "LayerNorm_1")(w * v)
+        return nn.Dense(cfg.d_model, use_bias=False, dtype=self.dtype, kernel_init=init, name="Dense_2")(h)
+
+
+class EncoderLayer(nn.Module):
+    """NormFormer encoder layer. ``(x (B,T,d), bias (B,1,1,T)) -> (x (B,T,d), None)`` (scan-compatible)."""
+
+    config: DalleBartConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array) -> tuple[jax.Array, None]:
+        cfg = self.config
+        h = _layer_norm(cfg.force_ln_scale, self.dtype, "LayerNorm_0")(x)
+        h = FlaxBartAttention(cfg, cfg.encoder_attention_heads, self.dtype, name="FlaxBartAttention_0")(h, h, bias)
+        x = x + _layer_norm(True, self.dtype, "LayerNorm_1")(h)
+        x = x + GLU(cfg, cfg.encoder_ffn_dim, self.dtype, name="GLU_0")(x)
+        return x, None
+
+
+class DecoderLayer(nn.Module):
+    """NormFormer decoder layer; ``mode`` picks the computation over the same parameters (scan-compatible).
+
+    - ``"full"``:     ``(y (B,S,d), enc (B,T,d), enc_bias (B,1,1,T), self_bias (1,1,S,S)) -> (y, None)``
+    - ``"cross_kv"``: ``(enc (B,T,d)) -> (enc, (K, V) each (B,H,T,Dh))``: cross-attention K/V of this layer.
+    - ``"step"``:     ``(y (B,1,d), k_cache, v_cache (B,H,S,Dh), cross_k, cross_v (B,H,T,Dh), enc_bias,
+      cache_bias (1,1,1,S)) -> (y, (k_new, v_new) each (B,H,1,Dh))``: attends to the old cache plus itself and
+      leaves the cache untouched (scanned layout: the caller writes all layers at once).
+    - ``"step_inplace"``: ``(y, k_all, v_all (L,B,H,S,Dh), cross_k, cross_v, enc_bias, self_bias (1,1,1,S),
+      position) -> (y, (k_all, v_all))``: writes this layer's K/V at ``position`` first, then attends (unscanned
+      layout). Write-then-read lets XLA update the loop-carried cache in place; reading the old cache and writing
+      afterwards made it copy the whole cache every step (measured: 1.6-2x slower steps).
+    """
+
+    config: DalleBartConfig
+    dtype: Any = jnp.float32
+    mode: str = "full"
+    layer_index: int = 0  # only for "step_inplace"
+
+    @nn.compact
+    def __call__(self, y: jax.Array, *args: jax.Array) -> tuple[jax.Array, Any]:
+        cfg = self.config
+        heads = cfg.decoder_attention_heads
+        ln0 = _layer_norm(cfg.force_ln_scale, self.dtype, "LayerNorm_0")
+        self_attn = FlaxBartAttention(cfg, heads, self.dtype, name="FlaxBartAttention_0")
+        ln1 = _layer_norm(True, self.dtype, "LayerNorm_1")
+        ln2 = _layer_norm(cfg.force_ln_scale, self.dtype, "LayerNorm_2")
+        cross_attn = FlaxBartAttention(cfg, heads, self.dtype, name="FlaxBartAttention_1")
+        ln3 = _layer_norm(True, self.dtype, "LayerNorm_3")
+        glu = GLU(cfg, cfg.decoder_ffn_dim, self.dtype, name="GLU_0")
+
+        if self.mode == "cross_kv":
+            return y, cross_attn.kv(y)
+        if self.mode == "full":
+            enc, enc_bias, self_bias = args
+            h = ln0(y)
+            y = y + ln1(self_attn(h, h, self_bias))
+            y = y + ln3(cross_attn(ln2(y), enc, enc_bias))
+            return y + glu(y), None
+        if self.mode == "step":
+            k_cache, v_cache, cross_k, cross_v, enc_bias, cache_bias = args
+            h = ln0(y)
+            q = self_attn.query(h)
+            k_new, v_new = self_attn.kv(h)
+            k_new, v_new = k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype)
+            y = y + ln1(self_attn.attend_cached(q, k_new, v_new, k_cache, v_cache, cache_bias))
+            y = y + ln3(cross_attn.attend(cross_attn.query(ln2(y)), cross_k, cross_v, enc_bias))
+            return y + glu(y), (k_new, v_new)
+        if self.mode == "step_inplace":
+            k_all, v_all, cross_k, cross_v, enc_bias, self_bias, position = args
+            h = ln0(y)
+            q = self_attn.query(h)
+            k_new, v_new = self_attn.kv(h)
+            start = (self.layer_index, 0, 0, position, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k_new.astype(k_all.dtype)[None], start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v_new.astype(v_all.dtype)[None], start)
+            y = y + ln1(self_attn.attend(q, k_all[self.layer_index], v_all[self.layer_index], self_bias))
+            y = y + ln3(cross_attn.attend(cross_attn.query(ln2(y)), cross_k, cross_v, enc_bias))
+            return y + glu(y), (k_all, v_all)
+        raise ValueError(f"unknown DecoderLayer mode {self.mode!r}")
+
+
+def _run_layers(
+    parent: nn.Module,
+    layer_cls: type[nn.Module],
+    prefix: str,
+    num_layers: int,
+    carry: jax.Array,
+    per_layer: tuple[jax.Array, ...],
+    broadcast: tuple[jax.Array, ...],
+    **layer_kwargs: Any,
+) -> tuple[jax.Array, Any]:
+    """Apply ``num_layers`` layers in the layout the config names; returns (carry, per-layer outputs stacked on axis 0).
+
+    Scanned: one ``nn.scan`` module ``{prefix}s`` whose params carry a leading layer axis. Unscanned: modules
+    ``{prefix}_{i}``. ``per_layer`` arrays have a leading layer axis (sliced per layer); ``broadcast`` are shared.
+    """
+    cfg: DalleBartConfig = parent.config  # type: ignore[attr-defined]
+    cls = layer_cls
+    if cfg.gradient_checkpointing and layer_kwargs.get("mode", "full") == "full":
+        cls = nn.remat(layer_cls, prevent_cse=not cfg.use_scan)
+    if cfg.use_scan:
+        scanned = nn.scan(
+            cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0,) * len(per_layer) + (nn.broadcast,) * len(broadcast),
+            length=num_layers,
+        )
+        return scanned(parent.config, parent.dtype, name=f"{prefix}s", **layer_kwargs)(  # type: ignore[attr-defined]
+            carry, *per_layer, *broadcast
+        )
+    outs = []
+    for i in range(num_layers):
+        layer = cls(parent.config, parent.dtype, name=f"{prefix}_{i}", **layer_kwargs)  # type: ignore[attr-defined]
+        carry, out = layer(carry, *(a[i] for a in per_layer), *broadcast)
+        outs.append(out)
+    stacked = None if outs[0] is None else jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    return carry, stacked
+
+
+class EncoderLayers(nn.Module):
+    """Container named ``layers`` holding the encoder layers in the configured layout."""
+
+    config: DalleBartConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+        x, _ = _run_layers(self, EncoderLayer, "FlaxBartEncoderLayer", self.config.encoder_layers, x, (), (bias,))
+        return x
+
+
+class DecoderLayers(nn.Module):
+    """Container named ``layers`` holding the decoder layers; ``mode`` (static) as in :class:`DecoderLayer`."""
+
+    config: DalleBartConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, y: jax.Array, per_layer: tuple, broadcast: tuple, mode: str = "full") -> tuple[jax.Array, Any]:
+        cfg = self.config
+        if mode == "step_inplace":
+            if cfg.use_scan:
+                raise ValueError("step_inplace needs the unscanned layout")
+            k_all, v_all, cross_k, cross_v = per_layer
+            for i in range(cfg.decoder_layers):
+                layer = DecoderLayer(cfg, self.dtype, mode=mode, layer_index=i, name=f"FlaxBartDecoderLayer_{i}")
+                y, (k_all, v_all) = layer(y, k_all, v_all, cross_k[i], cross_v[i], *broadcast)
+            return y, (k_all, v_all)
+        return _run_layers(
+            self, DecoderLayer, "FlaxBartDecoderLayer", self.config.decoder_layers, y, per_layer, broadcast, mode=mode
+        )
+
+
+class Encoder(nn.Module):
+    """Text encoder: ``(input_ids (B,T), attention_mask (B,T)) -> (B,T,d)``; T <= ``max_text_length``."""
+
+    config: DalleBartConfig
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        cfg = self.config
+        init = nn.initializers.normal(cfg.init_std)
+        self.embed_tokens = nn.Embed(cfg.encoder_vocab_size, cfg.d_model, dtype=self.dtype, embedding_init=init)
+        self.embed_positions = nn.Embed(cfg.max_text_length, cfg.d_model, dtype=self.dtype, embedding_init=init)
+        self.layernorm_embedding = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype)
+        self.layers = EncoderLayers(cfg, self.dtype)
+        self.final_ln = nn.LayerNorm(epsilon=LN_EPS, use_scale=self.config.force_ln_scale, dtype=self.dtype)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        t = input_ids.shape[1]
+        if t > self.config.max_text_length:
+            raise ValueError(f"text length {t} exceeds max_text_length {self.config.max_text_length}")
+        x = self.embed_tokens(input_ids) + self.embed_positions(jnp.arange(t))[None]
+        x = self.layernorm_embedding(x)
+        x = self.layers(x, _mask_bias(attention_mask))
+        return self.final_ln(x)
+
+
+class Decoder(nn.Module):
+    """Image-token decoder up to (not including) ``lm_head``; returns final hidden states."""
+
+    config: DalleBartConfig
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        cfg = self.config
+        init = nn.initializers.normal(cfg.init_std)
+        self.embed_tokens = nn.Embed(cfg.image_vocab_size + 1, cfg.d_model, dtype=self.dtype, embedding_init=init)
+        self.embed_positions = nn.Embed(cfg.image_length, cfg.d_model, dtype=self.dtype, embedding_init=init)
+        self.layernorm_embedding = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype)
+        self.layers = DecoderLayers(cfg, self.dtype)
+        self.final_ln = nn.LayerNorm(epsilon=LN_EPS, use_scale=self.config.force_ln_scale, dtype=self.dtype)
+
+    def __call__(self, ids: jax.Array, enc: jax.Array, enc_mask: jax.Array) -> jax.Array:
+        """(B,S) ids at positions 0..S-1, enc (B,T,d), enc_mask (B,T) -> hidden (B,S,d)."""
+        s = ids.shape[1]
+        if s > self.config.image_length:
+            raise ValueError(f"decoder length {s} exceeds image_length {self.config.image_length}")
+        y = self.layernorm_embedding(self.embed_tokens(ids) + self.embed_positions(jnp.arange(s))[None])
+        y, _ = self.layers(y, (), (enc, _mask_bias(enc_mask), _causal_bias(s)))
+        return self.final_ln(y)
+
+    def cross_kv(self, enc: jax.Array) -> tuple[jax.Array, jax.Array]:
+        _, (k, v) = self.layers(enc, (), (), mode="cross_kv")
+        return k, v
+
+    def step(
+        self, token: jax.Array, position: jax.Array, cache: Cache, cross: tuple[jax.Array, jax.Array], enc_mask
+    ) -> tuple[jax.Array, Cache]:
+        """token (B,) at ``position`` -> (hidden (B,d), cache with this position's K/V written)."""
+        cache_len = cache["k"].shape[3]
+        y = self.embed_tokens(token[:, None]) + self.embed_positions(jnp.reshape(position, (1,)))[None]
+        y = self.layernorm_embedding(y)
+        slots = jnp.arange(cache_len)
+        per_layer = (cache["k"], cache["v"], cross[0], cross[1])
+        enc_bias = _mask_bias(enc_mask)
+        if not self.config.use_scan:
+            self_bias = jnp.where(slots <= position, 0.0, MASK_VALUE).astype(jnp.float32)[None, None, None]
+            y, (k_all, v_all) = self.layers(y, per_layer, (enc_bias, self_bias, position), mode="step_inplace")
+            return self.final_ln(y)[:, 0], {"k": k_all, "v": v_all}
+        cache_bias = jnp.where(slots < position, 0.0, MASK_VALUE).astype(jnp.float32)[None, None, None]
+        y, (k_new, v_new) = self.layers(y, per_layer, (enc_bias, cache_bias), mode="step")
+        start = (0, 0, 0, position, 0)
+        new_cache = {
+            "k": jax.lax.dynamic_update_slice(cache["k"], k_new.astype(cache["k"].dtype), start),
+            "v": jax.lax.dynamic_update_slice(cache["v"], v_new.astype(cache["v"].dtype), start),
+        }
+        return self.final_ln(y)[:, 0], new_cache
+
+
+class BartModel(nn.Module):
+    """The ``model`` sub-tree: encoder + decoder."""
+
+    config: DalleBartConfig
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        self.encoder = Encoder(self.config, self.dtype)
+        self.decoder = Decoder(self.config, self.dtype)
+
+
+class DalleBart(nn.Module):
+    """DALL·E mini/Mega encoder–decoder. See the module docstring for the methods and their shapes.
+
+    ``dtype`` is the compute dtype (float32, bfloat16 or float16); params are used in whatever dtype they are
+    stored in (see :func:`load_dallebart_params` / :func:`cast_params`). Logits are always float32.
+    """
+
+    config: DalleBartConfig
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.model = BartModel(cfg, self.dtype)
+        self.lm_head = nn.Dense(
+            cfg.image_vocab_size + 1, use_bias=False, dtype=self.dtype, kernel_init=nn.initializers.normal(cfg.init_std)
+        )
+
+    def _logits(self, hidden: jax.Array) -> jax.Array:
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def encode(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """input_ids (B,T) int32, attention_mask (B,T) 0/1 -> encoder hidden (B,T,d)."""
+        return self.model.encoder(input_ids, attention_mask)
+
+    def decode(self, decoder_input_ids: jax.Array, encoder_hidden: jax.Array, encoder_mask: jax.Array) -> jax.Array:
+        """Full (non-cached) causal decoder: ids (B,S) at positions 0..S-1 -> logits (B,S,V+1) float32."""
+        return self._logits(self.model.decoder(decoder_input_ids, encoder_hidden, encoder_mask))
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, decoder_input_ids: jax.Array) -> jax.Array:
+        """Training forward: encode + decode -> logits (B,S,V+1) float32."""
+        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+
+    def cross_kv(self, encoder_hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Cross-attention keys and values of every decoder layer, computed once per request: each (L,B,H,T,Dh)."""
+        return self.model.decoder.cross_kv(encoder_hidden)
+
+    def decode_step(
+        self,
+        token: jax.Array,
+        position: jax.Array,
+        cache: Cache,
+        cross_kv: tuple[jax.Array, jax.Array],
+        encoder_mask: jax.Array,
+    ) -> tuple[jax.Array, Cache]:
+        """One cached decoder step.
+
+        token (B,) int32 at ``position`` (scalar int, 0-based; the start token is at 0); cache {"k","v"} each
+        (L,B,H,image_length,Dh) holding positions < ``position``; cross_kv from :meth:`cross_kv`; encoder_mask
+        (B,T). Returns (logits (B,V+1) float32, cache with ``position`` written).
+        """
+        hidden, new_cache = self.model.decoder.step(token, position, cache, cross_kv, encoder_mask)
+        return self._logits(hidden), new_cache
+
+    def init_cache(self, batch: int, dtype: Any = None) -> Cache:
+        """Empty KV cache: {"k","v"} each (decoder_layers, batch, heads, image_length, head_dim) zeros.
+
+        Heads before positions: the per-step attention then reads the cache without transposing it (the
+        ``(L,B,S,H,Dh)`` order cost a transpose of every layer's cache every step, ≈2× slower steps on CPU).
+        """
+        cfg = self.config
+        shape = (cfg.decoder_layers, batch, cfg.decoder_attention_heads, cfg.image_length, cfg.head_dim)
+        dtype = dtype or self.dtype
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Params: init, shapes, layouts, loading
+# ----------------------------------------------------------------------------------------------
+
+
+def init_params(config: DalleBartConfig, rng: jax.Array, dtype: Any = jnp.float32) -> Params:
+    """Random params (``init_std`` normal kernels/embeddings, LN scale 1 / bias 0) in the config's layout."""
+    model = DalleBart(config)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    params = model.init(rng, ids, jnp.ones((1, 1), jnp.int32), ids)["params"]
+    return cast_params(params, dtype)
+
+
+def param_shapes(config: DalleBartConfig) -> Params:
+    """The param tree as ``jax.ShapeDtypeStruct`` leaves (float32), computed without allocating."""
+    return jax.eval_shape(lambda r: init_params(config, r), jax.random.PRNGKey(0))
+
+
+def count_params(tree: Params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def cast_params(params: Params, dtype: Any) -> Params:
+    """Cast every floating leaf to ``dtype`` (None keeps stored dtypes)."""
+    if dtype is None:
+        return params
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+_SCANNED = {"encoder": "FlaxBartEncoderLayers", "decoder": "FlaxBartDecoderLayers"}
+_UNSCANNED = {
+    "encoder": re.compile(r"^FlaxBartEncoderLayer_(\d+)$"),
+    "decoder": re.compile(r"^FlaxBartDecoderLayer_(\d+)$"),
+}
+
+
+def _unwrap(tree: Mapping) -> dict:
+    tree = dict(tree)
+    if set(tree) == {"params"}:
+        tree = dict(tree["params"])
+    return tree
+
+
+def _layers_of(tree: Mapping, side: str) -> Mapping:
+    try:
+        return tree["model"][side]["layers"]
+    except (KeyError, TypeError):
+        raise ValueError(f"param tree has no 'model/{side}/layers' (not a DalleBart checkpoint?)") from None
+
+
+def _replace_layers(tree: Mapping, side: str, layers: dict) -> dict:
+    out = dict(tree)
+    out["model"] = dict(tree["model"])
+    out["model"][side] = dict(tree["model"][side])
+    out["model"][side]["layers"] = layers
+    return out
+
+
+def _is_scanned(layers: Mapping, side: str) -> bool:
+    if _SCANNED[side] in layers:
+        return True
+    if any(_UNSCANNED[side].match(k) for k in layers):
+        return False
+    raise ValueError(f"model/{side}/layers has neither {_SCANNED[side]} nor {_SCANNED[side][:-1]}_<i> entries")
+
+
+def scan_params(tree: Mapping) -> Params:
+    """Unscanned layout (``FlaxBart*Layer_{i}``) -> scanned (``FlaxBart*Layers``, leading layer axis)."""
+    tree = _unwrap(tree)
+    for side in ("encoder", "decoder"):
+        layers = _layers_of(tree, side)
+        if _is_scanned(layers, side):
+            continue
+        by_index = sorted(((int(_UNSCANNED[side].match(k).group(1)), v) for k, v in layers.items()))
+        if [i for i, _ in by_index] != list(range(len(by_index))):
+            raise ValueError(f"model/{side}/layers: layer indices are not 0..{len(by_index) - 1}")
+        first = traverse_util.flatten_dict(dict(by_index[0][1]), sep="/")
+        for i, layer in by_index[1:]:
+            flat = traverse_util.flatten_dict(dict(layer), sep="/")
+            for name in sorted(set(first) | set(flat)):
+                if name not in flat or name not in first or np.shape(flat[name]) != np.shape(first[name]):
+                    raise ValueError(
+                        f"cannot stack model/{side}/layers: parameter {_SCANNED[side][:-1]}_{i}/{name} differs "
+                        f"from layer 0 (shape {np.shape(flat.get(name))} vs {np.shape(first.get(name))})"
+                    )
+        stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[v for _, v in by_index])
+        tree = _replace_layers(tree, side, {_SCANNED[side]: stacked})
+    return tree
+
+
+def unscan_params(tree: Mapping) -> Params:
+    """Scanned layout -> unscanned (one sub-tree per layer, no leading axis)."""
+    tree = _unwrap(tree)
+    for side in ("encoder", "decoder"):
+        layers = _layers_of(tree, side)
+        if not _is_scanned(layers, side):
+            continue
+        stacked = layers[_SCANNED[side]]
+        n = jax.tree.leaves(stacked)[0].shape[0]
+        per = {f"{_SCANNED[side][:-1]}_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}
+        tree = _replace_layers(tree, side, per)
+    return tree
+
+
+def normalize_layout(tree: Mapping, config: DalleBartConfig) -> Params:
+    """Either published layout -> the layout the module builds for ``config`` (scanned iff ``config.use_scan``)."""
+    return scan_params(tree) if config.use_scan else unscan_params(tree)
+
+
+def _check_shapes(tree: Mapping, expected: Mapping) -> None:
+    got = traverse_util.flatten_dict(dict(tree), sep="/")
+    want = traverse_util.flatten_dict(dict(expected), sep="/")
+    for path in sorted(set(want) | set(got)):
+        if path not in got:
+            raise ValueError(f"checkpoint is missing parameter {path} (expected shape {tuple(want[path].shape)})")
+        if path not in want:
+            raise ValueError(f"checkpoint has unexpected parameter {path} (shape {tuple(np.shape(got[path]))})")
+        if tuple(np.shape(got[path])) != tuple(want[path].shape):
+            raise ValueError(
+                f"parameter {path} has shape {tuple(np.shape(got[path]))}, config expects {tuple(want[path].shape)}"
+            )
+
+
+def load_dallebart_params(
+    path_or_tree: str | Path | Mapping, config: DalleBartConfig, dtype: Any = None
+) -> Params:
+    """Load a published-layout DalleBart param tree and check it against ``config``.
+
+    ``path_or_tree``: a ``flax_model.msgpack`` file, a directory holding one, or an already restored nested dict
+    (optionally wrapped in ``{"params": ...}``). Either layout is accepted; the result is in the layout of
+    ``config.use_scan``, cast to ``dtype`` (None keeps the stored dtype), as ``jax.Array`` leaves. A missing,
+    unexpected or mis-shaped parameter raises ``ValueError`` naming the first such path (sorted order).
+    """
+    if isinstance(path_or_tree, Mapping):
+        tree = path_or_tree
+    else:
+        path = Path(path_or_tree)
+        if path.is_dir():
+            path = path / "flax_model.msgpack"
+        if not path.is_file():
+            raise FileNotFoundError(f"no DalleBart checkpoint at {path}")
+        tree = serialization.msgpack_restore(path.read_bytes())
+    tree = _unwrap(tree)
+    scanned = {_is_scanned(_layers_of(tree, side), side) for side in ("encoder", "decoder")}
+    if len(scanned) == 1:  # check in the file's own layout first, so errors name the file's paths
+        _check_shapes(tree, param_shapes(dataclasses.replace(config, use_scan=scanned.pop())))
+    tree = normalize_layout(tree, config)
+    _check_shapes(tree, param_shapes(config))
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype) if dtype is not None else jnp.asarray(x), tree)

@@ -1,0 +1,372 @@
+"""Prompts → candidates → VQGAN decode → CLIP rank → safety: the engine's model side in one object.
+
+A checkpoint is a directory with one sub-directory per model, each in its published layout, so the
+published DALL·E mini / Mega, VQGAN and CLIP files drop in unchanged (README: "Using the published weights")::
+
+    CHECKPOINT/
+      dallebart/   config.json, flax_model.msgpack (or *.safetensors), tokenizer.json or vocab.json+merges.txt
+      vqgan/       config.json, flax_model.msgpack
+      clip/        config.json, flax_model.msgpack / model.safetensors / pytorch_model.bin, tokenizer files
+      safety.json  optional: CLIP safety concepts (engine.safety)
+      checkpoint.json  optional: {"id": "..."} (default id: the directory name)
+
+:class:`ModelPipeline` implements :class:`engine.api.Pipeline`: one :meth:`generate` call samples every
+candidate of several requests in ONE sampling pass (the batcher merges users' requests), then decodes,
+scores and ranks them per request. Candidate ``i`` of a request uses the random stream ``(seed, i)``, so
+results do not depend on what else was in the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from engine import weights
+from engine.api import GeneratedImage, GenerationRequest, GenerationResult, RequestCancelled
+from engine.config import CLIPConfig, DalleBartConfig, VQGANConfig
+from engine.models import clip as clip_model
+from engine.models import vqgan as vqgan_model
+from engine.models.dallebart import load_dallebart_params
+from engine.safety import SafetyChecker
+from engine.sampling import DEFAULT_BUCKETS, Sampler, bucket_for
+from engine.text import CLIPTokenizer, DalleBartTokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "demo"
+
+
+class CheckpointMissing(FileNotFoundError):
+    """The checkpoint directory (or one of its parts) does not exist."""
+
+
+class _Abort(Exception):
+    """Raised from the sampler's chunk hook when every request of the pass was cancelled."""
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 → PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1] → uint8 (rounded, clipped)."""
+    return np.clip(np.rint(np.asarray(images, np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    dtype: str = "float32"  # DalleBart weights and activations; logits and guidance are always float32
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    chunk_size: int = 32  # tokens per jitted chunk when progress is reported
+    vqgan_dtype: str = "float32"
+    use_clip: bool = True
+
+
+class ModelPipeline:
+    """The real :class:`engine.api.Pipeline` over DalleBart + VQGAN (+ CLIP ranking and safety)."""
+
+    def __init__(
+        self,
+        *,
+        dallebart_config: DalleBartConfig,
+        dallebart_params: Any,
+        tokenizer: DalleBartTokenizer,
+        vqgan_config: VQGANConfig,
+        vqgan_params: Any,
+        clip_config: CLIPConfig | None = None,
+        clip_params: Any = None,
+        clip_tokenizer: CLIPTokenizer | None = None,
+        safety: SafetyChecker | None = None,
+        checkpoint_id: str = "checkpoint",
+        options: PipelineOptions = PipelineOptions(),
+    ) -> None:
+        self.config = dallebart_config
+        self.options = options
+        self.checkpoint_id = checkpoint_id
+        self.batch_buckets = tuple(sorted(options.buckets))
+        self.tokenizer = tokenizer
+        self.sampler = Sampler(
+            None,
+            dallebart_params,
+            dallebart_config,
+            dtype=weights.as_dtype(options.dtype),
+            buckets=self.batch_buckets,
+            chunk_size=options.chunk_size,
+        )
+        if vqgan_config.grid_size**2 != dallebart_config.image_length:
+            raise ValueError(
+                f"VQGAN grid {vqgan_config.grid_size}x{vqgan_config.grid_size} does not match DalleBart "
+                f"image_length {dallebart_config.image_length}"
+            )
+        if dallebart_config.num_image_codes > vqgan_config.n_embed:
+            raise ValueError("DalleBart emits more image codes than the VQGAN codebook has")
+        self.vqgan_config = vqgan_config
+        vq = vqgan_model.VQModel(
+            vqgan_config, norm_groups=vqgan_config.norm_groups, dtype=weights.as_dtype(options.vqgan_dtype)
+        )
+        self._vq_params = vqgan_params
+        self._decode = jax.jit(lambda p, t: vq.apply({"params": p}, t, clip=True, method=vq.decode_code))
+
+        self.clip_config = clip_config if options.use_clip else None
+        self.clip_tokenizer = clip_tokenizer
+        self._clip_params = clip_params
+        if self.clip_config is not None:
+            if clip_params is None or clip_tokenizer is None:
+                raise ValueError("CLIP ranking needs CLIP params and a CLIP tokenizer")
+            cm = clip_model.CLIPModel(self.clip_config)
+            size = self.clip_config.vision_config.image_size
+            self._image_features = jax.jit(
+                lambda p, x: cm.apply({"params": p}, clip_model.preprocess(x, size), method=cm.get_image_features)
+            )
+            self._text_features = jax.jit(
+                lambda p, ids, m: cm.apply({"params": p}, ids, m, method=cm.get_text_features)
+            )
+        self.safety = safety or SafetyChecker.disabled()
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    @property
+    def image_length(self) -> int:
+        return self.config.image_length
+
+    def decode_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """(B, image_length) codes → (B, H, W, 3) float32 in [0, 1]; padded to a bucket to reuse compiles."""
+        tokens = np.asarray(tokens, np.int32)
+        n = tokens.shape[0]
+        bucket = bucket_for(n, self.batch_buckets) if n <= max(self.batch_buckets) else n
+        padded = np.concatenate([tokens, np.repeat(tokens[:1], bucket - n, axis=0)]) if bucket > n else tokens
+        return np.asarray(self._decode(self._vq_params, jnp.asarray(padded)))[:n]
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """CLIP text embeddings (N, projection_dim), L2-normalised."""
+        enc = self.clip_tokenizer(texts)
+        feats = np.asarray(self._text_features(self._clip_params, enc["input_ids"], enc["attention_mask"]))
+        return feats / np.maximum(np.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
+
+    def embed_images(self, images: np.ndarray) -> np.ndarray:
+        """CLIP image embeddings (N, projection_dim) of [0, 1] images, L2-normalised."""
+        n = images.shape[0]
+        bucket = bucket_for(n, self.batch_buckets) if n <= max(self.batch_buckets) else n
+        padded = np.concatenate([images, np.repeat(images[:1], bucket - n, axis=0)]) if bucket > n else images
+        feats = np.asarray(self._image_features(self._clip_params, jnp.asarray(padded)))[:n]
+        return feats / np.maximum(np.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
+
+    def _preview(self, tokens_so_far: np.ndarray, row: int) -> bytes:
+        """A progress preview: decode one candidate with the not-yet-sampled positions set to code 0."""
+        full = np.zeros((1, self.image_length), np.int32)
+        full[0, : tokens_so_far.shape[1]] = tokens_so_far[row]
+        return png_bytes(to_uint8(self.decode_tokens(full)[0]))
+
+    # ------------------------------------------------------------------------------------------ Pipeline
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_progress: Callable[[str, int, int, bytes | None], None] | None = None,
+        should_cancel: Callable[[str], bool] | None = None,
+    ) -> list[GenerationResult]:
+        """Sample every candidate of ``requests`` in one pass; results in request order (cancelled ones dropped)."""
+        if not requests:
+            return []
+        t_start = time.perf_counter()
+        owners: list[int] = []  # row → request position
+        indices: list[int] = []
+        for pos, req in enumerate(requests):
+            req.validate()
+            first = int(getattr(req, "first_index", 0))
+            owners.extend([pos] * req.n)
+            indices.extend(range(first, first + req.n))
+        rows = len(owners)
+        if rows > max(self.batch_buckets):
+            raise ValueError(f"{rows} candidates exceed the largest batch bucket {max(self.batch_buckets)}")
+        owner = np.asarray(owners)
+        text = self.tokenizer([r.prompt for r in requests])
+        uncond = self.tokenizer.unconditional(rows)
+        p = [r.params for r in requests]
+        seeds = np.array([requests[o].seed for o in owners], dtype=object)
+
+        first_row = {pos: owners.index(pos) for pos in range(len(requests))}
+        next_preview = {pos: r.preview_every for pos, r in enumerate(requests) if r.preview_every > 0}
+        total = self.image_length
+
+        def on_chunk(done: int, tokens_so_far: np.ndarray) -> None:
+            if should_cancel is not None and all(should_cancel(r.request_id) for r in requests):
+                raise _Abort
+            if on_progress is None:
+                return
+            for pos, req in enumerate(requests):
+                preview = None
+                if pos in next_preview and (done >= next_preview[pos] or done == total):
+                    preview = self._preview(tokens_so_far, first_row[pos])
+                    while next_preview[pos] <= done:
+                        next_preview[pos] += req.preview_every
+                on_progress(req.request_id, done, total, preview)
+
+        t0 = time.perf_counter()
+        try:
+            tokens = self.sampler.sample(
+                text["input_ids"][owner],
+                text["attention_mask"][owner],
+                uncond["input_ids"],
+                uncond["attention_mask"],
+                seeds,
+                np.asarray(indices),
+                scale=np.array([p[o].condition_scale for o in owners], np.float32),
+                top_k=np.array([p[o].top_k for o in owners], np.int32),
+                top_p=np.array([p[o].top_p for o in owners], np.float32),
+                temperature=np.array([p[o].temperature for o in owners], np.float32),
+                on_chunk=on_chunk if (on_progress is not None or should_cancel is not None) else None,
+            )
+        except _Abort:
+            raise RequestCancelled("every request of the pass was cancelled") from None
+        t_sample = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        images = self.decode_tokens(tokens)
+        t_decode = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if self.clip_config is not None:
+            img_emb = self.embed_images(images)
+            txt_emb = self.embed_texts([r.prompt for r in requests])
+            scale = float(np.exp(np.asarray(self._clip_params["logit_scale"])))
+            clip_scores = scale * np.einsum("nd,nd->n", img_emb, txt_emb[owner])
+            verdicts = self.safety.check(img_emb)
+        else:
+            clip_scores = np.zeros(rows, np.float32)
+            verdicts = SafetyChecker.disabled().check(np.zeros((rows, 1), np.float32))
+        t_rank = time.perf_counter() - t0
+
+        pixels = to_uint8(images)
+        results = []
+        for pos, req in enumerate(requests):
+            if should_cancel is not None and should_cancel(req.request_id):
+                continue
+            mine = np.flatnonzero(owner == pos)
+            order = sorted(mine, key=lambda r: (-float(clip_scores[r]), indices[r]))
+            imgs = [
+                GeneratedImage(
+                    index=indices[r],
+                    rank=rank,
+                    png=png_bytes(pixels[r]),
+                    tokens=tokens[r].astype(np.int16),
+                    clip_score=float(clip_scores[r]),
+                    safety=dict(verdicts[r].scores),
+                    flagged=verdicts[r].flagged,
+                )
+                for rank, r in enumerate(order)
+            ]
+            results.append(
+                GenerationResult(
+                    request_id=req.request_id,
+                    prompt=req.prompt,
+                    seed=req.seed,
+                    images=imgs,
+                    checkpoint_id=self.checkpoint_id,
+                    timings={
+                        "sample_s": t_sample,
+                        "decode_s": t_decode,
+                        "rank_s": t_rank,
+                        "total_s": time.perf_counter() - t_start,
+                        "batch_candidates": float(rows),
+                    },
+                )
+            )
+        return results
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def checkpoint_id_of(directory: Path) -> str:
+    meta = directory / "checkpoint.json"
+    if meta.is_file():
+        try:
+            value = json.loads(meta.read_text()).get("id")
+            if value:
+                return str(value)
+        except (OSError, json.JSONDecodeError):
+            log.warning("%s is not valid JSON; using the directory name as checkpoint id", meta)
+    return directory.resolve().name
+
+
+def load_pipeline(checkpoint_dir: str | Path | None = None, **opts: Any) -> ModelPipeline:
+    """Load a checkpoint directory (see the module docstring) into a ready :class:`ModelPipeline`.
+
+    ``opts`` are :class:`PipelineOptions` fields (``dtype``, ``buckets``, ``chunk_size``, ``use_clip``...).
+    Raises :class:`CheckpointMissing` for a missing directory or part, ``engine.config.ConfigError`` or
+    ``engine.weights.CheckpointError`` for a malformed one, each with a message naming the file.
+    """
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else DEFAULT_CHECKPOINT
+    unknown = set(opts) - {f.name for f in dataclasses.fields(PipelineOptions)}
+    if unknown:
+        raise TypeError(f"unknown pipeline option(s): {', '.join(sorted(unknown))}")
+    if "buckets" in opts:
+        opts["buckets"] = tuple(int(b) for b in opts["buckets"])
+    options = PipelineOptions(**opts)
+    for part in ("dallebart", "vqgan"):
+        if not (directory / part / "config.json").is_file():
+            raise CheckpointMissing(f"{directory}: no {part}/config.json (is this a checkpoint directory?)")
+
+    db_dir = directory / "dallebart"
+    db_config = DalleBartConfig.from_json(db_dir)
+    # the sampler decodes with per-layer params: load straight into that layout (no second copy of the weights)
+    db_params = load_dallebart_params(db_dir, dataclasses.replace(db_config, use_scan=False))
+    tokenizer = DalleBartTokenizer.from_dir(db_dir, max_length=db_config.max_text_length,
+                                            normalize=db_config.normalize_text)
+
+    vq_dir = directory / "vqgan"
+    vq_config = VQGANConfig.from_json(vq_dir)
+    vq = vqgan_model.VQModel(vq_config, norm_groups=vq_config.norm_groups)
+    grid = vq_config.grid_size
+    vq_shapes = jax.eval_shape(
+        lambda r: vq.init(r, jnp.zeros((1, grid * grid), jnp.int32), method=vq.decode_code)["params"],
+        jax.random.PRNGKey(0),
+    )
+    vq_params = weights.load_params(vq_dir, vq_shapes, dtype=options.vqgan_dtype, drop_unexpected=True)
+
+    clip_cfg = clip_params = clip_tok = None
+    clip_dir = directory / "clip"
+    if options.use_clip and (clip_dir / "config.json").is_file():
+        clip_cfg = CLIPConfig.from_json(clip_dir)
+        cm = clip_model.CLIPModel(clip_cfg)
+        clip_shapes = jax.eval_shape(
+            lambda r: cm.init(r, *clip_model.dummy_inputs(clip_cfg))["params"], jax.random.PRNGKey(0)
+        )
+        clip_params = weights.load_params(clip_dir, clip_shapes, dtype="float32")
+        clip_tok = CLIPTokenizer.from_dir(clip_dir, max_length=clip_cfg.text_config.max_position_embeddings)
+    elif options.use_clip:
+        log.warning("%s has no clip/ part: images are not ranked or safety-checked", directory)
+        options = dataclasses.replace(options, use_clip=False)
+
+    pipeline = ModelPipeline(
+        dallebart_config=db_config,
+        dallebart_params=db_params,
+        tokenizer=tokenizer,
+        vqgan_config=vq_config,
+        vqgan_params=vq_params,
+        clip_config=clip_cfg,
+        clip_params=clip_params,
+        clip_tokenizer=clip_tok,
+        checkpoint_id=checkpoint_id_of(directory),
+        options=options,
+    )
+    safety_file = directory / "safety.json"
+    if safety_file.is_file() and clip_cfg is not None:
+        pipeline.safety = SafetyChecker.from_file(safety_file, pipeline.embed_texts)
+    return pipeline

@@ -1,0 +1,420 @@
+"""Sampling engine: all ``image_length`` image tokens for a batch of candidates in one jitted loop.
+
+Per candidate row ``i`` the decoder runs two branches, conditional (the prompt) and unconditional (the empty
+prompt), stacked in ONE batch of ``2B`` decoder rows, interleaved ``[c0, u0, c1, u1, ...]`` so that sharding the
+batch axis keeps a candidate's pair on one device. Each step (see :func:`process_logits`):
+
+    logits = uncond + scale · (cond − uncond)             # super-conditioning, float32
+    logits = logits[:num_image_codes] / temperature        # never emit start/padding ids
+    keep the top_k largest (0 = off), then the smallest nucleus with mass >= top_p (1.0 = off)
+    token  = categorical(fold_in(fold_in(key(seed), index), step), logits)
+
+The random stream of a candidate depends only on ``(seed, index)``, so a candidate gets the same tokens alone or
+batched with other requests, in any row, at any batch bucket. Sampling parameters are per-row arrays: rows of
+different requests share one compiled program.
+
+Speed (see the jax-stack notes): encoder and cross-attention K/V run once per call; the self-attention K/V cache
+is static ``(L, 2B, H, image_length, Dh)`` written in place (write-then-read, so XLA never copies it); the whole
+step loop is one ``lax.scan`` inside one ``jax.jit`` (or a few chunks of it when a progress hook is given);
+params are jit arguments, never constants; top-k ranks with ``lax.top_k`` instead of a sort when it can.
+Decoding uses the unscanned (per-layer) param layout: measured faster than slicing stacked kernels in a scan.
+Programs are compiled ahead of time per (bucket, text length, dtype) and shared by samplers of one config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.config import DalleBartConfig
+from engine.models.dallebart import DalleBart, cast_params, normalize_layout
+
+DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+
+ChunkHook = Callable[[int, np.ndarray], Any]
+
+
+def bucket_for(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """Smallest bucket >= n; ValueError if n < 1 or n exceeds the largest bucket."""
+    if n < 1:
+        raise ValueError(f"batch size must be >= 1, got {n}")
+    for b in sorted(buckets):
+        if b >= n:
+            return int(b)
+    raise ValueError(f"batch size {n} exceeds the largest batch bucket {max(buckets)}")
+
+
+FAST_TOP_K = 256  # rows with top_k <= this are filtered with lax.top_k instead of a full sort (≈30× cheaper)
+
+
+def _filter_ranked(x: jax.Array, ranked: jax.Array, k: jax.Array, top_k_on: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Top-k then top-p on x (B,V) given its W largest values per row, descending (W >= every active k)."""
+    w = ranked.shape[-1]
+    k = jnp.clip(k, 1, w)
+    kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)
+    x = jnp.where(top_k_on[:, None] & (x < kth), -jnp.inf, x)
+    # nucleus over the top-k survivors: keep ranks whose preceding mass is < top_p (the first is always kept)
+    in_k = jnp.arange(w)[None, :] < k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_k, ranked, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    n_keep = jnp.maximum(jnp.sum((mass_before < top_p[:, None]) & in_k, axis=-1), 1)
+    threshold = jnp.take_along_axis(ranked, (n_keep - 1)[:, None], axis=-1)
+    return jnp.where((top_p < 1.0)[:, None] & (x < threshold), -jnp.inf, x)
+
+
+def process_logits(
+    cond: jax.Array,
+    uncond: jax.Array,
+    scale: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+) -> jax.Array:
+    """Super-conditioning, temperature, top-k and top-p on one step's logits (in that order, as the reference).
+
+    cond, uncond: (B,V) logits of the two branches (any float dtype); scale, temperature, top_p: (B,) float;
+    top_k: (B,) int (0 or >= V = off); top_p >= 1 = off. Returns (B,V) float32 logits, ``-inf`` outside the kept
+    set. Ties at the top-k / top-p threshold are kept. When every row's filter fits in the ``FAST_TOP_K`` largest
+    values, only those are ranked (``lax.top_k``); otherwise the rows are fully sorted.
+    """
+    cond = cond.astype(jnp.float32)
+    uncond = uncond.astype(jnp.float32)
+    x = uncond + scale.astype(jnp.float32)[:, None] * (cond - uncond)
+    x = x / temperature.astype(jnp.float32)[:, None]
+    v = x.shape[-1]
+    top_k = top_k.astype(jnp.int32)
+    top_p = top_p.astype(jnp.float32)
+    top_k_on = (top_k > 0) & (top_k < v)
+    k = jnp.where(top_k_on, top_k, v)
+    fast_width = min(FAST_TOP_K, v)
+    # a row fits the fast path if its top-k is small, or if it filters nothing at all
+    fits = (top_k_on & (top_k <= fast_width)) | (~top_k_on & (top_p >= 1.0))
+    return jax.lax.cond(
+        jnp.all(fits),
+        lambda: _filter_ranked(x, jax.lax.top_k(x, fast_width)[0], k, top_k_on, top_p),
+        lambda: _filter_ranked(x, -jnp.sort(-x, axis=-1), k, top_k_on, top_p),
+    )
+
+
+def candidate_keys(seed_hi: jax.Array, seed_lo: jax.Array, index: jax.Array) -> jax.Array:
+    """Per-candidate base keys ``fold_in(key(seed), index)``; seed split into uint32 halves (equals PRNGKey(seed))."""
+    data = jnp.stack([seed_hi.astype(jnp.uint32), seed_lo.astype(jnp.uint32)], axis=-1)
+    base = jax.random.wrap_key_data(data, impl="threefry2x32")
+    return jax.vmap(jax.random.fold_in)(base, index.astype(jnp.uint32))
+
+
+def split_seeds(seeds: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Python/numpy seeds in [0, 2**64) -> (hi, lo) uint32 arrays."""
+    s = np.asarray([int(x) for x in np.ravel(seeds)], dtype=object)
+    if any(x < 0 or x >= 2**64 for x in s):
+        raise ValueError("seeds must be in [0, 2**64)")
+    hi = np.asarray([x >> 32 for x in s], dtype=np.uint32)
+    lo = np.asarray([x & 0xFFFFFFFF for x in s], dtype=np.uint32)
+    return hi, lo
+
+
+@dataclasses.dataclass
+class _RowParams:
+    """Per-row inputs after padding to the bucket (numpy, host side)."""
+
+    enc_ids: np.ndarray
+    enc_mask: np.ndarray
+    uncond_ids: np.ndarray
+    uncond_mask: np.ndarray
+    seed_hi: np.ndarray
+    seed_lo: np.ndarray
+    indices: np.ndarray
+    scale: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+    temperature: np.ndarray
+
+
+class _Programs:
+    """The traced sampling functions for one (decode config, dtype); jitted once and shared by every Sampler.
+
+    They depend on shapes, config and dtype only (params are arguments), so samplers of different checkpoints
+    with the same config reuse the compiled programs.
+    """
+
+    def __init__(self, config: DalleBartConfig, dtype: Any) -> None:
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.model = DalleBart(config, dtype=self.dtype)
+        self.prepare_jit = jax.jit(self.prepare)
+        self.chunk_jit = jax.jit(self.chunk, static_argnames=("n_steps", "collect"), donate_argnums=(1,))
+        self.run_all_jit = jax.jit(self.run_all, static_argnames=("collect",))
+        self._jitted = {"prepare": self.prepare_jit, "chunk": self.chunk_jit, "run_all": self.run_all_jit}
+        self._executables: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+
+    def executable(self, name: str, *args: Any, **static: Any) -> Any:
+        """The compiled program for ``name`` at these argument shapes (arrays or ShapeDtypeStructs), cached.
+
+        Compiling ahead of time (see :meth:`Sampler.warmup`) and running the cached executable means a request
+        never waits for a compile once its bucket is warm.
+        """
+        leaves, treedef = jax.tree.flatten(args)
+        key = (name, tuple(sorted(static.items())), treedef, tuple((x.shape, jnp.dtype(x.dtype)) for x in leaves))
+        with self._lock:
+            exe = self._executables.get(key)
+            if exe is None:
+                exe = self._jitted[name].lower(*args, **static).compile()
+                self._executables[key] = exe
+        return exe
+
+    def call(self, name: str, *args: Any, **static: Any) -> Any:
+        return self.executable(name, *args, **static)(*args)
+
+    @property
+    def num_compiled(self) -> int:
+        return len(self._executables)
+
+    def prepare(self, params, enc_ids, enc_mask, uncond_ids, uncond_mask, seed_hi, seed_lo, indices):
+        """Encode both branches (interleaved rows), project cross K/V once, make an empty cache and row keys."""
+        b, t = enc_ids.shape
+        ids = jnp.stack([enc_ids, uncond_ids], axis=1).reshape(2 * b, t)
+        mask = jnp.stack([enc_mask, uncond_mask], axis=1).reshape(2 * b, t)
+        variables = {"params": params}
+        hidden = self.model.apply(variables, ids, mask, method=DalleBart.encode)
+        cross = self.model.apply(variables, hidden, method=DalleBart.cross_kv)
+        return {
+            "cache": self.model.init_cache(2 * b, self.dtype),
+            "cross": cross,
+            "mask": mask,
+            "token": jnp.full((b,), self.config.decoder_start_token_id, jnp.int32),
+            "keys": jax.random.key_data(candidate_keys(seed_hi, seed_lo, indices)),
+        }
+
+    def chunk(self, params, state, start, scale, top_k, top_p, temperature, *, n_steps: int, collect: bool):
+        """Run ``n_steps`` decoder steps from position ``start``; returns (state, tokens (B,n), [logits])."""
+        n_codes = self.config.num_image_codes
+        keys = jax.random.wrap_key_data(state["keys"], impl="threefry2x32")
+        variables = {"params": params}
+
+        def step(carry, position):
+            cache, token = carry
+            logits, cache = self.model.apply(
+                variables, jnp.repeat(token, 2), position, cache, state["cross"], state["mask"],
+                method=DalleBart.decode_step,
+            )
+            pair = logits[:, :n_codes].reshape(token.shape[0], 2, n_codes)
+            x = process_logits(pair[:, 0], pair[:, 1], scale, temperature, top_k, top_p)
+            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, position.astype(jnp.uint32))
+            token = jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32)
+            return (cache, token), ((token, logits) if collect else (token, None))
+
+        positions = start + jnp.arange(n_steps, dtype=jnp.int32)
+        (cache, token), (tokens, logits) = jax.lax.scan(step, (state["cache"], state["token"]), positions)
+        state = dict(state, cache=cache, token=token)
+        return state, tokens.T, (None if logits is None else jnp.swapaxes(logits, 0, 1))
+
+    def run_all(self, params, rows: dict, *, collect: bool):
+        state = self.prepare(
+            params, rows["enc_ids"], rows["enc_mask"], rows["uncond_ids"], rows["uncond_mask"],
+            rows["seed_hi"], rows["seed_lo"], rows["indices"],
+        )
+        _, tokens, logits = self.chunk(
+            params, state, jnp.int32(0), rows["scale"], rows["top_k"], rows["top_p"], rows["temperature"],
+            n_steps=self.config.image_length, collect=collect,
+        )
+        return tokens, logits
+
+
+
+@functools.lru_cache(maxsize=16)
+def _programs(config: DalleBartConfig, dtype_name: str) -> _Programs:
+    return _Programs(config, jnp.dtype(dtype_name))
+
+
+class Sampler:
+    """Samples image tokens for batches of candidates with a DalleBart; one compiled program per bucket.
+
+    ``Sampler(model, params, config, dtype=jnp.float32, *, buckets=DEFAULT_BUCKETS, chunk_size=32)``:
+    ``model`` may be None or a :class:`DalleBart` (only its ``dtype`` is used when ``dtype`` is None); ``params``
+    in either published layout (converted once to the unscanned layout, cast to ``dtype``). ``chunk_size`` is the
+    number of steps per jitted chunk when a progress hook is given.
+    """
+
+    def __init__(
+        self,
+        model: DalleBart | None,
+        params: Any,
+        config: DalleBartConfig,
+        dtype: Any = None,
+        *,
+        buckets: Sequence[int] = DEFAULT_BUCKETS,
+        chunk_size: int = 32,
+    ) -> None:
+        if dtype is None:
+            dtype = model.dtype if model is not None else jnp.float32
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.buckets = tuple(sorted(int(b) for b in buckets))
+        self.chunk_size = max(1, min(int(chunk_size), config.image_length))
+        self._decode_config = dataclasses.replace(config, use_scan=False, gradient_checkpointing=False)
+        self._progs = _programs(self._decode_config, self.dtype.name)
+        self.model = self._progs.model
+        tree = params["params"] if set(params) == {"params"} else params
+        self.params = jax.tree.map(jnp.asarray, cast_params(normalize_layout(tree, self._decode_config), self.dtype))
+
+    # -------------------------------------------------------------------------------- host side
+
+    def _pad_rows(self, **arrays: Any) -> tuple[int, int, _RowParams]:
+        n = int(np.shape(arrays["enc_ids"])[0])
+        bucket = bucket_for(n, self.buckets)
+        out = {}
+        for name, value in arrays.items():
+            a = np.asarray(value)
+            if a.shape[0] != n:
+                raise ValueError(f"{name} has {a.shape[0]} rows, expected {n}")
+            pad = np.repeat(a[:1], bucket - n, axis=0)
+            out[name] = np.concatenate([a, pad], axis=0)
+        return n, bucket, _RowParams(**out)
+
+    def _rows(
+        self, enc_ids, enc_mask, uncond_ids, uncond_mask, seeds, indices, scale, top_k, top_p, temperature
+    ) -> tuple[int, dict[str, jax.Array]]:
+        enc_ids = np.asarray(enc_ids, np.int32)
+        if enc_ids.ndim != 2:
+            raise ValueError(f"enc_ids must be (B, T), got shape {enc_ids.shape}")
+        b, t = enc_ids.shape
+        if t > self.config.max_text_length:
+            raise ValueError(f"text length {t} exceeds max_text_length {self.config.max_text_length}")
+        for name, arr in (("enc_mask", enc_mask), ("uncond_ids", uncond_ids), ("uncond_mask", uncond_mask)):
+            if np.shape(arr) != (b, t):
+                raise ValueError(f"{name} must have shape {(b, t)}, got {np.shape(arr)}")
+        temperature = np.broadcast_to(np.asarray(temperature, np.float32), (b,))
+        if np.any(temperature <= 0):
+            raise ValueError("temperature must be > 0")
+        top_p = np.broadcast_to(np.asarray(top_p, np.float32), (b,))
+        if np.any((top_p <= 0) | (top_p > 1)):
+            raise ValueError("top_p must be in (0, 1]")
+        top_k = np.broadcast_to(np.asarray(top_k, np.int64), (b,))
+        if np.any(top_k < 0):
+            raise ValueError("top_k must be >= 0")
+        hi, lo = split_seeds(np.broadcast_to(np.asarray(seeds, dtype=object), (b,)))
+        n, _, rows = self._pad_rows(
+            enc_ids=enc_ids,
+            enc_mask=np.asarray(enc_mask, np.int32),
+            uncond_ids=np.asarray(uncond_ids, np.int32),
+            uncond_mask=np.asarray(uncond_mask, np.int32),
+            seed_hi=hi,
+            seed_lo=lo,
+            indices=np.broadcast_to(np.asarray(indices, np.int64), (b,)).astype(np.uint32),
+            scale=np.broadcast_to(np.asarray(scale, np.float32), (b,)),
+            top_k=np.minimum(top_k, self.config.num_image_codes).astype(np.int32),
+            top_p=top_p,
+            temperature=temperature,
+        )
+        return n, {k: jnp.asarray(v) for k, v in dataclasses.asdict(rows).items()}
+
+    def warmup(self, buckets: Sequence[int] | None = None, *, chunked: bool = False) -> int:
+        """Compile (without running) the programs for ``buckets`` (default: all) at text length ``max_text_length``.
+
+        ``chunked=True`` compiles the progress-hook path (prepare + chunk programs) instead of the single loop.
+        Returns how many programs this sampler's config/dtype now has compiled.
+        """
+        t = self.config.max_text_length
+        for bucket in buckets or self.buckets:
+            ids = np.ones((bucket, t), np.int32)
+            _, rows = self._rows(ids, ids, ids, ids, [0] * bucket, [0] * bucket, 10.0, 50, 1.0, 1.0)
+            if not chunked:
+                self._progs.executable("run_all", self.params, rows, collect=False)
+                continue
+            prep_args = (self.params, rows["enc_ids"], rows["enc_mask"], rows["uncond_ids"], rows["uncond_mask"],
+                         rows["seed_hi"], rows["seed_lo"], rows["indices"])
+            self._progs.executable("prepare", *prep_args)
+            state = jax.eval_shape(self._progs.prepare_jit, *prep_args)
+            sizes = {min(self.chunk_size, self.config.image_length - d)
+                     for d in range(0, self.config.image_length, self.chunk_size)}
+            for steps in sorted(sizes):
+                self._progs.executable(
+                    "chunk", self.params, state, jnp.int32(0), rows["scale"], rows["top_k"], rows["top_p"],
+                    rows["temperature"], n_steps=steps, collect=False,
+                )
+        return self._progs.num_compiled
+
+    def sample(
+        self,
+        enc_ids: Any,
+        enc_mask: Any,
+        uncond_ids: Any,
+        uncond_mask: Any,
+        seeds: Any,
+        indices: Any,
+        scale: Any = 10.0,
+        top_k: Any = 50,
+        top_p: Any = 1.0,
+        temperature: Any = 1.0,
+        on_chunk: ChunkHook | None = None,
+    ) -> np.ndarray:
+        """Sample ``image_length`` codes per row.
+
+        enc_ids, enc_mask, uncond_ids, uncond_mask: (B,T) int; seeds (B,) ints in [0, 2**64); indices (B,)
+        candidate indices; scale, top_p, temperature (B,) float and top_k (B,) int (scalars broadcast).
+        ``on_chunk(steps_done, tokens_so_far (B, steps_done) int32)`` is called after every ``chunk_size`` steps
+        (raise from it to abort; the next chunk is already running when it is called). Returns tokens
+        (B, image_length) int32, each < ``config.num_image_codes``.
+        """
+        tokens, _ = self._sample(
+            enc_ids, enc_mask, uncond_ids, uncond_mask, seeds, indices, scale, top_k, top_p, temperature,
+            on_chunk=on_chunk, collect=False,
+        )
+        return tokens
+
+    def sample_with_logits(self, *args: Any, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`sample` but also returns each step's raw decoder logits (B, 2, image_length, V+1) float32.
+
+        ``[:, 0]`` is the conditional branch and ``[:, 1]`` the unconditional one; for tests and debugging.
+        """
+        tokens, logits = self._sample(*args, collect=True, **kwargs)
+        n = tokens.shape[0]
+        return tokens, logits.reshape(n, 2, *logits.shape[1:])
+
+    def _sample(
+        self, enc_ids, enc_mask, uncond_ids, uncond_mask, seeds, indices, scale=10.0, top_k=50, top_p=1.0,
+        temperature=1.0, on_chunk: ChunkHook | None = None, collect: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        n, rows = self._rows(enc_ids, enc_mask, uncond_ids, uncond_mask, seeds, indices, scale, top_k, top_p,
+                             temperature)
+        if on_chunk is None:
+            tokens, logits = self._progs.call("run_all", self.params, rows, collect=collect)
+            logits_np = None if logits is None else np.asarray(logits)[: 2 * n]
+            return np.asarray(tokens)[:n], logits_np
+        state = self._progs.call(
+            "prepare",
+            self.params, rows["enc_ids"], rows["enc_mask"], rows["uncond_ids"], rows["uncond_mask"],
+            rows["seed_hi"], rows["seed_lo"], rows["indices"],
+        )
+        # one chunk of look-ahead: chunk k+1 is dispatched (asynchronously) before the hook sees chunk k, so the
+        # device never idles while the hook runs; a hook that raises stops after at most one extra chunk
+        done, token_parts, logit_parts, pending = 0, [], [], None
+        length = self.config.image_length
+        while done < length or pending is not None:
+            launched = None
+            if done < length:
+                steps = min(self.chunk_size, length - done)
+                state, tokens, logits = self._progs.call(
+                    "chunk",
+                    self.params, state, jnp.int32(done), rows["scale"], rows["top_k"], rows["top_p"],
+                    rows["temperature"], n_steps=steps, collect=collect,
+                )
+                done += steps
+                launched = (done, tokens, logits)
+            if pending is not None:
+                upto, tokens_k, logits_k = pending
+                token_parts.append(np.asarray(tokens_k)[:n])
+                if collect:
+                    logit_parts.append(np.asarray(logits_k)[: 2 * n])
+                on_chunk(upto, np.concatenate(token_parts, axis=1))
+            pending = launched
+        logits_np = np.concatenate(logit_parts, axis=1) if collect else None
+        return np.concatenate(token_parts, axis=1), logits_np

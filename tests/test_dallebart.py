@@ -1,0 +1,247 @@
+"""DalleBart: published param counts/names, checkpoint layouts, cache correctness, parity with min-dalle."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import serialization, traverse_util
+
+from engine.config import preset
+from engine.models.dallebart import (
+    DalleBart,
+    count_params,
+    load_dallebart_params,
+    normalize_layout,
+    param_shapes,
+    scan_params,
+    unscan_params,
+)
+from tests.helpers_dallebart import random_params, tiny_config, torch_state_dict, write_checkpoint
+
+
+@functools.cache
+def _forward(config, dtype=jnp.float32):
+    """One jitted training forward per (config, dtype), shared by the tests (compiles once)."""
+    return jax.jit(DalleBart(config, dtype=dtype).apply)
+
+
+def _inputs(config, batch=2, text_len=None, seed=1):
+    rng = np.random.default_rng(seed)
+    t = text_len or config.max_text_length
+    ids = rng.integers(3, config.encoder_vocab_size, size=(batch, t)).astype(np.int32)
+    mask = np.ones((batch, t), np.int32)
+    for b in range(batch):  # row b keeps 4 + 3b tokens; the rest is padding (id 1, mask 0)
+        keep = min(t, 4 + 3 * b)
+        ids[b, keep:] = 1
+        mask[b, keep:] = 0
+    dec = rng.integers(0, config.num_image_codes, size=(batch, config.image_length)).astype(np.int32)
+    dec[:, 0] = config.decoder_start_token_id
+    return jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(dec)
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes and layouts
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "expected"), [("mini", 437_833_712), ("mega", 2_587_521_024)])
+def test_published_param_counts(name, expected):
+    shapes = param_shapes(preset(name))
+    assert count_params(shapes) == expected
+    flat = traverse_util.flatten_dict(shapes, sep="/")
+    cfg = preset(name)
+    assert flat["lm_head/kernel"].shape == (cfg.d_model, cfg.image_vocab_size + 1)
+    layer = "model/decoder/layers/FlaxBartDecoderLayers"
+    assert flat[f"{layer}/GLU_0/Dense_0/kernel"].shape == (cfg.decoder_layers, cfg.d_model, cfg.decoder_ffn_dim)
+    assert f"{layer}/LayerNorm_0/scale" not in flat and f"{layer}/LayerNorm_1/scale" in flat
+    assert "model/encoder/final_ln/scale" not in flat and "model/encoder/layernorm_embedding/scale" in flat
+
+
+def test_unscanned_layout_names_and_roundtrip():
+    cfg = tiny_config()
+    params = random_params(cfg)
+    flat_un = traverse_util.flatten_dict(unscan_params(params), sep="/")
+    unscanned_shapes = param_shapes(dataclasses.replace(cfg, use_scan=False))
+    assert set(flat_un) == set(traverse_util.flatten_dict(unscanned_shapes, sep="/"))
+    assert flat_un["model/encoder/layers/FlaxBartEncoderLayer_1/GLU_0/Dense_2/kernel"].shape == (48, 64)
+    back = scan_params(unscan_params(params))
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # normalize_layout is idempotent and follows config.use_scan
+    assert "FlaxBartDecoderLayers" in normalize_layout(params, cfg)["model"]["decoder"]["layers"]
+    un = normalize_layout(params, dataclasses.replace(cfg, use_scan=False))
+    assert "FlaxBartDecoderLayer_0" in un["model"]["decoder"]["layers"]
+
+
+@pytest.mark.parametrize("scanned_file", [True, False])
+def test_checkpoint_loads_in_both_layouts_with_identical_outputs(tmp_path, scanned_file):
+    cfg = tiny_config()
+    params = random_params(cfg, seed=3)
+    ids, mask, dec = _inputs(cfg)
+    ref = _forward(cfg)({"params": params}, ids, mask, dec)
+    path = write_checkpoint(tmp_path / "ckpt", params, cfg, scanned=scanned_file)
+    for use_scan in (True, False):
+        run_cfg = dataclasses.replace(cfg, use_scan=use_scan)
+        loaded = load_dallebart_params(path, run_cfg)
+        out = _forward(run_cfg)({"params": loaded}, ids, mask, dec)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_with_wrong_shape_names_the_parameter(tmp_path):
+    cfg = tiny_config()
+    params = unscan_params(random_params(cfg))
+    bad = params["model"]["decoder"]["layers"]["FlaxBartDecoderLayer_1"]["GLU_0"]["Dense_1"]
+    bad["kernel"] = np.zeros((64, 47), np.float32)
+    (tmp_path / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(params))
+    for use_scan in (True, False):  # the message names the path as written in the file
+        with pytest.raises(ValueError, match=r"FlaxBartDecoderLayer_1/GLU_0/Dense_1/kernel has shape \(64, 47\)"):
+            load_dallebart_params(tmp_path / "flax_model.msgpack", dataclasses.replace(cfg, use_scan=use_scan))
+    scanned = random_params(cfg)
+    scanned["model"]["encoder"]["layers"]["FlaxBartEncoderLayers"]["LayerNorm_1"]["scale"] = np.ones((2, 63))
+    with pytest.raises(ValueError, match=r"FlaxBartEncoderLayers/LayerNorm_1/scale has shape \(2, 63\)"):
+        load_dallebart_params(scanned, cfg)
+    good = random_params(cfg)
+    del good["model"]["encoder"]["final_ln"]
+    with pytest.raises(ValueError, match=r"missing parameter model/encoder/final_ln/bias"):
+        load_dallebart_params(good, cfg)
+    with pytest.raises(FileNotFoundError):
+        load_dallebart_params(tmp_path / "nope", cfg)
+
+
+def test_load_casts_dtype():
+    cfg = tiny_config()
+    loaded = load_dallebart_params({"params": random_params(cfg)}, cfg, dtype=jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(loaded)} == {jnp.dtype(jnp.bfloat16)}
+
+
+# ----------------------------------------------------------------------------------------------
+# cached decoding == full forward
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_scan", [True, False])
+def test_decode_step_matches_full_decode(use_scan):
+    cfg = tiny_config(use_scan=use_scan)
+    params = normalize_layout(random_params(cfg, seed=5), cfg)
+    model = DalleBart(cfg)
+    variables = {"params": params}
+    ids, mask, dec = _inputs(cfg, batch=3)
+    enc = jax.jit(partial(model.apply, method=DalleBart.encode))(variables, ids, mask)
+    full = jax.jit(partial(model.apply, method=DalleBart.decode))(variables, dec, enc, mask)
+    assert full.shape == (3, cfg.image_length, cfg.image_vocab_size + 1) and full.dtype == jnp.float32
+    cross = model.apply(variables, enc, method=DalleBart.cross_kv)
+    assert cross[0].shape == (cfg.decoder_layers, 3, 4, cfg.max_text_length, 16)
+    cache = model.init_cache(3, jnp.float32)
+    assert cache["k"].shape == (cfg.decoder_layers, 3, 4, cfg.image_length, 16)
+    step = jax.jit(lambda t, p, c: model.apply(variables, t, p, c, cross, mask, method=DalleBart.decode_step))
+    for pos in range(cfg.image_length):
+        logits, cache = step(dec[:, pos], jnp.int32(pos), cache)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, pos]), atol=1e-4, rtol=1e-4)
+
+
+def test_gradient_checkpointing_same_forward_and_grads():
+    cfg = tiny_config(image_length=4, max_text_length=4)
+    params = random_params(cfg, seed=2)
+    ids, mask, dec = _inputs(cfg)
+
+    def loss(p, c):
+        return DalleBart(c).apply({"params": p}, ids, mask, dec).mean()
+
+    g_ref = jax.jit(jax.grad(loss), static_argnums=1)(params, cfg)
+    g_rem = jax.jit(jax.grad(loss), static_argnums=1)(params, dataclasses.replace(cfg, gradient_checkpointing=True))
+    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_rem), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bfloat16_compute_close_to_float32():
+    cfg = tiny_config()
+    params = random_params(cfg, seed=4)
+    ids, mask, dec = _inputs(cfg)
+    ref = _forward(cfg)({"params": params}, ids, mask, dec)
+    p16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
+    out = _forward(cfg, jnp.bfloat16)({"params": p16}, ids, mask, dec)
+    assert out.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(out - ref))) < 0.1 * float(jnp.max(jnp.abs(ref)))
+
+
+def test_text_longer_than_table_is_rejected():
+    cfg = tiny_config()
+    ids = jnp.ones((1, cfg.max_text_length + 1), jnp.int32)
+    with pytest.raises(ValueError, match="max_text_length"):
+        DalleBart(cfg).apply({"params": random_params(cfg)}, ids, ids, method=DalleBart.encode)
+
+
+# ----------------------------------------------------------------------------------------------
+# numerical parity with min-dalle (PyTorch) on the same random weights
+# ----------------------------------------------------------------------------------------------
+
+
+def test_parity_with_min_dalle():
+    torch = pytest.importorskip("torch")
+    enc_mod = pytest.importorskip("min_dalle.models.dalle_bart_encoder")
+    dec_mod = pytest.importorskip("min_dalle.models.dalle_bart_decoder")
+    image_len = dec_mod.IMAGE_TOKEN_COUNT  # min-dalle hard-codes 256 decoder positions
+    cfg = tiny_config(image_length=image_len, image_vocab_size=64, valid_image_codes=64)
+    params = random_params(cfg, seed=11, std=0.15)
+    model = DalleBart(cfg)
+    variables = {"params": params}
+
+    # min-dalle's encoder runs exactly 2 rows ([uncond; cond]); its mask is `token != 1`
+    ids, mask, _ = _inputs(cfg, batch=2)
+    t_enc = enc_mod.DalleBartEncoder(
+        layer_count=cfg.encoder_layers,
+        embed_count=cfg.d_model,
+        attention_head_count=cfg.encoder_attention_heads,
+        text_vocab_count=cfg.encoder_vocab_size,
+        text_token_count=cfg.max_text_length,
+        glu_embed_count=cfg.encoder_ffn_dim,
+        device="cpu",
+    )
+    t_enc.load_state_dict(torch_state_dict(t_enc, params, "encoder"), strict=True)
+    t_dec = dec_mod.DalleBartDecoder(
+        image_vocab_count=cfg.image_vocab_size,
+        embed_count=cfg.d_model,
+        attention_head_count=cfg.decoder_attention_heads,
+        glu_embed_count=cfg.decoder_ffn_dim,
+        layer_count=cfg.decoder_layers,
+        device="cpu",
+    )
+    t_dec.load_state_dict(torch_state_dict(t_dec, params, "decoder"), strict=True)
+
+    with torch.no_grad():
+        t_ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        t_hidden = t_enc.forward(t_ids)
+        enc = jax.jit(partial(model.apply, method=DalleBart.encode))(variables, ids, mask)
+        np.testing.assert_allclose(np.asarray(enc), t_hidden.numpy(), atol=1e-4, rtol=0)
+
+        # decoder: one image per branch (min-dalle feeds the same token to both rows)
+        steps = 6
+        rng = np.random.default_rng(0)
+        tokens = np.concatenate([[cfg.decoder_start_token_id], rng.integers(0, 64, size=steps - 1)]).astype(np.int64)
+        t_mask = t_ids.not_equal(1)[:, None, None, :]
+        t_state = torch.zeros(cfg.decoder_layers, 4, image_len, cfg.d_model)
+        cross = model.apply(variables, enc, method=DalleBart.cross_kv)
+        cache = model.init_cache(2, jnp.float32)
+        dec_ids = jnp.asarray(np.tile(tokens[None], (2, 1)), jnp.int32)
+        full = jax.jit(partial(model.apply, method=DalleBart.decode))(variables, dec_ids, enc, mask)
+        step = jax.jit(partial(model.apply, method=DalleBart.decode_step))
+        for pos in range(steps):
+            t_logits, t_state = t_dec.forward(
+                attention_mask=t_mask,
+                encoder_state=t_hidden,
+                attention_state=t_state,
+                prev_tokens=torch.tensor([[tokens[pos]]]),
+                token_index=torch.tensor([pos]),
+            )
+            tok = jnp.full((2,), int(tokens[pos]), jnp.int32)
+            logits, cache = step(variables, tok, jnp.int32(pos), cache, cross, mask)
+            want = t_logits[:, -1].numpy()
+            assert np.abs(want).max() > 1.0  # the comparison is not between near-zero numbers
+            np.testing.assert_allclose(np.asarray(logits), want, atol=1e-4, rtol=0)
+            np.testing.assert_allclose(np.asarray(full[:, pos]), want, atol=1e-4, rtol=0)

@@ -1,0 +1,94 @@
+"""The model pipeline: one pass over several requests, ranked, safety-scored, batch-independent."""
+
+import dataclasses
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.api import GenerationRequest, RequestCancelled, SamplingParams
+from engine.checkpoint import random_checkpoint
+from engine.pipeline import CheckpointMissing, load_pipeline
+from engine.weights import CheckpointError
+
+SAFETY = {"concepts": [{"name": "always", "prompts": ["a red circle"], "threshold": -1.0},
+                       {"name": "never", "prompts": ["a blue star"], "threshold": 1.01}]}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    directory = random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", safety=SAFETY)
+    return load_pipeline(directory, buckets=(1, 2, 4, 8), chunk_size=8)
+
+
+def test_one_pass_serves_several_requests_ranked_by_clip(pipeline):
+    reqs = [GenerationRequest("a red circle", n=3, seed=11), GenerationRequest("a blue star", n=2, seed=12)]
+    results = pipeline.generate(reqs)
+    assert [r.request_id for r in results] == [r.request_id for r in reqs]
+    for req, res in zip(reqs, results, strict=True):
+        assert sorted(im.index for im in res.images) == list(range(req.n))
+        assert [im.rank for im in res.images] == list(range(req.n))
+        scores = [im.clip_score for im in res.images]
+        assert scores == sorted(scores, reverse=True)
+        assert res.checkpoint_id == "random-0" and res.seed == req.seed
+        for im in res.images:
+            assert im.tokens.dtype == np.int16 and im.tokens.shape == (pipeline.image_length,)
+            assert im.tokens.max() < pipeline.config.num_image_codes
+            img = Image.open(io.BytesIO(im.png))
+            assert img.size == (pipeline.vqgan_config.resolution,) * 2 and img.mode == "RGB"
+            assert set(im.safety) == {"always", "never"} and im.flagged  # "always" is over its threshold
+    assert results[0].timings["batch_candidates"] == 5
+
+
+def test_same_seed_same_images_alone_or_batched(pipeline):
+    target = GenerationRequest("a blue star", n=2, seed=99, params=SamplingParams(top_k=8))
+    alone = pipeline.generate([target])[0]
+    other = GenerationRequest("a yellow triangle", n=3, seed=7, params=SamplingParams(temperature=0.7))
+    batched = pipeline.generate([other, dataclasses.replace(target)])[1]
+    by_index = {im.index: im for im in batched.images}
+    for im in alone.images:
+        assert np.array_equal(im.tokens, by_index[im.index].tokens)
+        assert im.png == by_index[im.index].png
+
+
+def test_first_index_continues_the_seed_lineage(pipeline):
+    whole = {im.index: im.tokens for im in pipeline.generate([GenerationRequest("a cat", n=3, seed=5)])[0].images}
+    part = pipeline.generate([GenerationRequest("a cat", n=1, seed=5, first_index=2)])[0]
+    assert part.images[0].index == 2 and np.array_equal(part.images[0].tokens, whole[2])
+
+
+def test_progress_and_previews(pipeline):
+    events = []
+    req = GenerationRequest("a red circle", n=1, seed=1, preview_every=8)
+    pipeline.generate([req], on_progress=lambda *a: events.append(a))
+    total = pipeline.image_length
+    assert [e[1] for e in events] == list(range(8, total + 1, 8))
+    assert all(e[0] == req.request_id and e[2] == total for e in events)
+    previews = [e[3] for e in events if e[3] is not None]
+    assert previews and Image.open(io.BytesIO(previews[0])).size[0] == pipeline.vqgan_config.resolution
+
+
+def test_cancellation(pipeline):
+    a, b = GenerationRequest("a red circle", n=1, seed=1), GenerationRequest("a dog", n=1, seed=2)
+    with pytest.raises(RequestCancelled):
+        pipeline.generate([a, b], should_cancel=lambda rid: True)
+    kept = pipeline.generate([a, b], should_cancel=lambda rid: rid == a.request_id)
+    assert [r.request_id for r in kept] == [b.request_id]
+
+
+def test_too_many_candidates_is_refused(pipeline):
+    with pytest.raises(ValueError, match="largest batch bucket"):
+        pipeline.generate([GenerationRequest("x", n=9)])
+
+
+def test_loading_errors_are_clear(tmp_path):
+    with pytest.raises(CheckpointMissing, match="no dallebart/config.json"):
+        load_pipeline(tmp_path / "nowhere")
+    directory = random_checkpoint(tmp_path / "bad", with_clip=False)
+    cfg = json.loads((directory / "vqgan" / "config.json").read_text())
+    cfg["z_channels"] = 16  # the stored post_quant_conv no longer fits
+    (directory / "vqgan" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"parameter 'decoder/conv_in/kernel' has shape \(3, 3, 8, 16\)"):
+        load_pipeline(directory)
