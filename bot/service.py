@@ -560,9 +560,8 @@ def engine_from_settings(settings: Any) -> Engine:
             if not urls:
                 raise EngineUnavailable("ENGINE_MODE=http needs ENGINE_URLS")
             return HttpEngine(urls[0], token) if len(urls) == 1 else MultiEngine.from_urls(urls, token)
-        from engine.pipeline import load_pipeline
-
         from engine.client import InProcessEngine
+        from engine.pipeline import load_pipeline
 
         return InProcessEngine(load_pipeline(checkpoint))
     except EngineUnavailable:

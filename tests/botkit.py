@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from bot.service import Outcome, ProgressUpdate
 from store.db import make_sync_engine
 from store.models import Base
 from store.repository import Repository
-
-from bot.service import Outcome, ProgressUpdate
 
 
 def sqlite_url(tmp_path: Path) -> str:
