@@ -4,7 +4,7 @@
 [--repeats R] [--skip-mindalle] [--torch-threads 2,1] [--quick] [--json OUT] [--demo-checkpoint DIR]``
 
 ``--quick`` (< 2 min): demo config, batches 1 and 8, float32, 16 steps. ``--torch-threads`` times min-dalle at
-several torch thread counts (default: the machine's cores, as min-dalle itself sets); on a loaded machine
+several torch thread counts (default: the machine's cores, as min-dalle itself sets, and 1); on a loaded machine
 PyTorch's OpenMP threads stall each other at every op, so one thread can be several times faster — ours/min-dalle
 is always taken against the fastest min-dalle row. Every figure carries the 1-minute load average before and
 after it: re-run figures taken under load.
@@ -27,7 +27,7 @@ linearly (``image_length × ms/step``). Ours runs with ``chunk_size=N`` and a pr
 (encoder + cross K/V + N steps, first run of the executables) is a warm-in, then ``R`` chunks of N steps are timed
 between hook calls and the fastest counts; ``encoder`` = first chunk − fastest chunk. min-dalle: its encoder is
 timed on its own (second of two calls), then 2 warm-in steps, then R timed blocks of N steps, fastest counts.
-``--steps`` defaults to image_length/2 for the demo config (1 warm-in + 1 timed chunk = one whole image) and 8
+``--steps`` defaults to image_length/2 for the demo config (1 warm-in + 1 timed chunk = one whole image) and 4
 for larger ones; it must be <= image_length/2.
 
 Columns: ms/step (one decoder step for all 2B rows, sampling included), tokens/s = B / step time (image tokens of
@@ -306,11 +306,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--batches", type=lambda s: _csv(s, int), default=None, help="images per batch (default 1,8,32)")
     ap.add_argument("--dtypes", type=_csv, default=None, help="float32,bfloat16 (default both)")
     ap.add_argument("--steps", type=int, default=None,
-                    help="steps per timed chunk, <= image_length/2 (default image_length/2 for demo/tiny, else 8)")
+                    help="steps per timed chunk, <= image_length/2 (default image_length/2 for demo/tiny, else 4)")
     ap.add_argument("--repeats", type=int, default=None, help="timed chunks per figure, fastest counts (default 1)")
     ap.add_argument("--skip-mindalle", action="store_true", help="time only our sampler")
     ap.add_argument("--torch-threads", type=lambda s: _csv(s, int), default=None,
-                    help="torch thread counts to time min-dalle with (default: the machine's cores); "
+                    help="torch thread counts to time min-dalle with (default: the machine's cores and 1); "
                     "ours/min-dalle is against the fastest")
     ap.add_argument("--quick", action="store_true",
                     help="< 2 min: demo config, batches 1,8, float32, 16 steps (explicit options override)")
@@ -323,7 +323,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.batches = args.batches or ([1, 8] if quick else [1, 8, 32])
     args.dtypes = args.dtypes or (["float32"] if quick else ["float32", "bfloat16"])
     args.repeats = args.repeats or 1
-    args.torch_threads = args.torch_threads or [os.cpu_count() or 1]
+    args.torch_threads = args.torch_threads or sorted({os.cpu_count() or 1, 1}, reverse=True)
     if any(n < 1 for n in args.torch_threads):
         ap.error("--torch-threads must be >= 1")
     for d in args.dtypes:
@@ -346,7 +346,7 @@ def steps_for(cfg: DalleBartConfig, name: str, args: argparse.Namespace) -> int:
         return args.steps
     if args.quick:
         return min(16, half)
-    return half if name in ("demo", "tiny") else min(8, half)
+    return half if name in ("demo", "tiny") else min(4, half)
 
 
 def run(args: argparse.Namespace, out=sys.stdout) -> tuple[list[Row], dict[str, Any]]:
