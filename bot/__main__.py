@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # JAX logs backend probing (e.g. "Unable to initialize backend 'tpu'") at INFO: noise for bot users
+    logging.getLogger("jax").setLevel(max(logging.WARNING, logging.getLogger().level))
     log = logging.getLogger("bot")
     log.info("starting in %s mode with %r", settings.mode, settings)
 

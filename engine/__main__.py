@@ -56,7 +56,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             fixed_latency=args.fake_latency_ms / 1000.0, per_candidate_latency=args.fake_per_candidate_ms / 1000.0
         )
     else:
-        pipeline = load_checkpoint_pipeline(args.checkpoint or DEMO_CHECKPOINT)
+        opts = {} if args.model_parallel is None else {"model_parallel": args.model_parallel}
+        pipeline = load_checkpoint_pipeline(args.checkpoint or DEMO_CHECKPOINT, **opts)
     serve(pipeline, settings)
     return 0
 
@@ -80,6 +81,13 @@ def add_serve(subparsers: Any) -> None:
     p.add_argument("--max-queue", type=int, default=1024, help="requests allowed to wait (default 1024)")
     p.add_argument("--result-ttl", type=float, default=600.0, help="seconds results stay retrievable (default 600)")
     p.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds to finish work on shutdown")
+    p.add_argument(
+        "--model-parallel",
+        type=int,
+        default=None,
+        help="shard DalleBart over a (data, model) mesh of all devices, this many per model replica "
+        "(default: one device)",
+    )
     p.add_argument("--fake", action="store_true", help="serve the deterministic fake pipeline instead of a model")
     p.add_argument("--fake-latency-ms", type=float, default=0.0, help="fake: fixed cost of one pass")
     p.add_argument("--fake-per-candidate-ms", type=float, default=0.0, help="fake: extra cost per padded candidate")

@@ -75,6 +75,9 @@ class PipelineOptions:
     chunk_size: int = 32  # tokens per jitted chunk when progress is reported
     vqgan_dtype: str = "float32"
     use_clip: bool = True
+    # None: DalleBart on one device (the default, fastest on CPU); k: a ("data", "model") mesh over every device
+    # (all hosts after engine.sharding.initialize_distributed), k devices per model replica (engine.sharding)
+    model_parallel: int | None = None
 
 
 class ModelPipeline:
@@ -94,12 +97,18 @@ class ModelPipeline:
         safety: SafetyChecker | None = None,
         checkpoint_id: str = "checkpoint",
         options: PipelineOptions = PipelineOptions(),
+        mesh: Any = None,
     ) -> None:
         self.config = dallebart_config
         self.options = options
         self.checkpoint_id = checkpoint_id
         self.batch_buckets = tuple(sorted(options.buckets))
         self.tokenizer = tokenizer
+        if mesh is None and options.model_parallel is not None:
+            from engine.sharding import make_mesh
+
+            mesh = make_mesh(options.model_parallel)
+        self.mesh = mesh
         self.sampler = Sampler(
             None,
             dallebart_params,
@@ -107,6 +116,7 @@ class ModelPipeline:
             dtype=weights.as_dtype(options.dtype),
             buckets=self.batch_buckets,
             chunk_size=options.chunk_size,
+            mesh=mesh,
         )
         if vqgan_config.grid_size**2 != dallebart_config.image_length:
             raise ValueError(
@@ -305,10 +315,11 @@ def checkpoint_id_of(directory: Path) -> str:
     return directory.resolve().name
 
 
-def load_pipeline(checkpoint_dir: str | Path | None = None, **opts: Any) -> ModelPipeline:
+def load_pipeline(checkpoint_dir: str | Path | None = None, *, mesh: Any = None, **opts: Any) -> ModelPipeline:
     """Load a checkpoint directory (see the module docstring) into a ready :class:`ModelPipeline`.
 
-    ``opts`` are :class:`PipelineOptions` fields (``dtype``, ``buckets``, ``chunk_size``, ``use_clip``...).
+    ``opts`` are :class:`PipelineOptions` fields (``dtype``, ``buckets``, ``chunk_size``, ``use_clip``,
+    ``model_parallel``...). ``mesh``: an explicit ``jax.sharding.Mesh`` for DalleBart (overrides ``model_parallel``).
     Raises :class:`CheckpointMissing` for a missing directory or part, ``engine.config.ConfigError`` or
     ``engine.weights.CheckpointError`` for a malformed one, each with a message naming the file.
     """
@@ -365,6 +376,7 @@ def load_pipeline(checkpoint_dir: str | Path | None = None, **opts: Any) -> Mode
         clip_tokenizer=clip_tok,
         checkpoint_id=checkpoint_id_of(directory),
         options=options,
+        mesh=mesh,
     )
     safety_file = directory / "safety.json"
     if safety_file.is_file() and clip_cfg is not None:

@@ -19,6 +19,13 @@ step loop is one ``lax.scan`` inside one ``jax.jit`` (or a few chunks of it when
 params are jit arguments, never constants; top-k ranks with ``lax.top_k`` instead of a sort when it can.
 Decoding uses the unscanned (per-layer) param layout: measured faster than slicing stacked kernels in a scan.
 Programs are compiled ahead of time per (bucket, text length, dtype) and shared by samplers of one config.
+
+Sharding (``Sampler(..., mesh=...)``, see :mod:`engine.sharding`): params are split over the mesh's ``"model"``
+axis by the Megatron rules; the candidate rows, the KV cache's and cross K/V's batch axis and the per-row inputs
+over ``"data"`` (the bucket is padded to a multiple of the data-axis size; interleaving keeps a candidate's
+cond/uncond pair on one device); the cache and cross K/V also split their heads over ``"model"`` when it divides
+them. Every program is jitted with explicit ``in_shardings``/``out_shardings``; sampled tokens (and logits) come
+out replicated, so every process of a multi-host job reads them to its host. Without a mesh nothing of this runs.
 """
 
 from __future__ import annotations
@@ -32,9 +39,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from engine import sharding as shd
 from engine.config import DalleBartConfig
-from engine.models.dallebart import DalleBart, cast_params, normalize_layout
+from engine.models.dallebart import DalleBart, cast_params, normalize_layout, param_shapes
 
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 
@@ -144,14 +153,39 @@ class _Programs:
     with the same config reuse the compiled programs.
     """
 
-    def __init__(self, config: DalleBartConfig, dtype: Any) -> None:
+    def __init__(self, config: DalleBartConfig, dtype: Any, mesh: Mesh | None = None) -> None:
         self.config = config
         self.dtype = jnp.dtype(dtype)
+        self.mesh = mesh
         self.model = DalleBart(config, dtype=self.dtype)
-        self.prepare_jit = jax.jit(self.prepare)
-        self.chunk_jit = jax.jit(self.chunk, static_argnames=("n_steps", "collect"), donate_argnums=(1,))
-        self.run_all_jit = jax.jit(self.run_all, static_argnames=("collect",))
-        self._jitted = {"prepare": self.prepare_jit, "chunk": self.chunk_jit, "run_all": self.run_all_jit}
+        if mesh is None:
+            self.prepare_jit = jax.jit(self.prepare)
+            self.chunk_jit = jax.jit(self.chunk, static_argnames=("n_steps", "collect"), donate_argnums=(1,))
+            self.run_all_jit = jax.jit(self.run_all, static_argnames=("collect",))
+            self._jitted = {"prepare": self.prepare_jit, "chunk": self.chunk_jit, "run_all": self.run_all_jit}
+        else:
+            # jit refuses keyword (static) arguments together with in_shardings: bind them with partial instead
+            s = self.shardings = _MeshShardings.build(config, mesh)
+            rows = s.rows
+            self.prepare_jit = jax.jit(
+                self.prepare,
+                in_shardings=(s.params, rows["enc_ids"], rows["enc_mask"], rows["uncond_ids"], rows["uncond_mask"],
+                              rows["seed_hi"], rows["seed_lo"], rows["indices"]),
+                out_shardings=s.state,
+            )
+            self._mesh_jit = {
+                "prepare": lambda: self.prepare_jit,
+                "chunk": lambda **static: jax.jit(
+                    functools.partial(self.chunk, **static), donate_argnums=(1,),
+                    in_shardings=(s.params, s.state, s.replicated, rows["scale"], rows["top_k"], rows["top_p"],
+                                  rows["temperature"]),
+                    out_shardings=(s.state, s.replicated, s.replicated),
+                ),
+                "run_all": lambda **static: jax.jit(
+                    functools.partial(self.run_all, **static), in_shardings=(s.params, rows),
+                    out_shardings=(s.replicated, s.replicated),
+                ),
+            }
         self._executables: dict[Any, Any] = {}
         self._lock = threading.Lock()
 
@@ -166,7 +200,10 @@ class _Programs:
         with self._lock:
             exe = self._executables.get(key)
             if exe is None:
-                exe = self._jitted[name].lower(*args, **static).compile()
+                if self.mesh is None:
+                    exe = self._jitted[name].lower(*args, **static).compile()
+                else:
+                    exe = self._mesh_jit[name](**static).lower(*args).compile()
                 self._executables[key] = exe
         return exe
 
@@ -217,30 +254,64 @@ class _Programs:
         return state, tokens.T, (None if logits is None else jnp.swapaxes(logits, 0, 1))
 
     def run_all(self, params, rows: dict, *, collect: bool):
-        state = self.prepare(
+        state = self._constrain(self.prepare(
             params, rows["enc_ids"], rows["enc_mask"], rows["uncond_ids"], rows["uncond_mask"],
             rows["seed_hi"], rows["seed_lo"], rows["indices"],
-        )
+        ))
         _, tokens, logits = self.chunk(
             params, state, jnp.int32(0), rows["scale"], rows["top_k"], rows["top_p"], rows["temperature"],
             n_steps=self.config.image_length, collect=collect,
         )
         return tokens, logits
 
+    def _constrain(self, state: dict) -> dict:
+        """Pin the decode state to its mesh layout inside a traced program (nothing without a mesh)."""
+        if self.mesh is None:
+            return state
+        return jax.lax.with_sharding_constraint(state, self.shardings.state)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MeshShardings:
+    """Where every input, state array and output of the sampling programs lives on a ("data", "model") mesh."""
+
+    params: Any  # NamedSharding per parameter (engine.sharding rules), unscanned decode layout
+    rows: dict[str, NamedSharding]  # per-row inputs: batch axis over "data"
+    state: dict[str, Any]  # cache / cross K/V (L, 2B, H, S|T, Dh): 2B over "data", H over "model" when it divides
+    replicated: NamedSharding  # scalars and the outputs (tokens, logits), readable on every host
+
+    @classmethod
+    def build(cls, config: DalleBartConfig, mesh: Mesh) -> _MeshShardings:
+        heads = config.decoder_attention_heads
+        head_axis = shd.MODEL if heads % mesh.shape[shd.MODEL] == 0 else None
+        kv = NamedSharding(mesh, PartitionSpec(None, shd.DATA, head_axis, None, None))
+        rows = {f.name: shd.batch_sharding(mesh, 2 if f.name.endswith(("_ids", "_mask")) else 1)
+                for f in dataclasses.fields(_RowParams)}
+        state = {
+            "cache": {"k": kv, "v": kv},
+            "cross": (kv, kv),
+            "mask": shd.batch_sharding(mesh, 2),
+            "token": shd.batch_sharding(mesh, 1),
+            "keys": shd.batch_sharding(mesh, 2),
+        }
+        return cls(shd.param_shardings(param_shapes(config), mesh), rows, state, shd.replicated(mesh))
 
 
 @functools.lru_cache(maxsize=16)
-def _programs(config: DalleBartConfig, dtype_name: str) -> _Programs:
-    return _Programs(config, jnp.dtype(dtype_name))
+def _programs(config: DalleBartConfig, dtype_name: str, mesh: Mesh | None = None) -> _Programs:
+    return _Programs(config, jnp.dtype(dtype_name), mesh)
 
 
 class Sampler:
     """Samples image tokens for batches of candidates with a DalleBart; one compiled program per bucket.
 
-    ``Sampler(model, params, config, dtype=jnp.float32, *, buckets=DEFAULT_BUCKETS, chunk_size=32)``:
+    ``Sampler(model, params, config, dtype=jnp.float32, *, buckets=DEFAULT_BUCKETS, chunk_size=32, mesh=None)``:
     ``model`` may be None or a :class:`DalleBart` (only its ``dtype`` is used when ``dtype`` is None); ``params``
     in either published layout (converted once to the unscanned layout, cast to ``dtype``). ``chunk_size`` is the
-    number of steps per jitted chunk when a progress hook is given.
+    number of steps per jitted chunk when a progress hook is given. ``mesh``: a ``("data", "model")`` mesh from
+    :func:`engine.sharding.make_mesh` (possibly spanning several processes); params are then placed on it with
+    :func:`engine.sharding.shard_params` (never whole on one device) and candidates split over ``"data"``.
+    Every process of a multi-host job must make the same calls with the same arguments.
     """
 
     def __init__(
@@ -252,6 +323,7 @@ class Sampler:
         *,
         buckets: Sequence[int] = DEFAULT_BUCKETS,
         chunk_size: int = 32,
+        mesh: Mesh | None = None,
     ) -> None:
         if dtype is None:
             dtype = model.dtype if model is not None else jnp.float32
@@ -260,16 +332,40 @@ class Sampler:
         self.buckets = tuple(sorted(int(b) for b in buckets))
         self.chunk_size = max(1, min(int(chunk_size), config.image_length))
         self._decode_config = dataclasses.replace(config, use_scan=False, gradient_checkpointing=False)
-        self._progs = _programs(self._decode_config, self.dtype.name)
+        self.mesh = mesh
+        self._progs = _programs(self._decode_config, self.dtype.name, mesh)
         self.model = self._progs.model
         tree = params["params"] if set(params) == {"params"} else params
-        self.params = jax.tree.map(jnp.asarray, cast_params(normalize_layout(tree, self._decode_config), self.dtype))
+        tree = normalize_layout(tree, self._decode_config)
+        if mesh is None:
+            self.params = jax.tree.map(jnp.asarray, cast_params(tree, self.dtype))
+            self._data_size = 1
+        else:
+            host = cast_params(jax.tree.map(np.asarray, tree), self.dtype)  # cast on the host, then place sharded
+            want = jax.tree.structure(self._progs.shardings.params)
+            if jax.tree.structure(host) != want:
+                got = jax.tree.structure(host)
+                raise ValueError(f"params do not match the DalleBart config's parameter tree: {got} vs {want}")
+            self.params = shd.shard_params(host, mesh)
+            self._data_size = shd.data_parallel_size(mesh)
+
+    def padded_rows(self, n: int) -> int:
+        """Rows a batch of ``n`` candidates runs as: its bucket, rounded up to a multiple of the data-axis size."""
+        bucket = bucket_for(n, self.buckets)
+        return -(-bucket // self._data_size) * self._data_size
+
+    def _put(self, name: str, value: np.ndarray) -> jax.Array:
+        """Host array -> device: as today without a mesh; else a global array in the programs' sharding."""
+        if self.mesh is None:
+            return jnp.asarray(value)
+        s = self._progs.shardings
+        return jax.device_put(value, s.rows[name] if name in s.rows else s.replicated)
 
     # -------------------------------------------------------------------------------- host side
 
     def _pad_rows(self, **arrays: Any) -> tuple[int, int, _RowParams]:
         n = int(np.shape(arrays["enc_ids"])[0])
-        bucket = bucket_for(n, self.buckets)
+        bucket = self.padded_rows(n)
         out = {}
         for name, value in arrays.items():
             a = np.asarray(value)
@@ -314,7 +410,7 @@ class Sampler:
             top_p=top_p,
             temperature=temperature,
         )
-        return n, {k: jnp.asarray(v) for k, v in dataclasses.asdict(rows).items()}
+        return n, {k: self._put(k, v) for k, v in dataclasses.asdict(rows).items()}
 
     def warmup(self, buckets: Sequence[int] | None = None, *, chunked: bool = False) -> int:
         """Compile (without running) the programs for ``buckets`` (default: all) at text length ``max_text_length``.
@@ -337,8 +433,8 @@ class Sampler:
                      for d in range(0, self.config.image_length, self.chunk_size)}
             for steps in sorted(sizes):
                 self._progs.executable(
-                    "chunk", self.params, state, jnp.int32(0), rows["scale"], rows["top_k"], rows["top_p"],
-                    rows["temperature"], n_steps=steps, collect=False,
+                    "chunk", self.params, state, self._put("start", np.int32(0)), rows["scale"], rows["top_k"],
+                    rows["top_p"], rows["temperature"], n_steps=steps, collect=False,
                 )
         return self._progs.num_compiled
 
@@ -404,8 +500,8 @@ class Sampler:
                 steps = min(self.chunk_size, length - done)
                 state, tokens, logits = self._progs.call(
                     "chunk",
-                    self.params, state, jnp.int32(done), rows["scale"], rows["top_k"], rows["top_p"],
-                    rows["temperature"], n_steps=steps, collect=collect,
+                    self.params, state, self._put("start", np.int32(done)), rows["scale"], rows["top_k"],
+                    rows["top_p"], rows["temperature"], n_steps=steps, collect=collect,
                 )
                 done += steps
                 launched = (done, tokens, logits)

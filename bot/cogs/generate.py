@@ -1,0 +1,179 @@
+"""``/dalle`` and ``/dalle-queue``, and the Discord ``Publisher`` that shows progress and posts results.
+
+The command defers FIRST (the 3-second rule), then admits through the service. Progress edits the
+acknowledgement while its token is valid, at most one edit per ``progress_interval`` per job. Results go out
+as ordinary channel messages (an ephemeral follow-up only for private requests), so a long queue never loses
+a result to the 15-minute token (peers.md #1, #2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.service import Outcome, ProgressUpdate
+from bot.views import CancelView, ResultView, delivery_for, grid_png
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FILE_LIMIT = 10 * 1024 * 1024  # Discord's default per-message upload limit since 2025-01
+TOKEN_MARGIN = timedelta(seconds=30)
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    if dt is None:
+        return None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def token_valid(gen: Any) -> bool:
+    exp = _aware(getattr(gen, "token_expires_at", None))
+    return bool(gen.interaction_token and gen.application_id and exp and datetime.now(UTC) + TOKEN_MARGIN < exp)
+
+
+class DiscordPublisher:
+    """Delivers through REST only (webhook edits, channel posts), so it works before the gateway is ready and
+    after a restart, from nothing but the Generation row."""
+
+    def __init__(self, bot: commands.Bot, progress_interval: float = 2.0) -> None:
+        self.bot = bot
+        self.progress_interval = progress_interval
+        self._last_edit: dict[int, tuple[float, str]] = {}
+
+    def _webhook(self, gen: Any) -> discord.Webhook:
+        return discord.Webhook.partial(int(gen.application_id), gen.interaction_token, client=self.bot)
+
+    async def _edit_ack(self, gen: Any, **kwargs: Any) -> None:
+        target = gen.ack_message_id or "@original"
+        await self._webhook(gen).edit_message(target, **kwargs)  # type: ignore[arg-type]
+
+    async def progress(self, gen: Any, update: ProgressUpdate) -> None:
+        if not token_valid(gen):
+            return
+        now = time.monotonic()
+        last_t, last_state = self._last_edit.get(gen.id, (-1e9, ""))
+        if update.state == last_state and now - last_t < self.progress_interval:
+            return  # throttled: Discord limits message edits (peers.md #11)
+        self._last_edit[gen.id] = (now, update.state)
+        view = CancelView(gen.id) if update.state == "queued" else None
+        await self._edit_ack(gen, content=update.text, view=view)
+
+    def _content(self, outcome: Outcome) -> str:
+        gen = outcome.generation
+        prompt = gen.prompt if len(gen.prompt) <= 1500 else gen.prompt[:1500] + "…"
+        head = f"<@{gen.user_id}> **{discord.utils.escape_markdown(prompt)}**"
+        if not outcome.ok:
+            return f"{head}\nSorry, the generation failed: {outcome.error}"
+        lines = [head, f"seed `{gen.seed}` · {len(outcome.images)} images, best CLIP score first"
+                 + (f" · {gen.kind} of #{gen.parent_generation_id}" if gen.parent_generation_id else "")]
+        withheld = sum(im.withheld for im in outcome.images)
+        hidden = sum(im.flagged and not im.withheld for im in outcome.images)
+        if withheld:
+            lines.append(f"{withheld} image(s) withheld by the safety checker; moderators will review them.")
+        if hidden:
+            lines.append(f"{hidden} image(s) flagged by the safety checker are hidden behind a spoiler.")
+        return "\n".join(lines)
+
+    def _files(self, outcome: Outcome, limit: int) -> tuple[list[discord.File], list]:
+        shown = [im for im in outcome.images if not im.withheld]
+        safe = [im for im in shown if not im.flagged]
+        files: list[discord.File] = []
+        budget = limit - 64 * 1024  # leave room for the multipart envelope
+        if safe:
+            grid = grid_png(safe, max_bytes=budget // 2)
+            files.append(discord.File(io.BytesIO(grid), filename="grid.png"))
+            budget -= len(grid)
+        for number, im in enumerate(shown, 1):
+            if len(files) >= 10 or len(im.png) > budget or not im.png:
+                continue
+            files.append(discord.File(io.BytesIO(im.png), filename=f"v{number}-image{im.id}.png",
+                                      spoiler=im.flagged))
+            budget -= len(im.png)
+        return files, shown
+
+    async def publish(self, outcome: Outcome) -> int | None:
+        gen = outcome.generation
+        self._last_edit.pop(gen.id, None)
+        content = self._content(outcome)
+        alive = token_valid(gen)
+        if not outcome.ok:
+            files, view = [], discord.utils.MISSING
+        else:
+            limit = DEFAULT_FILE_LIMIT
+            if gen.guild_id and (guild := self.bot.get_guild(gen.guild_id)) is not None:
+                limit = guild.filesize_limit
+            files, shown = self._files(outcome, limit)
+            view = ResultView(gen.id, shown) if shown else discord.utils.MISSING
+        if gen.private:
+            if alive:
+                msg = await self._webhook(gen).send(content, files=files, view=view, ephemeral=True, wait=True)
+            else:  # the token is gone: a DM keeps the result private
+                user = await self.bot.fetch_user(gen.user_id)
+                msg = await user.send(content, files=files, view=view)
+        else:
+            channel = self.bot.get_partial_messageable(gen.channel_id)
+            msg = await channel.send(content, files=files, view=view,
+                                     allowed_mentions=discord.AllowedMentions(users=True, everyone=False, roles=False))
+        if alive and not gen.private:
+            try:
+                done = "Done: posted below." if outcome.ok else "Failed."
+                await self._edit_ack(gen, content=done, view=None)
+            except discord.HTTPException:
+                log.info("could not edit the acknowledgement of %s", gen.id)
+        return msg.id
+
+
+class Generate(commands.Cog):
+    def __init__(self, bot: commands.Bot) -> None:
+        self.bot = bot
+
+    @property
+    def service(self):
+        return self.bot.service  # type: ignore[attr-defined]
+
+    @app_commands.command(name="dalle", description="Generate images from a text prompt")
+    @app_commands.describe(prompt="What to draw", images="How many images (1-9)", seed="Random seed (reproducible)",
+                           private="Only you see the result")
+    async def dalle(self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 1000],
+                    images: app_commands.Range[int, 1, 9] | None = None,
+                    seed: app_commands.Range[int, 0, 2**53] | None = None, private: bool = False) -> None:
+        await interaction.response.defer(thinking=True, ephemeral=private)  # FIRST: the 3-second deadline
+        adm = await self.service.submit(
+            user_id=interaction.user.id, guild_id=interaction.guild_id, prompt=prompt, n=images, seed=seed,
+            private=private, delivery=delivery_for(interaction))
+        if not adm.ok:
+            await interaction.edit_original_response(content=adm.message)
+            return
+        position = self.service.position(adm.generation_id)
+        if not position:  # already running or finished: the publisher owns the acknowledgement now
+            return
+        msg = await interaction.edit_original_response(
+            content=f"Queued, position {position}. Seed `{adm.seed}`.", view=CancelView(adm.generation_id))
+        # shielded: a shutdown must not cut a database write in half
+        await asyncio.shield(self.service.repo.update_delivery(adm.generation_id, ack_message_id=msg.id))
+
+    @app_commands.command(name="dalle-queue", description="Your queued image requests and their positions")
+    async def dalle_queue(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        jobs = await self.service.user_queue(interaction.user.id)
+        if not jobs:
+            await interaction.edit_original_response(content="You have nothing queued.")
+            return
+        lines = []
+        for gen, pos in jobs[:20]:
+            where = "running" if pos == 0 else f"position {pos}" if pos else gen.status
+            prompt = gen.prompt if len(gen.prompt) <= 80 else gen.prompt[:80] + "…"
+            lines.append(f"#{gen.id} · {where} · {discord.utils.escape_markdown(prompt)}")
+        await interaction.edit_original_response(content="\n".join(lines))
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(Generate(bot))

@@ -1,0 +1,214 @@
+"""Terminal front end: ``python -m bot`` without DISCORD_TOKEN.
+
+It reads commands from stdin and drives the same ``GenerationService`` (filters, rate limits, fair queue,
+database records) as the Discord bot; results are PNG files under OUTPUT_DIR whose paths and scores are
+printed. Commands::
+
+    /dalle <prompt> [--n N] [--seed S]   queue a generation (N images, 1-9)
+    /reroll <generation-id>              same prompt, new seed
+    /variation <image-id>                more like that image
+    /feedback <image-id> up|down|report [reason] [note...]
+    /cancel <generation-id>              cancel a queued generation
+    /queue                               your unfinished generations and their positions
+    /help, /quit                         (end of input also quits, after queued work finishes)
+
+A bare line without a leading slash is taken as a prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any, TextIO
+
+from bot.service import (
+    EngineUnavailable,
+    GenerationService,
+    Outcome,
+    ProgressUpdate,
+    engine_for_settings,
+    open_repository,
+    service_from_settings,
+)
+from engine.api import Engine
+
+log = logging.getLogger(__name__)
+
+LOCAL_USER_ID = 1
+HELP = __doc__.split("Commands::", 1)[1].split("A bare line", 1)[0].rstrip()
+
+
+class TerminalPublisher:
+    """Prints progress and results; one line per event so scripts can parse it."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.finished: dict[int, asyncio.Event] = {}
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    async def progress(self, generation: Any, update: ProgressUpdate) -> None:
+        self._print(f"[{generation.id}] {update.text}")
+
+    async def publish(self, outcome: Outcome) -> int | None:
+        gen = outcome.generation
+        if not outcome.ok:
+            self._print(f"[{gen.id}] failed: {outcome.error}")
+        else:
+            self._print(f"[{gen.id}] done: {len(outcome.images)} image(s) for {gen.prompt!r} (seed {gen.seed})")
+            for im in outcome.images:
+                note = ""
+                if im.withheld:
+                    note = "  WITHHELD (flagged by the safety checker)"
+                elif im.flagged:
+                    note = "  FLAGGED (hidden)"
+                self._print(f"  image {im.id}  rank {im.rank}  clip {im.clip_score:.3f}  {im.path}{note}")
+        self.finished.setdefault(gen.id, asyncio.Event()).set()
+        return None
+
+
+def _parse_dalle(args: str) -> tuple[str, dict[str, int]]:
+    """Split ``--n 4 --seed 7`` style options from the prompt text; raises ValueError with a usage hint."""
+    words = args.split()
+    prompt_words: list[str] = []
+    opts: dict[str, int] = {}
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w in ("--n", "--images", "--seed"):
+            if i + 1 >= len(words):
+                raise ValueError(f"{w} needs a number")
+            try:
+                opts["seed" if w == "--seed" else "n"] = int(words[i + 1])
+            except ValueError:
+                raise ValueError(f"{w} needs a whole number, got {words[i + 1]!r}") from None
+            i += 2
+            continue
+        prompt_words.append(w)
+        i += 1
+    return " ".join(prompt_words), opts
+
+
+class LocalFrontEnd:
+    def __init__(self, service: GenerationService, publisher: TerminalPublisher, out: TextIO,
+                 user_id: int = LOCAL_USER_ID) -> None:
+        self.service = service
+        self.publisher = publisher
+        self.out = out
+        self.user_id = user_id
+        self.pending: set[int] = set()
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    async def handle(self, line: str) -> bool:
+        """Run one command; False means quit."""
+        line = line.strip()
+        if not line:
+            return True
+        if not line.startswith("/"):
+            line = "/dalle " + line
+        cmd, _, args = line.partition(" ")
+        cmd = cmd.lower()
+        if cmd in ("/quit", "/exit"):
+            return False
+        if cmd == "/help":
+            self.say(HELP)
+        elif cmd == "/dalle":
+            try:
+                prompt, opts = _parse_dalle(args)
+            except ValueError as exc:
+                self.say(f"error: {exc}")
+                return True
+            adm = await self.service.submit(user_id=self.user_id, prompt=prompt, n=opts.get("n"),
+                                            seed=opts.get("seed"))
+            self._admitted(adm)
+        elif cmd in ("/reroll", "/variation", "/cancel"):
+            try:
+                target = int(args.strip())
+            except ValueError:
+                self.say(f"usage: {cmd} <id>")
+                return True
+            if cmd == "/cancel":
+                ok = await self.service.cancel(target, self.user_id)
+                self.pending.discard(target) if ok else None
+                self.say(f"cancelled {target}" if ok else f"could not cancel {target} (not yours or not queued)")
+            elif cmd == "/reroll":
+                self._admitted(await self.service.reroll(target, self.user_id))
+            else:
+                self._admitted(await self.service.variation(target, self.user_id))
+        elif cmd == "/feedback":
+            parts = args.split()
+            if len(parts) < 2 or not parts[0].isdigit():
+                self.say("usage: /feedback <image-id> up|down|report [nsfw|bias|quality|other] [note]")
+                return True
+            kind = parts[1].lower()
+            reason = parts[2].lower() if kind == "report" and len(parts) > 2 else None
+            note = " ".join(parts[3:]) or None if kind == "report" else None
+            res = await self.service.feedback(int(parts[0]), self.user_id, kind, reason=reason, note=note)
+            self.say(res.message if res.ok else f"error: {res.message}")
+        elif cmd == "/queue":
+            jobs = await self.service.user_queue(self.user_id)
+            if not jobs:
+                self.say("Your queue is empty.")
+            for gen, pos in jobs:
+                where = "running" if pos == 0 else f"position {pos}" if pos else gen.status
+                self.say(f"  [{gen.id}] {where}: {gen.prompt!r} ({gen.n_images} images)")
+        else:
+            self.say(f"unknown command {cmd}; try /help")
+        return True
+
+    def _admitted(self, adm) -> None:
+        if adm.ok:
+            self.pending.add(adm.generation_id)
+            self.publisher.finished.setdefault(adm.generation_id, asyncio.Event())
+            self.say(f"[{adm.generation_id}] queued at position {adm.position} (seed {adm.seed})")
+        else:
+            self.say(f"refused: {adm.message}")
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait for this session's generations to be published."""
+        events = [self.publisher.finished[g] for g in self.pending if g in self.publisher.finished]
+        if events:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout)
+
+
+async def run(settings: Any, stdin: TextIO | None = None, out: TextIO | None = None,
+              engine: Engine | None = None) -> int:
+    stdin = stdin or sys.stdin
+    out = out or sys.stdout
+    if engine is None:
+        engine = await asyncio.to_thread(engine_for_settings, settings)
+    repo = await open_repository(settings)
+    publisher = TerminalPublisher(out)
+    service = service_from_settings(settings, repo, engine, publisher)
+    front = LocalFrontEnd(service, publisher, out)
+    await service.start()
+    print("dalle-bot local mode: type /help for commands.", file=out, flush=True)
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            line = await loop.run_in_executor(None, stdin.readline)
+            if line == "":  # EOF
+                break
+            if not await front.handle(line):
+                break
+        await front.drain()
+    finally:
+        await service.stop()
+        await engine.close()
+        await repo.close()
+    return 0
+
+
+def main(settings: Any) -> int:
+    """Entry point used by ``python -m bot`` when no DISCORD_TOKEN is set. Returns the exit status."""
+    try:
+        return asyncio.run(run(settings))
+    except EngineUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

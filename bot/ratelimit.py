@@ -1,0 +1,159 @@
+"""Rate limits on the ``limits`` library: per-user and per-guild moving windows, a daily quota, and
+escalating cooldowns for users who keep tripping the prompt filter.
+
+Memory storage by default; Redis (``redis://...``) when several bot processes must share the counts.
+Every key carries a namespace so tests and deployments sharing one Redis don't collide.
+A refusal always says how many seconds until the user may try again.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from limits import RateLimitItem, parse_many
+from limits.aio.storage import Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.storage import storage_from_string
+
+
+@dataclass(frozen=True)
+class LimitPolicy:
+    """Limits for one guild (GuildSettings may override the defaults). Strings use the ``limits`` notation."""
+
+    user: str = "2 per 10 seconds; 20 per hour"
+    guild: str = "60 per minute"
+    daily_quota: int | None = 100  # requests per user per rolling day; None = unlimited
+
+    def items(self) -> tuple[list[RateLimitItem], list[RateLimitItem], list[RateLimitItem]]:
+        try:
+            user = parse_many(self.user) if self.user else []
+            guild = parse_many(self.guild) if self.guild else []
+        except ValueError as exc:
+            raise ValueError(f"invalid rate limit string: {exc}") from exc
+        daily = parse_many(f"{self.daily_quota} per day") if self.daily_quota else []
+        return user, guild, daily
+
+
+@dataclass(frozen=True)
+class StrikePolicy:
+    """Filter offences: the first ``free`` strikes only warn, then the cooldown doubles with each strike."""
+
+    free: int = 1
+    base_s: float = 60.0
+    factor: float = 2.0
+    max_s: float = 24 * 3600.0
+    memory_s: int = 24 * 3600  # strikes are forgotten this long after the first one
+
+    def cooldown_for(self, strikes: int) -> float:
+        if strikes <= self.free:
+            return 0.0
+        return min(self.base_s * self.factor ** (strikes - self.free - 1), self.max_s)
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    allowed: bool
+    scope: str | None = None  # user / guild / daily / cooldown
+    retry_after: float = 0.0  # seconds
+
+    @property
+    def message(self) -> str:
+        if self.allowed:
+            return ""
+        wait = _human(self.retry_after)
+        return {
+            "user": f"You're sending requests too fast. Try again in {wait}.",
+            "guild": f"This server is sending too many requests. Try again in {wait}.",
+            "daily": f"You've used today's quota. Try again in {wait}.",
+            "cooldown": f"You're on a cooldown after blocked prompts. Try again in {wait}.",
+        }.get(self.scope or "", f"Try again in {wait}.")
+
+
+def _human(seconds: float) -> str:
+    s = max(1, math.ceil(seconds))
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{math.ceil(s / 60)} min"
+    return f"{math.ceil(s / 3600)} h"
+
+
+class RateLimiter:
+    """Admission by rate. ``hit`` consumes one request only when every window has room."""
+
+    def __init__(
+        self, storage_uri: str | None = None, namespace: str = "dalle", policy: LimitPolicy | None = None,
+        strikes: StrikePolicy | None = None,
+    ) -> None:
+        uri = storage_uri or "memory://"
+        if not uri.startswith("async+"):
+            uri = "async+" + uri
+        options = {"implementation": "redispy"} if "redis" in uri.split("://", 1)[0] else {}
+        self.storage: Storage = storage_from_string(uri, **options)
+        self.window = MovingWindowRateLimiter(self.storage)
+        self.ns = namespace
+        self.policy = policy or LimitPolicy()
+        self.strikes = strikes or StrikePolicy()
+        self.policy.items()  # validate early
+
+    @classmethod
+    def from_redis_url(cls, redis_url: str | None, **kw) -> RateLimiter:
+        return cls(storage_uri=redis_url or None, **kw)
+
+    async def check(self, user_id: int, guild_id: int | None, policy: LimitPolicy | None = None) -> RateDecision:
+        """Would a request be admitted now? Consumes nothing."""
+        return await self._run(user_id, guild_id, policy, consume=False)
+
+    async def hit(self, user_id: int, guild_id: int | None, policy: LimitPolicy | None = None) -> RateDecision:
+        """Admit and count one request, or refuse with the wait until it would be admitted."""
+        return await self._run(user_id, guild_id, policy, consume=True)
+
+    async def _run(self, user_id: int, guild_id: int | None, policy: LimitPolicy | None, consume: bool) -> RateDecision:
+        cooldown = await self.cooldown_remaining(user_id)
+        if cooldown > 0:
+            return RateDecision(False, "cooldown", cooldown)
+        user_items, guild_items, daily_items = (policy or self.policy).items()
+        checks: list[tuple[str, RateLimitItem, str]] = [("user", it, f"{self.ns}:u:{user_id}") for it in user_items]
+        checks += [("daily", it, f"{self.ns}:d:{user_id}") for it in daily_items]
+        if guild_id is not None:
+            checks += [("guild", it, f"{self.ns}:g:{guild_id}") for it in guild_items]
+        worst: RateDecision | None = None
+        for scope, item, key in checks:
+            if not await self.window.test(item, key):
+                stats = await self.window.get_window_stats(item, key)
+                wait = max(stats.reset_time - time.time(), 0.001)
+                if worst is None or wait > worst.retry_after:
+                    worst = RateDecision(False, scope, wait)
+        if worst is not None:
+            return worst
+        if consume:
+            for scope, item, key in checks:
+                if not await self.window.hit(item, key):  # lost a race with another process
+                    stats = await self.window.get_window_stats(item, key)
+                    return RateDecision(False, scope, max(stats.reset_time - time.time(), 0.001))
+        return RateDecision(True)
+
+    # -- filter strikes ------------------------------------------------------------------------------
+
+    async def strike(self, user_id: int) -> tuple[int, float]:
+        """Record a filter offence; returns (strikes so far, cooldown now imposed in seconds)."""
+        strikes = await self.storage.incr(f"{self.ns}:strikes:{user_id}", self.strikes.memory_s)
+        cooldown = self.strikes.cooldown_for(strikes)
+        if cooldown > 0:
+            key = f"{self.ns}:cool:{user_id}"
+            await self.storage.clear(key)
+            await self.storage.incr(key, max(1, math.ceil(cooldown)))
+        return strikes, cooldown
+
+    async def cooldown_remaining(self, user_id: int) -> float:
+        key = f"{self.ns}:cool:{user_id}"
+        if await self.storage.get(key) <= 0:
+            return 0.0
+        return max(await self.storage.get_expiry(key) - time.time(), 0.0)
+
+    async def reset_user(self, user_id: int) -> None:
+        """Clear a user's strikes and cooldown (moderator action)."""
+        await self.storage.clear(f"{self.ns}:strikes:{user_id}")
+        await self.storage.clear(f"{self.ns}:cool:{user_id}")

@@ -1,0 +1,618 @@
+"""The Discord-independent life of a request: admit → persist → schedule → generate → persist → publish.
+
+Both front ends (``bot.cogs.generate`` for Discord, ``bot.local`` for the terminal) drive this one service, so
+filters, rate limits, queue caps, fairness and the database records are identical in both. A front end
+implements ``Publisher`` to show progress and results; everything it needs to deliver a result later (after
+a restart, after the interaction token expired) is on the ``Generation`` row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from bot.filters import FilterDecision, GuildPolicy, PromptFilter
+from bot.ratelimit import LimitPolicy, RateLimiter
+from bot.ratelimit import _human as _human
+from bot.scheduler import QueuedJob, QueueRefused, Scheduler, SchedulerClosed
+from engine.api import Engine, EngineError, GenerationRequest, GenerationResult, RequestCancelled
+from store.models import CaseSource, FeedbackKind, FeedbackReason, FlaggedMode, GenerationKind, Status
+from store.repository import NewImage, Repository
+
+log = logging.getLogger(__name__)
+
+MAX_IMAGES = 9
+SEED_LIMIT = 2**31
+
+
+def derive_seed(parent_seed: int, index: int) -> int:
+    """Seed of a variation of image ``index`` of a generation with ``parent_seed``: a pure function of the
+    lineage, so a variation is reproducible from the rows alone."""
+    digest = hashlib.blake2b(f"variation:{parent_seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % SEED_LIMIT
+
+
+# --------------------------------------------------------------------------------------------------
+# What the front ends see
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Where and how to post the result (Discord: interaction token and channel; local: nothing)."""
+
+    channel_id: int | None = None
+    application_id: int | None = None
+    interaction_token: str | None = None
+    token_expires_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The answer to a submit: either a queued generation with its position, or a refusal with a reason."""
+
+    ok: bool
+    generation_id: int | None = None
+    position: int | None = None
+    seed: int | None = None
+    category: str | None = None  # filter category, "rate:<scope>", "queue", "banned", "invalid"
+    message: str = ""
+    retry_after: float | None = None
+
+
+@dataclass
+class StoredImage:
+    id: int
+    index: int
+    rank: int
+    path: Path
+    sha256: str
+    clip_score: float
+    flagged: bool
+    hidden: bool  # shown behind a spoiler
+    withheld: bool  # not posted at all (guild flagged_mode = withhold)
+    png: bytes = field(repr=False, default=b"")
+
+
+@dataclass
+class Outcome:
+    """A finished generation, ready to publish."""
+
+    generation: Any  # store.models.Generation
+    images: list[StoredImage]  # best CLIP score first
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    generation_id: int
+    state: str  # queued / running
+    position: int | None = None
+    tokens_done: int = 0
+    tokens_total: int = 0
+
+    @property
+    def text(self) -> str:
+        if self.state == "queued":
+            return f"Queued, position {self.position}." if self.position else "Queued."
+        if self.tokens_total:
+            return f"Generating… {100 * self.tokens_done // self.tokens_total}%"
+        return "Generating…"
+
+
+class Publisher(Protocol):
+    """A front end's side of the lifecycle; every method must tolerate being called after a restart."""
+
+    async def progress(self, generation: Any, update: ProgressUpdate) -> None: ...
+
+    async def publish(self, outcome: Outcome) -> int | None:
+        """Post the result (or the failure); return the message id if there is one."""
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    ok: bool
+    message: str
+    case_id: int | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class GenerationService:
+    def __init__(
+        self,
+        repo: Repository,
+        engine: Engine,
+        publisher: Publisher | None = None,
+        *,
+        output_dir: str | Path = "outputs",
+        prompt_filter: PromptFilter | None = None,
+        limiter: RateLimiter | None = None,
+        scheduler: Scheduler | None = None,
+        concurrency: int = 2,
+        default_images: int = 9,
+        progress_interval: float = 2.0,
+        flagged_mode: str = FlaggedMode.SPOILER.value,
+        checkpoint_id: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.repo = repo
+        self.engine = engine
+        self.publisher = publisher
+        self.output_dir = Path(output_dir)
+        self.filter = prompt_filter or PromptFilter()
+        self.limiter = limiter or RateLimiter()
+        self.scheduler = scheduler or Scheduler()
+        self.concurrency = concurrency
+        self.default_images = default_images
+        self.progress_interval = progress_interval
+        self.flagged_mode = flagged_mode
+        self.checkpoint_id = checkpoint_id
+        self.clock = clock
+        self._admit_lock = asyncio.Lock()
+        self._workers: list[asyncio.Task] = []
+        self._running: dict[int, asyncio.Task] = {}
+        self._engine_ids: dict[int, str] = {}
+        self._closing = False
+        self._last_positions: dict[int, int] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> list[int]:
+        """Requeue interrupted jobs, load every queued job into the fair queue, deliver results that were
+        finished but never posted, and start the workers. Returns the ids of the jobs resumed."""
+        self._closing = False
+        self.scheduler.reopen()
+        await self.repo.requeue_interrupted()
+        resumed = []
+        for job in await self.repo.queued_generations():
+            if job.id not in self.scheduler.queue:
+                self.scheduler.add(QueuedJob(job.id, job.user_id, job.guild_id, job.queued_at), force=True)
+                resumed.append(job.id)
+        for gen in await self.repo.undelivered():
+            await self._publish(Outcome(gen, await self._stored_images(gen), error=gen.error))
+        self._workers = [
+            asyncio.create_task(self._worker(i), name=f"dalle-worker-{i}") for i in range(self.concurrency)
+        ]
+        return resumed
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking work; let running jobs finish within ``grace`` seconds, else put them back in the queue
+        (status queued) so the next start resumes them. Nothing is left half-recorded: the step that stores
+        images and marks the job done runs shielded from cancellation."""
+        self._closing = True
+        self.scheduler.close()  # idle workers return; nothing is cancelled in the middle of a database call
+        running = list(self._running.values())
+        if running:
+            _, pending = await asyncio.wait(running, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        _, stuck = await asyncio.wait(self._workers, timeout=5.0) if self._workers else (set(), set())
+        for w in stuck:
+            w.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+
+    # -- admission -----------------------------------------------------------------------------------
+
+    async def _policies(self, guild_id: int | None) -> tuple[GuildPolicy, LimitPolicy | None, int | None, str]:
+        gs = await self.repo.get_guild_settings(guild_id) if guild_id is not None else None
+        if gs is None:
+            return GuildPolicy(), None, None, self.flagged_mode
+        base = self.limiter.policy
+        limit = LimitPolicy(
+            user=gs.rate_limit_user or base.user,
+            guild=gs.rate_limit_guild or base.guild,
+            daily_quota=gs.daily_quota if gs.daily_quota is not None else base.daily_quota,
+        )
+        return (GuildPolicy(block=gs.block_list or (), allow=gs.allow_list or ()), limit, gs.max_queue_per_user,
+                gs.flagged_mode or self.flagged_mode)
+
+    async def submit(
+        self,
+        *,
+        user_id: int,
+        prompt: str,
+        guild_id: int | None = None,
+        n: int | None = None,
+        seed: int | None = None,
+        private: bool = False,
+        delivery: Delivery | None = None,
+        kind: str = GenerationKind.NEW.value,
+        parent_generation_id: int | None = None,
+        parent_image_id: int | None = None,
+        count_rate: bool = True,
+    ) -> Admission:
+        """Admit a request or refuse it with a reason the user can act on. Every refusal is recorded."""
+        n = self.default_images if n is None else n
+        if not 1 <= n <= MAX_IMAGES:
+            return await self._refuse(user_id, guild_id, prompt, None, "invalid",
+                                      f"images must be between 1 and {MAX_IMAGES}.")
+        if seed is not None and not 0 <= seed < 2**63:
+            return await self._refuse(user_id, guild_id, prompt, None, "invalid", "seed must be between 0 and 2^63-1.")
+        if self._closing:
+            return Admission(False, category="closing", message="The bot is restarting; try again in a minute.")
+        state = await self.repo.get_user_state(user_id)
+        if state is not None and state.banned:
+            return await self._refuse(user_id, guild_id, prompt, None, "banned",
+                                      "You are not allowed to generate images here.")
+        policy, limits, user_cap, _ = await self._policies(guild_id)
+        decision: FilterDecision = self.filter.check(prompt, policy)
+        if not decision.allowed:
+            msg = f"Sorry, I can't draw that: {decision.reason}"
+            if decision.category != "invalid":
+                strikes, cooldown = await self.limiter.strike(user_id)
+                await self.repo.add_strike(user_id)
+                if cooldown:
+                    msg += f" You're on a cooldown for {_human(cooldown)} after {strikes} blocked prompts."
+            return await self._refuse(user_id, guild_id, prompt, decision.normalised, decision.category or "filter",
+                                      msg, detail=decision.matched)
+        async with self._admit_lock:
+            try:
+                self._check_cap(user_id, user_cap)
+            except QueueRefused as exc:
+                return await self._refuse(user_id, guild_id, prompt, decision.normalised, "queue", str(exc))
+            if count_rate:
+                rate = await self.limiter.hit(user_id, guild_id, limits)
+                if not rate.allowed:
+                    return await self._refuse(user_id, guild_id, prompt, decision.normalised, f"rate:{rate.scope}",
+                                              rate.message, retry_after=rate.retry_after)
+            seed = secrets.randbelow(SEED_LIMIT) if seed is None else seed
+            d = delivery or Delivery()
+            gen = await self.repo.create_generation(
+                user_id=user_id, prompt=prompt, normalized_prompt=decision.normalised, guild_id=guild_id,
+                channel_id=d.channel_id, n_images=n, seed=seed, kind=kind, parent_generation_id=parent_generation_id,
+                parent_image_id=parent_image_id, checkpoint_id=self.checkpoint_id, private=private,
+                application_id=d.application_id, interaction_token=d.interaction_token,
+                token_expires_at=d.token_expires_at,
+            )
+            position = self.scheduler.add(QueuedJob(gen.id, user_id, guild_id, gen.queued_at), force=True)
+        log.info("queued generation %s for user %s at position %s", gen.id, user_id, position)
+        return Admission(True, generation_id=gen.id, position=position, seed=seed)
+
+    def _check_cap(self, user_id: int, user_cap: int | None) -> None:
+        if user_cap is None:
+            self.scheduler.check_admission(user_id)
+            return
+        saved = self.scheduler.per_user_cap
+        self.scheduler.per_user_cap = user_cap
+        try:
+            self.scheduler.check_admission(user_id)
+        finally:
+            self.scheduler.per_user_cap = saved
+
+    async def _refuse(self, user_id, guild_id, prompt, normalised, category, message, *, detail=None,
+                      retry_after=None) -> Admission:
+        reason = category if not detail else f"{category}: {detail}"
+        await self.repo.record_refusal(user_id=user_id, guild_id=guild_id, prompt=prompt[:2000], reason=reason,
+                                       normalized=normalised)
+        log.info("refused user %s (%s)", user_id, reason)
+        return Admission(False, category=category, message=message, retry_after=retry_after)
+
+    async def reroll(self, generation_id: int, user_id: int, *, guild_id: int | None = None,
+                     delivery: Delivery | None = None) -> Admission:
+        """Same prompt and size, a new random seed; the new row points at its parent."""
+        parent = await self.repo.get_generation(generation_id, with_images=False)
+        if parent is None:
+            return Admission(False, category="invalid", message="That generation no longer exists.")
+        return await self.submit(
+            user_id=user_id, prompt=parent.prompt, guild_id=guild_id if guild_id is not None else parent.guild_id,
+            n=parent.n_images, private=parent.private, delivery=delivery, kind=GenerationKind.REROLL.value,
+            parent_generation_id=parent.id,
+        )
+
+    async def variation(self, image_id: int, user_id: int, *, guild_id: int | None = None,
+                        delivery: Delivery | None = None) -> Admission:
+        """More like image ``image_id``: the same prompt with a seed derived from (parent seed, image index)."""
+        image = await self.repo.get_image(image_id)
+        if image is None:
+            return Admission(False, category="invalid", message="That image no longer exists.")
+        parent = await self.repo.get_generation(image.generation_id, with_images=False)
+        return await self.submit(
+            user_id=user_id, prompt=parent.prompt, guild_id=guild_id if guild_id is not None else parent.guild_id,
+            n=parent.n_images, seed=derive_seed(parent.seed, image.index), private=parent.private,
+            delivery=delivery, kind=GenerationKind.VARIATION.value, parent_generation_id=parent.id,
+            parent_image_id=image.id,
+        )
+
+    async def cancel(self, generation_id: int, user_id: int | None = None) -> bool:
+        """Cancel a job that is still queued (only its owner may, unless ``user_id`` is None)."""
+        gen = await self.repo.get_generation(generation_id, with_images=False)
+        if gen is None or (user_id is not None and gen.user_id != user_id) or gen.status != Status.QUEUED.value:
+            return False
+        if not self.scheduler.cancel(generation_id):
+            return False
+        await self.repo.set_status(generation_id, Status.CANCELLED.value)
+        await self.repo.mark_delivered(generation_id)
+        return True
+
+    async def feedback(self, image_id: int, user_id: int, kind: str, *, reason: str | None = None,
+                       note: str | None = None) -> FeedbackResult:
+        """Record 👍 / 👎 / report; a report opens (or joins) a moderation case."""
+        if kind not in {k.value for k in FeedbackKind}:
+            return FeedbackResult(False, f"Unknown feedback {kind!r}: use up, down or report.")
+        if reason is not None and reason not in {r.value for r in FeedbackReason}:
+            return FeedbackResult(False, f"Unknown reason {reason!r}: use nsfw, bias, quality or other.")
+        if kind == FeedbackKind.REPORT.value and reason is None:
+            reason = FeedbackReason.OTHER.value
+        image = await self.repo.get_image(image_id)
+        if image is None:
+            return FeedbackResult(False, f"Image {image_id} does not exist.")
+        await self.repo.record_feedback(image_id, user_id, kind, reason=reason, note=note)
+        if kind != FeedbackKind.REPORT.value:
+            return FeedbackResult(True, "Thanks for the feedback!")
+        case, _ = await self.repo.open_case(CaseSource.REPORT.value, image_id=image_id,
+                                            reason=f"{reason}: {note}" if note else reason)
+        return FeedbackResult(True, "Thanks, a moderator will review this image.", case_id=case.id)
+
+    # -- queries -------------------------------------------------------------------------------------
+
+    def position(self, generation_id: int) -> int | None:
+        return self.scheduler.position(generation_id)
+
+    async def user_queue(self, user_id: int) -> list[tuple[Any, int | None]]:
+        """The user's unfinished jobs with their positions (0 = running)."""
+        out = []
+        for gen in await self.repo.list_generations(user_id=user_id, limit=50):
+            if gen.status in (Status.QUEUED.value, Status.RUNNING.value):
+                out.append((gen, self.scheduler.position(gen.id)))
+        out.sort(key=lambda p: (p[1] is None, p[1] or 0))
+        return out
+
+    # -- running -------------------------------------------------------------------------------------
+
+    async def _worker(self, number: int) -> None:
+        while not self._closing:
+            try:
+                job = await self.scheduler.next()
+            except SchedulerClosed:
+                return
+            if self._closing:  # not claimed: it stays queued in the database for the next start
+                self.scheduler.done(job.id)
+                return
+            await self._notify_positions()
+            task = asyncio.create_task(self._run_job(job.id))
+            self._running[job.id] = task
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if self._closing:
+                    raise
+            except Exception:  # noqa: BLE001 - one job's bug must not kill the worker
+                log.exception("generation %s crashed", job.id)
+            finally:
+                self._running.pop(job.id, None)
+                self.scheduler.done(job.id)
+
+    async def _notify_positions(self) -> None:
+        if self.publisher is None:
+            return
+        positions = self.scheduler.positions()
+        changed = {gid: p for gid, p in positions.items() if self._last_positions.get(gid) != p}
+        self._last_positions = positions
+        for gid, pos in changed.items():
+            gen = await self.repo.get_generation(gid, with_images=False)
+            if gen is not None:
+                await self._progress(gen, ProgressUpdate(gid, "queued", position=pos))
+
+    async def _progress(self, gen: Any, update: ProgressUpdate) -> None:
+        if self.publisher is None:
+            return
+        try:
+            await self.publisher.progress(gen, update)
+        except Exception:  # noqa: BLE001 - progress is best effort
+            log.warning("progress update for %s failed", update.generation_id, exc_info=True)
+
+    async def _run_job(self, generation_id: int) -> None:
+        gen = await self.repo.claim(generation_id)
+        if gen is None:  # cancelled (or taken by another process) meanwhile
+            return
+        request = GenerationRequest(prompt=gen.prompt, n=gen.n_images, seed=int(gen.seed),
+                                    request_id=f"gen-{gen.id}-{gen.attempts}")
+        try:
+            rid = await self.engine.submit(request)
+            self._engine_ids[gen.id] = rid
+            await self._progress(gen, ProgressUpdate(gen.id, "running"))
+            events = asyncio.create_task(self._forward_events(gen, rid))
+            try:
+                result = await self.engine.result(rid)
+            finally:
+                events.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await events
+        except asyncio.CancelledError:
+            # shutdown: give the job back to the queue for the next start
+            rid = self._engine_ids.get(gen.id)
+            if rid:
+                with contextlib.suppress(Exception):
+                    await self.engine.cancel(rid)
+            await asyncio.shield(self.repo.set_status(gen.id, Status.QUEUED.value))
+            raise
+        except (EngineError, RequestCancelled) as exc:
+            await asyncio.shield(self._finish_failed(gen, str(exc) or exc.__class__.__name__))
+            return
+        finally:
+            self._engine_ids.pop(gen.id, None)
+        outcome = await asyncio.shield(self._finish_ok(gen, result))
+        await self._publish(outcome)
+
+    async def _forward_events(self, gen: Any, rid: str) -> None:
+        last = -1e9
+        async for ev in self.engine.events(rid):
+            if ev.state != "running":
+                continue
+            now = self.clock()
+            if now - last < self.progress_interval and ev.tokens_done < ev.tokens_total:
+                continue
+            last = now
+            await self._progress(gen, ProgressUpdate(gen.id, "running", tokens_done=ev.tokens_done,
+                                                     tokens_total=ev.tokens_total))
+
+    async def _finish_failed(self, gen: Any, error: str) -> None:
+        log.warning("generation %s failed: %s", gen.id, error)
+        gen = await self.repo.set_status(gen.id, Status.FAILED.value, error=error[:500])
+        await self._publish(Outcome(gen, [], error=error))
+
+    async def _finish_ok(self, gen: Any, result: GenerationResult) -> Outcome:
+        """Write PNGs, store Image rows, open cases for flagged images, mark done (one uncancellable step)."""
+        _, _, _, mode = await self._policies(gen.guild_id)
+        folder = self.output_dir / str(gen.id)
+        files = await asyncio.to_thread(_write_pngs, folder, gen.id, result)
+        new = [NewImage.from_generated(im, file_path=str(path), sha256=sha, hidden=bool(im.flagged))
+               for im, (path, sha) in zip(result.images, files, strict=True)]
+        rows = await self.repo.add_images(gen.id, new)
+        for row in rows:
+            if row.flagged:
+                await self.repo.open_case(CaseSource.AUTO.value, image_id=row.id, generation_id=gen.id,
+                                          reason="safety checker: " + ", ".join(
+                                              f"{k}={v:.2f}" for k, v in sorted(row.safety_scores.items())))
+        gen = await self.repo.set_status(gen.id, Status.DONE.value, checkpoint_id=result.checkpoint_id)
+        images = [
+            StoredImage(id=row.id, index=row.index, rank=row.rank, path=Path(path), sha256=sha,
+                        clip_score=row.clip_score, flagged=row.flagged, hidden=row.hidden,
+                        withheld=row.flagged and mode == FlaggedMode.WITHHOLD.value, png=im.png)
+            for row, im, (path, sha) in zip(rows, result.images, files, strict=True)
+        ]
+        images.sort(key=lambda s: s.rank)
+        return Outcome(gen, images)
+
+    async def _stored_images(self, gen: Any) -> list[StoredImage]:
+        _, _, _, mode = await self._policies(gen.guild_id)
+        out = []
+        for row in sorted(gen.images, key=lambda r: (r.rank if r.rank is not None else r.index)):
+            path = Path(row.file_path) if row.file_path else None
+            png = await asyncio.to_thread(path.read_bytes) if path and path.exists() else b""
+            out.append(StoredImage(id=row.id, index=row.index, rank=row.rank or 0, path=path or Path(),
+                                   sha256=row.sha256 or "", clip_score=row.clip_score or 0.0, flagged=row.flagged,
+                                   hidden=row.hidden, withheld=row.flagged and mode == FlaggedMode.WITHHOLD.value,
+                                   png=png))
+        return out
+
+    async def _publish(self, outcome: Outcome) -> None:
+        if self.publisher is None:
+            return
+        try:
+            message_id = await self.publisher.publish(outcome)
+        except Exception:  # noqa: BLE001 - stays undelivered; the next start retries
+            log.exception("publishing generation %s failed", outcome.generation.id)
+            return
+        await self.repo.mark_delivered(outcome.generation.id, result_message_id=message_id)
+
+
+def _write_pngs(folder: Path, gen_id: int, result: GenerationResult) -> list[tuple[Path, str]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for im in result.images:
+        path = folder / f"{gen_id}-r{im.rank}-i{im.index}.png"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(im.png)
+        tmp.replace(path)
+        out.append((path.resolve(), hashlib.sha256(im.png).hexdigest()))
+    return out
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# --------------------------------------------------------------------------------------------------
+# Wiring from settings (shared by the Discord and terminal front ends)
+
+
+class EngineUnavailable(RuntimeError):
+    """The configured engine could not be started; the message is one line for the operator."""
+
+
+def _setting(settings: Any, name: str, default: Any = None) -> Any:
+    value = getattr(settings, name, None)
+    if value is None:
+        value = getattr(settings, name.upper(), None)
+    return default if value is None else value
+
+
+def engine_from_settings(settings: Any) -> Engine:
+    """The engine the settings ask for: engine services over HTTP (ENGINE_MODE=http, ENGINE_URLS) or the model
+    in-process from CHECKPOINT_DIR. Imported lazily: a front end never imports JAX unless it runs the model."""
+    mode = str(_setting(settings, "engine_mode", "inprocess"))
+    urls = list(_setting(settings, "engine_urls", ()) or ())
+    token = _setting(settings, "engine_token")
+    checkpoint = _setting(settings, "checkpoint_dir")
+    try:
+        if mode == "http":
+            from engine.client import HttpEngine, MultiEngine
+
+            if not urls:
+                raise EngineUnavailable("ENGINE_MODE=http needs ENGINE_URLS")
+            return HttpEngine(urls[0], token) if len(urls) == 1 else MultiEngine.from_urls(urls, token)
+        from engine.client import InProcessEngine
+        from engine.pipeline import load_pipeline
+
+        return InProcessEngine(load_pipeline(checkpoint))
+    except EngineUnavailable:
+        raise
+    except ImportError as exc:
+        raise EngineUnavailable(f"the model engine is not available in this installation ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise EngineUnavailable(f"could not load the model from {checkpoint}: {first}") from exc
+
+
+def engine_for_settings(settings: Any) -> Engine:
+    """ENGINE_FACTORY / DALLE_ENGINE_FACTORY = ``module:callable`` (development and tests: e.g. a fake engine),
+    else the configured engine."""
+    spec = _setting(settings, "engine_factory") or os.environ.get("DALLE_ENGINE_FACTORY")
+    if spec:
+        module, _, attr = str(spec).partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr or "create_engine")()
+        except (ImportError, AttributeError) as exc:
+            raise EngineUnavailable(f"engine factory {spec!r} could not be loaded: {exc}") from exc
+    return engine_from_settings(settings)
+
+
+async def open_repository(settings: Any) -> Repository:
+    """Repository on DATABASE_URL (default: the embedded SQLite file), migrated when AUTO_MIGRATE allows."""
+    from store.db import default_sqlite_url, ensure_migrated
+
+    url = str(_setting(settings, "database_url") or default_sqlite_url())
+    await asyncio.to_thread(ensure_migrated, url, bool(_setting(settings, "auto_migrate", True)))
+    return Repository.from_url(url)
+
+
+def service_from_settings(settings: Any, repo: Repository, engine: Engine, publisher: Publisher | None,
+                          **overrides: Any) -> GenerationService:
+    limiter = RateLimiter(
+        storage_uri=_setting(settings, "redis_url"),
+        namespace=str(_setting(settings, "redis_namespace", "dalle")),
+        policy=LimitPolicy(
+            user=str(_setting(settings, "rate_limit_user", LimitPolicy.user)),
+            guild=str(_setting(settings, "rate_limit_guild", LimitPolicy.guild)),
+            daily_quota=_setting(settings, "daily_quota", LimitPolicy.daily_quota),
+        ),
+    )
+    scheduler = Scheduler(per_user_cap=int(_setting(settings, "max_queue_per_user", 5)),
+                          total_cap=int(_setting(settings, "max_queue_total", 1000)))
+    kwargs: dict[str, Any] = dict(
+        output_dir=_setting(settings, "output_dir", "outputs"), limiter=limiter, scheduler=scheduler,
+        concurrency=int(_setting(settings, "engine_concurrency", 2)),
+        default_images=int(_setting(settings, "default_images", 9)),
+        flagged_mode=str(_setting(settings, "flagged_mode", FlaggedMode.SPOILER.value)),
+    )
+    kwargs.update(overrides)
+    return GenerationService(repo, engine, publisher, **kwargs)

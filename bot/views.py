@@ -1,0 +1,196 @@
+"""Persistent message components. Every custom id carries the generation or image id it acts on
+(``dalle:<action>:<id>``) and is decoded by a ``discord.ui.DynamicItem``, so buttons on messages posted
+before a restart keep working (peers.md #3, #4, #8): nothing is looked up in process memory.
+
+The items call ``interaction.client.service`` (a ``bot.service.GenerationService``) and answer ephemerally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import math
+from typing import Any
+
+import discord
+from PIL import Image as PILImage
+
+from bot.service import Delivery, StoredImage
+
+log = logging.getLogger(__name__)
+
+REASONS = ("nsfw", "bias", "quality", "other")
+
+
+def _service(interaction: discord.Interaction) -> Any:
+    return interaction.client.service  # type: ignore[attr-defined]
+
+
+def delivery_for(interaction: discord.Interaction) -> Delivery:
+    return Delivery(channel_id=interaction.channel_id, application_id=interaction.application_id,
+                    interaction_token=interaction.token, token_expires_at=interaction.expires_at)
+
+
+async def _queued_reply(interaction: discord.Interaction, adm: Any, what: str) -> None:
+    """Answer a deferred component interaction with the admission result and remember the ack message."""
+    if not adm.ok:
+        await interaction.edit_original_response(content=adm.message)
+        return
+    msg = await interaction.edit_original_response(
+        content=f"{what} queued, position {adm.position}.", view=CancelView(adm.generation_id))
+    await asyncio.shield(_service(interaction).repo.update_delivery(adm.generation_id, ack_message_id=msg.id))
+
+
+class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dalle:reroll:(?P<gen>[0-9]+)"):
+    def __init__(self, generation_id: int) -> None:
+        super().__init__(discord.ui.Button(label="Reroll", emoji="🔁", style=discord.ButtonStyle.secondary,
+                                           custom_id=f"dalle:reroll:{generation_id}"))
+        self.generation_id = generation_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction, item, match):
+        return cls(int(match["gen"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        adm = await _service(interaction).reroll(self.generation_id, interaction.user.id,
+                                                  guild_id=interaction.guild_id, delivery=delivery_for(interaction))
+        await _queued_reply(interaction, adm, "Reroll")
+
+
+class VariationButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dalle:var:(?P<img>[0-9]+):(?P<n>[0-9]+)"):
+    def __init__(self, image_id: int, number: int) -> None:
+        super().__init__(discord.ui.Button(label=f"V{number}", style=discord.ButtonStyle.secondary,
+                                           custom_id=f"dalle:var:{image_id}:{number}"))
+        self.image_id = image_id
+        self.number = number
+
+    @classmethod
+    async def from_custom_id(cls, interaction, item, match):
+        return cls(int(match["img"]), int(match["n"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        adm = await _service(interaction).variation(self.image_id, interaction.user.id, guild_id=interaction.guild_id,
+                                                     delivery=delivery_for(interaction))
+        await _queued_reply(interaction, adm, f"Variation V{self.number}")
+
+
+class VoteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dalle:vote:(?P<kind>up|down):(?P<img>[0-9]+)"):
+    def __init__(self, kind: str, image_id: int) -> None:
+        super().__init__(discord.ui.Button(emoji="👍" if kind == "up" else "👎", style=discord.ButtonStyle.secondary,
+                                           custom_id=f"dalle:vote:{kind}:{image_id}"))
+        self.kind = kind
+        self.image_id = image_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction, item, match):
+        return cls(match["kind"], int(match["img"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        res = await _service(interaction).feedback(self.image_id, interaction.user.id, self.kind)
+        await interaction.response.send_message(res.message, ephemeral=True)
+
+
+class ReportModal(discord.ui.Modal):
+    reason: discord.ui.TextInput = discord.ui.TextInput(
+        label="Reason: nsfw, bias, quality or other", custom_id="reason", max_length=10, placeholder="nsfw")
+    note: discord.ui.TextInput = discord.ui.TextInput(
+        label="Details (optional)", custom_id="note", style=discord.TextStyle.paragraph, required=False,
+        max_length=500)
+
+    def __init__(self, image_id: int) -> None:
+        super().__init__(title="Report this image", custom_id=f"dalle:reportmodal:{image_id}", timeout=600)
+        self.image_id = image_id
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        reason = (self.reason.value or "").strip().lower()
+        if reason not in REASONS:
+            await interaction.response.send_message(
+                f"Please give one of: {', '.join(REASONS)} (you wrote {reason!r}).", ephemeral=True)
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        res = await _service(interaction).feedback(self.image_id, interaction.user.id, "report", reason=reason,
+                                                   note=(self.note.value or "").strip() or None)
+        await interaction.edit_original_response(content=res.message)
+
+
+class ReportButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dalle:report:(?P<img>[0-9]+)"):
+    def __init__(self, image_id: int) -> None:
+        super().__init__(discord.ui.Button(label="Report", emoji="⚠️", style=discord.ButtonStyle.danger,
+                                           custom_id=f"dalle:report:{image_id}"))
+        self.image_id = image_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction, item, match):
+        return cls(int(match["img"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.response.send_modal(ReportModal(self.image_id))
+
+
+class CancelButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dalle:cancel:(?P<gen>[0-9]+)"):
+    def __init__(self, generation_id: int) -> None:
+        super().__init__(discord.ui.Button(label="Cancel", style=discord.ButtonStyle.secondary,
+                                           custom_id=f"dalle:cancel:{generation_id}"))
+        self.generation_id = generation_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction, item, match):
+        return cls(int(match["gen"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        ok = await _service(interaction).cancel(self.generation_id, interaction.user.id)
+        if ok:
+            await interaction.response.edit_message(content="Cancelled.", view=None)
+        else:
+            await interaction.response.send_message("Only a queued request of yours can be cancelled.", ephemeral=True)
+
+
+DYNAMIC_ITEMS = (RerollButton, VariationButton, VoteButton, ReportButton, CancelButton)
+
+
+class CancelView(discord.ui.View):
+    def __init__(self, generation_id: int) -> None:
+        super().__init__(timeout=None)
+        self.add_item(CancelButton(generation_id))
+
+
+class ResultView(discord.ui.View):
+    """Reroll, 👍, 👎, Report (acting on the best image) and V1..Vn (one per posted image, best first)."""
+
+    def __init__(self, generation_id: int, images: list[StoredImage]) -> None:
+        super().__init__(timeout=None)
+        best = images[0].id if images else None
+        self.add_item(RerollButton(generation_id))
+        if best is not None:
+            self.add_item(VoteButton("up", best))
+            self.add_item(VoteButton("down", best))
+            self.add_item(ReportButton(best))
+        for number, im in enumerate(images[:10], 1):
+            item = VariationButton(im.id, number)
+            item.item.row = 1 if number <= 5 else 2
+            self.add_item(item)
+
+
+def grid_png(images: list[StoredImage], max_bytes: int | None = None) -> bytes:
+    """A near-square grid of the images in rank order (best top-left); shrunk until it fits ``max_bytes``."""
+    tiles = [PILImage.open(io.BytesIO(im.png)).convert("RGB") for im in images if im.png]
+    if not tiles:
+        raise ValueError("no images to put in a grid")
+    cols = math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / cols)
+    w, h = tiles[0].size
+    scale = 1.0
+    while True:
+        tw, th = max(1, int(w * scale)), max(1, int(h * scale))
+        canvas = PILImage.new("RGB", (cols * tw, rows * th), (255, 255, 255))
+        for k, tile in enumerate(tiles):
+            canvas.paste(tile.resize((tw, th)), ((k % cols) * tw, (k // cols) * th))
+        buf = io.BytesIO()
+        canvas.save(buf, format="PNG", optimize=True)
+        data = buf.getvalue()
+        if max_bytes is None or len(data) <= max_bytes or tw <= 16:
+            return data
+        scale *= 0.7

@@ -1,0 +1,397 @@
+"""End to end: the real discord.py client (AutoShardedBot) against the strict loopback fake Discord."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import discord
+import pytest
+import yarl
+from sqlalchemy import select
+
+from bot.app import create_bot
+from store.models import Feedback, Generation, ModerationCase, Refusal
+from tests.botkit import create_schema, make_repo, sqlite_url
+from tests.fake_engine import FakeEngine
+from tests.fakediscord import APP_ID, FakeDiscord
+
+CHANNEL = 3000
+
+
+@pytest.fixture
+async def fake(monkeypatch):
+    fd = await FakeDiscord().start()
+    monkeypatch.setattr(discord.http.Route, "BASE", fd.api_base)
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fd.gateway_url))
+    yield fd
+    await fd.close()
+    assert fd.unknown == [], [(c.method, c.path) for c in fd.unknown]
+
+
+@pytest.fixture
+def db_url(tmp_path):
+    url = sqlite_url(tmp_path)
+    create_schema(url)
+    return url
+
+
+def _settings(tmp_path, **kw) -> SimpleNamespace:
+    base = dict(sync_commands=True, output_dir=str(tmp_path / "out"), rate_limit_user="100 per minute",
+                rate_limit_guild="1000 per minute", daily_quota=None, default_images=4, max_queue_per_user=5)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+class Running:
+    def __init__(self, bot, task):
+        self.bot, self.task = bot, task
+
+    async def stop(self):
+        await self.bot.close()
+        await asyncio.wait_for(self.task, 10)
+
+
+async def start_bot(settings, engine, repo, **kw) -> Running:
+    bot = create_bot(settings, engine, repo=repo, guild_ready_timeout=0.05, progress_interval=0.0, **kw)
+    ready = asyncio.Event()
+
+    async def on_ready():
+        ready.set()
+
+    bot.add_listener(on_ready, "on_ready")
+    task = asyncio.create_task(bot.start("fake-token"))
+    await asyncio.wait_for(ready.wait(), 10)
+    return Running(bot, task)
+
+
+def _posts(fake: FakeDiscord):
+    return lambda c: c.method == "POST" and c.path == f"/channels/{CHANNEL}/messages"
+
+
+def _custom_ids(message: dict) -> list[str]:
+    return [comp["custom_id"] for row in message.get("components", []) for comp in row["components"]]
+
+
+async def _rows(repo, model):
+    async with repo.sessions() as s:
+        return list((await s.execute(select(model))).scalars())
+
+
+async def _callback(fake: FakeDiscord, rec):
+    return await fake.wait_for(lambda c: c.path.startswith(f"/interactions/{rec.id}/") and c.method == "POST")
+
+
+async def test_dalle_defers_progresses_and_posts_result(fake, db_url, tmp_path):
+    repo = make_repo(db_url)
+    engine = FakeEngine(steps=3, step_s=0.05)
+    run = await start_bot(_settings(tmp_path), engine, repo)
+    try:
+        assert [c["name"] for c in fake.commands] == ["dalle", "dalle-queue"]
+        assert fake.identifies and fake.identifies[0]["shard"] == [0, 1]  # AutoShardedBot
+        rec = await fake.slash("dalle", {"prompt": "a red circle on a blue background", "images": 4, "seed": 7})
+        cb = await _callback(fake, rec)
+        assert cb.json == {"type": 5} and cb.status == 200  # deferred FIRST, public
+        assert cb.at - rec.dispatched_at < 3.0
+        post = await fake.wait_for(_posts(fake))
+        assert post.status == 200
+        assert "a red circle on a blue background" in post.json["content"] and "seed `7`" in post.json["content"]
+        names = list(post.files)
+        assert names[0] == "grid.png" and len(names) == 5 and all(n.endswith(".png") for n in names)
+        gen = (await _rows(repo, Generation))[0]
+        ids = [comp["custom_id"] for row in post.json["components"] for comp in row["components"]]
+        assert f"dalle:reroll:{gen.id}" in ids
+        assert sum(i.startswith("dalle:var:") for i in ids) == 4
+        assert any(i.startswith("dalle:vote:up:") for i in ids) and any(i.startswith("dalle:report:") for i in ids)
+        edits = [c for c in fake.calls_for("PATCH", f"/webhooks/{APP_ID}/{rec.token}/messages/")]
+        texts = [e.json.get("content") for e in edits if e.json]
+        assert any("Generating" in (t or "") for t in texts), texts
+        assert texts[-1] == "Done: posted below."
+        assert gen.status == "done"
+        await asyncio.sleep(0.1)
+        gen = await repo.get_generation(gen.id)
+        assert gen.delivered_at is not None and gen.interaction_token is None
+        assert fake.errors == []
+    finally:
+        if engine.gate is not None:
+            engine.gate.set()
+        await run.stop()
+        await repo.close()
+
+
+async def test_buttons_and_report_modal(fake, db_url, tmp_path):
+    repo = make_repo(db_url)
+    run = await start_bot(_settings(tmp_path), FakeEngine(), repo)
+    try:
+        await fake.slash("dalle", {"prompt": "a cat wearing a hat", "images": 2, "seed": 3}, user_id=11)
+        post = await fake.wait_for(_posts(fake))
+        message = next(m for m in fake.messages.values() if m["attachments"] and m["channel_id"] == str(CHANNEL))
+        ids = _custom_ids(message)
+        up = next(i for i in ids if i.startswith("dalle:vote:up:"))
+        image_id = int(up.rsplit(":", 1)[1])
+
+        rec = await fake.click(message, up, user_id=12)
+        cb = await _callback(fake, rec)
+        assert cb.json["type"] == 4 and cb.json["data"]["flags"] == 64 and "Thanks" in cb.json["data"]["content"]
+
+        report = next(i for i in ids if i.startswith("dalle:report:"))
+        rec = await fake.click(message, report, user_id=13)
+        cb = await _callback(fake, rec)
+        assert cb.json["type"] == 9 and cb.json["data"]["custom_id"] == f"dalle:reportmodal:{image_id}"
+        rec = await fake.submit_modal(f"dalle:reportmodal:{image_id}", {"reason": "Bias", "note": "all alike"},
+                                      user_id=13, message=message)
+        await _callback(fake, rec)
+        edit = await fake.wait_for(lambda c: c.method == "PATCH" and rec.token in c.path)
+        assert "moderator" in edit.json["content"]
+
+        rec = await fake.click(message, next(i for i in ids if i.startswith("dalle:reroll:")), user_id=14)
+        cb = await _callback(fake, rec)
+        assert cb.json == {"type": 5, "data": {"flags": 64}}
+        var = next(i for i in ids if i.startswith("dalle:var:") and i.endswith(":2"))
+        rec2 = await fake.click(message, var, user_id=15)
+        await _callback(fake, rec2)
+        posts = await fake.wait_count(_posts(fake), 3)
+        assert all(p.status == 200 for p in posts)
+        gens = {g.user_id: g for g in await _rows(repo, Generation)}
+        assert gens[14].kind == "reroll" and gens[14].parent_generation_id == gens[11].id
+        assert gens[15].kind == "variation" and gens[15].parent_image_id == int(var.split(":")[2])
+        fb = sorted((f.user_id, f.kind, f.reason, f.note) for f in await _rows(repo, Feedback))
+        assert fb == [(12, "up", None, None), (13, "report", "bias", "all alike")]
+        cases = await _rows(repo, ModerationCase)
+        assert [(c.source, c.image_id) for c in cases] == [("report", image_id)]
+        assert post.status == 200 and fake.errors == []
+    finally:
+        await run.stop()
+        await repo.close()
+
+
+async def test_rate_limit_and_filter_refusals(fake, db_url, tmp_path):
+    repo = make_repo(db_url)
+    run = await start_bot(_settings(tmp_path, rate_limit_user="1 per minute"), FakeEngine(), repo)
+    try:
+        await fake.slash("dalle", {"prompt": "a green square"}, user_id=21)
+        await fake.wait_for(_posts(fake))
+        rec = await fake.slash("dalle", {"prompt": "a green square"}, user_id=21)
+        edit = await fake.wait_for(lambda c: c.method == "PATCH" and rec.token in c.path)
+        assert "too fast" in edit.json["content"] and "Try again in" in edit.json["content"]
+        rec = await fake.slash("dalle", {"prompt": "a n.a.k.e.d person", "private": True}, user_id=22)
+        cb = await _callback(fake, rec)
+        assert cb.json == {"type": 5, "data": {"flags": 64}}  # private → ephemeral defer
+        edit = await fake.wait_for(lambda c: c.method == "PATCH" and rec.token in c.path)
+        assert "can't draw that" in edit.json["content"]
+        reasons = sorted(r.reason.split(":")[0] for r in await _rows(repo, Refusal))
+        assert reasons == ["rate", "sexual"]
+        assert len(fake.calls_for("POST", f"/channels/{CHANNEL}/messages")) == 1
+    finally:
+        await run.stop()
+        await repo.close()
+
+
+async def test_queue_command_and_cancel_button(fake, db_url, tmp_path):
+    repo = make_repo(db_url)
+    engine = FakeEngine()
+    engine.gate = asyncio.Event()
+    run = await start_bot(_settings(tmp_path), engine, repo, service_overrides={"concurrency": 1})
+    try:
+        recs = [await fake.slash("dalle", {"prompt": f"a blue ball {k}"}, user_id=31) for k in range(3)]
+        for r in recs:
+            await fake.wait_for(lambda c, r=r: c.method == "PATCH" and r.token in c.path and
+                                "Queued" in (c.json or {}).get("content", "") or
+                                (c.method == "PATCH" and r.token in c.path and "Generating" in str(c.json)))
+        q = await fake.slash("dalle-queue", {}, user_id=31)
+        edit = await fake.wait_for(lambda c: c.method == "PATCH" and q.token in c.path)
+        lines = edit.json["content"].splitlines()
+        assert len(lines) == 3 and "running" in lines[0] and "position 1" in lines[1] and "position 2" in lines[2]
+        gens = sorted(await _rows(repo, Generation), key=lambda g: g.id)
+        last = gens[-1]
+        ack = next(m for m in fake.messages.values() if f"dalle:cancel:{last.id}" in _custom_ids(m))
+        rec = await fake.click(ack, f"dalle:cancel:{last.id}", user_id=99)
+        cb = await _callback(fake, rec)
+        assert cb.json["type"] == 4 and "Only a queued request of yours" in cb.json["data"]["content"]
+        rec = await fake.click(ack, f"dalle:cancel:{last.id}", user_id=31)
+        cb = await _callback(fake, rec)
+        assert cb.json["type"] == 7 and cb.json["data"]["content"] == "Cancelled."
+        assert (await repo.get_generation(last.id)).status == "cancelled"
+        engine.gate.set()
+        await fake.wait_count(_posts(fake), 2)
+    finally:
+        await run.stop()
+        await repo.close()
+
+
+async def test_restart_mid_queue_resumes_and_posts_every_result(fake, db_url, tmp_path):
+    repo = make_repo(db_url)
+    engine = FakeEngine()
+    engine.gate = asyncio.Event()  # the first process never finishes anything
+    run = await start_bot(_settings(tmp_path), engine, repo, shutdown_grace=0.05)
+    recs = [await fake.slash("dalle", {"prompt": f"a shape number {k}", "images": 1}, user_id=40 + k)
+            for k in range(4)]
+    for r in recs:
+        await _callback(fake, r)
+    for _ in range(100):
+        if len(await _rows(repo, Generation)) == 4:
+            break
+        await asyncio.sleep(0.02)
+    await run.stop()
+    await engine.close()
+    assert sorted(g.status for g in await _rows(repo, Generation)) == ["queued"] * 4
+    assert fake.calls_for("POST", f"/channels/{CHANNEL}/messages") == []
+
+    engine2 = FakeEngine()
+    run2 = await start_bot(_settings(tmp_path, sync_commands=False), engine2, repo)
+    try:
+        assert sorted(run2.bot.resumed) == sorted(g.id for g in await _rows(repo, Generation))
+        posts = await fake.wait_count(_posts(fake), 4)
+        contents = " ".join(p.json["content"] for p in posts)
+        for k in range(4):
+            assert f"a shape number {k}" in contents and f"<@{40 + k}>" in contents
+        await asyncio.sleep(0.1)
+        assert all(g.status == "done" and g.delivered_at for g in await _rows(repo, Generation))
+        assert len(fake.identifies) == 2
+    finally:
+        await run2.stop()
+        await engine2.close()
+        await repo.close()
+
+
+async def test_fifty_users_at_once_all_served_fairly(fake, db_url, tmp_path):
+    repo = make_repo(db_url)
+    engine = FakeEngine(steps=1, step_s=0.0, concurrency=2)
+    engine.gate = asyncio.Event()
+    run = await start_bot(_settings(tmp_path, default_images=1), engine, repo)
+    try:
+        heavy = [await fake.slash("dalle", {"prompt": f"heavy {k}"}, user_id=500) for k in range(5)]
+        for r in heavy:
+            await _callback(fake, r)
+        for _ in range(200):  # the heavy user's jobs are all queued before anyone else arrives
+            if len(await _rows(repo, Generation)) == 5:
+                break
+            await asyncio.sleep(0.02)
+        others = await asyncio.gather(*(fake.slash("dalle", {"prompt": f"user {u}"}, user_id=600 + u)
+                                        for u in range(45)))
+        cbs = await asyncio.gather(*(_callback(fake, r) for r in others))
+        assert all(c.status == 200 and c.at - r.dispatched_at < 3.0 for c, r in zip(cbs, others, strict=True))
+        for _ in range(200):
+            if len(await _rows(repo, Generation)) == 50:
+                break
+            await asyncio.sleep(0.02)
+        engine.gate.set()
+        posts = await fake.wait_count(_posts(fake), 50, timeout=60)
+        assert all(p.status == 200 for p in posts)
+        order = [r.prompt for r in engine.submitted]
+        assert len(order) == 50
+        # the heavy user's last job runs after every other user's job: one turn per user per round
+        heavy_idx = [i for i, p in enumerate(order) if p.startswith("heavy")]
+        user_idx = [i for i, p in enumerate(order) if p.startswith("user")]
+        assert max(heavy_idx) > max(user_idx) and sum(i < min(user_idx) for i in heavy_idx) <= 3
+        assert fake.errors == []
+    finally:
+        if engine.gate is not None:
+            engine.gate.set()
+        await run.stop()
+        await repo.close()
+
+
+async def test_gateway_reconnect_resumes_and_commands_still_work(fake, db_url, tmp_path):
+    repo = make_repo(db_url)
+    run = await start_bot(_settings(tmp_path, sync_commands=False), FakeEngine(), repo)
+    try:
+        await fake.request_reconnect()
+        for _ in range(200):
+            if fake.resumes and fake.sockets:
+                break
+            await asyncio.sleep(0.02)
+        assert fake.resumes and fake.resumes[0]["session_id"] == "session-1" and fake.resumes[0]["token"]
+        assert len(fake.identifies) == 1  # resumed, not re-identified
+        await asyncio.sleep(0.1)
+        await fake.slash("dalle", {"prompt": "a small white boat", "images": 1}, user_id=70)
+        post = await fake.wait_for(_posts(fake))
+        assert post.status == 200 and "a small white boat" in post.json["content"]
+    finally:
+        await run.stop()
+        await repo.close()
+
+
+async def test_expired_token_still_delivers_as_channel_message(fake, db_url, tmp_path):
+    fake.token_ttl = 0.3  # the interaction token dies while the job waits in the queue
+    repo = make_repo(db_url)
+    engine = FakeEngine()
+    engine.gate = asyncio.Event()
+    run = await start_bot(_settings(tmp_path), engine, repo)
+    try:
+        rec = await fake.slash("dalle", {"prompt": "a lonely lighthouse", "images": 2}, user_id=80)
+        await _callback(fake, rec)
+        await asyncio.sleep(0.5)
+        engine.gate.set()
+        post = await fake.wait_for(_posts(fake))
+        assert post.status == 200 and "<@80>" in post.json["content"] and "grid.png" in post.files
+        late = [c for c in fake.errors if rec.token in c.path]
+        assert all(c.status == 401 for c in late)  # only best-effort ack edits were refused
+        await asyncio.sleep(0.1)
+        gen = (await _rows(repo, Generation))[0]
+        assert gen.status == "done" and gen.delivered_at is not None
+    finally:
+        if engine.gate is not None:
+            engine.gate.set()
+        await run.stop()
+        await repo.close()
+
+
+async def test_fake_enforces_the_ack_deadline_and_double_ack(fake):
+    """The fake's own strictness: a late first response is 10062, a second one 40060."""
+    import aiohttp
+
+    fake.ack_deadline = 0.05
+    payload = fake._interaction_base(2, 1, 2000, None)
+    payload["data"] = {"id": "1", "name": "x", "type": 1}
+    rec = await fake.send_interaction(payload)
+    async with aiohttp.ClientSession() as s:
+        url = f"{fake.api_base}/interactions/{rec.id}/{rec.token}/callback"
+        await asyncio.sleep(0.1)
+        async with s.post(url, json={"type": 5}) as r:
+            assert r.status == 404 and (await r.json())["code"] == 10062
+        fake.ack_deadline = 3.0
+        async with s.post(url, json={"type": 5}) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "application/json"
+        async with s.post(url, json={"type": 5}) as r:
+            assert r.status == 400 and (await r.json())["code"] == 40060
+        async with s.get(f"{fake.api_base}/no/such/route") as r:
+            assert r.status == 404
+    assert [c.path for c in fake.unknown] == ["/no/such/route"]
+    fake.unknown.clear()
+
+
+async def test_python_m_bot_in_discord_mode_subprocess(fake, tmp_path):
+    """``python -m bot`` with DISCORD_TOKEN against the fake (loopback DISCORD_API_BASE / DISCORD_GATEWAY_URL):
+    sync, /dalle, result post, then SIGTERM shuts it down cleanly."""
+    import os
+    import signal
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env.update(
+        DISCORD_TOKEN="fake-token", DISCORD_API_BASE=fake.api_base, DISCORD_GATEWAY_URL=fake.gateway_url,
+        SYNC_COMMANDS="true", DATABASE_URL=f"sqlite:///{tmp_path / 'sub.db'}", OUTPUT_DIR=str(tmp_path / "out"),
+        DEFAULT_IMAGES="2", DALLE_ENGINE_FACTORY="tests.fake_engine:inprocess_fake_engine",
+        PYTHONPATH=os.pathsep.join(p for p in [os.environ.get("PYTHONPATH", ""), str(root)] if p),
+    )
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", env=env, cwd=tmp_path,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        await fake.wait_for(lambda c: c.method == "PUT" and c.path.endswith("/commands"), timeout=60)
+        for _ in range(300):
+            if fake.identifies and fake.sockets:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2.5)  # default guild_ready_timeout in the real process
+        await fake.slash("dalle", {"prompt": "a red circle", "seed": 4}, user_id=90)
+        post = await fake.wait_for(_posts(fake), timeout=30)
+        assert post.status == 200 and "seed `4`" in post.json["content"] and len(post.files) == 3
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"Traceback" not in err, err.decode()[-4000:]

@@ -1,0 +1,290 @@
+"""The request lifecycle over a real database (SQLite file) and the fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+
+from bot.ratelimit import LimitPolicy, RateLimiter, StrikePolicy
+from bot.scheduler import Scheduler
+from bot.service import GenerationService, derive_seed
+from store.models import Feedback, ModerationCase, Refusal
+from tests.botkit import RecordingPublisher, create_schema, make_repo, sqlite_url
+from tests.fake_engine import FakeEngine, colour_for
+
+
+@pytest.fixture
+def bot_db_url(tmp_path):
+    url = sqlite_url(tmp_path)
+    create_schema(url)
+    return url
+
+
+@pytest.fixture
+async def env(bot_db_url, tmp_path):
+    repo = make_repo(bot_db_url)
+    engine = FakeEngine()
+    pub = RecordingPublisher()
+    limiter = RateLimiter(policy=LimitPolicy(user="100 per minute", guild="1000 per minute", daily_quota=None))
+    svc = GenerationService(repo, engine, pub, output_dir=tmp_path / "out", limiter=limiter,
+                            scheduler=Scheduler(per_user_cap=5), concurrency=2, progress_interval=0.0)
+    await svc.start()
+    yield svc, repo, engine, pub
+    await svc.stop(grace=1)
+    await engine.close()
+    await repo.close()
+
+
+async def _rows(repo, model):
+    from sqlalchemy import select
+
+    async with repo.sessions() as s:
+        return list((await s.execute(select(model))).scalars())
+
+
+async def test_submit_generates_persists_and_publishes(env, tmp_path):
+    svc, repo, engine, pub = env
+    adm = await svc.submit(user_id=1, guild_id=5, prompt="a red circle on a blue background", n=4, seed=7)
+    assert adm.ok and adm.generation_id and adm.position == 1 and adm.seed == 7
+    [outcome] = await pub.wait_for(1)
+    assert outcome.ok and outcome.generation.status == "done"
+    assert [im.rank for im in outcome.images] == [0, 1, 2, 3]
+    scores = [im.clip_score for im in outcome.images]
+    assert scores == sorted(scores, reverse=True)
+    for im in outcome.images:
+        data = im.path.read_bytes()
+        assert hashlib.sha256(data).hexdigest() == im.sha256 and data == im.png
+        assert im.path.is_relative_to(tmp_path / "out")
+    gen = await repo.get_generation(adm.generation_id)
+    assert gen.status == "done" and gen.seed == 7 and gen.delivered_at is not None
+    assert gen.result_message_id == 10_000 + gen.id and gen.checkpoint_id == "fake-ckpt"
+    assert len(gen.images) == 4 and all(i.token_bytes for i in gen.images)
+    # the image at candidate index i has the colour of stream (seed, i)
+    from PIL import Image as PILImage
+
+    for im in outcome.images:
+        assert PILImage.open(im.path).getpixel((0, 0)) == colour_for(7, im.index)
+    states = [u.state for u in pub.progress_updates if u.generation_id == gen.id]
+    assert "running" in states and any(u.tokens_done for u in pub.progress_updates)
+    assert engine.submitted[0].prompt == "a red circle on a blue background" and engine.submitted[0].n == 4
+
+
+async def test_filter_refusals_are_recorded_and_strikes_escalate(env):
+    svc, repo, engine, pub = env
+    svc.limiter.strikes = StrikePolicy(free=1, base_s=60)
+    a = await svc.submit(user_id=2, prompt="n.u.d.e beach")
+    assert not a.ok and a.category == "sexual" and "can't draw" in a.message and "cooldown" not in a.message
+    b = await svc.submit(user_id=2, prompt="f u c k")
+    assert not b.ok and "cooldown" in b.message
+    c = await svc.submit(user_id=2, prompt="a cat wearing a hat")
+    assert not c.ok and c.category == "rate:cooldown" and c.retry_after > 50
+    refusals = await _rows(repo, Refusal)
+    assert [r.reason.split(":")[0] for r in refusals] == ["sexual", "profanity", "rate"]
+    assert refusals[0].normalized == "nude beach"
+    assert (await repo.get_user_state(2)).strikes == 2
+    assert engine.submitted == []
+
+
+async def test_rate_limit_and_queue_cap_refusals(env):
+    svc, repo, engine, pub = env
+    svc.limiter.policy = LimitPolicy(user="2 per minute", guild="", daily_quota=None)
+    engine.gate = asyncio.Event()
+    assert (await svc.submit(user_id=3, prompt="a blue square")).ok
+    assert (await svc.submit(user_id=3, prompt="a blue square")).ok
+    r = await svc.submit(user_id=3, prompt="a blue square")
+    assert not r.ok and r.category == "rate:user" and 0 < r.retry_after <= 60 and "Try again in" in r.message
+    svc.limiter.policy = LimitPolicy(user="100 per minute", guild="", daily_quota=None)
+    svc.scheduler.per_user_cap = 2
+    r = await svc.submit(user_id=3, prompt="a blue square")
+    assert not r.ok and r.category == "queue" and "limit is 2" in r.message
+    await repo.update_guild_settings(9, max_queue_per_user=3)
+    assert (await svc.submit(user_id=3, guild_id=9, prompt="a blue square")).ok
+    assert len(await _rows(repo, Refusal)) == 2
+    engine.gate.set()
+    await pub.wait_for(3)
+
+
+async def test_flagged_images_are_hidden_or_withheld_and_cases_opened(env):
+    svc, repo, engine, pub = env
+    await repo.update_guild_settings(77, flagged_mode="withhold")
+    await svc.submit(user_id=4, guild_id=1, prompt="an unsafe lighthouse", n=2, seed=1)
+    await svc.submit(user_id=4, guild_id=77, prompt="an unsafe lighthouse", n=2, seed=1)
+    outcomes = await pub.wait_for(2)
+    by_guild = {o.generation.guild_id: o for o in outcomes}
+    flagged1 = [im for im in by_guild[1].images if im.flagged]
+    assert len(flagged1) == 1 and flagged1[0].hidden and not flagged1[0].withheld
+    flagged77 = [im for im in by_guild[77].images if im.flagged]
+    assert len(flagged77) == 1 and flagged77[0].withheld
+    cases = await _rows(repo, ModerationCase)
+    assert sorted(c.image_id for c in cases) == sorted([flagged1[0].id, flagged77[0].id])
+    assert all(c.source == "auto" and "nsfw" in c.reason for c in cases)
+
+
+async def test_reroll_and_variation_lineage(env):
+    svc, repo, engine, pub = env
+    first = await svc.submit(user_id=5, prompt="a green triangle", n=3, seed=11)
+    [o] = await pub.wait_for(1)
+    rr = await svc.reroll(first.generation_id, user_id=6)
+    target = o.images[1]
+    var = await svc.variation(target.id, user_id=5)
+    await pub.wait_for(3)
+    g_rr = await repo.get_generation(rr.generation_id)
+    g_var = await repo.get_generation(var.generation_id)
+    assert g_rr.kind == "reroll" and g_rr.parent_generation_id == first.generation_id and g_rr.user_id == 6
+    assert g_rr.prompt == "a green triangle" and g_rr.n_images == 3
+    assert g_var.kind == "variation" and g_var.parent_image_id == target.id
+    assert g_var.seed == derive_seed(11, target.index) != 11
+    assert (await svc.variation(99999, user_id=5)).category == "invalid"
+
+
+async def test_feedback_and_reports(env):
+    svc, repo, engine, pub = env
+    await svc.submit(user_id=7, prompt="a yellow star", n=2, seed=3)
+    [o] = await pub.wait_for(1)
+    img = o.images[0].id
+    assert (await svc.feedback(img, 8, "up")).ok
+    assert (await svc.feedback(img, 8, "down")).ok  # replaces the vote
+    rep = await svc.feedback(img, 9, "report", reason="bias", note="all the same")
+    assert rep.ok and rep.case_id
+    assert not (await svc.feedback(img, 9, "report", reason="rude")).ok
+    assert not (await svc.feedback(424242, 9, "up")).ok
+    rows = await _rows(repo, Feedback)
+    assert sorted((r.user_id, r.kind, r.reason) for r in rows) == [(8, "down", None), (9, "report", "bias")]
+    case = await repo.get_case(rep.case_id)
+    assert case.source == "report" and case.image_id == img
+
+
+async def test_cancel_while_queued(env):
+    svc, repo, engine, pub = env
+    engine.gate = asyncio.Event()
+    ids = [(await svc.submit(user_id=10 + i, prompt="a red ball")).generation_id for i in range(4)]
+    await asyncio.sleep(0.05)  # two are taken by the workers, two wait
+    queued = [g for g in ids if svc.position(g)]
+    assert len(queued) == 2
+    assert not await svc.cancel(queued[0], user_id=999)  # not the owner
+    owner = (await repo.get_generation(queued[0])).user_id
+    assert await svc.cancel(queued[0], user_id=owner)
+    assert not await svc.cancel(queued[0], user_id=owner)
+    assert (await repo.get_generation(queued[0])).status == "cancelled"
+    engine.gate.set()
+    await pub.wait_for(3)
+    assert len(engine.submitted) == 3
+
+
+async def test_engine_failure_is_recorded_and_published(env):
+    svc, repo, engine, pub = env
+    adm = await svc.submit(user_id=11, prompt="make it explode")
+    [o] = await pub.wait_for(1)
+    assert not o.ok and "exploded" in o.error
+    gen = await repo.get_generation(adm.generation_id)
+    assert gen.status == "failed" and "exploded" in gen.error and gen.delivered_at is not None
+
+
+async def test_fair_dispatch_across_users(bot_db_url, tmp_path):
+    repo = make_repo(bot_db_url)
+    engine = FakeEngine(concurrency=1, step_s=0.0)
+    pub = RecordingPublisher()
+    svc = GenerationService(repo, engine, pub, output_dir=tmp_path / "o", concurrency=1,
+                            limiter=RateLimiter(policy=LimitPolicy(user="1000 per minute", daily_quota=None)),
+                            scheduler=Scheduler(per_user_cap=10))
+    # queue everything before the workers start, then start: dispatch must interleave users
+    for user in (1, 2, 3):
+        for k in range(4):
+            assert (await svc.submit(user_id=user, guild_id=1, prompt=f"shape {user} {k}", n=1)).ok
+    await svc.start()
+    await pub.wait_for(12)
+    users = [int(r.prompt.split()[1]) for r in engine.submitted]
+    assert users == [1, 2, 3] * 4
+    await svc.stop()
+    await engine.close()
+    await repo.close()
+
+
+async def test_restart_resumes_queued_and_interrupted_jobs(bot_db_url, tmp_path):
+    repo = make_repo(bot_db_url)
+    engine = FakeEngine()
+    engine.gate = asyncio.Event()  # nothing finishes before the "crash"
+    pub = RecordingPublisher()
+    svc = GenerationService(repo, engine, pub, output_dir=tmp_path / "o", concurrency=2)
+    await svc.start()
+    ids = [(await svc.submit(user_id=20 + i, prompt="a purple circle", n=1)).generation_id for i in range(4)]
+    await asyncio.sleep(0.05)
+    statuses = sorted([(await repo.get_generation(g)).status for g in ids])
+    assert statuses == ["queued", "queued", "running", "running"]
+    await svc.stop(grace=0.05)
+    await engine.close()
+    assert [(await repo.get_generation(g)).status for g in ids] == ["queued"] * 4
+    assert pub.outcomes == []
+    await repo.close()
+
+    # a new process: new repository, engine, service
+    repo2 = make_repo(bot_db_url)
+    engine2 = FakeEngine()
+    pub2 = RecordingPublisher()
+    svc2 = GenerationService(repo2, engine2, pub2, output_dir=tmp_path / "o", concurrency=2)
+    resumed = await svc2.start()
+    assert sorted(resumed) == sorted(ids)
+    outcomes = await pub2.wait_for(4)
+    assert sorted(o.generation.id for o in outcomes) == sorted(ids)
+    for g in ids:
+        gen = await repo2.get_generation(g)
+        assert gen.status == "done" and len(gen.images) == 1 and gen.delivered_at is not None
+    await svc2.stop()
+    await engine2.close()
+    await repo2.close()
+
+
+async def test_undelivered_results_are_posted_on_start(bot_db_url, tmp_path):
+    repo = make_repo(bot_db_url)
+    engine = FakeEngine()
+    pub = RecordingPublisher()
+    pub.fail_next = 1  # Discord was down when the result was ready
+    svc = GenerationService(repo, engine, pub, output_dir=tmp_path / "o")
+    await svc.start()
+    adm = await svc.submit(user_id=30, prompt="a white boat", n=2)
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        if (await repo.get_generation(adm.generation_id)).status == "done":
+            break
+    await svc.stop()
+    assert pub.outcomes == [] and (await repo.get_generation(adm.generation_id)).delivered_at is None
+    svc2 = GenerationService(repo, engine, pub, output_dir=tmp_path / "o")
+    await svc2.start()
+    [o] = pub.outcomes
+    assert o.generation.id == adm.generation_id and len(o.images) == 2 and all(im.png for im in o.images)
+    assert (await repo.get_generation(adm.generation_id)).delivered_at is not None
+    await svc2.stop()
+    await engine.close()
+    await repo.close()
+
+
+def test_derive_seed_is_stable():
+    assert derive_seed(1, 2) == derive_seed(1, 2)
+    assert len({derive_seed(1, i) for i in range(9)}) == 9
+    assert all(0 <= derive_seed(s, i) < 2**31 for s in range(5) for i in range(5))
+
+
+
+
+async def test_lifecycle_on_sqlite_and_postgresql(repo, tmp_path):
+    """The same admit → run → persist → publish path on both databases (``repo`` is migrated by Alembic)."""
+    engine = FakeEngine()
+    pub = RecordingPublisher()
+    svc = GenerationService(repo, engine, pub, output_dir=tmp_path / "out", concurrency=2)
+    await svc.start()
+    try:
+        a = await svc.submit(user_id=1, guild_id=1, prompt="an unsafe red circle", n=3, seed=9)
+        b = await svc.submit(user_id=2, guild_id=1, prompt="b.a.d w0rd f.u.c.k")
+        assert a.ok and not b.ok
+        [o] = await pub.wait_for(1)
+        assert [im.rank for im in o.images] == [0, 1, 2] and sum(im.flagged for im in o.images) == 1
+        fb = await svc.feedback(o.images[0].id, 3, "report", reason="quality")
+        assert fb.ok and fb.case_id
+        assert len(await _rows(repo, ModerationCase)) == 2 and len(await _rows(repo, Refusal)) == 1
+        gen = await repo.get_generation(a.generation_id)
+        assert gen.status == "done" and gen.delivered_at is not None and len(gen.images) == 3
+    finally:
+        await svc.stop()
+        await engine.close()

@@ -1,0 +1,110 @@
+"""Rate limiter: windows, quotas, per-guild policy, strikes, and a shared Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from bot.ratelimit import LimitPolicy, RateLimiter, StrikePolicy
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _redis_up() -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+async def test_user_window_refuses_with_retry_after():
+    rl = RateLimiter(policy=LimitPolicy(user="2 per 10 seconds", guild="", daily_quota=None))
+    assert (await rl.hit(1, 10)).allowed
+    assert (await rl.hit(1, 10)).allowed
+    d = await rl.hit(1, 10)
+    assert not d.allowed and d.scope == "user"
+    assert 8.0 < d.retry_after <= 10.0
+    assert "Try again in" in d.message and "10 s" in d.message
+    assert (await rl.hit(2, 10)).allowed  # other users unaffected
+
+
+async def test_check_consumes_nothing():
+    rl = RateLimiter(policy=LimitPolicy(user="1 per minute", guild="", daily_quota=None))
+    for _ in range(5):
+        assert (await rl.check(1, None)).allowed
+    assert (await rl.hit(1, None)).allowed
+    assert not (await rl.check(1, None)).allowed
+
+
+async def test_guild_window_and_refusal_does_not_consume():
+    rl = RateLimiter(policy=LimitPolicy(user="10 per minute", guild="3 per minute", daily_quota=None))
+    for user in (1, 2, 3):
+        assert (await rl.hit(user, 77)).allowed
+    d = await rl.hit(4, 77)
+    assert not d.allowed and d.scope == "guild" and d.retry_after > 50
+    assert (await rl.hit(4, 78)).allowed  # another guild
+    # user 4's refused request in guild 77 did not count against user 4
+    rl2_policy = LimitPolicy(user="1 per minute", guild="", daily_quota=None)
+    assert (await rl.hit(5, None, rl2_policy)).allowed
+    assert not (await rl.hit(5, None, rl2_policy)).allowed
+
+
+async def test_daily_quota_and_per_guild_override():
+    rl = RateLimiter(policy=LimitPolicy(user="100 per minute", guild="", daily_quota=2))
+    assert (await rl.hit(1, 5)).allowed and (await rl.hit(1, 5)).allowed
+    d = await rl.hit(1, 5)
+    assert not d.allowed and d.scope == "daily" and d.retry_after > 23 * 3600
+    assert "quota" in d.message and " h" in d.message
+    generous = LimitPolicy(user="100 per minute", guild="", daily_quota=5)
+    assert (await rl.hit(1, 6, generous)).allowed
+
+
+async def test_strikes_escalate_cooldowns():
+    rl = RateLimiter(policy=LimitPolicy(daily_quota=None), strikes=StrikePolicy(free=1, base_s=30, factor=2))
+    assert await rl.strike(9) == (1, 0.0)
+    assert (await rl.hit(9, None)).allowed
+    assert await rl.strike(9) == (2, 30.0)
+    d = await rl.hit(9, None)
+    assert not d.allowed and d.scope == "cooldown" and 28 <= d.retry_after <= 30
+    assert await rl.strike(9) == (3, 60.0)
+    assert 58 <= await rl.cooldown_remaining(9) <= 60
+    assert await rl.strike(9) == (4, 120.0)
+    await rl.reset_user(9)
+    assert (await rl.hit(9, None)).allowed
+
+
+def test_bad_limit_string_is_a_clear_error():
+    with pytest.raises(ValueError, match="invalid rate limit"):
+        RateLimiter(policy=LimitPolicy(user="lots per fortnight"))
+
+
+@pytest.mark.skipif(not _redis_up(), reason="Redis not running on 127.0.0.1:6379")
+async def test_two_limiters_share_a_redis_limit():
+    ns = f"test-{uuid.uuid4().hex}"
+    policy = LimitPolicy(user="3 per minute", guild="", daily_quota=None)
+    a = RateLimiter(REDIS_URL, namespace=ns, policy=policy)
+    b = RateLimiter(REDIS_URL, namespace=ns, policy=policy)
+    results = await asyncio.gather(*(rl.hit(42, 1) for rl in (a, b, a, b, a)))
+    assert sum(r.allowed for r in results) == 3
+    refused = [r for r in results if not r.allowed]
+    assert all(r.scope == "user" and 0 < r.retry_after <= 60 for r in refused)
+    # strikes are shared too
+    await a.strike(42)
+    strikes, cooldown = await b.strike(42)
+    assert strikes == 2 and cooldown > 0
+    assert await a.cooldown_remaining(42) > 0
+    # a different namespace is independent
+    c = RateLimiter(REDIS_URL, namespace=ns + "-other", policy=policy)
+    assert (await c.hit(42, 1)).allowed
+    import redis.asyncio as aioredis
+
+    r = aioredis.from_url(REDIS_URL)
+    keys = [k async for k in r.scan_iter(match=f"*{ns}*")]
+    assert keys  # the limiter really wrote to Redis
+    await r.delete(*keys)
+    await r.aclose()
