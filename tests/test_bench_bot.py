@@ -42,7 +42,7 @@ def test_quick_bench_serves_every_user_and_prints_the_figures(tmp_path):
         assert cells[2] == "10" and cells[3] == "10"  # acked, results
         ack_p50, ack_p99 = float(cells[4]), float(cells[6])
         assert 0 <= ack_p50 <= ack_p99 < 3000  # every ack beat the fake's 3 s deadline
-        assert float(cells[10]) > 0 and float(cells[11]) > 0 and cells[12].endswith("%")
+        assert float(cells[10]) > 0 and float(cells[11]) > 0 and cells[12].endswith("%") and cells[13].endswith("%")
 
     data = json.loads(out_json.read_text())
     assert data["ok"] is True and len(data["engine_runs"]) == 1  # quick: one engine baseline
@@ -85,3 +85,21 @@ def test_summary_counts_only_real_acks_and_complete_results():
     seen["users"][2].update(result_s=None, result_at_s=None, result_status=None, images=0)
     s = summarise_bot(seen, users=5, images=4)
     assert s["acked"] == 4 and s["complete_users"] == 3 and s["answered"] == 4 and s["images"] == 14
+
+
+@pytest.mark.slow
+def test_checkpoint_mode_runs_on_a_tiny_random_checkpoint(tmp_path):
+    """``--checkpoint DIR`` loads the real pipeline (here a tiny random one, the published layout) and warms it
+    up before timing; the bot still acknowledges and answers every user."""
+    from engine.checkpoint import random_checkpoint
+
+    ckpt = random_checkpoint(tmp_path / "ckpt", with_clip=False)
+    out_json = tmp_path / "bot.json"
+    proc = _run("--checkpoint", str(ckpt), "--users", "3", "--images", "2", "--quick", "--json", str(out_json),
+                timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"checkpoint {ckpt}" in proc.stdout
+    data = json.loads(out_json.read_text())
+    assert data["ok"] is True and data["engine_runs"][0]["images"] == 6
+    (r,) = data["rounds"]
+    assert r["images"] == 6 and r["complete_users"] == 3 and r["acked"] == 3 and r["fake_errors"] == 0
