@@ -203,14 +203,17 @@ def test_python_m_bot_unmigrated_postgres_style_gate(tmp_path):
 
 
 def test_python_m_bot_migrates_then_dispatches(tmp_path):
-    if (ROOT / "bot" / "local.py").exists():
-        pytest.skip("bot.local exists on this branch: running it here would wait for terminal input")
+    """Embedded defaults: the SQLite file is migrated, then the local front end starts; without a model it says
+    so in one line (no traceback) and exits 2."""
     url = f"sqlite:///{tmp_path / 'run.db'}"
-    out = _run_bot({"DATABASE_URL": url, "LOG_LEVEL": "ERROR", "DALLE_MODE": "local"}, tmp_path)
+    missing = tmp_path / "empty-checkpoint"
+    missing.mkdir()
+    out = _run_bot({"DATABASE_URL": url, "LOG_LEVEL": "ERROR", "DALLE_MODE": "local",
+                    "CHECKPOINT_DIR": str(missing)}, tmp_path)
     assert "Traceback" not in out.stderr
     assert (tmp_path / "run.db").exists()
-    assert out.returncode == 3
-    assert "local front end (bot.local) is not available" in out.stderr
+    assert out.returncode == 2
+    assert str(missing) in out.stderr + out.stdout
 
 
 def test_python_m_bot_unreachable_database_is_one_line(tmp_path):
