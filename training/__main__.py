@@ -6,7 +6,10 @@ Commands (each resumable: run the same command again after an interruption):
   encode     images → VQGAN token shards            → --out DIR (shard-*.parquet)
   dallebart  train DalleBart on token shards        → --out DIR (+ tokenizer files)
   clip       train CLIP on image–caption pairs      → --out DIR (+ tokenizer files)
-  demo       vqgan → encode → dallebart → clip into one directory (small sizes; see --help)
+  demo       vqgan → encode → dallebart → clip → evaluate into one directory (small sizes; see --help);
+             --install DIR then copies the inference files (e.g. engine/assets/demo)
+  evaluate   fidelity / CLIP gain / default share / VQGAN PSNR of a checkpoint → report.json, report.png
+  install    copy a checkpoint's inference files (no training state) into a directory
 
 Training state (orbax checkpoints, metrics.jsonl) goes to ``<out>-train`` unless ``--work-dir`` is given.
 With more than one device, the batch is split over a ("data", "model") mesh (``--model-parallel`` sets the
@@ -144,10 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=20_000)
     p.add_argument("--dallebart-steps", type=int, default=2000)
     p.add_argument("--clip-steps", type=int, default=500)
+    p.add_argument("--id", default=None, help="checkpoint id (default shapes-demo-<UTC time>)")
+    p.add_argument("--install", type=Path, default=None, help="then copy the inference files here")
+    p.add_argument("--eval-n-per-kind", type=int, default=16, help="evaluation prompts per kind (0: skip)")
+    p.add_argument("--eval-candidates", type=int, default=9)
     _vqgan_args(p)
     _dallebart_args(p)
     _clip_args(p)
     _common(p, steps=0, batch_size=0)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on held-out shapes prompts")
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint dir (dallebart/, vqgan/, clip/)")
+    p.add_argument("--n-per-kind", type=int, default=16, help="prompts per kind (5 kinds; default 16)")
+    p.add_argument("--candidates", type=int, default=9, help="images per prompt, CLIP-ranked (default 9)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--psnr-images", type=int, default=64, help="dataset images for the VQGAN PSNR (0: skip)")
+    p.add_argument("--out", type=Path, default=None, help="report dir (default CHECKPOINT/eval)")
+
+    p = sub.add_parser("install", help="copy a checkpoint's inference files (no training state) into a directory")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--to", type=Path, required=True, help="target dir, e.g. engine/assets/demo")
+    p.add_argument("--id", default=None, help="checkpoint id to record in the target's checkpoint.json")
     return parser
 
 
@@ -252,8 +272,78 @@ def cmd_clip(args: argparse.Namespace, out: Path | None = None, steps: int | Non
     return {"out": str(out), "eval": res.eval_metrics, "steps_per_s": res.result.steps_per_s}
 
 
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from training.evaluate import evaluate_checkpoint, summary_lines
+
+    if not args.checkpoint.is_dir():
+        raise FileNotFoundError(f"{args.checkpoint}: no such checkpoint directory")
+    out = args.out or args.checkpoint / "eval"
+    report = evaluate_checkpoint(args.checkpoint, n_per_kind=args.n_per_kind, candidates=args.candidates,
+                                 seed=args.seed, out_dir=out, psnr_images=args.psnr_images)
+    print("\n".join(summary_lines(report)), file=sys.stderr)
+    return _eval_brief(report)
+
+
+def _eval_brief(report: dict[str, Any]) -> dict[str, Any]:
+    return {"checkpoint_id": report["checkpoint_id"], "passed": report["passed"], "bars": report["bars"],
+            "fidelity_top": report["top"]["fidelity"], "fidelity_random": report["random"]["fidelity"],
+            "clip_gain": report["clip_gain"]["fidelity"], "default_share": report["default_share"]["value"],
+            "vqgan_psnr": (report["vqgan"] or {}).get("psnr"), "files": report.get("files", {})}
+
+
+# what an installed checkpoint needs at inference (engine.pipeline.load_pipeline); training state never goes
+_MODEL_FILES = ("config.json", "flax_model.msgpack", "tokenizer.json", "vocab.json", "merges.txt",
+                "special_tokens_map.json", "tokenizer_config.json")
+_TOP_FILES = ("checkpoint.json", "safety.json")
+_EVAL_FILES = ("report.json", "report.png", "samples.png")
+
+
+def install_checkpoint(root: Path, target: Path) -> list[Path]:
+    """Copy only the inference files of checkpoint ``root`` into ``target`` (``*-train``, ``tokens/``, orbax
+    state and tokenizer work dirs are skipped). Files are overwritten; others already in ``target`` are kept."""
+    import shutil
+
+    root, target = Path(root), Path(target)
+    for part in ("dallebart", "vqgan"):
+        if not (root / part / "flax_model.msgpack").is_file():
+            raise FileNotFoundError(f"{root}: no {part}/flax_model.msgpack (is this a trained checkpoint?)")
+    if target.resolve() == root.resolve():
+        raise ValueError("install target is the checkpoint itself")
+    plan = [(root / part / name, target / part / name) for part in ("dallebart", "vqgan", "clip")
+            for name in _MODEL_FILES]
+    plan += [(root / name, target / name) for name in _TOP_FILES]
+    plan += [(root / "eval" / name, target / "eval" / name) for name in _EVAL_FILES]
+    copied = []
+    for src, dst in plan:
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(dst.name + ".partial")
+            shutil.copyfile(src, tmp)
+            tmp.replace(dst)
+            copied.append(dst)
+    return copied
+
+
+def cmd_install(args: argparse.Namespace) -> dict[str, Any]:
+    files = install_checkpoint(args.checkpoint, args.to)
+    if getattr(args, "id", None):
+        _write_checkpoint_json(args.to, args.id, {})
+        files.append(args.to / "checkpoint.json")
+    return {"installed": str(args.to), "files": [str(f) for f in files]}
+
+
+def _write_checkpoint_json(root: Path, checkpoint_id: str, meta: dict[str, Any]) -> None:
+    path = root / "checkpoint.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.update(meta)
+    data["id"] = checkpoint_id
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """The pipeline up to trained models; evaluation and packaging into engine/assets are the lead's."""
+    """Train VQGAN → encode → DalleBart → CLIP, write checkpoint.json, evaluate, optionally install."""
+    import time
+
     from training.encode import encode_shapes
 
     root = args.out
@@ -269,12 +359,30 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     args.vqgan = vq_dir
     report["dallebart"] = cmd_dallebart(args, shards, root / "dallebart", args.dallebart_steps)
     report["clip"] = cmd_clip(args, root / "clip", args.clip_steps)
-    (root / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
+    old = root / "checkpoint.json"
+    checkpoint_id = args.id or (json.loads(old.read_text()).get("id") if old.is_file() else None) \
+        or time.strftime("shapes-demo-%Y%m%d-%H%M%S", time.gmtime())
+    _write_checkpoint_json(root, checkpoint_id, {
+        "dataset": "procedural shapes", "data_seed": args.data_seed, "num_images": args.num_images,
+        "steps": {"vqgan": args.vqgan_steps, "dallebart": args.dallebart_steps, "clip": args.clip_steps}})
+    if args.eval_n_per_kind > 0:
+        from training.evaluate import evaluate_checkpoint, summary_lines
+
+        ev = evaluate_checkpoint(root, n_per_kind=args.eval_n_per_kind, candidates=args.eval_candidates,
+                                 seed=args.seed, out_dir=root / "eval")
+        print("\n".join(summary_lines(ev)), file=sys.stderr)
+        report["eval"] = _eval_brief(ev)
+        _write_checkpoint_json(root, checkpoint_id, {"eval": {k: report["eval"][k] for k in (
+            "passed", "fidelity_top", "fidelity_random", "clip_gain", "default_share", "vqgan_psnr")}})
+    report["checkpoint_id"] = checkpoint_id
+    if args.install is not None:
+        report["installed"] = cmd_install(argparse.Namespace(checkpoint=root, to=args.install))
+    (root / "demo.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report
 
 
 COMMANDS = {"vqgan": cmd_vqgan, "encode": cmd_encode, "dallebart": cmd_dallebart, "clip": cmd_clip,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "evaluate": cmd_evaluate, "install": cmd_install}
 
 
 def main(argv: list[str] | None = None) -> int:
