@@ -328,7 +328,8 @@ def cmd_install(args: argparse.Namespace) -> dict[str, Any]:
     files = install_checkpoint(args.checkpoint, args.to)
     if getattr(args, "id", None):
         _write_checkpoint_json(args.to, args.id, {})
-        files.append(args.to / "checkpoint.json")
+        if args.to / "checkpoint.json" not in files:
+            files.append(args.to / "checkpoint.json")
     return {"installed": str(args.to), "files": [str(f) for f in files]}
 
 
