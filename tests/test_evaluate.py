@@ -212,3 +212,21 @@ def test_install_copies_only_inference_files(random_ckpt, tmp_path):
     assert load_pipeline(target).checkpoint_id == "shapes-demo-x"
     with pytest.raises(FileNotFoundError, match="flax_model"):
         install_checkpoint(tmp_path / "nothing", target)
+
+
+def test_demo_trains_evaluates_and_installs(tmp_path, capsys):
+    """The whole demo command at toy sizes (a few steps each): checkpoint.json with an id, eval report, install."""
+    root, target = tmp_path / "root", tmp_path / "assets"
+    rc = main(["demo", "--out", str(root), "--image-size", "32", "--factor", "8", "--ch", "8", "--n-embed", "64",
+               "--vqgan-steps", "2", "--num-images", "32", "--dallebart-steps", "2", "--d-model", "32", "--ffn", "64",
+               "--vocab-size", "300", "--clip-steps", "2", "--clip-image-size", "32", "--width", "32",
+               "--clip-vocab-size", "600", "--eval-n-per-kind", "1", "--eval-candidates", "2", "--id", "toy-demo",
+               "--no-progress", "--install", str(target)])
+    assert rc == 0
+    meta = json.loads((root / "checkpoint.json").read_text())
+    assert meta["id"] == "toy-demo" and meta["num_images"] == 32 and "fidelity_top" in meta["eval"]
+    rep = json.loads((root / "eval" / "report.json").read_text())
+    assert rep["checkpoint_id"] == "toy-demo" and rep["settings"]["train_captions_excluded"]
+    assert json.loads((target / "checkpoint.json").read_text())["id"] == "toy-demo"
+    assert (target / "eval" / "report.png").is_file() and not (target / "tokens").exists()
+    assert "FAIL  colour" in capsys.readouterr().err  # the human summary (a toy model meets no bar)
