@@ -214,19 +214,27 @@ def test_install_copies_only_inference_files(random_ckpt, tmp_path):
         install_checkpoint(tmp_path / "nothing", target)
 
 
-def test_demo_trains_evaluates_and_installs(tmp_path, capsys):
-    """The whole demo command at toy sizes (a few steps each): checkpoint.json with an id, eval report, install."""
+def test_finish_demo_writes_id_evaluates_and_installs(random_ckpt, tmp_path, capsys):
+    """What ``demo`` does after training: checkpoint.json with an id, eval report (training captions from
+    ``tokens/`` excluded), install of the inference files only."""
+    import shutil
+
+    from training.__main__ import finish_demo
+    from training.data.parquet import TokenShardWriter
+
     root, target = tmp_path / "root", tmp_path / "assets"
-    rc = main(["demo", "--out", str(root), "--image-size", "32", "--factor", "8", "--ch", "8", "--n-embed", "64",
-               "--vqgan-steps", "2", "--num-images", "32", "--dallebart-steps", "2", "--d-model", "32", "--ffn", "64",
-               "--vocab-size", "300", "--clip-steps", "2", "--clip-image-size", "32", "--width", "32",
-               "--clip-vocab-size", "600", "--eval-n-per-kind", "1", "--eval-candidates", "2", "--id", "toy-demo",
-               "--no-progress", "--install", str(target)])
-    assert rc == 0
+    shutil.copytree(random_ckpt, root)
+    with TokenShardWriter(root / "tokens", rows_per_shard=10) as w:
+        w.write(["a red circle", "a blue star"], np.zeros((2, 16), np.int32))
+    out = finish_demo(root, {"num_images": 2}, checkpoint_id="toy-demo", eval_n_per_kind=1, eval_candidates=2,
+                      install=target)
     meta = json.loads((root / "checkpoint.json").read_text())
-    assert meta["id"] == "toy-demo" and meta["num_images"] == 32 and "fidelity_top" in meta["eval"]
+    assert meta["id"] == out["checkpoint_id"] == "toy-demo" and meta["num_images"] == 2
+    assert meta["eval"]["fidelity_top"] == out["eval"]["fidelity_top"]
     rep = json.loads((root / "eval" / "report.json").read_text())
     assert rep["checkpoint_id"] == "toy-demo" and rep["settings"]["train_captions_excluded"]
     assert json.loads((target / "checkpoint.json").read_text())["id"] == "toy-demo"
     assert (target / "eval" / "report.png").is_file() and not (target / "tokens").exists()
-    assert "FAIL  colour" in capsys.readouterr().err  # the human summary (a toy model meets no bar)
+    assert "FAIL  colour" in capsys.readouterr().err  # the human summary (random weights meet no bar)
+    # run again without an id: the recorded one is kept
+    assert finish_demo(root, {}, eval_n_per_kind=0)["checkpoint_id"] == "toy-demo"

@@ -341,10 +341,33 @@ def _write_checkpoint_json(root: Path, checkpoint_id: str, meta: dict[str, Any])
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """Train VQGAN → encode → DalleBart → CLIP, write checkpoint.json, evaluate, optionally install."""
+def finish_demo(root: Path, meta: dict[str, Any], *, checkpoint_id: str | None = None, eval_n_per_kind: int = 16,
+                eval_candidates: int = 9, seed: int = 0, install: Path | None = None) -> dict[str, Any]:
+    """After training: ``root/checkpoint.json`` (id: given, else kept, else ``shapes-demo-<UTC time>``; plus
+    ``meta``), evaluation into ``root/eval`` (summary in checkpoint.json), then the optional install."""
     import time
 
+    old = root / "checkpoint.json"
+    checkpoint_id = checkpoint_id or (json.loads(old.read_text()).get("id") if old.is_file() else None) \
+        or time.strftime("shapes-demo-%Y%m%d-%H%M%S", time.gmtime())
+    _write_checkpoint_json(root, checkpoint_id, meta)
+    report: dict[str, Any] = {"checkpoint_id": checkpoint_id}
+    if eval_n_per_kind > 0:
+        from training.evaluate import evaluate_checkpoint, summary_lines
+
+        ev = evaluate_checkpoint(root, n_per_kind=eval_n_per_kind, candidates=eval_candidates, seed=seed,
+                                 out_dir=root / "eval")
+        print("\n".join(summary_lines(ev)), file=sys.stderr)
+        report["eval"] = _eval_brief(ev)
+        _write_checkpoint_json(root, checkpoint_id, {"eval": {k: report["eval"][k] for k in (
+            "passed", "fidelity_top", "fidelity_random", "clip_gain", "default_share", "vqgan_psnr")}})
+    if install is not None:
+        report["installed"] = cmd_install(argparse.Namespace(checkpoint=root, to=install, id=None))
+    return report
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """Train VQGAN → encode → DalleBart → CLIP, then :func:`finish_demo` (checkpoint.json, evaluate, install)."""
     from training.encode import encode_shapes
 
     root = args.out
@@ -360,24 +383,10 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     args.vqgan = vq_dir
     report["dallebart"] = cmd_dallebart(args, shards, root / "dallebart", args.dallebart_steps)
     report["clip"] = cmd_clip(args, root / "clip", args.clip_steps)
-    old = root / "checkpoint.json"
-    checkpoint_id = args.id or (json.loads(old.read_text()).get("id") if old.is_file() else None) \
-        or time.strftime("shapes-demo-%Y%m%d-%H%M%S", time.gmtime())
-    _write_checkpoint_json(root, checkpoint_id, {
-        "dataset": "procedural shapes", "data_seed": args.data_seed, "num_images": args.num_images,
-        "steps": {"vqgan": args.vqgan_steps, "dallebart": args.dallebart_steps, "clip": args.clip_steps}})
-    if args.eval_n_per_kind > 0:
-        from training.evaluate import evaluate_checkpoint, summary_lines
-
-        ev = evaluate_checkpoint(root, n_per_kind=args.eval_n_per_kind, candidates=args.eval_candidates,
-                                 seed=args.seed, out_dir=root / "eval")
-        print("\n".join(summary_lines(ev)), file=sys.stderr)
-        report["eval"] = _eval_brief(ev)
-        _write_checkpoint_json(root, checkpoint_id, {"eval": {k: report["eval"][k] for k in (
-            "passed", "fidelity_top", "fidelity_random", "clip_gain", "default_share", "vqgan_psnr")}})
-    report["checkpoint_id"] = checkpoint_id
-    if args.install is not None:
-        report["installed"] = cmd_install(argparse.Namespace(checkpoint=root, to=args.install))
+    meta = {"dataset": "procedural shapes", "data_seed": args.data_seed, "num_images": args.num_images,
+            "steps": {"vqgan": args.vqgan_steps, "dallebart": args.dallebart_steps, "clip": args.clip_steps}}
+    report.update(finish_demo(root, meta, checkpoint_id=args.id, eval_n_per_kind=args.eval_n_per_kind,
+                              eval_candidates=args.eval_candidates, seed=args.seed, install=args.install))
     (root / "demo.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report
 
