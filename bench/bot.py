@@ -36,8 +36,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from bench.engine import percentile
-from engine.api import MAX_IMAGES_PER_REQUEST, GenerationRequest, Pipeline
+from bench.engine import percentile, warm_up
+from engine.api import GenerationRequest, Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 ACK_TARGET_S = 0.5
@@ -225,30 +225,12 @@ async def engine_round(pipeline: Pipeline, *, requests: int, images: int, rate: 
 # -- command line --------------------------------------------------------------------------------------------
 
 
-def warm_up_for(pipeline: Pipeline, images: int) -> None:
-    """Compile before timing: one pass at every bucket, and one pass of r requests of ``images`` images for
-    every r the batcher can pack (a real pipeline compiles per bucket and per number of prompts in a pass).
-    Buckets above the per-request image limit are filled with several requests, as the batcher fills them."""
-    capacity = max(pipeline.batch_buckets)
-    passes = []
-    for bucket in sorted(pipeline.batch_buckets):
-        sizes = [MAX_IMAGES_PER_REQUEST] * (bucket // MAX_IMAGES_PER_REQUEST)
-        if bucket % MAX_IMAGES_PER_REQUEST:
-            sizes.append(bucket % MAX_IMAGES_PER_REQUEST)
-        passes.append(sizes)
-    passes += [[images] * r for r in range(1, capacity // images + 1)]
-    for p, sizes in enumerate(passes):
-        pipeline.generate([GenerationRequest(f"warm-up {k}", n=n, request_id=f"warm-{p}-{k}")
-                           for k, n in enumerate(sizes)],
-                          on_progress=lambda *_: None, should_cancel=lambda _: False)  # the batcher's code path
-
-
 def make_pipeline(args: argparse.Namespace) -> tuple[Pipeline, str]:
     if args.checkpoint:
         from engine.__main__ import load_checkpoint_pipeline
 
         pipeline = load_checkpoint_pipeline(args.checkpoint)
-        warm_up_for(pipeline, args.images)
+        warm_up(pipeline, args.images)
         return pipeline, f"checkpoint {args.checkpoint} ({pipeline.checkpoint_id}), buckets {pipeline.batch_buckets}"
     from engine.fake import FakePipeline
 

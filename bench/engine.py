@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from engine.api import GenerationRequest, Pipeline
+from engine.api import MAX_IMAGES_PER_REQUEST, GenerationRequest, Pipeline
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -91,11 +91,22 @@ async def run_mode(
     }
 
 
-def warm_up(pipeline: Pipeline, max_n: int) -> None:
-    """Sample once at every bucket so compilation is not timed."""
+def warm_up(pipeline: Pipeline, images: int | None = None) -> None:
+    """Compile before timing: one pass at every bucket (buckets above the per-request image limit are filled
+    with several requests, as the batcher fills them), and, when ``images`` is given, one pass of r requests
+    of ``images`` images for every r the batcher can pack into a pass."""
+    passes = []
     for bucket in sorted(pipeline.batch_buckets):
-        if bucket <= max_n:
-            pipeline.generate([GenerationRequest("warm-up", n=bucket)])
+        sizes = [MAX_IMAGES_PER_REQUEST] * (bucket // MAX_IMAGES_PER_REQUEST)
+        if bucket % MAX_IMAGES_PER_REQUEST:
+            sizes.append(bucket % MAX_IMAGES_PER_REQUEST)
+        passes.append(sizes)
+    if images:
+        passes += [[images] * r for r in range(1, max(pipeline.batch_buckets) // images + 1)]
+    for p, sizes in enumerate(passes):
+        pipeline.generate([GenerationRequest(f"warm-up {k}", n=n, request_id=f"warm-{p}-{k}")
+                           for k, n in enumerate(sizes)],
+                          on_progress=lambda *_: None, should_cancel=lambda _: False)  # the batcher's code path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"cannot load checkpoint {args.checkpoint}: {exc}; nothing measured", file=sys.stderr)
             return 2
         source = f"checkpoint {args.checkpoint} ({pipeline.checkpoint_id})"
-        warm_up(pipeline, max_n=max(pipeline.batch_buckets))
+        warm_up(pipeline, args.n)
     else:
         from engine.fake import FakePipeline
 

@@ -164,8 +164,10 @@ class ModelPipeline:
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """CLIP text embeddings (N, projection_dim), L2-normalised."""
-        enc = self.clip_tokenizer(texts)
-        feats = np.asarray(self._text_features(self._clip_params, enc["input_ids"], enc["attention_mask"]))
+        n = len(texts)
+        bucket = bucket_for(n, self.batch_buckets) if n <= max(self.batch_buckets) else n
+        enc = self.clip_tokenizer(list(texts) + [texts[0]] * (bucket - n))  # padded: one compile per bucket
+        feats = np.asarray(self._text_features(self._clip_params, enc["input_ids"], enc["attention_mask"]))[:n]
         return feats / np.maximum(np.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:

@@ -77,63 +77,12 @@ def _to_numpy(tree: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
-# min-dalle (PyTorch) mapping, for parity tests
+# min-dalle (PyTorch) mapping, for parity tests: the same mapping the sampler benchmark uses
 # ----------------------------------------------------------------------------------------------
-
-_LAYER_LN = {
-    "pre_self_attn_layer_norm": "LayerNorm_0",
-    "self_attn_layer_norm": "LayerNorm_1",
-    "pre_encoder_attn_layer_norm": "LayerNorm_2",
-    "encoder_attn_layer_norm": "LayerNorm_3",
-}
-_ATTN = {"self_attn": "FlaxBartAttention_0", "encoder_attn": "FlaxBartAttention_1"}
-_GLU = {"ln0": "LayerNorm_0", "ln1": "LayerNorm_1", "fc0": "Dense_0", "fc1": "Dense_1", "fc2": "Dense_2"}
-
-
-def _flax_leaf(side_tree: dict, parts: list[str], torch_leaf: str, width: int) -> np.ndarray:
-    """Value for one torch parameter given the flax sub-tree it comes from (LN weight ≡ 1 when no scale)."""
-    node = side_tree
-    for p in parts:
-        node = node[p]
-    if torch_leaf == "weight" and "kernel" in node:
-        return np.asarray(node["kernel"]).T
-    if torch_leaf == "weight" and "embedding" in node:
-        return np.asarray(node["embedding"])
-    if torch_leaf == "weight":  # LayerNorm
-        return np.asarray(node["scale"]) if "scale" in node else np.ones((width,), np.float32)
-    if torch_leaf == "bias":
-        return np.asarray(node["bias"])
-    raise KeyError(torch_leaf)
 
 
 def torch_state_dict(module: Any, params: dict, side: str) -> dict:
-    """Build a state dict for a min-dalle ``DalleBartEncoder``/``DalleBartDecoder`` from our (any-layout) params."""
-    import torch
+    """A state dict for a min-dalle ``DalleBartEncoder``/``DalleBartDecoder`` from our (any-layout) params."""
+    from bench._mindalle import state_dict_for
 
-    tree = unscan_params(params)
-    side_tree = tree["model"][side]
-    layer_prefix = "FlaxBartEncoderLayer_" if side == "encoder" else "FlaxBartDecoderLayer_"
-    out = {}
-    for key, ref in module.state_dict().items():
-        parts = key.split(".")
-        leaf = parts[-1]
-        if parts[0] == "lm_head":
-            value = np.asarray(tree["lm_head"]["kernel"]).T
-        elif parts[0] == "layers":
-            path = ["layers", f"{layer_prefix}{parts[1]}"]
-            rest = parts[2:-1]
-            if rest[0] in _LAYER_LN:
-                path.append(_LAYER_LN[rest[0]])
-            elif rest[0] in _ATTN:
-                path += [_ATTN[rest[0]], rest[1]]
-            elif rest[0] == "glu":
-                path += ["GLU_0", _GLU[rest[1]]]
-            else:
-                raise KeyError(key)
-            value = _flax_leaf(side_tree, path, leaf, ref.shape[0])
-        else:
-            value = _flax_leaf(side_tree, parts[:-1], leaf, ref.shape[0])
-        if tuple(value.shape) != tuple(ref.shape):
-            raise ValueError(f"{key}: mapped shape {value.shape} != torch shape {tuple(ref.shape)}")
-        out[key] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
-    return out
+    return state_dict_for(module, params, side)
