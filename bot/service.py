@@ -144,7 +144,7 @@ class GenerationService:
         prompt_filter: PromptFilter | None = None,
         limiter: RateLimiter | None = None,
         scheduler: Scheduler | None = None,
-        concurrency: int = 2,
+        concurrency: int = 16,
         default_images: int = 9,
         progress_interval: float = 2.0,
         flagged_mode: str = FlaggedMode.SPOILER.value,
@@ -610,7 +610,7 @@ def service_from_settings(settings: Any, repo: Repository, engine: Engine, publi
                           total_cap=int(_setting(settings, "max_queue_total", 1000)))
     kwargs: dict[str, Any] = dict(
         output_dir=_setting(settings, "output_dir", "outputs"), limiter=limiter, scheduler=scheduler,
-        concurrency=int(_setting(settings, "engine_concurrency", 2)),
+        concurrency=int(_setting(settings, "engine_concurrency", 16)),
         default_images=int(_setting(settings, "default_images", 9)),
         flagged_mode=str(_setting(settings, "flagged_mode", FlaggedMode.SPOILER.value)),
     )
