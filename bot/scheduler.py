@@ -172,6 +172,7 @@ class Scheduler:
         self.per_user_cap = per_user_cap
         self.total_cap = total_cap
         self._running: dict[int, QueuedJob] = {}
+        self._reserved: dict[int, int] = {}  # user id -> admissions between reserve() and add()
         self._changed = asyncio.Event()
         self.closed = False
 
@@ -183,16 +184,36 @@ class Scheduler:
     def reopen(self) -> None:
         self.closed = False
 
-    def check_admission(self, user_id: int) -> None:
-        """Raise ``QueueRefused`` if this user (or everyone) has too much queued or running already."""
-        mine = len(self.queue.user_jobs(user_id)) + sum(1 for j in self._running.values() if j.user_id == user_id)
-        if mine >= self.per_user_cap:
+    def check_admission(self, user_id: int, per_user_cap: int | None = None) -> None:
+        """Raise ``QueueRefused`` if this user (or everyone) has too much queued, running or being admitted
+        already. ``per_user_cap`` overrides the scheduler's cap for this check (a guild's own limit)."""
+        cap = self.per_user_cap if per_user_cap is None else per_user_cap
+        mine = (len(self.queue.user_jobs(user_id)) + sum(1 for j in self._running.values() if j.user_id == user_id)
+                + self._reserved.get(user_id, 0))
+        if mine >= cap:
             raise QueueRefused(
-                f"You already have {mine} images requests waiting (the limit is {self.per_user_cap}). "
+                f"You already have {mine} images requests waiting (the limit is {cap}). "
                 "Wait for one to finish or cancel one."
             )
-        if len(self.queue) >= self.total_cap:
+        if len(self.queue) + sum(self._reserved.values()) >= self.total_cap:
             raise QueueRefused("The queue is full right now. Please try again in a few minutes.")
+
+    def reserve(self, user_id: int, per_user_cap: int | None = None) -> None:
+        """Check the caps and hold one slot for ``user_id`` in the same synchronous step, so admissions that
+        are concurrently awaiting the database (between this and ``add``) cannot together exceed a cap.
+        Every ``reserve`` must be matched by one ``release``."""
+        self.check_admission(user_id, per_user_cap)
+        self._reserved[user_id] = self._reserved.get(user_id, 0) + 1
+
+    def release(self, user_id: int) -> None:
+        """Give back a slot taken by ``reserve`` (just before ``add(..., force=True)``, or on refusal)."""
+        left = self._reserved.get(user_id, 0) - 1
+        if left < 0:
+            raise ValueError(f"user {user_id} has no reserved admission to release")
+        if left:
+            self._reserved[user_id] = left
+        else:
+            del self._reserved[user_id]
 
     def add(self, job: QueuedJob, *, force: bool = False) -> int:
         """Queue a job (``force`` skips the caps: used when restoring jobs after a restart). Returns its position."""

@@ -149,6 +149,7 @@ class GenerationService:
         progress_interval: float = 2.0,
         flagged_mode: str = FlaggedMode.SPOILER.value,
         checkpoint_id: str | None = None,
+        guild_settings_ttl: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.repo = repo
@@ -164,12 +165,17 @@ class GenerationService:
         self.flagged_mode = flagged_mode
         self.checkpoint_id = checkpoint_id
         self.clock = clock
-        self._admit_lock = asyncio.Lock()
         self._workers: list[asyncio.Task] = []
         self._running: dict[int, asyncio.Task] = {}
         self._engine_ids: dict[int, str] = {}
         self._closing = False
         self._last_positions: dict[int, int] = {}
+        # guild settings are read on every submit and every finished job; they change rarely. Updates through
+        # this service invalidate at once; the TTL bounds how long another process's update goes unseen.
+        self.guild_settings_ttl = guild_settings_ttl
+        self._guild_cache: dict[int, tuple[float, Any]] = {}
+        self._guild_loads: dict[int, asyncio.Future] = {}
+        self._guild_epoch: dict[int, int] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -211,8 +217,46 @@ class GenerationService:
 
     # -- admission -----------------------------------------------------------------------------------
 
+    async def guild_settings(self, guild_id: int | None) -> Any:
+        """The guild's ``GuildSettings`` row (None if it has none), cached for ``guild_settings_ttl`` seconds;
+        concurrent misses for one guild share one database read."""
+        if guild_id is None:
+            return None
+        hit = self._guild_cache.get(guild_id)
+        if hit is not None and hit[0] > self.clock():
+            return hit[1]
+        load = self._guild_loads.get(guild_id)
+        if load is None:
+            load = asyncio.ensure_future(self._load_guild_settings(guild_id))
+            self._guild_loads[guild_id] = load
+            load.add_done_callback(lambda f: self._guild_loads.pop(guild_id, None)
+                                   if self._guild_loads.get(guild_id) is f else None)
+        return await asyncio.shield(load)
+
+    async def _load_guild_settings(self, guild_id: int) -> Any:
+        epoch = self._guild_epoch.get(guild_id, 0)
+        gs = await self.repo.get_guild_settings(guild_id)
+        if self._guild_epoch.get(guild_id, 0) == epoch:  # not invalidated while reading: safe to keep
+            self._guild_cache[guild_id] = (self.clock() + self.guild_settings_ttl, gs)
+        return gs
+
+    def invalidate_guild_settings(self, guild_id: int | None = None) -> None:
+        """Forget the cached settings of one guild (or all): the next read goes to the database."""
+        for gid in ([guild_id] if guild_id is not None else list(self._guild_cache) + list(self._guild_loads)):
+            self._guild_cache.pop(gid, None)
+            self._guild_loads.pop(gid, None)
+            self._guild_epoch[gid] = self._guild_epoch.get(gid, 0) + 1
+
+    async def update_guild_settings(self, guild_id: int, **fields: Any) -> Any:
+        """Change a guild's settings (the repository validates ``fields``); this process sees it at once."""
+        self.invalidate_guild_settings(guild_id)
+        try:
+            return await self.repo.update_guild_settings(guild_id, **fields)
+        finally:
+            self.invalidate_guild_settings(guild_id)  # a read that raced the write must not keep the old row
+
     async def _policies(self, guild_id: int | None) -> tuple[GuildPolicy, LimitPolicy | None, int | None, str]:
-        gs = await self.repo.get_guild_settings(guild_id) if guild_id is not None else None
+        gs = await self.guild_settings(guild_id)
         if gs is None:
             return GuildPolicy(), None, None, self.flagged_mode
         base = self.limiter.policy
@@ -263,14 +307,19 @@ class GenerationService:
                     msg += f" You're on a cooldown for {_human(cooldown)} after {strikes} blocked prompts."
             return await self._refuse(user_id, guild_id, prompt, decision.normalised, decision.category or "filter",
                                       msg, detail=decision.matched)
-        async with self._admit_lock:
-            try:
-                self._check_cap(user_id, user_cap)
-            except QueueRefused as exc:
-                return await self._refuse(user_id, guild_id, prompt, decision.normalised, "queue", str(exc))
+        # Admission is atomic without a lock: the cap check and the slot it takes are one synchronous step on the
+        # event loop, and the held slot counts against the caps while the rate limiter and the insert are awaited.
+        try:
+            self.scheduler.reserve(user_id, user_cap)
+        except QueueRefused as exc:
+            return await self._refuse(user_id, guild_id, prompt, decision.normalised, "queue", str(exc))
+        reserved = True
+        try:
             if count_rate:
                 rate = await self.limiter.hit(user_id, guild_id, limits)
                 if not rate.allowed:
+                    self.scheduler.release(user_id)
+                    reserved = False
                     return await self._refuse(user_id, guild_id, prompt, decision.normalised, f"rate:{rate.scope}",
                                               rate.message, retry_after=rate.retry_after)
             seed = secrets.randbelow(SEED_LIMIT) if seed is None else seed
@@ -282,20 +331,14 @@ class GenerationService:
                 application_id=d.application_id, interaction_token=d.interaction_token,
                 token_expires_at=d.token_expires_at,
             )
+            self.scheduler.release(user_id)  # the slot becomes the queued job, with no await in between
+            reserved = False
             position = self.scheduler.add(QueuedJob(gen.id, user_id, guild_id, gen.queued_at), force=True)
+        finally:
+            if reserved:
+                self.scheduler.release(user_id)
         log.info("queued generation %s for user %s at position %s", gen.id, user_id, position)
         return Admission(True, generation_id=gen.id, position=position, seed=seed)
-
-    def _check_cap(self, user_id: int, user_cap: int | None) -> None:
-        if user_cap is None:
-            self.scheduler.check_admission(user_id)
-            return
-        saved = self.scheduler.per_user_cap
-        self.scheduler.per_user_cap = user_cap
-        try:
-            self.scheduler.check_admission(user_id)
-        finally:
-            self.scheduler.per_user_cap = saved
 
     async def _refuse(self, user_id, guild_id, prompt, normalised, category, message, *, detail=None,
                       retry_after=None) -> Admission:

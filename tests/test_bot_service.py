@@ -288,3 +288,36 @@ async def test_lifecycle_on_sqlite_and_postgresql(repo, tmp_path):
     finally:
         await svc.stop()
         await engine.close()
+
+
+async def test_concurrent_submits_never_exceed_the_per_user_cap_and_inserts_overlap(env):
+    """Admission holds no lock across the database insert, yet a burst from one user stops at the cap."""
+    svc, repo, engine, pub = env
+    engine.gate = asyncio.Event()  # nothing finishes during the burst
+    svc.scheduler.per_user_cap = 3
+    create = repo.create_generation
+    inside, most = 0, 0
+
+    async def slow_create(**kw):
+        nonlocal inside, most
+        inside += 1
+        most = max(most, inside)
+        try:
+            await asyncio.sleep(0.02)  # a slow insert: other admissions run meanwhile
+            return await create(**kw)
+        finally:
+            inside -= 1
+
+    repo.create_generation = slow_create
+    results = await asyncio.gather(*(svc.submit(user_id=42, prompt="a green cube", n=1) for _ in range(12)),
+                                   *(svc.submit(user_id=100 + k, prompt="a green cube", n=1) for k in range(3)))
+    mine = results[:12]
+    assert sum(r.ok for r in mine) == 3
+    assert {r.category for r in mine if not r.ok} == {"queue"}
+    assert all(r.ok for r in results[12:])
+    assert most > 1  # inserts of different admissions overlapped
+    gens = await repo.list_generations(user_id=42, limit=50)
+    assert len(gens) == 3
+    assert svc.scheduler._reserved == {}
+    engine.gate.set()
+    await pub.wait_for(6)

@@ -130,3 +130,25 @@ async def test_scheduler_caps_cancel_and_next():
 
 async def _take_all(s: Scheduler, n: int) -> list[int]:
     return [(await s.next()).id for _ in range(n)]
+
+
+def test_reserved_admissions_count_against_both_caps():
+    s = Scheduler(per_user_cap=2, total_cap=3)
+    s.reserve(1)
+    s.reserve(1)
+    with pytest.raises(QueueRefused, match="limit is 2"):
+        s.reserve(1)  # two admissions in flight already fill user 1's cap
+    s.reserve(2, per_user_cap=5)  # a guild's own cap replaces the default for this check only
+    with pytest.raises(QueueRefused, match="queue is full"):
+        s.reserve(3)  # three in flight fill the total cap
+    s.release(1)
+    s.add(QueuedJob(10, 1, None, 0.0), force=True)  # the slot became a queued job: still 2 for user 1
+    with pytest.raises(QueueRefused, match="limit is 2"):
+        s.reserve(1)
+    s.release(1)
+    s.reserve(1)  # a released slot is free again
+    s.release(1)
+    s.release(2)
+    with pytest.raises(ValueError, match="no reserved admission"):
+        s.release(2)
+    assert s.per_user_cap == 2
