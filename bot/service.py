@@ -166,6 +166,9 @@ class GenerationService:
         self.checkpoint_id = checkpoint_id
         self.clock = clock
         self._workers: list[asyncio.Task] = []
+        self._positions_changed = asyncio.Event()
+        self._turns = _Turns()
+        self._position_task: asyncio.Task | None = None
         self._running: dict[int, asyncio.Task] = {}
         self._engine_ids: dict[int, str] = {}
         self._closing = False
@@ -183,6 +186,7 @@ class GenerationService:
         """Requeue interrupted jobs, load every queued job into the fair queue, deliver results that were
         finished but never posted, and start the workers. Returns the ids of the jobs resumed."""
         self._closing = False
+        self._turns = _Turns()
         self.scheduler.reopen()
         await self.repo.requeue_interrupted()
         resumed = []
@@ -195,6 +199,7 @@ class GenerationService:
         self._workers = [
             asyncio.create_task(self._worker(i), name=f"dalle-worker-{i}") for i in range(self.concurrency)
         ]
+        self._position_task = asyncio.create_task(self._position_loop(), name="dalle-positions")
         return resumed
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -214,6 +219,10 @@ class GenerationService:
             w.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
+        if self._position_task is not None:
+            self._position_task.cancel()
+            await asyncio.gather(self._position_task, return_exceptions=True)
+            self._position_task = None
 
     # -- admission -----------------------------------------------------------------------------------
 
@@ -333,7 +342,8 @@ class GenerationService:
             )
             self.scheduler.release(user_id)  # the slot becomes the queued job, with no await in between
             reserved = False
-            position = self.scheduler.add(QueuedJob(gen.id, user_id, guild_id, gen.queued_at), force=True)
+            position = self.scheduler.add(QueuedJob(gen.id, user_id, guild_id, gen.queued_at, payload=gen),
+                                          force=True)
         finally:
             if reserved:
                 self.scheduler.release(user_id)
@@ -429,8 +439,8 @@ class GenerationService:
             if self._closing:  # not claimed: it stays queued in the database for the next start
                 self.scheduler.done(job.id)
                 return
-            await self._notify_positions()
-            task = asyncio.create_task(self._run_job(job.id))
+            self._positions_changed.set()  # told by the position task: the worker goes straight to the engine
+            task = asyncio.create_task(self._run_job(job.id, self._turns.take()))
             self._running[job.id] = task
             try:
                 await asyncio.shield(task)
@@ -443,6 +453,25 @@ class GenerationService:
                 self._running.pop(job.id, None)
                 self.scheduler.done(job.id)
 
+    async def record_ack(self, generation_id: int, ack_message_id: int) -> Any:
+        """Store the id of the message that acknowledged the request, in the row and in the queued job's
+        snapshot that queue-position updates are published from."""
+        gen = await self.repo.update_delivery(generation_id, ack_message_id=ack_message_id)
+        job = self.scheduler.job(generation_id)
+        if job is not None:
+            job.payload = gen
+        return gen
+
+    async def _position_loop(self) -> None:
+        """One task publishes queue positions after dispatches, coalescing bursts of them into one pass."""
+        while True:
+            await self._positions_changed.wait()
+            self._positions_changed.clear()
+            try:
+                await self._notify_positions()
+            except Exception:  # noqa: BLE001 - progress is best effort
+                log.warning("queue position updates failed", exc_info=True)
+
     async def _notify_positions(self) -> None:
         if self.publisher is None:
             return
@@ -450,8 +479,13 @@ class GenerationService:
         changed = {gid: p for gid, p in positions.items() if self._last_positions.get(gid) != p}
         self._last_positions = positions
         for gid, pos in changed.items():
-            gen = await self.repo.get_generation(gid, with_images=False)
-            if gen is not None:
+            job = self.scheduler.job(gid)
+            gen = job.payload if job is not None else None
+            if gen is None:  # restored at start-up: read the row once
+                gen = await self.repo.get_generation(gid, with_images=False)
+                if job is not None:
+                    job.payload = gen
+            if gen is not None and self.scheduler.position(gid):  # still queued after the awaits
                 await self._progress(gen, ProgressUpdate(gid, "queued", position=pos))
 
     async def _progress(self, gen: Any, update: ProgressUpdate) -> None:
@@ -462,14 +496,27 @@ class GenerationService:
         except Exception:  # noqa: BLE001 - progress is best effort
             log.warning("progress update for %s failed", update.generation_id, exc_info=True)
 
-    async def _run_job(self, generation_id: int) -> None:
-        gen = await self.repo.claim(generation_id)
+    async def _run_job(self, generation_id: int, turn: int | None = None) -> None:
+        """Claim, hand to the engine in dispatch order (``turn``), await the result, store it, publish it."""
+        turns = self._turns
+        gen = None
+        try:
+            gen = await self.repo.claim(generation_id)
+        finally:
+            if gen is None and turn is not None:  # no engine submit follows: let the next ticket go
+                turns.finish(turn)
         if gen is None:  # cancelled (or taken by another process) meanwhile
             return
         request = GenerationRequest(prompt=gen.prompt, n=gen.n_images, seed=int(gen.seed),
                                     request_id=f"gen-{gen.id}-{gen.attempts}")
         try:
-            rid = await self.engine.submit(request)
+            try:
+                if turn is not None:
+                    await turns.wait(turn)  # claims run concurrently; the engine's FIFO gets the fair order
+                rid = await self.engine.submit(request)
+            finally:
+                if turn is not None:
+                    turns.finish(turn)
             self._engine_ids[gen.id] = rid
             await self._progress(gen, ProgressUpdate(gen.id, "running"))
             events = asyncio.create_task(self._forward_events(gen, rid))
@@ -556,6 +603,43 @@ class GenerationService:
             log.exception("publishing generation %s failed", outcome.generation.id)
             return
         await self.repo.mark_delivered(outcome.generation.id, result_message_id=message_id)
+
+
+class _Turns:
+    """Tickets in the order workers took jobs from the fair queue: ``wait(t)`` returns once every earlier ticket
+    is ``finish``ed, so jobs whose database claims overlap still reach the engine in the scheduler's order."""
+
+    def __init__(self) -> None:
+        self._issued = 0
+        self._turn = 0  # every ticket below this is finished
+        self._finished: set[int] = set()
+        self._waiters: dict[int, asyncio.Future] = {}
+
+    def take(self) -> int:
+        self._issued += 1
+        return self._issued - 1
+
+    async def wait(self, ticket: int) -> None:
+        if ticket <= self._turn:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters[ticket] = fut
+        try:
+            await fut
+        finally:
+            self._waiters.pop(ticket, None)
+
+    def finish(self, ticket: int) -> None:
+        """Idempotent; must be called for every ticket taken (also when its job fails or is cancelled)."""
+        if ticket < self._turn:
+            return
+        self._finished.add(ticket)
+        while self._turn in self._finished:
+            self._finished.discard(self._turn)
+            self._turn += 1
+        fut = self._waiters.get(self._turn)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
 
 def _write_pngs(folder: Path, gen_id: int, result: GenerationResult) -> list[tuple[Path, str]]:

@@ -158,7 +158,7 @@ class Generate(commands.Cog):
         msg = await interaction.edit_original_response(
             content=f"Queued, position {position}. Seed `{adm.seed}`.", view=CancelView(adm.generation_id))
         # shielded: a shutdown must not cut a database write in half
-        await asyncio.shield(self.service.repo.update_delivery(adm.generation_id, ack_message_id=msg.id))
+        await asyncio.shield(self.service.record_ack(adm.generation_id, msg.id))
 
     @app_commands.command(name="dalle-queue", description="Your queued image requests and their positions")
     async def dalle_queue(self, interaction: discord.Interaction) -> None:
