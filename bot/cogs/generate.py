@@ -110,7 +110,8 @@ class DiscordPublisher:
             limit = DEFAULT_FILE_LIMIT
             if gen.guild_id and (guild := self.bot.get_guild(gen.guild_id)) is not None:
                 limit = guild.filesize_limit
-            files, shown = self._files(outcome, limit)
+            # decoding, resizing and PNG-encoding the grid is CPU work: off the event loop
+            files, shown = await asyncio.to_thread(self._files, outcome, limit)
             view = ResultView(gen.id, shown) if shown else discord.utils.MISSING
         if gen.private:
             if alive:
