@@ -321,3 +321,81 @@ async def test_concurrent_submits_never_exceed_the_per_user_cap_and_inserts_over
     assert svc.scheduler._reserved == {}
     engine.gate.set()
     await pub.wait_for(6)
+
+
+async def test_guild_settings_cached_shared_and_invalidated_by_updates(bot_db_url, tmp_path):
+    repo = make_repo(bot_db_url)
+    now = [0.0]
+    svc = GenerationService(repo, FakeEngine(), None, output_dir=tmp_path / "o", guild_settings_ttl=5.0,
+                            clock=lambda: now[0])
+    reads = 0
+    real = repo.get_guild_settings
+
+    async def counted(guild_id):
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.01)
+        return await real(guild_id)
+
+    repo.get_guild_settings = counted
+    try:
+        await repo.update_guild_settings(3, flagged_mode="withhold")
+        got = await asyncio.gather(*(svc.guild_settings(3) for _ in range(10)))
+        assert reads == 1 and all(g.flagged_mode == "withhold" for g in got)  # ten misses, one read
+        assert (await svc.guild_settings(3)).flagged_mode == "withhold" and reads == 1
+        assert await svc.guild_settings(None) is None and reads == 1
+        await svc.update_guild_settings(3, flagged_mode="spoiler")  # through the service: seen at once
+        assert (await svc.guild_settings(3)).flagged_mode == "spoiler" and reads == 2
+        await repo.update_guild_settings(3, flagged_mode="withhold")  # another process: seen after the TTL
+        assert (await svc.guild_settings(3)).flagged_mode == "spoiler"
+        now[0] += 5.1
+        assert (await svc.guild_settings(3)).flagged_mode == "withhold" and reads == 3
+        with pytest.raises(ValueError):
+            await svc.update_guild_settings(3, flagged_mode="blur")
+    finally:
+        await repo.close()
+
+
+def test_engine_concurrency_setting_sets_the_workers():
+    from types import SimpleNamespace
+
+    from bot.service import service_from_settings
+
+    svc = service_from_settings(SimpleNamespace(engine_concurrency=7), None, FakeEngine(), None)
+    assert svc.concurrency == 7
+    assert service_from_settings(SimpleNamespace(), None, FakeEngine(), None).concurrency == 16
+
+
+async def test_engine_gets_many_jobs_at_once_in_fair_order(bot_db_url, tmp_path):
+    """With ENGINE_CONCURRENCY slots the engine holds that many jobs together (so it can batch them), and it
+    receives them in the scheduler's order although their database claims overlap."""
+    repo = make_repo(bot_db_url)
+    engine = FakeEngine(steps=1, step_s=0.0, concurrency=8)
+    engine.gate = asyncio.Event()
+    pub = RecordingPublisher()
+    svc = GenerationService(repo, engine, pub, output_dir=tmp_path / "o", concurrency=6,
+                            limiter=RateLimiter(policy=LimitPolicy(user="100 per minute", guild="", daily_quota=None)),
+                            scheduler=Scheduler(per_user_cap=10))
+    ids = [(await svc.submit(user_id=u, guild_id=1, prompt=f"job {u}", n=1)).generation_id for u in range(10)]
+    claim = repo.claim
+
+    async def jittery_claim(gid):
+        await asyncio.sleep(0.03 if gid % 2 else 0.0)  # odd claims are slow: they finish after later ones
+        return await claim(gid)
+
+    repo.claim = jittery_claim
+    await svc.start()
+    try:
+        for _ in range(200):
+            if len(engine.submitted) == 6:
+                break
+            await asyncio.sleep(0.01)
+        assert len(engine.submitted) == 6  # six in the engine at once, none of them finished
+        engine.gate.set()
+        await pub.wait_for(10)
+        assert [r.prompt for r in engine.submitted] == [f"job {u}" for u in range(10)]
+        assert [(await repo.get_generation(g)).status for g in ids] == ["done"] * 10
+    finally:
+        await svc.stop(grace=1)
+        await engine.close()
+        await repo.close()

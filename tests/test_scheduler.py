@@ -152,3 +152,22 @@ def test_reserved_admissions_count_against_both_caps():
     with pytest.raises(ValueError, match="no reserved admission"):
         s.release(2)
     assert s.per_user_cap == 2
+
+
+async def test_per_user_running_passes_a_busy_user_over_without_losing_their_turn():
+    s = Scheduler(per_user_cap=10, per_user_running=2)
+    for i, user in enumerate([1, 1, 1, 2, 3]):
+        s.add(QueuedJob(i, user, 1, float(i)), force=True)
+    got = [await s.next() for _ in range(4)]
+    assert [j.user_id for j in got] == [1, 2, 3, 1]  # user 1's third job waits: two are running
+    waiter = asyncio.create_task(s.next())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    s.done(got[0].id)  # one of user 1's jobs finished: the next may start
+    assert (await asyncio.wait_for(waiter, 1)).id == 2
+    unlimited = Scheduler(per_user_cap=10, per_user_running=None)
+    for i in range(3):
+        unlimited.add(QueuedJob(i, 7, 1, float(i)), force=True)
+    assert [(await unlimited.next()).id for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="per_user_running"):
+        Scheduler(per_user_running=0)
