@@ -37,6 +37,16 @@ async def env(bot_db_url, tmp_path):
     await repo.close()
 
 
+async def _delivered(repo, generation_id):
+    """The row once the service has marked it delivered (it does so just after the publisher returns)."""
+    for _ in range(200):
+        gen = await repo.get_generation(generation_id)
+        if gen.delivered_at is not None:
+            return gen
+        await asyncio.sleep(0.01)
+    return gen
+
+
 async def _rows(repo, model):
     from sqlalchemy import select
 
@@ -57,7 +67,7 @@ async def test_submit_generates_persists_and_publishes(env, tmp_path):
         data = im.path.read_bytes()
         assert hashlib.sha256(data).hexdigest() == im.sha256 and data == im.png
         assert im.path.is_relative_to(tmp_path / "out")
-    gen = await repo.get_generation(adm.generation_id)
+    gen = await _delivered(repo, adm.generation_id)
     assert gen.status == "done" and gen.seed == 7 and gen.delivered_at is not None
     assert gen.result_message_id == 10_000 + gen.id and gen.checkpoint_id == "fake-ckpt"
     assert len(gen.images) == 4 and all(i.token_bytes for i in gen.images)
@@ -178,7 +188,7 @@ async def test_engine_failure_is_recorded_and_published(env):
     adm = await svc.submit(user_id=11, prompt="make it explode")
     [o] = await pub.wait_for(1)
     assert not o.ok and "exploded" in o.error
-    gen = await repo.get_generation(adm.generation_id)
+    gen = await _delivered(repo, adm.generation_id)
     assert gen.status == "failed" and "exploded" in gen.error and gen.delivered_at is not None
 
 
@@ -229,7 +239,7 @@ async def test_restart_resumes_queued_and_interrupted_jobs(bot_db_url, tmp_path)
     outcomes = await pub2.wait_for(4)
     assert sorted(o.generation.id for o in outcomes) == sorted(ids)
     for g in ids:
-        gen = await repo2.get_generation(g)
+        gen = await _delivered(repo2, g)
         assert gen.status == "done" and len(gen.images) == 1 and gen.delivered_at is not None
     await svc2.stop()
     await engine2.close()
@@ -283,7 +293,7 @@ async def test_lifecycle_on_sqlite_and_postgresql(repo, tmp_path):
         fb = await svc.feedback(o.images[0].id, 3, "report", reason="quality")
         assert fb.ok and fb.case_id
         assert len(await _rows(repo, ModerationCase)) == 2 and len(await _rows(repo, Refusal)) == 1
-        gen = await repo.get_generation(a.generation_id)
+        gen = await _delivered(repo, a.generation_id)
         assert gen.status == "done" and gen.delivered_at is not None and len(gen.images) == 3
     finally:
         await svc.stop()
