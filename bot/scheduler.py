@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -104,13 +104,20 @@ class FairQueue:
                 self._guilds.discard(g)
         return job
 
-    def pop(self) -> QueuedJob | None:
-        """Take the next job in fair order, advancing the round-robin pointers."""
+    def pop(self, eligible: Callable[[int], bool] | None = None) -> QueuedJob | None:
+        """Take the next job in fair order, advancing the round-robin pointers. With ``eligible``, users for
+        whom it is False are passed over without losing their place (they go first once eligible again)."""
         if not self._jobs:
             return None
-        g = self._guilds.order.popleft()
-        users = self._users[g]
-        u = users.order.popleft()
+        for g in self._guilds.order:
+            users = self._users[g]
+            u = next((u for u in users.order if eligible is None or eligible(u)), None)
+            if u is not None:
+                break
+        else:
+            return None
+        self._guilds.order.remove(g)
+        users.order.remove(u)
         jobs = self._per_user[(g, u)]
         job_id, job = next(iter(jobs.items()))
         del jobs[job_id]
@@ -165,13 +172,19 @@ def _key(job: QueuedJob) -> tuple:
 class Scheduler:
     """A ``FairQueue`` with admission caps and an awaitable ``next()`` for the service's workers."""
 
-    def __init__(self, per_user_cap: int = 5, total_cap: int = 1000) -> None:
+    def __init__(self, per_user_cap: int = 5, total_cap: int = 1000, per_user_running: int | None = 2) -> None:
         if per_user_cap < 1 or total_cap < 1:
             raise ValueError("queue caps must be at least 1")
+        if per_user_running is not None and per_user_running < 1:
+            raise ValueError("per_user_running must be at least 1 (or None for no limit)")
+        # With many engine slots, one user's burst would otherwise fill them all before anyone else arrives and
+        # the others would wait behind it in the engine's FIFO, where fairness no longer applies.
+        self.per_user_running = per_user_running
         self.queue = FairQueue()
         self.per_user_cap = per_user_cap
         self.total_cap = total_cap
         self._running: dict[int, QueuedJob] = {}
+        self._reserved: dict[int, int] = {}  # user id -> admissions between reserve() and add()
         self._changed = asyncio.Event()
         self.closed = False
 
@@ -183,16 +196,36 @@ class Scheduler:
     def reopen(self) -> None:
         self.closed = False
 
-    def check_admission(self, user_id: int) -> None:
-        """Raise ``QueueRefused`` if this user (or everyone) has too much queued or running already."""
-        mine = len(self.queue.user_jobs(user_id)) + sum(1 for j in self._running.values() if j.user_id == user_id)
-        if mine >= self.per_user_cap:
+    def check_admission(self, user_id: int, per_user_cap: int | None = None) -> None:
+        """Raise ``QueueRefused`` if this user (or everyone) has too much queued, running or being admitted
+        already. ``per_user_cap`` overrides the scheduler's cap for this check (a guild's own limit)."""
+        cap = self.per_user_cap if per_user_cap is None else per_user_cap
+        mine = (len(self.queue.user_jobs(user_id)) + sum(1 for j in self._running.values() if j.user_id == user_id)
+                + self._reserved.get(user_id, 0))
+        if mine >= cap:
             raise QueueRefused(
-                f"You already have {mine} images requests waiting (the limit is {self.per_user_cap}). "
+                f"You already have {mine} images requests waiting (the limit is {cap}). "
                 "Wait for one to finish or cancel one."
             )
-        if len(self.queue) >= self.total_cap:
+        if len(self.queue) + sum(self._reserved.values()) >= self.total_cap:
             raise QueueRefused("The queue is full right now. Please try again in a few minutes.")
+
+    def reserve(self, user_id: int, per_user_cap: int | None = None) -> None:
+        """Check the caps and hold one slot for ``user_id`` in the same synchronous step, so admissions that
+        are concurrently awaiting the database (between this and ``add``) cannot together exceed a cap.
+        Every ``reserve`` must be matched by one ``release``."""
+        self.check_admission(user_id, per_user_cap)
+        self._reserved[user_id] = self._reserved.get(user_id, 0) + 1
+
+    def release(self, user_id: int) -> None:
+        """Give back a slot taken by ``reserve`` (just before ``add(..., force=True)``, or on refusal)."""
+        left = self._reserved.get(user_id, 0) - 1
+        if left < 0:
+            raise ValueError(f"user {user_id} has no reserved admission to release")
+        if left:
+            self._reserved[user_id] = left
+        else:
+            del self._reserved[user_id]
 
     def add(self, job: QueuedJob, *, force: bool = False) -> int:
         """Queue a job (``force`` skips the caps: used when restoring jobs after a restart). Returns its position."""
@@ -214,7 +247,7 @@ class Scheduler:
         while True:
             if self.closed:
                 raise SchedulerClosed
-            job = self.queue.pop()
+            job = self.queue.pop(self._may_run if self.per_user_running is not None else None)
             if job is not None:
                 self._running[job.id] = job
                 self._changed.set()
@@ -222,8 +255,16 @@ class Scheduler:
             self._changed.clear()
             await self._changed.wait()
 
+    def job(self, job_id: int) -> QueuedJob | None:
+        """The queued or running job with this id (its ``payload`` is the caller's to use), else None."""
+        return self._running.get(job_id) or self.queue._jobs.get(job_id)
+
+    def _may_run(self, user_id: int) -> bool:
+        return sum(1 for j in self._running.values() if j.user_id == user_id) < self.per_user_running  # type: ignore[operator]
+
     def done(self, job_id: int) -> None:
-        self._running.pop(job_id, None)
+        if self._running.pop(job_id, None) is not None:
+            self._changed.set()  # that user may run another job now
 
     def position(self, job_id: int) -> int | None:
         """1-based queue position, 0 while running, None if unknown."""

@@ -144,11 +144,12 @@ class GenerationService:
         prompt_filter: PromptFilter | None = None,
         limiter: RateLimiter | None = None,
         scheduler: Scheduler | None = None,
-        concurrency: int = 2,
+        concurrency: int = 16,
         default_images: int = 9,
         progress_interval: float = 2.0,
         flagged_mode: str = FlaggedMode.SPOILER.value,
         checkpoint_id: str | None = None,
+        guild_settings_ttl: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.repo = repo
@@ -164,12 +165,20 @@ class GenerationService:
         self.flagged_mode = flagged_mode
         self.checkpoint_id = checkpoint_id
         self.clock = clock
-        self._admit_lock = asyncio.Lock()
         self._workers: list[asyncio.Task] = []
+        self._positions_changed = asyncio.Event()
+        self._turns = _Turns()
+        self._position_task: asyncio.Task | None = None
         self._running: dict[int, asyncio.Task] = {}
         self._engine_ids: dict[int, str] = {}
         self._closing = False
         self._last_positions: dict[int, int] = {}
+        # guild settings are read on every submit and every finished job; they change rarely. Updates through
+        # this service invalidate at once; the TTL bounds how long another process's update goes unseen.
+        self.guild_settings_ttl = guild_settings_ttl
+        self._guild_cache: dict[int, tuple[float, Any]] = {}
+        self._guild_loads: dict[int, asyncio.Future] = {}
+        self._guild_epoch: dict[int, int] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -177,6 +186,7 @@ class GenerationService:
         """Requeue interrupted jobs, load every queued job into the fair queue, deliver results that were
         finished but never posted, and start the workers. Returns the ids of the jobs resumed."""
         self._closing = False
+        self._turns = _Turns()
         self.scheduler.reopen()
         await self.repo.requeue_interrupted()
         resumed = []
@@ -189,6 +199,7 @@ class GenerationService:
         self._workers = [
             asyncio.create_task(self._worker(i), name=f"dalle-worker-{i}") for i in range(self.concurrency)
         ]
+        self._position_task = asyncio.create_task(self._position_loop(), name="dalle-positions")
         return resumed
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -208,11 +219,53 @@ class GenerationService:
             w.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
+        if self._position_task is not None:
+            self._position_task.cancel()
+            await asyncio.gather(self._position_task, return_exceptions=True)
+            self._position_task = None
 
     # -- admission -----------------------------------------------------------------------------------
 
+    async def guild_settings(self, guild_id: int | None) -> Any:
+        """The guild's ``GuildSettings`` row (None if it has none), cached for ``guild_settings_ttl`` seconds;
+        concurrent misses for one guild share one database read."""
+        if guild_id is None:
+            return None
+        hit = self._guild_cache.get(guild_id)
+        if hit is not None and hit[0] > self.clock():
+            return hit[1]
+        load = self._guild_loads.get(guild_id)
+        if load is None:
+            load = asyncio.ensure_future(self._load_guild_settings(guild_id))
+            self._guild_loads[guild_id] = load
+            load.add_done_callback(lambda f: self._guild_loads.pop(guild_id, None)
+                                   if self._guild_loads.get(guild_id) is f else None)
+        return await asyncio.shield(load)
+
+    async def _load_guild_settings(self, guild_id: int) -> Any:
+        epoch = self._guild_epoch.get(guild_id, 0)
+        gs = await self.repo.get_guild_settings(guild_id)
+        if self._guild_epoch.get(guild_id, 0) == epoch:  # not invalidated while reading: safe to keep
+            self._guild_cache[guild_id] = (self.clock() + self.guild_settings_ttl, gs)
+        return gs
+
+    def invalidate_guild_settings(self, guild_id: int | None = None) -> None:
+        """Forget the cached settings of one guild (or all): the next read goes to the database."""
+        for gid in ([guild_id] if guild_id is not None else list(self._guild_cache) + list(self._guild_loads)):
+            self._guild_cache.pop(gid, None)
+            self._guild_loads.pop(gid, None)
+            self._guild_epoch[gid] = self._guild_epoch.get(gid, 0) + 1
+
+    async def update_guild_settings(self, guild_id: int, **fields: Any) -> Any:
+        """Change a guild's settings (the repository validates ``fields``); this process sees it at once."""
+        self.invalidate_guild_settings(guild_id)
+        try:
+            return await self.repo.update_guild_settings(guild_id, **fields)
+        finally:
+            self.invalidate_guild_settings(guild_id)  # a read that raced the write must not keep the old row
+
     async def _policies(self, guild_id: int | None) -> tuple[GuildPolicy, LimitPolicy | None, int | None, str]:
-        gs = await self.repo.get_guild_settings(guild_id) if guild_id is not None else None
+        gs = await self.guild_settings(guild_id)
         if gs is None:
             return GuildPolicy(), None, None, self.flagged_mode
         base = self.limiter.policy
@@ -263,14 +316,19 @@ class GenerationService:
                     msg += f" You're on a cooldown for {_human(cooldown)} after {strikes} blocked prompts."
             return await self._refuse(user_id, guild_id, prompt, decision.normalised, decision.category or "filter",
                                       msg, detail=decision.matched)
-        async with self._admit_lock:
-            try:
-                self._check_cap(user_id, user_cap)
-            except QueueRefused as exc:
-                return await self._refuse(user_id, guild_id, prompt, decision.normalised, "queue", str(exc))
+        # Admission is atomic without a lock: the cap check and the slot it takes are one synchronous step on the
+        # event loop, and the held slot counts against the caps while the rate limiter and the insert are awaited.
+        try:
+            self.scheduler.reserve(user_id, user_cap)
+        except QueueRefused as exc:
+            return await self._refuse(user_id, guild_id, prompt, decision.normalised, "queue", str(exc))
+        reserved = True
+        try:
             if count_rate:
                 rate = await self.limiter.hit(user_id, guild_id, limits)
                 if not rate.allowed:
+                    self.scheduler.release(user_id)
+                    reserved = False
                     return await self._refuse(user_id, guild_id, prompt, decision.normalised, f"rate:{rate.scope}",
                                               rate.message, retry_after=rate.retry_after)
             seed = secrets.randbelow(SEED_LIMIT) if seed is None else seed
@@ -282,20 +340,15 @@ class GenerationService:
                 application_id=d.application_id, interaction_token=d.interaction_token,
                 token_expires_at=d.token_expires_at,
             )
-            position = self.scheduler.add(QueuedJob(gen.id, user_id, guild_id, gen.queued_at), force=True)
+            self.scheduler.release(user_id)  # the slot becomes the queued job, with no await in between
+            reserved = False
+            position = self.scheduler.add(QueuedJob(gen.id, user_id, guild_id, gen.queued_at, payload=gen),
+                                          force=True)
+        finally:
+            if reserved:
+                self.scheduler.release(user_id)
         log.info("queued generation %s for user %s at position %s", gen.id, user_id, position)
         return Admission(True, generation_id=gen.id, position=position, seed=seed)
-
-    def _check_cap(self, user_id: int, user_cap: int | None) -> None:
-        if user_cap is None:
-            self.scheduler.check_admission(user_id)
-            return
-        saved = self.scheduler.per_user_cap
-        self.scheduler.per_user_cap = user_cap
-        try:
-            self.scheduler.check_admission(user_id)
-        finally:
-            self.scheduler.per_user_cap = saved
 
     async def _refuse(self, user_id, guild_id, prompt, normalised, category, message, *, detail=None,
                       retry_after=None) -> Admission:
@@ -386,8 +439,8 @@ class GenerationService:
             if self._closing:  # not claimed: it stays queued in the database for the next start
                 self.scheduler.done(job.id)
                 return
-            await self._notify_positions()
-            task = asyncio.create_task(self._run_job(job.id))
+            self._positions_changed.set()  # told by the position task: the worker goes straight to the engine
+            task = asyncio.create_task(self._run_job(job.id, self._turns.take()))
             self._running[job.id] = task
             try:
                 await asyncio.shield(task)
@@ -400,6 +453,25 @@ class GenerationService:
                 self._running.pop(job.id, None)
                 self.scheduler.done(job.id)
 
+    async def record_ack(self, generation_id: int, ack_message_id: int) -> Any:
+        """Store the id of the message that acknowledged the request, in the row and in the queued job's
+        snapshot that queue-position updates are published from."""
+        gen = await self.repo.update_delivery(generation_id, ack_message_id=ack_message_id)
+        job = self.scheduler.job(generation_id)
+        if job is not None:
+            job.payload = gen
+        return gen
+
+    async def _position_loop(self) -> None:
+        """One task publishes queue positions after dispatches, coalescing bursts of them into one pass."""
+        while True:
+            await self._positions_changed.wait()
+            self._positions_changed.clear()
+            try:
+                await self._notify_positions()
+            except Exception:  # noqa: BLE001 - progress is best effort
+                log.warning("queue position updates failed", exc_info=True)
+
     async def _notify_positions(self) -> None:
         if self.publisher is None:
             return
@@ -407,8 +479,13 @@ class GenerationService:
         changed = {gid: p for gid, p in positions.items() if self._last_positions.get(gid) != p}
         self._last_positions = positions
         for gid, pos in changed.items():
-            gen = await self.repo.get_generation(gid, with_images=False)
-            if gen is not None:
+            job = self.scheduler.job(gid)
+            gen = job.payload if job is not None else None
+            if gen is None:  # restored at start-up: read the row once
+                gen = await self.repo.get_generation(gid, with_images=False)
+                if job is not None:
+                    job.payload = gen
+            if gen is not None and self.scheduler.position(gid):  # still queued after the awaits
                 await self._progress(gen, ProgressUpdate(gid, "queued", position=pos))
 
     async def _progress(self, gen: Any, update: ProgressUpdate) -> None:
@@ -419,14 +496,27 @@ class GenerationService:
         except Exception:  # noqa: BLE001 - progress is best effort
             log.warning("progress update for %s failed", update.generation_id, exc_info=True)
 
-    async def _run_job(self, generation_id: int) -> None:
-        gen = await self.repo.claim(generation_id)
+    async def _run_job(self, generation_id: int, turn: int | None = None) -> None:
+        """Claim, hand to the engine in dispatch order (``turn``), await the result, store it, publish it."""
+        turns = self._turns
+        gen = None
+        try:
+            gen = await self.repo.claim(generation_id)
+        finally:
+            if gen is None and turn is not None:  # no engine submit follows: let the next ticket go
+                turns.finish(turn)
         if gen is None:  # cancelled (or taken by another process) meanwhile
             return
         request = GenerationRequest(prompt=gen.prompt, n=gen.n_images, seed=int(gen.seed),
                                     request_id=f"gen-{gen.id}-{gen.attempts}")
         try:
-            rid = await self.engine.submit(request)
+            try:
+                if turn is not None:
+                    await turns.wait(turn)  # claims run concurrently; the engine's FIFO gets the fair order
+                rid = await self.engine.submit(request)
+            finally:
+                if turn is not None:
+                    turns.finish(turn)
             self._engine_ids[gen.id] = rid
             await self._progress(gen, ProgressUpdate(gen.id, "running"))
             events = asyncio.create_task(self._forward_events(gen, rid))
@@ -476,13 +566,16 @@ class GenerationService:
         files = await asyncio.to_thread(_write_pngs, folder, gen.id, result)
         new = [NewImage.from_generated(im, file_path=str(path), sha256=sha, hidden=bool(im.flagged))
                for im, (path, sha) in zip(result.images, files, strict=True)]
-        rows = await self.repo.add_images(gen.id, new)
-        for row in rows:
-            if row.flagged:
-                await self.repo.open_case(CaseSource.AUTO.value, image_id=row.id, generation_id=gen.id,
-                                          reason="safety checker: " + ", ".join(
-                                              f"{k}={v:.2f}" for k, v in sorted(row.safety_scores.items())))
-        gen = await self.repo.set_status(gen.id, Status.DONE.value, checkpoint_id=result.checkpoint_id)
+        if not any(im.flagged for im in new):  # the common case: one transaction
+            gen, rows = await self.repo.finish_generation(gen.id, new, checkpoint_id=result.checkpoint_id)
+        else:  # the cases are opened before the job counts as done, so none is lost to a crash in between
+            rows = await self.repo.add_images(gen.id, new)
+            for row in rows:
+                if row.flagged:
+                    await self.repo.open_case(CaseSource.AUTO.value, image_id=row.id, generation_id=gen.id,
+                                              reason="safety checker: " + ", ".join(
+                                                  f"{k}={v:.2f}" for k, v in sorted(row.safety_scores.items())))
+            gen = await self.repo.set_status(gen.id, Status.DONE.value, checkpoint_id=result.checkpoint_id)
         images = [
             StoredImage(id=row.id, index=row.index, rank=row.rank, path=Path(path), sha256=sha,
                         clip_score=row.clip_score, flagged=row.flagged, hidden=row.hidden,
@@ -513,6 +606,43 @@ class GenerationService:
             log.exception("publishing generation %s failed", outcome.generation.id)
             return
         await self.repo.mark_delivered(outcome.generation.id, result_message_id=message_id)
+
+
+class _Turns:
+    """Tickets in the order workers took jobs from the fair queue: ``wait(t)`` returns once every earlier ticket
+    is ``finish``ed, so jobs whose database claims overlap still reach the engine in the scheduler's order."""
+
+    def __init__(self) -> None:
+        self._issued = 0
+        self._turn = 0  # every ticket below this is finished
+        self._finished: set[int] = set()
+        self._waiters: dict[int, asyncio.Future] = {}
+
+    def take(self) -> int:
+        self._issued += 1
+        return self._issued - 1
+
+    async def wait(self, ticket: int) -> None:
+        if ticket <= self._turn:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters[ticket] = fut
+        try:
+            await fut
+        finally:
+            self._waiters.pop(ticket, None)
+
+    def finish(self, ticket: int) -> None:
+        """Idempotent; must be called for every ticket taken (also when its job fails or is cancelled)."""
+        if ticket < self._turn:
+            return
+        self._finished.add(ticket)
+        while self._turn in self._finished:
+            self._finished.discard(self._turn)
+            self._turn += 1
+        fut = self._waiters.get(self._turn)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
 
 def _write_pngs(folder: Path, gen_id: int, result: GenerationResult) -> list[tuple[Path, str]]:
@@ -610,7 +740,7 @@ def service_from_settings(settings: Any, repo: Repository, engine: Engine, publi
                           total_cap=int(_setting(settings, "max_queue_total", 1000)))
     kwargs: dict[str, Any] = dict(
         output_dir=_setting(settings, "output_dir", "outputs"), limiter=limiter, scheduler=scheduler,
-        concurrency=int(_setting(settings, "engine_concurrency", 2)),
+        concurrency=int(_setting(settings, "engine_concurrency", 16)),
         default_images=int(_setting(settings, "default_images", 9)),
         flagged_mode=str(_setting(settings, "flagged_mode", FlaggedMode.SPOILER.value)),
     )

@@ -39,7 +39,7 @@ async def _queued_reply(interaction: discord.Interaction, adm: Any, what: str) -
         return
     msg = await interaction.edit_original_response(
         content=f"{what} queued, position {adm.position}.", view=CancelView(adm.generation_id))
-    await asyncio.shield(_service(interaction).repo.update_delivery(adm.generation_id, ack_message_id=msg.id))
+    await asyncio.shield(_service(interaction).record_ack(adm.generation_id, msg.id))
 
 
 class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dalle:reroll:(?P<gen>[0-9]+)"):

@@ -441,27 +441,33 @@ class Repository:
 
     async def add_images(self, generation_id: int, images: Iterable[NewImage]) -> list[Image]:
         """Store a generation's images (tokens packed as int16). Returns them in the order given."""
-        rows = [
-            Image(
-                generation_id=generation_id,
-                index=im.index,
-                rank=im.rank,
-                token_bytes=encode_tokens(im.tokens),
-                file_path=im.file_path,
-                sha256=im.sha256,
-                clip_score=im.clip_score,
-                safety_scores=dict(im.safety_scores or {}),
-                flagged=im.flagged,
-                hidden=im.hidden,
-                created_at=utcnow(),
-            )
-            for im in images
-        ]
+        rows = _image_rows(generation_id, images)
         async with self.sessions.begin() as s:
             if await s.get(Generation, generation_id) is None:
                 raise NotFound(f"generation {generation_id} does not exist")
             s.add_all(rows)
         return rows
+
+    async def finish_generation(
+        self, generation_id: int, images: Iterable[NewImage], *, checkpoint_id: str | None = None
+    ) -> tuple[Generation, list[Image]]:
+        """``add_images`` and ``set_status(done)`` in one transaction (one round trip, one write lock): the
+        images are stored and the job is done, or neither. Same errors as those two."""
+        rows = _image_rows(generation_id, images)
+        async with self.sessions.begin() as s:
+            gen = (
+                await s.execute(select(Generation).where(Generation.id == generation_id).with_for_update())
+            ).scalar_one_or_none()
+            if gen is None:
+                raise NotFound(f"generation {generation_id} does not exist")
+            if Status.DONE.value not in ALLOWED_TRANSITIONS[gen.status]:
+                raise StatusError(f"generation {generation_id}: cannot go from {gen.status} to done")
+            s.add_all(rows)
+            gen.status = Status.DONE.value
+            gen.finished_at = utcnow()
+            if checkpoint_id is not None:
+                gen.checkpoint_id = checkpoint_id
+        return gen, rows
 
     async def get_image(self, image_id: int) -> Image | None:
         async with self._read() as s:
@@ -946,3 +952,22 @@ class Repository:
     async def get_training_run(self, run_id: int) -> TrainingRun | None:
         async with self._read() as s:
             return await s.get(TrainingRun, run_id)
+
+
+def _image_rows(generation_id: int, images: Iterable[NewImage]) -> list[Image]:
+    return [
+        Image(
+            generation_id=generation_id,
+            index=im.index,
+            rank=im.rank,
+            token_bytes=encode_tokens(im.tokens),
+            file_path=im.file_path,
+            sha256=im.sha256,
+            clip_score=im.clip_score,
+            safety_scores=dict(im.safety_scores or {}),
+            flagged=im.flagged,
+            hidden=im.hidden,
+            created_at=utcnow(),
+        )
+        for im in images
+    ]

@@ -37,6 +37,16 @@ async def env(bot_db_url, tmp_path):
     await repo.close()
 
 
+async def _delivered(repo, generation_id):
+    """The row once the service has marked it delivered (it does so just after the publisher returns)."""
+    for _ in range(200):
+        gen = await repo.get_generation(generation_id)
+        if gen.delivered_at is not None:
+            return gen
+        await asyncio.sleep(0.01)
+    return gen
+
+
 async def _rows(repo, model):
     from sqlalchemy import select
 
@@ -57,7 +67,7 @@ async def test_submit_generates_persists_and_publishes(env, tmp_path):
         data = im.path.read_bytes()
         assert hashlib.sha256(data).hexdigest() == im.sha256 and data == im.png
         assert im.path.is_relative_to(tmp_path / "out")
-    gen = await repo.get_generation(adm.generation_id)
+    gen = await _delivered(repo, adm.generation_id)
     assert gen.status == "done" and gen.seed == 7 and gen.delivered_at is not None
     assert gen.result_message_id == 10_000 + gen.id and gen.checkpoint_id == "fake-ckpt"
     assert len(gen.images) == 4 and all(i.token_bytes for i in gen.images)
@@ -178,7 +188,7 @@ async def test_engine_failure_is_recorded_and_published(env):
     adm = await svc.submit(user_id=11, prompt="make it explode")
     [o] = await pub.wait_for(1)
     assert not o.ok and "exploded" in o.error
-    gen = await repo.get_generation(adm.generation_id)
+    gen = await _delivered(repo, adm.generation_id)
     assert gen.status == "failed" and "exploded" in gen.error and gen.delivered_at is not None
 
 
@@ -229,7 +239,7 @@ async def test_restart_resumes_queued_and_interrupted_jobs(bot_db_url, tmp_path)
     outcomes = await pub2.wait_for(4)
     assert sorted(o.generation.id for o in outcomes) == sorted(ids)
     for g in ids:
-        gen = await repo2.get_generation(g)
+        gen = await _delivered(repo2, g)
         assert gen.status == "done" and len(gen.images) == 1 and gen.delivered_at is not None
     await svc2.stop()
     await engine2.close()
@@ -283,8 +293,119 @@ async def test_lifecycle_on_sqlite_and_postgresql(repo, tmp_path):
         fb = await svc.feedback(o.images[0].id, 3, "report", reason="quality")
         assert fb.ok and fb.case_id
         assert len(await _rows(repo, ModerationCase)) == 2 and len(await _rows(repo, Refusal)) == 1
-        gen = await repo.get_generation(a.generation_id)
+        gen = await _delivered(repo, a.generation_id)
         assert gen.status == "done" and gen.delivered_at is not None and len(gen.images) == 3
     finally:
         await svc.stop()
         await engine.close()
+
+
+async def test_concurrent_submits_never_exceed_the_per_user_cap_and_inserts_overlap(env):
+    """Admission holds no lock across the database insert, yet a burst from one user stops at the cap."""
+    svc, repo, engine, pub = env
+    engine.gate = asyncio.Event()  # nothing finishes during the burst
+    svc.scheduler.per_user_cap = 3
+    create = repo.create_generation
+    inside, most = 0, 0
+
+    async def slow_create(**kw):
+        nonlocal inside, most
+        inside += 1
+        most = max(most, inside)
+        try:
+            await asyncio.sleep(0.02)  # a slow insert: other admissions run meanwhile
+            return await create(**kw)
+        finally:
+            inside -= 1
+
+    repo.create_generation = slow_create
+    results = await asyncio.gather(*(svc.submit(user_id=42, prompt="a green cube", n=1) for _ in range(12)),
+                                   *(svc.submit(user_id=100 + k, prompt="a green cube", n=1) for k in range(3)))
+    mine = results[:12]
+    assert sum(r.ok for r in mine) == 3
+    assert {r.category for r in mine if not r.ok} == {"queue"}
+    assert all(r.ok for r in results[12:])
+    assert most > 1  # inserts of different admissions overlapped
+    gens = await repo.list_generations(user_id=42, limit=50)
+    assert len(gens) == 3
+    assert svc.scheduler._reserved == {}
+    engine.gate.set()
+    await pub.wait_for(6)
+
+
+async def test_guild_settings_cached_shared_and_invalidated_by_updates(bot_db_url, tmp_path):
+    repo = make_repo(bot_db_url)
+    now = [0.0]
+    svc = GenerationService(repo, FakeEngine(), None, output_dir=tmp_path / "o", guild_settings_ttl=5.0,
+                            clock=lambda: now[0])
+    reads = 0
+    real = repo.get_guild_settings
+
+    async def counted(guild_id):
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.01)
+        return await real(guild_id)
+
+    repo.get_guild_settings = counted
+    try:
+        await repo.update_guild_settings(3, flagged_mode="withhold")
+        got = await asyncio.gather(*(svc.guild_settings(3) for _ in range(10)))
+        assert reads == 1 and all(g.flagged_mode == "withhold" for g in got)  # ten misses, one read
+        assert (await svc.guild_settings(3)).flagged_mode == "withhold" and reads == 1
+        assert await svc.guild_settings(None) is None and reads == 1
+        await svc.update_guild_settings(3, flagged_mode="spoiler")  # through the service: seen at once
+        assert (await svc.guild_settings(3)).flagged_mode == "spoiler" and reads == 2
+        await repo.update_guild_settings(3, flagged_mode="withhold")  # another process: seen after the TTL
+        assert (await svc.guild_settings(3)).flagged_mode == "spoiler"
+        now[0] += 5.1
+        assert (await svc.guild_settings(3)).flagged_mode == "withhold" and reads == 3
+        with pytest.raises(ValueError):
+            await svc.update_guild_settings(3, flagged_mode="blur")
+    finally:
+        await repo.close()
+
+
+def test_engine_concurrency_setting_sets_the_workers():
+    from types import SimpleNamespace
+
+    from bot.service import service_from_settings
+
+    svc = service_from_settings(SimpleNamespace(engine_concurrency=7), None, FakeEngine(), None)
+    assert svc.concurrency == 7
+    assert service_from_settings(SimpleNamespace(), None, FakeEngine(), None).concurrency == 16
+
+
+async def test_engine_gets_many_jobs_at_once_in_fair_order(bot_db_url, tmp_path):
+    """With ENGINE_CONCURRENCY slots the engine holds that many jobs together (so it can batch them), and it
+    receives them in the scheduler's order although their database claims overlap."""
+    repo = make_repo(bot_db_url)
+    engine = FakeEngine(steps=1, step_s=0.0, concurrency=8)
+    engine.gate = asyncio.Event()
+    pub = RecordingPublisher()
+    svc = GenerationService(repo, engine, pub, output_dir=tmp_path / "o", concurrency=6,
+                            limiter=RateLimiter(policy=LimitPolicy(user="100 per minute", guild="", daily_quota=None)),
+                            scheduler=Scheduler(per_user_cap=10))
+    ids = [(await svc.submit(user_id=u, guild_id=1, prompt=f"job {u}", n=1)).generation_id for u in range(10)]
+    claim = repo.claim
+
+    async def jittery_claim(gid):
+        await asyncio.sleep(0.03 if gid % 2 else 0.0)  # odd claims are slow: they finish after later ones
+        return await claim(gid)
+
+    repo.claim = jittery_claim
+    await svc.start()
+    try:
+        for _ in range(200):
+            if len(engine.submitted) == 6:
+                break
+            await asyncio.sleep(0.01)
+        assert len(engine.submitted) == 6  # six in the engine at once, none of them finished
+        engine.gate.set()
+        await pub.wait_for(10)
+        assert [r.prompt for r in engine.submitted] == [f"job {u}" for u in range(10)]
+        assert [(await repo.get_generation(g)).status for g in ids] == ["done"] * 10
+    finally:
+        await svc.stop(grace=1)
+        await engine.close()
+        await repo.close()

@@ -130,3 +130,44 @@ async def test_scheduler_caps_cancel_and_next():
 
 async def _take_all(s: Scheduler, n: int) -> list[int]:
     return [(await s.next()).id for _ in range(n)]
+
+
+def test_reserved_admissions_count_against_both_caps():
+    s = Scheduler(per_user_cap=2, total_cap=3)
+    s.reserve(1)
+    s.reserve(1)
+    with pytest.raises(QueueRefused, match="limit is 2"):
+        s.reserve(1)  # two admissions in flight already fill user 1's cap
+    s.reserve(2, per_user_cap=5)  # a guild's own cap replaces the default for this check only
+    with pytest.raises(QueueRefused, match="queue is full"):
+        s.reserve(3)  # three in flight fill the total cap
+    s.release(1)
+    s.add(QueuedJob(10, 1, None, 0.0), force=True)  # the slot became a queued job: still 2 for user 1
+    with pytest.raises(QueueRefused, match="limit is 2"):
+        s.reserve(1)
+    s.release(1)
+    s.reserve(1)  # a released slot is free again
+    s.release(1)
+    s.release(2)
+    with pytest.raises(ValueError, match="no reserved admission"):
+        s.release(2)
+    assert s.per_user_cap == 2
+
+
+async def test_per_user_running_passes_a_busy_user_over_without_losing_their_turn():
+    s = Scheduler(per_user_cap=10, per_user_running=2)
+    for i, user in enumerate([1, 1, 1, 2, 3]):
+        s.add(QueuedJob(i, user, 1, float(i)), force=True)
+    got = [await s.next() for _ in range(4)]
+    assert [j.user_id for j in got] == [1, 2, 3, 1]  # user 1's third job waits: two are running
+    waiter = asyncio.create_task(s.next())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    s.done(got[0].id)  # one of user 1's jobs finished: the next may start
+    assert (await asyncio.wait_for(waiter, 1)).id == 2
+    unlimited = Scheduler(per_user_cap=10, per_user_running=None)
+    for i in range(3):
+        unlimited.add(QueuedJob(i, 7, 1, float(i)), force=True)
+    assert [(await unlimited.next()).id for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="per_user_running"):
+        Scheduler(per_user_running=0)

@@ -29,6 +29,7 @@ def test_defaults_local_mode(tmp_path, monkeypatch):
     assert s.checkpoint_dir == DEMO_CHECKPOINT_DIR
     assert s.output_dir == tmp_path.resolve() / "outputs"
     assert s.default_images == 9 and s.flagged_mode == "spoiler" and s.log_level == "INFO"
+    assert s.engine_concurrency == 16
     assert s.redis_url is None and s.review_channel_id is None and s.discord_api_base is None
 
 
@@ -52,6 +53,7 @@ def test_full_configuration():
         ENGINE_URLS="http://10.0.0.5:8000/, https://gpu2.example:8443",
         ENGINE_TOKEN="engine-secret",
         DEFAULT_IMAGES="4",
+        ENGINE_CONCURRENCY="64",
         RATE_LIMIT_USER="2/minute;20/day",
         RATE_LIMIT_GUILD="100 per hour",
         DAILY_QUOTA="0",
@@ -71,7 +73,7 @@ def test_full_configuration():
     assert load(ENGINE_URLS="http://h:1").engine_url is None  # listed but ENGINE_MODE=inprocess
     assert (s.default_images, s.daily_quota, s.max_queue_per_user, s.max_queue_total) == (4, 0, 3, 500)
     assert s.rate_limit_user == "2/minute;20/day" and s.review_channel_id == 987654321098765432
-    assert s.flagged_mode == "withhold" and s.log_level == "DEBUG"
+    assert s.flagged_mode == "withhold" and s.log_level == "DEBUG" and s.engine_concurrency == 64
     assert s.discord_gateway_url == "ws://[::1]:9998"
 
 
@@ -94,6 +96,9 @@ def test_mode_resolution():
         ({"DEFAULT_IMAGES": "0"}, "DEFAULT_IMAGES", "between 1 and 9"),
         ({"DEFAULT_IMAGES": "nine"}, "DEFAULT_IMAGES", "whole number"),
         ({"DAILY_QUOTA": "-1"}, "DAILY_QUOTA", ">= 0"),
+        ({"ENGINE_CONCURRENCY": "0"}, "ENGINE_CONCURRENCY", "between 1 and 256"),
+        ({"ENGINE_CONCURRENCY": "257"}, "ENGINE_CONCURRENCY", "between 1 and 256"),
+        ({"ENGINE_CONCURRENCY": "many"}, "ENGINE_CONCURRENCY", "whole number"),
         ({"MAX_QUEUE_TOTAL": "0"}, "MAX_QUEUE_TOTAL", ">= 1"),
         ({"RATE_LIMIT_USER": "3 per fortnight"}, "RATE_LIMIT_USER", "rate limit"),
         ({"RATE_LIMIT_GUILD": "lots"}, "RATE_LIMIT_GUILD", "rate limit"),

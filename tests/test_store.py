@@ -501,3 +501,21 @@ async def test_open_read_session_does_not_block_writers(repo):
         assert (await s.execute(text("SELECT count(*) FROM generations"))).scalar_one() == 1
         await asyncio.wait_for(repo.create_generation(user_id=2, prompt="b"), timeout=5)
     assert await repo.count_queued() == 2
+
+
+async def test_finish_generation_stores_images_and_marks_done_atomically(repo):
+    gen = await repo.create_generation(user_id=1, prompt="p", n_images=2)
+    images = [NewImage(index=i, tokens=np.full(8, i, dtype=np.int16), rank=1 - i, clip_score=0.1 * i)
+              for i in range(2)]
+    with pytest.raises(StatusError):  # still queued: not allowed to jump to done, and nothing is stored
+        await repo.finish_generation(gen.id, images)
+    assert (await repo.get_generation(gen.id)).images == []
+    await repo.set_status(gen.id, "running")
+    done, rows = await repo.finish_generation(gen.id, images, checkpoint_id="ck1")
+    assert done.status == "done" and done.finished_at >= done.started_at and done.checkpoint_id == "ck1"
+    assert [r.index for r in rows] == [0, 1] and all(r.id for r in rows)
+    got = await repo.get_generation(gen.id)
+    assert got.status == "done" and sorted((im.index, im.rank) for im in got.images) == [(0, 1), (1, 0)]
+    assert decode_tokens(got.images[0].token_bytes).tolist() == [got.images[0].index] * 8
+    with pytest.raises(NotFound):
+        await repo.finish_generation(10**9, images)

@@ -110,7 +110,8 @@ class DiscordPublisher:
             limit = DEFAULT_FILE_LIMIT
             if gen.guild_id and (guild := self.bot.get_guild(gen.guild_id)) is not None:
                 limit = guild.filesize_limit
-            files, shown = self._files(outcome, limit)
+            # decoding, resizing and PNG-encoding the grid is CPU work: off the event loop
+            files, shown = await asyncio.to_thread(self._files, outcome, limit)
             view = ResultView(gen.id, shown) if shown else discord.utils.MISSING
         if gen.private:
             if alive:
@@ -158,7 +159,7 @@ class Generate(commands.Cog):
         msg = await interaction.edit_original_response(
             content=f"Queued, position {position}. Seed `{adm.seed}`.", view=CancelView(adm.generation_id))
         # shielded: a shutdown must not cut a database write in half
-        await asyncio.shield(self.service.repo.update_delivery(adm.generation_id, ack_message_id=msg.id))
+        await asyncio.shield(self.service.record_ack(adm.generation_id, msg.id))
 
     @app_commands.command(name="dalle-queue", description="Your queued image requests and their positions")
     async def dalle_queue(self, interaction: discord.Interaction) -> None:
