@@ -332,6 +332,15 @@ def load_pipeline(checkpoint_dir: str | Path | None = None, *, mesh: Any = None,
     if "buckets" in opts:
         opts["buckets"] = tuple(int(b) for b in opts["buckets"])
     options = PipelineOptions(**opts)
+    if not directory.is_dir():
+        hint = (
+            "the demo model is not shipped yet: set CHECKPOINT_DIR / --checkpoint to a checkpoint directory "
+            "(README: 'Using the published weights'), or train one with "
+            "`python -m training demo --out DIR --install engine/assets/demo`"
+            if directory.resolve() == DEFAULT_CHECKPOINT.resolve()
+            else "no such directory"
+        )
+        raise CheckpointMissing(f"no checkpoint at {directory}: {hint}")
     for part in ("dallebart", "vqgan"):
         if not (directory / part / "config.json").is_file():
             raise CheckpointMissing(f"{directory}: no {part}/config.json (is this a checkpoint directory?)")

@@ -84,8 +84,11 @@ def test_too_many_candidates_is_refused(pipeline):
 
 
 def test_loading_errors_are_clear(tmp_path):
-    with pytest.raises(CheckpointMissing, match="no dallebart/config.json"):
+    with pytest.raises(CheckpointMissing, match="nowhere: no such directory"):
         load_pipeline(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointMissing, match="no dallebart/config.json"):
+        load_pipeline(tmp_path / "empty")
     directory = random_checkpoint(tmp_path / "bad", with_clip=False)
     cfg = json.loads((directory / "vqgan" / "config.json").read_text())
     cfg["z_channels"] = 16  # the stored post_quant_conv no longer fits
