@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from engine import weights
-from engine.api import GeneratedImage, GenerationRequest, GenerationResult, RequestCancelled
+from engine.api import GeneratedImage, GenerationRequest, GenerationResult
 from engine.config import CLIPConfig, DalleBartConfig, VQGANConfig
 from engine.models import clip as clip_model
 from engine.models import vqgan as vqgan_model
@@ -244,8 +244,8 @@ class ModelPipeline:
                 temperature=np.array([p[o].temperature for o in owners], np.float32),
                 on_chunk=on_chunk if (on_progress is not None or should_cancel is not None) else None,
             )
-        except _Abort:
-            raise RequestCancelled("every request of the pass was cancelled") from None
+        except _Abort:  # every request of the pass was cancelled: stop sampling, nothing to return
+            return []
         t_sample = time.perf_counter() - t0
 
         t0 = time.perf_counter()

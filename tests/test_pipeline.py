@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.api import GenerationRequest, RequestCancelled, SamplingParams
+from engine.api import GenerationRequest, SamplingParams
 from engine.checkpoint import random_checkpoint
 from engine.pipeline import CheckpointMissing, load_pipeline
 from engine.weights import CheckpointError
@@ -72,8 +72,9 @@ def test_progress_and_previews(pipeline):
 
 def test_cancellation(pipeline):
     a, b = GenerationRequest("a red circle", n=1, seed=1), GenerationRequest("a dog", n=1, seed=2)
-    with pytest.raises(RequestCancelled):
-        pipeline.generate([a, b], should_cancel=lambda rid: True)
+    chunks = []
+    assert pipeline.generate([a, b], on_progress=lambda *e: chunks.append(e), should_cancel=lambda rid: True) == []
+    assert chunks == []  # aborted at the first chunk boundary, before any progress
     kept = pipeline.generate([a, b], should_cancel=lambda rid: rid == a.request_id)
     assert [r.request_id for r in kept] == [b.request_id]
 
