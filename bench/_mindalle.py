@@ -104,6 +104,32 @@ def state_dict_for(module: Any, params: dict, side: str) -> dict:
     return out
 
 
+def build_modules(config: DalleBartConfig, params: dict) -> tuple[Any, Any]:
+    """min-dalle's ``DalleBartEncoder`` and ``DalleBartDecoder`` (float32, CPU) holding our ``params``."""
+    from min_dalle.models import DalleBartDecoder, DalleBartEncoder
+
+    encoder = DalleBartEncoder(
+        layer_count=config.encoder_layers,
+        embed_count=config.d_model,
+        attention_head_count=config.encoder_attention_heads,
+        text_vocab_count=config.encoder_vocab_size,
+        text_token_count=config.max_text_length,
+        glu_embed_count=config.encoder_ffn_dim,
+        device="cpu",
+    )
+    encoder.load_state_dict(state_dict_for(encoder, params, "encoder"), strict=True)
+    decoder = DalleBartDecoder(
+        image_vocab_count=config.image_vocab_size,
+        embed_count=config.d_model,
+        attention_head_count=config.decoder_attention_heads,
+        glu_embed_count=config.decoder_ffn_dim,
+        layer_count=config.decoder_layers,
+        device="cpu",
+    )
+    decoder.load_state_dict(state_dict_for(decoder, params, "decoder"), strict=True)
+    return encoder, decoder
+
+
 class MinDalleSampler:
     """min-dalle's encoder, decoder and sampling step with our weights (see the module docstring).
 
@@ -117,7 +143,6 @@ class MinDalleSampler:
         if reason:
             raise RuntimeError(reason)
         import torch
-        from min_dalle.models import DalleBartDecoder, DalleBartEncoder
 
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"min-dalle baseline runs float32 or bfloat16, not {dtype!r}")
@@ -125,25 +150,7 @@ class MinDalleSampler:
         self.torch = torch
         self.config = config
         self.dtype = torch.float32 if dtype == "float32" else torch.bfloat16
-        self.encoder = DalleBartEncoder(
-            layer_count=config.encoder_layers,
-            embed_count=config.d_model,
-            attention_head_count=config.encoder_attention_heads,
-            text_vocab_count=config.encoder_vocab_size,
-            text_token_count=config.max_text_length,
-            glu_embed_count=config.encoder_ffn_dim,
-            device="cpu",
-        )
-        self.encoder.load_state_dict(state_dict_for(self.encoder, params, "encoder"), strict=True)
-        self.decoder = DalleBartDecoder(
-            image_vocab_count=config.image_vocab_size,
-            embed_count=config.d_model,
-            attention_head_count=config.decoder_attention_heads,
-            glu_embed_count=config.decoder_ffn_dim,
-            layer_count=config.decoder_layers,
-            device="cpu",
-        )
-        self.decoder.load_state_dict(state_dict_for(self.decoder, params, "decoder"), strict=True)
+        self.encoder, self.decoder = build_modules(config, params)
         self.encoder = self.encoder.to(self.dtype).eval()
         self.decoder = self.decoder.to(self.dtype).eval()
 

@@ -74,15 +74,3 @@ def _to_numpy(tree: Any) -> Any:
     if isinstance(tree, dict):
         return {k: _to_numpy(v) for k, v in tree.items()}
     return np.asarray(tree)
-
-
-# ----------------------------------------------------------------------------------------------
-# min-dalle (PyTorch) mapping, for parity tests: the same mapping the sampler benchmark uses
-# ----------------------------------------------------------------------------------------------
-
-
-def torch_state_dict(module: Any, params: dict, side: str) -> dict:
-    """A state dict for a min-dalle ``DalleBartEncoder``/``DalleBartDecoder`` from our (any-layout) params."""
-    from bench._mindalle import state_dict_for
-
-    return state_dict_for(module, params, side)

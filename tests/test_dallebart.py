@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import serialization, traverse_util
 
+from bench._mindalle import build_modules
 from engine.config import preset
 from engine.models.dallebart import (
     DalleBart,
@@ -22,7 +23,7 @@ from engine.models.dallebart import (
     scan_params,
     unscan_params,
 )
-from tests.helpers_dallebart import random_params, tiny_config, torch_state_dict, write_checkpoint
+from tests.helpers_dallebart import random_params, tiny_config, write_checkpoint
 
 
 @functools.cache
@@ -184,7 +185,7 @@ def test_text_longer_than_table_is_rejected():
 
 def test_parity_with_min_dalle():
     torch = pytest.importorskip("torch")
-    enc_mod = pytest.importorskip("min_dalle.models.dalle_bart_encoder")
+    pytest.importorskip("min_dalle.models.dalle_bart_encoder")
     dec_mod = pytest.importorskip("min_dalle.models.dalle_bart_decoder")
     image_len = dec_mod.IMAGE_TOKEN_COUNT  # min-dalle hard-codes 256 decoder positions
     cfg = tiny_config(image_length=image_len, image_vocab_size=64, valid_image_codes=64)
@@ -194,25 +195,7 @@ def test_parity_with_min_dalle():
 
     # min-dalle's encoder runs exactly 2 rows ([uncond; cond]); its mask is `token != 1`
     ids, mask, _ = _inputs(cfg, batch=2)
-    t_enc = enc_mod.DalleBartEncoder(
-        layer_count=cfg.encoder_layers,
-        embed_count=cfg.d_model,
-        attention_head_count=cfg.encoder_attention_heads,
-        text_vocab_count=cfg.encoder_vocab_size,
-        text_token_count=cfg.max_text_length,
-        glu_embed_count=cfg.encoder_ffn_dim,
-        device="cpu",
-    )
-    t_enc.load_state_dict(torch_state_dict(t_enc, params, "encoder"), strict=True)
-    t_dec = dec_mod.DalleBartDecoder(
-        image_vocab_count=cfg.image_vocab_size,
-        embed_count=cfg.d_model,
-        attention_head_count=cfg.decoder_attention_heads,
-        glu_embed_count=cfg.decoder_ffn_dim,
-        layer_count=cfg.decoder_layers,
-        device="cpu",
-    )
-    t_dec.load_state_dict(torch_state_dict(t_dec, params, "decoder"), strict=True)
+    t_enc, t_dec = build_modules(cfg, params)
 
     with torch.no_grad():
         t_ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
