@@ -23,6 +23,19 @@ MAX_IMAGES_PER_REQUEST = 16
 MAX_PROMPT_CHARS = 1000
 
 
+DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+
+
+def bucket_for(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """Smallest bucket >= n; ValueError if n < 1 or n exceeds the largest bucket."""
+    if n < 1:
+        raise ValueError(f"batch size must be >= 1, got {n}")
+    for b in sorted(buckets):
+        if b >= n:
+            return int(b)
+    raise ValueError(f"batch size {n} exceeds the largest batch bucket {max(buckets)}")
+
+
 class EngineError(RuntimeError):
     """The engine failed to produce a result for a request (message is safe to show to a user)."""
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from engine.api import EngineError, GeneratedImage, GenerationRequest, GenerationResult
+from engine.api import EngineError, GeneratedImage, GenerationRequest, GenerationResult, bucket_for
 
 CODEBOOK_SIZE = 16384
 
@@ -130,12 +130,6 @@ class FakePipeline:
 
     # -- Pipeline protocol --------------------------------------------------------------------------------
 
-    def bucket_for(self, candidates: int) -> int:
-        for b in self.batch_buckets:
-            if b >= candidates:
-                return b
-        raise ValueError(f"{candidates} candidates exceed the largest batch bucket {self.batch_buckets[-1]}")
-
     def generate(
         self,
         requests: Sequence[GenerationRequest],
@@ -145,7 +139,7 @@ class FakePipeline:
         for r in requests:
             r.validate()
         candidates = sum(r.n for r in requests)
-        bucket = self.bucket_for(candidates)
+        bucket = bucket_for(candidates, self.batch_buckets)
         call = dict(
             requests=tuple((r.request_id, r.first_index, r.n) for r in requests),
             candidates=candidates,

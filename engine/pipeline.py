@@ -154,18 +154,22 @@ class ModelPipeline:
     def image_length(self) -> int:
         return self.config.image_length
 
+    def _bucket(self, n: int) -> int:
+        """Rows to pad ``n`` to so jitted VQGAN/CLIP calls reuse one compile per bucket (``n`` itself above them)."""
+        return bucket_for(n, self.batch_buckets) if n <= max(self.batch_buckets) else n
+
     def decode_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """(B, image_length) codes → (B, H, W, 3) float32 in [0, 1]; padded to a bucket to reuse compiles."""
         tokens = np.asarray(tokens, np.int32)
         n = tokens.shape[0]
-        bucket = bucket_for(n, self.batch_buckets) if n <= max(self.batch_buckets) else n
+        bucket = self._bucket(n)
         padded = np.concatenate([tokens, np.repeat(tokens[:1], bucket - n, axis=0)]) if bucket > n else tokens
         return np.asarray(self._decode(self._vq_params, jnp.asarray(padded)))[:n]
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """CLIP text embeddings (N, projection_dim), L2-normalised."""
         n = len(texts)
-        bucket = bucket_for(n, self.batch_buckets) if n <= max(self.batch_buckets) else n
+        bucket = self._bucket(n)
         enc = self.clip_tokenizer(list(texts) + [texts[0]] * (bucket - n))  # padded: one compile per bucket
         feats = np.asarray(self._text_features(self._clip_params, enc["input_ids"], enc["attention_mask"]))[:n]
         return feats / np.maximum(np.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
@@ -173,7 +177,7 @@ class ModelPipeline:
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         """CLIP image embeddings (N, projection_dim) of [0, 1] images, L2-normalised."""
         n = images.shape[0]
-        bucket = bucket_for(n, self.batch_buckets) if n <= max(self.batch_buckets) else n
+        bucket = self._bucket(n)
         padded = np.concatenate([images, np.repeat(images[:1], bucket - n, axis=0)]) if bucket > n else images
         feats = np.asarray(self._image_features(self._clip_params, jnp.asarray(padded)))[:n]
         return feats / np.maximum(np.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)

@@ -42,22 +42,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from engine import sharding as shd
+from engine.api import DEFAULT_BUCKETS, bucket_for
 from engine.config import DalleBartConfig
 from engine.models.dallebart import DalleBart, cast_params, normalize_layout, param_shapes
 
-DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-
 ChunkHook = Callable[[int, np.ndarray], Any]
-
-
-def bucket_for(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
-    """Smallest bucket >= n; ValueError if n < 1 or n exceeds the largest bucket."""
-    if n < 1:
-        raise ValueError(f"batch size must be >= 1, got {n}")
-    for b in sorted(buckets):
-        if b >= n:
-            return int(b)
-    raise ValueError(f"batch size {n} exceeds the largest batch bucket {max(buckets)}")
 
 
 FAST_TOP_K = 256  # rows with top_k <= this are filtered with lax.top_k instead of a full sort (≈30× cheaper)
