@@ -50,22 +50,51 @@ class RequestCancelled(EngineError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Sampling knobs; defaults are what the reference effectively used (scale 10, top-k 50, T 1, no top-p)."""
+    """Sampling knobs. A field left ``None`` takes the checkpoint's recommended value (the ``sampling`` block
+    of its ``checkpoint.json``), else the reference's (:data:`REFERENCE_SAMPLING`: scale 10, top-k 50, T 1,
+    no top-p). A small model such as the demo samples best with a lower scale and top-k than the published
+    ones, so the checkpoint, not the client, owns those defaults."""
 
-    condition_scale: float = 10.0
-    top_k: int = 50
-    top_p: float = 1.0
-    temperature: float = 1.0
+    condition_scale: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float | None = None
 
     def validate(self) -> None:
-        if not (0.0 <= self.condition_scale <= 100.0):
+        if self.condition_scale is not None and not (0.0 <= self.condition_scale <= 100.0):
             raise BadRequest("condition_scale must be between 0 and 100")
-        if not (0 <= self.top_k <= 16384):
+        if self.top_k is not None and not (0 <= self.top_k <= 16384):
             raise BadRequest("top_k must be between 0 (off) and 16384")
-        if not (0.0 < self.top_p <= 1.0):
+        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
             raise BadRequest("top_p must be in (0, 1]")
-        if not (0.01 <= self.temperature <= 10.0):
+        if self.temperature is not None and not (0.01 <= self.temperature <= 10.0):
             raise BadRequest("temperature must be between 0.01 and 10")
+
+    def resolve(self, defaults: SamplingParams | None = None) -> SamplingParams:
+        """Every ``None`` field filled from ``defaults`` (itself completed from :data:`REFERENCE_SAMPLING`)."""
+        base = REFERENCE_SAMPLING if defaults is None else defaults.resolve()
+        return SamplingParams(**{f.name: getattr(base, f.name) if getattr(self, f.name) is None
+                                 else getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    @classmethod
+    def from_json(cls, data: Any, *, what: str = "params") -> SamplingParams:
+        """Validated params from a JSON object (unknown names and bad values raise :class:`BadRequest`)."""
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise BadRequest(f"{what} must be an object")
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise BadRequest(f"unknown sampling parameter(s) in {what}: {', '.join(sorted(unknown))}")
+        for name, value in data.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise BadRequest(f"{what}.{name} must be a number")
+        params = cls(**data)
+        params.validate()
+        return params
+
+
+REFERENCE_SAMPLING = SamplingParams(condition_scale=10.0, top_k=50, top_p=1.0, temperature=1.0)
 
 
 @dataclass(frozen=True)
@@ -103,17 +132,12 @@ class GenerationRequest:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GenerationRequest:
         data = dict(data)
-        params = data.pop("params", None) or {}
-        if not isinstance(params, dict):
-            raise BadRequest("params must be an object")
-        unknown = set(params) - {f.name for f in dataclasses.fields(SamplingParams)}
-        if unknown:
-            raise BadRequest(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
+        params = SamplingParams.from_json(data.pop("params", None))
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
         try:
-            req = cls(params=SamplingParams(**params), **data)
+            req = cls(params=params, **data)
         except TypeError as exc:
             raise BadRequest(str(exc)) from exc
         return req

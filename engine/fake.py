@@ -103,7 +103,7 @@ class FakePipeline:
     # -- deterministic "model" ------------------------------------------------------------------------------
 
     def _rng(self, request: GenerationRequest, index: int) -> np.random.Generator:
-        conditioning = repr((request.prompt, sorted(asdict(request.params).items()))).encode()
+        conditioning = repr((request.prompt, sorted(asdict(request.params.resolve()).items()))).encode()
         prompt_key = int.from_bytes(hashlib.sha256(conditioning).digest()[:8], "little")
         return np.random.default_rng([int(request.seed), int(index), prompt_key])
 

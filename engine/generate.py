@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import secrets
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prompt": args.prompt,
         "seed": seed,
         "checkpoint": result.checkpoint_id,
-        "params": request.to_json()["params"],
+        "params": dataclasses.asdict(request.params.resolve(pipeline.sampling_defaults)),
         "images": records,
         "timings": {"load_s": round(t_load, 3), "generate_s": round(t_generate, 3),
                     **{k: round(v, 3) for k, v in result.timings.items()}},
@@ -108,10 +109,11 @@ def add_generate(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint directory")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output directory (default ./outputs)")
-    p.add_argument("--scale", type=float, default=10.0, help="super-conditioning scale (default 10)")
-    p.add_argument("--top-k", type=int, default=50, help="top-k (default 50, 0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="top-p (default 1.0 = off)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--scale", type=float, default=None,
+                   help="super-conditioning scale (default: the checkpoint's recommendation, else 10)")
+    p.add_argument("--top-k", type=int, default=None, help="top-k, 0 = off (default: the checkpoint's, else 50)")
+    p.add_argument("--top-p", type=float, default=None, help="top-p (default: the checkpoint's, else 1.0 = off)")
+    p.add_argument("--temperature", type=float, default=None, help="(default: the checkpoint's, else 1.0)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.set_defaults(func=cmd_generate)
 

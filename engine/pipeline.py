@@ -8,7 +8,9 @@ published DALL·E mini / Mega, VQGAN and CLIP files drop in unchanged (README: "
       vqgan/       config.json, flax_model.msgpack
       clip/        config.json, flax_model.msgpack / model.safetensors / pytorch_model.bin, tokenizer files
       safety.json  optional: CLIP safety concepts (engine.safety)
-      checkpoint.json  optional: {"id": "..."} (default id: the directory name)
+      checkpoint.json  optional: {"id": "...", "sampling": {"condition_scale": 3, "top_k": 8, ...}}
+                       (default id: the directory name; "sampling": the checkpoint's recommended sampling
+                       params, used for every field a request leaves unset — engine.api.SamplingParams)
 
 :class:`ModelPipeline` implements :class:`engine.api.Pipeline`: one :meth:`generate` call samples every
 candidate of several requests in ONE sampling pass (the batcher merges users' requests), then decodes,
@@ -34,8 +36,8 @@ import numpy as np
 from PIL import Image
 
 from engine import weights
-from engine.api import GeneratedImage, GenerationRequest, GenerationResult
-from engine.config import CLIPConfig, DalleBartConfig, VQGANConfig
+from engine.api import BadRequest, GeneratedImage, GenerationRequest, GenerationResult, SamplingParams
+from engine.config import CLIPConfig, ConfigError, DalleBartConfig, VQGANConfig
 from engine.models import clip as clip_model
 from engine.models import vqgan as vqgan_model
 from engine.models.dallebart import load_dallebart_params
@@ -98,8 +100,11 @@ class ModelPipeline:
         checkpoint_id: str = "checkpoint",
         options: PipelineOptions = PipelineOptions(),
         mesh: Any = None,
+        sampling_defaults: SamplingParams | None = None,
     ) -> None:
         self.config = dallebart_config
+        # what a request's unset sampling fields become (fully resolved: never None)
+        self.sampling_defaults = (sampling_defaults or SamplingParams()).resolve()
         self.options = options
         self.checkpoint_id = checkpoint_id
         self.batch_buckets = tuple(sorted(options.buckets))
@@ -213,7 +218,7 @@ class ModelPipeline:
         owner = np.asarray(owners)
         text = self.tokenizer([r.prompt for r in requests])
         uncond = self.tokenizer.unconditional(rows)
-        p = [r.params for r in requests]
+        p = [r.params.resolve(self.sampling_defaults) for r in requests]
         seeds = np.array([requests[o].seed for o in owners], dtype=object)
 
         first_row = {pos: owners.index(pos) for pos in range(len(requests))}
@@ -309,16 +314,29 @@ class ModelPipeline:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def checkpoint_id_of(directory: Path) -> str:
+def _checkpoint_meta(directory: Path) -> dict[str, Any]:
     meta = directory / "checkpoint.json"
-    if meta.is_file():
-        try:
-            value = json.loads(meta.read_text()).get("id")
-            if value:
-                return str(value)
-        except (OSError, json.JSONDecodeError):
-            log.warning("%s is not valid JSON; using the directory name as checkpoint id", meta)
-    return directory.resolve().name
+    if not meta.is_file():
+        return {}
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, json.JSONDecodeError):
+        log.warning("%s is not valid JSON; ignoring it", meta)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def checkpoint_id_of(directory: Path) -> str:
+    value = _checkpoint_meta(directory).get("id")
+    return str(value) if value else directory.resolve().name
+
+
+def sampling_defaults_of(directory: Path) -> SamplingParams:
+    """The checkpoint's recommended sampling params (``checkpoint.json`` → ``sampling``), resolved."""
+    try:
+        return SamplingParams.from_json(_checkpoint_meta(directory).get("sampling"), what="sampling").resolve()
+    except BadRequest as exc:
+        raise ConfigError(f"{directory / 'checkpoint.json'}: sampling: {exc}") from None
 
 
 def load_pipeline(checkpoint_dir: str | Path | None = None, *, mesh: Any = None, **opts: Any) -> ModelPipeline:
@@ -392,6 +410,7 @@ def load_pipeline(checkpoint_dir: str | Path | None = None, *, mesh: Any = None,
         checkpoint_id=checkpoint_id_of(directory),
         options=options,
         mesh=mesh,
+        sampling_defaults=sampling_defaults_of(directory),
     )
     safety_file = directory / "safety.json"
     if safety_file.is_file() and clip_cfg is not None:

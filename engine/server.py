@@ -123,7 +123,8 @@ def parse_generation_request(data: Any) -> GenerationRequest:
         if unknown:
             raise BadRequest(f"unknown sampling parameter(s): {', '.join(unknown)}")
         for name, value in params.items():
-            _check_type(f"params.{name}", value, _PARAM_TYPES.get(name, float))
+            if value is not None:  # null: the checkpoint's recommended value
+                _check_type(f"params.{name}", value, _PARAM_TYPES.get(name, float))
     request = GenerationRequest.from_json(data)
     request.validate()
     return request

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.api import GenerationRequest, SamplingParams
+from engine.api import BadRequest, GenerationRequest, SamplingParams
 from engine.checkpoint import random_checkpoint
+from engine.config import ConfigError
 from engine.pipeline import CheckpointMissing, load_pipeline
 from engine.weights import CheckpointError
 
@@ -96,3 +97,43 @@ def test_loading_errors_are_clear(tmp_path):
     (directory / "vqgan" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"parameter 'decoder/conv_in/kernel' has shape \(3, 3, 8, 16\)"):
         load_pipeline(directory)
+
+
+def test_checkpoint_sampling_defaults_fill_unset_fields(tmp_path):
+    """checkpoint.json's "sampling" block is what a request's unset fields become; explicit fields win."""
+    directory = random_checkpoint(tmp_path / "tiny")
+    meta = json.loads((directory / "checkpoint.json").read_text())
+    meta["sampling"] = {"condition_scale": 2.0, "top_k": 1}
+    (directory / "checkpoint.json").write_text(json.dumps(meta))
+    pipe = load_pipeline(directory, buckets=(1, 2), use_clip=False)
+    assert pipe.sampling_defaults == SamplingParams(condition_scale=2.0, top_k=1, top_p=1.0, temperature=1.0)
+
+    unset = pipe.generate([GenerationRequest("a red circle", n=2, seed=1)])[0]
+    explicit = pipe.generate([GenerationRequest("a red circle", n=2, seed=1,
+                                                params=SamplingParams(condition_scale=2.0, top_k=1))])[0]
+    for a, b in zip(unset.images, explicit.images, strict=True):
+        assert np.array_equal(a.tokens, b.tokens)
+    # top_k 1 from the checkpoint: greedy, so both candidates are the same whatever their random stream
+    assert np.array_equal(unset.images[0].tokens, unset.images[1].tokens)
+    # an explicit top_k overrides the checkpoint's: the streams now differ
+    free = pipe.generate([GenerationRequest("a red circle", n=2, seed=1, params=SamplingParams(top_k=0))])[0]
+    assert not np.array_equal(free.images[0].tokens, free.images[1].tokens)
+
+    meta["sampling"] = {"top_k": -3}
+    (directory / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="checkpoint.json: sampling"):
+        load_pipeline(directory, use_clip=False)
+    meta["sampling"] = {"top_kk": 3}
+    (directory / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="top_kk"):
+        load_pipeline(directory, use_clip=False)
+
+
+def test_sampling_params_resolve_and_json():
+    assert SamplingParams().resolve() == SamplingParams(10.0, 50, 1.0, 1.0)
+    assert SamplingParams(top_k=3).resolve(SamplingParams(condition_scale=4.0)) == SamplingParams(4.0, 3, 1.0, 1.0)
+    assert SamplingParams.from_json({"top_k": 8}) == SamplingParams(top_k=8)
+    with pytest.raises(BadRequest, match="must be a number"):
+        SamplingParams.from_json({"top_k": "8"})
+    with pytest.raises(BadRequest, match="top_p"):
+        SamplingParams.from_json({"top_p": 0})

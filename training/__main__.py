@@ -27,6 +27,13 @@ from typing import Any
 from training.optim import OptimConfig
 
 
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _mesh(args: argparse.Namespace) -> Any:
     import jax
 
@@ -80,6 +87,8 @@ def _vqgan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embed-dim", type=int, default=32)
     p.add_argument("--res-blocks", type=int, default=1)
     p.add_argument("--norm-groups", type=int, default=4, help="GroupNorm groups (several channels per group)")
+    p.add_argument("--ch-mult", type=_int_tuple, default=None,
+                   help="channel multiplier per level, e.g. 1,2,2,4 (default 1,1,2,2,... truncated)")
     p.add_argument("--data-seed", type=int, default=0)
 
 
@@ -94,6 +103,26 @@ def _dallebart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blank-prob", type=float, default=0.0, help="extra caption blanking (the data has 10%%)")
     p.add_argument("--vqgan", type=Path, default=None, help="VQGAN checkpoint dir (its n_embed sets the image vocab)")
     p.add_argument("--n-codes", type=int, default=None, help="image vocab size if no --vqgan (default: max code + 1)")
+
+
+def _sampling_args(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group("sampling", f"{what} (unset: the checkpoint's recommendation, else the reference's)")
+    g.add_argument("--scale", type=float, default=None, help="super-conditioning scale")
+    g.add_argument("--top-k", type=int, default=None, help="top-k (0 = off)")
+    g.add_argument("--top-p", type=float, default=None, help="top-p (1 = off)")
+    g.add_argument("--temperature", type=float, default=None)
+
+
+def _sampling_from(args: argparse.Namespace) -> Any:
+    from engine.api import BadRequest, SamplingParams
+
+    params = SamplingParams(condition_scale=getattr(args, "scale", None), top_k=getattr(args, "top_k", None),
+                            top_p=getattr(args, "top_p", None), temperature=getattr(args, "temperature", None))
+    try:
+        params.validate()
+    except BadRequest as exc:
+        raise ValueError(str(exc)) from None
+    return params
 
 
 def _clip_args(p: argparse.ArgumentParser) -> None:
@@ -163,11 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--psnr-images", type=int, default=64, help="dataset images for the VQGAN PSNR (0: skip)")
     p.add_argument("--out", type=Path, default=None, help="report dir (default CHECKPOINT/eval)")
+    _sampling_args(p, "evaluate with these sampling params")
 
     p = sub.add_parser("install", help="copy a checkpoint's inference files (no training state) into a directory")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--to", type=Path, required=True, help="target dir, e.g. engine/assets/demo")
     p.add_argument("--id", default=None, help="checkpoint id to record in the target's checkpoint.json")
+    _sampling_args(p, "record these as the checkpoint's recommended sampling params")
     return parser
 
 
@@ -198,7 +229,7 @@ def cmd_vqgan(args: argparse.Namespace, out: Path | None = None, steps: int | No
     steps = steps if steps is not None else args.steps
     config = small_vqgan_config(args.image_size, args.factor, ch=args.ch, n_embed=args.n_embed,
                                 embed_dim=args.embed_dim, num_res_blocks=args.res_blocks,
-                                norm_groups=args.norm_groups)
+                                norm_groups=args.norm_groups, ch_mult=args.ch_mult)
     res = train_vqgan(out, config, steps=steps, batch_size=args.batch_size or 8,
                       optim=_optim(args, 1e-3, steps, b2=0.99), seed=args.seed, data_seed=args.data_seed,
                       work_dir=args.work_dir if out == args.out else None, save_every=args.save_every,
@@ -279,7 +310,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise FileNotFoundError(f"{args.checkpoint}: no such checkpoint directory")
     out = args.out or args.checkpoint / "eval"
     report = evaluate_checkpoint(args.checkpoint, n_per_kind=args.n_per_kind, candidates=args.candidates,
-                                 seed=args.seed, out_dir=out, psnr_images=args.psnr_images)
+                                 seed=args.seed, out_dir=out, psnr_images=args.psnr_images,
+                                 params=_sampling_from(args))
     print("\n".join(summary_lines(report)), file=sys.stderr)
     return _eval_brief(report)
 
@@ -325,9 +357,15 @@ def install_checkpoint(root: Path, target: Path) -> list[Path]:
 
 
 def cmd_install(args: argparse.Namespace) -> dict[str, Any]:
+    import dataclasses
+
+    sampling = {k: v for k, v in dataclasses.asdict(_sampling_from(args)).items() if v is not None}
     files = install_checkpoint(args.checkpoint, args.to)
-    if getattr(args, "id", None):
-        _write_checkpoint_json(args.to, args.id, {})
+    if getattr(args, "id", None) or sampling:
+        meta = json.loads((args.to / "checkpoint.json").read_text()) if (args.to / "checkpoint.json").is_file() else {}
+        checkpoint_id = getattr(args, "id", None) or meta.get("id") or args.to.resolve().name
+        _write_checkpoint_json(args.to, checkpoint_id, {"sampling": {**meta.get("sampling", {}), **sampling}}
+                               if sampling else {})
         if args.to / "checkpoint.json" not in files:
             files.append(args.to / "checkpoint.json")
     return {"installed": str(args.to), "files": [str(f) for f in files]}

@@ -393,7 +393,7 @@ def evaluate_pipeline(pipeline: Any, *, n_per_kind: int = 16, candidates: int = 
     vq = None
     if vqgan_dir is not None and psnr_images > 0:
         vq = vqgan_psnr(vqgan_dir, psnr_images)
-    params = params or SamplingParams()
+    params = (params or SamplingParams()).resolve(getattr(pipeline, "sampling_defaults", None))
     report: dict[str, Any] = {
         "checkpoint_id": checkpoint_id or getattr(pipeline, "checkpoint_id", "unknown"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -436,8 +436,11 @@ def training_captions(checkpoint_dir: str | Path) -> list[str] | None:
 
 def evaluate_checkpoint(checkpoint_dir: str | Path, *, n_per_kind: int = 16, candidates: int = 9, seed: int = 0,
                         out_dir: str | Path | None = None, psnr_images: int = 64,
-                        train_captions: Iterable[str] | None = None, **pipeline_opts: Any) -> dict[str, Any]:
+                        train_captions: Iterable[str] | None = None, params: SamplingParams | None = None,
+                        **pipeline_opts: Any) -> dict[str, Any]:
     """Load ``checkpoint_dir`` (the :func:`engine.pipeline.load_pipeline` layout) and evaluate it.
+
+    ``params``: sampling overrides; unset fields take the checkpoint's recommended values.
 
     Training captions are excluded from the in-distribution prompts when given, or when the checkpoint directory
     still holds its ``tokens/`` shards.
@@ -449,4 +452,5 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, *, n_per_kind: int = 16, can
     if train_captions is None:
         train_captions = training_captions(directory)
     return evaluate_pipeline(pipeline, n_per_kind=n_per_kind, candidates=candidates, seed=seed, out_dir=out_dir,
-                             vqgan_dir=directory / "vqgan", psnr_images=psnr_images, train_captions=train_captions)
+                             vqgan_dir=directory / "vqgan", psnr_images=psnr_images, train_captions=train_captions,
+                             params=params)

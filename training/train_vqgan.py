@@ -34,21 +34,27 @@ from training.optim import OptimConfig
 
 
 def small_vqgan_config(image_size: int = 128, factor: int = 8, *, ch: int = 16, n_embed: int = 512,
-                       embed_dim: int = 32, num_res_blocks: int = 1, norm_groups: int = 4) -> VQGANConfig:
+                       embed_dim: int = 32, num_res_blocks: int = 1, norm_groups: int = 4,
+                       ch_mult: tuple[int, ...] | None = None) -> VQGANConfig:
     """A demo-sized VQGAN: ``factor`` (a power of two, 2..32) sets the token grid ``image_size // factor``.
 
-    Channels grow slowly with depth (``ch * (1, 1, 2, 2, 4, 4)``): most of the cost is at full resolution.
+    Channels grow slowly with depth (default ``ch * (1, 1, 2, 2, 4, 4)``): most of the cost is at full
+    resolution, so widening the low-resolution levels (e.g. ``ch_mult=(1, 2, 2, 4)``) adds decoder capacity
+    cheaply. ``ch_mult`` needs one entry per level, ``log2(factor) + 1``.
     ``norm_groups`` must leave several channels per GroupNorm group: with one channel per group (the
     published 32 groups on a 16-channel layer) the norm erases each channel's mean, i.e. a flat colour.
     """
     levels = int(round(np.log2(factor))) if factor >= 1 else -1
     if factor < 2 or factor > 32 or 2**levels != factor:
         raise ValueError(f"factor must be a power of two in 2..32, got {factor}")
-    ch_mult = (1, 1, 2, 2, 4, 4)[: levels + 1]
+    if ch_mult is None:
+        ch_mult = (1, 1, 2, 2, 4, 4)[: levels + 1]
+    elif len(ch_mult) != levels + 1 or min(ch_mult) < 1:
+        raise ValueError(f"ch_mult needs {levels + 1} positive entries for factor {factor}, got {tuple(ch_mult)}")
     return VQGANConfig(
         resolution=image_size,
         ch=ch,
-        ch_mult=ch_mult,
+        ch_mult=tuple(ch_mult),
         num_res_blocks=num_res_blocks,
         attn_resolutions=(),
         z_channels=embed_dim,
