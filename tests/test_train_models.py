@@ -238,3 +238,27 @@ def test_encode_and_dallebart_sharded_over_4_devices_match_one_device(demo, tmp_
     ref = train_dallebart(tmp_path / "single", cfg, demo / "tokens", demo / "dallebart", steps=4, batch_size=8,
                           log_every=1, optim=OptimConfig(learning_rate=3e-3), progress=False)
     np.testing.assert_allclose(out["losses"], ref.result.losses, rtol=2e-5)
+
+
+def test_decoder_only_finetune_keeps_the_tokens_and_trains_the_decoder(demo, tmp_path):
+    """--decoder-only: encoder, quant_conv and codebook are bit-identical afterwards (same tokens), the decoder
+    moved; a config mismatch or a missing --init-from is a one-line error."""
+    out = tmp_path / "vq2"
+    argv = ["vqgan", "--out", str(out), "--init-from", str(demo / "vqgan"), "--decoder-only", "--steps", "6",
+            "--image-size", "32", "--factor", "4", "--ch", "8", "--n-embed", "32", "--embed-dim", "8",
+            "--norm-groups", "2", "--batch-size", "4", "--lr", "3e-3", "--warmup", "1", "--no-progress",
+            "--log-every", "2"]
+    assert main(argv) == 0
+    _, _, before = load_vqgan(demo / "vqgan")
+    _, _, after = load_vqgan(out)
+    for part in ("encoder", "quant_conv", "quantize"):
+        for a, b in zip(jax.tree.leaves(before[part]), jax.tree.leaves(after[part]), strict=True):
+            assert np.array_equal(np.asarray(a), np.asarray(b)), part
+    moved = [not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(before["decoder"]), jax.tree.leaves(after["decoder"]), strict=True)]
+    assert any(moved)
+
+    assert main(["vqgan", "--out", str(tmp_path / "x"), "--decoder-only", "--steps", "1"]) == 2
+    bad = [a if a != "8" else "16" for a in argv]  # a different --ch: not the saved config
+    bad[bad.index(str(out))] = str(tmp_path / "vq3")
+    assert main(bad) == 2

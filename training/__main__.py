@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("vqgan", help="train a VQGAN on the shapes dataset")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--init-from", type=Path, default=None, help="start from this exported VQGAN (same config)")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="with --init-from: train only the decoder side; the encoder and codebook (the tokens) "
+                        "stay exactly as they are")
     _vqgan_args(p)
     _common(p, steps=1000, batch_size=8)
 
@@ -233,7 +237,8 @@ def cmd_vqgan(args: argparse.Namespace, out: Path | None = None, steps: int | No
     res = train_vqgan(out, config, steps=steps, batch_size=args.batch_size or 8,
                       optim=_optim(args, 1e-3, steps, b2=0.99), seed=args.seed, data_seed=args.data_seed,
                       work_dir=args.work_dir if out == args.out else None, save_every=args.save_every,
-                      log_every=args.log_every, mesh=_mesh(args), progress=not args.no_progress)
+                      log_every=args.log_every, mesh=_mesh(args), progress=not args.no_progress,
+                      init_from=getattr(args, "init_from", None), decoder_only=getattr(args, "decoder_only", False))
     return {"out": str(out), "eval": res.eval_metrics, "steps_per_s": res.result.steps_per_s}
 
 

@@ -9,6 +9,11 @@ average of how often each code is chosen (``TrainState.extra``), and codes whose
 ``dead_threshold`` are moved onto encoder outputs drawn at random from the current batch (at step 0 that
 initialises the whole codebook from data). Everything happens inside the jitted step, so resumed runs are exact.
 
+``decoder_only=True`` (with ``init_from``, an exported VQGAN) keeps the encoder, ``quant_conv`` and the
+codebook fixed and trains only ``post_quant_conv`` + decoder. The image tokens are a function of the frozen
+parts alone, so a DalleBart can already train on tokens encoded with ``init_from`` while the decoder goes on
+sharpening its reconstructions (better PSNR for the same tokens).
+
 The result is written in the published layout (``config.json`` + ``flax_model.msgpack``) that
 ``engine.models.vqgan.VQModel`` loads.
 """
@@ -157,6 +162,21 @@ def make_loss(model: VQModel, weights: VQGANLoss):
     return loss_fn
 
 
+FROZEN_FOR_DECODER_ONLY = ("encoder", "quant_conv", "quantize")
+
+
+def freeze_tokenizer_side(loss_fn):
+    """``loss_fn`` with zero gradients for the token-producing parts (:data:`FROZEN_FOR_DECODER_ONLY`).
+
+    With zero gradients and no weight decay, AdamW leaves those parameters exactly unchanged."""
+
+    def frozen(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
+        params = {k: jax.lax.stop_gradient(v) if k in FROZEN_FOR_DECODER_ONLY else v for k, v in params.items()}
+        return loss_fn(params, batch, rng)
+
+    return frozen
+
+
 def init_codebook_state(config: VQGANConfig, weights: VQGANLoss) -> dict[str, jax.Array]:
     """``TrainState.extra`` for the codebook: zero usage, so every code is (re)started from data at step 0."""
     extra = {"usage": jnp.zeros((config.n_embed,), jnp.float32)}
@@ -253,13 +273,19 @@ def train_vqgan(
     mesh: Any = None,
     progress: bool | None = None,
     stop_after: int | None = None,
+    init_from: str | Path | None = None,
+    decoder_only: bool = False,
 ) -> VQGANTrainOutput:
     """Train (or resume) a VQGAN and export it to ``out_dir`` in the published layout.
 
     Training state (orbax checkpoints, ``metrics.jsonl``) lives in ``work_dir`` (default ``<out_dir>-train``,
     next to the checkpoint); running the same call again resumes there. The evaluation set is the first
     ``eval_images`` images of a dataset with seed ``data_seed + 1``, disjoint from the training stream.
+    ``init_from``: start from an exported VQGAN (same config) instead of a random init; ``decoder_only``
+    (needs ``init_from``): train the decoder side only, tokens unchanged (see the module docstring).
     """
+    if decoder_only and init_from is None:
+        raise ValueError("decoder_only needs init_from: the VQGAN whose encoder and codebook stay fixed")
     out_dir = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + "-train")
     optim = optim or OptimConfig(name="adamw", learning_rate=1e-3, warmup_steps=min(100, max(steps // 10, 1)),
@@ -271,7 +297,19 @@ def train_vqgan(
     model = vqgan_module(config)
     batches = ShapeImageBatches(ShapesDataset(data_seed, shapes), batch_size)
     loss_fn, codebook_update, init = _step_fns(config, loss)
-    params = init(init_key(seed))
+    if init_from is not None:
+        from engine import weights
+
+        saved = VQGANConfig.from_json(Path(init_from))
+        if saved.to_dict() != config.to_dict():
+            raise ValueError(f"{init_from}: its config differs from the one being trained")
+        params = weights.load_params(init_from, jax.eval_shape(init, init_key(seed)), dtype="float32")
+    else:
+        params = init(init_key(seed))
+    if decoder_only:
+        if optim.weight_decay:
+            raise ValueError("decoder_only needs weight_decay 0 (decay would move the frozen parameters)")
+        loss_fn = freeze_tokenizer_side(loss_fn)
     eval_set = np.stack([ShapesDataset(data_seed + 1, shapes)[i].image for i in range(eval_images)]) / 255.0
 
     result = train(
@@ -287,10 +325,11 @@ def train_vqgan(
         log_every=log_every,
         mesh=mesh,
         progress=progress,
-        extra_init=init_codebook_state(config, loss),
-        extra_update=codebook_update,
+        extra_init=None if decoder_only else init_codebook_state(config, loss),
+        extra_update=None if decoder_only else codebook_update,
         stop_after=stop_after,
-        meta={"model": "vqgan", "batch_size": batch_size, "data_seed": data_seed},
+        meta={"model": "vqgan", "batch_size": batch_size, "data_seed": data_seed, "decoder_only": decoder_only,
+              "init_from": str(init_from) if init_from is not None else None},
     )
     final = jax.device_get(result.params)
     metrics = evaluate(model, final, eval_set) if eval_images else {}
