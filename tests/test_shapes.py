@@ -156,3 +156,31 @@ def test_render_scene_draws_held_out_pair_for_eval():
 ])
 def test_parse_prompt_paraphrases(prompt, expected):
     assert parse_prompt(prompt) == expected
+
+
+def test_counterfactual_changes_exactly_one_named_attribute():
+    """CLIP's hard negatives: one named attribute differs, the caption says so, the drawing shows it."""
+    from training.data.shapes import counterfactual_scene, render_scene
+    from training.detect import detect, matches
+
+    ds = ShapesDataset(3, ShapesConfig(blank_rate=0.0))
+    rng = np.random.default_rng(0)
+    changed = set()
+    for i in range(300):
+        spec, caption = ds.scene(i)
+        cf, cf_caption = counterfactual_scene(spec, rng)
+        named, new = spec["named"], cf["named"]
+        assert parse_prompt(cf_caption) == new, cf_caption
+        diffs = [(k, a) for k, (o, n) in enumerate(zip(named["objects"], new["objects"], strict=True))
+                 for a in ("colour", "shape", "size", "position") if o.get(a) != n.get(a)]
+        diffs += [(None, a) for a in ("relation", "background") if named.get(a) != new.get(a)]
+        assert len(diffs) == 1, (caption, cf_caption)
+        changed.add(diffs[0][1])
+        for obj in cf["objects"]:
+            assert (obj["colour"], obj["shape"]) not in HELD_OUT_PAIRS
+            assert obj["colour"] != cf["background"]
+        if i < 60:  # the redrawn image satisfies the new caption (the evaluation detector agrees)
+            assert all(matches(detect(render_scene(cf)), new).values()), cf_caption
+    assert changed == {"colour", "shape", "size", "position", "relation", "background"}
+    blank = ShapesDataset(0, ShapesConfig(blank_rate=1.0)).scene(0)[0]
+    assert counterfactual_scene(blank, rng) is None

@@ -133,6 +133,8 @@ def _clip_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--clip-layers", type=int, default=2)
     p.add_argument("--clip-heads", type=int, default=4)
+    p.add_argument("--hard-negatives", type=float, default=0.5,
+                   help="share of each CLIP batch that is one-attribute counterfactuals of the rest (0..0.5)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,6 +304,7 @@ def cmd_clip(args: argparse.Namespace, out: Path | None = None, steps: int | Non
                                layers=args.clip_layers, heads=args.clip_heads, projection_dim=args.width)
     optim = _optim(args, 5e-4, steps, b2=0.98, weight_decay=0.1)
     res = train_clip(out, config, tok_dir, steps=steps, batch_size=args.batch_size or 64, optim=optim,
+                     hard_negative_rate=args.hard_negatives,
                      seed=args.seed, data_seed=getattr(args, "data_seed", 0),
                      work_dir=args.work_dir if out == args.out else None, save_every=args.save_every,
                      log_every=args.log_every, mesh=_mesh(args), progress=not args.no_progress)

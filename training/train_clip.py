@@ -4,6 +4,10 @@ Symmetric InfoNCE over the batch (Radford et al. 2021) with one change for this 
 caption ("a red circle"), so every pair whose captions are equal counts as a positive — the target of each
 row is uniform over the rows with the same caption — instead of punishing the model for matching them.
 Blank captions are left out (CLIP ranks images against a prompt; an empty prompt is never scored).
+``hard_negative_rate`` fills that share of each batch with counterfactual partners of the batch's other
+examples (:func:`training.data.shapes.counterfactual_scene`: one named attribute changed, image redrawn,
+caption rewritten), so the loss rewards telling apart images that differ in a single attribute — exactly what
+ranking one prompt's candidates asks of CLIP; random batches rarely contain such pairs.
 Images go through ``engine.models.clip.preprocess`` inside the step, exactly as at inference.
 
 The result is a checkpoint directory: ``config.json`` (HF ``CLIPConfig`` layout), ``flax_model.msgpack`` and
@@ -29,7 +33,7 @@ from engine.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from engine.models.clip import CLIPModel, dummy_inputs, preprocess
 from engine.text import CLIPTokenizer
 from training.checkpoint import export_flax_checkpoint
-from training.data.shapes import ShapesConfig, ShapesDataset
+from training.data.shapes import ShapeExample, ShapesConfig, ShapesDataset, counterfactual_scene, render_scene
 from training.loop import TrainResult, init_key, train
 from training.optim import OptimConfig
 
@@ -69,16 +73,22 @@ def caption_key(caption: str) -> int:
 
 
 class CaptionedImageBatches:
-    """Batch ``k``: ``batch_size`` consecutive non-blank examples of a shapes dataset, tokenised.
+    """Batch ``k``: ``batch_size`` non-blank examples of a shapes dataset, tokenised.
 
     Blank-caption examples are skipped; the example index where batch ``k`` starts is found by scanning the
-    (cheap, image-free) scene specs, cached, so batch k is a pure function of (seed, k).
+    (cheap, image-free) scene specs, cached, so batch k is a pure function of (seed, k). With
+    ``hard_negative_rate`` > 0, the last ``round(rate * batch_size)`` rows are counterfactual partners of the
+    first ones (drawn with a generator seeded by (dataset seed, k)).
     """
 
-    def __init__(self, dataset: ShapesDataset, tokenizer: CLIPTokenizer, batch_size: int):
+    def __init__(self, dataset: ShapesDataset, tokenizer: CLIPTokenizer, batch_size: int,
+                 hard_negative_rate: float = 0.0):
         if batch_size < 2:
             raise ValueError(f"contrastive training needs batch_size >= 2, got {batch_size}")
+        if not 0.0 <= hard_negative_rate <= 0.5:
+            raise ValueError(f"hard_negative_rate must be in [0, 0.5], got {hard_negative_rate}")
         self.dataset, self.tokenizer, self.batch_size = dataset, tokenizer, batch_size
+        self.n_hard = int(round(hard_negative_rate * batch_size))
         self._kept: list[int] = []  # indices of non-blank examples found so far, in order
         self._next = 0
 
@@ -91,7 +101,16 @@ class CaptionedImageBatches:
         return self._kept[j]
 
     def examples(self, k: int) -> list[Any]:
-        return [self.dataset[self._index(j)] for j in range(k * self.batch_size, (k + 1) * self.batch_size)]
+        n_base = self.batch_size - self.n_hard
+        base = [self.dataset[self._index(j)] for j in range(k * n_base, (k + 1) * n_base)]
+        rng = np.random.default_rng(np.random.SeedSequence([self.dataset.seed, int(k), 104729]))
+        cfg = self.dataset.config
+        partners = []
+        for ex in base[: self.n_hard]:
+            spec, caption = counterfactual_scene(ex.spec, rng)  # base captions are never blank
+            partners.append(ShapeExample(image=render_scene(spec, cfg.image_size, cfg.supersample),
+                                         caption=caption, spec=spec))
+        return base + partners
 
     def __getitem__(self, k: int) -> dict[str, np.ndarray]:
         exs = self.examples(int(k))
@@ -177,6 +196,7 @@ def train_clip(
     mesh: Any = None,
     progress: bool | None = None,
     stop_after: int | None = None,
+    hard_negative_rate: float = 0.0,
 ) -> CLIPTrainOutput:
     """Train (or resume) CLIP on shapes image–caption pairs and write the checkpoint directory ``out_dir``.
 
@@ -189,7 +209,7 @@ def train_clip(
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the text vocab_size is "
                          f"{config.text_config.vocab_size}")
     shapes = shapes or ShapesConfig()
-    batches = CaptionedImageBatches(ShapesDataset(data_seed, shapes), tokenizer, batch_size)
+    batches = CaptionedImageBatches(ShapesDataset(data_seed, shapes), tokenizer, batch_size, hard_negative_rate)
     optim = optim or OptimConfig(name="adamw", learning_rate=5e-4, warmup_steps=min(100, max(steps // 10, 1)),
                                  decay="cosine", decay_steps=max(steps, 1), end_lr_ratio=0.1, b2=0.98,
                                  weight_decay=0.1, max_grad_norm=1.0)
@@ -211,13 +231,17 @@ def train_clip(
         progress=progress,
         extra_update=clamp_logit_scale,
         stop_after=stop_after,
-        meta={"model": "clip", "batch_size": batch_size, "data_seed": data_seed},
+        meta={"model": "clip", "batch_size": batch_size, "data_seed": data_seed,
+              "hard_negative_rate": hard_negative_rate},
     )
     final = jax.device_get(result.params)
     metrics: dict[str, float] = {}
     if eval_batches:
         held_out = CaptionedImageBatches(ShapesDataset(data_seed + 1, shapes), tokenizer, batch_size)
         metrics = evaluate(model, config, final, held_out, eval_batches)
+        # the same with half of each batch one-attribute counterfactuals: the fine-grained part of ranking
+        hard = CaptionedImageBatches(ShapesDataset(data_seed + 1, shapes), tokenizer, batch_size, 0.5)
+        metrics.update({f"{k}_hard": v for k, v in evaluate(model, config, final, hard, eval_batches).items()})
     if not result.interrupted:
         export_flax_checkpoint(out_dir, final, config.to_dict())
         src = Path(tokenizer_dir)

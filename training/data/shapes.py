@@ -217,6 +217,71 @@ def render_scene(spec: dict[str, Any], image_size: int = 128, supersample: int =
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
 
 
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def _apply_edit(spec: dict[str, Any], named: dict[str, Any], attr: str, k: int, rng: np.random.Generator) -> bool:
+    """Change attribute ``attr`` of object ``k`` (or of the scene) in place, in ``spec`` and ``named``."""
+    objects = spec["objects"]
+    obj, nobj = objects[k], named["objects"][k]
+    others = {o["colour"] for j, o in enumerate(objects) if j != k}
+    if attr == "shape":
+        options = [sh for sh in SHAPES if sh != obj["shape"] and (obj["colour"], sh) not in HELD_OUT_PAIRS]
+        obj["shape"] = nobj["shape"] = _pick(rng, options)
+    elif attr == "colour":
+        options = allowed_colours(obj["shape"], (obj["colour"], spec["background"], *others))
+        if not options:
+            return False
+        obj["colour"] = nobj["colour"] = _pick(rng, options)
+    elif attr == "size":
+        new = "large" if obj["size"] == "small" else "small"
+        obj["extent"] = obj["extent"] * SIZE_FRACTION[new] / SIZE_FRACTION[obj["size"]]
+        obj["size"] = nobj["size"] = new
+    elif attr == "position":
+        new = _pick(rng, [p for p in POSITIONS if p != obj["position"]])
+        (ox, oy), (nx, ny) = POSITION_VECTORS[obj["position"]], POSITION_VECTORS[new]
+        obj["center"] = [obj["center"][0] + (nx - ox) * POSITION_OFFSET, obj["center"][1] + (ny - oy) * POSITION_OFFSET]
+        obj["position"] = nobj["position"] = new
+    elif attr == "relation":  # swap the two objects' places: the relation turns into its opposite
+        objects[0]["center"], objects[1]["center"] = objects[1]["center"], objects[0]["center"]
+        named["relation"] = _OPPOSITE[named["relation"]]
+        spec["relation"] = _relation_of(objects)
+    else:  # background
+        used = {o["colour"] for o in objects}
+        spec["background"] = named["background"] = _pick(
+            rng, [c for c in COLOUR_NAMES if c not in used and c != spec["background"]])
+    return True
+
+
+def counterfactual_scene(spec: dict[str, Any], rng: np.random.Generator, *,
+                         wrappers: tuple[str, ...] = TRAIN_WRAPPERS) -> tuple[dict[str, Any], str] | None:
+    """The scene of ``spec`` with ONE attribute its caption names changed, and a caption for the new scene.
+
+    A hard negative for contrastive training: image and caption differ from the original in exactly the
+    attribute changed (a colour, shape, size, position, relation or background), so a model must attend to
+    that attribute to tell the pair apart — which is what ranking a prompt's candidates needs. Held-out
+    colour/shape pairs stay out. None for a blank caption (nothing named to change).
+    """
+    named = spec["named"]
+    if spec.get("blank") or not named["objects"]:
+        return None
+    spec = {**spec, "objects": [dict(o) for o in spec["objects"]]}
+    named = {**named, "objects": [dict(o) for o in named["objects"]]}
+    objects, nobjs = spec["objects"], named["objects"]
+    edits: list[tuple[str, int]] = [("shape", k) for k in range(len(objects))]
+    edits += [(a, k) for k, no in enumerate(nobjs) for a in ("colour", "size", "position") if no.get(a)]
+    if named.get("relation"):
+        edits.append(("relation", 0))
+    if named.get("background"):
+        edits.append(("background", 0))
+    for e in rng.permutation(len(edits)):  # colour is the only edit that can lack options: try another
+        attr, k = edits[int(e)]
+        if _apply_edit(spec, named, attr, k, rng):
+            break
+    spec["named"] = named
+    return spec, compose_caption(named, rng, wrappers)
+
+
 class ShapesDataset:
     """Indexable, endless dataset: ``ds[i]`` depends only on (seed, i); ``iter(ds)`` streams from 0 forever."""
 
