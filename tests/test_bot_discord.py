@@ -165,6 +165,44 @@ async def test_buttons_and_report_modal(fake, db_url, tmp_path):
         await repo.close()
 
 
+async def test_report_form_survives_a_restart_and_two_open_forms(fake, db_url, tmp_path):
+    """A form opened before a restart is recorded when submitted after it; two users with the same image's
+    form open both count; a bad reason is answered, not recorded."""
+    repo = make_repo(db_url)
+    run = await start_bot(_settings(tmp_path), FakeEngine(), repo)
+    try:
+        await fake.slash("dalle", {"prompt": "a red star", "images": 1, "seed": 1}, user_id=41)
+        await fake.wait_for(_posts(fake))
+        message = next(m for m in fake.messages.values() if m["attachments"] and m["channel_id"] == str(CHANNEL))
+        report = next(i for i in _custom_ids(message) if i.startswith("dalle:report:"))
+        image_id = int(report.rsplit(":", 1)[1])
+        for user in (42, 43):
+            cb = await _callback(fake, await fake.click(message, report, user_id=user))
+            assert cb.json["type"] == 9
+        rec = await fake.submit_modal(f"dalle:reportmodal:{image_id}", {"reason": "quality"}, user_id=42,
+                                      message=message)
+        await _callback(fake, rec)
+        await fake.wait_for(lambda c: c.method == "PATCH" and rec.token in c.path)
+        await run.stop()
+
+        run = await start_bot(_settings(tmp_path), FakeEngine(), repo)  # the bot restarts; 43's form is open
+        rec = await fake.submit_modal(f"dalle:reportmodal:{image_id}", {"reason": "NSFW", "note": "see left"},
+                                      user_id=43, message=message)
+        await _callback(fake, rec)
+        edit = await fake.wait_for(lambda c: c.method == "PATCH" and rec.token in c.path)
+        assert "moderator" in edit.json["content"]
+        rec = await fake.submit_modal(f"dalle:reportmodal:{image_id}", {"reason": "meh"}, user_id=44,
+                                      message=message)
+        cb = await _callback(fake, rec)
+        assert cb.json["type"] == 4 and "Please give one of" in cb.json["data"]["content"]
+        fb = sorted((f.user_id, f.kind, f.reason, f.note) for f in await _rows(repo, Feedback))
+        assert fb == [(42, "report", "quality", None), (43, "report", "nsfw", "see left")]
+        assert fake.errors == []
+    finally:
+        await run.stop()
+        await repo.close()
+
+
 async def test_rate_limit_and_filter_refusals(fake, db_url, tmp_path):
     repo = make_repo(db_url)
     run = await start_bot(_settings(tmp_path, rate_limit_user="1 per minute"), FakeEngine(), repo)

@@ -20,7 +20,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.service import Outcome, ProgressUpdate
-from bot.views import CancelView, ResultView, delivery_for, grid_png
+from bot.views import CancelView, ResultView, delivery_for, grid_png, handle_report_submit
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,17 @@ class Generate(commands.Cog):
             content=f"Queued, position {position}. Seed `{adm.seed}`.", view=CancelView(adm.generation_id))
         # shielded: a shutdown must not cut a database write in half
         await asyncio.shield(self.service.record_ack(adm.generation_id, msg.id))
+
+    @commands.Cog.listener("on_interaction")
+    async def report_submitted(self, interaction: discord.Interaction) -> None:
+        """Report forms are answered from the submission itself, so one opened before a restart still counts."""
+        try:
+            await handle_report_submit(interaction)
+        except Exception:
+            log.exception("report submission %s failed", interaction.id)
+            if not interaction.response.is_done():
+                await interaction.response.send_message("Sorry, that report could not be recorded; please try "
+                                                        "again.", ephemeral=True)
 
     @app_commands.command(name="dalle-queue", description="Your queued image requests and their positions")
     async def dalle_queue(self, interaction: discord.Interaction) -> None:
