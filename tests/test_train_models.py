@@ -31,7 +31,7 @@ TINY = [
     "--d-model", "32", "--layers", "1", "--heads", "2", "--ffn", "64", "--max-text-length", "24",
     "--vocab-size", "300", "--clip-vocab-size", "600", "--clip-image-size", "32", "--patch", "8", "--width", "32",
     "--clip-layers", "1", "--clip-heads", "2", "--batch-size", "8", "--log-every", "4", "--save-every", "12",
-    "--lr", "3e-3", "--warmup", "2", "--no-progress",
+    "--lr", "3e-3", "--warmup", "2", "--no-progress", "--vqgan-decoder-steps", "16", "--scale", "3", "--top-k", "8",
 ]
 
 
@@ -46,8 +46,9 @@ def _losses(path: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(path)]
 
 
-@pytest.mark.parametrize("part", ["vqgan", "dallebart", "clip"])
+@pytest.mark.parametrize("part", ["vqgan-base", "dallebart", "clip"])
 def test_demo_trains_each_model_and_its_loss_decreases(demo, part):
+    """Each model (vqgan-base: the full VQGAN, before its decoder fine-tune) logged, decreased, checkpointed."""
     losses = _losses(demo / f"{part}-train" / "metrics.jsonl")
     assert len(losses) >= 4 and all(np.isfinite(losses))
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
@@ -56,6 +57,19 @@ def test_demo_trains_each_model_and_its_loss_decreases(demo, part):
     # orbax training checkpoints sit beside (not inside) the engine checkpoint
     assert Checkpointer(demo / f"{part}-train" / "checkpoints").all_steps()[-1] == summary["steps"]
     assert not (demo / part / "checkpoints").exists()
+
+
+def test_demo_records_its_sampling_and_tokens_come_from_the_base_vqgan(demo):
+    meta = json.loads((demo / "checkpoint.json").read_text())
+    assert meta["sampling"] == {"condition_scale": 3.0, "top_k": 8}
+    assert meta["steps"]["vqgan_decoder"] == 16
+    assert json.loads((demo / "vqgan" / "training.json").read_text())["steps"] == 16
+    assert Checkpointer(demo / "vqgan-train" / "checkpoints").all_steps()[-1] == 16
+    assert json.loads((demo / "safety.json").read_text())["concepts"][0]["name"] == "demo-black-star"
+    _, _, base = load_vqgan(demo / "vqgan-base")
+    _, _, final = load_vqgan(demo / "vqgan")
+    for a, b in zip(jax.tree.leaves(base["quantize"]), jax.tree.leaves(final["quantize"]), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_vqgan_checkpoint_loads_in_the_engine_layout_and_encodes(demo):
