@@ -194,6 +194,21 @@ def test_dallebart_resume_reaches_the_same_params(demo, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "b-train" / "metrics.jsonl")] == [2, 4, 6, 8]
 
 
+def test_dallebart_init_from_continues_an_exported_checkpoint(demo, tmp_path):
+    """--init-from starts from the exported params (a fresh machine has no orbax state): one tiny-lr step
+    stays next to them; a different config is refused in one line."""
+    kw = dict(steps=1, batch_size=8, progress=False, optim=OptimConfig(learning_rate=1e-6, warmup_steps=0))
+    cfg = DalleBartConfig.from_json(demo / "dallebart")
+    saved = load_dallebart_params(demo / "dallebart", cfg)
+    cont = train_dallebart(tmp_path / "c", cfg, demo / "tokens", demo / "dallebart", init_from=demo / "dallebart",
+                           **kw)
+    for x, y in zip(jax.tree.leaves(cont.params), jax.tree.leaves(saved), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-4)
+    args = ["dallebart", "--shards", str(demo / "tokens"), "--out", str(tmp_path / "d"), "--init-from",
+            str(demo / "dallebart"), "--d-model", "64", "--steps", "1", "--no-progress"]
+    assert main(args) == 2
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["encode", "--vqgan", str(tmp_path / "missing"), "--out", str(tmp_path / "t"),
                  "--num-images", "2", "--no-progress"]) == 2

@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dallebart", help="train DalleBart on token shards")
     p.add_argument("--shards", type=Path, required=True, help="token shard dir (python -m training encode)")
     p.add_argument("--eval-shards", type=Path, default=None)
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="continue from this exported DalleBart (same config; its tokenizer unless --tokenizer)")
     p.add_argument("--out", type=Path, required=True)
     _dallebart_args(p)
     _common(p, steps=1000, batch_size=32)
@@ -267,6 +269,8 @@ def cmd_dallebart(args: argparse.Namespace, shards: Path | None = None, out: Pat
     out = out or args.out
     steps = steps if steps is not None else args.steps
     tok_dir = args.tokenizer
+    if tok_dir is None and getattr(args, "init_from", None) is not None:  # continue with the same vocabulary
+        tok_dir = args.init_from
     if tok_dir is None:
         tok_dir = _train_dalle_tokenizer(_shard_captions(shards), args.vocab_size,
                                          out.with_name(out.name + "-tokenizer"))
@@ -285,7 +289,7 @@ def cmd_dallebart(args: argparse.Namespace, shards: Path | None = None, out: Pat
                    **({"b2": 0.98} if args.optimizer == "adamw" else {}))
     res = train_dallebart(out, config, shards, tok_dir, steps=steps, batch_size=args.batch_size or 32,
                           optim=optim, seed=args.seed, blank_caption_prob=args.blank_prob,
-                          eval_shards=getattr(args, "eval_shards", None),
+                          eval_shards=getattr(args, "eval_shards", None), init_from=getattr(args, "init_from", None),
                           work_dir=args.work_dir if out == args.out else None, save_every=args.save_every,
                           log_every=args.log_every, mesh=_mesh(args), progress=not args.no_progress)
     return {"out": str(out), "eval": res.eval_metrics, "steps_per_s": res.result.steps_per_s}

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from engine.config import DalleBartConfig
-from engine.models.dallebart import DalleBart, init_params
+from engine.models.dallebart import DalleBart, init_params, load_dallebart_params
 from engine.text import DalleBartTokenizer
 from training.checkpoint import export_flax_checkpoint
 from training.data.parquet import iter_token_shards
@@ -187,12 +187,15 @@ def train_dallebart(
     mesh: Any = None,
     progress: bool | None = None,
     stop_after: int | None = None,
+    init_from: str | Path | None = None,
 ) -> DalleBartTrainOutput:
     """Train (or resume) DalleBart on token shards and write the checkpoint directory ``out_dir``.
 
     ``tokenizer_dir`` holds the trained tokenizer (``training.tokenizer.train_bpe``); its vocabulary must fit
     ``config.encoder_vocab_size``. With a mesh whose ``"model"`` axis is larger than 1, params are split by
-    ``engine.sharding``'s partition rules; the batch always splits over ``"data"``.
+    ``engine.sharding``'s partition rules; the batch always splits over ``"data"``. ``init_from``: start from
+    an exported DalleBart checkpoint directory with the same config (continue a run on a fresh machine, where
+    the orbax training state is gone; the optimiser state starts afresh).
     """
     out_dir = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + "-train")
@@ -209,7 +212,14 @@ def train_dallebart(
                                  decay="cosine", decay_steps=max(steps, 1), end_lr_ratio=0.1, b2=0.98,
                                  max_grad_norm=1.0)
     model = DalleBart(config)
-    params = _jit_init(config)(init_key(seed))
+    if init_from is not None:
+        saved = DalleBartConfig.from_json(Path(init_from))
+        if saved.to_dict() != config.to_dict():
+            diff = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
+            raise ValueError(f"{init_from}: its config differs from the one being trained ({', '.join(diff)})")
+        params = load_dallebart_params(Path(init_from), config, dtype="float32")
+    else:
+        params = _jit_init(config)(init_key(seed))
     batches: Any = ArrayBatches(data, batch_size, seed=seed)
     if blank_caption_prob > 0:
         batches = BlankCaptions(batches, blank_caption_prob, tokenizer.unconditional(1), seed=seed)
