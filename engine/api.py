@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import math
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -87,8 +88,12 @@ class SamplingParams:
         if unknown:
             raise BadRequest(f"unknown sampling parameter(s) in {what}: {', '.join(sorted(unknown))}")
         for name, value in data.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            if value is None:  # null: the checkpoint's recommendation
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise BadRequest(f"{what}.{name} must be a number")
+            if name == "top_k" and not isinstance(value, int):
+                raise BadRequest(f"{what}.{name} must be an integer")
         params = cls(**data)
         params.validate()
         return params

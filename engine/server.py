@@ -29,7 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.api import BadRequest, GenerationRequest, Pipeline, SamplingParams
+from engine.api import BadRequest, GenerationRequest, Pipeline
 from engine.batching import TERMINAL, Batcher, DuplicateRequest, QueueFull, ShuttingDown, UnknownRequest
 from engine.metrics import EngineMetrics
 
@@ -44,7 +44,6 @@ _REQUEST_TYPES: dict[str, type] = {
     "preview_every": int,
     "first_index": int,
 }
-_PARAM_TYPES: dict[str, type] = {"condition_scale": float, "top_k": int, "top_p": float, "temperature": float}
 
 
 @dataclass
@@ -114,17 +113,6 @@ def parse_generation_request(data: Any) -> GenerationRequest:
         raise BadRequest("prompt is required")
     if "request_id" in data and not _ID_RE.match(data["request_id"]):
         raise BadRequest("request_id must be 1-64 characters of letters, digits, '_', '-' or '.'")
-    params = data.get("params")
-    if params is not None:
-        if not isinstance(params, dict):
-            raise BadRequest("params must be an object")
-        known_params = {f.name for f in dataclasses.fields(SamplingParams)}
-        unknown = sorted(set(params) - known_params)
-        if unknown:
-            raise BadRequest(f"unknown sampling parameter(s): {', '.join(unknown)}")
-        for name, value in params.items():
-            if value is not None:  # null: the checkpoint's recommended value
-                _check_type(f"params.{name}", value, _PARAM_TYPES.get(name, float))
     request = GenerationRequest.from_json(data)
     request.validate()
     return request

@@ -135,5 +135,10 @@ def test_sampling_params_resolve_and_json():
     assert SamplingParams.from_json({"top_k": 8}) == SamplingParams(top_k=8)
     with pytest.raises(BadRequest, match="must be a number"):
         SamplingParams.from_json({"top_k": "8"})
+    with pytest.raises(BadRequest, match="params.top_k must be an integer"):
+        SamplingParams.from_json({"top_k": 8.5})
+    with pytest.raises(BadRequest, match="must be a number"):
+        SamplingParams.from_json({"temperature": float("nan")})
+    assert SamplingParams.from_json({"top_k": None, "temperature": 0.5}) == SamplingParams(temperature=0.5)
     with pytest.raises(BadRequest, match="top_p"):
         SamplingParams.from_json({"top_p": 0})
