@@ -129,6 +129,20 @@ def export_flax_checkpoint(
     return out
 
 
+def export_trained(out_dir: str | Path, params: Any, config: dict[str, Any], result: Any,
+                   metrics: dict[str, float]) -> Path:
+    """Export a finished training run: the checkpoint (:func:`export_flax_checkpoint`) plus ``training.json``.
+
+    ``result`` is the loop's ``TrainResult``; ``training.json`` records steps, eval metrics and throughput so an
+    exported model says how it was made. The three trainers share this so their exports stay alike.
+    """
+    out = export_flax_checkpoint(out_dir, params, config)
+    summary = {"steps": int(result.state.step), "eval": metrics, "examples_per_s": result.examples_per_s,
+               "steps_per_s": result.steps_per_s}
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return out
+
+
 def load_flax_params(path: str | Path) -> Any:
     """Read a ``flax_model.msgpack`` (file or directory holding one) into a nested dict of numpy arrays."""
     p = Path(path)

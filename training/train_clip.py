@@ -17,7 +17,6 @@ the CLIP tokenizer files.
 from __future__ import annotations
 
 import functools
-import json
 import shutil
 import zlib
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import optax
 from engine.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from engine.models.clip import CLIPModel, dummy_inputs, preprocess
 from engine.text import CLIPTokenizer
-from training.checkpoint import export_flax_checkpoint
+from training.checkpoint import export_trained
 from training.data.shapes import ShapeExample, ShapesConfig, ShapesDataset, counterfactual_scene, render_scene
 from training.loop import TrainResult, init_key, train
 from training.optim import OptimConfig
@@ -243,12 +242,9 @@ def train_clip(
         hard = CaptionedImageBatches(ShapesDataset(data_seed + 1, shapes), tokenizer, batch_size, 0.5)
         metrics.update({f"{k}_hard": v for k, v in evaluate(model, config, final, hard, eval_batches).items()})
     if not result.interrupted:
-        export_flax_checkpoint(out_dir, final, config.to_dict())
+        export_trained(out_dir, final, config.to_dict(), result, metrics)
         src = Path(tokenizer_dir)
         for name in CLIP_TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, out_dir / name)
-        summary = {"steps": int(result.state.step), "eval": metrics, "examples_per_s": result.examples_per_s,
-                   "steps_per_s": result.steps_per_s}
-        (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return CLIPTrainOutput(out_dir=out_dir, config=config, params=final, result=result, eval_metrics=metrics)

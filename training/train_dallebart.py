@@ -13,7 +13,6 @@ tokenizer files.
 from __future__ import annotations
 
 import functools
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ import optax
 from engine.config import DalleBartConfig
 from engine.models.dallebart import DalleBart, init_params, load_dallebart_params
 from engine.text import DalleBartTokenizer
-from training.checkpoint import export_flax_checkpoint
+from training.checkpoint import export_trained
 from training.data.parquet import iter_token_shards
 from training.loop import ArrayBatches, TrainResult, init_key, train
 from training.optim import OptimConfig
@@ -251,9 +250,6 @@ def train_dallebart(
     if eval_shards is not None:
         metrics = evaluate_loss(model, config, final, load_token_data(eval_shards, tokenizer, config.image_length))
     if not result.interrupted:
-        export_flax_checkpoint(out_dir, final, config.to_dict())
+        export_trained(out_dir, final, config.to_dict(), result, metrics)
         copy_tokenizer(tokenizer_dir, out_dir)
-        summary = {"steps": int(result.state.step), "eval": metrics, "examples_per_s": result.examples_per_s,
-                   "steps_per_s": result.steps_per_s}
-        (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return DalleBartTrainOutput(out_dir=out_dir, config=config, params=final, result=result, eval_metrics=metrics)

@@ -21,7 +21,6 @@ The result is written in the published layout (``config.json`` + ``flax_model.ms
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ import numpy as np
 
 from engine.config import VQGANConfig
 from engine.models.vqgan import VQModel
-from training.checkpoint import export_flax_checkpoint
+from training.checkpoint import export_trained
 from training.data.shapes import ShapesConfig, ShapesDataset
 from training.loop import TrainResult, init_key, train
 from training.optim import OptimConfig
@@ -334,8 +333,5 @@ def train_vqgan(
     final = jax.device_get(result.params)
     metrics = evaluate(model, final, eval_set) if eval_images else {}
     if not result.interrupted:
-        export_flax_checkpoint(out_dir, final, config.to_dict())
-        summary = {"steps": int(result.state.step), "eval": metrics, "examples_per_s": result.examples_per_s,
-                   "steps_per_s": result.steps_per_s}
-        (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        export_trained(out_dir, final, config.to_dict(), result, metrics)
     return VQGANTrainOutput(out_dir=out_dir, config=config, params=final, result=result, eval_metrics=metrics)
