@@ -55,6 +55,7 @@ class Delivery:
     application_id: int | None = None
     interaction_token: str | None = None
     token_expires_at: datetime | None = None
+    upload_limit: int | None = None  # bytes of attachments per message (Discord's attachment_size_limit)
 
 
 @dataclass(frozen=True)
@@ -338,7 +339,7 @@ class GenerationService:
                 channel_id=d.channel_id, n_images=n, seed=seed, kind=kind, parent_generation_id=parent_generation_id,
                 parent_image_id=parent_image_id, checkpoint_id=self.checkpoint_id, private=private,
                 application_id=d.application_id, interaction_token=d.interaction_token,
-                token_expires_at=d.token_expires_at,
+                token_expires_at=d.token_expires_at, upload_limit=d.upload_limit,
             )
             self.scheduler.release(user_id)  # the slot becomes the queued job, with no await in between
             reserved = False

@@ -30,7 +30,8 @@ def _service(interaction: discord.Interaction) -> Any:
 
 def delivery_for(interaction: discord.Interaction) -> Delivery:
     return Delivery(channel_id=interaction.channel_id, application_id=interaction.application_id,
-                    interaction_token=interaction.token, token_expires_at=interaction.expires_at)
+                    interaction_token=interaction.token, token_expires_at=interaction.expires_at,
+                    upload_limit=interaction.filesize_limit)
 
 
 async def _queued_reply(interaction: discord.Interaction, adm: Any, what: str) -> None:

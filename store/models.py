@@ -198,6 +198,7 @@ class Generation(Base):
     application_id: Mapped[int | None] = mapped_column(BigInteger)
     interaction_token: Mapped[str | None] = mapped_column(Text)  # secret-ish: never log it
     token_expires_at: Mapped[datetime | None]
+    upload_limit: Mapped[int | None] = mapped_column(BigInteger)  # bytes per message, from the interaction
     ack_message_id: Mapped[int | None] = mapped_column(BigInteger)
     result_message_id: Mapped[int | None] = mapped_column(BigInteger)
     delivered_at: Mapped[datetime | None]

@@ -82,7 +82,8 @@ _GUILD_FIELDS = frozenset(
 )
 _USER_FIELDS = frozenset({"banned", "ban_reason", "opted_out", "strikes", "cooldown_until", "daily_quota"})
 _DELIVERY_FIELDS = frozenset(
-    {"application_id", "interaction_token", "token_expires_at", "ack_message_id", "result_message_id", "channel_id"}
+    {"application_id", "interaction_token", "token_expires_at", "upload_limit", "ack_message_id", "result_message_id",
+     "channel_id"}
 )
 
 
@@ -202,6 +203,7 @@ class Repository:
         application_id: int | None = None,
         interaction_token: str | None = None,
         token_expires_at: datetime | None = None,
+        upload_limit: int | None = None,
     ) -> Generation:
         """Persist a new queued job (durable before the user is acknowledged)."""
         _check_value("kind", kind, GenerationKind)
@@ -227,6 +229,7 @@ class Repository:
             application_id=application_id,
             interaction_token=interaction_token,
             token_expires_at=token_expires_at,
+            upload_limit=upload_limit,
         )
         async with self.sessions.begin() as s:
             s.add(gen)
@@ -388,7 +391,7 @@ class Repository:
         return ids
 
     async def update_delivery(self, generation_id: int, **fields: Any) -> Generation:
-        """Set delivery fields (application_id, interaction_token, token_expires_at, ack_message_id,
+        """Set delivery fields (application_id, interaction_token, token_expires_at, upload_limit, ack_message_id,
         result_message_id, channel_id)."""
         unknown = set(fields) - _DELIVERY_FIELDS
         if unknown:

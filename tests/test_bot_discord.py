@@ -61,7 +61,7 @@ async def start_bot(settings, engine, repo, **kw) -> Running:
 
     bot.add_listener(on_ready, "on_ready")
     task = asyncio.create_task(bot.start("fake-token"))
-    await asyncio.wait_for(ready.wait(), 10)
+    await asyncio.wait_for(ready.wait(), 30)  # generous: a loaded CI machine is slow to connect
     return Running(bot, task)
 
 
@@ -371,6 +371,34 @@ async def test_expired_token_still_delivers_as_channel_message(fake, db_url, tmp
     finally:
         if engine.gate is not None:
             engine.gate.set()
+        await run.stop()
+        await repo.close()
+
+
+async def test_results_fit_the_interactions_attachment_limit(fake, db_url, tmp_path):
+    """Discord says per interaction how many bytes a message may carry (boost tier, context); a result larger than
+    that is refused with 413. The bot sizes public posts and private follow-ups to the interaction's limit (the
+    guild's default would be 10 MiB here), dropping what does not fit instead of losing the result."""
+    fake.attachment_limit = 400  # the fake engine's 4 images + grid are ~550 bytes
+    repo = make_repo(db_url)
+    run = await start_bot(_settings(tmp_path), FakeEngine(), repo)
+    try:
+        await fake.slash("dalle", {"prompt": "a small public square", "images": 4}, user_id=91)
+        post = await fake.wait_for(_posts(fake))
+        assert post.status == 200, post.json
+        assert 0 < sum(len(b) for b in post.files.values()) <= 400 and len(post.files) < 5
+        rec = await fake.slash("dalle", {"prompt": "a small private square", "images": 4, "private": True},
+                               user_id=92)
+        follow = await fake.wait_for(lambda c: c.method == "POST" and c.path == f"/webhooks/{APP_ID}/{rec.token}"
+                                     and bool(c.files))
+        assert follow.status == 200 and (follow.json.get("flags", 0) & 64)  # ephemeral, delivered
+        assert sum(len(b) for b in follow.files.values()) <= 400 and len(follow.files) < 5
+        await asyncio.sleep(0.1)
+        gens = await _rows(repo, Generation)
+        assert {g.upload_limit for g in gens} == {400}
+        assert all(g.status == "done" and g.delivered_at is not None for g in gens)
+        assert [c for c in fake.errors if c.status == 413] == []
+    finally:
         await run.stop()
         await repo.close()
 

@@ -25,6 +25,7 @@ from bot.views import CancelView, ResultView, delivery_for, grid_png, handle_rep
 log = logging.getLogger(__name__)
 
 DEFAULT_FILE_LIMIT = 10 * 1024 * 1024  # Discord's default per-message upload limit since 2025-01
+ENVELOPE_RESERVE = 64 * 1024  # bytes kept free for the multipart JSON and boundaries
 TOKEN_MARGIN = timedelta(seconds=30)
 
 
@@ -49,7 +50,9 @@ class DiscordPublisher:
         self._last_edit: dict[int, tuple[float, str]] = {}
 
     def _webhook(self, gen: Any) -> discord.Webhook:
-        return discord.Webhook.partial(int(gen.application_id), gen.interaction_token, client=self.bot)
+        # type 3 (application), as Interaction.followup builds it: only those may send ephemeral messages
+        payload = {"id": int(gen.application_id), "type": 3, "token": gen.interaction_token}
+        return discord.Webhook.from_state(payload, self.bot._connection)  # type: ignore[arg-type]
 
     async def _edit_ack(self, gen: Any, **kwargs: Any) -> None:
         target = gen.ack_message_id or "@original"
@@ -86,11 +89,12 @@ class DiscordPublisher:
         shown = [im for im in outcome.images if not im.withheld]
         safe = [im for im in shown if not im.flagged]
         files: list[discord.File] = []
-        budget = limit - 64 * 1024  # leave room for the multipart envelope
-        if safe:
+        budget = limit - min(ENVELOPE_RESERVE, limit // 8)  # leave room for the multipart envelope
+        if safe and budget > 0:
             grid = grid_png(safe, max_bytes=budget // 2)
-            files.append(discord.File(io.BytesIO(grid), filename="grid.png"))
-            budget -= len(grid)
+            if len(grid) <= budget:  # the grid only shrinks so far: below that it is left out, not refused
+                files.append(discord.File(io.BytesIO(grid), filename="grid.png"))
+                budget -= len(grid)
         for number, im in enumerate(shown, 1):
             if len(files) >= 10 or len(im.png) > budget or not im.png:
                 continue
@@ -98,6 +102,19 @@ class DiscordPublisher:
                                       spoiler=im.flagged))
             budget -= len(im.png)
         return files, shown
+
+    def _upload_limit(self, gen: Any, alive: bool) -> int:
+        """Bytes of attachments the result message may carry.
+
+        The interaction's ``attachment_size_limit`` (stored with the job, so it survives a restart) holds for its
+        follow-ups and for posts in its guild; a DM after the token expired gets Discord's default."""
+        if gen.private and not alive:
+            return DEFAULT_FILE_LIMIT
+        if getattr(gen, "upload_limit", None):
+            return int(gen.upload_limit)
+        if gen.guild_id and (guild := self.bot.get_guild(gen.guild_id)) is not None:
+            return guild.filesize_limit
+        return DEFAULT_FILE_LIMIT
 
     async def publish(self, outcome: Outcome) -> int | None:
         gen = outcome.generation
@@ -107,11 +124,8 @@ class DiscordPublisher:
         if not outcome.ok:
             files, view = [], discord.utils.MISSING
         else:
-            limit = DEFAULT_FILE_LIMIT
-            if gen.guild_id and (guild := self.bot.get_guild(gen.guild_id)) is not None:
-                limit = guild.filesize_limit
             # decoding, resizing and PNG-encoding the grid is CPU work: off the event loop
-            files, shown = await asyncio.to_thread(self._files, outcome, limit)
+            files, shown = await asyncio.to_thread(self._files, outcome, self._upload_limit(gen, alive))
             view = ResultView(gen.id, shown) if shown else discord.utils.MISSING
         if gen.private:
             if alive:
