@@ -403,6 +403,29 @@ async def test_results_fit_the_interactions_attachment_limit(fake, db_url, tmp_p
         await repo.close()
 
 
+async def test_private_result_after_the_token_expired_goes_to_a_dm(fake, db_url, tmp_path):
+    fake.token_ttl = 0.3
+    repo = make_repo(db_url)
+    engine = FakeEngine()
+    engine.gate = asyncio.Event()
+    run = await start_bot(_settings(tmp_path), engine, repo)
+    try:
+        rec = await fake.slash("dalle", {"prompt": "a secret garden", "images": 2, "private": True}, user_id=93)
+        await _callback(fake, rec)
+        await asyncio.sleep(0.5)
+        engine.gate.set()
+        dm = await fake.wait_for(lambda c: c.method == "POST" and c.path == f"/channels/{50_000 + 93}/messages")
+        assert dm.status == 200 and "a secret garden" in dm.json["content"] and "grid.png" in dm.files
+        assert not fake.calls_for("POST", f"/channels/{CHANNEL}/messages")  # never in the public channel
+        await asyncio.sleep(0.1)
+        gen = (await _rows(repo, Generation))[0]
+        assert gen.status == "done" and gen.delivered_at is not None
+    finally:
+        engine.gate.set()
+        await run.stop()
+        await repo.close()
+
+
 async def test_fake_enforces_the_ack_deadline_and_double_ack(fake):
     """The fake's own strictness: a late first response is 10062, a second one 40060."""
     import aiohttp

@@ -116,28 +116,37 @@ class DiscordPublisher:
             return guild.filesize_limit
         return DEFAULT_FILE_LIMIT
 
+    async def _message_parts(self, outcome: Outcome, limit: int) -> tuple[list[discord.File], Any]:
+        if not outcome.ok:
+            return [], discord.utils.MISSING
+        # decoding, resizing and PNG-encoding the grid is CPU work: off the event loop
+        files, shown = await asyncio.to_thread(self._files, outcome, limit)
+        return files, ResultView(outcome.generation.id, shown) if shown else discord.utils.MISSING
+
     async def publish(self, outcome: Outcome) -> int | None:
         gen = outcome.generation
         self._last_edit.pop(gen.id, None)
         content = self._content(outcome)
         alive = token_valid(gen)
-        if not outcome.ok:
-            files, view = [], discord.utils.MISSING
-        else:
-            # decoding, resizing and PNG-encoding the grid is CPU work: off the event loop
-            files, shown = await asyncio.to_thread(self._files, outcome, self._upload_limit(gen, alive))
-            view = ResultView(gen.id, shown) if shown else discord.utils.MISSING
+        files, view = await self._message_parts(outcome, self._upload_limit(gen, alive))
         if gen.private:
             if alive:
-                msg = await self._webhook(gen).send(content, files=files, view=view, ephemeral=True, wait=True)
-            else:  # the token is gone: a DM keeps the result private
-                user = await self.bot.fetch_user(gen.user_id)
-                msg = await user.send(content, files=files, view=view)
-        else:
-            channel = self.bot.get_partial_messageable(gen.channel_id)
-            msg = await channel.send(content, files=files, view=view,
-                                     allowed_mentions=discord.AllowedMentions(users=True, everyone=False, roles=False))
-        if alive and not gen.private:
+                try:
+                    msg = await self._webhook(gen).send(content, files=files, view=view, ephemeral=True, wait=True)
+                    return msg.id
+                except discord.HTTPException as exc:
+                    if exc.status not in (401, 404):  # only a dead token falls through to the DM
+                        raise
+                    log.info("follow-up token of %s refused (%s): sending the result as a DM", gen.id, exc.status)
+                files, view = await self._message_parts(outcome, DEFAULT_FILE_LIMIT)  # sent files are spent
+            # the token is gone: a DM keeps the result private
+            dm = await self.bot.create_dm(discord.Object(id=gen.user_id))  # one REST call, no user lookup
+            msg = await dm.send(content, files=files, view=view)
+            return msg.id
+        channel = self.bot.get_partial_messageable(gen.channel_id)
+        msg = await channel.send(content, files=files, view=view,
+                                 allowed_mentions=discord.AllowedMentions(users=True, everyone=False, roles=False))
+        if alive:
             try:
                 done = "Done: posted below." if outcome.ok else "Failed."
                 await self._edit_ack(gen, content=done, view=None)
