@@ -17,6 +17,10 @@ The default pipeline is the deterministic fake with ``bench engine``'s default c
 (50 ms/pass + 2 ms/padded candidate, buckets 1..16); ``--checkpoint DIR`` loads a real checkpoint and warms
 every bucket up first. ``--workers`` sets the service's engine concurrency (the bot's default is 2); a list
 (``2,16``) runs one bot round per value against one shared baseline.
+
+``--engine-url URL`` measures the hosted layout instead: the model runs in its own process
+(``python -m engine serve``, started by you), and both the baseline and the bot talk to it through
+``HttpEngine``, so the bot's Python work no longer shares a GIL with the pipeline.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -125,14 +129,28 @@ def bot_settings(workdir: Path, images: int, workers: int | None) -> SimpleNames
     return s
 
 
-async def bot_round(fake: FakeDiscordProcess, pipeline: Pipeline, *, users: int, images: int, rate: float,
-                    workers: int | None, window_ms: float, user_base: int, timeout: float) -> dict[str, Any]:
-    """Start a fresh bot (new database), send the burst, collect what the fake saw, stop the bot."""
-    from bot.app import create_bot
+EngineFactory = Callable[[], Any]
+
+
+def engine_factory(pipeline: Pipeline | None, window_ms: float, engine_url: str | None) -> EngineFactory:
+    """A fresh engine per round: in-process over ``pipeline``, or an ``HttpEngine`` client of a running service."""
+    if engine_url:
+        from engine.client import HttpEngine
+
+        token = os.environ.get("ENGINE_TOKEN") or None
+        return lambda: HttpEngine(engine_url, token, timeout=600.0)
     from engine.client import InProcessEngine
 
+    return lambda: InProcessEngine(pipeline, window_ms=window_ms)
+
+
+async def bot_round(fake: FakeDiscordProcess, make_engine: EngineFactory, *, users: int, images: int, rate: float,
+                    workers: int | None, user_base: int, timeout: float) -> dict[str, Any]:
+    """Start a fresh bot (new database), send the burst, collect what the fake saw, stop the bot."""
+    from bot.app import create_bot
+
     with tempfile.TemporaryDirectory(prefix="bench-bot-") as tmp:
-        engine = InProcessEngine(pipeline, window_ms=window_ms)
+        engine = make_engine()
         bot = create_bot(bot_settings(Path(tmp), images, workers), engine, guild_ready_timeout=0.05)
         ready = asyncio.Event()
 
@@ -193,12 +211,9 @@ def summarise_bot(seen: dict, users: int, images: int) -> dict[str, Any]:
 # -- the engine alone ----------------------------------------------------------------------------------------
 
 
-async def engine_round(pipeline: Pipeline, *, requests: int, images: int, rate: float,
-                       window_ms: float) -> dict[str, Any]:
-    """The same requests straight through an ``InProcessEngine``: released like the users, all awaited."""
-    from engine.client import InProcessEngine
-
-    engine = InProcessEngine(pipeline, window_ms=window_ms)
+async def engine_round(make_engine: EngineFactory, *, requests: int, images: int, rate: float) -> dict[str, Any]:
+    """The same requests straight through the engine (no bot): released like the users, all awaited."""
+    engine = make_engine()
     latencies: list[float] = []
     delivered = 0
     try:
@@ -225,7 +240,9 @@ async def engine_round(pipeline: Pipeline, *, requests: int, images: int, rate: 
 # -- command line --------------------------------------------------------------------------------------------
 
 
-def make_pipeline(args: argparse.Namespace) -> tuple[Pipeline, str]:
+def make_pipeline(args: argparse.Namespace) -> tuple[Pipeline | None, str]:
+    if args.engine_url:
+        return None, f"engine service at {args.engine_url} (python -m engine serve, its own process)"
     if args.checkpoint:
         from engine.__main__ import load_checkpoint_pipeline
 
@@ -252,22 +269,24 @@ def loadavg() -> str:
         return "n/a"
 
 
-async def run(args: argparse.Namespace, pipeline: Pipeline, workers: list[int | None]) -> dict[str, Any]:
-    engine_runs = [await engine_round(pipeline, requests=args.users, images=args.images, rate=args.rate,
-                                      window_ms=args.window_ms)]
+async def run(args: argparse.Namespace, pipeline: Pipeline | None, workers: list[int | None]) -> dict[str, Any]:
+    make_engine = engine_factory(pipeline, args.window_ms, args.engine_url)
+    if args.engine_url:  # the service compiles lazily: one small request first, outside the measurement
+        await engine_round(make_engine, requests=1, images=args.images, rate=0.0)
+    engine_runs = [await engine_round(make_engine, requests=args.users, images=args.images, rate=args.rate)]
     fake = await FakeDiscordProcess.start()
     rounds = []
     try:
         with discord_pointed_at(fake.api_base, fake.gateway_url):
             for k, w in enumerate(workers):
-                rounds.append(await bot_round(fake, pipeline, users=args.users, images=args.images, rate=args.rate,
-                                              workers=w, window_ms=args.window_ms, user_base=100_000 * (k + 1),
+                rounds.append(await bot_round(fake, make_engine, users=args.users, images=args.images,
+                                              rate=args.rate, workers=w, user_base=100_000 * (k + 1),
                                               timeout=args.timeout))
     finally:
         await fake.close()
     if not args.quick:
-        engine_runs.append(await engine_round(pipeline, requests=args.users, images=args.images, rate=args.rate,
-                                              window_ms=args.window_ms))
+        engine_runs.append(await engine_round(make_engine, requests=args.users, images=args.images,
+                                              rate=args.rate))
     return {"engine_runs": engine_runs, "rounds": rounds}
 
 
@@ -324,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="service engine concurrency; a comma list runs one bot round each (default: the bot's own)")
     p.add_argument("--window-ms", type=float, default=10.0, help="batching window of the InProcessEngine")
     p.add_argument("--checkpoint", default=None, help="real checkpoint directory (default: the fake pipeline)")
+    p.add_argument("--engine-url", default=None,
+                   help="use a running `python -m engine serve` at this URL (token: env ENGINE_TOKEN) instead of "
+                        "an in-process engine")
     p.add_argument("--fake-fixed-ms", type=float, default=None, help="fake: cost of one pass (default 50; quick 10)")
     p.add_argument("--fake-per-candidate-ms", type=float, default=None,
                    help="fake: cost per padded candidate (default 2; quick 0.5)")
@@ -334,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.users < 1:
         p.error("--users must be at least 1")
+    if args.engine_url and args.checkpoint:
+        p.error("--engine-url and --checkpoint are exclusive (the service loads its own checkpoint)")
     if not 1 <= args.images <= 9:
         p.error("--images must be between 1 and 9")
     try:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,8 +24,8 @@ from bench.bot import summarise_bot
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def _run(*args: str, timeout: float = 120, **env_extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **env_extra)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return subprocess.run([sys.executable, "-m", "bench", "bot", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -55,11 +58,47 @@ def test_quick_bench_serves_every_user_and_prints_the_figures(tmp_path):
     assert [r["workers"] for r in data["rounds"]] == [2, 6]
 
 
+def test_engine_url_mode_measures_a_separate_engine_service(tmp_path):
+    """``--engine-url``: the baseline and the bot both go through ``HttpEngine`` to ``python -m engine serve``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), ENGINE_TOKEN="bench-secret")
+    server = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--fake", "--port", str(port),
+                               "--fake-latency-ms", "10", "--fake-per-candidate-ms", "0.5"],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=1) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise AssertionError("engine service did not come up")
+        out_json = tmp_path / "bot.json"
+        proc = _run("--engine-url", url, "--users", "6", "--images", "2", "--quick", "--json", str(out_json),
+                    ENGINE_TOKEN="bench-secret")  # the bench reads the service token from the environment
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"engine service at {url}" in proc.stdout
+        data = json.loads(out_json.read_text())
+        assert data["engine_runs"][0]["images"] == 12
+        (r,) = data["rounds"]
+        assert r["images"] == 12 and r["complete_users"] == 6 and r["fake_errors"] == 0
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
 def test_bad_arguments_get_a_clear_error():
     proc = _run("--images", "12")
     assert proc.returncode == 2 and "--images must be between 1 and 9" in proc.stderr
     proc = _run("--workers", "two")
     assert proc.returncode == 2 and "--workers must be a comma list of integers" in proc.stderr
+    proc = _run("--engine-url", "http://127.0.0.1:1", "--checkpoint", "x")
+    assert proc.returncode == 2 and "exclusive" in proc.stderr
     proc = _run("--checkpoint", "/nonexistent/checkpoint")
     assert proc.returncode == 2 and "nothing measured" in proc.stderr
 
