@@ -105,6 +105,7 @@ def normalise(text: str, aggressive: bool = False) -> str:
     return " ".join(words)
 
 
+@functools.lru_cache(maxsize=8192)
 def _collapse_repeats(word: str) -> str:
     """"baaaad" → "bad": repeated letters are a common bypass."""
     return re.sub(r"(.)\1+", r"\1", word)
@@ -138,30 +139,51 @@ class BlockTerm:
         # Terms that are mostly repeats ("xxx", "kkk") would collapse to one letter: match those only as written.
         if min(len(w) for w in self.collapsed.words) < 3:
             return False
-        return self.collapsed._matches([_collapse_repeats(t) for t in tokens])
+        return self.collapsed._matches(tuple(_collapse_repeats(t) for t in tokens))
 
     def _matches(self, tokens: Sequence[str]) -> bool:
         n = len(self.words)
         if n == 1:
-            return any(self._word_ok(t, self.words[0]) for t in _candidate_words(tokens, len(self.words[0])))
+            return self._any_candidate(tokens, self.words[0])
         for i in range(len(tokens) - n + 1):
             window = tokens[i : i + n]
             if all(window[k] == self.words[k] for k in range(n - 1)) and self._word_ok(window[-1], self.words[-1]):
                 return True
         # Multi-word terms written without spaces ("childporn") or spaced out letter by letter.
         joined = "".join(self.words)
-        return any(self._word_ok(t, joined) for t in _candidate_words(tokens, len(joined)))
+        return self._any_candidate(tokens, joined)
+
+    def _any_candidate(self, tokens: Sequence[str], word: str) -> bool:
+        if not self.prefix:
+            return word in _candidate_words(tokens, len(word))
+        return word in _candidate_prefixes(tuple(tokens), len(word))
 
     def _word_ok(self, token: str, word: str) -> bool:
         return token.startswith(word) if self.prefix else token == word
 
 
-def _candidate_words(tokens: Sequence[str], target_len: int) -> Iterable[str]:
+def _candidate_words(tokens: Sequence[str], target_len: int) -> frozenset[str]:
     """Every token, plus concatenations of adjacent tokens up to ``target_len`` characters.
 
     Concatenation catches spaced-out words ("s e x", "fu ck") without matching inside longer words
-    (so "assistant" never matches "ass").
+    (so "assistant" never matches "ass"). Cached: every block-list term of a similar length asks for the same set
+    (a long prompt of single letters would otherwise be re-joined once per term).
     """
+    return _candidate_set(tuple(tokens), target_len)
+
+
+@functools.lru_cache(maxsize=64)
+def _candidate_prefixes(tokens: tuple[str, ...], length: int) -> frozenset[str]:
+    """The first ``length`` characters of every candidate at least that long: prefix terms become set lookups."""
+    return frozenset(t[:length] for t in _candidate_set(tokens, length) if len(t) >= length)
+
+
+@functools.lru_cache(maxsize=64)
+def _candidate_set(tokens: tuple[str, ...], target_len: int) -> frozenset[str]:
+    return frozenset(_iter_candidates(tokens, target_len))
+
+
+def _iter_candidates(tokens: Sequence[str], target_len: int) -> Iterable[str]:
     for i, tok in enumerate(tokens):
         yield tok
         acc = tok

@@ -266,6 +266,10 @@ class Scheduler:
         if self._running.pop(job_id, None) is not None:
             self._changed.set()  # that user may run another job now
 
+    def is_queued(self, job_id: int) -> bool:
+        """Waiting in the queue (O(1), unlike ``position``, which simulates the dispatch order)."""
+        return job_id in self.queue
+
     def position(self, job_id: int) -> int | None:
         """1-based queue position, 0 while running, None if unknown."""
         if job_id in self._running:

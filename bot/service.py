@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MAX_IMAGES = 9
 SEED_LIMIT = 2**31
+LONG_PROMPT = 200  # characters above which the prompt filter runs in a worker thread
 
 
 def derive_seed(parent_seed: int, index: int) -> int:
@@ -166,6 +167,7 @@ class GenerationService:
         self.flagged_mode = flagged_mode
         self.checkpoint_id = checkpoint_id
         self.clock = clock
+        self.retry_delay = 0.5  # seconds before the first retry of a failed database claim (doubling)
         self._workers: list[asyncio.Task] = []
         self._positions_changed = asyncio.Event()
         self._turns = _Turns()
@@ -307,7 +309,9 @@ class GenerationService:
             return await self._refuse(user_id, guild_id, prompt, None, "banned",
                                       "You are not allowed to generate images here.")
         policy, limits, user_cap, _ = await self._policies(guild_id)
-        decision: FilterDecision = self.filter.check(prompt, policy)
+        decision: FilterDecision = (
+            await asyncio.to_thread(self.filter.check, prompt, policy)  # long prompts cost milliseconds: off the loop
+            if len(prompt) > LONG_PROMPT else self.filter.check(prompt, policy))
         if not decision.allowed:
             msg = f"Sorry, I can't draw that: {decision.reason}"
             if decision.category != "invalid":
@@ -480,13 +484,14 @@ class GenerationService:
         changed = {gid: p for gid, p in positions.items() if self._last_positions.get(gid) != p}
         self._last_positions = positions
         for gid, pos in changed.items():
+            await asyncio.sleep(0)  # a long backlog of expired tokens never awaits below: let the loop breathe
             job = self.scheduler.job(gid)
             gen = job.payload if job is not None else None
             if gen is None:  # restored at start-up: read the row once
                 gen = await self.repo.get_generation(gid, with_images=False)
                 if job is not None:
                     job.payload = gen
-            if gen is not None and self.scheduler.position(gid):  # still queued after the awaits
+            if gen is not None and self.scheduler.is_queued(gid):  # still queued after the awaits
                 await self._progress(gen, ProgressUpdate(gid, "queued", position=pos))
 
     async def _progress(self, gen: Any, update: ProgressUpdate) -> None:
@@ -502,7 +507,7 @@ class GenerationService:
         turns = self._turns
         gen = None
         try:
-            gen = await self.repo.claim(generation_id)
+            gen = await self._claim(generation_id)
         finally:
             if gen is None and turn is not None:  # no engine submit follows: let the next ticket go
                 turns.finish(turn)
@@ -525,8 +530,12 @@ class GenerationService:
                 result = await self.engine.result(rid)
             finally:
                 events.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await events
+                except asyncio.CancelledError:
+                    pass
+                except Exception:  # noqa: BLE001 - progress is best effort; the result decides the job
+                    log.warning("progress stream of generation %s failed", gen.id, exc_info=True)
         except asyncio.CancelledError:
             # shutdown: give the job back to the queue for the next start
             rid = self._engine_ids.get(gen.id)
@@ -538,10 +547,32 @@ class GenerationService:
         except (EngineError, RequestCancelled) as exc:
             await asyncio.shield(self._finish_failed(gen, str(exc) or exc.__class__.__name__))
             return
+        except Exception:  # noqa: BLE001 - a bug or a broken engine: the user hears of it, the job is not stranded
+            log.exception("generation %s: the engine call failed unexpectedly", gen.id)
+            await asyncio.shield(self._finish_failed(gen, "internal error in the image engine; please try again"))
+            return
         finally:
             self._engine_ids.pop(gen.id, None)
-        outcome = await asyncio.shield(self._finish_ok(gen, result))
+        try:
+            outcome = await asyncio.shield(self._finish_ok(gen, result))
+        except Exception:  # noqa: BLE001 - disk full, database gone...: fail the job instead of leaving it running
+            log.exception("generation %s: storing the result failed", gen.id)
+            await asyncio.shield(self._finish_failed(gen, "the images could not be stored; please try again"))
+            return
         await self._publish(outcome)
+
+    async def _claim(self, generation_id: int, attempts: int = 4) -> Any:
+        """``repo.claim`` with a few retries: a transient database error must not drop a queued job (the worker
+        forgets it either way; the row would wait for the next start)."""
+        for attempt in range(attempts):
+            try:
+                return await self.repo.claim(generation_id)
+            except Exception:  # noqa: BLE001 - retried, then raised
+                if attempt == attempts - 1:
+                    raise
+                log.warning("claiming generation %s failed; retrying", generation_id, exc_info=True)
+                await asyncio.sleep(self.retry_delay * 2**attempt)
+        return None
 
     async def _forward_events(self, gen: Any, rid: str) -> None:
         last = -1e9

@@ -8,11 +8,13 @@ The items call ``interaction.client.service`` (a ``bot.service.GenerationService
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import math
 import re
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import discord
 from PIL import Image as PILImage
@@ -26,6 +28,37 @@ REASONS = ("nsfw", "bias", "quality", "other")
 
 def _service(interaction: discord.Interaction) -> Any:
     return interaction.client.service  # type: ignore[attr-defined]
+
+
+SORRY = "Sorry, that did not work; please try again in a moment."
+_Item = TypeVar("_Item")
+
+
+async def tell_failure(interaction: discord.Interaction) -> None:
+    """Answer an interaction whose handler failed, however far it got (not answered, or deferred and thinking)."""
+    try:
+        if interaction.response.is_done():
+            await interaction.edit_original_response(content=SORRY, view=None)
+        else:
+            await interaction.response.send_message(SORRY, ephemeral=True)
+    except discord.HTTPException:
+        log.info("could not tell interaction %s about its failure", interaction.id)
+
+
+def answers_failures(
+    callback: Callable[[_Item, discord.Interaction], Awaitable[None]],
+) -> Callable[[_Item, discord.Interaction], Awaitable[None]]:
+    """A component callback that logs its error and tells the user, instead of leaving them at "thinking…"."""
+
+    @functools.wraps(callback)
+    async def run(self: _Item, interaction: discord.Interaction) -> None:
+        try:
+            await callback(self, interaction)
+        except Exception:
+            log.exception("%s failed for interaction %s", type(self).__name__, interaction.id)
+            await tell_failure(interaction)
+
+    return run
 
 
 def delivery_for(interaction: discord.Interaction) -> Delivery:
@@ -54,6 +87,7 @@ class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dalle:r
     async def from_custom_id(cls, interaction, item, match):
         return cls(int(match["gen"]))
 
+    @answers_failures
     async def callback(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         adm = await _service(interaction).reroll(self.generation_id, interaction.user.id,
@@ -72,6 +106,7 @@ class VariationButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dall
     async def from_custom_id(cls, interaction, item, match):
         return cls(int(match["img"]), int(match["n"]))
 
+    @answers_failures
     async def callback(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         adm = await _service(interaction).variation(self.image_id, interaction.user.id, guild_id=interaction.guild_id,
@@ -90,6 +125,7 @@ class VoteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dalle:vot
     async def from_custom_id(cls, interaction, item, match):
         return cls(match["kind"], int(match["img"]))
 
+    @answers_failures
     async def callback(self, interaction: discord.Interaction) -> None:
         res = await _service(interaction).feedback(self.image_id, interaction.user.id, self.kind)
         await interaction.response.send_message(res.message, ephemeral=True)
@@ -160,6 +196,7 @@ class ReportButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dalle:r
     async def from_custom_id(cls, interaction, item, match):
         return cls(int(match["img"]))
 
+    @answers_failures
     async def callback(self, interaction: discord.Interaction) -> None:
         await interaction.response.send_modal(ReportModal(self.image_id))
 
@@ -174,6 +211,7 @@ class CancelButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dalle:c
     async def from_custom_id(cls, interaction, item, match):
         return cls(int(match["gen"]))
 
+    @answers_failures
     async def callback(self, interaction: discord.Interaction) -> None:
         ok = await _service(interaction).cancel(self.generation_id, interaction.user.id)
         if ok:

@@ -72,6 +72,7 @@ class FakeDiscord:
         self.heartbeat_ms = heartbeat_ms
         self.guild_ids = guilds
         self.channel_id = channel_id
+        self.forbidden_channels: set[int] = set()  # the bot lacks Send Messages there: posts get 403/50013
         self.calls: list[Call] = []
         self.unknown: list[Call] = []
         self.errors: list[Call] = []  # calls the fake refused (deadline, expiry, size...)
@@ -350,6 +351,8 @@ class FakeDiscord:
         if p[:1] == ["webhooks"] and len(p) >= 3:
             return self._webhook(method, p, call)
         if method == "POST" and p[:1] == ["channels"] and p[-1] == "messages":
+            if int(p[1]) in self.forbidden_channels:
+                raise _Refuse(_error(403, 50013, "Missing Permissions"))
             self._check_message(call, self.attachment_limit)
             payload = call.json or {}
             msg = self.message(int(p[1]), payload.get("content"), components=payload.get("components"),

@@ -426,6 +426,77 @@ async def test_private_result_after_the_token_expired_goes_to_a_dm(fake, db_url,
         await repo.close()
 
 
+async def test_a_channel_that_refuses_the_bot_still_gets_the_result_as_a_follow_up(fake, db_url, tmp_path):
+    """No Send Messages permission (or an archived thread, an app-only context): the channel post is refused
+    with 403, so the result goes out as the interaction's follow-up, which Discord accepts in any context."""
+    fake.forbidden_channels.add(CHANNEL)
+    repo = make_repo(db_url)
+    run = await start_bot(_settings(tmp_path), FakeEngine(), repo)
+    try:
+        rec = await fake.slash("dalle", {"prompt": "a red circle", "images": 2}, user_id=77)
+        follow = await fake.wait_for(lambda c: c.method == "POST" and c.path == f"/webhooks/{APP_ID}/{rec.token}"
+                                     and bool(c.files))
+        assert follow.status == 200 and "a red circle" in follow.json["content"] and "grid.png" in follow.files
+        assert not follow.json.get("flags", 0) & 64  # public, like the channel post would have been
+        assert [c.status for c in fake.calls_for("POST", f"/channels/{CHANNEL}/messages")] == [403]
+        await asyncio.sleep(0.1)
+        gen = (await _rows(repo, Generation))[0]
+        assert gen.status == "done" and gen.delivered_at is not None
+    finally:
+        await run.stop()
+        await repo.close()
+
+
+async def test_prompt_mentions_do_not_ping_and_long_markdown_prompts_fit(fake, db_url, tmp_path):
+    repo = make_repo(db_url)
+    run = await start_bot(_settings(tmp_path), FakeEngine(), repo)
+    try:
+        await fake.slash("dalle", {"prompt": "a portrait of <@555> and @everyone", "images": 1}, user_id=78)
+        post = await fake.wait_for(_posts(fake))
+        assert post.status == 200 and post.json["content"].startswith("<@78>")
+        allowed = post.json["allowed_mentions"]
+        assert [str(u) for u in allowed["users"]] == ["78"]  # only the requester
+        assert "users" not in allowed.get("parse", [])
+        assert "everyone" not in allowed.get("parse", [])
+        await fake.slash("dalle", {"prompt": "a" + "*" * 999, "images": 1}, user_id=79)
+        posts = await fake.wait_count(_posts(fake), 2)
+        assert posts[1].status == 200 and len(posts[1].json["content"]) <= 2000
+        await asyncio.sleep(0.1)
+        assert all(g.delivered_at is not None for g in await _rows(repo, Generation))
+    finally:
+        await run.stop()
+        await repo.close()
+
+
+async def test_a_button_whose_handler_fails_tells_the_user(fake, db_url, tmp_path):
+    """A deferred button ("thinking…") whose handler raises must still end with a message, not spin forever."""
+    repo = make_repo(db_url)
+    run = await start_bot(_settings(tmp_path), FakeEngine(), repo)
+    try:
+        await fake.slash("dalle", {"prompt": "a cat", "images": 2, "seed": 3}, user_id=15)
+        await fake.wait_for(_posts(fake))
+        message = next(m for m in fake.messages.values() if m["attachments"] and m["channel_id"] == str(CHANNEL))
+
+        async def broken(*args, **kwargs):
+            raise RuntimeError("database is locked")
+
+        run.bot.service.variation = broken
+        run.bot.service.feedback = broken
+        rec = await fake.click(message, next(i for i in _custom_ids(message) if i.startswith("dalle:var:")),
+                               user_id=16)
+        cb = await _callback(fake, rec)
+        assert cb.json["type"] == 5  # deferred: the user sees "thinking…"
+        edit = await fake.wait_for(lambda c: c.method == "PATCH" and rec.token in c.path)
+        assert edit.json["content"].startswith("Sorry, that did not work")
+        up = next(i for i in _custom_ids(message) if i.startswith("dalle:vote:up:"))
+        rec = await fake.click(message, up, user_id=16)  # not deferred: answered directly
+        cb = await _callback(fake, rec)
+        assert cb.json["type"] == 4 and cb.json["data"]["content"].startswith("Sorry, that did not work")
+    finally:
+        await run.stop()
+        await repo.close()
+
+
 async def test_fake_enforces_the_ack_deadline_and_double_ack(fake):
     """The fake's own strictness: a late first response is 10062, a second one 40060."""
     import aiohttp

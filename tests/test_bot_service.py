@@ -409,3 +409,80 @@ async def test_engine_gets_many_jobs_at_once_in_fair_order(bot_db_url, tmp_path)
         await svc.stop(grace=1)
         await engine.close()
         await repo.close()
+
+
+async def _service_with(bot_db_url, engine, output_dir):
+    repo = make_repo(bot_db_url)
+    pub = RecordingPublisher()
+    limiter = RateLimiter(policy=LimitPolicy(user="100 per minute", guild="", daily_quota=None))
+    svc = GenerationService(repo, engine, pub, output_dir=output_dir, limiter=limiter,
+                            scheduler=Scheduler(per_user_cap=5), concurrency=1, progress_interval=0.0)
+    svc.retry_delay = 0.01
+    await svc.start()
+    return svc, repo, pub
+
+
+async def test_a_result_that_cannot_be_stored_fails_the_job_and_tells_the_user(bot_db_url, tmp_path):
+    """Not only engine errors end a job: a disk that refuses the PNGs must not leave it 'running' forever."""
+    blocker = tmp_path / "out"
+    blocker.write_text("a file where the output folder should be")
+    engine = FakeEngine()
+    svc, repo, pub = await _service_with(bot_db_url, engine, blocker)
+    try:
+        adm = await svc.submit(user_id=1, prompt="a red circle", n=1)
+        (outcome,) = await pub.wait_for(1)
+        assert not outcome.ok and "could not be stored" in outcome.error
+        await asyncio.sleep(0.1)  # delivered is stamped just after the publisher returns
+        gen = await repo.get_generation(adm.generation_id)
+        assert gen.status == "failed" and gen.delivered_at is not None
+        assert await svc.user_queue(1) == []
+    finally:
+        await svc.stop(grace=1)
+        await engine.close()
+        await repo.close()
+
+
+class _BrokenProgressEngine(FakeEngine):
+    """The result arrives, but the progress stream breaks (an HTTP engine's SSE connection dropping)."""
+
+    async def events(self, request_id):
+        from engine.api import EngineError
+
+        raise EngineError("lost the event stream")
+        yield  # pragma: no cover - makes this an async generator
+
+
+async def test_a_broken_progress_stream_does_not_fail_a_finished_job(bot_db_url, tmp_path):
+    engine = _BrokenProgressEngine()
+    svc, repo, pub = await _service_with(bot_db_url, engine, tmp_path / "out")
+    try:
+        adm = await svc.submit(user_id=1, prompt="a red circle", n=2)
+        (outcome,) = await pub.wait_for(1)
+        assert outcome.ok and len(outcome.images) == 2
+        assert (await repo.get_generation(adm.generation_id)).status == "done"
+    finally:
+        await svc.stop(grace=1)
+        await engine.close()
+        await repo.close()
+
+
+async def test_a_transient_claim_failure_is_retried(bot_db_url, tmp_path):
+    engine = FakeEngine()
+    svc, repo, pub = await _service_with(bot_db_url, engine, tmp_path / "out")
+    real_claim, calls = repo.claim, []
+
+    async def flaky_claim(generation_id):
+        calls.append(generation_id)
+        if len(calls) == 1:
+            raise RuntimeError("database is locked")
+        return await real_claim(generation_id)
+
+    repo.claim = flaky_claim
+    try:
+        adm = await svc.submit(user_id=1, prompt="a red circle", n=1)
+        (outcome,) = await pub.wait_for(1)
+        assert outcome.ok and calls == [adm.generation_id, adm.generation_id]
+    finally:
+        await svc.stop(grace=1)
+        await engine.close()
+        await repo.close()

@@ -20,10 +20,11 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.service import Outcome, ProgressUpdate
-from bot.views import CancelView, ResultView, delivery_for, grid_png, handle_report_submit
+from bot.views import CancelView, ResultView, delivery_for, grid_png, handle_report_submit, tell_failure
 
 log = logging.getLogger(__name__)
 
+PROMPT_SHOWN = 1500  # characters of the (escaped) prompt in a result message; Discord allows 2000 in all
 DEFAULT_FILE_LIMIT = 10 * 1024 * 1024  # Discord's default per-message upload limit since 2025-01
 ENVELOPE_RESERVE = 64 * 1024  # bytes kept free for the multipart JSON and boundaries
 TOKEN_MARGIN = timedelta(seconds=30)
@@ -71,10 +72,14 @@ class DiscordPublisher:
 
     def _content(self, outcome: Outcome) -> str:
         gen = outcome.generation
-        prompt = gen.prompt if len(gen.prompt) <= 1500 else gen.prompt[:1500] + "…"
-        head = f"<@{gen.user_id}> **{discord.utils.escape_markdown(prompt)}**"
+        # escaping can double the prompt's length: cut after escaping (and never in the middle of an escape)
+        prompt = discord.utils.escape_markdown(gen.prompt)
+        if len(prompt) > PROMPT_SHOWN:
+            prompt = prompt[:PROMPT_SHOWN].rstrip("\\") + "…"
+        head = f"<@{gen.user_id}> **{prompt}**"
         if not outcome.ok:
-            return f"{head}\nSorry, the generation failed: {outcome.error}"
+            error = str(outcome.error or "")
+            return f"{head}\nSorry, the generation failed: {error[:300]}"
         lines = [head, f"seed `{gen.seed}` · {len(outcome.images)} images, best CLIP score first"
                  + (f" · {gen.kind} of #{gen.parent_generation_id}" if gen.parent_generation_id else "")]
         withheld = sum(im.withheld for im in outcome.images)
@@ -128,30 +133,49 @@ class DiscordPublisher:
         self._last_edit.pop(gen.id, None)
         content = self._content(outcome)
         alive = token_valid(gen)
+        # only the requester is pinged, whatever mentions the prompt holds
+        mentions = discord.AllowedMentions(users=[discord.Object(id=gen.user_id)], everyone=False, roles=False)
         files, view = await self._message_parts(outcome, self._upload_limit(gen, alive))
-        if gen.private:
+        if not gen.private:
+            try:
+                channel = self.bot.get_partial_messageable(gen.channel_id)
+                msg = await channel.send(content, files=files, view=view, allowed_mentions=mentions)
+            except discord.HTTPException as exc:
+                if exc.status >= 500 or exc.status == 429:
+                    raise  # transient (discord.py already retried): stays undelivered, retried at the next start
+                # refused for good (no Send Messages / Attach Files, archived thread, an app-only context...):
+                # the interaction's own follow-up still reaches the channel while the token lives; else a DM
+                log.info("channel %s refused the result of %s (%s %s): delivering it another way",
+                         gen.channel_id, gen.id, exc.status, exc.code)
+                limit = self._upload_limit(gen, alive) if alive else DEFAULT_FILE_LIMIT
+                files, view = await self._message_parts(outcome, limit)  # the first attempt spent the files
+                return await self._deliver_privately(gen, outcome, content, files, view, alive, mentions,
+                                                     ephemeral=False)
             if alive:
                 try:
-                    msg = await self._webhook(gen).send(content, files=files, view=view, ephemeral=True, wait=True)
-                    return msg.id
-                except discord.HTTPException as exc:
-                    if exc.status not in (401, 404):  # only a dead token falls through to the DM
-                        raise
-                    log.info("follow-up token of %s refused (%s): sending the result as a DM", gen.id, exc.status)
-                files, view = await self._message_parts(outcome, DEFAULT_FILE_LIMIT)  # sent files are spent
-            # the token is gone: a DM keeps the result private
-            dm = await self.bot.create_dm(discord.Object(id=gen.user_id))  # one REST call, no user lookup
-            msg = await dm.send(content, files=files, view=view)
+                    done = "Done: posted below." if outcome.ok else "Failed."
+                    await self._edit_ack(gen, content=done, view=None)
+                except discord.HTTPException:
+                    log.info("could not edit the acknowledgement of %s", gen.id)
             return msg.id
-        channel = self.bot.get_partial_messageable(gen.channel_id)
-        msg = await channel.send(content, files=files, view=view,
-                                 allowed_mentions=discord.AllowedMentions(users=True, everyone=False, roles=False))
+        return await self._deliver_privately(gen, outcome, content, files, view, alive, mentions, ephemeral=True)
+
+    async def _deliver_privately(self, gen: Any, outcome: Outcome, content: str, files: list[discord.File], view: Any,
+                                 alive: bool, mentions: discord.AllowedMentions, *, ephemeral: bool) -> int:
+        """Through the interaction's follow-up webhook while its token lives, else (or if Discord refuses the
+        token) as a DM to the requester."""
         if alive:
             try:
-                done = "Done: posted below." if outcome.ok else "Failed."
-                await self._edit_ack(gen, content=done, view=None)
-            except discord.HTTPException:
-                log.info("could not edit the acknowledgement of %s", gen.id)
+                msg = await self._webhook(gen).send(content, files=files, view=view, ephemeral=ephemeral, wait=True,
+                                                    allowed_mentions=mentions)
+                return msg.id
+            except discord.HTTPException as exc:
+                if exc.status not in (401, 404):  # only a dead token falls through to the DM
+                    raise
+                log.info("follow-up token of %s refused (%s): sending the result as a DM", gen.id, exc.status)
+            files, view = await self._message_parts(outcome, DEFAULT_FILE_LIMIT)  # sent files are spent
+        dm = await self.bot.create_dm(discord.Object(id=gen.user_id))  # one REST call, no user lookup
+        msg = await dm.send(content, files=files, view=view, allowed_mentions=mentions)
         return msg.id
 
 
@@ -191,9 +215,7 @@ class Generate(commands.Cog):
             await handle_report_submit(interaction)
         except Exception:
             log.exception("report submission %s failed", interaction.id)
-            if not interaction.response.is_done():
-                await interaction.response.send_message("Sorry, that report could not be recorded; please try "
-                                                        "again.", ephemeral=True)
+            await tell_failure(interaction)
 
     @app_commands.command(name="dalle-queue", description="Your queued image requests and their positions")
     async def dalle_queue(self, interaction: discord.Interaction) -> None:
