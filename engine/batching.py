@@ -291,6 +291,10 @@ class Batcher:
         """Requests waiting that have not started any part."""
         return sum(1 for j in self._jobs.values() if j.state == "queued")
 
+    def active_ids(self) -> list[str]:
+        """Ids of the requests still queued or running."""
+        return [rid for rid, job in self._jobs.items() if job.state not in TERMINAL]
+
     def load(self) -> dict[str, Any]:
         """A small summary used by /v1/status and least-loaded routing."""
         running_jobs = {u.job.id for u in self._running}

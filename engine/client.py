@@ -166,7 +166,9 @@ class HttpEngine:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
+            # no pool limit: every running job holds one or two long-lived event streams, and a capped pool
+            # (aiohttp's default is 100) would make submits and cancels wait behind them until they time out
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
             self._own_session = True
         return self._session
 
@@ -322,6 +324,7 @@ class MultiEngine:
         *,
         probe_interval: float = 1.0,
         dead_retry: float = 5.0,
+        probe_timeout: float = 2.0,
         max_tracked: int = 100_000,
     ) -> None:
         if not engines:
@@ -329,7 +332,9 @@ class MultiEngine:
         self.backends = [_Backend(e) for e in engines]
         self.probe_interval = float(probe_interval)
         self.dead_retry = float(dead_retry)
+        self.probe_timeout = float(probe_timeout)
         self.max_tracked = int(max_tracked)
+        self._background: set[asyncio.Task] = set()
         self._routes: OrderedDict[str, _Backend] = OrderedDict()
         self._probe_lock = asyncio.Lock()
 
@@ -344,8 +349,13 @@ class MultiEngine:
         backend.dead_until = time.monotonic() + self.dead_retry
 
     async def _probe(self, backend: _Backend) -> None:
-        try:
-            status = await backend.engine.status(retries=0)
+        try:  # a service that accepts connections but never answers must not hold routing up for long
+            status = await asyncio.wait_for(backend.engine.status(retries=0), self.probe_timeout)
+        except TimeoutError:
+            log.warning("engine %s did not answer the status probe within %.1fs", backend.engine.base_url,
+                        self.probe_timeout)
+            self._mark_dead(backend)
+            return
         except EngineError as exc:  # unreachable, or refusing us (e.g. a wrong token): skip it for a while
             if not isinstance(exc, EngineUnavailable):
                 log.warning("engine %s refused the status probe: %s", backend.engine.base_url, exc)
@@ -357,17 +367,24 @@ class MultiEngine:
         backend.dead_until = float("-inf")
 
     async def refresh(self, force: bool = False) -> None:
-        """Probe every backend whose figures are stale (and dead ones whose retry time has come)."""
+        """Probe every live backend whose figures are stale; dead ones whose retry time has come are probed in
+        the background while a live one is left (inline, with ``force`` or when none is), so a hung service
+        does not delay submits to the healthy ones."""
         async with self._probe_lock:
             now = time.monotonic()
             never_dead = float("-inf")
-            stale = [
-                b
-                for b in self.backends
-                if now >= b.dead_until
-                and (force or b.dead_until != never_dead or now - b.probed_at >= self.probe_interval)
-            ]
-            await asyncio.gather(*(self._probe(b) for b in stale))
+            due = [b for b in self.backends if now >= b.dead_until]
+            stale = [b for b in due
+                     if b.dead_until == never_dead and (force or now - b.probed_at >= self.probe_interval)]
+            revive = [b for b in due if b.dead_until != never_dead]
+            if revive and not force and self.live():
+                for b in revive:
+                    b.dead_until = now + self.dead_retry  # one background probe at a time per backend
+                    task = asyncio.create_task(self._probe(b))
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+                revive = []
+            await asyncio.gather(*(self._probe(b) for b in stale + revive))
 
     def live(self) -> list[_Backend]:
         now = time.monotonic()
@@ -380,14 +397,27 @@ class MultiEngine:
             try:
                 rid = await backend.engine.submit(request, retries=0)
             except EngineUnavailable:
-                self._mark_dead(backend)
-                continue
+                # a timeout or a lost reply does not say the job was not created: ask before failing over,
+                # or the request would run twice (and the copy here could not be cancelled)
+                if await self._holds(backend, request.request_id):
+                    rid = request.request_id
+                else:
+                    self._mark_dead(backend)
+                    continue
             backend.pending += request.n
             self._routes[rid] = backend
             while len(self._routes) > self.max_tracked:
                 self._routes.popitem(last=False)
             return rid
         raise EngineUnavailable("no engine service is reachable")
+
+    async def _holds(self, backend: _Backend, request_id: str) -> bool:
+        try:
+            await asyncio.wait_for(backend.engine._call("GET", f"/v1/generations/{request_id}", retries=0),
+                                   self.probe_timeout)
+        except (EngineError, TimeoutError):
+            return False
+        return True
 
     def _route(self, request_id: str) -> HttpEngine:
         backend = self._routes.get(request_id)
@@ -413,4 +443,7 @@ class MultiEngine:
         return self._route(request_id)
 
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.gather(*(b.engine.close() for b in self.backends))

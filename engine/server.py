@@ -15,6 +15,7 @@ server only binds a loopback address. The model runs in the batcher's worker thr
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import ipaddress
@@ -22,6 +23,7 @@ import json
 import logging
 import math
 import re
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ from engine.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # fullmatch: no trailing newline; "." / ".." refused apart
 _REQUEST_TYPES: dict[str, type] = {
     "prompt": str,
     "n": int,
@@ -59,6 +61,7 @@ class ServerSettings:
     result_ttl: float = 600.0  # seconds a finished result stays retrievable
     max_body_bytes: int = 64 * 1024
     shutdown_grace: float = 10.0  # seconds in-flight work may finish on shutdown before it is cancelled
+    shutdown_linger: float = 5.0  # after that, seconds clients get to fetch what finished during the drain
     heartbeat: float = 15.0  # SSE keep-alive comment interval
 
     def validate(self) -> None:
@@ -71,8 +74,10 @@ class ServerSettings:
             )
         if not (0 <= self.port < 65536):
             raise ValueError("port must be between 0 and 65535")
-        if self.window_ms < 0 or self.result_ttl < 0 or self.shutdown_grace < 0:
-            raise ValueError("window_ms, result_ttl and shutdown_grace must be >= 0")
+        if self.window_ms < 0 or self.shutdown_grace < 0 or self.shutdown_linger < 0:
+            raise ValueError("window_ms, shutdown_grace and shutdown_linger must be >= 0")
+        if self.result_ttl <= 0:
+            raise ValueError("result_ttl must be > 0 (a finished result must stay retrievable)")
         if self.max_queue < 1 or self.max_body_bytes < 1024 or self.heartbeat <= 0:
             raise ValueError("max_queue must be >= 1, max_body_bytes >= 1024 and heartbeat > 0")
         if self.max_batch is not None and self.max_batch < 1:
@@ -92,6 +97,7 @@ BATCHER = web.AppKey("batcher", Batcher)
 SETTINGS = web.AppKey("settings", ServerSettings)
 METRICS = web.AppKey("metrics", EngineMetrics)
 STARTED = web.AppKey("started", float)
+FETCHED = web.AppKey("fetched", set)  # ids whose finished result a client has read (the shutdown linger)
 
 
 def _error(status: int, message: str, **headers: str) -> web.Response:
@@ -111,7 +117,7 @@ def parse_generation_request(data: Any) -> GenerationRequest:
             _check_type(name, value, _REQUEST_TYPES[name])
     if "prompt" not in data:
         raise BadRequest("prompt is required")
-    if "request_id" in data and not _ID_RE.match(data["request_id"]):
+    if "request_id" in data and (not _ID_RE.fullmatch(data["request_id"]) or data["request_id"] in (".", "..")):
         raise BadRequest("request_id must be 1-64 characters of letters, digits, '_', '-' or '.'")
     request = GenerationRequest.from_json(data)
     request.validate()
@@ -150,7 +156,9 @@ async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
     if token is None or request.path == "/healthz":
         return await handler(request)
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+    # non-UTF-8 header bytes arrive as surrogates: they are simply a wrong token
+    given = value.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given, token.encode()):
         request.app[METRICS].errors.labels("unauthorized").inc()
         return _error(401, "missing or invalid bearer token", **{"WWW-Authenticate": 'Bearer realm="engine"'})
     return await handler(request)
@@ -169,7 +177,7 @@ async def post_generation(request: web.Request) -> web.Response:
         return _error(413, f"request body is larger than {app[SETTINGS].max_body_bytes} bytes")
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         metrics.errors.labels("bad_request").inc()
         return _error(400, f"malformed JSON: {exc}")
     try:
@@ -218,8 +226,12 @@ def _status_json(batcher: Batcher, rid: str) -> dict[str, Any]:
 
 
 async def get_generation(request: web.Request) -> web.Response:
+    rid = request.match_info["id"]
     try:
-        return web.json_response(_status_json(request.app[BATCHER], request.match_info["id"]))
+        body = _status_json(request.app[BATCHER], rid)
+        if body.get("state") in TERMINAL:
+            request.app[FETCHED].add(rid)
+        return web.json_response(body)
     except UnknownRequest as exc:
         request.app[METRICS].errors.labels("not_found").inc()
         return _error(404, str(exc))
@@ -266,7 +278,11 @@ async def delete_generation(request: web.Request) -> web.Response:
         request.app[METRICS].errors.labels("not_found").inc()
         return _error(404, str(exc))
     cancelled = await batcher.cancel(rid)
-    return web.json_response({"id": rid, "cancelled": cancelled, "state": batcher.status(rid).state})
+    try:
+        state = batcher.status(rid).state
+    except UnknownRequest:  # evicted meanwhile: it was cancelled or had finished
+        state = "cancelled" if cancelled else "unknown"
+    return web.json_response({"id": rid, "cancelled": cancelled, "state": state})
 
 
 async def get_status(request: web.Request) -> web.Response:
@@ -298,8 +314,32 @@ async def _on_startup(app: web.Application) -> None:
     app[STARTED] = time.monotonic()
 
 
+async def drain(app: web.Application) -> None:
+    """Graceful stop while the socket still serves: refuse new work (503), finish in-flight work for up to
+    ``shutdown_grace`` seconds and cancel the rest, then keep answering for up to ``shutdown_linger`` seconds
+    until every client has fetched what finished (a client learns "done" from the event stream and fetches the
+    result with a new GET, which a closed socket would refuse)."""
+    batcher, settings = app[BATCHER], app[SETTINGS]
+    in_flight = batcher.active_ids()
+    await batcher.close(drain_timeout=settings.shutdown_grace)
+
+    def unfetched() -> list[str]:
+        out = []
+        for rid in in_flight:
+            try:
+                if batcher.status(rid).state == "done" and rid not in app[FETCHED]:
+                    out.append(rid)
+            except UnknownRequest:
+                pass
+        return out
+
+    deadline = time.monotonic() + settings.shutdown_linger
+    while unfetched() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
 async def _on_shutdown(app: web.Application) -> None:
-    """Finish in-flight work for up to ``shutdown_grace`` seconds, cancel the rest; event streams then end."""
+    """Fallback when the runner is cleaned up without :func:`drain` (no-op after it): close the batcher."""
     await app[BATCHER].close(drain_timeout=app[SETTINGS].shutdown_grace)
 
 
@@ -313,6 +353,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> we
     app[SETTINGS] = settings
     app[METRICS] = EngineMetrics()
     app[STARTED] = time.monotonic()
+    app[FETCHED] = set()
     app[BATCHER] = Batcher(
         pipeline,
         window_ms=settings.window_ms,
@@ -351,7 +392,8 @@ class RunningServer:
         return self.app[BATCHER]
 
     async def stop(self) -> None:
-        """Graceful stop: close the socket, drain/cancel work, end event streams, clean up."""
+        """Graceful stop: drain (while still answering), then close the socket and clean up."""
+        await drain(self.app)
         await self.runner.cleanup()
 
 
@@ -369,8 +411,19 @@ async def start_server(pipeline: Pipeline, settings: ServerSettings | None = Non
 
 
 def serve(pipeline: Pipeline, settings: ServerSettings) -> None:
-    """Run the service until SIGINT/SIGTERM (blocking), then shut down gracefully."""
-    app = create_app(pipeline, settings)
-    sock = _bind(settings.host, settings.port)
-    log.info("engine serving %s on http://%s:%d", getattr(pipeline, "checkpoint_id", "?"), settings.host, settings.port)
-    web.run_app(app, sock=sock, shutdown_timeout=settings.shutdown_grace + 5.0, print=None)
+    """Run the service until SIGINT/SIGTERM (blocking), then shut down gracefully (:meth:`RunningServer.stop`)."""
+    asyncio.run(_serve_until_signalled(pipeline, settings))
+
+
+async def _serve_until_signalled(pipeline: Pipeline, settings: ServerSettings) -> None:
+    server = await start_server(pipeline, settings)
+    log.info("engine serving %s on %s", getattr(pipeline, "checkpoint_id", "?"), server.url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("engine shutting down: draining in-flight work")
+        await server.stop()

@@ -253,7 +253,12 @@ async def test_multi_engine_routes_to_least_loaded_and_skips_a_stopped_server():
         assert await multi.cancel(third) is True
 
         b2 = await start_server(pipeline(), ServerSettings(port=b_port, token=TOKEN, window_ms=0, shutdown_grace=0))
-        await asyncio.sleep(0.35)  # past dead_retry: b is probed again
+        await asyncio.sleep(0.35)  # past dead_retry: b is probed again, in the background while a serves
+        await multi.refresh()
+        for _ in range(200):
+            if multi.backends[1] in multi.live():
+                break
+            await asyncio.sleep(0.02)
         fourth = await multi.submit(GenerationRequest("b is back", n=1))
         assert multi.engine_for(fourth).base_url == b.url
         assert len((await multi.result(fourth, timeout=5)).images) == 1
@@ -288,3 +293,57 @@ async def test_multi_engine_skips_a_server_that_refuses_its_token():
         await multi.close()
         await good.stop()
         await other.stop()
+
+
+async def test_multi_engine_does_not_duplicate_a_job_whose_reply_was_lost(monkeypatch):
+    """The POST reached A (the job is queued there) but the reply came too late: routing must not send the same
+    request to B as well, where it would run a second time."""
+    import engine.server as server_mod
+
+    created = server_mod.post_generation
+
+    async def late_reply(request):
+        response = await created(request)
+        await asyncio.sleep(1.5)  # past the client's timeout
+        return response
+
+    monkeypatch.setattr(server_mod, "post_generation", late_reply)
+    a = await start_server(FakePipeline(), ServerSettings(port=0, token=TOKEN))
+    monkeypatch.undo()
+    b = await start_server(FakePipeline(), ServerSettings(port=0, token=TOKEN))
+    multi = MultiEngine.from_urls([a.url, b.url], TOKEN, retries=0, timeout=0.5)
+    try:
+        request = GenerationRequest("only once", n=1)
+        rid = await multi.submit(request)
+        assert rid == request.request_id and multi.engine_for(rid).base_url == a.url
+        assert b.batcher.load()["queued_candidates"] == 0 and b.batcher.active_ids() == []
+        assert len((await multi.result(rid, timeout=10)).images) == 1
+    finally:
+        await multi.close()
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_hung_engine_does_not_hold_up_routing_to_the_others():
+    """A service that accepts connections but never answers is probed with a short timeout once, then only in
+    the background: submits to the healthy service go straight through."""
+    async def never_answer(reader, writer):
+        await asyncio.sleep(3600)
+
+    hung = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    hung_url = f"http://127.0.0.1:{hung.sockets[0].getsockname()[1]}"
+    good = await start_server(FakePipeline(), ServerSettings(port=0, token=TOKEN))
+    multi = MultiEngine.from_urls([hung_url, good.url], TOKEN, retries=0, timeout=30, dead_retry=0.2,
+                                  probe_timeout=3.0, probe_interval=0.0)
+    try:
+        await multi.submit(GenerationRequest("first: probes both", n=1))  # waits for the hung probe once
+        for i in range(3):
+            await asyncio.sleep(0.25)  # past dead_retry: the hung service is due for another probe
+            start = time.monotonic()
+            rid = await multi.submit(GenerationRequest(f"then straight through {i}", n=1))
+            assert time.monotonic() - start < 1.5  # not the 3 s probe
+            assert multi.engine_for(rid).base_url == good.url
+    finally:
+        await multi.close()
+        await good.stop()
+        hung.close()

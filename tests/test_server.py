@@ -123,6 +123,16 @@ async def test_auth_refuses_missing_or_wrong_token_but_healthz_is_open():
                 assert r.status == 401
             async with anon.get("/v1/status", headers={"Authorization": f"Basic {TOKEN}"}) as resp:
                 assert resp.status == 401
+        # bytes that are not UTF-8 are a wrong token (401), not a server error
+        host, port = server.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+                     b"Connection: close\r\n\r\n")
+        await writer.drain()
+        status_line = await reader.readline()
+        writer.close()
+        assert status_line.startswith(b"HTTP/1.1 401"), status_line
+        async with aiohttp.ClientSession(server.url) as anon:
             async with anon.get("/healthz") as resp:
                 assert resp.status == 200
                 assert (await resp.json())["status"] == "ok"
@@ -166,6 +176,9 @@ async def test_loopback_without_token_serves_without_auth():
         (json.dumps({"prompt": "x", "seed": -1}).encode(), 400, "seed"),
         (json.dumps({"prompt": "x", "params": {"top_p": 0}}).encode(), 400, "top_p"),
         (json.dumps({"prompt": "x", "request_id": "../etc"}).encode(), 400, "request_id"),
+        (json.dumps({"prompt": "x", "request_id": "abc\n"}).encode(), 400, "request_id"),  # header injection
+        (json.dumps({"prompt": "x", "request_id": ".."}).encode(), 400, "request_id"),  # unaddressable by URL
+        (b"[" * 50_000, 400, "malformed JSON"),  # nesting deeper than the parser's recursion limit
         (json.dumps({"prompt": "x" * 70_000}).encode(), 413, "larger than"),
     ],
 )
@@ -294,6 +307,29 @@ async def test_graceful_shutdown_finishes_in_flight_work():
         events = await asyncio.wait_for(stream, 10)
     assert events[-1]["state"] == "done"
     assert [server.batcher.status(i).state for i in ids] == ["done", "done"]
+
+
+async def test_results_finished_during_the_drain_can_still_be_fetched():
+    """A client learns "done" from the event stream and then GETs the result: the socket must still answer."""
+    fake = FakePipeline(fixed_latency=0.3, chunk_tokens=32, batch_buckets=(1, 2))
+    server = await start_server(fake, ServerSettings(port=0, token=TOKEN, shutdown_grace=10.0, shutdown_linger=5.0))
+    engine = HttpEngine(server.url, TOKEN)
+    try:
+        rid = await engine.submit(GenerationRequest("finish during the drain", n=2, seed=1))
+        waiting = asyncio.create_task(engine.result(rid, timeout=20))
+        async with aiohttp.ClientSession(server.url, headers=AUTH) as http:
+            await poll_until(http, rid, states=("running",))
+        stopping = asyncio.create_task(server.stop())
+        result = await waiting
+        assert len(result.images) == 2
+        await asyncio.wait_for(stopping, 10)
+    finally:
+        await engine.close()
+
+
+def test_result_ttl_must_be_positive():
+    with pytest.raises(ValueError, match="result_ttl"):
+        ServerSettings(result_ttl=0).validate()
 
 
 async def test_shutdown_past_the_grace_cancels_cleanly():
