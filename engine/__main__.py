@@ -43,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         result_ttl=args.result_ttl,
         shutdown_grace=args.shutdown_grace,
+        shutdown_linger=args.shutdown_linger,
     )
     try:
         settings.validate()
@@ -81,6 +82,8 @@ def add_serve(subparsers: Any) -> None:
     p.add_argument("--max-queue", type=int, default=1024, help="requests allowed to wait (default 1024)")
     p.add_argument("--result-ttl", type=float, default=600.0, help="seconds results stay retrievable (default 600)")
     p.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds to finish work on shutdown")
+    p.add_argument("--shutdown-linger", type=float, default=5.0,
+                   help="then seconds clients get to fetch results that finished during the drain")
     p.add_argument(
         "--model-parallel",
         type=int,
