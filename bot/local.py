@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 from typing import Any, TextIO
 
 from bot.service import (
@@ -69,6 +70,13 @@ class TerminalPublisher:
         return None
 
 
+def _id(text: str) -> int | None:
+    """A database id typed by the user (ASCII digits, fits a 63-bit integer), else None."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        return None
+    return int(text)
+
+
 def _parse_dalle(args: str) -> tuple[str, dict[str, int]]:
     """Split ``--n 4 --seed 7`` style options from the prompt text; raises ValueError with a usage hint."""
     words = args.split()
@@ -77,6 +85,8 @@ def _parse_dalle(args: str) -> tuple[str, dict[str, int]]:
     i = 0
     while i < len(words):
         w = words[i]
+        if w.startswith("--") and w not in ("--n", "--images", "--seed"):
+            raise ValueError(f"unknown option {w} (options: --n N, --seed S)")
         if w in ("--n", "--images", "--seed"):
             if i + 1 >= len(words):
                 raise ValueError(f"{w} needs a number")
@@ -104,10 +114,21 @@ class LocalFrontEnd:
         print(text, file=self.out, flush=True)
 
     async def handle(self, line: str) -> bool:
-        """Run one command; False means quit."""
-        line = line.strip()
+        """Run one command; False means quit. A failing command is reported and the session goes on."""
+        try:
+            return await self._handle(line)
+        except Exception as exc:  # noqa: BLE001 - one bad command must not end the session (and its queue)
+            log.exception("command %r failed", line.strip()[:80])
+            self.say(f"error: that command failed ({type(exc).__name__}); the session goes on")
+            return True
+
+    async def _handle(self, line: str) -> bool:
+        # undecodable input bytes (surrogate escapes) become U+FFFD instead of failing in the database
+        line = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace").strip()
         if not line:
             return True
+        if line.lower() in ("quit", "exit", "help", "queue"):  # bare words users type: commands, not prompts
+            line = "/" + line.lower()
         if not line.startswith("/"):
             line = "/dalle " + line
         cmd, _, args = line.partition(" ")
@@ -126,9 +147,8 @@ class LocalFrontEnd:
                                             seed=opts.get("seed"))
             self._admitted(adm)
         elif cmd in ("/reroll", "/variation", "/cancel"):
-            try:
-                target = int(args.strip())
-            except ValueError:
+            target = _id(args.strip())
+            if target is None:
                 self.say(f"usage: {cmd} <id>")
                 return True
             if cmd == "/cancel":
@@ -141,7 +161,7 @@ class LocalFrontEnd:
                 self._admitted(await self.service.variation(target, self.user_id))
         elif cmd == "/feedback":
             parts = args.split()
-            if len(parts) < 2 or not parts[0].isdigit():
+            if len(parts) < 2 or _id(parts[0]) is None:
                 self.say("usage: /feedback <image-id> up|down|report [nsfw|bias|quality|other] [note]")
                 return True
             kind = parts[1].lower()
@@ -175,6 +195,29 @@ class LocalFrontEnd:
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout)
 
 
+def _stdin_lines(stdin: TextIO) -> asyncio.Queue[str]:
+    """Lines of ``stdin`` ("" at EOF) read by a daemon thread: a blocked read never holds up exit (Ctrl-C quits
+    at once; an executor thread would be joined at shutdown, waiting for Enter)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[str] = asyncio.Queue()
+
+    def read() -> None:
+        while True:
+            try:
+                line = stdin.readline()
+            except (OSError, ValueError):  # closed stream
+                line = ""
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, line)
+            except RuntimeError:  # the loop is closed: we are exiting
+                return
+            if line == "":
+                return
+
+    threading.Thread(target=read, name="stdin-reader", daemon=True).start()
+    return queue
+
+
 async def run(settings: Any, stdin: TextIO | None = None, out: TextIO | None = None,
               engine: Engine | None = None) -> int:
     stdin = stdin or sys.stdin
@@ -187,10 +230,10 @@ async def run(settings: Any, stdin: TextIO | None = None, out: TextIO | None = N
     front = LocalFrontEnd(service, publisher, out)
     await service.start()
     print("dalle-bot local mode: type /help for commands.", file=out, flush=True)
-    loop = asyncio.get_running_loop()
+    lines = _stdin_lines(stdin)
     try:
         while True:
-            line = await loop.run_in_executor(None, stdin.readline)
+            line = await lines.get()
             if line == "":  # EOF
                 break
             if not await front.handle(line):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -105,6 +107,46 @@ def test_python_m_bot_subprocess_over_stdin(tmp_path):
     files = re.findall(r"(\S+\.png)", proc.stdout)
     assert len(files) == 2 and all(Path(f).is_file() for f in files)
     assert "Traceback" not in proc.stderr
+
+
+def _bot_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
+    env.update(
+        DATABASE_URL=f"sqlite:///{tmp_path / 'sub.db'}", OUTPUT_DIR=str(tmp_path / "outputs"), LOG_LEVEL="ERROR",
+        DALLE_ENGINE_FACTORY="tests.fake_engine:inprocess_fake_engine", PYTHONPATH=os.pathsep.join(
+            p for p in [os.environ.get("PYTHONPATH", ""), str(ROOT)] if p),
+    )
+    return env
+
+
+def test_bad_commands_are_answered_and_the_session_goes_on(tmp_path):
+    script = (b"/feedback 99999999999999999999 up\n/feedback \xc2\xb2 up\n/cancel 99999999999999999999\n"
+              b"/dalle caf\xe9 au lait --n 1\n/dalle a blue square --private\nhelp\n/dalle a red circle --n 1\n"
+              b"quit\n")
+    proc = subprocess.run([sys.executable, "-m", "bot"], input=script, capture_output=True, env=_bot_env(tmp_path),
+                          cwd=tmp_path, timeout=60)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert out.count("usage: /feedback") == 2 and "usage: /cancel <id>" in out
+    assert "unknown option --private" in out
+    assert "done: 1 image(s) for 'caf\ufffd au lait'" in out  # undecodable byte replaced, not a crash
+    assert "done: 1 image(s) for 'a red circle'" in out
+    assert "for 'help'" not in out and "for 'quit'" not in out  # bare words are commands
+    assert "Traceback" not in out + proc.stderr.decode()
+
+
+def test_ctrl_c_at_the_prompt_quits_at_once(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "bot"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_bot_env(tmp_path), cwd=tmp_path)
+    try:
+        assert "local mode" in proc.stdout.readline().decode()  # waiting at the prompt, stdin open
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdin.close()
 
 
 def test_unloadable_engine_is_one_clear_line(tmp_path):
