@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("bot")
     log.info("starting in %s mode with %r", settings.mode, settings)
 
+    from bot.preflight import check_output_dir, check_redis, lock_sqlite
+
+    problem = lock_sqlite(settings.database_url)  # first: a second process must not even migrate
+    if problem:
+        return _fail(problem, EXIT_CONFIG)
+
     from sqlalchemy.exc import SQLAlchemyError
 
     from store.db import MigrationRequired, ensure_migrated, redact_url
@@ -51,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     except (SQLAlchemyError, OSError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         return _fail(f"database error: cannot open {redact_url(settings.database_url)}: {reason}", EXIT_CONFIG)
+
+    problem = check_output_dir(settings.output_dir) or (check_redis(settings.redis_url) if settings.redis_url else None)
+    if problem:
+        return _fail(f"config error: {problem}", EXIT_CONFIG)
 
     module_name = FRONT_ENDS[settings.mode]
     try:

@@ -15,6 +15,7 @@ import signal
 import sys
 from typing import Any
 
+import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands
@@ -164,6 +165,9 @@ def main(settings: Any) -> int:
         return 2
     except discord.LoginFailure:
         print("error: Discord rejected DISCORD_TOKEN (login failed)", file=sys.stderr)
+        return 2
+    except (OSError, aiohttp.ClientError) as exc:  # DNS, refused, TLS...: before the bot ever connected
+        print(f"error: cannot reach Discord: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         pass

@@ -205,7 +205,11 @@ def _environment(env: Mapping[str, str] | None, dotenv_path: Any) -> dict[str, s
         dotenv_path = ".env" if env is None else None
     values: dict[str, str] = {}
     if dotenv_path is not None and Path(dotenv_path).is_file():
-        values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+        try:
+            found = dotenv_values(dotenv_path)
+        except UnicodeDecodeError:
+            raise SettingsError(str(dotenv_path), "is not UTF-8 text; save it as UTF-8") from None
+        values.update({k: v for k, v in found.items() if v is not None})
     values.update(os.environ if env is None else env)  # the real environment wins over .env
     return values
 
@@ -233,11 +237,19 @@ def load_settings(
     except DatabaseURLError as exc:
         raise SettingsError("DATABASE_URL", str(exc)) from None
     is_sqlite = parsed_db.get_backend_name() == "sqlite"
+    if is_sqlite and (parsed_db.database or ":memory:") == ":memory:":
+        raise SettingsError("DATABASE_URL", "an in-memory SQLite database would lose every job and is not shared "
+                                            "with the migrations; give a file, e.g. sqlite:///data/dalle.db")
 
     redis_url = e.str("REDIS_URL")
     if redis_url is not None:
         parts = urlsplit(redis_url)
-        if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname):
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+            well_formed = parts.scheme in ("redis", "rediss", "unix") and (parts.scheme == "unix" or parts.hostname)
+        except ValueError:
+            well_formed = False
+        if not well_formed:
             raise SettingsError("REDIS_URL", "must look like redis://host:6379/0 (value not shown: may hold secrets)")
 
     engine_mode = e.choice("ENGINE_MODE", ("inprocess", "http"), "inprocess")

@@ -113,6 +113,9 @@ def test_mode_resolution():
         ({"CHECKPOINT_DIR": "/no/such/dir"}, "CHECKPOINT_DIR", "not a directory"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL", "INFO"),
         ({"REDIS_URL": "http://h"}, "REDIS_URL", "redis://"),
+        ({"REDIS_URL": "redis://h:abc/0"}, "REDIS_URL", "redis://"),
+        ({"DATABASE_URL": "sqlite://"}, "DATABASE_URL", "in-memory"),
+        ({"DATABASE_URL": "sqlite:///:memory:"}, "DATABASE_URL", "in-memory"),
         ({"DISCORD_API_BASE": "https://discord.com/api/v10"}, "DISCORD_API_BASE", "127.0.0.1"),
         ({"DISCORD_API_BASE": "http://127.0.0.1.evil.example/api"}, "DISCORD_API_BASE", "127.0.0.1"),
         ({"DISCORD_GATEWAY_URL": "wss://gateway.discord.gg"}, "DISCORD_GATEWAY_URL", "localhost"),
@@ -228,3 +231,50 @@ def test_python_m_bot_unreachable_database_is_one_line(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("database error: cannot open postgresql://bot:***@127.0.0.1:1")
     assert "pg-secret-pw" not in out.stderr
+
+
+def test_python_m_bot_preflight_problems_are_one_line(tmp_path):
+    """What only shows once the bot runs is checked before it accepts work: each is one line, exit 2."""
+    base = {"DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}", "LOG_LEVEL": "ERROR", "DALLE_MODE": "local"}
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cases = [
+        ({"OUTPUT_DIR": str(blocker / "out")}, "config error: OUTPUT_DIR: cannot write images to"),
+        ({"REDIS_URL": "redis://127.0.0.1:1/0"}, "config error: REDIS_URL: Redis does not answer"),
+    ]
+    for extra, start in cases:
+        out = _run_bot({**base, **extra}, tmp_path)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(start), out.stderr
+    (tmp_path / ".env").write_bytes(b"DEFAULT_IMAGES=\xff\n")
+    out = _run_bot(base, tmp_path)
+    assert out.returncode == 2 and out.stderr.strip() == "config error: .env: is not UTF-8 text; save it as UTF-8"
+
+
+def test_a_second_bot_process_on_the_same_sqlite_file_is_refused(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DALLE_", "DISCORD_", "DATABASE_"))}
+    env.update(PYTHONPATH=str(ROOT), DATABASE_URL=f"sqlite:///{tmp_path / 'shared.db'}", LOG_LEVEL="ERROR",
+               OUTPUT_DIR=str(tmp_path / "out"), DALLE_ENGINE_FACTORY="tests.fake_engine:inprocess_fake_engine")
+    first = subprocess.Popen([sys.executable, "-m", "bot"], cwd=tmp_path, env=env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "local mode" in first.stdout.readline()  # running, waiting at its prompt
+        second = subprocess.run([sys.executable, "-m", "bot"], cwd=tmp_path, env=env, input="", capture_output=True,
+                                text=True, timeout=60)
+        assert second.returncode == 2 and "another dalle-bot process is using" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+    finally:
+        first.communicate(input="", timeout=60)
+    assert first.returncode == 0
+    again = subprocess.run([sys.executable, "-m", "bot"], cwd=tmp_path, env=env, input="", capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 0, again.stderr  # the lock went with the first process
+
+
+def test_python_m_bot_with_discord_unreachable_is_one_line(tmp_path):
+    out = _run_bot({"DISCORD_TOKEN": TOKEN, "DISCORD_API_BASE": "http://127.0.0.1:1/api/v10", "LOG_LEVEL": "CRITICAL",
+                    "DATABASE_URL": f"sqlite:///{tmp_path / 'd.db'}",
+                    "DALLE_ENGINE_FACTORY": "tests.fake_engine:inprocess_fake_engine"}, tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: cannot reach Discord")
+    assert TOKEN not in out.stderr
