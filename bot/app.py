@@ -60,6 +60,8 @@ class DalleBot(commands.AutoShardedBot):
             self.repo = await open_repository(self.settings)
         self.service = _service_from_settings(self.settings, self.repo, self.engine,
                                               DiscordPublisher(self, self.progress_interval), **self.service_overrides)
+        # jobs typed at the terminal front end (no Discord application) cannot be posted to Discord
+        self.service.owns = lambda gen: getattr(gen, "application_id", None) is not None
         self.add_dynamic_items(*DYNAMIC_ITEMS)
         for ext in EXTENSIONS:
             await self.load_extension(ext)

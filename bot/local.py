@@ -70,6 +70,11 @@ class TerminalPublisher:
         return None
 
 
+def is_terminal_job(gen: Any) -> bool:
+    """Jobs typed at a terminal carry no Discord application: those are the ones this front end may resume."""
+    return getattr(gen, "application_id", None) is None
+
+
 def _id(text: str) -> int | None:
     """A database id typed by the user (ASCII digits, fits a 63-bit integer), else None."""
     if not (text.isascii() and text.isdigit()) or len(text) > 18:
@@ -227,6 +232,7 @@ async def run(settings: Any, stdin: TextIO | None = None, out: TextIO | None = N
     repo = await open_repository(settings)
     publisher = TerminalPublisher(out)
     service = service_from_settings(settings, repo, engine, publisher)
+    service.owns = is_terminal_job
     front = LocalFrontEnd(service, publisher, out)
     await service.start()
     print("dalle-bot local mode: type /help for commands.", file=out, flush=True)

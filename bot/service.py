@@ -168,6 +168,9 @@ class GenerationService:
         self.checkpoint_id = checkpoint_id
         self.clock = clock
         self.retry_delay = 0.5  # seconds before the first retry of a failed database claim (doubling)
+        # which stored jobs this front end resumes and delivers at start (None: all); the terminal front end and
+        # the Discord bot may share a database, and neither can deliver the other's results
+        self.owns: Callable[[Any], bool] | None = None
         self._workers: list[asyncio.Task] = []
         self._positions_changed = asyncio.Event()
         self._turns = _Turns()
@@ -193,11 +196,14 @@ class GenerationService:
         self.scheduler.reopen()
         await self.repo.requeue_interrupted()
         resumed = []
+        owns = self.owns or (lambda _gen: True)
         for job in await self.repo.queued_generations():
-            if job.id not in self.scheduler.queue:
+            if job.id not in self.scheduler.queue and owns(job):
                 self.scheduler.add(QueuedJob(job.id, job.user_id, job.guild_id, job.queued_at), force=True)
                 resumed.append(job.id)
         for gen in await self.repo.undelivered():
+            if not owns(gen):
+                continue
             await self._publish(Outcome(gen, await self._stored_images(gen), error=gen.error))
         self._workers = [
             asyncio.create_task(self._worker(i), name=f"dalle-worker-{i}") for i in range(self.concurrency)

@@ -97,6 +97,7 @@ class QueuedJob:
     queued_at: datetime
     n_images: int
     kind: str
+    application_id: int | None = None  # set for jobs from Discord interactions (which front end can deliver it)
 
 
 @dataclass(frozen=True)
@@ -311,6 +312,7 @@ class Repository:
                 Generation.queued_at,
                 Generation.n_images,
                 Generation.kind,
+                Generation.application_id,
             )
             .where(Generation.status == Status.QUEUED.value)
             .order_by(Generation.queued_at, Generation.id)

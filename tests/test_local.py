@@ -159,3 +159,23 @@ def test_unloadable_engine_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: engine factory") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+async def test_the_terminal_leaves_discord_users_jobs_alone(tmp_path):
+    """The terminal and the Discord bot may share the default database: the terminal must not run or 'deliver'
+    (print, mark delivered) a Discord user's queued job, which the bot could then never post."""
+    settings = _settings(tmp_path)
+    from bot.__main__ import main as _unused  # noqa: F401 - the schema comes from the migrations, as in real use
+    from store.db import ensure_migrated
+
+    ensure_migrated(settings.database_url, True)
+    repo = Repository.from_url(settings.database_url)
+    theirs = await repo.create_generation(user_id=4242, prompt="a green triangle", guild_id=777, channel_id=888,
+                                          n_images=1, application_id=999, interaction_token="tok")
+    await repo.close()
+    out = io.StringIO()
+    rc = await run(settings, stdin=io.StringIO("/dalle a red circle --n 1\n"), out=out, engine=FakeEngine())
+    assert rc == 0 and "for 'a red circle'" in out.getvalue() and "green triangle" not in out.getvalue()
+    rows = {g.id: g for g in await _rows(settings.database_url, Generation)}
+    assert rows[theirs.id].status == "queued" and rows[theirs.id].delivered_at is None
+    assert rows[theirs.id].interaction_token == "tok"
