@@ -15,7 +15,7 @@ WIP = Path(__file__).resolve().parents[1] / "training" / "wip" / "shapes-demo-wi
 
 def test_wip_checkpoint_loads_and_generates_with_its_recommended_sampling():
     pipe = load_pipeline(WIP, buckets=(2,))
-    assert pipe.checkpoint_id == "shapes-demo-wip-20261123"
+    assert pipe.checkpoint_id == "shapes-demo-wip-20261123b"
     assert pipe.sampling_defaults == SamplingParams(condition_scale=3.0, top_k=16, top_p=1.0, temperature=1.0)
     assert pipe.image_length == 256 and pipe.safety is not None
     result = pipe.generate([GenerationRequest("a red circle on the left", n=2, seed=1)])[0]
