@@ -271,8 +271,8 @@ def loadavg() -> str:
 
 async def run(args: argparse.Namespace, pipeline: Pipeline | None, workers: list[int | None]) -> dict[str, Any]:
     make_engine = engine_factory(pipeline, args.window_ms, args.engine_url)
-    if args.engine_url:  # the service compiles lazily: one small request first, outside the measurement
-        await engine_round(make_engine, requests=1, images=args.images, rate=0.0)
+    if args.engine_url:  # the service compiles each batch bucket on first use: one unmeasured round first
+        await engine_round(make_engine, requests=args.users, images=args.images, rate=args.rate)
     engine_runs = [await engine_round(make_engine, requests=args.users, images=args.images, rate=args.rate)]
     fake = await FakeDiscordProcess.start()
     rounds = []
@@ -297,7 +297,7 @@ def report(args: argparse.Namespace, source: str, out: dict[str, Any], load_befo
     print(f"bot bench: {source}")
     print(f"{args.users} users x 1 /dalle x {args.images} images, released {burst}; fake Discord in its own process; "
           f"batch window {args.window_ms:g} ms")
-    print("engine alone (same requests, InProcessEngine): " + ", ".join(
+    print("engine alone (same requests, no bot): " + ", ".join(
         f"{r['images_per_s']:.1f} images/s in {r['wall_s']:.2f} s" for r in engine_runs)
         + f" -> baseline {engine_ips:.1f} images/s")
     ok = True

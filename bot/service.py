@@ -168,6 +168,9 @@ class GenerationService:
         self.checkpoint_id = checkpoint_id
         self.clock = clock
         self.retry_delay = 0.5  # seconds before the first retry of a failed database claim (doubling)
+        # in engine request ids: another bot (or this one on a fresh database) numbers its jobs from 1 too, and an
+        # engine service remembers ids for result_ttl; a clash would be refused as a duplicate request
+        self._run_nonce = secrets.token_hex(4)
         # which stored jobs this front end resumes and delivers at start (None: all); the terminal front end and
         # the Discord bot may share a database, and neither can deliver the other's results
         self.owns: Callable[[Any], bool] | None = None
@@ -520,7 +523,7 @@ class GenerationService:
         if gen is None:  # cancelled (or taken by another process) meanwhile
             return
         request = GenerationRequest(prompt=gen.prompt, n=gen.n_images, seed=int(gen.seed),
-                                    request_id=f"gen-{gen.id}-{gen.attempts}")
+                                    request_id=f"gen-{gen.id}-{gen.attempts}-{self._run_nonce}")
         try:
             try:
                 if turn is not None:

@@ -486,3 +486,29 @@ async def test_a_transient_claim_failure_is_retried(bot_db_url, tmp_path):
         await svc.stop(grace=1)
         await engine.close()
         await repo.close()
+
+
+async def test_engine_request_ids_do_not_clash_across_bot_processes(tmp_path):
+    """Two bots (or one on a fresh database) both have a generation 1; an engine service keeps request ids for its
+    result TTL and refuses a second 'gen-1-1' as a duplicate, so the ids carry a per-process nonce."""
+    seen = []
+
+    class Recording(FakeEngine):
+        async def submit(self, request):
+            seen.append(request.request_id)
+            return await super().submit(request)
+
+    for k in range(2):
+        url = sqlite_url(tmp_path / f"bot{k}")
+        create_schema(url)
+        engine = Recording()
+        svc, repo, pub = await _service_with(url, engine, tmp_path / "out")
+        try:
+            adm = await svc.submit(user_id=1, prompt="a red circle", n=1)
+            assert adm.generation_id == 1  # each database numbers from 1
+            await pub.wait_for(1)
+        finally:
+            await svc.stop(grace=1)
+            await engine.close()
+            await repo.close()
+    assert len(seen) == 2 and seen[0] != seen[1]
