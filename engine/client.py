@@ -224,9 +224,9 @@ class HttpEngine:
         data = await self._call("POST", "/v1/generations", body=request.to_json(), retries=retries, resubmit=True)
         return str(data.get("id") or request.request_id)
 
-    async def get(self, request_id: str) -> dict[str, Any]:
+    async def get(self, request_id: str, *, retries: int | None = None) -> dict[str, Any]:
         """The raw status document of a request (state, queue position, progress, result)."""
-        return await self._call("GET", f"/v1/generations/{request_id}")
+        return await self._call("GET", f"/v1/generations/{request_id}", retries=retries)
 
     async def events(self, request_id: str) -> AsyncIterator[Progress]:
         """Progress events from the SSE stream; reconnects (the server resends the current state) on drops."""
@@ -413,8 +413,7 @@ class MultiEngine:
 
     async def _holds(self, backend: _Backend, request_id: str) -> bool:
         try:
-            await asyncio.wait_for(backend.engine._call("GET", f"/v1/generations/{request_id}", retries=0),
-                                   self.probe_timeout)
+            await asyncio.wait_for(backend.engine.get(request_id, retries=0), self.probe_timeout)
         except (EngineError, TimeoutError):
             return False
         return True

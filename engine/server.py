@@ -97,7 +97,9 @@ BATCHER = web.AppKey("batcher", Batcher)
 SETTINGS = web.AppKey("settings", ServerSettings)
 METRICS = web.AppKey("metrics", EngineMetrics)
 STARTED = web.AppKey("started", float)
-FETCHED = web.AppKey("fetched", set)  # ids whose finished result a client has read (the shutdown linger)
+# ids in flight when a drain began whose finished result no client has read yet (only filled by the drain, so it
+# stays as small as the work in flight then)
+UNFETCHED = web.AppKey("unfetched", set)
 
 
 def _error(status: int, message: str, **headers: str) -> web.Response:
@@ -230,7 +232,7 @@ async def get_generation(request: web.Request) -> web.Response:
     try:
         body = _status_json(request.app[BATCHER], rid)
         if body.get("state") in TERMINAL:
-            request.app[FETCHED].add(rid)
+            request.app[UNFETCHED].discard(rid)
         return web.json_response(body)
     except UnknownRequest as exc:
         request.app[METRICS].errors.labels("not_found").inc()
@@ -319,22 +321,22 @@ async def drain(app: web.Application) -> None:
     ``shutdown_grace`` seconds and cancel the rest, then keep answering for up to ``shutdown_linger`` seconds
     until every client has fetched what finished (a client learns "done" from the event stream and fetches the
     result with a new GET, which a closed socket would refuse)."""
-    batcher, settings = app[BATCHER], app[SETTINGS]
-    in_flight = batcher.active_ids()
+    batcher, settings, unfetched = app[BATCHER], app[SETTINGS], app[UNFETCHED]
+    unfetched.update(batcher.active_ids())
     await batcher.close(drain_timeout=settings.shutdown_grace)
 
-    def unfetched() -> list[str]:
-        out = []
-        for rid in in_flight:
+    def waiting_for_a_client() -> bool:
+        for rid in list(unfetched):
             try:
-                if batcher.status(rid).state == "done" and rid not in app[FETCHED]:
-                    out.append(rid)
+                if batcher.status(rid).state == "done":
+                    return True
             except UnknownRequest:
                 pass
-        return out
+            unfetched.discard(rid)  # cancelled, failed or evicted: nobody will fetch a result
+        return False
 
     deadline = time.monotonic() + settings.shutdown_linger
-    while unfetched() and time.monotonic() < deadline:
+    while waiting_for_a_client() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
 
 
@@ -353,7 +355,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> we
     app[SETTINGS] = settings
     app[METRICS] = EngineMetrics()
     app[STARTED] = time.monotonic()
-    app[FETCHED] = set()
+    app[UNFETCHED] = set()
     app[BATCHER] = Batcher(
         pipeline,
         window_ms=settings.window_ms,
