@@ -20,7 +20,14 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.service import EngineUnavailable, GenerationService, _setting, engine_for_settings, open_repository
+from bot.service import (
+    EngineUnavailable,
+    GenerationService,
+    _setting,
+    engine_for_settings,
+    from_discord,
+    open_repository,
+)
 from bot.service import service_from_settings as _service_from_settings
 from bot.views import DYNAMIC_ITEMS
 from engine.api import Engine
@@ -60,8 +67,7 @@ class DalleBot(commands.AutoShardedBot):
             self.repo = await open_repository(self.settings)
         self.service = _service_from_settings(self.settings, self.repo, self.engine,
                                               DiscordPublisher(self, self.progress_interval), **self.service_overrides)
-        # jobs typed at the terminal front end (no Discord application) cannot be posted to Discord
-        self.service.owns = lambda gen: getattr(gen, "application_id", None) is not None
+        self.service.owns = from_discord  # jobs typed at the terminal front end cannot be posted to Discord
         self.add_dynamic_items(*DYNAMIC_ITEMS)
         for ext in EXTENSIONS:
             await self.load_extension(ext)

@@ -134,6 +134,7 @@ class BlockTerm:
 
     def matches(self, tokens: Sequence[str]) -> bool:
         """Match the text as written, and with repeated letters collapsed on both sides ("fuuuck")."""
+        tokens = tuple(tokens)  # hashable once: the candidate sets below are cached per (tokens, length)
         if self._matches(tokens):
             return True
         # Terms that are mostly repeats ("xxx", "kkk") would collapse to one letter: match those only as written.
@@ -141,7 +142,7 @@ class BlockTerm:
             return False
         return self.collapsed._matches(tuple(_collapse_repeats(t) for t in tokens))
 
-    def _matches(self, tokens: Sequence[str]) -> bool:
+    def _matches(self, tokens: tuple[str, ...]) -> bool:
         n = len(self.words)
         if n == 1:
             return self._any_candidate(tokens, self.words[0])
@@ -153,34 +154,30 @@ class BlockTerm:
         joined = "".join(self.words)
         return self._any_candidate(tokens, joined)
 
-    def _any_candidate(self, tokens: Sequence[str], word: str) -> bool:
+    def _any_candidate(self, tokens: tuple[str, ...], word: str) -> bool:
         if not self.prefix:
             return word in _candidate_words(tokens, len(word))
-        return word in _candidate_prefixes(tuple(tokens), len(word))
+        return word in _candidate_prefixes(tokens, len(word))
 
     def _word_ok(self, token: str, word: str) -> bool:
         return token.startswith(word) if self.prefix else token == word
 
 
-def _candidate_words(tokens: Sequence[str], target_len: int) -> frozenset[str]:
+@functools.lru_cache(maxsize=64)
+def _candidate_words(tokens: tuple[str, ...], target_len: int) -> frozenset[str]:
     """Every token, plus concatenations of adjacent tokens up to ``target_len`` characters.
 
     Concatenation catches spaced-out words ("s e x", "fu ck") without matching inside longer words
     (so "assistant" never matches "ass"). Cached: every block-list term of a similar length asks for the same set
     (a long prompt of single letters would otherwise be re-joined once per term).
     """
-    return _candidate_set(tuple(tokens), target_len)
+    return frozenset(_iter_candidates(tokens, target_len))
 
 
 @functools.lru_cache(maxsize=64)
 def _candidate_prefixes(tokens: tuple[str, ...], length: int) -> frozenset[str]:
     """The first ``length`` characters of every candidate at least that long: prefix terms become set lookups."""
-    return frozenset(t[:length] for t in _candidate_set(tokens, length) if len(t) >= length)
-
-
-@functools.lru_cache(maxsize=64)
-def _candidate_set(tokens: tuple[str, ...], target_len: int) -> frozenset[str]:
-    return frozenset(_iter_candidates(tokens, target_len))
+    return frozenset(t[:length] for t in _candidate_words(tokens, length) if len(t) >= length)
 
 
 def _iter_candidates(tokens: Sequence[str], target_len: int) -> Iterable[str]:
@@ -333,9 +330,9 @@ class PromptFilter:
         allow = [BlockTerm.parse("allow", a) for a in policy.allow if normalise(a.rstrip("*"))]
         allowed_tokens = _remove_allowed(norm.split(" "), allow)
         aggressive = normalise(prompt, aggressive=True)
-        variants = [allowed_tokens]
+        variants = [tuple(allowed_tokens)]  # tuples: every term below reuses the cached candidate sets
         if aggressive != norm:
-            variants.append(_remove_allowed(aggressive.split(" "), allow))
+            variants.append(tuple(_remove_allowed(aggressive.split(" "), allow)))
         guild_terms = [BlockTerm.parse("guild", t) for t in policy.block if normalise(t.rstrip("*"))]
         for term in [*guild_terms, *self.blocklist]:
             if any(term.matches(v) for v in variants):

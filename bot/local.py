@@ -29,6 +29,7 @@ from bot.service import (
     Outcome,
     ProgressUpdate,
     engine_for_settings,
+    from_discord,
     open_repository,
     service_from_settings,
 )
@@ -68,11 +69,6 @@ class TerminalPublisher:
                 self._print(f"  image {im.id}  rank {im.rank}  clip {im.clip_score:.3f}  {im.path}{note}")
         self.finished.setdefault(gen.id, asyncio.Event()).set()
         return None
-
-
-def is_terminal_job(gen: Any) -> bool:
-    """Jobs typed at a terminal carry no Discord application: those are the ones this front end may resume."""
-    return getattr(gen, "application_id", None) is None
 
 
 def _id(text: str) -> int | None:
@@ -232,7 +228,7 @@ async def run(settings: Any, stdin: TextIO | None = None, out: TextIO | None = N
     repo = await open_repository(settings)
     publisher = TerminalPublisher(out)
     service = service_from_settings(settings, repo, engine, publisher)
-    service.owns = is_terminal_job
+    service.owns = lambda gen: not from_discord(gen)  # a Discord user's job is the bot's to deliver
     front = LocalFrontEnd(service, publisher, out)
     await service.start()
     print("dalle-bot local mode: type /help for commands.", file=out, flush=True)

@@ -37,6 +37,12 @@ SEED_LIMIT = 2**31
 LONG_PROMPT = 200  # characters above which the prompt filter runs in a worker thread
 
 
+def from_discord(gen: Any) -> bool:
+    """A job that came through a Discord interaction (it carries the application id): only the Discord bot can
+    deliver it; jobs without one were typed at the terminal front end."""
+    return getattr(gen, "application_id", None) is not None
+
+
 def derive_seed(parent_seed: int, index: int) -> int:
     """Seed of a variation of image ``index`` of a generation with ``parent_seed``: a pure function of the
     lineage, so a variation is reproducible from the rows alone."""

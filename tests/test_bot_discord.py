@@ -78,6 +78,14 @@ async def _rows(repo, model):
         return list((await s.execute(select(model))).scalars())
 
 
+async def _dalle_result(fake: FakeDiscord, options: dict, user_id: int) -> tuple[dict, object]:
+    """Send ``/dalle``, wait for the result post; returns the posted channel message and the POST call."""
+    await fake.slash("dalle", options, user_id=user_id)
+    post = await fake.wait_for(_posts(fake))
+    message = next(m for m in fake.messages.values() if m["attachments"] and m["channel_id"] == str(CHANNEL))
+    return message, post
+
+
 async def _callback(fake: FakeDiscord, rec):
     return await fake.wait_for(lambda c: c.path.startswith(f"/interactions/{rec.id}/") and c.method == "POST")
 
@@ -123,9 +131,7 @@ async def test_buttons_and_report_modal(fake, db_url, tmp_path):
     repo = make_repo(db_url)
     run = await start_bot(_settings(tmp_path), FakeEngine(), repo)
     try:
-        await fake.slash("dalle", {"prompt": "a cat wearing a hat", "images": 2, "seed": 3}, user_id=11)
-        post = await fake.wait_for(_posts(fake))
-        message = next(m for m in fake.messages.values() if m["attachments"] and m["channel_id"] == str(CHANNEL))
+        message, post = await _dalle_result(fake, {"prompt": "a cat wearing a hat", "images": 2, "seed": 3}, 11)
         ids = _custom_ids(message)
         up = next(i for i in ids if i.startswith("dalle:vote:up:"))
         image_id = int(up.rsplit(":", 1)[1])
@@ -171,9 +177,7 @@ async def test_report_form_survives_a_restart_and_two_open_forms(fake, db_url, t
     repo = make_repo(db_url)
     run = await start_bot(_settings(tmp_path), FakeEngine(), repo)
     try:
-        await fake.slash("dalle", {"prompt": "a red star", "images": 1, "seed": 1}, user_id=41)
-        await fake.wait_for(_posts(fake))
-        message = next(m for m in fake.messages.values() if m["attachments"] and m["channel_id"] == str(CHANNEL))
+        message, _ = await _dalle_result(fake, {"prompt": "a red star", "images": 1, "seed": 1}, 41)
         report = next(i for i in _custom_ids(message) if i.startswith("dalle:report:"))
         image_id = int(report.rsplit(":", 1)[1])
         for user in (42, 43):
@@ -473,9 +477,7 @@ async def test_a_button_whose_handler_fails_tells_the_user(fake, db_url, tmp_pat
     repo = make_repo(db_url)
     run = await start_bot(_settings(tmp_path), FakeEngine(), repo)
     try:
-        await fake.slash("dalle", {"prompt": "a cat", "images": 2, "seed": 3}, user_id=15)
-        await fake.wait_for(_posts(fake))
-        message = next(m for m in fake.messages.values() if m["attachments"] and m["channel_id"] == str(CHANNEL))
+        message, _ = await _dalle_result(fake, {"prompt": "a cat", "images": 2, "seed": 3}, 15)
 
         async def broken(*args, **kwargs):
             raise RuntimeError("database is locked")

@@ -108,13 +108,11 @@ class DiscordPublisher:
             budget -= len(im.png)
         return files, shown
 
-    def _upload_limit(self, gen: Any, alive: bool) -> int:
-        """Bytes of attachments the result message may carry.
+    def _upload_limit(self, gen: Any) -> int:
+        """Bytes of attachments a message in the job's channel or interaction may carry.
 
         The interaction's ``attachment_size_limit`` (stored with the job, so it survives a restart) holds for its
-        follow-ups and for posts in its guild; a DM after the token expired gets Discord's default."""
-        if gen.private and not alive:
-            return DEFAULT_FILE_LIMIT
+        follow-ups and for posts in its guild (a DM gets Discord's default)."""
         if getattr(gen, "upload_limit", None):
             return int(gen.upload_limit)
         if gen.guild_id and (guild := self.bot.get_guild(gen.guild_id)) is not None:
@@ -135,8 +133,8 @@ class DiscordPublisher:
         alive = token_valid(gen)
         # only the requester is pinged, whatever mentions the prompt holds
         mentions = discord.AllowedMentions(users=[discord.Object(id=gen.user_id)], everyone=False, roles=False)
-        files, view = await self._message_parts(outcome, self._upload_limit(gen, alive))
         if not gen.private:
+            files, view = await self._message_parts(outcome, self._upload_limit(gen))
             try:
                 channel = self.bot.get_partial_messageable(gen.channel_id)
                 msg = await channel.send(content, files=files, view=view, allowed_mentions=mentions)
@@ -147,10 +145,7 @@ class DiscordPublisher:
                 # the interaction's own follow-up still reaches the channel while the token lives; else a DM
                 log.info("channel %s refused the result of %s (%s %s): delivering it another way",
                          gen.channel_id, gen.id, exc.status, exc.code)
-                limit = self._upload_limit(gen, alive) if alive else DEFAULT_FILE_LIMIT
-                files, view = await self._message_parts(outcome, limit)  # the first attempt spent the files
-                return await self._deliver_privately(gen, outcome, content, files, view, alive, mentions,
-                                                     ephemeral=False)
+                return await self._deliver_privately(gen, outcome, content, alive, mentions, ephemeral=False)
             if alive:
                 try:
                     done = "Done: posted below." if outcome.ok else "Failed."
@@ -158,13 +153,14 @@ class DiscordPublisher:
                 except discord.HTTPException:
                     log.info("could not edit the acknowledgement of %s", gen.id)
             return msg.id
-        return await self._deliver_privately(gen, outcome, content, files, view, alive, mentions, ephemeral=True)
+        return await self._deliver_privately(gen, outcome, content, alive, mentions, ephemeral=True)
 
-    async def _deliver_privately(self, gen: Any, outcome: Outcome, content: str, files: list[discord.File], view: Any,
-                                 alive: bool, mentions: discord.AllowedMentions, *, ephemeral: bool) -> int:
+    async def _deliver_privately(self, gen: Any, outcome: Outcome, content: str, alive: bool,
+                                 mentions: discord.AllowedMentions, *, ephemeral: bool) -> int:
         """Through the interaction's follow-up webhook while its token lives, else (or if Discord refuses the
-        token) as a DM to the requester."""
+        token) as a DM to the requester. Each attempt builds its own files (a sent file is spent) to its limit."""
         if alive:
+            files, view = await self._message_parts(outcome, self._upload_limit(gen))
             try:
                 msg = await self._webhook(gen).send(content, files=files, view=view, ephemeral=ephemeral, wait=True,
                                                     allowed_mentions=mentions)
@@ -173,7 +169,7 @@ class DiscordPublisher:
                 if exc.status not in (401, 404):  # only a dead token falls through to the DM
                     raise
                 log.info("follow-up token of %s refused (%s): sending the result as a DM", gen.id, exc.status)
-            files, view = await self._message_parts(outcome, DEFAULT_FILE_LIMIT)  # sent files are spent
+        files, view = await self._message_parts(outcome, DEFAULT_FILE_LIMIT)
         dm = await self.bot.create_dm(discord.Object(id=gen.user_id))  # one REST call, no user lookup
         msg = await dm.send(content, files=files, view=view, allowed_mentions=mentions)
         return msg.id
