@@ -207,6 +207,9 @@ def test_dallebart_init_from_continues_an_exported_checkpoint(demo, tmp_path):
     args = ["dallebart", "--shards", str(demo / "tokens"), "--out", str(tmp_path / "d"), "--init-from",
             str(demo / "dallebart"), "--d-model", "64", "--steps", "1", "--no-progress"]
     assert main(args) == 2
+    del args[args.index("--d-model") : args.index("--d-model") + 2]  # no architecture flags: the saved config
+    assert main([*args, "--batch-size", "4"]) == 0
+    assert DalleBartConfig.from_json(tmp_path / "d") == cfg
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -286,6 +289,11 @@ def test_decoder_only_finetune_keeps_the_tokens_and_trains_the_decoder(demo, tmp
     moved = [not np.array_equal(np.asarray(a), np.asarray(b))
              for a, b in zip(jax.tree.leaves(before["decoder"]), jax.tree.leaves(after["decoder"]), strict=True)]
     assert any(moved)
+
+    # continuing needs no architecture flags: unset ones take the saved config (a flag still overrides)
+    assert main(["vqgan", "--out", str(tmp_path / "vq4"), "--init-from", str(out), "--decoder-only", "--steps", "1",
+                 "--batch-size", "2", "--no-progress"]) == 0
+    assert VQGANConfig.from_json(tmp_path / "vq4") == VQGANConfig.from_json(out)
 
     assert main(["vqgan", "--out", str(tmp_path / "x"), "--decoder-only", "--steps", "1"]) == 2
     bad = [a if a != "8" else "16" for a in argv]  # a different --ch: not the saved config

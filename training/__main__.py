@@ -79,27 +79,59 @@ def _common(p: argparse.ArgumentParser, *, steps: int, batch_size: int) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+# Architecture flags default to None: unset ones come from --init-from's saved config, else from these.
+VQGAN_ARCH_DEFAULTS = {"image_size": 128, "factor": 8, "ch": 16, "n_embed": 512, "embed_dim": 32, "res_blocks": 1,
+                       "norm_groups": 4, "ch_mult": None}
+DALLEBART_ARCH_DEFAULTS = {"d_model": 128, "layers": 2, "heads": 4, "ffn": 256, "max_text_length": 32}
+
+
 def _vqgan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--factor", type=int, default=8, help="downsampling factor (token grid = size/factor)")
-    p.add_argument("--ch", type=int, default=16)
-    p.add_argument("--n-embed", type=int, default=512)
-    p.add_argument("--embed-dim", type=int, default=32)
-    p.add_argument("--res-blocks", type=int, default=1)
-    p.add_argument("--norm-groups", type=int, default=4, help="GroupNorm groups (several channels per group)")
+    d = VQGAN_ARCH_DEFAULTS
+    p.add_argument("--image-size", type=int, default=None, help=f"(default {d['image_size']})")
+    p.add_argument("--factor", type=int, default=None,
+                   help=f"downsampling factor (token grid = size/factor; default {d['factor']})")
+    p.add_argument("--ch", type=int, default=None, help=f"(default {d['ch']})")
+    p.add_argument("--n-embed", type=int, default=None, help=f"codebook size (default {d['n_embed']})")
+    p.add_argument("--embed-dim", type=int, default=None, help=f"(default {d['embed_dim']})")
+    p.add_argument("--res-blocks", type=int, default=None, help=f"(default {d['res_blocks']})")
+    p.add_argument("--norm-groups", type=int, default=None,
+                   help=f"GroupNorm groups (several channels per group; default {d['norm_groups']})")
     p.add_argument("--ch-mult", type=_int_tuple, default=None,
                    help="channel multiplier per level, e.g. 1,2,2,4 (default 1,1,2,2,... truncated)")
     p.add_argument("--data-seed", type=int, default=0)
 
 
+def _arch(args: argparse.Namespace, defaults: dict[str, Any], saved: dict[str, Any] | None) -> dict[str, Any]:
+    """Architecture settings: each flag given on the command line, else the --init-from checkpoint's, else the
+    default (so continuing a run needs no architecture flags)."""
+    base = saved if saved is not None else defaults
+    return {k: getattr(args, k, None) if getattr(args, k, None) is not None else base[k] for k in defaults}
+
+
+def _vqgan_config(args: argparse.Namespace) -> Any:
+    from engine.config import VQGANConfig
+    from training.train_vqgan import small_vqgan_config
+
+    saved = None
+    if getattr(args, "init_from", None) is not None:
+        c = VQGANConfig.from_json(args.init_from)
+        saved = {"image_size": c.resolution, "factor": c.downsample_factor, "ch": c.ch, "n_embed": c.n_embed,
+                 "embed_dim": c.embed_dim, "res_blocks": c.num_res_blocks, "norm_groups": c.norm_groups,
+                 "ch_mult": tuple(c.ch_mult)}
+    a = _arch(args, VQGAN_ARCH_DEFAULTS, saved)
+    return small_vqgan_config(a["image_size"], a["factor"], ch=a["ch"], n_embed=a["n_embed"],
+                              embed_dim=a["embed_dim"], num_res_blocks=a["res_blocks"],
+                              norm_groups=a["norm_groups"], ch_mult=a["ch_mult"])
+
+
 def _dallebart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: train one on the captions)")
     p.add_argument("--vocab-size", type=int, default=1024, help="BPE size when training a tokenizer")
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ffn", type=int, default=256)
-    p.add_argument("--max-text-length", type=int, default=32)
+    p.add_argument("--d-model", type=int, default=None, help="(default 128)")
+    p.add_argument("--layers", type=int, default=None, help="(default 2)")
+    p.add_argument("--heads", type=int, default=None, help="(default 4)")
+    p.add_argument("--ffn", type=int, default=None, help="(default 256)")
+    p.add_argument("--max-text-length", type=int, default=None, help="(default 32)")
     p.add_argument("--blank-prob", type=float, default=0.0, help="extra caption blanking (the data has 10%%)")
     p.add_argument("--vqgan", type=Path, default=None, help="VQGAN checkpoint dir (its n_embed sets the image vocab)")
     p.add_argument("--n-codes", type=int, default=None, help="image vocab size if no --vqgan (default: max code + 1)")
@@ -144,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("vqgan", help="train a VQGAN on the shapes dataset")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--init-from", type=Path, default=None, help="start from this exported VQGAN (same config)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from this exported VQGAN (unset architecture flags take its config)")
     p.add_argument("--decoder-only", action="store_true",
                    help="with --init-from: train only the decoder side; the encoder and codebook (the tokens) "
                         "stay exactly as they are")
@@ -167,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=Path, required=True, help="token shard dir (python -m training encode)")
     p.add_argument("--eval-shards", type=Path, default=None)
     p.add_argument("--init-from", type=Path, default=None,
-                   help="continue from this exported DalleBart (same config; its tokenizer unless --tokenizer)")
+                   help="continue from this exported DalleBart (unset architecture flags take its config; its "
+                        "tokenizer unless --tokenizer)")
     p.add_argument("--out", type=Path, required=True)
     _dallebart_args(p)
     _common(p, steps=1000, batch_size=32)
@@ -234,13 +268,11 @@ def _dataset_captions(n: int, seed: int) -> list[str]:
 
 
 def cmd_vqgan(args: argparse.Namespace, out: Path | None = None, steps: int | None = None) -> dict[str, Any]:
-    from training.train_vqgan import small_vqgan_config, train_vqgan
+    from training.train_vqgan import train_vqgan
 
     out = out or args.out
     steps = steps if steps is not None else args.steps
-    config = small_vqgan_config(args.image_size, args.factor, ch=args.ch, n_embed=args.n_embed,
-                                embed_dim=args.embed_dim, num_res_blocks=args.res_blocks,
-                                norm_groups=args.norm_groups, ch_mult=args.ch_mult)
+    config = _vqgan_config(args)
     res = train_vqgan(out, config, steps=steps, batch_size=args.batch_size or 8,
                       optim=_optim(args, 2e-3, steps, b2=0.99), seed=args.seed, data_seed=args.data_seed,
                       work_dir=args.work_dir if out == args.out else None, save_every=args.save_every,
@@ -260,7 +292,7 @@ def cmd_encode(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_dallebart(args: argparse.Namespace, shards: Path | None = None, out: Path | None = None,
                   steps: int | None = None) -> dict[str, Any]:
-    from engine.config import VQGANConfig
+    from engine.config import DalleBartConfig, VQGANConfig
     from engine.text import DalleBartTokenizer
     from training.data.parquet import iter_token_shards
     from training.train_dallebart import small_dallebart_config, train_dallebart
@@ -283,8 +315,14 @@ def cmd_dallebart(args: argparse.Namespace, shards: Path | None = None, out: Pat
     else:
         n_codes = max(int(r["encoding"].max()) for r in iter_token_shards(shards)) + 1
     vocab = DalleBartTokenizer.from_dir(tok_dir).vocab_size
-    config = small_dallebart_config(vocab, n_codes, image_length, d_model=args.d_model, layers=args.layers,
-                                    heads=args.heads, ffn_dim=args.ffn, max_text_length=args.max_text_length)
+    saved = None
+    if getattr(args, "init_from", None) is not None:
+        c = DalleBartConfig.from_json(args.init_from)
+        saved = {"d_model": c.d_model, "layers": c.encoder_layers, "heads": c.encoder_attention_heads,
+                 "ffn": c.encoder_ffn_dim, "max_text_length": c.max_text_length}
+    a = _arch(args, DALLEBART_ARCH_DEFAULTS, saved)
+    config = small_dallebart_config(vocab, n_codes, image_length, d_model=a["d_model"], layers=a["layers"],
+                                    heads=a["heads"], ffn_dim=a["ffn"], max_text_length=a["max_text_length"])
     optim = _optim(args, 1e-3 if args.optimizer != "adafactor" else 1e-2, steps,
                    **({"b2": 0.98} if args.optimizer == "adamw" else {}))
     res = train_dallebart(out, config, shards, tok_dir, steps=steps, batch_size=args.batch_size or 32,

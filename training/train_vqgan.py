@@ -301,7 +301,8 @@ def train_vqgan(
 
         saved = VQGANConfig.from_json(Path(init_from))
         if saved.to_dict() != config.to_dict():
-            raise ValueError(f"{init_from}: its config differs from the one being trained")
+            diff = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
+            raise ValueError(f"{init_from}: its config differs from the one being trained ({', '.join(diff)})")
         params = weights.load_params(init_from, jax.eval_shape(init, init_key(seed)), dtype="float32")
     else:
         params = init(init_key(seed))
