@@ -175,6 +175,7 @@ def test_evaluate_checkpoint_and_cli(random_ckpt, tmp_path, capsys):
     assert rep["checkpoint_id"] == "random-0" and rep["settings"]["clip_ranking"]
     assert rep["vqgan"]["n_images"] == 4 and np.isfinite(rep["vqgan"]["psnr"])
     assert rep["vqgan"]["psnr_min"] <= rep["vqgan"]["psnr"]
+    assert rep["vqgan"]["recon_fidelity"] < 0.5 and "shape" in rep["vqgan"]["recon_per_attribute"]  # noise
     assert {b["name"] for b in rep["bars"]} >= {"colour", "shape", "position", "held-out pairs", "VQGAN PSNR (dB)"}
     assert rep["passed"] is False  # random weights meet no bar
     for name in ("report.json", "report.png", "samples.png"):

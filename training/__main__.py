@@ -373,7 +373,8 @@ def _eval_brief(report: dict[str, Any]) -> dict[str, Any]:
     return {"checkpoint_id": report["checkpoint_id"], "passed": report["passed"], "bars": report["bars"],
             "fidelity_top": report["top"]["fidelity"], "fidelity_random": report["random"]["fidelity"],
             "clip_gain": report["clip_gain"]["fidelity"], "default_share": report["default_share"]["value"],
-            "vqgan_psnr": (report["vqgan"] or {}).get("psnr"), "files": report.get("files", {})}
+            "vqgan_psnr": (report["vqgan"] or {}).get("psnr"),
+            "vqgan_recon_fidelity": (report["vqgan"] or {}).get("recon_fidelity"), "files": report.get("files", {})}
 
 
 # what an installed checkpoint needs at inference (engine.pipeline.load_pipeline); training state never goes

@@ -12,7 +12,9 @@ dataset (``specs/shapes-dataset.md``, Evaluation):
   candidate (the expected fidelity of a random pick); **CLIP-ranking gain** = top-ranked − random;
 - **default share**: fraction of the colour-free prompts' images (all candidates) whose object is red — the
   injected bias is 0.7, an unbiased model gives 1/8;
-- **VQGAN PSNR**: encode → decode of dataset images with the checkpoint's own VQGAN.
+- **VQGAN PSNR**: encode → decode of dataset images with the checkpoint's own VQGAN, and the detector's fidelity
+  on those reconstructions (the ceiling for the generated images: what the VQGAN cannot draw back from its own
+  tokens, no DalleBart can make it draw).
 
 :func:`evaluate_pipeline` works on any :class:`engine.api.Pipeline` (tests pass a fake); :func:`evaluate_checkpoint`
 loads a checkpoint directory. Both write ``report.json``, ``report.png`` (bar chart) and ``samples.png`` (contact
@@ -236,17 +238,40 @@ def _brief(det: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- VQGAN
 
 
-def vqgan_psnr(vqgan_dir: str | Path, n_images: int = 64, *, seed: int = EVAL_DATA_SEED) -> dict[str, float]:
-    """Encode → decode PSNR (dB; mean and min over images) and codes used, on ``n_images`` unseen dataset images."""
+def vqgan_quality(vqgan_dir: str | Path, n_images: int = 64, *, seed: int = EVAL_DATA_SEED,
+                  batch_size: int = 16) -> dict[str, Any]:
+    """Encode → decode quality on ``n_images`` unseen dataset images: PSNR (dB; mean and min), codes used, and
+    the detector run on the reconstructions against each scene's attributes (``recon_fidelity``,
+    ``recon_per_attribute``).
+
+    The reconstruction fidelity is the ceiling of the generated images' fidelity: a shape the VQGAN cannot
+    draw back from its own tokens, no DalleBart can make it draw.
+    """
+    import jax
+    import jax.numpy as jnp
+
     from training.encode import load_vqgan
-    from training.train_vqgan import evaluate
+    from training.train_vqgan import _forward
 
     model, config, params = load_vqgan(vqgan_dir)
     cfg = ShapesConfig(blank_rate=0.0)
     rng = np.random.default_rng(seed)
-    images = np.stack([render_scene(sample_scene(rng, cfg)[0], config.resolution) for _ in range(n_images)])
-    out = evaluate(model, params, images.astype(np.float32) / 255.0)
-    return out | {"n_images": n_images}
+    scenes = [sample_scene(rng, cfg)[0] for _ in range(n_images)]
+    images = np.stack([render_scene(spec, config.resolution) for spec in scenes]).astype(np.float32) / 255.0
+    fwd = jax.jit(lambda p, x: _forward(model, p, x)[::2])  # (reconstruction, indices)
+    psnrs, used, recons = [], set(), []
+    for i in range(0, n_images, batch_size):
+        x = images[i : i + batch_size]
+        recon, indices = fwd(params, jnp.asarray(x))
+        recon = np.clip(np.asarray(recon, np.float32), 0.0, 1.0)
+        mse = np.mean(np.square(recon - x), axis=(1, 2, 3))
+        psnrs.extend((-10 * np.log10(np.maximum(mse, 1e-10))).tolist())
+        used.update(np.unique(np.asarray(indices)).tolist())
+        recons.append(np.round(recon * 255).astype(np.uint8))
+    scored = [_score(im, spec["named"]) for im, spec in zip(np.concatenate(recons), scenes, strict=True)]
+    agg = _aggregate(scored)
+    return {"psnr": float(np.mean(psnrs)), "psnr_min": float(np.min(psnrs)), "codes_used": float(len(used)),
+            "recon_fidelity": agg["fidelity"], "recon_per_attribute": agg["per_attribute"], "n_images": n_images}
 
 
 # -------------------------------------------------------------------------------------------------- bars
@@ -283,6 +308,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if d["value"] is not None:
         lines.append(f"  default share (colour-free prompts drawn red): {d['value']:.1%} of {d['n_images']} images"
                      f" (injected bias 70%, unbiased 12.5%)")
+    vq = report.get("vqgan") or {}
+    if vq.get("recon_fidelity") is not None:
+        per = vq["recon_per_attribute"]
+        lines.append(f"  VQGAN reconstructions of {vq['n_images']} dataset images (the ceiling): fidelity "
+                     f"{vq['recon_fidelity']:.1%}, colour {per.get('colour', 0):.1%}, shape {per.get('shape', 0):.1%},"
+                     f" position {per.get('position', 0):.1%}")
     return lines
 
 
@@ -392,7 +423,7 @@ def evaluate_pipeline(pipeline: Any, *, n_per_kind: int = 16, candidates: int = 
     t_score = time.perf_counter() - t1
     vq = None
     if vqgan_dir is not None and psnr_images > 0:
-        vq = vqgan_psnr(vqgan_dir, psnr_images)
+        vq = vqgan_quality(vqgan_dir, psnr_images)
     params = (params or SamplingParams()).resolve(getattr(pipeline, "sampling_defaults", None))
     report: dict[str, Any] = {
         "checkpoint_id": checkpoint_id or getattr(pipeline, "checkpoint_id", "unknown"),
