@@ -185,6 +185,7 @@ class GenerationService:
         self._turns = _Turns()
         self._position_task: asyncio.Task | None = None
         self._running: dict[int, asyncio.Task] = {}
+        self._publishing: set[asyncio.Task] = set()
         self._engine_ids: dict[int, str] = {}
         self._closing = False
         self._last_positions: dict[int, int] = {}
@@ -213,7 +214,7 @@ class GenerationService:
         for gen in await self.repo.undelivered():
             if not owns(gen):
                 continue
-            await self._publish(Outcome(gen, await self._stored_images(gen), error=gen.error))
+            self._publish_later(Outcome(gen, await self._stored_images(gen), error=gen.error))
         self._workers = [
             asyncio.create_task(self._worker(i), name=f"dalle-worker-{i}") for i in range(self.concurrency)
         ]
@@ -223,15 +224,23 @@ class GenerationService:
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking work; let running jobs finish within ``grace`` seconds, else put them back in the queue
         (status queued) so the next start resumes them. Nothing is left half-recorded: the step that stores
-        images and marks the job done runs shielded from cancellation."""
+        images and marks the job done runs shielded from cancellation. Results still being posted get the rest
+        of ``grace``; one not posted by then stays undelivered and is posted by the next start."""
         self._closing = True
         self.scheduler.close()  # idle workers return; nothing is cancelled in the middle of a database call
+        deadline = time.monotonic() + grace
         running = list(self._running.values())
         if running:
             _, pending = await asyncio.wait(running, timeout=grace)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._publishing:
+            posting = list(self._publishing)
+            _, pending = await asyncio.wait(posting, timeout=max(deadline - time.monotonic(), 0.5))
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*posting, return_exceptions=True)
         _, stuck = await asyncio.wait(self._workers, timeout=5.0) if self._workers else (set(), set())
         for w in stuck:
             w.cancel()
@@ -574,7 +583,7 @@ class GenerationService:
             log.exception("generation %s: storing the result failed", gen.id)
             await asyncio.shield(self._finish_failed(gen, "the images could not be stored; please try again"))
             return
-        await self._publish(outcome)
+        self._publish_later(outcome)
 
     async def _claim(self, generation_id: int, attempts: int = 4) -> Any:
         """``repo.claim`` with a few retries: a transient database error must not drop a queued job (the worker
@@ -604,7 +613,7 @@ class GenerationService:
     async def _finish_failed(self, gen: Any, error: str) -> None:
         log.warning("generation %s failed: %s", gen.id, error)
         gen = await self.repo.set_status(gen.id, Status.FAILED.value, error=error[:500])
-        await self._publish(Outcome(gen, [], error=error))
+        self._publish_later(Outcome(gen, [], error=error))
 
     async def _finish_ok(self, gen: Any, result: GenerationResult) -> Outcome:
         """Write PNGs, store Image rows, open cases for flagged images, mark done (one uncancellable step)."""
@@ -643,6 +652,14 @@ class GenerationService:
                                    hidden=row.hidden, withheld=row.flagged and mode == FlaggedMode.WITHHOLD.value,
                                    png=png))
         return out
+
+    def _publish_later(self, outcome: Outcome) -> None:
+        """Post a stored result in its own task. The worker's engine slot is free once the images are stored:
+        posting waits on Discord (one channel's messages go out one at a time), and a worker held through it
+        keeps the next job from the engine, so the engine samples smaller batches than it could."""
+        task = asyncio.create_task(self._publish(outcome), name=f"dalle-publish-{outcome.generation.id}")
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
 
     async def _publish(self, outcome: Outcome) -> None:
         if self.publisher is None:

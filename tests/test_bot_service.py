@@ -262,9 +262,55 @@ async def test_undelivered_results_are_posted_on_start(bot_db_url, tmp_path):
     assert pub.outcomes == [] and (await repo.get_generation(adm.generation_id)).delivered_at is None
     svc2 = GenerationService(repo, engine, pub, output_dir=tmp_path / "o")
     await svc2.start()
-    [o] = pub.outcomes
+    [o] = await pub.wait_for(1)
     assert o.generation.id == adm.generation_id and len(o.images) == 2 and all(im.png for im in o.images)
-    assert (await repo.get_generation(adm.generation_id)).delivered_at is not None
+    assert (await _delivered(repo, adm.generation_id)).delivered_at is not None
+    await svc2.stop()
+    await engine.close()
+    await repo.close()
+
+
+class _SlowPublisher(RecordingPublisher):
+    """Posting blocks until ``release`` is set (a rate-limited or slow Discord channel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.posting = 0
+
+    async def publish(self, outcome):
+        self.posting += 1
+        await self.release.wait()
+        return await super().publish(outcome)
+
+
+async def test_a_slow_post_does_not_hold_the_engine_slot(bot_db_url, tmp_path):
+    """One worker: while the first result waits to be posted, the next jobs already run on the engine; a stop
+    leaves what could not be posted undelivered, and the next start posts it."""
+    repo = make_repo(bot_db_url)
+    engine = FakeEngine(step_s=0.0)
+    pub = _SlowPublisher()
+    svc = GenerationService(repo, engine, pub, output_dir=tmp_path / "o", concurrency=1,
+                            limiter=RateLimiter(policy=LimitPolicy(user="100 per minute", daily_quota=None)))
+    await svc.start()
+    try:
+        ids = [(await svc.submit(user_id=40 + i, prompt="a green star", n=1)).generation_id for i in range(3)]
+        for _ in range(300):
+            if pub.posting == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert pub.posting == 3 and len(engine.submitted) == 3  # all sampled while the first post still waits
+        assert [(await repo.get_generation(g)).status for g in ids] == ["done"] * 3
+    finally:
+        await svc.stop(grace=0.1)
+    assert pub.outcomes == [] and [(await repo.get_generation(g)).delivered_at for g in ids] == [None] * 3
+
+    pub2 = RecordingPublisher()
+    svc2 = GenerationService(repo, engine, pub2, output_dir=tmp_path / "o", concurrency=1)
+    await svc2.start()
+    assert sorted(o.generation.id for o in await pub2.wait_for(3)) == sorted(ids)
+    for g in ids:
+        assert (await _delivered(repo, g)).delivered_at is not None
     await svc2.stop()
     await engine.close()
     await repo.close()
