@@ -35,9 +35,12 @@ _Item = TypeVar("_Item")
 
 
 async def tell_failure(interaction: discord.Interaction) -> None:
-    """Answer an interaction whose handler failed, however far it got (not answered, or deferred and thinking)."""
+    """Answer an interaction whose handler failed, however far it got: not answered, deferred and thinking, or
+    deferred without a visible change (a button on a message that must stay as it is: a private follow-up)."""
     try:
-        if interaction.response.is_done():
+        if interaction.response.type is discord.InteractionResponseType.deferred_message_update:
+            await interaction.followup.send(SORRY, ephemeral=True)
+        elif interaction.response.is_done():
             await interaction.edit_original_response(content=SORRY, view=None)
         else:
             await interaction.response.send_message(SORRY, ephemeral=True)
@@ -127,8 +130,10 @@ class VoteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dalle:vot
 
     @answers_failures
     async def callback(self, interaction: discord.Interaction) -> None:
+        # acknowledged first: the vote is a database write, and Discord allows 3 s for the first answer
+        await interaction.response.defer(ephemeral=True, thinking=True)
         res = await _service(interaction).feedback(self.image_id, interaction.user.id, self.kind)
-        await interaction.response.send_message(res.message, ephemeral=True)
+        await interaction.edit_original_response(content=res.message)
 
 
 class ReportModal(discord.ui.Modal):
@@ -213,11 +218,13 @@ class CancelButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dalle:c
 
     @answers_failures
     async def callback(self, interaction: discord.Interaction) -> None:
+        # acknowledged first (the queue message stays as it is until the database says whether it was cancelled)
+        await interaction.response.defer()
         ok = await _service(interaction).cancel(self.generation_id, interaction.user.id)
         if ok:
-            await interaction.response.edit_message(content="Cancelled.", view=None)
+            await interaction.edit_original_response(content="Cancelled.", view=None)
         else:
-            await interaction.response.send_message("Only a queued request of yours can be cancelled.", ephemeral=True)
+            await interaction.followup.send("Only a queued request of yours can be cancelled.", ephemeral=True)
 
 
 DYNAMIC_ITEMS = (RerollButton, VariationButton, VoteButton, ReportButton, CancelButton)

@@ -138,7 +138,9 @@ async def test_buttons_and_report_modal(fake, db_url, tmp_path):
 
         rec = await fake.click(message, up, user_id=12)
         cb = await _callback(fake, rec)
-        assert cb.json["type"] == 4 and cb.json["data"]["flags"] == 64 and "Thanks" in cb.json["data"]["content"]
+        assert cb.json == {"type": 5, "data": {"flags": 64}}  # deferred before the database write
+        edit = await fake.wait_for(lambda c: c.method == "PATCH" and rec.token in c.path)
+        assert "Thanks" in edit.json["content"]
 
         report = next(i for i in ids if i.startswith("dalle:report:"))
         rec = await fake.click(message, report, user_id=13)
@@ -249,10 +251,14 @@ async def test_queue_command_and_cancel_button(fake, db_url, tmp_path):
         ack = next(m for m in fake.messages.values() if f"dalle:cancel:{last.id}" in _custom_ids(m))
         rec = await fake.click(ack, f"dalle:cancel:{last.id}", user_id=99)
         cb = await _callback(fake, rec)
-        assert cb.json["type"] == 4 and "Only a queued request of yours" in cb.json["data"]["content"]
+        assert cb.json["type"] == 6  # deferred, the queue message unchanged
+        other = await fake.wait_for(lambda c: c.method == "POST" and rec.token in c.path and c is not cb)
+        assert "Only a queued request of yours" in other.json["content"] and other.json["flags"] == 64
         rec = await fake.click(ack, f"dalle:cancel:{last.id}", user_id=31)
         cb = await _callback(fake, rec)
-        assert cb.json["type"] == 7 and cb.json["data"]["content"] == "Cancelled."
+        assert cb.json["type"] == 6
+        edit = await fake.wait_for(lambda c: c.method == "PATCH" and rec.token in c.path)
+        assert edit.json["content"] == "Cancelled." and edit.json["components"] == []
         assert (await repo.get_generation(last.id)).status == "cancelled"
         engine.gate.set()
         await fake.wait_count(_posts(fake), 2)
@@ -491,9 +497,22 @@ async def test_a_button_whose_handler_fails_tells_the_user(fake, db_url, tmp_pat
         edit = await fake.wait_for(lambda c: c.method == "PATCH" and rec.token in c.path)
         assert edit.json["content"].startswith("Sorry, that did not work")
         up = next(i for i in _custom_ids(message) if i.startswith("dalle:vote:up:"))
-        rec = await fake.click(message, up, user_id=16)  # not deferred: answered directly
+        rec = await fake.click(message, up, user_id=16)
         cb = await _callback(fake, rec)
-        assert cb.json["type"] == 4 and cb.json["data"]["content"].startswith("Sorry, that did not work")
+        assert cb.json["type"] == 5
+        edit = await fake.wait_for(lambda c: c.method == "PATCH" and rec.token in c.path)
+        assert edit.json["content"].startswith("Sorry, that did not work")
+        # Cancel defers without changing the queue message: its failure is a private follow-up, not an edit
+        run.bot.service.cancel = broken
+        gen = (await _rows(repo, Generation))[0]
+        queued = {**message, "attachments": [], "components": [{"type": 1, "components": [
+            {"type": 2, "style": 2, "label": "Cancel", "custom_id": f"dalle:cancel:{gen.id}"}]}]}
+        rec = await fake.click(queued, f"dalle:cancel:{gen.id}", user_id=15)  # as from a queue message
+        cb = await _callback(fake, rec)
+        assert cb.json["type"] == 6
+        sorry = await fake.wait_for(lambda c: c.method == "POST" and rec.token in c.path and c is not cb)
+        assert sorry.json["content"].startswith("Sorry, that did not work") and sorry.json["flags"] == 64
+        assert not any(c.method == "PATCH" and rec.token in c.path for c in fake.calls)
     finally:
         await run.stop()
         await repo.close()
