@@ -212,6 +212,42 @@ def test_dallebart_init_from_continues_an_exported_checkpoint(demo, tmp_path):
     assert DalleBartConfig.from_json(tmp_path / "d") == cfg
 
 
+def test_dallebart_for_a_new_vqgan_keeps_the_text_and_transformer_weights(demo, tmp_path):
+    """--new-image-vocab: a DalleBart for another VQGAN (more codes) starts from the old one's text encoder and
+    transformer layers; the image embedding and output head are new; without the flag the mismatch is refused
+    with a hint; any other difference is refused."""
+    import dataclasses
+
+    from training.train_dallebart import transfer_params
+
+    old_cfg = DalleBartConfig.from_json(demo / "dallebart")
+    codes = old_cfg.image_vocab_size + 16
+    cfg = dataclasses.replace(old_cfg, image_vocab_size=codes, decoder_start_token_id=codes, bos_token_id=codes + 1,
+                              eos_token_id=codes + 1, pad_token_id=codes + 1)
+    old = load_dallebart_params(demo / "dallebart", old_cfg)
+    new = transfer_params(demo / "dallebart", cfg, seed=1)
+    flat_old = dict(jax.tree_util.tree_flatten_with_path(old)[0])
+    fresh = {"['lm_head']['kernel']", "['model']['decoder']['embed_tokens']['embedding']"}
+    for path, x in jax.tree_util.tree_flatten_with_path(new)[0]:
+        key = jax.tree_util.keystr(path)
+        if key in fresh:
+            assert x.shape[-1 if "lm_head" in key else 0] == codes + 1
+        else:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(flat_old[path]), err_msg=key)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    logits = DalleBart(cfg).apply({"params": new}, ids, jnp.ones((1, 1), jnp.int32), ids)  # valid for the new config
+    assert logits.shape[-1] == codes + 1
+
+    kw = dict(steps=1, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="new_image_vocab"):
+        train_dallebart(tmp_path / "x", cfg, demo / "tokens", demo / "dallebart", init_from=demo / "dallebart", **kw)
+    out = train_dallebart(tmp_path / "t", cfg, demo / "tokens", demo / "dallebart", init_from=demo / "dallebart",
+                          new_image_vocab=True, **kw)
+    assert DalleBartConfig.from_json(tmp_path / "t") == cfg and out.result.losses
+    with pytest.raises(ValueError, match="d_model"):
+        transfer_params(demo / "dallebart", dataclasses.replace(cfg, d_model=cfg.d_model * 2))
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["encode", "--vqgan", str(tmp_path / "missing"), "--out", str(tmp_path / "t"),
                  "--num-images", "2", "--no-progress"]) == 2

@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", type=Path, default=None,
                    help="continue from this exported DalleBart (unset architecture flags take its config; its "
                         "tokenizer unless --tokenizer)")
+    p.add_argument("--new-image-vocab", action="store_true",
+                   help="with --init-from: the shards come from another VQGAN; copy the text encoder and the "
+                        "transformer layers, start the image-token embedding and output head afresh")
     p.add_argument("--out", type=Path, required=True)
     _dallebart_args(p)
     _common(p, steps=1000, batch_size=32)
@@ -328,6 +331,7 @@ def cmd_dallebart(args: argparse.Namespace, shards: Path | None = None, out: Pat
     res = train_dallebart(out, config, shards, tok_dir, steps=steps, batch_size=args.batch_size or 32,
                           optim=optim, seed=args.seed, blank_caption_prob=args.blank_prob,
                           eval_shards=getattr(args, "eval_shards", None), init_from=getattr(args, "init_from", None),
+                          new_image_vocab=getattr(args, "new_image_vocab", False),
                           work_dir=args.work_dir if out == args.out else None, save_every=args.save_every,
                           log_every=args.log_every, mesh=_mesh(args), progress=not args.no_progress)
     return {"out": str(out), "eval": res.eval_metrics, "steps_per_s": res.result.steps_per_s}

@@ -12,6 +12,7 @@ tokenizer files.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import shutil
 from dataclasses import dataclass, field
@@ -125,6 +126,40 @@ def _loss_for(config: DalleBartConfig):
     return make_loss(DalleBart(config), config)
 
 
+# config fields that follow from the image vocabulary (the VQGAN's codebook size)
+IMAGE_VOCAB_FIELDS = frozenset({"image_vocab_size", "decoder_start_token_id", "bos_token_id", "eos_token_id",
+                                "pad_token_id"})
+# the params whose shape follows from it: image-token embedding (codes + start token) and the output head
+IMAGE_VOCAB_PARAMS = (("lm_head",), ("model", "decoder", "embed_tokens"))
+
+
+def transfer_params(saved_dir: Path, config: DalleBartConfig, seed: int = 0) -> Any:
+    """Params for ``config`` from a DalleBart trained on another VQGAN's tokens: the text encoder and every
+    transformer layer are copied (what the model learned about captions and layouts carries over); only the
+    image-token embedding and the output head, whose rows are the old codes, start from a fresh init.
+
+    The two configs may differ only in :data:`IMAGE_VOCAB_FIELDS`.
+    """
+    saved = DalleBartConfig.from_json(saved_dir)
+    diff = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v and k != "use_scan")
+    if set(diff) - IMAGE_VOCAB_FIELDS:
+        raise ValueError(f"{saved_dir}: only the image vocabulary may differ for a transfer; also differs: "
+                         f"{', '.join(sorted(set(diff) - IMAGE_VOCAB_FIELDS))}")
+    old = load_dallebart_params(saved_dir, dataclasses.replace(saved, use_scan=config.use_scan), dtype="float32")
+    fresh = _jit_init(config)(init_key(seed))
+
+    def merge(new: Any, prev: Any, path: tuple[str, ...]) -> Any:
+        if any(path[: len(p)] == p for p in IMAGE_VOCAB_PARAMS):
+            return new
+        if isinstance(new, dict):
+            return {k: merge(v, prev[k], (*path, k)) for k, v in new.items()}
+        if prev.shape != new.shape:  # cannot happen when only the image vocabulary differs
+            raise ValueError(f"{'/'.join(path)}: shape {prev.shape} in {saved_dir}, {new.shape} in the new config")
+        return jnp.asarray(prev, new.dtype)
+
+    return merge(fresh, old, ())
+
+
 @functools.lru_cache(maxsize=8)
 def _jit_init(config: DalleBartConfig):
     return jax.jit(lambda rng: init_params(config, rng))
@@ -187,6 +222,7 @@ def train_dallebart(
     progress: bool | None = None,
     stop_after: int | None = None,
     init_from: str | Path | None = None,
+    new_image_vocab: bool = False,
 ) -> DalleBartTrainOutput:
     """Train (or resume) DalleBart on token shards and write the checkpoint directory ``out_dir``.
 
@@ -194,7 +230,9 @@ def train_dallebart(
     ``config.encoder_vocab_size``. With a mesh whose ``"model"`` axis is larger than 1, params are split by
     ``engine.sharding``'s partition rules; the batch always splits over ``"data"``. ``init_from``: start from
     an exported DalleBart checkpoint directory with the same config (continue a run on a fresh machine, where
-    the orbax training state is gone; the optimiser state starts afresh).
+    the orbax training state is gone; the optimiser state starts afresh). With ``new_image_vocab`` the saved
+    model may have another image vocabulary (it was trained on another VQGAN's tokens): see
+    :func:`transfer_params`.
     """
     out_dir = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + "-train")
@@ -211,11 +249,15 @@ def train_dallebart(
                                  decay="cosine", decay_steps=max(steps, 1), end_lr_ratio=0.1, b2=0.98,
                                  max_grad_norm=1.0)
     model = DalleBart(config)
-    if init_from is not None:
+    if init_from is not None and new_image_vocab:
+        params = transfer_params(Path(init_from), config, seed)
+    elif init_from is not None:
         saved = DalleBartConfig.from_json(Path(init_from))
         if saved.to_dict() != config.to_dict():
             diff = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
-            raise ValueError(f"{init_from}: its config differs from the one being trained ({', '.join(diff)})")
+            hint = " (a DalleBart for another VQGAN: new_image_vocab)" if set(diff) & IMAGE_VOCAB_FIELDS else ""
+            raise ValueError(f"{init_from}: its config differs from the one being trained ({', '.join(diff)})"
+                             + hint)
         params = load_dallebart_params(Path(init_from), config, dtype="float32")
     else:
         params = _jit_init(config)(init_key(seed))
