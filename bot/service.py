@@ -15,10 +15,11 @@ import importlib
 import logging
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -159,6 +160,7 @@ class GenerationService:
         checkpoint_id: str | None = None,
         guild_settings_ttl: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        lease_s: float = 60.0,
     ) -> None:
         self.repo = repo
         self.engine = engine
@@ -177,6 +179,13 @@ class GenerationService:
         # in engine request ids: another bot (or this one on a fresh database) numbers its jobs from 1 too, and an
         # engine service remembers ids for result_ttl; a clash would be refused as a duplicate request
         self._run_nonce = secrets.token_hex(4)
+        # running jobs carry this process's id and a lease it renews every lease_s / 3; on a database several bot
+        # processes share, only jobs whose lease ran out are taken back from a dead process (at start and while
+        # running). None: decided by the database (SQLite is one process's alone, see bot.preflight).
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{self._run_nonce}"
+        self.lease_s = lease_s
+        self.exclusive_database: bool | None = None
+        self._lease_task: asyncio.Task | None = None
         # which stored jobs this front end resumes and delivers at start (None: all); the terminal front end and
         # the Discord bot may share a database, and neither can deliver the other's results
         self.owns: Callable[[Any], bool] | None = None
@@ -185,7 +194,7 @@ class GenerationService:
         self._turns = _Turns()
         self._position_task: asyncio.Task | None = None
         self._running: dict[int, asyncio.Task] = {}
-        self._publishing: set[asyncio.Task] = set()
+        self._publishing: dict[int, asyncio.Task] = {}  # generation id → its post, while under way
         self._engine_ids: dict[int, str] = {}
         self._closing = False
         self._last_positions: dict[int, int] = {}
@@ -204,22 +213,59 @@ class GenerationService:
         self._closing = False
         self._turns = _Turns()
         self.scheduler.reopen()
-        await self.repo.requeue_interrupted()
-        resumed = []
-        owns = self.owns or (lambda _gen: True)
-        for job in await self.repo.queued_generations():
-            if job.id not in self.scheduler.queue and owns(job):
-                self.scheduler.add(QueuedJob(job.id, job.user_id, job.guild_id, job.queued_at), force=True)
-                resumed.append(job.id)
-        for gen in await self.repo.undelivered():
-            if not owns(gen):
-                continue
-            self._publish_later(Outcome(gen, await self._stored_images(gen), error=gen.error))
+        await self.repo.requeue_interrupted(orphans_only=not self._exclusive(), mine=self.owner)
+        resumed = await self._load_queued()
+        await self._post_undelivered()
         self._workers = [
             asyncio.create_task(self._worker(i), name=f"dalle-worker-{i}") for i in range(self.concurrency)
         ]
         self._position_task = asyncio.create_task(self._position_loop(), name="dalle-positions")
+        self._lease_task = asyncio.create_task(self._lease_loop(), name="dalle-leases")
         return resumed
+
+    def _exclusive(self) -> bool:
+        if self.exclusive_database is not None:
+            return self.exclusive_database
+        return bool(getattr(self.repo, "single_process", False))
+
+    async def _load_queued(self, only: set[int] | None = None) -> list[int]:
+        """Put the database's queued jobs (those in ``only``, if given) this front end owns into the fair queue."""
+        added = []
+        owns = self.owns or (lambda _gen: True)
+        for job in await self.repo.queued_generations():
+            if (only is None or job.id in only) and job.id not in self.scheduler.queue and owns(job):
+                self.scheduler.add(QueuedJob(job.id, job.user_id, job.guild_id, job.queued_at), force=True)
+                added.append(job.id)
+        return added
+
+    def _lease(self) -> datetime:
+        return utcnow() + timedelta(seconds=self.lease_s)
+
+    async def _post_undelivered(self) -> None:
+        """Post the finished results nobody posted (on a shared database: only those no live process vouches for)."""
+        owns = self.owns or (lambda _gen: True)
+        adopt = None if self._exclusive() else (self.owner, self._lease())
+        for gen in await self.repo.undelivered(adopt=adopt):
+            if owns(gen) and gen.id not in self._publishing:
+                self._publish_later(Outcome(gen, await self._stored_images(gen), error=gen.error))
+
+    async def _lease_loop(self) -> None:
+        """Renew the leases of this process's running jobs; on a shared database, also take back the jobs of a
+        process that died (their lease ran out) and queue them here."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                await self.repo.renew_leases(self.owner, [*self._running, *self._publishing], self._lease())
+                if not self._exclusive():
+                    orphans = await self.repo.requeue_interrupted(orphans_only=True)
+                    if orphans:
+                        log.warning("took back %d job(s) whose process stopped renewing them: %s", len(orphans),
+                                    orphans)
+                        if await self._load_queued(set(orphans)):
+                            self._positions_changed.set()
+                    await self._post_undelivered()
+            except Exception:  # noqa: BLE001 - retried on the next beat; a lease lasts three beats
+                log.warning("renewing job leases failed", exc_info=True)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking work; let running jobs finish within ``grace`` seconds, else put them back in the queue
@@ -236,7 +282,7 @@ class GenerationService:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         if self._publishing:
-            posting = list(self._publishing)
+            posting = list(self._publishing.values())
             _, pending = await asyncio.wait(posting, timeout=max(deadline - time.monotonic(), 0.5))
             for task in pending:
                 task.cancel()
@@ -246,10 +292,12 @@ class GenerationService:
             w.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
-        if self._position_task is not None:
-            self._position_task.cancel()
-            await asyncio.gather(self._position_task, return_exceptions=True)
-            self._position_task = None
+        for name in ("_position_task", "_lease_task"):
+            background = getattr(self, name)
+            if background is not None:
+                background.cancel()
+                await asyncio.gather(background, return_exceptions=True)
+                setattr(self, name, None)
 
     # -- admission -----------------------------------------------------------------------------------
 
@@ -566,7 +614,7 @@ class GenerationService:
             if rid:
                 with contextlib.suppress(Exception):
                     await self.engine.cancel(rid)
-            await asyncio.shield(self.repo.set_status(gen.id, Status.QUEUED.value))
+            await asyncio.shield(self.repo.release(gen.id, self.owner))
             raise
         except (EngineError, RequestCancelled) as exc:
             await asyncio.shield(self._finish_failed(gen, str(exc) or exc.__class__.__name__))
@@ -590,7 +638,7 @@ class GenerationService:
         forgets it either way; the row would wait for the next start)."""
         for attempt in range(attempts):
             try:
-                return await self.repo.claim(generation_id)
+                return await self.repo.claim(generation_id, self.owner, self._lease())
             except Exception:  # noqa: BLE001 - retried, then raised
                 if attempt == attempts - 1:
                     raise
@@ -657,9 +705,10 @@ class GenerationService:
         """Post a stored result in its own task. The worker's engine slot is free once the images are stored:
         posting waits on Discord (one channel's messages go out one at a time), and a worker held through it
         keeps the next job from the engine, so the engine samples smaller batches than it could."""
-        task = asyncio.create_task(self._publish(outcome), name=f"dalle-publish-{outcome.generation.id}")
-        self._publishing.add(task)
-        task.add_done_callback(self._publishing.discard)
+        gid = outcome.generation.id
+        task = asyncio.create_task(self._publish(outcome), name=f"dalle-publish-{gid}")
+        self._publishing[gid] = task
+        task.add_done_callback(lambda _t: self._publishing.pop(gid, None))
 
     async def _publish(self, outcome: Outcome) -> None:
         if self.publisher is None:

@@ -194,6 +194,10 @@ class Generation(Base):
     finished_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # while running: the bot process working on it, and until when it vouches for it (renewed as it works);
+    # a running job whose lease ran out was left by a dead process and goes back to the queue
+    owner: Mapped[str | None] = mapped_column(String(96))
+    lease_until: Mapped[datetime | None]
     # delivery: enough to post the result later, after a restart
     application_id: Mapped[int | None] = mapped_column(BigInteger)
     interaction_token: Mapped[str | None] = mapped_column(Text)  # secret-ish: never log it

@@ -278,18 +278,52 @@ class Repository:
                 gen.checkpoint_id = checkpoint_id
         return gen
 
-    async def claim(self, generation_id: int) -> Generation | None:
-        """Atomically take a queued job (queued → running). ``None`` if it is no longer queued."""
+    async def claim(self, generation_id: int, owner: str | None = None,
+                    lease_until: datetime | None = None) -> Generation | None:
+        """Atomically take a queued job (queued → running) for ``owner`` with a lease until ``lease_until``.
+        ``None`` if it is no longer queued."""
         now = utcnow()
         async with self.sessions.begin() as s:
             result = await s.execute(
                 update(Generation)
                 .where(Generation.id == generation_id, Generation.status == Status.QUEUED.value)
-                .values(status=Status.RUNNING.value, started_at=now, attempts=Generation.attempts + 1)
+                .values(status=Status.RUNNING.value, started_at=now, attempts=Generation.attempts + 1, owner=owner,
+                        lease_until=lease_until)
             )
             if result.rowcount != 1:
                 return None
             return (await s.execute(select(Generation).where(Generation.id == generation_id))).scalar_one()
+
+    async def renew_leases(self, owner: str, ids: Iterable[int], lease_until: datetime) -> int:
+        """Extend the lease of ``owner``'s jobs among ``ids`` (running, or finished and waiting to be posted);
+        returns how many were renewed."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        async with self.sessions.begin() as s:
+            result = await s.execute(
+                update(Generation).where(Generation.id.in_(ids), Generation.owner == owner)
+                .values(lease_until=lease_until)
+            )
+            return int(result.rowcount or 0)
+
+    async def release(self, generation_id: int, owner: str | None) -> bool:
+        """Give a running job back to the queue (a graceful stop), unless another process has taken it since."""
+        async with self.sessions.begin() as s:
+            result = await s.execute(
+                update(Generation)
+                .where(Generation.id == generation_id, Generation.status == Status.RUNNING.value,
+                       Generation.owner.is_(None) if owner is None else Generation.owner == owner)
+                .values(status=Status.QUEUED.value, started_at=None, owner=None, lease_until=None)
+            )
+            return result.rowcount == 1
+
+    @property
+    def single_process(self) -> bool:
+        """True on SQLite: a bot process holds the database file's lock (``bot.preflight``), so no other bot runs
+        on it and every running job at start-up was left by a dead process."""
+        bind = self._engine or self.sessions.kw.get("bind")
+        return bind is not None and bind.dialect.name == "sqlite"
 
     async def claim_next(self, limit: int = 1) -> list[Generation]:
         """Claim up to ``limit`` of the oldest queued jobs (plain FIFO; fair policies use ``claim``)."""
@@ -374,21 +408,24 @@ class Repository:
         async with self._read() as s:
             return int((await s.execute(stmt)).scalar_one())
 
-    async def requeue_interrupted(self) -> list[int]:
-        """At start-up: jobs left ``running`` by a dead process go back to ``queued``. Returns their ids."""
+    async def requeue_interrupted(self, *, orphans_only: bool = False, mine: str | None = None) -> list[int]:
+        """Jobs left ``running`` by a dead process go back to ``queued``. Returns their ids.
+
+        ``orphans_only=False``: every running job (the caller knows it is the only process on the database).
+        ``True``: only jobs whose lease ran out or that carry none, plus those of owner ``mine`` (this process's own
+        id, if it was restarted under the same one): another live process's jobs stay with it.
+        """
+        cond = Generation.status == Status.RUNNING.value
+        if orphans_only:
+            orphan = or_(Generation.lease_until.is_(None), Generation.lease_until < utcnow())
+            cond = and_(cond, or_(orphan, Generation.owner == mine) if mine is not None else orphan)
         async with self.sessions.begin() as s:
-            ids = list(
-                (
-                    await s.execute(
-                        select(Generation.id).where(Generation.status == Status.RUNNING.value).order_by(Generation.id)
-                    )
-                ).scalars()
-            )
+            ids = list((await s.execute(select(Generation.id).where(cond).order_by(Generation.id))).scalars())
             if ids:
                 await s.execute(
                     update(Generation)
-                    .where(Generation.id.in_(ids), Generation.status == Status.RUNNING.value)
-                    .values(status=Status.QUEUED.value, started_at=None)
+                    .where(Generation.id.in_(ids), cond)
+                    .values(status=Status.QUEUED.value, started_at=None, owner=None, lease_until=None)
                 )
         return ids
 
@@ -407,19 +444,31 @@ class Repository:
             values["result_message_id"] = result_message_id
         return await self._update_generation(generation_id, values)
 
-    async def undelivered(self) -> list[Generation]:
-        """Finished jobs (done or failed) whose result was never posted: deliver them after a restart."""
-        stmt = (
-            select(Generation)
-            .where(
-                Generation.status.in_([Status.DONE.value, Status.FAILED.value]),
-                Generation.delivered_at.is_(None),
-            )
-            .options(selectinload(Generation.images))
-            .order_by(Generation.finished_at, Generation.id)
-        )
+    async def undelivered(self, adopt: tuple[str, datetime] | None = None) -> list[Generation]:
+        """Finished jobs (done or failed) whose result was never posted: deliver them after a restart.
+
+        ``adopt=(owner, lease_until)``: on a database several processes share, only the ones nobody vouches for
+        (lease run out or none, or already ``owner``'s), each taken over atomically for ``owner`` — a live
+        process's result waiting for its post is not posted twice, nor is an orphan by two processes.
+        """
+        finished = and_(Generation.status.in_([Status.DONE.value, Status.FAILED.value]),
+                        Generation.delivered_at.is_(None))
+        stmt = (select(Generation).where(finished).options(selectinload(Generation.images))
+                .order_by(Generation.finished_at, Generation.id))
         async with self._read() as s:
-            return list((await s.execute(stmt)).scalars())
+            found = list((await s.execute(stmt)).scalars())
+        if adopt is None:
+            return found
+        owner, lease_until = adopt
+        free = or_(Generation.lease_until.is_(None), Generation.lease_until < utcnow(), Generation.owner == owner)
+        taken = []
+        for gen in found:
+            async with self.sessions.begin() as s:
+                result = await s.execute(update(Generation).where(Generation.id == gen.id, finished, free)
+                                         .values(owner=owner, lease_until=lease_until))
+            if result.rowcount == 1:
+                taken.append(gen)
+        return taken
 
     async def list_generations(
         self, *, user_id: int | None = None, status: str | None = None, limit: int = 20

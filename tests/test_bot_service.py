@@ -346,6 +346,48 @@ async def test_lifecycle_on_sqlite_and_postgresql(repo, tmp_path):
         await engine.close()
 
 
+async def _status(repo, gid, want, tries=300):
+    for _ in range(tries):
+        gen = await repo.get_generation(gid)
+        if gen.status == want:
+            return gen
+        await asyncio.sleep(0.01)
+    return gen
+
+
+async def test_two_bot_processes_on_one_database_keep_each_others_jobs(repo, tmp_path):
+    """Bot B starting on a shared database leaves bot A's running job alone while A renews its lease; when A
+    dies (stops renewing), B takes the job back, runs it and posts it; A's late graceful stop cannot requeue it."""
+    engine_a, engine_b = FakeEngine(), FakeEngine(step_s=0.0)
+    engine_a.gate = asyncio.Event()  # A's job never finishes
+    pub_a, pub_b = RecordingPublisher(), RecordingPublisher()
+    lim = RateLimiter(policy=LimitPolicy(user="100 per minute", daily_quota=None))
+    svc_a = GenerationService(repo, engine_a, pub_a, output_dir=tmp_path / "a", concurrency=1, lease_s=0.3,
+                              limiter=lim)
+    svc_b = GenerationService(repo, engine_b, pub_b, output_dir=tmp_path / "b", concurrency=1, lease_s=0.3)
+    svc_a.exclusive_database = svc_b.exclusive_database = False  # as on PostgreSQL (SQLite: one process)
+    await svc_a.start()
+    try:
+        gid = (await svc_a.submit(user_id=50, prompt="a white star", n=1)).generation_id
+        assert (await _status(repo, gid, "running")).owner == svc_a.owner
+        assert await svc_b.start() == []
+        await asyncio.sleep(0.5)  # well past one lease: A renewed it
+        gen = await repo.get_generation(gid)
+        assert gen.status == "running" and gen.owner == svc_a.owner and engine_b.submitted == []
+
+        svc_a._lease_task.cancel()  # A "dies": its job stays running in the database, unrenewed
+        [o] = await pub_b.wait_for(1, timeout=10)
+        assert o.generation.id == gid and (await _delivered(repo, gid)).status == "done"
+        assert [r.prompt for r in engine_b.submitted] == ["a white star"]
+    finally:
+        await svc_a.stop(grace=0.05)
+        await svc_b.stop()
+        await engine_a.close()
+        await engine_b.close()
+    gen = await repo.get_generation(gid)
+    assert gen.status == "done" and gen.delivered_at is not None and pub_a.outcomes == []
+
+
 async def test_concurrent_submits_never_exceed_the_per_user_cap_and_inserts_overlap(env):
     """Admission holds no lock across the database insert, yet a burst from one user stops at the cap."""
     svc, repo, engine, pub = env
@@ -435,9 +477,9 @@ async def test_engine_gets_many_jobs_at_once_in_fair_order(bot_db_url, tmp_path)
     ids = [(await svc.submit(user_id=u, guild_id=1, prompt=f"job {u}", n=1)).generation_id for u in range(10)]
     claim = repo.claim
 
-    async def jittery_claim(gid):
+    async def jittery_claim(gid, *args):
         await asyncio.sleep(0.03 if gid % 2 else 0.0)  # odd claims are slow: they finish after later ones
-        return await claim(gid)
+        return await claim(gid, *args)
 
     repo.claim = jittery_claim
     await svc.start()
@@ -517,11 +559,11 @@ async def test_a_transient_claim_failure_is_retried(bot_db_url, tmp_path):
     svc, repo, pub = await _service_with(bot_db_url, engine, tmp_path / "out")
     real_claim, calls = repo.claim, []
 
-    async def flaky_claim(generation_id):
+    async def flaky_claim(generation_id, *args):
         calls.append(generation_id)
         if len(calls) == 1:
             raise RuntimeError("database is locked")
-        return await real_claim(generation_id)
+        return await real_claim(generation_id, *args)
 
     repo.claim = flaky_claim
     try:

@@ -201,6 +201,40 @@ async def test_requeue_interrupted(repo):
     assert await repo.requeue_interrupted() == []
 
 
+async def test_leases_keep_a_live_process_jobs_and_free_a_dead_one(repo):
+    """Several bot processes on one database: a running job whose owner renews its lease is not taken back; one
+    whose lease ran out (or that has none) is; a process restarted under its own id takes back its own jobs. A
+    finished, unposted result is adopted once, and only when its owner stopped vouching for it."""
+    from datetime import timedelta
+
+    from store.models import utcnow
+
+    soon, past = utcnow() + timedelta(seconds=60), utcnow() - timedelta(seconds=1)
+    live, dead, legacy, mine = [await repo.create_generation(user_id=1, prompt=p) for p in "abcd"]
+    assert (await repo.claim(live.id, "proc-a", soon)).owner == "proc-a"
+    await repo.claim(dead.id, "proc-b", past)
+    await repo.claim(legacy.id)  # written by a version without leases
+    await repo.claim(mine.id, "proc-c", soon)
+    assert await repo.requeue_interrupted(orphans_only=True, mine="proc-c") == [dead.id, legacy.id, mine.id]
+    back = await repo.get_generation(dead.id)
+    assert back.status == "queued" and back.owner is None and back.lease_until is None
+    assert (await repo.get_generation(live.id)).status == "running"
+
+    assert await repo.renew_leases("proc-a", [live.id, dead.id], past) == 1  # only its own job
+    assert await repo.requeue_interrupted(orphans_only=True) == [live.id]  # the lease ran out
+    await repo.claim(live.id, "proc-a", soon)
+    assert await repo.requeue_interrupted() == [live.id]  # the only process on the database: everything
+
+    await repo.claim(live.id, "proc-a", soon)
+    await repo.set_status(live.id, "done")  # finished; proc-a is about to post it
+    assert await repo.undelivered(adopt=("proc-b", soon)) == []
+    assert [g.id for g in await repo.undelivered()] == [live.id]
+    await repo.renew_leases("proc-a", [live.id], past)  # proc-a died before posting
+    assert [g.id for g in await repo.undelivered(adopt=("proc-b", soon))] == [live.id]
+    assert await repo.undelivered(adopt=("proc-c", soon)) == []  # adopted once
+    assert (await repo.get_generation(live.id)).owner == "proc-b"
+
+
 async def test_delivery_fields(repo):
     gen = await repo.create_generation(user_id=1, prompt="p", interaction_token="secret-token")
     await repo.update_delivery(gen.id, ack_message_id=555, application_id=9)
