@@ -282,11 +282,15 @@ class GenerationService:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         if self._publishing:
+            unposted = list(self._publishing)
             posting = list(self._publishing.values())
             _, pending = await asyncio.wait(posting, timeout=max(deadline - time.monotonic(), 0.5))
             for task in pending:
                 task.cancel()
             await asyncio.gather(*posting, return_exceptions=True)
+            # this process no longer vouches for them: another process (or the next start) posts them at once
+            with contextlib.suppress(Exception):
+                await self.repo.renew_leases(self.owner, unposted, utcnow() - timedelta(seconds=1))
         _, stuck = await asyncio.wait(self._workers, timeout=5.0) if self._workers else (set(), set())
         for w in stuck:
             w.cancel()
