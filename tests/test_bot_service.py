@@ -307,7 +307,8 @@ async def test_a_slow_post_does_not_hold_the_engine_slot(bot_db_url, tmp_path):
     from store.models import utcnow
 
     # no longer vouched for: on a shared database another process would post them at once
-    assert all((await repo.get_generation(g)).lease_until < utcnow() for g in ids)
+    leases = [(await repo.get_generation(g)).lease_until for g in ids]
+    assert all(lease < utcnow() for lease in leases)
 
     pub2 = RecordingPublisher()
     svc2 = GenerationService(repo, engine, pub2, output_dir=tmp_path / "o", concurrency=1)
