@@ -35,6 +35,7 @@ class Driver:
         self.fake = fake
         self.burst: list[tuple[int, Any]] = []  # (user_id, InteractionRecord)
         self.images = 0
+        self.cpu0, self.wall0 = time.process_time(), time.monotonic()
 
     async def run_burst(self, users: int, images: int, rate: float, user_base: int) -> dict:
         self.burst, self.images = [], images
@@ -91,7 +92,11 @@ class Driver:
                 "result_status": None if post is None else post.status,
                 "images": 0 if post is None else sum(1 for name in post.files if name != "grid.png"),
             })
+        # this process's CPU seconds per wall second since the reset: on a small machine the fake competes with
+        # the bot and the engine for the same cores (a real Discord does not)
+        cpu_share = (time.process_time() - self.cpu0) / max(time.monotonic() - self.wall0, 1e-9)
         return {"complete": done, "users": users, "expected_images": self.images, "calls": len(self.fake.calls),
+                "cpu_share": cpu_share,
                 "errors": [[c.method, c.path, c.status] for c in self.fake.errors][:20],
                 "error_count": len(self.fake.errors),
                 "unknown": [[c.method, c.path] for c in self.fake.unknown][:20]}
@@ -103,6 +108,7 @@ class Driver:
         for table in (f.messages, f.files, f.interactions):
             table.clear()
         self.burst = []
+        self.cpu0, self.wall0 = time.process_time(), time.monotonic()
         return {"reset": True}
 
 
