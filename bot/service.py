@@ -29,7 +29,7 @@ from bot.ratelimit import _human as _human
 from bot.scheduler import QueuedJob, QueueRefused, Scheduler, SchedulerClosed
 from engine.api import Engine, EngineError, GenerationRequest, GenerationResult, RequestCancelled
 from store.models import CaseSource, FeedbackKind, FeedbackReason, FlaggedMode, GenerationKind, Status
-from store.repository import NewImage, Repository
+from store.repository import NewImage, Repository, TakenOver
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ class GenerationService:
         self._position_task: asyncio.Task | None = None
         self._running: dict[int, asyncio.Task] = {}
         self._publishing: dict[int, asyncio.Task] = {}  # generation id → its post, while under way
+        self._post_failed: set[int] = set()  # posts that failed here: retried by the next start, not every beat
         self._engine_ids: dict[int, str] = {}
         self._closing = False
         self._last_positions: dict[int, int] = {}
@@ -242,12 +243,17 @@ class GenerationService:
         return utcnow() + timedelta(seconds=self.lease_s)
 
     async def _post_undelivered(self) -> None:
-        """Post the finished results nobody posted (on a shared database: only those no live process vouches for)."""
+        """Post the finished results nobody posted: all of them on a database this process has alone; on a shared
+        one only those no live process vouches for, each adopted atomically first. A post that failed in this
+        process is left to the next start (or to another process, once its lease runs out)."""
         owns = self.owns or (lambda _gen: True)
-        adopt = None if self._exclusive() else (self.owner, self._lease())
-        for gen in await self.repo.undelivered(adopt=adopt):
-            if owns(gen) and gen.id not in self._publishing:
-                self._publish_later(Outcome(gen, await self._stored_images(gen), error=gen.error))
+        exclusive = self._exclusive()
+        for gen in await self.repo.undelivered():
+            if not owns(gen) or gen.id in self._publishing or gen.id in self._post_failed:
+                continue
+            if not exclusive and not await self.repo.adopt_result(gen.id, self.owner, self._lease()):
+                continue
+            self._publish_later(Outcome(gen, await self._stored_images(gen), error=gen.error))
 
     async def _lease_loop(self) -> None:
         """Renew the leases of this process's running jobs; on a shared database, also take back the jobs of a
@@ -255,7 +261,10 @@ class GenerationService:
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
-                await self.repo.renew_leases(self.owner, [*self._running, *self._publishing], self._lease())
+                mine = [*self._running, *self._publishing]
+                renewed = await self.repo.renew_leases(self.owner, mine, self._lease())
+                if renewed < len(self._publishing):  # running ids include claims still under way
+                    log.warning("renewed %d of this process's %d leases: a job was taken over", renewed, len(mine))
                 if not self._exclusive():
                     orphans = await self.repo.requeue_interrupted(orphans_only=True)
                     if orphans:
@@ -275,20 +284,24 @@ class GenerationService:
         self._closing = True
         self.scheduler.close()  # idle workers return; nothing is cancelled in the middle of a database call
         deadline = time.monotonic() + grace
+        if self._lease_task is not None:  # no more take-overs; the leases held outlast the grace
+            self._lease_task.cancel()
+            await asyncio.gather(self._lease_task, return_exceptions=True)
+            self._lease_task = None
         running = list(self._running.values())
         if running:
             _, pending = await asyncio.wait(running, timeout=grace)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        unposted = [*self._publishing, *self._post_failed]
         if self._publishing:
-            unposted = list(self._publishing)
             posting = list(self._publishing.values())
             _, pending = await asyncio.wait(posting, timeout=max(deadline - time.monotonic(), 0.5))
             for task in pending:
                 task.cancel()
             await asyncio.gather(*posting, return_exceptions=True)
-            # this process no longer vouches for them: another process (or the next start) posts them at once
+        if unposted:  # this process no longer vouches for them: another process (or the next start) posts them
             with contextlib.suppress(Exception):
                 await self.repo.renew_leases(self.owner, unposted, utcnow() - timedelta(seconds=1))
         _, stuck = await asyncio.wait(self._workers, timeout=5.0) if self._workers else (set(), set())
@@ -631,6 +644,9 @@ class GenerationService:
             self._engine_ids.pop(gen.id, None)
         try:
             outcome = await asyncio.shield(self._finish_ok(gen, result))
+        except TakenOver:  # our lease ran out and another process runs the job now: its result counts
+            log.warning("generation %s was taken over by another process; this result is dropped", gen.id)
+            return
         except Exception:  # noqa: BLE001 - disk full, database gone...: fail the job instead of leaving it running
             log.exception("generation %s: storing the result failed", gen.id)
             await asyncio.shield(self._finish_failed(gen, "the images could not be stored; please try again"))
@@ -664,7 +680,11 @@ class GenerationService:
 
     async def _finish_failed(self, gen: Any, error: str) -> None:
         log.warning("generation %s failed: %s", gen.id, error)
-        gen = await self.repo.set_status(gen.id, Status.FAILED.value, error=error[:500])
+        try:
+            gen = await self.repo.set_status(gen.id, Status.FAILED.value, error=error[:500], owner=self.owner)
+        except TakenOver:
+            log.warning("generation %s was taken over by another process; not marked failed here", gen.id)
+            return
         self._publish_later(Outcome(gen, [], error=error))
 
     async def _finish_ok(self, gen: Any, result: GenerationResult) -> Outcome:
@@ -675,9 +695,10 @@ class GenerationService:
         new = [NewImage.from_generated(im, file_path=str(path), sha256=sha, hidden=bool(im.flagged))
                for im, (path, sha) in zip(result.images, files, strict=True)]
         if not any(im.flagged for im in new):  # the common case: one transaction
-            gen, rows = await self.repo.finish_generation(gen.id, new, checkpoint_id=result.checkpoint_id)
+            gen, rows = await self.repo.finish_generation(gen.id, new, checkpoint_id=result.checkpoint_id,
+                                                          owner=self.owner)
         else:  # the cases are opened before the job counts as done, so none is lost to a crash in between
-            rows = await self.repo.add_images(gen.id, new)
+            rows = await self.repo.add_images(gen.id, new, owner=self.owner)
             for row in rows:
                 if row.flagged:
                     await self.repo.open_case(CaseSource.AUTO.value, image_id=row.id, generation_id=gen.id,
@@ -721,8 +742,13 @@ class GenerationService:
             message_id = await self.publisher.publish(outcome)
         except Exception:  # noqa: BLE001 - stays undelivered; the next start retries
             log.exception("publishing generation %s failed", outcome.generation.id)
+            self._post_failed.add(outcome.generation.id)
             return
-        await self.repo.mark_delivered(outcome.generation.id, result_message_id=message_id)
+        try:
+            await self.repo.mark_delivered(outcome.generation.id, result_message_id=message_id)
+        except Exception:  # noqa: BLE001 - posted but not recorded: the next start may post it again
+            log.exception("recording the delivery of generation %s failed", outcome.generation.id)
+            self._post_failed.add(outcome.generation.id)
 
 
 class _Turns:

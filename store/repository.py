@@ -55,6 +55,10 @@ class StatusError(ValueError):
     """A status change the life cycle does not allow (e.g. a finished job back to running)."""
 
 
+class TakenOver(StatusError):
+    """The job is no longer this process's: its lease ran out and another process took it back."""
+
+
 class NotFound(LookupError):
     """The row the caller named does not exist."""
 
@@ -159,6 +163,11 @@ def _check_value(name: str, value: Any, allowed: type, nullable: bool = False) -
     return str(value)
 
 
+def _check_owner(gen: Generation, owner: str | None) -> None:
+    if owner is not None and (gen.status != Status.RUNNING.value or gen.owner != owner):
+        raise TakenOver(f"generation {gen.id} is no longer running for this process ({gen.status})")
+
+
 class Repository:
     """Async data access for the bot and training; construct with a session factory or :meth:`from_url`."""
 
@@ -250,10 +259,12 @@ class Repository:
         *,
         error: str | None = None,
         checkpoint_id: str | None = None,
+        owner: str | None = None,
     ) -> Generation:
         """Move a job along its life cycle, stamping times: running → started_at and attempts+1;
         done/failed/cancelled → finished_at; back to queued → started_at cleared. Raises :class:`StatusError`
-        for a transition :data:`ALLOWED_TRANSITIONS` forbids and :class:`NotFound` for an unknown id."""
+        for a transition :data:`ALLOWED_TRANSITIONS` forbids, :class:`TakenOver` when ``owner`` is given and the
+        job is not running for it, and :class:`NotFound` for an unknown id."""
         _check_value("status", status, Status)
         async with self.sessions.begin() as s:
             gen = (
@@ -261,6 +272,7 @@ class Repository:
             ).scalar_one_or_none()
             if gen is None:
                 raise NotFound(f"generation {generation_id} does not exist")
+            _check_owner(gen, owner)
             if status not in ALLOWED_TRANSITIONS[gen.status]:
                 raise StatusError(f"generation {generation_id}: cannot go from {gen.status} to {status}")
             now = utcnow()
@@ -419,15 +431,17 @@ class Repository:
         if orphans_only:
             orphan = or_(Generation.lease_until.is_(None), Generation.lease_until < utcnow())
             cond = and_(cond, or_(orphan, Generation.owner == mine) if mine is not None else orphan)
-        async with self.sessions.begin() as s:
-            ids = list((await s.execute(select(Generation.id).where(cond).order_by(Generation.id))).scalars())
-            if ids:
-                await s.execute(
-                    update(Generation)
-                    .where(Generation.id.in_(ids), cond)
-                    .values(status=Status.QUEUED.value, started_at=None, owner=None, lease_until=None)
-                )
-        return ids
+        async with self._read() as s:
+            found = list((await s.execute(select(Generation.id).where(cond).order_by(Generation.id))).scalars())
+        taken = []
+        for gid in found:  # one conditional update each: of two processes sweeping at once, one takes a job
+            async with self.sessions.begin() as s:
+                result = await s.execute(
+                    update(Generation).where(Generation.id == gid, cond)
+                    .values(status=Status.QUEUED.value, started_at=None, owner=None, lease_until=None))
+            if result.rowcount == 1:
+                taken.append(gid)
+        return taken
 
     async def update_delivery(self, generation_id: int, **fields: Any) -> Generation:
         """Set delivery fields (application_id, interaction_token, token_expires_at, upload_limit, ack_message_id,
@@ -444,31 +458,30 @@ class Repository:
             values["result_message_id"] = result_message_id
         return await self._update_generation(generation_id, values)
 
-    async def undelivered(self, adopt: tuple[str, datetime] | None = None) -> list[Generation]:
-        """Finished jobs (done or failed) whose result was never posted: deliver them after a restart.
-
-        ``adopt=(owner, lease_until)``: on a database several processes share, only the ones nobody vouches for
-        (lease run out or none, or already ``owner``'s), each taken over atomically for ``owner`` — a live
-        process's result waiting for its post is not posted twice, nor is an orphan by two processes.
-        """
-        finished = and_(Generation.status.in_([Status.DONE.value, Status.FAILED.value]),
-                        Generation.delivered_at.is_(None))
-        stmt = (select(Generation).where(finished).options(selectinload(Generation.images))
-                .order_by(Generation.finished_at, Generation.id))
+    async def undelivered(self) -> list[Generation]:
+        """Finished jobs (done or failed) whose result was never posted: deliver them after a restart."""
+        stmt = (
+            select(Generation)
+            .where(Generation.status.in_([Status.DONE.value, Status.FAILED.value]), Generation.delivered_at.is_(None))
+            .options(selectinload(Generation.images))
+            .order_by(Generation.finished_at, Generation.id)
+        )
         async with self._read() as s:
-            found = list((await s.execute(stmt)).scalars())
-        if adopt is None:
-            return found
-        owner, lease_until = adopt
-        free = or_(Generation.lease_until.is_(None), Generation.lease_until < utcnow(), Generation.owner == owner)
-        taken = []
-        for gen in found:
-            async with self.sessions.begin() as s:
-                result = await s.execute(update(Generation).where(Generation.id == gen.id, finished, free)
-                                         .values(owner=owner, lease_until=lease_until))
-            if result.rowcount == 1:
-                taken.append(gen)
-        return taken
+            return list((await s.execute(stmt)).scalars())
+
+    async def adopt_result(self, generation_id: int, owner: str, lease_until: datetime) -> bool:
+        """Take over posting a finished, unposted result that nobody vouches for (its lease ran out, or it has
+        none), atomically: of several processes trying, one gets it. True if ``owner`` got it."""
+        async with self.sessions.begin() as s:
+            result = await s.execute(
+                update(Generation)
+                .where(Generation.id == generation_id,
+                       Generation.status.in_([Status.DONE.value, Status.FAILED.value]),
+                       Generation.delivered_at.is_(None),
+                       or_(Generation.lease_until.is_(None), Generation.lease_until < utcnow()))
+                .values(owner=owner, lease_until=lease_until)
+            )
+            return result.rowcount == 1
 
     async def list_generations(
         self, *, user_id: int | None = None, status: str | None = None, limit: int = 20
@@ -493,17 +506,22 @@ class Repository:
 
     # --- images --------------------------------------------------------------------------------------------
 
-    async def add_images(self, generation_id: int, images: Iterable[NewImage]) -> list[Image]:
-        """Store a generation's images (tokens packed as int16). Returns them in the order given."""
+    async def add_images(self, generation_id: int, images: Iterable[NewImage], *,
+                         owner: str | None = None) -> list[Image]:
+        """Store a generation's images (tokens packed as int16). Returns them in the order given. ``owner``: as
+        in :meth:`set_status`."""
         rows = _image_rows(generation_id, images)
         async with self.sessions.begin() as s:
-            if await s.get(Generation, generation_id) is None:
+            gen = await s.get(Generation, generation_id, with_for_update=owner is not None)
+            if gen is None:
                 raise NotFound(f"generation {generation_id} does not exist")
+            _check_owner(gen, owner)
             s.add_all(rows)
         return rows
 
     async def finish_generation(
-        self, generation_id: int, images: Iterable[NewImage], *, checkpoint_id: str | None = None
+        self, generation_id: int, images: Iterable[NewImage], *, checkpoint_id: str | None = None,
+        owner: str | None = None,
     ) -> tuple[Generation, list[Image]]:
         """``add_images`` and ``set_status(done)`` in one transaction (one round trip, one write lock): the
         images are stored and the job is done, or neither. Same errors as those two."""
@@ -514,6 +532,7 @@ class Repository:
             ).scalar_one_or_none()
             if gen is None:
                 raise NotFound(f"generation {generation_id} does not exist")
+            _check_owner(gen, owner)
             if Status.DONE.value not in ALLOWED_TRANSITIONS[gen.status]:
                 raise StatusError(f"generation {generation_id}: cannot go from {gen.status} to done")
             s.add_all(rows)

@@ -393,6 +393,58 @@ async def test_two_bot_processes_on_one_database_keep_each_others_jobs(repo, tmp
     assert gen.status == "done" and gen.delivered_at is not None and pub_a.outcomes == []
 
 
+class _CountingPublisher(RecordingPublisher):
+    """Slow posts (they overlap lease beats); posts of the generation ids in ``failing`` always raise."""
+
+    def __init__(self, failing=()) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+        self.failing = set(failing)
+
+    async def publish(self, outcome):
+        self.calls.append(outcome.generation.id)
+        await asyncio.sleep(0.05)
+        if outcome.generation.id in self.failing:
+            raise RuntimeError("403 Forbidden")
+        return await super().publish(outcome)
+
+
+async def test_on_a_shared_database_every_result_is_posted_once_and_a_failed_post_is_not_retried_each_beat(
+        bot_db_url, tmp_path):
+    """Lease beats (every 0.05 s here) while posts are under way must not post a result twice, and a post that
+    fails is not retried by every beat (the next start does)."""
+    repo = make_repo(bot_db_url)
+    engine = FakeEngine(step_s=0.0, concurrency=8)
+    pub = _CountingPublisher()
+    svc = GenerationService(repo, engine, pub, output_dir=tmp_path / "o", concurrency=4, lease_s=0.15,
+                            limiter=RateLimiter(policy=LimitPolicy(user="1000 per minute", guild="",
+                                                                   daily_quota=None)),
+                            scheduler=Scheduler(per_user_cap=50))
+    svc.exclusive_database = False
+    await svc.start()
+    try:
+        first = (await svc.submit(user_id=60, prompt="a red star", n=1)).generation_id
+        pub.failing.add(first)
+        ids = [first] + [(await svc.submit(user_id=61 + i % 3, prompt=f"shape {i}", n=1)).generation_id
+                         for i in range(20)]
+        await pub.wait_for(20)
+        await asyncio.sleep(0.6)  # a dozen beats after the last post
+        assert sorted(pub.calls) == sorted(ids)  # each once, the failing one included (tried once)
+        assert (await repo.get_generation(first)).delivered_at is None
+    finally:
+        await svc.stop()
+    svc2 = GenerationService(repo, engine, RecordingPublisher(), output_dir=tmp_path / "o", lease_s=0.15)
+    svc2.exclusive_database = False
+    await svc2.start()
+    try:
+        [o] = await svc2.publisher.wait_for(1)  # the next start posts it
+        assert o.generation.id == first
+    finally:
+        await svc2.stop()
+        await engine.close()
+        await repo.close()
+
+
 async def test_concurrent_submits_never_exceed_the_per_user_cap_and_inserts_overlap(env):
     """Admission holds no lock across the database insert, yet a burst from one user stops at the cap."""
     svc, repo, engine, pub = env

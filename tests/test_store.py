@@ -20,7 +20,7 @@ from store.db import (
     sync_url,
 )
 from store.models import Checkpoint, Feedback, Image, UserState, decode_tokens, encode_tokens
-from store.repository import NewImage, NotFound, StatusError
+from store.repository import NewImage, NotFound, StatusError, TakenOver
 
 # --- URLs and engines ---------------------------------------------------------------------------------------
 
@@ -204,7 +204,8 @@ async def test_requeue_interrupted(repo):
 async def test_leases_keep_a_live_process_jobs_and_free_a_dead_one(repo):
     """Several bot processes on one database: a running job whose owner renews its lease is not taken back; one
     whose lease ran out (or that has none) is; a process restarted under its own id takes back its own jobs. A
-    finished, unposted result is adopted once, and only when its owner stopped vouching for it."""
+    finished, unposted result is adopted once, and only when its owner stopped vouching for it; a process whose
+    job was taken back cannot finish it."""
     from datetime import timedelta
 
     from store.models import utcnow
@@ -226,12 +227,16 @@ async def test_leases_keep_a_live_process_jobs_and_free_a_dead_one(repo):
     assert await repo.requeue_interrupted() == [live.id]  # the only process on the database: everything
 
     await repo.claim(live.id, "proc-a", soon)
-    await repo.set_status(live.id, "done")  # finished; proc-a is about to post it
-    assert await repo.undelivered(adopt=("proc-b", soon)) == []
+    with pytest.raises(TakenOver):  # a process whose job was taken back cannot finish it
+        await repo.finish_generation(live.id, [], owner="proc-b")
+    with pytest.raises(TakenOver):
+        await repo.set_status(live.id, "failed", owner="proc-b")
+    await repo.set_status(live.id, "done", owner="proc-a")  # finished; proc-a is about to post it
+    assert not await repo.adopt_result(live.id, "proc-b", soon)
     assert [g.id for g in await repo.undelivered()] == [live.id]
     await repo.renew_leases("proc-a", [live.id], past)  # proc-a died before posting
-    assert [g.id for g in await repo.undelivered(adopt=("proc-b", soon))] == [live.id]
-    assert await repo.undelivered(adopt=("proc-c", soon)) == []  # adopted once
+    assert await repo.adopt_result(live.id, "proc-b", soon)
+    assert not await repo.adopt_result(live.id, "proc-c", soon)  # adopted once
     assert (await repo.get_generation(live.id)).owner == "proc-b"
 
 
