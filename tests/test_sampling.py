@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from engine.models.dallebart import DalleBart, scan_params, unscan_params
-from engine.sampling import FAST_TOP_K, Sampler, bucket_for, candidate_keys, process_logits, split_seeds
+from engine.sampling import (
+    FAST_TOP_K,
+    Sampler,
+    bucket_for,
+    candidate_keys,
+    process_logits,
+    sample_tokens,
+    split_seeds,
+)
 from tests.helpers_dallebart import random_params, tiny_config
 
 CFG = tiny_config()  # image_length 16, 60 valid codes of 64 (+1 start row)
@@ -114,6 +122,56 @@ def test_sampling_draws_only_from_nucleus_and_low_temperature_is_argmax():
     assert (cold == int(np.argmax(x))).all()
     warm = np.asarray(draw(keys[:500], _pl(x)))
     assert len(set(warm.tolist())) > 5
+
+
+def _draws(x, top_k, top_p, n_keys=3000, seed=0):
+    """(n_keys, B) tokens of sample_tokens on logits x (B,V) with per-row top_k/top_p, one key per draw and row."""
+    b = x.shape[0]
+    keys = jax.random.split(jax.random.PRNGKey(seed), n_keys * b).reshape(n_keys, b, 2)
+    one = jnp.ones((b,), jnp.float32)
+    fn = jax.jit(jax.vmap(lambda k: sample_tokens(k, x, x, one, one, jnp.asarray(top_k, jnp.int32),
+                                                  jnp.asarray(top_p, jnp.float32))))
+    return np.asarray(fn(keys))
+
+
+def test_sample_tokens_draws_from_the_kept_set_with_softmax_frequencies():
+    """Rank draws (top-k in each width class, with and without top-p) and the full-V draw (top-k off) keep exactly
+    the filtered set and follow its renormalised softmax."""
+    rng = np.random.default_rng(5)
+    v = 1000
+    x = np.repeat((rng.standard_normal((1, v)) * 3).astype(np.float32), 5, axis=0)
+    top_k, top_p = [5, 40, 200, 0, 12], [1.0, 1.0, 1.0, 0.3, 0.6]
+    drawn = _draws(jnp.asarray(x), top_k, top_p, n_keys=4000)
+    kept = np.isfinite(np.asarray(_pl(x, top_k=top_k, top_p=top_p)))
+    for row in range(5):
+        got = np.bincount(drawn[:, row], minlength=v)
+        assert set(np.nonzero(got)[0]) <= set(np.nonzero(kept[row])[0]), row
+        p = np.exp(x[row] - x[row].max()) * kept[row]
+        p /= p.sum()
+        top = np.argsort(-p)[:3]  # the likeliest tokens: frequency within 4 standard errors
+        se = np.sqrt(p[top] * (1 - p[top]) / len(drawn))
+        assert np.all(np.abs(got[top] / len(drawn) - p[top]) < 4 * se + 1e-3), (row, got[top], p[top])
+
+
+def test_sample_tokens_of_a_row_do_not_depend_on_the_other_rows():
+    """Same key, logits and parameters ⇒ same token, whatever the other rows of the batch use (another lax.top_k
+    width, the full-V pass with or without top-p, argmax)."""
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((1, 300)).astype(np.float32) * 2)
+    keys = jax.random.split(jax.random.PRNGKey(9), 200)
+    one, two = jnp.ones((1,), jnp.float32), jnp.ones((2,), jnp.float32)
+    solo = jax.vmap(lambda k: sample_tokens(k[None], x, x, one, one, jnp.asarray([16]), one))(keys)[:, 0]
+    assert len(set(np.asarray(solo).tolist())) > 3  # really sampled
+    x2 = jnp.concatenate([x, x])
+    for other_k, other_p in ((200, 1.0), (0, 1.0), (0, 0.5), (1, 1.0)):
+        pair = jax.vmap(lambda k, ok=other_k, op=other_p: sample_tokens(
+            jnp.stack([k, k]), x2, x2, two, two, jnp.asarray([16, ok]), jnp.asarray([1.0, op])))(keys)
+        np.testing.assert_array_equal(np.asarray(pair[:, 0]), np.asarray(solo), err_msg=str((other_k, other_p)))
+
+
+def test_sample_tokens_top_k_one_is_argmax():
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((3, 500)).astype(np.float32))
+    drawn = _draws(x, [1, 1, 1], [1.0, 1.0, 1.0], n_keys=50)
+    assert (drawn == np.argmax(np.asarray(x), axis=-1)[None]).all()
 
 
 # ----------------------------------------------------------------------------------------------
