@@ -52,6 +52,7 @@ class Settings:
     engine_token: str | None = field(default=None, compare=False)
     checkpoint_dir: Path = DEMO_CHECKPOINT_DIR
     engine_concurrency: int = 16
+    engine_warmup: bool = True
     output_dir: Path = Path("outputs")
     default_images: int = 9
     rate_limit_user: str = "3/minute"
@@ -282,6 +283,7 @@ def load_settings(
         engine_token=e.secret("ENGINE_TOKEN"),
         checkpoint_dir=checkpoint_dir,
         engine_concurrency=e.int("ENGINE_CONCURRENCY", 16, 1, 256),  # type: ignore[arg-type]
+        engine_warmup=e.bool("ENGINE_WARMUP", True),
         output_dir=e.path("OUTPUT_DIR", Path("outputs").resolve()),
         default_images=e.int("DEFAULT_IMAGES", 9, 1, 9),  # type: ignore[arg-type]
         rate_limit_user=e.rate_limit("RATE_LIMIT_USER", "3/minute"),

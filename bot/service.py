@@ -214,6 +214,9 @@ class GenerationService:
         self._closing = False
         self._turns = _Turns()
         self.scheduler.reopen()
+        start_engine = getattr(self.engine, "start", None)  # an in-process engine warms up while the bot starts
+        if callable(start_engine):
+            start_engine()
         await self.repo.requeue_interrupted(orphans_only=not self._exclusive(), mine=self.owner)
         resumed = await self._load_queued()
         await self._post_undelivered()
@@ -836,7 +839,7 @@ def engine_from_settings(settings: Any) -> Engine:
         from engine.client import InProcessEngine
         from engine.pipeline import load_pipeline
 
-        return InProcessEngine(load_pipeline(checkpoint))
+        return InProcessEngine(load_pipeline(checkpoint), warmup=bool(_setting(settings, "engine_warmup", True)))
     except EngineUnavailable:
         raise
     except ImportError as exc:

@@ -44,6 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         result_ttl=args.result_ttl,
         shutdown_grace=args.shutdown_grace,
         shutdown_linger=args.shutdown_linger,
+        warmup=not args.no_warmup,
     )
     try:
         settings.validate()
@@ -91,6 +92,8 @@ def add_serve(subparsers: Any) -> None:
         help="shard DalleBart over a (data, model) mesh of all devices, this many per model replica "
         "(default: one device)",
     )
+    p.add_argument("--no-warmup", action="store_true",
+                   help="compile each batch size on first use instead of while idle after start-up")
     p.add_argument("--fake", action="store_true", help="serve the deterministic fake pipeline instead of a model")
     p.add_argument("--fake-latency-ms", type=float, default=0.0, help="fake: fixed cost of one pass")
     p.add_argument("--fake-per-candidate-ms", type=float, default=0.0, help="fake: extra cost per padded candidate")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.api import (
+    MAX_IMAGES_PER_REQUEST,
     BadRequest,
     EngineError,
     GenerationRequest,
@@ -33,6 +34,7 @@ from engine.api import (
     Pipeline,
     Progress,
     RequestCancelled,
+    bucket_for,
 )
 from engine.metrics import EngineMetrics
 
@@ -145,6 +147,7 @@ class Batcher:
         result_ttl: float = 600.0,
         max_finished: int = 4096,
         metrics: EngineMetrics | None = None,
+        warmup: bool = False,
     ) -> None:
         buckets = sorted(int(b) for b in pipeline.batch_buckets)
         if not buckets or buckets[0] < 1:
@@ -152,6 +155,10 @@ class Batcher:
         usable = [b for b in buckets if max_batch is None or b <= max_batch]
         self.pipeline = pipeline
         self.capacity = usable[-1] if usable else buckets[0]  # candidates per pass
+        # warmup: buckets not compiled yet, each compiled by a throw-away pass while the queue is empty, so a
+        # pass of a size first seen under load does not stall every queued request for a compile
+        self._buckets = buckets
+        self._cold = [b for b in buckets if b <= self.capacity] if warmup else []
         self.window = max(0.0, float(window_ms)) / 1000.0
         self.max_queue = int(max_queue)
         self.result_ttl = float(result_ttl)
@@ -308,6 +315,7 @@ class Batcher:
             "window_ms": self.window * 1000.0,
             "checkpoint_id": self.checkpoint_id,
             "closing": self._closing,
+            "cold_buckets": list(self._cold),
         }
 
     async def close(self, drain_timeout: float = 0.0, worker_timeout: float = 30.0) -> None:
@@ -441,6 +449,7 @@ class Batcher:
             outcomes, calls, retried = {u.part_id: exc for u in units}, 0, False
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
         self.metrics.pipeline_calls.inc(calls)
+        self._mark_warm(sum(u.n for u in units))
         if retried:
             self.metrics.errors.labels("batch_retry").inc()
         self._running = []
@@ -457,6 +466,9 @@ class Batcher:
             if not self._queue:
                 if self._closing:
                     return None
+                if self._cold:  # idle: compile the next bucket (a request arriving now waits for one pass)
+                    await self._warm(self._cold[0])
+                    continue
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), max(1.0, min(self.result_ttl, 60.0)))
@@ -473,6 +485,27 @@ class Batcher:
                         pass
                     continue
             return self._take_batch()
+
+    def _mark_warm(self, candidates: int) -> None:
+        if self._cold and candidates <= self._buckets[-1]:
+            bucket = bucket_for(candidates, self._buckets)
+            self._cold = [b for b in self._cold if b != bucket]
+
+    async def _warm(self, bucket: int) -> None:
+        """One throw-away pass of ``bucket`` candidates on the model thread, through the batcher's code path."""
+        assert self._loop is not None
+        sizes = [MAX_IMAGES_PER_REQUEST] * (bucket // MAX_IMAGES_PER_REQUEST)
+        if bucket % MAX_IMAGES_PER_REQUEST:
+            sizes.append(bucket % MAX_IMAGES_PER_REQUEST)
+        requests = [GenerationRequest("warm-up", n=n, request_id=f"warm-up-{bucket}-{k}") for k, n in enumerate(sizes)]
+        t0 = time.perf_counter()
+        try:
+            await self._loop.run_in_executor(
+                self._executor, lambda: self.pipeline.generate(requests, lambda *_: None, lambda _: False))
+            log.info("warmed up the %d-candidate batch in %.1f s", bucket, time.perf_counter() - t0)
+        except Exception:  # noqa: BLE001 - a failed warm-up leaves the bucket to compile on first use
+            log.warning("warming up the %d-candidate batch failed", bucket, exc_info=True)
+        self._cold = [b for b in self._cold if b != bucket]
 
     def _take_batch(self) -> list[_Unit]:
         """First-fit from the head: the oldest unit always goes, later ones fill the remaining capacity."""

@@ -53,6 +53,11 @@ class InProcessEngine:
     def __init__(self, pipeline: Pipeline, window_ms: float = 10.0, **batcher_opts: Any) -> None:
         self.batcher = Batcher(pipeline, window_ms=window_ms, **batcher_opts)
 
+    def start(self) -> None:
+        """Start the batcher now (with ``warmup``, it compiles the batch sizes while idle) instead of at the first
+        submit. Needs the running loop."""
+        self.batcher.start()
+
     async def submit(self, request: GenerationRequest) -> str:
         return await self.batcher.submit(request)
 

@@ -62,6 +62,7 @@ class ServerSettings:
     max_body_bytes: int = 64 * 1024
     shutdown_grace: float = 10.0  # seconds in-flight work may finish on shutdown before it is cancelled
     shutdown_linger: float = 5.0  # after that, seconds clients get to fetch what finished during the drain
+    warmup: bool = False  # compile every batch bucket while idle (python -m engine serve turns it on)
     heartbeat: float = 15.0  # SSE keep-alive comment interval
 
     def validate(self) -> None:
@@ -299,6 +300,7 @@ async def healthz(request: web.Request) -> web.Response:
         "status": "draining" if batcher.closing else "ok",
         "checkpoint_id": batcher.checkpoint_id,
         "queue_depth": batcher.queue_depth,
+        "warming_up": bool(batcher.load()["cold_buckets"]),  # still compiling batch sizes while idle
     }
     return web.json_response(body, status=503 if batcher.closing else 200)
 
@@ -363,6 +365,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> we
         max_queue=settings.max_queue,
         result_ttl=settings.result_ttl,
         metrics=app[METRICS],
+        warmup=settings.warmup,
     )
     app.router.add_post("/v1/generations", post_generation)
     app.router.add_get("/v1/generations/{id}", get_generation)

@@ -256,3 +256,41 @@ async def test_a_pipeline_ignoring_first_index_fails_loudly_not_with_duplicates(
     with pytest.raises(EngineError, match="first_index"):
         await batcher.result(big, timeout=5)
     await batcher.close()
+
+
+async def test_warmup_compiles_each_bucket_once_while_idle_and_never_delays_real_work_for_long():
+    """warmup=True: with nothing queued, one throw-away pass per bucket (smallest first) up to the capacity; a
+    bucket a real pass already used is not warmed again; real requests still get their own correct results;
+    without warmup nothing runs until work arrives."""
+    fake = FakePipeline(batch_buckets=(1, 2, 4, 8, 16, 32))
+    batcher = Batcher(fake, window_ms=0, max_batch=16, warmup=True)
+    batcher.start()
+    for _ in range(200):
+        if not batcher.load()["cold_buckets"]:
+            break
+        await asyncio.sleep(0.01)
+    assert batcher.load()["cold_buckets"] == []
+    assert [c.bucket for c in fake.calls] == [1, 2, 4, 8, 16]  # 32 is above max_batch: never used, never warmed
+    assert [c.candidates for c in fake.calls] == [1, 2, 4, 8, 16]
+    req = GenerationRequest("a blue star", n=3, seed=4)
+    res = await batcher.result(await batcher.submit(req), timeout=5)
+    assert_same_images(res, req)
+    assert len(fake.calls) == 6  # the real pass only
+    await batcher.close()
+
+    fake2 = FakePipeline(batch_buckets=(1, 2, 4))
+    used_first = Batcher(fake2, window_ms=0, warmup=True)
+    res = await used_first.result(await used_first.submit(GenerationRequest("x", n=4, seed=1)), timeout=5)
+    for _ in range(200):
+        if not used_first.load()["cold_buckets"]:
+            break
+        await asyncio.sleep(0.01)
+    assert [c.bucket for c in fake2.calls] == [4, 1, 2]  # bucket 4 came from the real pass: not warmed again
+    await used_first.close()
+
+    fake3 = FakePipeline(batch_buckets=(1, 2))
+    cold = Batcher(fake3, window_ms=0)
+    cold.start()
+    await asyncio.sleep(0.05)
+    assert fake3.calls == [] and cold.load()["cold_buckets"] == []
+    await cold.close()
