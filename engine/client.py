@@ -54,9 +54,10 @@ class InProcessEngine:
         self.batcher = Batcher(pipeline, window_ms=window_ms, **batcher_opts)
 
     def start(self) -> None:
-        """Start the batcher now (with ``warmup``, it compiles the batch sizes while idle) instead of at the first
-        submit. Needs the running loop."""
-        self.batcher.start()
+        """With ``warmup``: start the batcher now, so it compiles the batch sizes while idle, instead of at the
+        first submit (without warm-up there is nothing to do before the first request). Needs the running loop."""
+        if self.batcher.load()["cold_buckets"]:
+            self.batcher.start()
 
     async def submit(self, request: GenerationRequest) -> str:
         return await self.batcher.submit(request)

@@ -294,3 +294,21 @@ async def test_warmup_compiles_each_bucket_once_while_idle_and_never_delays_real
     await asyncio.sleep(0.05)
     assert fake3.calls == [] and cold.load()["cold_buckets"] == []
     await cold.close()
+
+
+async def test_in_process_engine_start_warms_up_only_when_asked():
+    from engine.client import InProcessEngine
+
+    idle = InProcessEngine(FakePipeline(batch_buckets=(1, 2)))
+    idle.start()  # nothing to warm: the batcher still starts at the first submit
+    assert idle.batcher._task is None
+    fake = FakePipeline(batch_buckets=(1, 2))
+    warm = InProcessEngine(fake, warmup=True)
+    warm.start()
+    for _ in range(200):
+        if not (await warm.status())["cold_buckets"]:
+            break
+        await asyncio.sleep(0.01)
+    assert [c.bucket for c in fake.calls] == [1, 2]
+    await warm.close()
+    await idle.close()
