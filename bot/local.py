@@ -18,6 +18,7 @@ A bare line without a leading slash is taken as a prompt.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import threading
@@ -224,7 +225,8 @@ async def run(settings: Any, stdin: TextIO | None = None, out: TextIO | None = N
     stdin = stdin or sys.stdin
     out = out or sys.stdout
     if engine is None:
-        engine = await asyncio.to_thread(engine_for_settings, settings)
+        # no warm-up here: one request at a time, and Ctrl-C must not wait for a throw-away compile
+        engine = await asyncio.to_thread(functools.partial(engine_for_settings, settings, warmup=False))
     repo = await open_repository(settings)
     publisher = TerminalPublisher(out)
     service = service_from_settings(settings, repo, engine, publisher)

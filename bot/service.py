@@ -822,9 +822,10 @@ def _setting(settings: Any, name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def engine_from_settings(settings: Any) -> Engine:
+def engine_from_settings(settings: Any, *, warmup: bool | None = None) -> Engine:
     """The engine the settings ask for: engine services over HTTP (ENGINE_MODE=http, ENGINE_URLS) or the model
-    in-process from CHECKPOINT_DIR. Imported lazily: a front end never imports JAX unless it runs the model."""
+    in-process from CHECKPOINT_DIR. Imported lazily: a front end never imports JAX unless it runs the model.
+    ``warmup`` (None: ENGINE_WARMUP): the in-process engine compiles every batch size while idle."""
     mode = str(_setting(settings, "engine_mode", "inprocess"))
     urls = list(_setting(settings, "engine_urls", ()) or ())
     token = _setting(settings, "engine_token")
@@ -839,7 +840,9 @@ def engine_from_settings(settings: Any) -> Engine:
         from engine.client import InProcessEngine
         from engine.pipeline import load_pipeline
 
-        return InProcessEngine(load_pipeline(checkpoint), warmup=bool(_setting(settings, "engine_warmup", True)))
+        if warmup is None:
+            warmup = bool(_setting(settings, "engine_warmup", True))
+        return InProcessEngine(load_pipeline(checkpoint), warmup=warmup)
     except EngineUnavailable:
         raise
     except ImportError as exc:
@@ -849,7 +852,7 @@ def engine_from_settings(settings: Any) -> Engine:
         raise EngineUnavailable(f"could not load the model from {checkpoint}: {first}") from exc
 
 
-def engine_for_settings(settings: Any) -> Engine:
+def engine_for_settings(settings: Any, *, warmup: bool | None = None) -> Engine:
     """ENGINE_FACTORY / DALLE_ENGINE_FACTORY = ``module:callable`` (development and tests: e.g. a fake engine),
     else the configured engine."""
     spec = _setting(settings, "engine_factory") or os.environ.get("DALLE_ENGINE_FACTORY")
@@ -859,7 +862,7 @@ def engine_for_settings(settings: Any) -> Engine:
             return getattr(importlib.import_module(module), attr or "create_engine")()
         except (ImportError, AttributeError) as exc:
             raise EngineUnavailable(f"engine factory {spec!r} could not be loaded: {exc}") from exc
-    return engine_from_settings(settings)
+    return engine_from_settings(settings, warmup=warmup)
 
 
 async def open_repository(settings: Any) -> Repository:
