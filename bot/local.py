@@ -18,10 +18,13 @@ A bare line without a leading slash is taken as a prompt.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import functools
 import logging
+import os
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from bot.service import (
@@ -221,7 +224,7 @@ def _stdin_lines(stdin: TextIO) -> asyncio.Queue[str]:
 
 
 async def run(settings: Any, stdin: TextIO | None = None, out: TextIO | None = None,
-              engine: Engine | None = None) -> int:
+              engine: Engine | None = None, on_shutdown: Callable[[], Any] | None = None) -> int:
     stdin = stdin or sys.stdin
     out = out or sys.stdout
     if engine is None:
@@ -244,16 +247,38 @@ async def run(settings: Any, stdin: TextIO | None = None, out: TextIO | None = N
                 break
         await front.drain()
     finally:
+        if on_shutdown is not None:
+            on_shutdown()
         await service.stop()
         await engine.close()
         await repo.close()
     return 0
 
 
+SHUTDOWN_DEADLINE_S = 15.0  # stop() gives running jobs 10 s; past this the process exits regardless
+
+
+def _exit_deadline(seconds: float) -> None:
+    """A daemon timer that ends the process if shutting down (or the interpreter's exit) takes longer than
+    ``seconds``: Ctrl-C must quit even if a thread hangs. Before exiting it writes every thread's stack to stderr,
+    so the hang can be found. Nothing is lost: stop() has already put unfinished jobs back in the queue, and every
+    database write is one transaction."""
+
+    def expire() -> None:
+        print(f"error: shutdown took more than {seconds:g} s; exiting (thread stacks follow)", file=sys.stderr,
+              flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        os._exit(130)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+
+
 def main(settings: Any) -> int:
     """Entry point used by ``python -m bot`` when no DISCORD_TOKEN is set. Returns the exit status."""
     try:
-        return asyncio.run(run(settings))
+        return asyncio.run(run(settings, on_shutdown=lambda: _exit_deadline(SHUTDOWN_DEADLINE_S)))
     except EngineUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

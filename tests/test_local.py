@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -143,6 +144,9 @@ def test_ctrl_c_at_the_prompt_quits_at_once(tmp_path):
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 130
+        err = proc.stderr.read().decode(errors="replace")
+        if "shutdown took more than" in err:  # quit only thanks to the exit deadline: report where it hung
+            warnings.warn("terminal shutdown hung until its exit deadline:\n" + err[-4000:], stacklevel=1)
     finally:
         if proc.poll() is None:
             proc.kill()
