@@ -139,9 +139,11 @@ def test_bad_commands_are_answered_and_the_session_goes_on(tmp_path):
 def test_ctrl_c_at_the_prompt_quits_at_once(tmp_path):
     # as from an interactive terminal: a test run started in the background (`cmd &` in a non-interactive shell,
     # nohup) ignores SIGINT, and a child inherits that — Python then rightly leaves Ctrl-C ignored
-    proc = subprocess.Popen([sys.executable, "-m", "bot"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=_bot_env(tmp_path), cwd=tmp_path,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # (restored in the child itself: a preexec_fn would fork this multithreaded JAX process)
+    code = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "runpy.run_module('bot', run_name='__main__', alter_sys=True)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_bot_env(tmp_path), cwd=tmp_path)
     try:
         assert "local mode" in proc.stdout.readline().decode()  # waiting at the prompt, stdin open
         time.sleep(0.3)
