@@ -52,17 +52,22 @@ ChunkHook = Callable[[int, np.ndarray], Any]
 FAST_TOP_K = 256  # rows with top_k <= this are filtered with lax.top_k instead of a full sort (≈30× cheaper)
 
 
-def _filter_ranked(x: jax.Array, ranked: jax.Array, k: jax.Array, top_k_on: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Top-k then top-p on x (B,V) given its W largest values per row, descending (W >= every active k)."""
+def _nucleus_ranks(ranked: jax.Array, k: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per rank of the descending values ``ranked`` (B,W): (within top-k, within the nucleus over the top-k
+    survivors, i.e. the mass of the ranks before it, renormalised over the top k, is < top_p: the first always)."""
     w = ranked.shape[-1]
-    k = jnp.clip(k, 1, w)
-    kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)
-    x = jnp.where(top_k_on[:, None] & (x < kth), -jnp.inf, x)
-    # nucleus over the top-k survivors: keep ranks whose preceding mass is < top_p (the first is always kept)
-    in_k = jnp.arange(w)[None, :] < k[:, None]
+    in_k = jnp.arange(w)[None, :] < jnp.clip(k, 1, w)[:, None]
     probs = jax.nn.softmax(jnp.where(in_k, ranked, -jnp.inf), axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    n_keep = jnp.maximum(jnp.sum((mass_before < top_p[:, None]) & in_k, axis=-1), 1)
+    return in_k, in_k & (mass_before < top_p[:, None])
+
+
+def _filter_ranked(x: jax.Array, ranked: jax.Array, k: jax.Array, top_k_on: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Top-k then top-p on x (B,V) given its W largest values per row, descending (W >= every active k)."""
+    k = jnp.clip(k, 1, ranked.shape[-1])
+    kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)
+    x = jnp.where(top_k_on[:, None] & (x < kth), -jnp.inf, x)
+    n_keep = jnp.maximum(jnp.sum(_nucleus_ranks(ranked, k, top_p)[1], axis=-1), 1)
     threshold = jnp.take_along_axis(ranked, (n_keep - 1)[:, None], axis=-1)
     return jnp.where((top_p < 1.0)[:, None] & (x < threshold), -jnp.inf, x)
 
@@ -117,10 +122,8 @@ def _ranked_tokens(x: jax.Array, noise: jax.Array, k: jax.Array, top_p: jax.Arra
 
     ``noise`` (B, RANK_WIDTHS[-1]) is indexed by rank, so the token does not depend on ``width``."""
     vals, idx = jax.lax.top_k(x, width)
-    in_k = jnp.arange(width)[None, :] < jnp.clip(k, 1, width)[:, None]
-    probs = jax.nn.softmax(jnp.where(in_k, vals, -jnp.inf), axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs  # the nucleus rule of _filter_ranked, by rank
-    keep = in_k & ((mass_before < top_p[:, None]) | (top_p >= 1.0)[:, None])
+    in_k, nucleus = _nucleus_ranks(vals, k, top_p)
+    keep = jnp.where((top_p >= 1.0)[:, None], in_k, nucleus)
     j = jnp.argmax(jnp.where(keep, vals, -jnp.inf) + noise[:, :width], axis=-1)
     return jnp.take_along_axis(idx, j[:, None], axis=-1)[:, 0]
 
