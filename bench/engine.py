@@ -20,7 +20,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from engine.api import MAX_IMAGES_PER_REQUEST, GenerationRequest, Pipeline
+from engine.api import GenerationRequest, Pipeline
+from engine.batching import pass_sizes
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -95,12 +96,7 @@ def warm_up(pipeline: Pipeline, images: int | None = None) -> None:
     """Compile before timing: one pass at every bucket (buckets above the per-request image limit are filled
     with several requests, as the batcher fills them), and, when ``images`` is given, one pass of r requests
     of ``images`` images for every r the batcher can pack into a pass."""
-    passes = []
-    for bucket in sorted(pipeline.batch_buckets):
-        sizes = [MAX_IMAGES_PER_REQUEST] * (bucket // MAX_IMAGES_PER_REQUEST)
-        if bucket % MAX_IMAGES_PER_REQUEST:
-            sizes.append(bucket % MAX_IMAGES_PER_REQUEST)
-        passes.append(sizes)
+    passes = [pass_sizes(bucket) for bucket in sorted(pipeline.batch_buckets)]
     if images:
         passes += [[images] * r for r in range(1, max(pipeline.batch_buckets) // images + 1)]
     for p, sizes in enumerate(passes):

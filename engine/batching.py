@@ -134,6 +134,15 @@ class Subscription:
         return self._items.popleft()
 
 
+def pass_sizes(candidates: int) -> list[int]:
+    """Request sizes (each at most MAX_IMAGES_PER_REQUEST) that fill a pass of ``candidates``, as the batcher
+    fills a bucket larger than one request may ask for."""
+    sizes = [MAX_IMAGES_PER_REQUEST] * (candidates // MAX_IMAGES_PER_REQUEST)
+    if candidates % MAX_IMAGES_PER_REQUEST:
+        sizes.append(candidates % MAX_IMAGES_PER_REQUEST)
+    return sizes
+
+
 class Batcher:
     """Queue, batch and run :class:`GenerationRequest` s on a :class:`Pipeline` (see module docstring)."""
 
@@ -494,10 +503,8 @@ class Batcher:
     async def _warm(self, bucket: int) -> None:
         """One throw-away pass of ``bucket`` candidates on the model thread, through the batcher's code path."""
         assert self._loop is not None
-        sizes = [MAX_IMAGES_PER_REQUEST] * (bucket // MAX_IMAGES_PER_REQUEST)
-        if bucket % MAX_IMAGES_PER_REQUEST:
-            sizes.append(bucket % MAX_IMAGES_PER_REQUEST)
-        requests = [GenerationRequest("warm-up", n=n, request_id=f"warm-up-{bucket}-{k}") for k, n in enumerate(sizes)]
+        requests = [GenerationRequest("warm-up", n=n, request_id=f"warm-up-{bucket}-{k}")
+                    for k, n in enumerate(pass_sizes(bucket))]
         t0 = time.perf_counter()
         try:
             await self._loop.run_in_executor(
