@@ -247,31 +247,18 @@ def vqgan_quality(vqgan_dir: str | Path, n_images: int = 64, *, seed: int = EVAL
     The reconstruction fidelity is the ceiling of the generated images' fidelity: a shape the VQGAN cannot
     draw back from its own tokens, no DalleBart can make it draw.
     """
-    import jax
-    import jax.numpy as jnp
-
     from training.encode import load_vqgan
-    from training.train_vqgan import _forward
+    from training.train_vqgan import reconstruct
 
     model, config, params = load_vqgan(vqgan_dir)
     cfg = ShapesConfig(blank_rate=0.0)
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, cfg)[0] for _ in range(n_images)]
     images = np.stack([render_scene(spec, config.resolution) for spec in scenes]).astype(np.float32) / 255.0
-    fwd = jax.jit(lambda p, x: _forward(model, p, x)[::2])  # (reconstruction, indices)
-    psnrs, used, recons = [], set(), []
-    for i in range(0, n_images, batch_size):
-        x = images[i : i + batch_size]
-        recon, indices = fwd(params, jnp.asarray(x))
-        recon = np.clip(np.asarray(recon, np.float32), 0.0, 1.0)
-        mse = np.mean(np.square(recon - x), axis=(1, 2, 3))
-        psnrs.extend((-10 * np.log10(np.maximum(mse, 1e-10))).tolist())
-        used.update(np.unique(np.asarray(indices)).tolist())
-        recons.append(np.round(recon * 255).astype(np.uint8))
-    scored = [_score(im, spec["named"]) for im, spec in zip(np.concatenate(recons), scenes, strict=True)]
-    agg = _aggregate(scored)
-    return {"psnr": float(np.mean(psnrs)), "psnr_min": float(np.min(psnrs)), "codes_used": float(len(used)),
-            "recon_fidelity": agg["fidelity"], "recon_per_attribute": agg["per_attribute"], "n_images": n_images}
+    metrics, recons = reconstruct(model, params, images, batch_size, keep=True)
+    agg = _aggregate([_score(im, spec["named"]) for im, spec in zip(recons, scenes, strict=True)])
+    return metrics | {"recon_fidelity": agg["fidelity"], "recon_per_attribute": agg["per_attribute"],
+                      "n_images": n_images}
 
 
 # -------------------------------------------------------------------------------------------------- bars

@@ -236,22 +236,33 @@ class VQGANTrainOutput:
     eval_metrics: dict[str, float] = field(default_factory=dict)
 
 
-def evaluate(model: VQModel, params: Any, images: np.ndarray, batch_size: int = 16) -> dict[str, float]:
-    """PSNR (mean of per-image dB) and distinct codes used on a fixed image set."""
+def reconstruct(model: VQModel, params: Any, images: np.ndarray, batch_size: int = 16, *,
+                keep: bool = False) -> tuple[dict[str, float], np.ndarray | None]:
+    """Encode → decode ``images`` ([0, 1] floats): PSNR (mean and min of per-image dB) and distinct codes used, and
+    with ``keep`` the reconstructions as uint8 images (else None)."""
 
     def recon_and_codes(p: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         recon, _, indices, _ = _forward(model, p, x)
         return recon, indices
 
     fwd = jax.jit(recon_and_codes)
-    psnrs, used = [], set()
+    psnrs, used, kept = [], set(), []
     for i in range(0, len(images), batch_size):
         x = jnp.asarray(images[i : i + batch_size], jnp.float32)
         recon, indices = fwd(params, x)
-        mse = np.mean(np.square(np.clip(np.asarray(recon), 0, 1) - np.asarray(x)), axis=(1, 2, 3))
+        recon = np.clip(np.asarray(recon, np.float32), 0, 1)
+        mse = np.mean(np.square(recon - np.asarray(x)), axis=(1, 2, 3))
         psnrs.extend((-10 * np.log10(np.maximum(mse, 1e-10))).tolist())
         used.update(np.unique(np.asarray(indices)).tolist())
-    return {"psnr": float(np.mean(psnrs)), "psnr_min": float(np.min(psnrs)), "codes_used": float(len(used))}
+        if keep:
+            kept.append(np.round(recon * 255).astype(np.uint8))
+    metrics = {"psnr": float(np.mean(psnrs)), "psnr_min": float(np.min(psnrs)), "codes_used": float(len(used))}
+    return metrics, (np.concatenate(kept) if keep else None)
+
+
+def evaluate(model: VQModel, params: Any, images: np.ndarray, batch_size: int = 16) -> dict[str, float]:
+    """PSNR (mean of per-image dB) and distinct codes used on a fixed image set."""
+    return reconstruct(model, params, images, batch_size)[0]
 
 
 def train_vqgan(
