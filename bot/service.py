@@ -312,12 +312,10 @@ class GenerationService:
             w.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
-        for name in ("_position_task", "_lease_task"):
-            background = getattr(self, name)
-            if background is not None:
-                background.cancel()
-                await asyncio.gather(background, return_exceptions=True)
-                setattr(self, name, None)
+        if self._position_task is not None:
+            self._position_task.cancel()
+            await asyncio.gather(self._position_task, return_exceptions=True)
+            self._position_task = None
 
     # -- admission -----------------------------------------------------------------------------------
 

@@ -163,6 +163,15 @@ def _check_value(name: str, value: Any, allowed: type, nullable: bool = False) -
     return str(value)
 
 
+# a running job given back to the queue: no start time, no owner, no lease
+_BACK_TO_QUEUE = {"status": Status.QUEUED.value, "started_at": None, "owner": None, "lease_until": None}
+
+
+def _unvouched() -> Any:
+    """Rows no live process vouches for: no lease, or one that ran out."""
+    return or_(Generation.lease_until.is_(None), Generation.lease_until < utcnow())
+
+
 def _check_owner(gen: Generation, owner: str | None) -> None:
     if owner is not None and (gen.status != Status.RUNNING.value or gen.owner != owner):
         raise TakenOver(f"generation {gen.id} is no longer running for this process ({gen.status})")
@@ -326,7 +335,7 @@ class Repository:
                 update(Generation)
                 .where(Generation.id == generation_id, Generation.status == Status.RUNNING.value,
                        Generation.owner.is_(None) if owner is None else Generation.owner == owner)
-                .values(status=Status.QUEUED.value, started_at=None, owner=None, lease_until=None)
+                .values(**_BACK_TO_QUEUE)
             )
             return result.rowcount == 1
 
@@ -429,7 +438,7 @@ class Repository:
         """
         cond = Generation.status == Status.RUNNING.value
         if orphans_only:
-            orphan = or_(Generation.lease_until.is_(None), Generation.lease_until < utcnow())
+            orphan = _unvouched()
             cond = and_(cond, or_(orphan, Generation.owner == mine) if mine is not None else orphan)
         async with self._read() as s:
             found = list((await s.execute(select(Generation.id).where(cond).order_by(Generation.id))).scalars())
@@ -438,7 +447,7 @@ class Repository:
             async with self.sessions.begin() as s:
                 result = await s.execute(
                     update(Generation).where(Generation.id == gid, cond)
-                    .values(status=Status.QUEUED.value, started_at=None, owner=None, lease_until=None))
+                    .values(**_BACK_TO_QUEUE))
             if result.rowcount == 1:
                 taken.append(gid)
         return taken
@@ -478,7 +487,7 @@ class Repository:
                 .where(Generation.id == generation_id,
                        Generation.status.in_([Status.DONE.value, Status.FAILED.value]),
                        Generation.delivered_at.is_(None),
-                       or_(Generation.lease_until.is_(None), Generation.lease_until < utcnow()))
+                       _unvouched())
                 .values(owner=owner, lease_until=lease_until)
             )
             return result.rowcount == 1
