@@ -165,8 +165,9 @@ def test_ema_codebook_update_and_dead_code_restart():
     counts = jnp.asarray([2.0, 1.0, 0.0, 0.0])
     zsum = jnp.asarray([[4.0, 4.0], [10.0, -10.0], [0.0, 0.0], [0.0, 0.0]])
     extra = {"usage": jnp.asarray([1.0, 1.0, 1.0, 0.0]), "embed_sum": jnp.asarray([[2.0, 2.0], [0, 0], [5, 5], [0, 0]])}
-    new_params, new_extra = update(params, extra, {"_counts": counts, "_z": z, "_zsum": zsum}, jnp.int32(0),
-                                   jax.random.PRNGKey(0))
+    qerr = jnp.asarray([0.5, 0.5, 0.5])
+    new_params, new_extra = update(params, extra, {"_counts": counts, "_z": z, "_zsum": zsum, "_qerr": qerr},
+                                   jnp.int32(0), jax.random.PRNGKey(0))
     cb = np.asarray(new_params["quantize"]["embedding"]["embedding"])
     usage = np.asarray(new_extra["usage"])
     # code 0: usage .5*1+.5*2 = 1.5, sum .5*[2,2]+.5*[4,4] = [3,3] -> mean [2,2]
@@ -177,6 +178,45 @@ def test_ema_codebook_update_and_dead_code_restart():
     assert any(np.allclose(cb[3], row) for row in np.asarray(z))
     assert usage[3] == pytest.approx(0.6)
     np.testing.assert_array_equal(np.asarray(new_params["other"]), np.ones(3))
+
+
+@pytest.mark.parametrize("on_error", [True, False])
+def test_dead_codes_restart_where_the_quantisation_error_is(on_error):
+    """k-means++-style restarts: every dead code lands on the one badly coded output; uniform ones spread."""
+    n, d = 64, 2
+    update = make_codebook_update(VQGANLoss(ema=True, dead_threshold=0.5, restart_on_error=on_error))
+    params = {"quantize": {"embedding": {"embedding": jnp.zeros((n, d))}}}
+    z = jnp.concatenate([jnp.zeros((31, d)), jnp.asarray([[7.0, -7.0]])])
+    aux = {"_counts": jnp.zeros((n,)), "_z": z, "_zsum": jnp.zeros((n, d)),
+           "_qerr": jnp.zeros((32,)).at[31].set(98.0)}
+    new_params, _ = update(params, {"usage": jnp.zeros((n,)), "embed_sum": jnp.zeros((n, d))}, aux, jnp.int32(0),
+                           jax.random.PRNGKey(1))
+    cb = np.asarray(new_params["quantize"]["embedding"]["embedding"])
+    on_outlier = np.all(cb == [7.0, -7.0], axis=1).sum()
+    if on_error:
+        assert on_outlier == n
+    else:  # one output in 32 drawn uniformly
+        assert on_outlier < n // 4
+
+
+def test_edge_map_marks_the_outline_and_edge_weight_leaves_flat_images_alone():
+    from training.train_vqgan import _step_fns, edge_map, small_vqgan_config
+
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    x[:, :, 16:] = 0.8
+    edge = np.asarray(edge_map(jnp.asarray(x)))[0, :, :, 0]
+    assert edge[:, 13:19].all() and not edge[:, :12].any() and not edge[:, 20:].any()
+
+    config = small_vqgan_config(32, 8, ch=8, n_embed=16, embed_dim=4, norm_groups=2)
+    flat = {"images": jnp.full((2, 32, 32, 3), 0.3)}
+    plain_loss, _, init = _step_fns(config, VQGANLoss())
+    weighted_loss, _, _ = _step_fns(config, VQGANLoss(edge_weight=4.0))
+    params = init(jax.random.PRNGKey(0))
+    rng = jax.random.PRNGKey(2)
+    np.testing.assert_allclose(weighted_loss(params, flat, rng)[0], plain_loss(params, flat, rng)[0], rtol=1e-6)
+    edged = {"images": jnp.asarray(np.concatenate([x, x]))}
+    plain_l1 = float(plain_loss(params, edged, rng)[1]["l1"])
+    assert float(weighted_loss(params, edged, rng)[1]["l1"]) != pytest.approx(plain_l1)
 
 
 def test_dallebart_resume_reaches_the_same_params(demo, tmp_path):

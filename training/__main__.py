@@ -181,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-only", action="store_true",
                    help="with --init-from: train only the decoder side; the encoder and codebook (the tokens) "
                         "stay exactly as they are")
+    p.add_argument("--edge-weight", type=float, default=0.0,
+                   help="extra weight of pixels near colour edges in the reconstruction loss (e.g. 4)")
+    p.add_argument("--dead-threshold", type=float, default=0.03,
+                   help="codes chosen less often than this per step (moving average) restart on encoder outputs")
+    p.add_argument("--uniform-restarts", action="store_true",
+                   help="restart dead codes on uniformly drawn encoder outputs (default: in proportion to their "
+                        "quantisation error)")
     _vqgan_args(p)
     _common(p, steps=1000, batch_size=8)
 
@@ -271,7 +278,7 @@ def _dataset_captions(n: int, seed: int) -> list[str]:
 
 
 def cmd_vqgan(args: argparse.Namespace, out: Path | None = None, steps: int | None = None) -> dict[str, Any]:
-    from training.train_vqgan import train_vqgan
+    from training.train_vqgan import VQGANLoss, train_vqgan
 
     out = out or args.out
     steps = steps if steps is not None else args.steps
@@ -280,7 +287,10 @@ def cmd_vqgan(args: argparse.Namespace, out: Path | None = None, steps: int | No
                       optim=_optim(args, 2e-3, steps, b2=0.99), seed=args.seed, data_seed=args.data_seed,
                       work_dir=args.work_dir if out == args.out else None, save_every=args.save_every,
                       log_every=args.log_every, mesh=_mesh(args), progress=not args.no_progress,
-                      init_from=getattr(args, "init_from", None), decoder_only=getattr(args, "decoder_only", False))
+                      init_from=getattr(args, "init_from", None), decoder_only=getattr(args, "decoder_only", False),
+                      loss=VQGANLoss(edge_weight=getattr(args, "edge_weight", 0.0),
+                                     dead_threshold=getattr(args, "dead_threshold", 0.03),
+                                     restart_on_error=not getattr(args, "uniform_restarts", False)))
     return {"out": str(out), "eval": res.eval_metrics, "steps_per_s": res.result.steps_per_s}
 
 

@@ -96,7 +96,14 @@ class VQGANLoss:
     converges much faster than the codebook loss; ``ema=False``: taming's codebook loss. Either way a code
     whose average use per step falls below ``dead_threshold`` is restarted on a random encoder output of the
     current batch (every step with EMA — which also initialises the codebook from data at step 0 — and every
-    ``restart_every`` steps without).
+    ``restart_every`` steps without). ``restart_on_error`` draws that output with probability proportional to
+    its quantisation error ‖z − e‖² (k-means++ seeding) instead of uniformly: on flat-colour images most
+    encoder outputs are exactly-coded backgrounds, and uniform restarts kept piling codes onto them while the
+    shape edges, the rare high-error outputs, shared the few codes left.
+
+    ``edge_weight``: pixels within 2 px of a colour edge of the input count ``1 + edge_weight`` times in the
+    L1/L2 terms. The detector (and a viewer) judges a shape by its outline, which is a few per cent of the
+    pixels; unweighted, the flat areas dominate the loss and the outline is what blurs.
     """
 
     l1_weight: float = 1.0
@@ -106,6 +113,8 @@ class VQGANLoss:
     usage_decay: float = 0.99
     dead_threshold: float = 0.03
     restart_every: int = 50  # gradient codebook only; 0: never restart
+    restart_on_error: bool = True
+    edge_weight: float = 0.0
 
 
 def vqgan_module(config: VQGANConfig) -> VQModel:
@@ -130,19 +139,37 @@ def psnr(reference: jax.Array, image: jax.Array) -> jax.Array:
     return jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse, 1e-10)))
 
 
+def edge_map(x: jax.Array, radius: int = 2) -> jax.Array:
+    """(B, H, W, 1) float mask of pixels within ``radius`` px of a colour change of ``x`` (B, H, W, C)."""
+    dx = jnp.abs(x[:, :, 1:] - x[:, :, :-1]).max(-1, keepdims=True)
+    dy = jnp.abs(x[:, 1:] - x[:, :-1]).max(-1, keepdims=True)
+    edge = jnp.zeros(x.shape[:3] + (1,), jnp.float32)
+    edge = edge.at[:, :, 1:].max(dx).at[:, :, :-1].max(dx).at[:, 1:].max(dy).at[:, :-1].max(dy)
+    edge = (edge > 0.02).astype(jnp.float32)
+    size = 2 * radius + 1
+    return jax.lax.reduce_window(edge, 0.0, jax.lax.max, (1, size, size, 1), (1, 1, 1, 1), "SAME")
+
+
 def make_loss(model: VQModel, weights: VQGANLoss):
     n_embed = model.config.n_embed
 
     def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
         x = batch["images"]
         recon, z, indices, vq = _forward(model, params, x)
-        l1 = jnp.mean(jnp.abs(recon - x))
-        l2 = jnp.mean(jnp.square(recon - x))
+        if weights.edge_weight:
+            w = 1.0 + weights.edge_weight * edge_map(x)
+            w = w / jnp.mean(w)
+        else:
+            w = 1.0
+        l1 = jnp.mean(w * jnp.abs(recon - x))
+        l2 = jnp.mean(w * jnp.square(recon - x))
         loss = weights.l1_weight * l1 + weights.l2_weight * l2 + weights.beta * vq["commitment_loss"]
         if not weights.ema:
             loss = loss + vq["codebook_loss"]
         flat_z = jax.lax.stop_gradient(z.reshape(-1, z.shape[-1]).astype(jnp.float32))
         flat_i = indices.reshape(-1)
+        codebook = jax.lax.stop_gradient(params["quantize"]["embedding"]["embedding"]).astype(jnp.float32)
+        qerr = jnp.sum(jnp.square(flat_z - codebook[flat_i]), axis=-1)
         counts = jnp.zeros((n_embed,), jnp.float32).at[flat_i].add(1.0)
         metrics = {
             "l1": l1,
@@ -153,6 +180,7 @@ def make_loss(model: VQModel, weights: VQGANLoss):
             "codes_used": jnp.sum(counts > 0).astype(jnp.float32),
             "_counts": counts,
             "_z": flat_z,
+            "_qerr": qerr,
         }
         if weights.ema:
             metrics["_zsum"] = jnp.zeros((n_embed, flat_z.shape[-1]), jnp.float32).at[flat_i].add(flat_z)
@@ -202,7 +230,10 @@ def make_codebook_update(weights: VQGANLoss):
             embed_sum = None
             due = weights.restart_every > 0 and ((step + 1) % max(weights.restart_every, 1)) == 0
         dead = (usage < weights.dead_threshold) & due
-        pick = jax.random.randint(rng, (codebook.shape[0],), 0, z.shape[0])
+        if weights.restart_on_error:
+            pick = jax.random.categorical(rng, jnp.log(aux["_qerr"] + 1e-12), shape=(codebook.shape[0],))
+        else:
+            pick = jax.random.randint(rng, (codebook.shape[0],), 0, z.shape[0])
         candidates = z[pick]
         codebook = jnp.where(dead[:, None], candidates, codebook)
         # a restarted code starts with the threshold usage, so it has time to be chosen before it dies again
