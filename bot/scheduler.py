@@ -70,6 +70,10 @@ class FairQueue:
     def __contains__(self, job_id: int) -> bool:
         return job_id in self._jobs
 
+    def ids(self) -> list[int]:
+        """The queued job ids (any order)."""
+        return list(self._jobs)
+
     @staticmethod
     def _gkey(job: QueuedJob) -> object:
         return ("dm",) if job.guild_id is None else job.guild_id

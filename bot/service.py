@@ -209,8 +209,9 @@ class GenerationService:
     # -- lifecycle -----------------------------------------------------------------------------------
 
     async def start(self) -> list[int]:
-        """Requeue interrupted jobs, load every queued job into the fair queue, deliver results that were
-        finished but never posted, and start the workers. Returns the ids of the jobs resumed."""
+        """Requeue interrupted jobs, load the queued jobs into the fair queue (on a shared database only those no
+        live process holds), deliver results that were finished but never posted, and start the workers.
+        Returns the ids of the jobs resumed."""
         self._closing = False
         self._turns = _Turns()
         self.scheduler.reopen()
@@ -218,7 +219,7 @@ class GenerationService:
         if callable(start_engine):
             start_engine()
         await self.repo.requeue_interrupted(orphans_only=not self._exclusive(), mine=self.owner)
-        resumed = await self._load_queued()
+        resumed = await (self._load_queued() if self._exclusive() else self._adopt_queued())
         await self._post_undelivered()
         self._workers = [
             asyncio.create_task(self._worker(i), name=f"dalle-worker-{i}") for i in range(self.concurrency)
@@ -242,6 +243,17 @@ class GenerationService:
                 added.append(job.id)
         return added
 
+    async def _adopt_queued(self) -> list[int]:
+        """On a shared database: take into this process's queue the queued jobs no live process holds (their
+        process died or stopped; their lease ran out), each adopted atomically first. Returns the ids taken."""
+        owns = self.owns or (lambda _gen: True)
+        free = [job.id for job in await self.repo.queued_generations(unvouched=True)
+                if job.id not in self.scheduler.queue and owns(job)]
+        if not free:
+            return []
+        adopted = set(await self.repo.adopt_queued(free, self.owner, self._lease()))
+        return await self._load_queued(adopted) if adopted else []
+
     def _lease(self) -> datetime:
         return utcnow() + timedelta(seconds=self.lease_s)
 
@@ -259,22 +271,23 @@ class GenerationService:
             self._publish_later(Outcome(gen, await self._stored_images(gen), error=gen.error))
 
     async def _lease_loop(self) -> None:
-        """Renew the leases of this process's running jobs; on a shared database, also take back the jobs of a
-        process that died (their lease ran out) and queue them here."""
+        """Renew the leases of this process's queued, running and unposted jobs; on a shared database, also take
+        over the jobs of a process that died (their lease ran out): running ones go back to the queue, and queued
+        ones into this process's queue."""
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
-                mine = [*self._running, *self._publishing]
+                mine = [*self._running, *self._publishing, *self.scheduler.queue.ids()]
                 renewed = await self.repo.renew_leases(self.owner, mine, self._lease())
                 if renewed < len(self._publishing):  # running ids include claims still under way
                     log.warning("renewed %d of this process's %d leases: a job was taken over", renewed, len(mine))
                 if not self._exclusive():
                     orphans = await self.repo.requeue_interrupted(orphans_only=True)
-                    if orphans:
-                        log.warning("took back %d job(s) whose process stopped renewing them: %s", len(orphans),
-                                    orphans)
-                        if await self._load_queued(set(orphans)):
-                            self._positions_changed.set()
+                    adopted = await self._adopt_queued()
+                    if adopted:
+                        log.warning("took %d queued job(s) whose process stopped renewing them (%d of them "
+                                    "running there): %s", len(adopted), len(set(adopted) & set(orphans)), adopted)
+                        self._positions_changed.set()
                     await self._post_undelivered()
             except Exception:  # noqa: BLE001 - retried on the next beat; a lease lasts three beats
                 log.warning("renewing job leases failed", exc_info=True)
@@ -297,16 +310,16 @@ class GenerationService:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        unposted = [*self._publishing, *self._post_failed]
+        handed_over = [*self._publishing, *self._post_failed, *self.scheduler.queue.ids()]
         if self._publishing:
             posting = list(self._publishing.values())
             _, pending = await asyncio.wait(posting, timeout=max(deadline - time.monotonic(), 0.5))
             for task in pending:
                 task.cancel()
             await asyncio.gather(*posting, return_exceptions=True)
-        if unposted:  # this process no longer vouches for them: another process (or the next start) posts them
+        if handed_over:  # this process no longer vouches for them: another process (or the next start) runs/posts them
             with contextlib.suppress(Exception):
-                await self.repo.renew_leases(self.owner, unposted, utcnow() - timedelta(seconds=1))
+                await self.repo.renew_leases(self.owner, handed_over, utcnow() - timedelta(seconds=1))
         _, stuck = await asyncio.wait(self._workers, timeout=5.0) if self._workers else (set(), set())
         for w in stuck:
             w.cancel()
@@ -434,6 +447,7 @@ class GenerationService:
                 parent_image_id=parent_image_id, checkpoint_id=self.checkpoint_id, private=private,
                 application_id=d.application_id, interaction_token=d.interaction_token,
                 token_expires_at=d.token_expires_at, upload_limit=d.upload_limit,
+                owner=self.owner, lease_until=self._lease(),
             )
             self.scheduler.release(user_id)  # the slot becomes the queued job, with no await in between
             reserved = False

@@ -223,8 +223,11 @@ class Repository:
         interaction_token: str | None = None,
         token_expires_at: datetime | None = None,
         upload_limit: int | None = None,
+        owner: str | None = None,
+        lease_until: datetime | None = None,
     ) -> Generation:
-        """Persist a new queued job (durable before the user is acknowledged)."""
+        """Persist a new queued job (durable before the user is acknowledged). ``owner``/``lease_until``: the
+        process that queued it vouches for it until then (on a shared database, others adopt it afterwards)."""
         _check_value("kind", kind, GenerationKind)
         if n_images < 1:
             raise ValueError(f"n_images must be >= 1; got {n_images}")
@@ -249,6 +252,8 @@ class Repository:
             interaction_token=interaction_token,
             token_expires_at=token_expires_at,
             upload_limit=upload_limit,
+            owner=owner,
+            lease_until=lease_until,
         )
         async with self.sessions.begin() as s:
             s.add(gen)
@@ -316,8 +321,8 @@ class Repository:
             return (await s.execute(select(Generation).where(Generation.id == generation_id))).scalar_one()
 
     async def renew_leases(self, owner: str, ids: Iterable[int], lease_until: datetime) -> int:
-        """Extend the lease of ``owner``'s jobs among ``ids`` (running, or finished and waiting to be posted);
-        returns how many were renewed."""
+        """Extend the lease of ``owner``'s jobs among ``ids`` (queued in its fair queue, running, or finished and
+        waiting to be posted); returns how many were renewed."""
         ids = list(ids)
         if not ids:
             return 0
@@ -357,8 +362,9 @@ class Repository:
                     break
         return claimed
 
-    async def queued_generations(self, limit: int | None = None) -> list[QueuedJob]:
-        """Queued jobs, oldest first (ties by id), with the ids a fairness policy groups by."""
+    async def queued_generations(self, limit: int | None = None, *, unvouched: bool = False) -> list[QueuedJob]:
+        """Queued jobs, oldest first (ties by id), with the ids a fairness policy groups by. ``unvouched``: only
+        those no live process holds in its queue (no lease, or it ran out)."""
         stmt = (
             select(
                 Generation.id,
@@ -372,6 +378,8 @@ class Repository:
             .where(Generation.status == Status.QUEUED.value)
             .order_by(Generation.queued_at, Generation.id)
         )
+        if unvouched:
+            stmt = stmt.where(_unvouched())
         if limit is not None:
             stmt = stmt.limit(limit)
         async with self._read() as s:
@@ -448,6 +456,21 @@ class Repository:
                 result = await s.execute(
                     update(Generation).where(Generation.id == gid, cond)
                     .values(**_BACK_TO_QUEUE))
+            if result.rowcount == 1:
+                taken.append(gid)
+        return taken
+
+    async def adopt_queued(self, ids: Iterable[int], owner: str, lease_until: datetime) -> list[int]:
+        """Take into ``owner``'s queue the queued jobs among ``ids`` that nobody vouches for (their process died or
+        stopped), one conditional update each: of several processes trying, one gets each job. Returns the ids
+        ``owner`` got."""
+        taken = []
+        for gid in ids:
+            async with self.sessions.begin() as s:
+                result = await s.execute(
+                    update(Generation)
+                    .where(Generation.id == gid, Generation.status == Status.QUEUED.value, _unvouched())
+                    .values(owner=owner, lease_until=lease_until))
             if result.rowcount == 1:
                 taken.append(gid)
         return taken

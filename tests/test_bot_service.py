@@ -393,6 +393,60 @@ async def test_two_bot_processes_on_one_database_keep_each_others_jobs(repo, tmp
     assert gen.status == "done" and gen.delivered_at is not None and pub_a.outcomes == []
 
 
+async def test_queued_jobs_of_a_dead_process_are_run_by_a_live_one(repo, tmp_path):
+    """Bot A dies with a job running and one waiting in its queue: B takes both over once A's leases run out
+    (not before), runs and posts them. A graceful stop hands its queued jobs over at once."""
+    engine_a, engine_b = FakeEngine(), FakeEngine(step_s=0.0)
+    engine_a.gate = asyncio.Event()  # A's jobs never finish
+    pub_a, pub_b = RecordingPublisher(), RecordingPublisher()
+    lim = RateLimiter(policy=LimitPolicy(user="100 per minute", daily_quota=None))
+    svc_a = GenerationService(repo, engine_a, pub_a, output_dir=tmp_path / "a", concurrency=1, lease_s=0.3,
+                              limiter=lim)
+    svc_b = GenerationService(repo, engine_b, pub_b, output_dir=tmp_path / "b", concurrency=1, lease_s=0.3)
+    svc_a.exclusive_database = svc_b.exclusive_database = False
+    await svc_a.start()
+    try:
+        first = (await svc_a.submit(user_id=50, prompt="a white star", n=1)).generation_id
+        await _status(repo, first, "running")
+        waiting = (await svc_a.submit(user_id=51, prompt="a red circle", n=1)).generation_id
+        assert (await repo.get_generation(waiting)).owner == svc_a.owner
+        assert await svc_b.start() == []  # A is alive: its queue is its own
+        await asyncio.sleep(0.5)  # past one lease: A renewed both
+        assert engine_b.submitted == [] and (await repo.get_generation(waiting)).status == "queued"
+
+        svc_a._lease_task.cancel()  # A "dies"
+        outcomes = await pub_b.wait_for(2, timeout=10)
+        assert sorted(o.generation.id for o in outcomes) == [first, waiting]
+        assert sorted(r.prompt for r in engine_b.submitted) == ["a red circle", "a white star"]
+    finally:
+        await svc_a.stop(grace=0.05)
+        await svc_b.stop()
+    assert pub_a.outcomes == []
+
+    # a graceful stop: the job left in C's queue is D's at D's next beat, not a lease later
+    engine_c = FakeEngine()
+    engine_c.gate = asyncio.Event()
+    svc_c = GenerationService(repo, engine_c, RecordingPublisher(), output_dir=tmp_path / "c", concurrency=1,
+                              lease_s=60, limiter=lim)
+    svc_d = GenerationService(repo, FakeEngine(step_s=0.0), pub_b, output_dir=tmp_path / "d", concurrency=1,
+                              lease_s=0.3)
+    svc_c.exclusive_database = svc_d.exclusive_database = False
+    await svc_c.start()
+    try:
+        running = (await svc_c.submit(user_id=60, prompt="a blue square", n=1)).generation_id
+        await _status(repo, running, "running")
+        queued = (await svc_c.submit(user_id=61, prompt="a black star", n=1)).generation_id
+        await svc_c.stop(grace=0.05)
+        await svc_d.start()
+        outcomes = await pub_b.wait_for(4, timeout=10)
+        assert sorted(o.generation.id for o in outcomes[2:]) == sorted([running, queued])
+    finally:
+        await svc_c.stop(grace=0.05)
+        await svc_d.stop()
+    for engine in (engine_a, engine_b, engine_c, svc_d.engine):
+        await engine.close()
+
+
 class _CountingPublisher(RecordingPublisher):
     """Slow posts (they overlap lease beats); posts of the generation ids in ``failing`` always raise."""
 

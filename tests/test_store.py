@@ -240,6 +240,29 @@ async def test_leases_keep_a_live_process_jobs_and_free_a_dead_one(repo):
     assert (await repo.get_generation(live.id)).owner == "proc-b"
 
 
+async def test_queued_jobs_are_adopted_only_when_their_process_stopped_vouching(repo):
+    """A queued job carries the lease of the process holding it in its queue; another process adopts it (once)
+    only after that lease ran out, or when it has none (requeued, or written by a version without leases)."""
+    from datetime import timedelta
+
+    from store.models import utcnow
+
+    soon, past = utcnow() + timedelta(seconds=60), utcnow() - timedelta(seconds=1)
+    held = await repo.create_generation(user_id=1, prompt="a", owner="proc-a", lease_until=soon)
+    legacy = await repo.create_generation(user_id=1, prompt="b")
+    lapsed = await repo.create_generation(user_id=2, prompt="c", owner="proc-a", lease_until=soon)
+    assert [j.id for j in await repo.queued_generations(unvouched=True)] == [legacy.id]
+    assert await repo.renew_leases("proc-a", [lapsed.id], past) == 1  # proc-a stopped (or died) holding it
+    assert [j.id for j in await repo.queued_generations(unvouched=True)] == [legacy.id, lapsed.id]
+    assert await repo.adopt_queued([held.id, legacy.id, lapsed.id], "proc-b", soon) == [legacy.id, lapsed.id]
+    assert await repo.adopt_queued([legacy.id, lapsed.id], "proc-c", soon) == []  # adopted once
+    assert (await repo.get_generation(lapsed.id)).owner == "proc-b"
+    assert len(await repo.queued_generations()) == 3 and await repo.queued_generations(unvouched=True) == []
+    await repo.claim(held.id, "proc-a", soon)
+    await repo.renew_leases("proc-a", [held.id], past)
+    assert await repo.adopt_queued([held.id], "proc-b", soon) == []  # running, not queued: requeue_interrupted's
+
+
 async def test_delivery_fields(repo):
     gen = await repo.create_generation(user_id=1, prompt="p", interaction_token="secret-token")
     await repo.update_delivery(gen.id, ack_message_id=555, application_id=9)
