@@ -219,6 +219,25 @@ def test_edge_map_marks_the_outline_and_edge_weight_leaves_flat_images_alone():
     assert float(weighted_loss(params, edged, rng)[1]["l1"]) != pytest.approx(plain_l1)
 
 
+def test_vqgan_cli_passes_the_loss_options(tmp_path, monkeypatch):
+    import training.train_vqgan as tv
+
+    seen = {}
+
+    def fake_train(out, config, **kw):
+        seen.update(kw)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(tv, "train_vqgan", fake_train)
+    with pytest.raises(SystemExit):
+        main(["vqgan", "--out", str(tmp_path / "v"), "--steps", "1", "--edge-weight", "4", "--dead-threshold", "0.01",
+              "--uniform-restarts", "--no-progress"])
+    assert seen["loss"] == VQGANLoss(edge_weight=4.0, dead_threshold=0.01, restart_on_error=False)
+    with pytest.raises(SystemExit):
+        main(["vqgan", "--out", str(tmp_path / "v"), "--steps", "1", "--no-progress"])
+    assert seen["loss"] == VQGANLoss()
+
+
 def test_dallebart_resume_reaches_the_same_params(demo, tmp_path):
     kw = dict(steps=8, batch_size=8, save_every=3, log_every=2, progress=False,
               optim=OptimConfig(learning_rate=3e-3, warmup_steps=2))
