@@ -5,17 +5,23 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from engine.api import GenerationRequest, SamplingParams
 from engine.pipeline import load_pipeline
 
-WIP = Path(__file__).resolve().parents[1] / "training" / "wip" / "shapes-demo-wip"
+WIPS = Path(__file__).resolve().parents[1] / "training" / "wip"
 
 
-def test_wip_checkpoint_loads_and_generates_with_its_recommended_sampling():
-    pipe = load_pipeline(WIP, buckets=(2,))
-    assert pipe.checkpoint_id == "shapes-demo-wip-20261123b"
+@pytest.mark.parametrize(("name", "checkpoint_id", "codes"), [
+    ("shapes-demo-wip", "shapes-demo-wip-20261123b", 1024),
+    ("shapes-demo-next", "shapes-demo-next-20261123", 2048),  # session 5's tokenizer; CLIP linked from the first
+])
+def test_wip_checkpoint_loads_and_generates_with_its_recommended_sampling(name, checkpoint_id, codes):
+    pipe = load_pipeline(WIPS / name, buckets=(2,))
+    assert pipe.checkpoint_id == checkpoint_id
+    assert pipe.config.image_vocab_size == codes
     assert pipe.sampling_defaults == SamplingParams(condition_scale=3.0, top_k=16, top_p=1.0, temperature=1.0)
     assert pipe.image_length == 256 and pipe.safety is not None
     result = pipe.generate([GenerationRequest("a red circle on the left", n=2, seed=1)])[0]
