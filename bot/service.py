@@ -233,12 +233,15 @@ class GenerationService:
             return self.exclusive_database
         return bool(getattr(self.repo, "single_process", False))
 
+    def _owns(self, gen: Any) -> bool:
+        """Whether this front end resumes and delivers stored job ``gen`` (``self.owns``; None: every job)."""
+        return self.owns is None or self.owns(gen)
+
     async def _load_queued(self, only: set[int] | None = None) -> list[int]:
         """Put the database's queued jobs (those in ``only``, if given) this front end owns into the fair queue."""
         added = []
-        owns = self.owns or (lambda _gen: True)
         for job in await self.repo.queued_generations():
-            if (only is None or job.id in only) and job.id not in self.scheduler.queue and owns(job):
+            if (only is None or job.id in only) and job.id not in self.scheduler.queue and self._owns(job):
                 self.scheduler.add(QueuedJob(job.id, job.user_id, job.guild_id, job.queued_at), force=True)
                 added.append(job.id)
         return added
@@ -246,9 +249,8 @@ class GenerationService:
     async def _adopt_queued(self) -> list[int]:
         """On a shared database: take into this process's queue the queued jobs no live process holds (their
         process died or stopped; their lease ran out), each adopted atomically first. Returns the ids taken."""
-        owns = self.owns or (lambda _gen: True)
         free = [job.id for job in await self.repo.queued_generations(unvouched=True)
-                if job.id not in self.scheduler.queue and owns(job)]
+                if job.id not in self.scheduler.queue and self._owns(job)]
         if not free:
             return []
         adopted = set(await self.repo.adopt_queued(free, self.owner, self._lease()))
@@ -261,10 +263,9 @@ class GenerationService:
         """Post the finished results nobody posted: all of them on a database this process has alone; on a shared
         one only those no live process vouches for, each adopted atomically first. A post that failed in this
         process is left to the next start (or to another process, once its lease runs out)."""
-        owns = self.owns or (lambda _gen: True)
         exclusive = self._exclusive()
         for gen in await self.repo.undelivered():
-            if not owns(gen) or gen.id in self._publishing or gen.id in self._post_failed:
+            if not self._owns(gen) or gen.id in self._publishing or gen.id in self._post_failed:
                 continue
             if not exclusive and not await self.repo.adopt_result(gen.id, self.owner, self._lease()):
                 continue

@@ -450,30 +450,25 @@ class Repository:
             cond = and_(cond, or_(orphan, Generation.owner == mine) if mine is not None else orphan)
         async with self._read() as s:
             found = list((await s.execute(select(Generation.id).where(cond).order_by(Generation.id))).scalars())
-        taken = []
-        for gid in found:  # one conditional update each: of two processes sweeping at once, one takes a job
+        return await self._update_each(found, cond, _BACK_TO_QUEUE)
+
+    async def _update_each(self, ids: Iterable[int], cond: Any, values: Mapping[str, Any]) -> list[int]:
+        """Set ``values`` on each row of ``ids`` that still meets ``cond``, one conditional update per row (of two
+        processes sweeping at once, one gets each row). Returns the ids updated."""
+        done = []
+        for gid in ids:
             async with self.sessions.begin() as s:
-                result = await s.execute(
-                    update(Generation).where(Generation.id == gid, cond)
-                    .values(**_BACK_TO_QUEUE))
+                result = await s.execute(update(Generation).where(Generation.id == gid, cond).values(**values))
             if result.rowcount == 1:
-                taken.append(gid)
-        return taken
+                done.append(gid)
+        return done
 
     async def adopt_queued(self, ids: Iterable[int], owner: str, lease_until: datetime) -> list[int]:
         """Take into ``owner``'s queue the queued jobs among ``ids`` that nobody vouches for (their process died or
         stopped), one conditional update each: of several processes trying, one gets each job. Returns the ids
         ``owner`` got."""
-        taken = []
-        for gid in ids:
-            async with self.sessions.begin() as s:
-                result = await s.execute(
-                    update(Generation)
-                    .where(Generation.id == gid, Generation.status == Status.QUEUED.value, _unvouched())
-                    .values(owner=owner, lease_until=lease_until))
-            if result.rowcount == 1:
-                taken.append(gid)
-        return taken
+        return await self._update_each(ids, and_(Generation.status == Status.QUEUED.value, _unvouched()),
+                                       {"owner": owner, "lease_until": lease_until})
 
     async def update_delivery(self, generation_id: int, **fields: Any) -> Generation:
         """Set delivery fields (application_id, interaction_token, token_expires_at, upload_limit, ack_message_id,
