@@ -19,7 +19,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -218,6 +218,10 @@ class GenerationService:
         start_engine = getattr(self.engine, "start", None)  # an in-process engine warms up while the bot starts
         if callable(start_engine):
             start_engine()
+        offset = await self.repo.sync_clock()  # leases are on the database's clock, shared by every host
+        if abs(offset.total_seconds()) > self.lease_s / 6:
+            log.warning("this host's clock is %+.1f s off the database's; leases use the database's clock",
+                        -offset.total_seconds())
         await self.repo.requeue_interrupted(orphans_only=not self._exclusive(), mine=self.owner)
         resumed = await (self._load_queued() if self._exclusive() else self._adopt_queued())
         await self._post_undelivered()
@@ -257,7 +261,8 @@ class GenerationService:
         return await self._load_queued(adopted) if adopted else []
 
     def _lease(self) -> datetime:
-        return utcnow() + timedelta(seconds=self.lease_s)
+        """When a lease taken or renewed now runs out, on the database's clock (what other hosts compare)."""
+        return self.repo.now() + timedelta(seconds=self.lease_s)
 
     async def _post_undelivered(self) -> None:
         """Post the finished results nobody posted: all of them on a database this process has alone; on a shared
@@ -278,6 +283,7 @@ class GenerationService:
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
+                await self.repo.sync_clock()  # the local clock may step (NTP, suspend): measure it again
                 mine = [*self._running, *self._publishing, *self.scheduler.queue.ids()]
                 renewed = await self.repo.renew_leases(self.owner, mine, self._lease())
                 if renewed < len(self._publishing):  # running ids include claims still under way
@@ -320,7 +326,7 @@ class GenerationService:
             await asyncio.gather(*posting, return_exceptions=True)
         if handed_over:  # this process no longer vouches for them: another process (or the next start) runs/posts them
             with contextlib.suppress(Exception):
-                await self.repo.renew_leases(self.owner, handed_over, utcnow() - timedelta(seconds=1))
+                await self.repo.renew_leases(self.owner, handed_over, self.repo.now() - timedelta(seconds=1))
         _, stuck = await asyncio.wait(self._workers, timeout=5.0) if self._workers else (set(), set())
         for w in stuck:
             w.cancel()
@@ -814,10 +820,6 @@ def _write_pngs(folder: Path, gen_id: int, result: GenerationResult) -> list[tup
         tmp.replace(path)
         out.append((path.resolve(), hashlib.sha256(im.png).hexdigest()))
     return out
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,10 +11,10 @@ Queue fairness is deliberately NOT decided here: the bot's scheduler reads :meth
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -167,9 +167,9 @@ def _check_value(name: str, value: Any, allowed: type, nullable: bool = False) -
 _BACK_TO_QUEUE = {"status": Status.QUEUED.value, "started_at": None, "owner": None, "lease_until": None}
 
 
-def _unvouched() -> Any:
-    """Rows no live process vouches for: no lease, or one that ran out."""
-    return or_(Generation.lease_until.is_(None), Generation.lease_until < utcnow())
+def _unvouched(now: datetime) -> Any:
+    """Rows no live process vouches for at ``now`` (database clock): no lease, or one that ran out."""
+    return or_(Generation.lease_until.is_(None), Generation.lease_until < now)
 
 
 def _check_owner(gen: Generation, owner: str | None) -> None:
@@ -178,16 +178,42 @@ def _check_owner(gen: Generation, owner: str | None) -> None:
 
 
 class Repository:
-    """Async data access for the bot and training; construct with a session factory or :meth:`from_url`."""
+    """Async data access for the bot and training; construct with a session factory or :meth:`from_url`.
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], engine: AsyncEngine | None = None) -> None:
+    Timestamps it writes, and the leases processes compare, are on the *database's* clock once
+    :meth:`sync_clock` has run (``now()`` is the local clock plus the measured offset), so processes on hosts
+    whose clocks disagree still agree on whose lease ran out. ``clock`` is the local clock (tests skew it)."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], engine: AsyncEngine | None = None,
+                 clock: Callable[[], datetime] = utcnow) -> None:
         self.sessions = sessions
         self._engine = engine
+        self._clock = clock
+        self.clock_offset = timedelta(0)
+
+    def now(self) -> datetime:
+        """The database's current time, as this process best knows it (local clock + measured offset)."""
+        return self._clock() + self.clock_offset
+
+    async def sync_clock(self) -> timedelta:
+        """Measure how far the database's clock is ahead of the local one (a round trip, halved) and use it
+        from now on; returns the offset. PostgreSQL: ``clock_timestamp()``; SQLite: the host's clock, which
+        corrects nothing on a real host but keeps one code path."""
+        async with self._read() as s:
+            before = self._clock()
+            if s.bind.dialect.name == "postgresql":
+                db_now = (await s.execute(text("SELECT clock_timestamp()"))).scalar_one()
+            else:
+                raw = (await s.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')"))).scalar_one()
+                db_now = datetime.fromisoformat(raw).replace(tzinfo=UTC)
+            after = self._clock()
+        self.clock_offset = db_now - (before + (after - before) / 2)
+        return self.clock_offset
 
     @classmethod
-    def from_url(cls, url: str, **engine_kwargs: Any) -> Repository:
+    def from_url(cls, url: str, *, clock: Callable[[], datetime] = utcnow, **engine_kwargs: Any) -> Repository:
         engine = make_async_engine(url, **engine_kwargs)
-        return cls(async_session_factory(engine), engine)
+        return cls(async_session_factory(engine), engine, clock=clock)
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncSession]:
@@ -246,7 +272,7 @@ class Repository:
             checkpoint_id=checkpoint_id,
             private=private,
             status=Status.QUEUED.value,
-            queued_at=utcnow(),
+            queued_at=self.now(),
             attempts=0,
             application_id=application_id,
             interaction_token=interaction_token,
@@ -289,7 +315,7 @@ class Repository:
             _check_owner(gen, owner)
             if status not in ALLOWED_TRANSITIONS[gen.status]:
                 raise StatusError(f"generation {generation_id}: cannot go from {gen.status} to {status}")
-            now = utcnow()
+            now = self.now()
             gen.status = str(status)
             if status == Status.RUNNING:
                 gen.started_at = now
@@ -308,7 +334,7 @@ class Repository:
                     lease_until: datetime | None = None) -> Generation | None:
         """Atomically take a queued job (queued → running) for ``owner`` with a lease until ``lease_until``.
         ``None`` if it is no longer queued."""
-        now = utcnow()
+        now = self.now()
         async with self.sessions.begin() as s:
             result = await s.execute(
                 update(Generation)
@@ -379,7 +405,7 @@ class Repository:
             .order_by(Generation.queued_at, Generation.id)
         )
         if unvouched:
-            stmt = stmt.where(_unvouched())
+            stmt = stmt.where(_unvouched(self.now()))
         if limit is not None:
             stmt = stmt.limit(limit)
         async with self._read() as s:
@@ -446,7 +472,7 @@ class Repository:
         """
         cond = Generation.status == Status.RUNNING.value
         if orphans_only:
-            orphan = _unvouched()
+            orphan = _unvouched(self.now())
             cond = and_(cond, or_(orphan, Generation.owner == mine) if mine is not None else orphan)
         async with self._read() as s:
             found = list((await s.execute(select(Generation.id).where(cond).order_by(Generation.id))).scalars())
@@ -467,7 +493,7 @@ class Repository:
         """Take into ``owner``'s queue the queued jobs among ``ids`` that nobody vouches for (their process died or
         stopped), one conditional update each: of several processes trying, one gets each job. Returns the ids
         ``owner`` got."""
-        return await self._update_each(ids, and_(Generation.status == Status.QUEUED.value, _unvouched()),
+        return await self._update_each(ids, and_(Generation.status == Status.QUEUED.value, _unvouched(self.now())),
                                        {"owner": owner, "lease_until": lease_until})
 
     async def update_delivery(self, generation_id: int, **fields: Any) -> Generation:
@@ -480,7 +506,7 @@ class Repository:
 
     async def mark_delivered(self, generation_id: int, *, result_message_id: int | None = None) -> Generation:
         """The result was posted: stamp delivered_at and drop the interaction token (no longer needed)."""
-        values: dict[str, Any] = {"delivered_at": utcnow(), "interaction_token": None}
+        values: dict[str, Any] = {"delivered_at": self.now(), "interaction_token": None}
         if result_message_id is not None:
             values["result_message_id"] = result_message_id
         return await self._update_generation(generation_id, values)
@@ -505,7 +531,7 @@ class Repository:
                 .where(Generation.id == generation_id,
                        Generation.status.in_([Status.DONE.value, Status.FAILED.value]),
                        Generation.delivered_at.is_(None),
-                       _unvouched())
+                       _unvouched(self.now()))
                 .values(owner=owner, lease_until=lease_until)
             )
             return result.rowcount == 1
@@ -537,7 +563,7 @@ class Repository:
                          owner: str | None = None) -> list[Image]:
         """Store a generation's images (tokens packed as int16). Returns them in the order given. ``owner``: as
         in :meth:`set_status`."""
-        rows = _image_rows(generation_id, images)
+        rows = _image_rows(generation_id, images, self.now())
         async with self.sessions.begin() as s:
             gen = await s.get(Generation, generation_id, with_for_update=owner is not None)
             if gen is None:
@@ -552,7 +578,7 @@ class Repository:
     ) -> tuple[Generation, list[Image]]:
         """``add_images`` and ``set_status(done)`` in one transaction (one round trip, one write lock): the
         images are stored and the job is done, or neither. Same errors as those two."""
-        rows = _image_rows(generation_id, images)
+        rows = _image_rows(generation_id, images, self.now())
         async with self.sessions.begin() as s:
             gen = (
                 await s.execute(select(Generation).where(Generation.id == generation_id).with_for_update())
@@ -564,7 +590,7 @@ class Repository:
                 raise StatusError(f"generation {generation_id}: cannot go from {gen.status} to done")
             s.add_all(rows)
             gen.status = Status.DONE.value
-            gen.finished_at = utcnow()
+            gen.finished_at = self.now()
             if checkpoint_id is not None:
                 gen.checkpoint_id = checkpoint_id
         return gen, rows
@@ -598,7 +624,7 @@ class Repository:
             "kind": kind,
             "reason": reason,
             "note": note,
-            "created_at": utcnow(),
+            "created_at": self.now(),
         }
         async with self.sessions.begin() as s:
             insert = postgresql.insert if s.bind.dialect.name == "postgresql" else sqlite.insert
@@ -649,7 +675,7 @@ class Repository:
     ) -> Refusal:
         row = Refusal(
             user_id=user_id, guild_id=guild_id, prompt=prompt, normalized=normalized, reason=reason,
-            created_at=utcnow(),
+            created_at=self.now(),
         )
         async with self.sessions.begin() as s:
             s.add(row)
@@ -765,7 +791,7 @@ class Repository:
                         source=str(source),
                         status=CaseStatus.OPEN.value,
                         reason=reason,
-                        opened_at=utcnow(),
+                        opened_at=self.now(),
                     )
                     s.add(case)
                 return case, True
@@ -822,7 +848,7 @@ class Repository:
                 case = await s.get(ModerationCase, case_id)
                 if case is None:
                     raise NotFound(f"moderation case {case_id} does not exist")
-            now = utcnow()
+            now = self.now()
             if action in (ModAction.APPROVE, ModAction.REMOVE):
                 if case is None:
                     raise ValueError(f"{action} needs a case")
@@ -902,7 +928,7 @@ class Repository:
                         state = UserState(user_id=user_id, banned=False, opted_out=False, strikes=0)
                         s.add(state)
                     state.strikes = (state.strikes or 0) + 1
-                    state.updated_at = utcnow()
+                    state.updated_at = self.now()
                 return state.strikes
             except IntegrityError:
                 if not created or attempt == 2:
@@ -925,7 +951,7 @@ class Repository:
                         s.add(row)
                     for name, value in fields.items():
                         setattr(row, name, value)
-                    row.updated_at = utcnow()
+                    row.updated_at = self.now()
                 return row
             except IntegrityError:
                 if not created or attempt == 2:
@@ -950,7 +976,7 @@ class Repository:
             parent_id=parent_id,
             metrics=dict(metrics or {}),
             status=CheckpointStatus.CANDIDATE.value,
-            created_at=utcnow(),
+            created_at=self.now(),
         )
         async with self.sessions.begin() as s:
             s.add(row)
@@ -1021,7 +1047,7 @@ class Repository:
             status=str(status),
             input_checkpoint_id=input_checkpoint_id,
             metrics={},
-            started_at=utcnow() if status == Status.RUNNING else None,
+            started_at=self.now() if status == Status.RUNNING else None,
             log_path=log_path,
         )
         async with self.sessions.begin() as s:
@@ -1042,7 +1068,7 @@ class Repository:
             if row is None:
                 raise NotFound(f"training run {run_id} does not exist")
             row.status = str(status)
-            row.finished_at = utcnow()
+            row.finished_at = self.now()
             if metrics is not None:
                 row.metrics = {**row.metrics, **dict(metrics)}
             if output_checkpoint_id is not None:
@@ -1054,7 +1080,7 @@ class Repository:
             return await s.get(TrainingRun, run_id)
 
 
-def _image_rows(generation_id: int, images: Iterable[NewImage]) -> list[Image]:
+def _image_rows(generation_id: int, images: Iterable[NewImage], now: datetime) -> list[Image]:
     return [
         Image(
             generation_id=generation_id,
@@ -1067,7 +1093,7 @@ def _image_rows(generation_id: int, images: Iterable[NewImage]) -> list[Image]:
             safety_scores=dict(im.safety_scores or {}),
             flagged=im.flagged,
             hidden=im.hidden,
-            created_at=utcnow(),
+            created_at=now,
         )
         for im in images
     ]

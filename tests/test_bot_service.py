@@ -360,15 +360,15 @@ async def _status(repo, gid, want, tries=300):
     return gen
 
 
-def _shared_database_pair(repo, out, *, lease_a=0.3, lease_b=0.3):
+def _shared_database_pair(repo, out, *, lease_a=0.3, lease_b=0.3, repo_a=None):
     """Two bot processes on one database (as on PostgreSQL; SQLite is one process's): A's engine never finishes a
-    job, B's finishes at once. Returns (svc_a, pub_a, svc_b, pub_b)."""
+    job, B's finishes at once; A uses ``repo_a`` if given (another host). Returns (svc_a, pub_a, svc_b, pub_b)."""
     engine_a, engine_b = FakeEngine(), FakeEngine(step_s=0.0)
     engine_a.gate = asyncio.Event()
     pub_a, pub_b = RecordingPublisher(), RecordingPublisher()
     lim = RateLimiter(policy=LimitPolicy(user="100 per minute", daily_quota=None))
-    svc_a = GenerationService(repo, engine_a, pub_a, output_dir=out / "a", concurrency=1, lease_s=lease_a,
-                              limiter=lim)
+    svc_a = GenerationService(repo_a or repo, engine_a, pub_a, output_dir=out / "a", concurrency=1,
+                              lease_s=lease_a, limiter=lim)
     svc_b = GenerationService(repo, engine_b, pub_b, output_dir=out / "b", concurrency=1, lease_s=lease_b)
     svc_a.exclusive_database = svc_b.exclusive_database = False
     return svc_a, pub_a, svc_b, pub_b
@@ -403,6 +403,35 @@ async def test_two_bot_processes_on_one_database_keep_each_others_jobs(repo, tmp
         await _stop_pair(svc_a, svc_b)
     gen = await repo.get_generation(gid)
     assert gen.status == "done" and gen.delivered_at is not None and pub_a.outcomes == []
+
+
+async def test_a_process_whose_clock_is_behind_keeps_its_jobs(repo, migrated_url, tmp_path):
+    """Bot A's host clock is 2 minutes behind: its leases are still on the database's clock, so B leaves A's
+    running and queued jobs alone while A lives (on A's own clock they would have run out at once), and takes
+    them when A dies."""
+    from datetime import timedelta
+
+    from store.models import utcnow
+    from store.repository import Repository
+
+    slow = Repository.from_url(migrated_url, clock=lambda: utcnow() - timedelta(minutes=2))
+    svc_a, pub_a, svc_b, pub_b = _shared_database_pair(repo, tmp_path, repo_a=slow)
+    await svc_a.start()
+    try:
+        running = (await svc_a.submit(user_id=50, prompt="a white star", n=1)).generation_id
+        await _status(repo, running, "running")
+        queued = (await svc_a.submit(user_id=51, prompt="a red circle", n=1)).generation_id
+        assert await svc_b.start() == []
+        await asyncio.sleep(0.5)  # past one lease and a beat of B's
+        assert svc_b.engine.submitted == [] and (await repo.get_generation(running)).owner == svc_a.owner
+        assert (await repo.get_generation(queued)).lease_until > utcnow()
+
+        svc_a._lease_task.cancel()  # A dies
+        outcomes = await pub_b.wait_for(2, timeout=10)
+        assert sorted(o.generation.id for o in outcomes) == [running, queued]
+    finally:
+        await _stop_pair(svc_a, svc_b)
+        await slow.close()
 
 
 async def test_queued_jobs_of_a_dead_process_are_run_by_a_live_one(repo, tmp_path):

@@ -240,6 +240,36 @@ async def test_leases_keep_a_live_process_jobs_and_free_a_dead_one(repo):
     assert (await repo.get_generation(live.id)).owner == "proc-b"
 
 
+async def test_leases_are_on_the_database_clock_so_skewed_hosts_agree(repo, migrated_url):
+    """Two processes whose local clocks are 2 minutes apart: before measuring the database's clock, the slow one's
+    30-second lease has already run out for the other, which would take its running job; after
+    :meth:`Repository.sync_clock` both write and compare database time, and the job is left alone until the lease
+    really runs out."""
+    from datetime import timedelta
+
+    from store.models import utcnow
+    from store.repository import Repository
+
+    slow = Repository.from_url(migrated_url, clock=lambda: utcnow() - timedelta(minutes=2))
+    try:
+        job = await slow.create_generation(user_id=1, prompt="a")
+        assert await slow.claim(job.id, "slow-host", slow.now() + timedelta(seconds=30))
+        assert await repo.requeue_interrupted(orphans_only=True) == [job.id]  # taken from a live process
+
+        offset = await slow.sync_clock()
+        assert abs(offset - timedelta(minutes=2)) < timedelta(seconds=2)
+        assert abs(slow.now() - utcnow()) < timedelta(seconds=2)
+        await repo.sync_clock()
+        assert abs(repo.clock_offset) < timedelta(seconds=2)  # this host's clock is the database's
+        assert await slow.claim(job.id, "slow-host", slow.now() + timedelta(seconds=30))
+        assert await repo.requeue_interrupted(orphans_only=True) == []  # the lease holds
+        assert abs((await repo.get_generation(job.id)).started_at - utcnow()) < timedelta(seconds=2)
+        await slow.renew_leases("slow-host", [job.id], slow.now() - timedelta(seconds=1))  # it stops vouching
+        assert await repo.requeue_interrupted(orphans_only=True) == [job.id]
+    finally:
+        await slow.close()
+
+
 async def test_queued_jobs_are_adopted_only_when_their_process_stopped_vouching(repo):
     """A queued job carries the lease of the process holding it in its queue; another process adopts it (once)
     only after that lease ran out, or when it has none (requeued, or written by a version without leases)."""
