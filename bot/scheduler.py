@@ -200,12 +200,13 @@ class Scheduler:
     def reopen(self) -> None:
         self.closed = False
 
-    def check_admission(self, user_id: int, per_user_cap: int | None = None) -> None:
+    def check_admission(self, user_id: int, per_user_cap: int | None = None, elsewhere: int = 0) -> None:
         """Raise ``QueueRefused`` if this user (or everyone) has too much queued, running or being admitted
-        already. ``per_user_cap`` overrides the scheduler's cap for this check (a guild's own limit)."""
+        already. ``per_user_cap`` overrides the scheduler's cap for this check (a guild's own limit);
+        ``elsewhere``: the user's jobs other bot processes hold (they count against the same cap)."""
         cap = self.per_user_cap if per_user_cap is None else per_user_cap
         mine = (len(self.queue.user_jobs(user_id)) + sum(1 for j in self._running.values() if j.user_id == user_id)
-                + self._reserved.get(user_id, 0))
+                + self._reserved.get(user_id, 0) + elsewhere)
         if mine >= cap:
             raise QueueRefused(
                 f"You already have {mine} images requests waiting (the limit is {cap}). "
@@ -214,11 +215,11 @@ class Scheduler:
         if len(self.queue) + sum(self._reserved.values()) >= self.total_cap:
             raise QueueRefused("The queue is full right now. Please try again in a few minutes.")
 
-    def reserve(self, user_id: int, per_user_cap: int | None = None) -> None:
+    def reserve(self, user_id: int, per_user_cap: int | None = None, elsewhere: int = 0) -> None:
         """Check the caps and hold one slot for ``user_id`` in the same synchronous step, so admissions that
         are concurrently awaiting the database (between this and ``add``) cannot together exceed a cap.
         Every ``reserve`` must be matched by one ``release``."""
-        self.check_admission(user_id, per_user_cap)
+        self.check_admission(user_id, per_user_cap, elsewhere)
         self._reserved[user_id] = self._reserved.get(user_id, 0) + 1
 
     def release(self, user_id: int) -> None:

@@ -433,8 +433,11 @@ class GenerationService:
                                       msg, detail=decision.matched)
         # Admission is atomic without a lock: the cap check and the slot it takes are one synchronous step on the
         # event loop, and the held slot counts against the caps while the rate limiter and the insert are awaited.
+        # On a shared database the user's jobs other processes hold count too (read just before; two processes
+        # admitting the same user in the same moment may each let one through).
+        elsewhere = 0 if self._exclusive() else await self.repo.active_count(user_id, not_owner=self.owner)
         try:
-            self.scheduler.reserve(user_id, user_cap)
+            self.scheduler.reserve(user_id, user_cap, elsewhere)
         except QueueRefused as exc:
             return await self._refuse(user_id, guild_id, prompt, decision.normalised, "queue", str(exc))
         reserved = True

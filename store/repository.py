@@ -412,6 +412,17 @@ class Repository:
             rows = (await s.execute(stmt)).all()
         return [QueuedJob(*row) for row in rows]
 
+    async def active_count(self, user_id: int, *, not_owner: str | None = None) -> int:
+        """How many of ``user_id``'s jobs are queued or running; ``not_owner``: only those that process does not
+        hold (held by other bot processes on a shared database, or by none)."""
+        stmt = select(func.count()).select_from(Generation).where(
+            Generation.user_id == user_id,
+            Generation.status.in_([Status.QUEUED.value, Status.RUNNING.value]))
+        if not_owner is not None:
+            stmt = stmt.where(or_(Generation.owner.is_(None), Generation.owner != not_owner))
+        async with self._read() as s:
+            return int((await s.execute(stmt)).scalar_one())
+
     async def queue_position(self, generation_id: int) -> int | None:
         """1-based FIFO position among queued jobs (an estimate when the scheduler reorders for fairness);
         None if the job is not queued."""

@@ -405,6 +405,29 @@ async def test_two_bot_processes_on_one_database_keep_each_others_jobs(repo, tmp
     assert gen.status == "done" and gen.delivered_at is not None and pub_a.outcomes == []
 
 
+async def test_the_per_user_cap_counts_jobs_other_processes_hold(repo, tmp_path):
+    """Several bot processes on one database share a user's cap: with 2 jobs held by A (one running, one queued),
+    the same user is refused by B with the queue message; another user is not; once A's jobs finish, B admits
+    the first user again."""
+    svc_a, pub_a, svc_b, pub_b = _shared_database_pair(repo, tmp_path, lease_a=60, lease_b=60)
+    svc_a.scheduler.per_user_cap = svc_b.scheduler.per_user_cap = 2
+    await svc_a.start()
+    await svc_b.start()
+    try:
+        first = (await svc_a.submit(user_id=70, prompt="a white star", n=1)).generation_id
+        await _status(repo, first, "running")
+        assert (await svc_a.submit(user_id=70, prompt="a red circle", n=1)).ok
+        refused = await svc_b.submit(user_id=70, prompt="a blue square", n=1)
+        assert not refused.ok and refused.category == "queue" and "limit is 2" in refused.message
+        assert (await svc_b.submit(user_id=71, prompt="a blue square", n=1)).ok
+
+        svc_a.engine.gate.set()  # A's jobs finish
+        await pub_a.wait_for(2, timeout=10)
+        assert (await svc_b.submit(user_id=70, prompt="a blue square", n=1)).ok
+    finally:
+        await _stop_pair(svc_a, svc_b)
+
+
 async def test_a_process_whose_clock_is_behind_keeps_its_jobs(repo, migrated_url, tmp_path):
     """Bot A's host clock is 2 minutes behind: its leases are still on the database's clock, so B leaves A's
     running and queued jobs alone while A lives (on A's own clock they would have run out at once), and takes
