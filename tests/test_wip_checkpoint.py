@@ -16,7 +16,7 @@ WIPS = Path(__file__).resolve().parents[1] / "training" / "wip"
 
 @pytest.mark.parametrize(("name", "checkpoint_id", "codes"), [
     ("shapes-demo-wip", "shapes-demo-wip-20261123b", 1024),
-    ("shapes-demo-next", "shapes-demo-next-20261123", 2048),  # session 5's tokenizer; CLIP linked from the first
+    ("shapes-demo-next", "shapes-demo-next-20261202", 2048),  # session 5's tokenizer; CLIP linked from the first
 ])
 def test_wip_checkpoint_loads_and_generates_with_its_recommended_sampling(name, checkpoint_id, codes):
     pipe = load_pipeline(WIPS / name, buckets=(2,))
