@@ -215,6 +215,11 @@ class Scheduler:
         if len(self.queue) + sum(self._reserved.values()) >= self.total_cap:
             raise QueueRefused("The queue is full right now. Please try again in a few minutes.")
 
+    def held_ids(self, user_id: int) -> set[int]:
+        """The ids of ``user_id``'s jobs queued or running here."""
+        return ({j.id for j in self.queue.user_jobs(user_id)}
+                | {j.id for j in self._running.values() if j.user_id == user_id})
+
     def reserve(self, user_id: int, per_user_cap: int | None = None, elsewhere: int = 0) -> None:
         """Check the caps and hold one slot for ``user_id`` in the same synchronous step, so admissions that
         are concurrently awaiting the database (between this and ``add``) cannot together exceed a cap.

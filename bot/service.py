@@ -283,12 +283,22 @@ class GenerationService:
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
-                await self.repo.sync_clock()  # the local clock may step (NTP, suspend): measure it again
-                mine = [*self._running, *self._publishing, *self.scheduler.queue.ids()]
+                await self.repo.sync_clock()  # the database's clock drifts from the monotonic one: re-anchor
+            except Exception:  # noqa: BLE001 - the last good anchor serves; leases are still renewed below
+                log.warning("reading the database's clock failed", exc_info=True)
+            try:
+                queued = self.scheduler.queue.ids()
+                mine = [*self._running, *self._publishing, *queued]
                 renewed = await self.repo.renew_leases(self.owner, mine, self._lease())
-                if renewed < len(self._publishing):  # running ids include claims still under way
-                    log.warning("renewed %d of this process's %d leases: a job was taken over", renewed, len(mine))
-                if not self._exclusive():
+                if not self._exclusive():  # (alone on its database, a process holds jobs it never leased)
+                    # A queued job whose lease this process could not renew was taken by another one (this
+                    # process stalled past its lease): drop it here, so it is neither run nor counted twice.
+                    lost = [i for i in queued if i not in renewed and self.scheduler.queue.remove(i) is not None]
+                    if lost or not renewed >= set(self._publishing):  # (running ids include claims under way)
+                        log.warning("%d of this process's %d leases were taken over (queued jobs dropped: %s)",
+                                    len(set(mine) - renewed), len(mine), lost)
+                    if lost:
+                        self._positions_changed.set()
                     orphans = await self.repo.requeue_interrupted(orphans_only=True)
                     adopted = await self._adopt_queued()
                     if adopted:
@@ -433,11 +443,12 @@ class GenerationService:
                                       msg, detail=decision.matched)
         # Admission is atomic without a lock: the cap check and the slot it takes are one synchronous step on the
         # event loop, and the held slot counts against the caps while the rate limiter and the insert are awaited.
-        # On a shared database the user's jobs other processes hold count too (read just before; two processes
-        # admitting the same user in the same moment may each let one through).
-        elsewhere = 0 if self._exclusive() else await self.repo.active_count(user_id, not_owner=self.owner)
+        # On a shared database the user's jobs other processes hold count too: read just before, less any this
+        # process took into its queue meanwhile (adopted), so none counts twice. Two processes admitting the same
+        # user while each other's insert is not yet committed may each let one through.
+        elsewhere_ids = set() if self._exclusive() else await self.repo.active_ids(user_id, not_owner=self.owner)
         try:
-            self.scheduler.reserve(user_id, user_cap, elsewhere)
+            self.scheduler.reserve(user_id, user_cap, len(elsewhere_ids - self.scheduler.held_ids(user_id)))
         except QueueRefused as exc:
             return await self._refuse(user_id, guild_id, prompt, decision.normalised, "queue", str(exc))
         reserved = True

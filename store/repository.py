@@ -11,6 +11,8 @@ Queue fairness is deliberately NOT decided here: the bot's scheduler reads :meth
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -49,6 +51,8 @@ from store.models import (
     encode_tokens,
     utcnow,
 )
+
+log = logging.getLogger(__name__)
 
 
 class StatusError(ValueError):
@@ -181,39 +185,56 @@ class Repository:
     """Async data access for the bot and training; construct with a session factory or :meth:`from_url`.
 
     Timestamps it writes, and the leases processes compare, are on the *database's* clock once
-    :meth:`sync_clock` has run (``now()`` is the local clock plus the measured offset), so processes on hosts
-    whose clocks disagree still agree on whose lease ran out. ``clock`` is the local clock (tests skew it)."""
+    :meth:`sync_clock` has run: ``now()`` is the database time read at the last sync plus the time elapsed since
+    on a monotonic clock, so processes on hosts whose clocks disagree still agree on whose lease ran out, and a
+    step of the local wall clock (NTP, a resumed VM) changes nothing. ``clock`` is the local wall clock, used
+    until the first sync; ``monotonic`` measures elapsed time (tests replace both)."""
+
+    #: a clock sample whose round trip took longer than this is too uncertain to replace a good one
+    MAX_SYNC_ROUND_TRIP_S = 1.0
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], engine: AsyncEngine | None = None,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+                 clock: Callable[[], datetime] = utcnow, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.sessions = sessions
         self._engine = engine
         self._clock = clock
-        self.clock_offset = timedelta(0)
+        self._monotonic = monotonic
+        self._anchor: tuple[datetime, float] | None = None  # (database time, monotonic time) of the last sync
+        self.clock_offset = timedelta(0)  # database minus local wall clock, as last measured (for logs)
 
     def now(self) -> datetime:
-        """The database's current time, as this process best knows it (local clock + measured offset)."""
-        return self._clock() + self.clock_offset
+        """The database's current time, as this process best knows it (the local clock before any sync)."""
+        if self._anchor is None:
+            return self._clock()
+        db_then, mono_then = self._anchor
+        return db_then + timedelta(seconds=self._monotonic() - mono_then)
 
     async def sync_clock(self) -> timedelta:
-        """Measure how far the database's clock is ahead of the local one (a round trip, halved) and use it
-        from now on; returns the offset. PostgreSQL: ``clock_timestamp()``; SQLite: the host's clock, which
-        corrects nothing on a real host but keeps one code path."""
+        """Read the database's clock and anchor :meth:`now` on it (taken at the middle of the round trip);
+        returns how far the database's clock is ahead of the local wall clock. A sample whose round trip took
+        over ``MAX_SYNC_ROUND_TRIP_S`` is dropped when an earlier one exists. PostgreSQL: ``clock_timestamp()``;
+        SQLite: the host's clock, which corrects nothing on a real host but keeps one code path."""
         async with self._read() as s:
-            before = self._clock()
+            start = self._monotonic()
             if s.bind.dialect.name == "postgresql":
                 db_now = (await s.execute(text("SELECT clock_timestamp()"))).scalar_one()
             else:
                 raw = (await s.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')"))).scalar_one()
                 db_now = datetime.fromisoformat(raw).replace(tzinfo=UTC)
-            after = self._clock()
-        self.clock_offset = db_now - (before + (after - before) / 2)
+            end = self._monotonic()
+        if end - start > self.MAX_SYNC_ROUND_TRIP_S and self._anchor is not None:
+            log.info("database clock sample dropped: its round trip took %.1f s", end - start)
+            return self.clock_offset
+        mid = (start + end) / 2
+        self._anchor = (db_now, mid)
+        self.clock_offset = db_now - (self._clock() - timedelta(seconds=self._monotonic() - mid))
         return self.clock_offset
 
     @classmethod
-    def from_url(cls, url: str, *, clock: Callable[[], datetime] = utcnow, **engine_kwargs: Any) -> Repository:
+    def from_url(cls, url: str, *, clock: Callable[[], datetime] = utcnow,
+                 monotonic: Callable[[], float] = time.monotonic, **engine_kwargs: Any) -> Repository:
         engine = make_async_engine(url, **engine_kwargs)
-        return cls(async_session_factory(engine), engine, clock=clock)
+        return cls(async_session_factory(engine), engine, clock=clock, monotonic=monotonic)
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncSession]:
@@ -346,18 +367,18 @@ class Repository:
                 return None
             return (await s.execute(select(Generation).where(Generation.id == generation_id))).scalar_one()
 
-    async def renew_leases(self, owner: str, ids: Iterable[int], lease_until: datetime) -> int:
+    async def renew_leases(self, owner: str, ids: Iterable[int], lease_until: datetime) -> set[int]:
         """Extend the lease of ``owner``'s jobs among ``ids`` (queued in its fair queue, running, or finished and
-        waiting to be posted); returns how many were renewed."""
+        waiting to be posted); returns the ids renewed (an id missing was taken over by another process)."""
         ids = list(ids)
         if not ids:
-            return 0
+            return set()
         async with self.sessions.begin() as s:
             result = await s.execute(
                 update(Generation).where(Generation.id.in_(ids), Generation.owner == owner)
-                .values(lease_until=lease_until)
+                .values(lease_until=lease_until).returning(Generation.id)
             )
-            return int(result.rowcount or 0)
+            return set(result.scalars())
 
     async def release(self, generation_id: int, owner: str | None) -> bool:
         """Give a running job back to the queue (a graceful stop), unless another process has taken it since."""
@@ -412,16 +433,16 @@ class Repository:
             rows = (await s.execute(stmt)).all()
         return [QueuedJob(*row) for row in rows]
 
-    async def active_count(self, user_id: int, *, not_owner: str | None = None) -> int:
-        """How many of ``user_id``'s jobs are queued or running; ``not_owner``: only those that process does not
-        hold (held by other bot processes on a shared database, or by none)."""
-        stmt = select(func.count()).select_from(Generation).where(
+    async def active_ids(self, user_id: int, *, not_owner: str | None = None) -> set[int]:
+        """The ids of ``user_id``'s queued or running jobs; ``not_owner``: only those that process does not hold
+        (held by other bot processes on a shared database, or by none)."""
+        stmt = select(Generation.id).where(
             Generation.user_id == user_id,
             Generation.status.in_([Status.QUEUED.value, Status.RUNNING.value]))
         if not_owner is not None:
             stmt = stmt.where(or_(Generation.owner.is_(None), Generation.owner != not_owner))
         async with self._read() as s:
-            return int((await s.execute(stmt)).scalar_one())
+            return set((await s.execute(stmt)).scalars())
 
     async def queue_position(self, generation_id: int) -> int | None:
         """1-based FIFO position among queued jobs (an estimate when the scheduler reorders for fairness);

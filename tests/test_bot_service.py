@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from datetime import timedelta
 
 import pytest
 
@@ -424,6 +425,72 @@ async def test_the_per_user_cap_counts_jobs_other_processes_hold(repo, tmp_path)
         svc_a.engine.gate.set()  # A's jobs finish
         await pub_a.wait_for(2, timeout=10)
         assert (await svc_b.submit(user_id=70, prompt="a blue square", n=1)).ok
+    finally:
+        await _stop_pair(svc_a, svc_b)
+
+
+async def test_a_job_adopted_while_the_cap_is_read_counts_once(repo, tmp_path, monkeypatch):
+    """The lease loop may adopt one of the user's orphaned jobs while ``submit`` awaits the count of the user's
+    jobs held elsewhere: that job is then both in the count and in this process's queue, and must count once
+    (cap 2, one job: admitted)."""
+    engine = FakeEngine()
+    engine.gate = asyncio.Event()
+    svc = GenerationService(repo, engine, RecordingPublisher(), output_dir=tmp_path / "o", concurrency=1, lease_s=60)
+    svc.exclusive_database = False
+    svc.scheduler.per_user_cap = 2
+    await svc.start()
+    try:
+        busy = await svc.submit(user_id=81, prompt="a white star", n=1)  # keeps the one worker waiting
+        await _status(repo, busy.generation_id, "running")
+        orphan = await repo.create_generation(user_id=80, prompt="a red circle")  # its process died: no lease
+        read = repo.active_ids
+
+        async def read_then_adopt(*args, **kwargs):
+            ids = await read(*args, **kwargs)
+            assert await svc._adopt_queued() == [orphan.id]  # a lease beat lands between the read and reserve
+            return ids
+
+        monkeypatch.setattr(repo, "active_ids", read_then_adopt)
+        second = await svc.submit(user_id=80, prompt="a blue square", n=1)
+        assert second.ok, second.message
+        assert orphan.id in svc.scheduler.queue and second.generation_id in svc.scheduler.queue
+        monkeypatch.undo()
+        third = await svc.submit(user_id=80, prompt="a green circle", n=1)
+        assert not third.ok and third.category == "queue" and "limit is 2" in third.message
+    finally:
+        engine.gate.set()
+        await svc.stop(grace=0.5)
+        await engine.close()
+
+
+async def test_a_queued_job_another_process_took_leaves_this_queue(repo, tmp_path):
+    """Process A stalled past a queued job's lease and process B adopted it: A's next lease beat finds it can no
+    longer renew that lease and drops the job from its queue, so only B runs it."""
+    from sqlalchemy import update
+
+    from store.models import Generation
+
+    svc_a, pub_a, svc_b, pub_b = _shared_database_pair(repo, tmp_path, lease_a=0.3)
+    await svc_a.start()
+    try:
+        first = (await svc_a.submit(user_id=90, prompt="a white star", n=1)).generation_id
+        await _status(repo, first, "running")  # A's one worker waits on its engine's gate
+        second = (await svc_a.submit(user_id=91, prompt="a red circle", n=1)).generation_id
+        assert second in svc_a.scheduler.queue
+        async with repo.sessions.begin() as s:  # B adopted it (A's lease on it had run out)
+            await s.execute(update(Generation).where(Generation.id == second)
+                            .values(owner="proc-b", lease_until=repo.now() + timedelta(seconds=60)))
+        for _ in range(100):
+            if second not in svc_a.scheduler.queue:
+                break
+            await asyncio.sleep(0.02)
+        assert second not in svc_a.scheduler.queue
+        svc_a.engine.gate.set()
+        await pub_a.wait_for(1, timeout=10)
+        await asyncio.sleep(0.2)
+        assert [r.prompt for r in svc_a.engine.submitted] == ["a white star"]
+        gen = await repo.get_generation(second)
+        assert gen.status == "queued" and gen.owner == "proc-b"
     finally:
         await _stop_pair(svc_a, svc_b)
 

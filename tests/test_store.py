@@ -221,7 +221,7 @@ async def test_leases_keep_a_live_process_jobs_and_free_a_dead_one(repo):
     assert back.status == "queued" and back.owner is None and back.lease_until is None
     assert (await repo.get_generation(live.id)).status == "running"
 
-    assert await repo.renew_leases("proc-a", [live.id, dead.id], past) == 1  # only its own job
+    assert await repo.renew_leases("proc-a", [live.id, dead.id], past) == {live.id}  # only its own job
     assert await repo.requeue_interrupted(orphans_only=True) == [live.id]  # the lease ran out
     await repo.claim(live.id, "proc-a", soon)
     assert await repo.requeue_interrupted() == [live.id]  # the only process on the database: everything
@@ -270,6 +270,52 @@ async def test_leases_are_on_the_database_clock_so_skewed_hosts_agree(repo, migr
         await slow.close()
 
 
+async def test_now_keeps_the_database_clock_when_the_local_clock_steps(migrated_url):
+    """After a sync, ``now()`` runs on the monotonic clock from the database time it read: the host's wall clock
+    stepping back 90 s (NTP, a resumed VM) right after leaves it on the database's time, not 90 s behind."""
+    from datetime import timedelta
+
+    from store.models import utcnow
+    from store.repository import Repository
+
+    step = [timedelta(0)]
+    host = Repository.from_url(migrated_url, clock=lambda: utcnow() + step[0])
+    try:
+        await host.sync_clock()
+        step[0] = timedelta(seconds=-90)
+        assert abs(host.now() - utcnow()) < timedelta(seconds=2)
+        assert abs(await host.sync_clock() - timedelta(seconds=90)) < timedelta(seconds=2)  # what it measured
+        assert abs(host.now() - utcnow()) < timedelta(seconds=2)
+    finally:
+        await host.close()
+
+
+async def test_a_clock_sample_with_a_slow_round_trip_does_not_replace_a_good_one(migrated_url):
+    """A reading of the database's clock that took over a second to come back is too uncertain: the first one is
+    used (there is nothing better), a later one keeps the anchor it had; a quick one replaces it."""
+    from store.repository import Repository
+
+    ticks = {"t": 0.0, "per_call": 0.0}
+
+    def monotonic() -> float:
+        ticks["t"] += ticks["per_call"]
+        return ticks["t"]
+
+    host = Repository.from_url(migrated_url, monotonic=monotonic)
+    try:
+        ticks["per_call"] = 2.0  # every reading of the monotonic clock sees 2 s more: a 2 s round trip
+        await host.sync_clock()
+        first = host._anchor
+        assert first is not None
+        await host.sync_clock()
+        assert host._anchor == first
+        ticks["per_call"] = 0.0
+        await host.sync_clock()
+        assert host._anchor != first and host._anchor[1] == ticks["t"]
+    finally:
+        await host.close()
+
+
 async def test_queued_jobs_are_adopted_only_when_their_process_stopped_vouching(repo):
     """A queued job carries the lease of the process holding it in its queue; another process adopts it (once)
     only after that lease ran out, or when it has none (requeued, or written by a version without leases)."""
@@ -282,7 +328,7 @@ async def test_queued_jobs_are_adopted_only_when_their_process_stopped_vouching(
     legacy = await repo.create_generation(user_id=1, prompt="b")
     lapsed = await repo.create_generation(user_id=2, prompt="c", owner="proc-a", lease_until=soon)
     assert [j.id for j in await repo.queued_generations(unvouched=True)] == [legacy.id]
-    assert await repo.renew_leases("proc-a", [lapsed.id], past) == 1  # proc-a stopped (or died) holding it
+    assert await repo.renew_leases("proc-a", [lapsed.id], past) == {lapsed.id}  # proc-a stopped (or died) holding it
     assert [j.id for j in await repo.queued_generations(unvouched=True)] == [legacy.id, lapsed.id]
     assert await repo.adopt_queued([held.id, legacy.id, lapsed.id], "proc-b", soon) == [legacy.id, lapsed.id]
     assert await repo.adopt_queued([legacy.id, lapsed.id], "proc-c", soon) == []  # adopted once
