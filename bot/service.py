@@ -662,8 +662,9 @@ class GenerationService:
                 except Exception:  # noqa: BLE001 - progress is best effort; the result decides the job
                     log.warning("progress stream of generation %s failed", gen.id, exc_info=True)
         except asyncio.CancelledError:
-            # shutdown: give the job back to the queue for the next start
-            rid = self._engine_ids.get(gen.id)
+            # shutdown: give the job back to the queue for the next start (and cancel it on the engine, also
+            # when the submit was under way: the engine may have taken it under the id we chose)
+            rid = self._engine_ids.get(gen.id, request.request_id)
             if rid:
                 with contextlib.suppress(Exception):
                     await self.engine.cancel(rid)

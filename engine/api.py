@@ -90,8 +90,14 @@ class SamplingParams:
         for name, value in data.items():
             if value is None:  # null: the checkpoint's recommendation
                 continue
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, int | float):
                 raise BadRequest(f"{what}.{name} must be a number")
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an integer too large for a float
+                finite = False
+            if not finite:
+                raise BadRequest(f"{what}.{name} must be a finite number in range")
             if name == "top_k" and not isinstance(value, int):
                 raise BadRequest(f"{what}.{name} must be an integer")
         params = cls(**data)
@@ -121,6 +127,10 @@ class GenerationRequest:
             raise BadRequest("prompt must be a non-empty string")
         if len(self.prompt) > MAX_PROMPT_CHARS:
             raise BadRequest(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+        try:  # JSON can carry a lone surrogate; the tokenizer cannot (and would fail the whole batch)
+            self.prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("prompt is not valid Unicode text (it holds a lone surrogate)") from None
         if not (1 <= int(self.n) <= MAX_IMAGES_PER_REQUEST):
             raise BadRequest(f"n must be between 1 and {MAX_IMAGES_PER_REQUEST}")
         if not (0 <= int(self.seed) < 2**63):

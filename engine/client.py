@@ -235,10 +235,13 @@ class HttpEngine:
         return await self._call("GET", f"/v1/generations/{request_id}", retries=retries)
 
     async def events(self, request_id: str) -> AsyncIterator[Progress]:
-        """Progress events from the SSE stream; reconnects (the server resends the current state) on drops."""
+        """Progress events from the SSE stream; reconnects (the server resends the current state) on drops, for
+        at least ``retries`` attempts and ``timeout`` seconds since the stream last delivered anything, so a
+        proxy reload or a short network outage does not fail a job the service is still running."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=max(self.timeout, 60.0))
         path = f"/v1/generations/{request_id}/events"
         failures = 0
+        healthy_at = time.monotonic()
         while True:
             try:
                 async with self._get_session().get(
@@ -252,8 +255,8 @@ class HttpEngine:
                         raise EngineUnavailable(f"GET {path}: HTTP {resp.status}: {message}")
                     parser = SseParser()
                     async for chunk in resp.content.iter_any():
+                        failures, healthy_at = 0, time.monotonic()  # events or keep-alive comments
                         for event in parser.feed(chunk):
-                            failures = 0
                             progress = Progress.from_json(json.loads(event.data))
                             yield progress
                             if progress.state in TERMINAL:
@@ -261,7 +264,7 @@ class HttpEngine:
             except (*_RETRYABLE, EngineUnavailable):
                 pass
             failures += 1  # stream dropped (or ended) before a final state
-            if failures > self.retries:
+            if failures > self.retries and time.monotonic() - healthy_at >= self.timeout:
                 raise EngineUnavailable(f"lost the event stream of {request_id} on {self.base_url}")
             await self._sleep_backoff(failures)
 
@@ -386,9 +389,7 @@ class MultiEngine:
             if revive and not force and self.live():
                 for b in revive:
                     b.dead_until = now + self.dead_retry  # one background probe at a time per backend
-                    task = asyncio.create_task(self._probe(b))
-                    self._background.add(task)
-                    task.add_done_callback(self._background.discard)
+                    self._in_background(self._probe(b))
                 revive = []
             await asyncio.gather(*(self._probe(b) for b in stale + revive))
 
@@ -404,11 +405,14 @@ class MultiEngine:
                 rid = await backend.engine.submit(request, retries=0)
             except EngineUnavailable:
                 # a timeout or a lost reply does not say the job was not created: ask before failing over,
-                # or the request would run twice (and the copy here could not be cancelled)
-                if await self._holds(backend, request.request_id):
+                # or the request would run twice
+                holds = await self._holds(backend, request.request_id)
+                if holds:
                     rid = request.request_id
                 else:
                     self._mark_dead(backend)
+                    if holds is None:  # no answer either: if the job reached it after all, cancel it there
+                        self._in_background(self._cancel_stray(backend, request.request_id))
                     continue
             backend.pending += request.n
             self._routes[rid] = backend
@@ -417,12 +421,31 @@ class MultiEngine:
             return rid
         raise EngineUnavailable("no engine service is reachable")
 
-    async def _holds(self, backend: _Backend, request_id: str) -> bool:
+    async def _holds(self, backend: _Backend, request_id: str) -> bool | None:
+        """Whether ``backend`` has the request: True, False (it said so), or None (it did not answer)."""
         try:
             await asyncio.wait_for(backend.engine.get(request_id, retries=0), self.probe_timeout)
-        except (EngineError, TimeoutError):
+        except UnknownRequest:
             return False
+        except (EngineError, TimeoutError):
+            return None
         return True
+
+    async def _cancel_stray(self, backend: _Backend, request_id: str) -> None:
+        """Cancel a request that may have reached ``backend`` after it was sent elsewhere (best effort: the
+        engine's own retries; a service that stays down has lost the job anyway)."""
+        try:
+            if await backend.engine.cancel(request_id):
+                log.warning("cancelled request %s on %s: it arrived there after it was sent elsewhere",
+                            request_id, backend.engine.base_url)
+        except EngineError as exc:
+            log.info("could not cancel a possible stray copy of %s on %s: %s", request_id,
+                     backend.engine.base_url, exc)
+
+    def _in_background(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _route(self, request_id: str) -> HttpEngine:
         backend = self._routes.get(request_id)

@@ -143,7 +143,7 @@ def _check_type(name: str, value: Any, kind: type) -> None:
 
 @web.middleware
 async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """aiohttp's own errors (404, 405, 413...) as JSON like ours."""
+    """aiohttp's own errors (404, 405, 413...) as JSON like ours; an unexpected exception as a counted JSON 500."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -151,6 +151,12 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
             raise
         headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
         return _error(exc.status, exc.reason, **headers)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:  # noqa: BLE001 - logged with its traceback; the client gets JSON, not aiohttp's text page
+        log.exception("%s %s failed", request.method, request.path)
+        request.app[METRICS].errors.labels("internal").inc()
+        return _error(500, "internal engine error")
 
 
 @web.middleware

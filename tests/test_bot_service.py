@@ -429,6 +429,35 @@ async def test_the_per_user_cap_counts_jobs_other_processes_hold(repo, tmp_path)
         await _stop_pair(svc_a, svc_b)
 
 
+async def test_a_shutdown_during_the_engine_submit_cancels_the_job_there(repo, tmp_path):
+    """The engine took the job but its reply never came (a stalled connection) when the bot shut down: the job is
+    cancelled on the engine under the id the bot chose, not left running there while it is requeued here."""
+
+    class ReplyLost(FakeEngine):
+        async def submit(self, request):
+            await super().submit(request)
+            await asyncio.Event().wait()  # the reply never comes
+
+        async def cancel(self, request_id):
+            self.cancelled.append(request_id)
+            return await super().cancel(request_id)
+
+    engine = ReplyLost()
+    engine.gate, engine.cancelled = asyncio.Event(), []
+    svc = GenerationService(repo, engine, RecordingPublisher(), output_dir=tmp_path / "o", concurrency=1)
+    await svc.start()
+    gid = (await svc.submit(user_id=95, prompt="a red circle", n=1)).generation_id
+    for _ in range(200):
+        if engine.submitted:
+            break
+        await asyncio.sleep(0.01)
+    await svc.stop(grace=0.05)
+    [request] = engine.submitted
+    assert engine.cancelled == [request.request_id]
+    assert (await repo.get_generation(gid)).status == "queued"  # back in the queue for the next start
+    await engine.close()
+
+
 async def test_a_job_adopted_while_the_cap_is_read_counts_once(repo, tmp_path, monkeypatch):
     """The lease loop may adopt one of the user's orphaned jobs while ``submit`` awaits the count of the user's
     jobs held elsewhere: that job is then both in the count and in this process's queue, and must count once

@@ -182,6 +182,43 @@ async def test_http_events_reconnect_after_a_dropped_stream():
         await runner.cleanup()
 
 
+async def test_http_events_ride_out_an_outage_shorter_than_the_timeout():
+    """The event stream fails for ~0.5 s (a proxy reload: 503s), far more attempts than ``retries``: the client
+    keeps reconnecting within ``timeout`` and gets the final state instead of failing the job."""
+    connections = {"n": 0}
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        connections["n"] += 1
+        if connections["n"] <= 8:
+            return web.json_response({"error": "reloading"}, status=503)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        data = {"request_id": "r1", "state": "done", "queue_position": None, "tokens_done": 1, "tokens_total": 1}
+        await resp.write(f"event: progress\ndata: {json.dumps(data)}\n\n".encode())
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/generations/{id}/events", events)
+    runner, url = await start_raw(app)
+    engine = HttpEngine(url, timeout=5, retries=2, backoff=0.05, max_backoff=0.1)
+    try:
+        assert [ev.state async for ev in engine.events("r1")] == ["done"]
+        assert connections["n"] == 9
+    finally:
+        await engine.close()
+        await runner.cleanup()
+    gone = HttpEngine(f"http://127.0.0.1:{free_port()}", timeout=0.5, retries=2, backoff=0.05, max_backoff=0.1)
+    try:  # a service that stays away: given up after the timeout
+        with pytest.raises(EngineUnavailable):
+            await asyncio.wait_for(_drain(gone.events("r1")), 5)
+    finally:
+        await gone.close()
+
+
+async def _drain(events) -> list:
+    return [ev async for ev in events]
+
+
 # -- HTTP client against the real service ------------------------------------------------------------------
 
 
@@ -293,6 +330,45 @@ async def test_multi_engine_skips_a_server_that_refuses_its_token():
         await multi.close()
         await good.stop()
         await other.stop()
+
+
+async def test_multi_engine_cancels_a_copy_that_arrived_where_it_failed_over_from(monkeypatch):
+    """A stalls: the POST's reply and the "do you have it?" check both time out, so the request goes to B; when
+    the job turns out to have reached A after all, it is cancelled there instead of running twice."""
+    import engine.server as server_mod
+
+    created, looked_up = server_mod.post_generation, server_mod.get_generation
+
+    async def late_reply(request):
+        response = await created(request)
+        await asyncio.sleep(1.5)  # past the client's timeout
+        return response
+
+    async def stalled_lookup(request):
+        await asyncio.sleep(1.5)  # past the probe timeout
+        return await looked_up(request)
+
+    monkeypatch.setattr(server_mod, "post_generation", late_reply)
+    monkeypatch.setattr(server_mod, "get_generation", stalled_lookup)
+    a = await start_server(FakePipeline(fixed_latency=2.0), ServerSettings(port=0, token=TOKEN))
+    monkeypatch.undo()
+    b = await start_server(FakePipeline(), ServerSettings(port=0, token=TOKEN))
+    multi = MultiEngine.from_urls([a.url, b.url], TOKEN, retries=0, timeout=0.5, probe_timeout=0.3)
+    try:
+        request = GenerationRequest("only once", n=1)
+        rid = await multi.submit(request)
+        assert multi.engine_for(rid).base_url == b.url
+        assert len((await multi.result(rid, timeout=10)).images) == 1
+        for _ in range(100):
+            state = a.batcher.status(rid).state  # the job did reach A
+            if state in ("cancelled", "done"):
+                break
+            await asyncio.sleep(0.05)
+        assert state == "cancelled"
+    finally:
+        await multi.close()
+        await a.stop()
+        await b.stop()
 
 
 async def test_multi_engine_does_not_duplicate_a_job_whose_reply_was_lost(monkeypatch):

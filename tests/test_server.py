@@ -179,6 +179,8 @@ async def test_loopback_without_token_serves_without_auth():
         (json.dumps({"prompt": "x", "request_id": "abc\n"}).encode(), 400, "request_id"),  # header injection
         (json.dumps({"prompt": "x", "request_id": ".."}).encode(), 400, "request_id"),  # unaddressable by URL
         (b"[" * 50_000, 400, "malformed JSON"),  # nesting deeper than the parser's recursion limit
+        (json.dumps({"prompt": "a\ud800b"}).encode(), 400, "lone surrogate"),  # the tokenizer would fail a batch
+        (b'{"prompt": "x", "params": {"condition_scale": 1' + b"0" * 400 + b"}}", 400, "finite number"),
         (json.dumps({"prompt": "x" * 70_000}).encode(), 413, "larger than"),
     ],
 )
@@ -191,6 +193,22 @@ async def test_bad_input_gets_a_clear_4xx(body, status, needle):
             text = await resp.text()
         kind = "too_large" if status == 413 else "bad_request"
         assert f'engine_errors_total{{kind="{kind}"}} 1.0' in text
+
+
+async def test_an_unexpected_error_is_a_counted_json_500(monkeypatch):
+    import engine.server
+
+    def broken(data):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(engine.server, "parse_generation_request", broken)
+    async with serving(FakePipeline()) as (server, http):
+        async with http.post("/v1/generations", json={"prompt": "x"}) as resp:
+            assert resp.status == 500 and (await resp.json())["error"] == "internal engine error"
+        async with http.get("/metrics") as resp:
+            assert 'engine_errors_total{kind="internal"} 1.0' in await resp.text()
+        async with http.get("/healthz") as resp:
+            assert resp.status == 200
 
 
 async def test_unknown_ids_routes_and_duplicate_ids():
