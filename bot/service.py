@@ -195,7 +195,11 @@ class GenerationService:
         self._position_task: asyncio.Task | None = None
         self._running: dict[int, asyncio.Task] = {}
         self._publishing: dict[int, asyncio.Task] = {}  # generation id → its post, while under way
-        self._post_failed: set[int] = set()  # posts that failed here: retried by the next start, not every beat
+        self._post_failed: set[int] = set()  # posts that failed here for good: retried by the next start
+        # a failed post (Discord down, a 5xx that outlived discord.py's own retries) is tried again after each of
+        # these delays while this process runs; it keeps its lease meanwhile
+        self.post_retry_delays: tuple[float, ...] = (30.0, 120.0, 600.0)
+        self._post_retries: dict[int, asyncio.Task] = {}  # generation id → its wait before the next attempt
         self._engine_ids: dict[int, str] = {}
         self._closing = False
         self._last_positions: dict[int, int] = {}
@@ -270,7 +274,8 @@ class GenerationService:
         process is left to the next start (or to another process, once its lease runs out)."""
         exclusive = self._exclusive()
         for gen in await self.repo.undelivered():
-            if not self._owns(gen) or gen.id in self._publishing or gen.id in self._post_failed:
+            if (not self._owns(gen) or gen.id in self._publishing or gen.id in self._post_failed
+                    or gen.id in self._post_retries):
                 continue
             if not exclusive and not await self.repo.adopt_result(gen.id, self.owner, self._lease()):
                 continue
@@ -288,7 +293,7 @@ class GenerationService:
                 log.warning("reading the database's clock failed", exc_info=True)
             try:
                 queued = self.scheduler.queue.ids()
-                mine = [*self._running, *self._publishing, *queued]
+                mine = [*self._running, *self._publishing, *self._post_retries, *queued]
                 renewed = await self.repo.renew_leases(self.owner, mine, self._lease())
                 if not self._exclusive():  # (alone on its database, a process holds jobs it never leased)
                     # A queued job whose lease this process could not renew was taken by another one (this
@@ -327,7 +332,10 @@ class GenerationService:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        handed_over = [*self._publishing, *self._post_failed, *self.scheduler.queue.ids()]
+        for task in self._post_retries.values():  # waiting to post again: the next start posts them
+            task.cancel()
+        handed_over = [*self._publishing, *self._post_failed, *self._post_retries, *self.scheduler.queue.ids()]
+        await asyncio.gather(*self._post_retries.values(), return_exceptions=True)
         if self._publishing:
             posting = list(self._publishing.values())
             _, pending = await asyncio.wait(posting, timeout=max(deadline - time.monotonic(), 0.5))
@@ -763,29 +771,46 @@ class GenerationService:
                                    png=png))
         return out
 
-    def _publish_later(self, outcome: Outcome) -> None:
+    def _publish_later(self, outcome: Outcome, attempt: int = 0) -> None:
         """Post a stored result in its own task. The worker's engine slot is free once the images are stored:
         posting waits on Discord (one channel's messages go out one at a time), and a worker held through it
         keeps the next job from the engine, so the engine samples smaller batches than it could."""
         gid = outcome.generation.id
-        task = asyncio.create_task(self._publish(outcome), name=f"dalle-publish-{gid}")
+        task = asyncio.create_task(self._publish(outcome, attempt), name=f"dalle-publish-{gid}")
         self._publishing[gid] = task
         task.add_done_callback(lambda _t: self._publishing.pop(gid, None))
 
-    async def _publish(self, outcome: Outcome) -> None:
+    async def _publish(self, outcome: Outcome, attempt: int = 0) -> None:
         if self.publisher is None:
             return
+        gid = outcome.generation.id
         try:
             message_id = await self.publisher.publish(outcome)
-        except Exception:  # noqa: BLE001 - stays undelivered; the next start retries
-            log.exception("publishing generation %s failed", outcome.generation.id)
-            self._post_failed.add(outcome.generation.id)
+        except Exception:  # noqa: BLE001 - stays undelivered: tried again later here, else by the next start
+            if attempt < len(self.post_retry_delays) and not self._closing:
+                delay = self.post_retry_delays[attempt]
+                log.warning("publishing generation %s failed (attempt %d); trying again in %.0f s", gid,
+                            attempt + 1, delay, exc_info=True)
+                self._post_retries[gid] = asyncio.create_task(self._publish_again(outcome, attempt + 1, delay),
+                                                              name=f"dalle-publish-retry-{gid}")
+            else:
+                log.exception("publishing generation %s failed; the next start posts it", gid)
+                self._post_failed.add(gid)
             return
         try:
             await self.repo.mark_delivered(outcome.generation.id, result_message_id=message_id)
         except Exception:  # noqa: BLE001 - posted but not recorded: the next start may post it again
             log.exception("recording the delivery of generation %s failed", outcome.generation.id)
             self._post_failed.add(outcome.generation.id)
+
+    async def _publish_again(self, outcome: Outcome, attempt: int, delay: float) -> None:
+        gid = outcome.generation.id
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self._post_retries.pop(gid, None)
+        if not self._closing:
+            self._publish_later(outcome, attempt)
 
 
 class _Turns:

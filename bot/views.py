@@ -77,7 +77,18 @@ async def _queued_reply(interaction: discord.Interaction, adm: Any, what: str) -
         return
     msg = await interaction.edit_original_response(
         content=f"{what} queued, position {adm.position}.", view=CancelView(adm.generation_id))
-    await asyncio.shield(_service(interaction).record_ack(adm.generation_id, msg.id))
+    await record_ack(_service(interaction), adm.generation_id, msg.id)
+
+
+async def record_ack(service: Any, generation_id: int, message_id: int) -> None:
+    """Remember the acknowledgement message (progress edits go to it). The job is queued already, so a failed
+    write is logged, not reported as a failure (the user would retry and queue it twice); edits then address
+    the interaction's original response, which is the same message. Shielded: a shutdown must not cut the
+    write in half."""
+    try:
+        await asyncio.shield(service.record_ack(generation_id, message_id))
+    except Exception:  # noqa: BLE001 - see above
+        log.warning("recording the acknowledgement of generation %s failed", generation_id, exc_info=True)
 
 
 class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dalle:reroll:(?P<gen>[0-9]+)"):
@@ -254,8 +265,14 @@ class ResultView(discord.ui.View):
 
 
 def grid_png(images: list[StoredImage], max_bytes: int | None = None) -> bytes:
-    """A near-square grid of the images in rank order (best top-left); shrunk until it fits ``max_bytes``."""
-    tiles = [PILImage.open(io.BytesIO(im.png)).convert("RGB") for im in images if im.png]
+    """A near-square grid of the images in rank order (best top-left); shrunk until it fits ``max_bytes``.
+    Images with no PNG (the file is gone) or an unreadable one are left out."""
+    tiles = []
+    for im in images:
+        try:
+            tiles.append(PILImage.open(io.BytesIO(im.png)).convert("RGB"))
+        except (OSError, ValueError):  # PIL's UnidentifiedImageError is an OSError
+            log.warning("image %s is left out of the grid: its PNG is missing or unreadable", im.id)
     if not tiles:
         raise ValueError("no images to put in a grid")
     cols = math.ceil(math.sqrt(len(tiles)))

@@ -518,6 +518,78 @@ async def test_a_button_whose_handler_fails_tells_the_user(fake, db_url, tmp_pat
         await repo.close()
 
 
+async def test_a_failed_ack_record_does_not_tell_the_user_to_retry_a_queued_job(fake, db_url, tmp_path):
+    """Recording the acknowledgement's message id fails (a database hiccup) after the job was queued: the user
+    still sees "Queued" (no "Something went wrong" that would make them submit it twice) and gets the result."""
+    repo = make_repo(db_url)
+    engine = FakeEngine()
+    engine.gate = asyncio.Event()
+    run = await start_bot(_settings(tmp_path), engine, repo, service_overrides={"concurrency": 1})
+    try:
+        async def broken(*args, **kwargs):
+            raise RuntimeError("database is locked")
+
+        run.bot.service.record_ack = broken
+        await fake.slash("dalle", {"prompt": "a busy cat"}, user_id=17)  # holds the one worker
+        rec = await fake.slash("dalle", {"prompt": "a queued dog"}, user_id=18)
+        ack = await fake.wait_for(lambda c: c.method == "PATCH" and rec.token in c.path
+                                  and "Queued" in (c.json or {}).get("content", ""))
+        assert "position 1" in ack.json["content"]
+        engine.gate.set()
+        await fake.wait_count(_posts(fake), 2)
+        assert not any(rec.token in c.path and "went wrong" in str(c.json) for c in fake.calls)
+        assert len(await _rows(repo, Generation)) == 2
+    finally:
+        await run.stop()
+        await repo.close()
+
+
+def test_a_result_whose_stored_images_are_missing_or_unreadable_still_posts():
+    """Images whose files vanished (no png) or cannot be decoded: the grid is made of the readable ones, or left
+    out, instead of failing the whole post (which would leave the result undelivered for good)."""
+    import io as _io
+    from pathlib import Path
+
+    from PIL import Image as PILImage
+
+    from bot.cogs.generate import DiscordPublisher
+    from bot.service import Outcome, StoredImage
+
+    buf = _io.BytesIO()
+    PILImage.new("RGB", (8, 8), (200, 0, 0)).save(buf, format="PNG")
+
+    def image(k: int, png: bytes) -> StoredImage:
+        return StoredImage(id=k, index=k, rank=k, path=Path(f"{k}.png"), sha256="", clip_score=0.0, flagged=False,
+                           hidden=False, withheld=False, png=png)
+
+    publisher = DiscordPublisher(bot=None)
+    gen = SimpleNamespace(id=1)
+    files, shown = publisher._files(Outcome(gen, [image(1, buf.getvalue()), image(2, b""), image(3, b"junk")]),
+                                    8 * 1024 * 1024)
+    assert [f.filename for f in files] == ["grid.png", "v1-image1.png", "v3-image3.png"] and len(shown) == 3
+    files, shown = publisher._files(Outcome(gen, [image(1, b""), image(2, b"")]), 8 * 1024 * 1024)
+    assert files == [] and len(shown) == 2
+    files, _ = publisher._files(Outcome(gen, [image(3, b"junk")]), 8 * 1024 * 1024)
+    assert [f.filename for f in files] == ["v1-image3.png"]
+
+
+def test_the_queue_listing_fits_one_message():
+    """``/dalle-queue`` with many long, markdown-heavy prompts stays within Discord's 2000 characters and says how
+    many it left out; a short queue is listed whole."""
+    from bot.cogs.generate import queue_listing
+
+    def job(k: int, prompt: str):
+        return SimpleNamespace(id=k, prompt=prompt, status="queued"), k
+
+    many = [job(k, "*_~`|>" * 30) for k in range(1, 41)]
+    text = queue_listing(many)
+    lines = text.splitlines()
+    assert len(text) <= 2000 and lines[-1].startswith("…and ")
+    assert len(lines) - 1 + int(lines[-1].split()[1]) == 40
+    assert queue_listing(many[:3]).splitlines()[2].startswith("#3 · position 3 · ")
+    assert len(queue_listing(many[:3]).splitlines()) == 3
+
+
 async def test_fake_enforces_the_ack_deadline_and_double_ack(fake):
     """The fake's own strictness: a late first response is 10062, a second one 40060."""
     import aiohttp

@@ -271,6 +271,35 @@ async def test_undelivered_results_are_posted_on_start(bot_db_url, tmp_path):
     await repo.close()
 
 
+async def test_a_failed_post_is_tried_again_while_the_bot_runs(repo, tmp_path):
+    """Discord fails the first two posts of a result (a 503 after discord.py's own retries): the bot tries again
+    after each delay, without a restart, and the third attempt delivers it; past the last delay it gives up
+    until the next start."""
+    engine = FakeEngine(step_s=0.0)
+    pub = RecordingPublisher()
+    svc = GenerationService(repo, engine, pub, output_dir=tmp_path / "o")
+    svc.post_retry_delays = (0.05, 0.05)
+    await svc.start()
+    try:
+        pub.fail_next = 2
+        delivered = (await svc.submit(user_id=31, prompt="a white boat", n=1)).generation_id
+        [o] = await pub.wait_for(1)
+        assert o.generation.id == delivered and pub.fail_next == 0
+        assert (await _delivered(repo, delivered)).delivered_at is not None
+
+        pub.fail_next = 3
+        lost = (await svc.submit(user_id=32, prompt="a red boat", n=1)).generation_id
+        for _ in range(200):
+            if pub.fail_next == 0 and not svc._post_retries and not svc._publishing:
+                break
+            await asyncio.sleep(0.01)
+        assert pub.fail_next == 0 and len(pub.outcomes) == 1
+        assert (await repo.get_generation(lost)).delivered_at is None  # left to the next start
+    finally:
+        await svc.stop()
+        await engine.close()
+
+
 class _SlowPublisher(RecordingPublisher):
     """Posting blocks until ``release`` is set (a rate-limited or slow Discord channel)."""
 

@@ -20,7 +20,15 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.service import Outcome, ProgressUpdate
-from bot.views import CancelView, ResultView, delivery_for, grid_png, handle_report_submit, tell_failure
+from bot.views import (
+    CancelView,
+    ResultView,
+    delivery_for,
+    grid_png,
+    handle_report_submit,
+    record_ack,
+    tell_failure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +100,19 @@ class DiscordPublisher:
 
     def _files(self, outcome: Outcome, limit: int) -> tuple[list[discord.File], list]:
         shown = [im for im in outcome.images if not im.withheld]
-        safe = [im for im in shown if not im.flagged]
+        safe = [im for im in shown if not im.flagged and im.png]  # a file gone from disk has no png
         files: list[discord.File] = []
         budget = limit - min(ENVELOPE_RESERVE, limit // 8)  # leave room for the multipart envelope
+        grid = b""
         if safe and budget > 0:
-            grid = grid_png(safe, max_bytes=budget // 2)
-            if len(grid) <= budget:  # the grid only shrinks so far: below that it is left out, not refused
-                files.append(discord.File(io.BytesIO(grid), filename="grid.png"))
-                budget -= len(grid)
+            try:
+                grid = grid_png(safe, max_bytes=budget // 2)
+            except (ValueError, OSError):  # an unreadable stored PNG: the message goes out without the grid
+                log.warning("no grid for generation %s: a stored image is unreadable", outcome.generation.id,
+                            exc_info=True)
+        if grid and len(grid) <= budget:  # the grid only shrinks so far: below that it is left out, not refused
+            files.append(discord.File(io.BytesIO(grid), filename="grid.png"))
+            budget -= len(grid)
         for number, im in enumerate(shown, 1):
             if len(files) >= 10 or len(im.png) > budget or not im.png:
                 continue
@@ -201,8 +214,7 @@ class Generate(commands.Cog):
             return
         msg = await interaction.edit_original_response(
             content=f"Queued, position {position}. Seed `{adm.seed}`.", view=CancelView(adm.generation_id))
-        # shielded: a shutdown must not cut a database write in half
-        await asyncio.shield(self.service.record_ack(adm.generation_id, msg.id))
+        await record_ack(self.service, adm.generation_id, msg.id)
 
     @commands.Cog.listener("on_interaction")
     async def report_submitted(self, interaction: discord.Interaction) -> None:
@@ -220,12 +232,25 @@ class Generate(commands.Cog):
         if not jobs:
             await interaction.edit_original_response(content="You have nothing queued.")
             return
-        lines = []
-        for gen, pos in jobs[:20]:
-            where = "running" if pos == 0 else f"position {pos}" if pos else gen.status
-            prompt = gen.prompt if len(gen.prompt) <= 80 else gen.prompt[:80] + "…"
-            lines.append(f"#{gen.id} · {where} · {discord.utils.escape_markdown(prompt)}")
-        await interaction.edit_original_response(content="\n".join(lines))
+        await interaction.edit_original_response(content=queue_listing(jobs))
+
+
+def queue_listing(jobs: list, limit: int = 2000) -> str:
+    """One line per job (id, position, prompt), cut to what fits one Discord message (``limit`` characters):
+    a line is added only if the note on the jobs after it ("…and N more") would still fit behind it."""
+    lines: list[str] = []
+    used = 0
+    for k, (gen, pos) in enumerate(jobs):
+        where = "running" if pos == 0 else f"position {pos}" if pos else gen.status
+        prompt = gen.prompt if len(gen.prompt) <= 80 else gen.prompt[:80] + "…"
+        line = f"#{gen.id} · {where} · {discord.utils.escape_markdown(prompt)}"
+        after = len(jobs) - k - 1
+        if used + len(line) + (len(f"\n…and {after} more") if after else 0) > limit:
+            lines.append(f"…and {len(jobs) - k} more")  # fits: the previous line reserved room for it
+            break
+        lines.append(line)
+        used += len(line) + 1
+    return "\n".join(lines)
 
 
 async def setup(bot: commands.Bot) -> None:
