@@ -97,7 +97,7 @@ class SamplingParams:
             except OverflowError:  # an integer too large for a float
                 finite = False
             if not finite:
-                raise BadRequest(f"{what}.{name} must be a finite number in range")
+                raise BadRequest(f"{what}.{name} must be a number (finite and in range)")
             if name == "top_k" and not isinstance(value, int):
                 raise BadRequest(f"{what}.{name} must be an integer")
         params = cls(**data)

@@ -180,7 +180,7 @@ async def test_loopback_without_token_serves_without_auth():
         (json.dumps({"prompt": "x", "request_id": ".."}).encode(), 400, "request_id"),  # unaddressable by URL
         (b"[" * 50_000, 400, "malformed JSON"),  # nesting deeper than the parser's recursion limit
         (json.dumps({"prompt": "a\ud800b"}).encode(), 400, "lone surrogate"),  # the tokenizer would fail a batch
-        (b'{"prompt": "x", "params": {"condition_scale": 1' + b"0" * 400 + b"}}", 400, "finite number"),
+        (b'{"prompt": "x", "params": {"condition_scale": 1' + b"0" * 400 + b"}}", 400, "must be a number (finite"),
         (json.dumps({"prompt": "x" * 70_000}).encode(), 413, "larger than"),
     ],
 )
