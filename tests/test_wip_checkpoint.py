@@ -14,15 +14,15 @@ from engine.pipeline import load_pipeline
 WIPS = Path(__file__).resolve().parents[1] / "training" / "wip"
 
 
-@pytest.mark.parametrize(("name", "checkpoint_id", "codes"), [
-    ("shapes-demo-wip", "shapes-demo-wip-20261123b", 1024),
-    ("shapes-demo-next", "shapes-demo-next-20261202", 2048),  # session 5's tokenizer; CLIP linked from the first
+@pytest.mark.parametrize(("name", "checkpoint_id", "codes", "scale"), [
+    ("shapes-demo-wip", "shapes-demo-wip-20261123b", 1024, 3.0),
+    ("shapes-demo-next", "shapes-demo-next-20261203", 2048, 2.0),  # session 5's tokenizer; CLIP linked from the first
 ])
-def test_wip_checkpoint_loads_and_generates_with_its_recommended_sampling(name, checkpoint_id, codes):
+def test_wip_checkpoint_loads_and_generates_with_its_recommended_sampling(name, checkpoint_id, codes, scale):
     pipe = load_pipeline(WIPS / name, buckets=(2,))
     assert pipe.checkpoint_id == checkpoint_id
     assert pipe.config.image_vocab_size == codes
-    assert pipe.sampling_defaults == SamplingParams(condition_scale=3.0, top_k=16, top_p=1.0, temperature=1.0)
+    assert pipe.sampling_defaults == SamplingParams(condition_scale=scale, top_k=16, top_p=1.0, temperature=1.0)
     assert pipe.image_length == 256 and pipe.safety is not None
     result = pipe.generate([GenerationRequest("a red circle on the left", n=2, seed=1)])[0]
     assert [im.rank for im in result.images] == [0, 1]
