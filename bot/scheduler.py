@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -200,13 +200,14 @@ class Scheduler:
     def reopen(self) -> None:
         self.closed = False
 
-    def check_admission(self, user_id: int, per_user_cap: int | None = None, elsewhere: int = 0) -> None:
+    def check_admission(self, user_id: int, per_user_cap: int | None = None,
+                        elsewhere: Collection[int] = ()) -> None:
         """Raise ``QueueRefused`` if this user (or everyone) has too much queued, running or being admitted
         already. ``per_user_cap`` overrides the scheduler's cap for this check (a guild's own limit);
-        ``elsewhere``: the user's jobs other bot processes hold (they count against the same cap)."""
+        ``elsewhere``: ids of the user's jobs other bot processes hold (they count against the same cap; one
+        this scheduler holds too, e.g. adopted meanwhile, counts once)."""
         cap = self.per_user_cap if per_user_cap is None else per_user_cap
-        mine = (len(self.queue.user_jobs(user_id)) + sum(1 for j in self._running.values() if j.user_id == user_id)
-                + self._reserved.get(user_id, 0) + elsewhere)
+        mine = len(self.held_ids(user_id).union(elsewhere)) + self._reserved.get(user_id, 0)
         if mine >= cap:
             raise QueueRefused(
                 f"You already have {mine} images requests waiting (the limit is {cap}). "
@@ -220,7 +221,7 @@ class Scheduler:
         return ({j.id for j in self.queue.user_jobs(user_id)}
                 | {j.id for j in self._running.values() if j.user_id == user_id})
 
-    def reserve(self, user_id: int, per_user_cap: int | None = None, elsewhere: int = 0) -> None:
+    def reserve(self, user_id: int, per_user_cap: int | None = None, elsewhere: Collection[int] = ()) -> None:
         """Check the caps and hold one slot for ``user_id`` in the same synchronous step, so admissions that
         are concurrently awaiting the database (between this and ``add``) cannot together exceed a cap.
         Every ``reserve`` must be matched by one ``release``."""

@@ -451,12 +451,12 @@ class GenerationService:
                                       msg, detail=decision.matched)
         # Admission is atomic without a lock: the cap check and the slot it takes are one synchronous step on the
         # event loop, and the held slot counts against the caps while the rate limiter and the insert are awaited.
-        # On a shared database the user's jobs other processes hold count too: read just before, less any this
-        # process took into its queue meanwhile (adopted), so none counts twice. Two processes admitting the same
-        # user while each other's insert is not yet committed may each let one through.
-        elsewhere_ids = set() if self._exclusive() else await self.repo.active_ids(user_id, not_owner=self.owner)
+        # On a shared database the user's jobs other processes hold count too (read just before; one this process
+        # adopted meanwhile counts once). Two processes admitting the same user while each other's insert is not
+        # yet committed may each let one through.
+        elsewhere = set() if self._exclusive() else await self.repo.active_ids(user_id, not_owner=self.owner)
         try:
-            self.scheduler.reserve(user_id, user_cap, len(elsewhere_ids - self.scheduler.held_ids(user_id)))
+            self.scheduler.reserve(user_id, user_cap, elsewhere)
         except QueueRefused as exc:
             return await self._refuse(user_id, guild_id, prompt, decision.normalised, "queue", str(exc))
         reserved = True

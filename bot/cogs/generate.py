@@ -100,16 +100,15 @@ class DiscordPublisher:
 
     def _files(self, outcome: Outcome, limit: int) -> tuple[list[discord.File], list]:
         shown = [im for im in outcome.images if not im.withheld]
-        safe = [im for im in shown if not im.flagged and im.png]  # a file gone from disk has no png
+        safe = [im for im in shown if not im.flagged]
         files: list[discord.File] = []
         budget = limit - min(ENVELOPE_RESERVE, limit // 8)  # leave room for the multipart envelope
         grid = b""
         if safe and budget > 0:
-            try:
+            try:  # grid_png leaves out images whose stored PNG is gone or unreadable
                 grid = grid_png(safe, max_bytes=budget // 2)
-            except (ValueError, OSError):  # an unreadable stored PNG: the message goes out without the grid
-                log.warning("no grid for generation %s: a stored image is unreadable", outcome.generation.id,
-                            exc_info=True)
+            except ValueError:  # none is readable: the message goes out without the grid
+                log.warning("no grid for generation %s: no stored image is readable", outcome.generation.id)
         if grid and len(grid) <= budget:  # the grid only shrinks so far: below that it is left out, not refused
             files.append(discord.File(io.BytesIO(grid), filename="grid.png"))
             budget -= len(grid)
