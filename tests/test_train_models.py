@@ -307,6 +307,60 @@ def test_dallebart_for_a_new_vqgan_keeps_the_text_and_transformer_weights(demo, 
         transfer_params(demo / "dallebart", dataclasses.replace(cfg, d_model=cfg.d_model * 2))
 
 
+def test_a_grown_dallebart_first_computes_what_the_saved_one_did_then_trains(demo, tmp_path):
+    """--grow: more encoder and decoder layers, inserted as copies with zeroed residual gates, so the grown model's
+    logits equal the saved model's exactly; the old layers keep their weights and order; one training step moves
+    the gates off zero; fewer layers, or another difference, are refused."""
+    import dataclasses
+
+    from training.train_dallebart import grow_params
+
+    old_cfg = DalleBartConfig.from_json(demo / "dallebart")
+    m = old_cfg.decoder_layers
+    cfg = dataclasses.replace(old_cfg, encoder_layers=old_cfg.encoder_layers + 1, decoder_layers=2 * m + 1)
+    old, new = load_dallebart_params(demo / "dallebart", old_cfg), grow_params(demo / "dallebart", cfg)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(3, old_cfg.encoder_vocab_size, (2, old_cfg.max_text_length)), jnp.int32)
+    mask = jnp.asarray(np.arange(old_cfg.max_text_length) < np.array([[5], [9]]), jnp.int32)
+    dec = jnp.asarray(rng.integers(0, old_cfg.image_vocab_size, (2, old_cfg.image_length)), jnp.int32)
+    want = DalleBart(old_cfg).apply({"params": old}, ids, mask, dec)
+    got = DalleBart(cfg).apply({"params": new}, ids, mask, dec)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+
+    def decoder(params, *path):
+        node = params["model"]["decoder"]["layers"]["FlaxBartDecoderLayers"]
+        for key in path:
+            node = node[key]
+        return np.asarray(node)
+
+    slots = [i * cfg.decoder_layers // m for i in range(m)]
+    q = ("FlaxBartAttention_0", "q_proj", "kernel")
+    np.testing.assert_array_equal(decoder(new, *q)[slots], decoder(old, *q))
+    inserted = [j for j in range(cfg.decoder_layers) if j not in slots]
+    gates = decoder(new, "GLU_0", "Dense_2", "kernel")
+    assert not gates[inserted].any() and gates[slots].any()
+
+    kw = dict(steps=1, batch_size=4, progress=False, optim=OptimConfig(learning_rate=1e-3, warmup_steps=0))
+    with pytest.raises(ValueError, match="grow"):
+        train_dallebart(tmp_path / "x", cfg, demo / "tokens", demo / "dallebart", init_from=demo / "dallebart", **kw)
+    out = train_dallebart(tmp_path / "g", cfg, demo / "tokens", demo / "dallebart", init_from=demo / "dallebart",
+                          grow=True, **kw)
+    assert np.abs(decoder(out.params, "GLU_0", "Dense_2", "kernel")[inserted]).max() > 0  # the gates get gradients
+    assert DalleBartConfig.from_json(tmp_path / "g") == cfg
+    with pytest.raises(ValueError, match="cannot remove layers"):
+        grow_params(tmp_path / "g", old_cfg)
+    with pytest.raises(ValueError, match="d_model"):
+        grow_params(demo / "dallebart", dataclasses.replace(cfg, d_model=cfg.d_model * 2))
+
+    # the command line: --decoder-layers with --grow; the saved encoder depth is kept
+    args = ["dallebart", "--shards", str(demo / "tokens"), "--out", str(tmp_path / "c"), "--init-from",
+            str(demo / "dallebart"), "--decoder-layers", str(m + 1), "--grow", "--steps", "1", "--batch-size", "4",
+            "--no-progress"]
+    assert main(args) == 0
+    grown = DalleBartConfig.from_json(tmp_path / "c")
+    assert (grown.encoder_layers, grown.decoder_layers) == (old_cfg.encoder_layers, m + 1)
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["encode", "--vqgan", str(tmp_path / "missing"), "--out", str(tmp_path / "t"),
                  "--num-images", "2", "--no-progress"]) == 2

@@ -128,7 +128,9 @@ def _dallebart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: train one on the captions)")
     p.add_argument("--vocab-size", type=int, default=1024, help="BPE size when training a tokenizer")
     p.add_argument("--d-model", type=int, default=None, help="(default 128)")
-    p.add_argument("--layers", type=int, default=None, help="(default 2)")
+    p.add_argument("--layers", type=int, default=None, help="encoder layers, and decoder layers unless "
+                   "--decoder-layers (default 2)")
+    p.add_argument("--decoder-layers", type=int, default=None, help="(default: --layers)")
     p.add_argument("--heads", type=int, default=None, help="(default 4)")
     p.add_argument("--ffn", type=int, default=None, help="(default 256)")
     p.add_argument("--max-text-length", type=int, default=None, help="(default 32)")
@@ -212,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-image-vocab", action="store_true",
                    help="with --init-from: the shards come from another VQGAN; copy the text encoder and the "
                         "transformer layers, start the image-token embedding and output head afresh")
+    p.add_argument("--grow", action="store_true",
+                   help="with --init-from and more --layers/--decoder-layers than it has: insert layers that start "
+                        "as the identity (the grown model first computes what the saved one did)")
     p.add_argument("--out", type=Path, required=True)
     _dallebart_args(p)
     _common(p, steps=1000, batch_size=32)
@@ -334,14 +339,19 @@ def cmd_dallebart(args: argparse.Namespace, shards: Path | None = None, out: Pat
         saved = {"d_model": c.d_model, "layers": c.encoder_layers, "heads": c.encoder_attention_heads,
                  "ffn": c.encoder_ffn_dim, "max_text_length": c.max_text_length}
     a = _arch(args, DALLEBART_ARCH_DEFAULTS, saved)
+    # --decoder-layers, else --layers, else the saved model's, else as many as the encoder
+    decoder_layers = getattr(args, "decoder_layers", None)
+    if decoder_layers is None:
+        decoder_layers = args.layers if args.layers is not None or saved is None else c.decoder_layers
     config = small_dallebart_config(vocab, n_codes, image_length, d_model=a["d_model"], layers=a["layers"],
-                                    heads=a["heads"], ffn_dim=a["ffn"], max_text_length=a["max_text_length"])
+                                    heads=a["heads"], ffn_dim=a["ffn"], max_text_length=a["max_text_length"],
+                                    decoder_layers=decoder_layers)
     optim = _optim(args, 1e-3 if args.optimizer != "adafactor" else 1e-2, steps,
                    **({"b2": 0.98} if args.optimizer == "adamw" else {}))
     res = train_dallebart(out, config, shards, tok_dir, steps=steps, batch_size=args.batch_size or 32,
                           optim=optim, seed=args.seed, blank_caption_prob=args.blank_prob,
                           eval_shards=getattr(args, "eval_shards", None), init_from=getattr(args, "init_from", None),
-                          new_image_vocab=getattr(args, "new_image_vocab", False),
+                          new_image_vocab=getattr(args, "new_image_vocab", False), grow=getattr(args, "grow", False),
                           work_dir=args.work_dir if out == args.out else None, save_every=args.save_every,
                           log_every=args.log_every, mesh=_mesh(args), progress=not args.no_progress)
     return {"out": str(out), "eval": res.eval_metrics, "steps_per_s": res.result.steps_per_s}

@@ -40,15 +40,17 @@ TOKENIZER_FILES = (
 
 def small_dallebart_config(text_vocab_size: int, image_codes: int, image_length: int, *, d_model: int = 128,
                            layers: int = 2, heads: int = 4, ffn_dim: int = 256, max_text_length: int = 32,
-                           normalize_text: bool = True) -> DalleBartConfig:
+                           normalize_text: bool = True, decoder_layers: int | None = None) -> DalleBartConfig:
     """A demo-sized DalleBart for a tokenizer of ``text_vocab_size`` ids and a VQGAN of ``image_codes`` codes.
+
+    ``layers`` encoder layers and as many decoder layers unless ``decoder_layers`` says otherwise.
 
     The decoder start token is row ``image_codes`` of the decoder embedding (as in the published models).
     """
     return DalleBartConfig(
         d_model=d_model,
         encoder_layers=layers,
-        decoder_layers=layers,
+        decoder_layers=layers if decoder_layers is None else decoder_layers,
         encoder_attention_heads=heads,
         decoder_attention_heads=heads,
         encoder_ffn_dim=ffn_dim,
@@ -160,6 +162,56 @@ def transfer_params(saved_dir: Path, config: DalleBartConfig, seed: int = 0) -> 
     return merge(fresh, old, ())
 
 
+# config fields a grown model may change (each to at least the saved value)
+LAYER_COUNT_FIELDS = ("encoder_layers", "decoder_layers")
+# per layer, the parameters that scale its residual branches: zeroed in an inserted layer, it adds nothing
+_RESIDUAL_GATES = {
+    "encoder": (("LayerNorm_1", "scale"), ("LayerNorm_1", "bias"), ("GLU_0", "Dense_2", "kernel")),
+    "decoder": (("LayerNorm_1", "scale"), ("LayerNorm_1", "bias"), ("LayerNorm_3", "scale"), ("LayerNorm_3", "bias"),
+                ("GLU_0", "Dense_2", "kernel")),
+}
+
+
+def grow_params(saved_dir: Path, config: DalleBartConfig) -> Any:
+    """Params for a deeper ``config`` that compute exactly what the saved DalleBart computes.
+
+    Capacity can then be added to a trained model instead of training a larger one from scratch. The M saved
+    layers of a stack keep their order, spread over the N new slots (old layer i goes to slot ``i*N//M``). Each
+    other slot gets a copy of the old layer below it with the residual gates zeroed: the NormFormer
+    post-attention LNs (scale and bias) and the GLU's output projection. ``y + 0`` makes the inserted layer
+    the identity at first. The gates still get gradients, so training opens them.
+
+    The configs may differ only in :data:`LAYER_COUNT_FIELDS`, each new count ≥ the saved one.
+    """
+    saved = DalleBartConfig.from_json(saved_dir)
+    new_d, old_d = config.to_dict(), saved.to_dict()
+    diff = sorted(k for k, v in new_d.items() if old_d.get(k) != v and k != "use_scan")
+    if set(diff) - set(LAYER_COUNT_FIELDS):
+        raise ValueError(f"{saved_dir}: only the layer counts may differ when growing; also differs: "
+                         f"{', '.join(sorted(set(diff) - set(LAYER_COUNT_FIELDS)))}")
+    shrunk = [k for k in LAYER_COUNT_FIELDS if new_d[k] < old_d[k]]
+    if shrunk:
+        raise ValueError(f"{saved_dir}: growing cannot remove layers ({', '.join(shrunk)}: "
+                         f"{', '.join(f'{old_d[k]} -> {new_d[k]}' for k in shrunk)})")
+    old = load_dallebart_params(saved_dir, dataclasses.replace(saved, use_scan=True), dtype="float32")
+    old = jax.tree.map(np.asarray, old)
+    grown = {**old, "model": dict(old["model"])}
+    for side in ("encoder", "decoder"):
+        m, n = getattr(saved, f"{side}_layers"), getattr(config, f"{side}_layers")
+        stack_name = "FlaxBartEncoderLayers" if side == "encoder" else "FlaxBartDecoderLayers"
+        kept = np.zeros(n, dtype=bool)  # the slots the old layers move to
+        kept[np.arange(m) * n // m] = True
+        source = np.cumsum(kept) - 1  # the old layer each slot holds or copies (slot 0 is always kept)
+        new_stack = jax.tree.map(lambda x, s=source: x[s], old["model"][side]["layers"][stack_name])
+        for *path, leaf in _RESIDUAL_GATES[side]:
+            node = new_stack
+            for key in path:
+                node = node[key]
+            node[leaf] = np.where(kept.reshape((n,) + (1,) * (node[leaf].ndim - 1)), node[leaf], 0.0)
+        grown["model"][side] = {**old["model"][side], "layers": {stack_name: new_stack}}
+    return load_dallebart_params(grown, config, dtype="float32")
+
+
 @functools.lru_cache(maxsize=8)
 def _jit_init(config: DalleBartConfig):
     return jax.jit(lambda rng: init_params(config, rng))
@@ -223,6 +275,7 @@ def train_dallebart(
     stop_after: int | None = None,
     init_from: str | Path | None = None,
     new_image_vocab: bool = False,
+    grow: bool = False,
 ) -> DalleBartTrainOutput:
     """Train (or resume) DalleBart on token shards and write the checkpoint directory ``out_dir``.
 
@@ -232,7 +285,7 @@ def train_dallebart(
     an exported DalleBart checkpoint directory with the same config (continue a run on a fresh machine, where
     the orbax training state is gone; the optimiser state starts afresh). With ``new_image_vocab`` the saved
     model may have another image vocabulary (it was trained on another VQGAN's tokens): see
-    :func:`transfer_params`.
+    :func:`transfer_params`. With ``grow`` it may have fewer layers: see :func:`grow_params`.
     """
     out_dir = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + "-train")
@@ -249,13 +302,18 @@ def train_dallebart(
                                  decay="cosine", decay_steps=max(steps, 1), end_lr_ratio=0.1, b2=0.98,
                                  max_grad_norm=1.0)
     model = DalleBart(config)
+    if init_from is not None and new_image_vocab and grow:
+        raise ValueError("grow one thing at a time: new_image_vocab or grow, not both")
     if init_from is not None and new_image_vocab:
         params = transfer_params(Path(init_from), config, seed)
+    elif init_from is not None and grow:
+        params = grow_params(Path(init_from), config)
     elif init_from is not None:
         saved = DalleBartConfig.from_json(Path(init_from))
         if saved.to_dict() != config.to_dict():
             diff = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
             hint = " (a DalleBart for another VQGAN: new_image_vocab)" if set(diff) & IMAGE_VOCAB_FIELDS else ""
+            hint = hint or (" (more layers: grow)" if set(diff) <= set(LAYER_COUNT_FIELDS) else "")
             raise ValueError(f"{init_from}: its config differs from the one being trained ({', '.join(diff)})"
                              + hint)
         params = load_dallebart_params(Path(init_from), config, dtype="float32")
