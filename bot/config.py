@@ -52,6 +52,7 @@ class Settings:
     engine_token: str | None = field(default=None, compare=False)
     checkpoint_dir: Path = DEMO_CHECKPOINT_DIR
     engine_concurrency: int = 16
+    engine_stall_timeout: int = 600
     engine_warmup: bool = True
     output_dir: Path = Path("outputs")
     default_images: int = 9
@@ -283,6 +284,7 @@ def load_settings(
         engine_token=e.secret("ENGINE_TOKEN"),
         checkpoint_dir=checkpoint_dir,
         engine_concurrency=e.int("ENGINE_CONCURRENCY", 16, 1, 256),  # type: ignore[arg-type]
+        engine_stall_timeout=e.int("ENGINE_STALL_TIMEOUT", 600, 0, 86_400),  # type: ignore[arg-type]
         engine_warmup=e.bool("ENGINE_WARMUP", True),
         output_dir=e.path("OUTPUT_DIR", Path("outputs").resolve()),
         default_images=e.int("DEFAULT_IMAGES", 9, 1, 9),  # type: ignore[arg-type]

@@ -161,6 +161,7 @@ class GenerationService:
         guild_settings_ttl: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         lease_s: float = 60.0,
+        engine_stall_timeout: float = 600.0,
     ) -> None:
         self.repo = repo
         self.engine = engine
@@ -175,6 +176,10 @@ class GenerationService:
         self.flagged_mode = flagged_mode
         self.checkpoint_id = checkpoint_id
         self.clock = clock
+        # a job whose engine event stream says nothing for this long (no queue move, no tokens) is given up:
+        # cancelled on the engine and failed, so a hung model thread does not hold it, and its user, forever.
+        # Longer than one sampling pass (a job queued in the engine waits a whole pass between events). 0: off.
+        self.engine_stall_timeout = engine_stall_timeout
         self.retry_delay = 0.5  # seconds before the first retry of a failed database claim (doubling)
         # in engine request ids: another bot (or this one on a fresh database) numbers its jobs from 1 too, and an
         # engine service remembers ids for result_ttl; a clash would be refused as a duplicate request
@@ -658,9 +663,10 @@ class GenerationService:
                     turns.finish(turn)
             self._engine_ids[gen.id] = rid
             await self._progress(gen, ProgressUpdate(gen.id, "running"))
-            events = asyncio.create_task(self._forward_events(gen, rid))
+            heard = _Heard(asyncio.get_running_loop().time())
+            events = asyncio.create_task(self._forward_events(gen, rid, heard))
             try:
-                result = await self.engine.result(rid)
+                result = await self._result_unless_stalled(rid, events, heard)
             finally:
                 events.cancel()
                 try:
@@ -711,9 +717,36 @@ class GenerationService:
                 await asyncio.sleep(self.retry_delay * 2**attempt)
         return None
 
-    async def _forward_events(self, gen: Any, rid: str) -> None:
+    async def _result_unless_stalled(self, rid: str, events: asyncio.Task, heard: _Heard) -> GenerationResult:
+        """``engine.result(rid)``, given up (cancelled on the engine, EngineError) once the job's event stream has
+        been silent for ``engine_stall_timeout``. A stream that ended or broke cannot be watched: then this waits
+        for the result as it is."""
+        loop = asyncio.get_running_loop()
+        result = asyncio.ensure_future(self.engine.result(rid))
+        try:
+            while True:
+                if not self.engine_stall_timeout or events.done():
+                    return await result
+                left = heard.at + self.engine_stall_timeout - loop.time()
+                if left <= 0:
+                    break
+                done, _ = await asyncio.wait({result}, timeout=left)
+                if done:
+                    return result.result()
+        finally:
+            if not result.done():
+                result.cancel()
+        log.error("engine request %s: no progress for %.0f s; cancelling it", rid, self.engine_stall_timeout)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.engine.cancel(rid), 10.0)
+        raise EngineError(f"the image engine stopped responding (no progress for {_human(self.engine_stall_timeout)})"
+                          "; please try again")
+
+    async def _forward_events(self, gen: Any, rid: str, heard: _Heard) -> None:
         last = -1e9
+        loop = asyncio.get_running_loop()
         async for ev in self.engine.events(rid):
+            heard.at = loop.time()
             if ev.state != "running":
                 continue
             now = self.clock()
@@ -811,6 +844,13 @@ class GenerationService:
             self._post_retries.pop(gid, None)
         if not self._closing:
             self._publish_later(outcome, attempt)
+
+
+@dataclass
+class _Heard:
+    """When (event-loop time) a job's engine event stream last said anything."""
+
+    at: float
 
 
 class _Turns:
@@ -945,6 +985,7 @@ def service_from_settings(settings: Any, repo: Repository, engine: Engine, publi
     kwargs: dict[str, Any] = dict(
         output_dir=_setting(settings, "output_dir", "outputs"), limiter=limiter, scheduler=scheduler,
         concurrency=int(_setting(settings, "engine_concurrency", 16)),
+        engine_stall_timeout=float(_setting(settings, "engine_stall_timeout", 600)),
         default_images=int(_setting(settings, "default_images", 9)),
         flagged_mode=str(_setting(settings, "flagged_mode", FlaggedMode.SPOILER.value)),
     )

@@ -745,7 +745,10 @@ def test_engine_concurrency_setting_sets_the_workers():
 
     svc = service_from_settings(SimpleNamespace(engine_concurrency=7), None, FakeEngine(), None)
     assert svc.concurrency == 7
-    assert service_from_settings(SimpleNamespace(), None, FakeEngine(), None).concurrency == 16
+    default = service_from_settings(SimpleNamespace(), None, FakeEngine(), None)
+    assert (default.concurrency, default.engine_stall_timeout) == (16, 600)
+    assert service_from_settings(SimpleNamespace(engine_stall_timeout=0), None, FakeEngine(),
+                                 None).engine_stall_timeout == 0
 
 
 async def test_engine_gets_many_jobs_at_once_in_fair_order(bot_db_url, tmp_path):
@@ -832,6 +835,44 @@ async def test_a_broken_progress_stream_does_not_fail_a_finished_job(bot_db_url,
         (outcome,) = await pub.wait_for(1)
         assert outcome.ok and len(outcome.images) == 2
         assert (await repo.get_generation(adm.generation_id)).status == "done"
+    finally:
+        await svc.stop(grace=1)
+        await engine.close()
+        await repo.close()
+
+
+async def test_a_job_the_engine_stops_talking_about_is_cancelled_there_and_failed(bot_db_url, tmp_path):
+    """A hung model (the job never leaves the engine's queue, no event follows) must not hold the job and its user
+    forever: after ENGINE_STALL_TIMEOUT of silence the job is cancelled on the engine and failed with a message;
+    the user's slot is free again."""
+    engine = FakeEngine()
+    engine.gate = asyncio.Event()  # never set: the engine takes the job and then says nothing more
+    svc, repo, pub = await _service_with(bot_db_url, engine, tmp_path / "out")
+    svc.engine_stall_timeout = 0.3
+    try:
+        adm = await svc.submit(user_id=1, prompt="a red circle", n=1)
+        (outcome,) = await asyncio.wait_for(pub.wait_for(1), 10)
+        assert not outcome.ok and "stopped responding" in outcome.error
+        assert (await repo.get_generation(adm.generation_id)).status == "failed"
+        (rid,) = engine._tasks
+        await asyncio.sleep(0.05)
+        assert engine._tasks[rid].done()  # cancelled on the engine, not left to run later
+        assert await svc.user_queue(1) == []
+    finally:
+        await svc.stop(grace=1)
+        await engine.close()
+        await repo.close()
+
+
+async def test_a_slow_engine_that_reports_progress_is_not_given_up(bot_db_url, tmp_path):
+    """Only silence counts: a job that takes several stall timeouts in all, with events between, finishes."""
+    engine = FakeEngine(steps=8, step_s=0.1)
+    svc, repo, pub = await _service_with(bot_db_url, engine, tmp_path / "out")
+    svc.engine_stall_timeout = 0.3
+    try:
+        await svc.submit(user_id=1, prompt="a red circle", n=1)
+        (outcome,) = await asyncio.wait_for(pub.wait_for(1), 10)
+        assert outcome.ok, outcome.error
     finally:
         await svc.stop(grace=1)
         await engine.close()
