@@ -73,6 +73,7 @@ class FakeDiscord:
         self.guild_ids = guilds
         self.channel_id = channel_id
         self.forbidden_channels: set[int] = set()  # the bot lacks Send Messages there: posts get 403/50013
+        self.followup_error: tuple[int, int, str] | None = None  # (status, code, message) for follow-up POSTs
         self.calls: list[Call] = []
         self.unknown: list[Call] = []
         self.errors: list[Call] = []  # calls the fake refused (deadline, expiry, size...)
@@ -415,6 +416,8 @@ class FakeDiscord:
         if not rec.acked:
             return _error(404, 10015, "Unknown Webhook: interaction not acknowledged")
         if method == "POST" and len(p) == 3:
+            if self.followup_error is not None:
+                return _error(*self.followup_error)
             self._check_message(call, self.attachment_limit)
             payload = call.json or {}
             msg = self.message(rec.channel_id or self.channel_id, payload.get("content"),

@@ -216,8 +216,13 @@ async def test_rate_limit_and_filter_refusals(fake, db_url, tmp_path):
         await fake.slash("dalle", {"prompt": "a green square"}, user_id=21)
         await fake.wait_for(_posts(fake))
         rec = await fake.slash("dalle", {"prompt": "a green square"}, user_id=21)
-        edit = await fake.wait_for(lambda c: c.method == "PATCH" and rec.token in c.path)
-        assert "too fast" in edit.json["content"] and "Try again in" in edit.json["content"]
+        # a public request's refusal is for the user alone: an ephemeral follow-up; the public reply is deleted
+        note = await fake.wait_for(lambda c: c.method == "POST" and c.path.endswith(rec.token))
+        assert "too fast" in note.json["content"] and "Try again in" in note.json["content"]
+        assert note.json["flags"] & 64
+        await fake.wait_for(lambda c: c.method == "DELETE" and rec.token in c.path and "@original" in c.path)
+        assert rec.original_message_id not in fake.messages
+        assert not any(c.method == "PATCH" and rec.token in c.path for c in fake.calls)
         rec = await fake.slash("dalle", {"prompt": "a n.a.k.e.d person", "private": True}, user_id=22)
         cb = await _callback(fake, rec)
         assert cb.json == {"type": 5, "data": {"flags": 64}}  # private → ephemeral defer
@@ -226,6 +231,21 @@ async def test_rate_limit_and_filter_refusals(fake, db_url, tmp_path):
         reasons = sorted(r.reason.split(":")[0] for r in await _rows(repo, Refusal))
         assert reasons == ["rate", "sexual"]
         assert len(fake.calls_for("POST", f"/channels/{CHANNEL}/messages")) == 1
+    finally:
+        await run.stop()
+        await repo.close()
+
+
+async def test_a_refusal_the_ephemeral_follow_up_cannot_carry_goes_in_the_public_reply(fake, db_url, tmp_path):
+    """If Discord refuses the ephemeral follow-up, the user still hears why: the public reply says it."""
+    repo = make_repo(db_url)
+    run = await start_bot(_settings(tmp_path), FakeEngine(), repo)
+    fake.followup_error = (400, 50035, "Invalid Form Body")
+    try:
+        rec = await fake.slash("dalle", {"prompt": "a n.a.k.e.d person"}, user_id=23)
+        edit = await fake.wait_for(lambda c: c.method == "PATCH" and rec.token in c.path)
+        assert "can't draw that" in edit.json["content"]
+        assert "can't draw that" in fake.messages[rec.original_message_id]["content"]
     finally:
         await run.stop()
         await repo.close()

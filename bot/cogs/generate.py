@@ -206,7 +206,7 @@ class Generate(commands.Cog):
             user_id=interaction.user.id, guild_id=interaction.guild_id, prompt=prompt, n=images, seed=seed,
             private=private, delivery=delivery_for(interaction))
         if not adm.ok:
-            await interaction.edit_original_response(content=adm.message)
+            await tell_refusal(interaction, adm.message, private)
             return
         position = self.service.position(adm.generation_id)
         if not position:  # already running or finished: the publisher owns the acknowledgement now
@@ -232,6 +232,25 @@ class Generate(commands.Cog):
             await interaction.edit_original_response(content="You have nothing queued.")
             return
         await interaction.edit_original_response(content=queue_listing(jobs))
+
+
+async def tell_refusal(interaction: discord.Interaction, message: str, private: bool) -> None:
+    """A refusal is for the user alone. A public request was deferred publicly (the 3-second rule comes before the
+    checks), so the refusal goes out as an ephemeral follow-up and the public "thinking" message is deleted;
+    if the follow-up fails, the public message says it instead, so the user always hears why."""
+    if private:
+        await interaction.edit_original_response(content=message)
+        return
+    try:
+        await interaction.followup.send(message, ephemeral=True)
+    except discord.HTTPException:
+        log.warning("ephemeral refusal for interaction %s failed; editing the public reply", interaction.id)
+        await interaction.edit_original_response(content=message)
+        return
+    try:
+        await interaction.delete_original_response()
+    except discord.HTTPException:
+        log.info("could not delete the public reply of refused interaction %s", interaction.id, exc_info=True)
 
 
 def queue_listing(jobs: list, limit: int = 2000) -> str:
