@@ -33,6 +33,12 @@ class QueueRefused(Exception):
     """The queue will not take the job; ``str(exc)`` is safe to show the user."""
 
 
+def user_cap_message(active: int, cap: int) -> str:
+    """What a user over the per-user cap is told."""
+    return (f"You already have {active} image request{'s' if active != 1 else ''} waiting (the limit is {cap}). "
+            "Wait for one to finish or cancel one.")
+
+
 class SchedulerClosed(Exception):
     """``next()`` was waiting when the scheduler was closed (shutdown)."""
 
@@ -209,10 +215,7 @@ class Scheduler:
         cap = self.per_user_cap if per_user_cap is None else per_user_cap
         mine = len(self.held_ids(user_id).union(elsewhere)) + self._reserved.get(user_id, 0)
         if mine >= cap:
-            raise QueueRefused(
-                f"You already have {mine} images requests waiting (the limit is {cap}). "
-                "Wait for one to finish or cancel one."
-            )
+            raise QueueRefused(user_cap_message(mine, cap))
         if len(self.queue) + sum(self._reserved.values()) >= self.total_cap:
             raise QueueRefused("The queue is full right now. Please try again in a few minutes.")
 

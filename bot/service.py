@@ -26,10 +26,10 @@ from typing import Any, Protocol
 from bot.filters import FilterDecision, GuildPolicy, PromptFilter
 from bot.ratelimit import LimitPolicy, RateLimiter
 from bot.ratelimit import _human as _human
-from bot.scheduler import QueuedJob, QueueRefused, Scheduler, SchedulerClosed
+from bot.scheduler import QueuedJob, QueueRefused, Scheduler, SchedulerClosed, user_cap_message
 from engine.api import Engine, EngineError, GenerationRequest, GenerationResult, RequestCancelled
 from store.models import CaseSource, FeedbackKind, FeedbackReason, FlaggedMode, GenerationKind, Status
-from store.repository import NewImage, Repository, TakenOver
+from store.repository import ActiveLimitReached, NewImage, Repository, TakenOver
 
 log = logging.getLogger(__name__)
 
@@ -442,6 +442,8 @@ class GenerationService:
             return await self._refuse(user_id, guild_id, prompt, None, "banned",
                                       "You are not allowed to generate images here.")
         policy, limits, user_cap, _ = await self._policies(guild_id)
+        if user_cap is None:
+            user_cap = self.scheduler.per_user_cap
         decision: FilterDecision = (
             await asyncio.to_thread(self.filter.check, prompt, policy)  # long prompts cost milliseconds: off the loop
             if len(prompt) > LONG_PROMPT else self.filter.check(prompt, policy))
@@ -457,9 +459,10 @@ class GenerationService:
         # Admission is atomic without a lock: the cap check and the slot it takes are one synchronous step on the
         # event loop, and the held slot counts against the caps while the rate limiter and the insert are awaited.
         # On a shared database the user's jobs other processes hold count too (read just before; one this process
-        # adopted meanwhile counts once). Two processes admitting the same user while each other's insert is not
-        # yet committed may each let one through.
-        elsewhere = set() if self._exclusive() else await self.repo.active_ids(user_id, not_owner=self.owner)
+        # adopted meanwhile counts once), and the insert counts again under a per-user database lock, which is
+        # what holds when two processes admit the same user at once.
+        shared = not self._exclusive()
+        elsewhere = await self.repo.active_ids(user_id, not_owner=self.owner) if shared else set()
         try:
             self.scheduler.reserve(user_id, user_cap, elsewhere)
         except QueueRefused as exc:
@@ -475,14 +478,21 @@ class GenerationService:
                                               rate.message, retry_after=rate.retry_after)
             seed = secrets.randbelow(SEED_LIMIT) if seed is None else seed
             d = delivery or Delivery()
-            gen = await self.repo.create_generation(
-                user_id=user_id, prompt=prompt, normalized_prompt=decision.normalised, guild_id=guild_id,
-                channel_id=d.channel_id, n_images=n, seed=seed, kind=kind, parent_generation_id=parent_generation_id,
-                parent_image_id=parent_image_id, checkpoint_id=self.checkpoint_id, private=private,
-                application_id=d.application_id, interaction_token=d.interaction_token,
-                token_expires_at=d.token_expires_at, upload_limit=d.upload_limit,
-                owner=self.owner, lease_until=self._lease(),
-            )
+            try:
+                gen = await self.repo.create_generation(
+                    user_id=user_id, prompt=prompt, normalized_prompt=decision.normalised, guild_id=guild_id,
+                    channel_id=d.channel_id, n_images=n, seed=seed, kind=kind,
+                    parent_generation_id=parent_generation_id, parent_image_id=parent_image_id,
+                    checkpoint_id=self.checkpoint_id, private=private, application_id=d.application_id,
+                    interaction_token=d.interaction_token, token_expires_at=d.token_expires_at,
+                    upload_limit=d.upload_limit, owner=self.owner, lease_until=self._lease(),
+                    max_active=user_cap if shared else None,
+                )
+            except ActiveLimitReached as exc:  # another process admitted this user meanwhile
+                self.scheduler.release(user_id)
+                reserved = False
+                return await self._refuse(user_id, guild_id, prompt, decision.normalised, "queue",
+                                          user_cap_message(exc.active, user_cap))
             self.scheduler.release(user_id)  # the slot becomes the queued job, with no await in between
             reserved = False
             position = self.scheduler.add(QueuedJob(gen.id, user_id, guild_id, gen.queued_at, payload=gen),

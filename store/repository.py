@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy import BigInteger, and_, bindparam, delete, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -61,6 +61,18 @@ class StatusError(ValueError):
 
 class TakenOver(StatusError):
     """The job is no longer this process's: its lease ran out and another process took it back."""
+
+
+class ActiveLimitReached(Exception):
+    """``create_generation(max_active=...)`` refused: the user already has ``active`` queued or running jobs."""
+
+    def __init__(self, active: int) -> None:
+        super().__init__(f"{active} active jobs")
+        self.active = active
+
+
+# PostgreSQL advisory-lock key space of per-user admissions (XOR-ed with the user id)
+_ADMISSION_LOCK = 0x0DA1_1E00_0000_0000
 
 
 class NotFound(LookupError):
@@ -272,9 +284,14 @@ class Repository:
         upload_limit: int | None = None,
         owner: str | None = None,
         lease_until: datetime | None = None,
+        max_active: int | None = None,
     ) -> Generation:
         """Persist a new queued job (durable before the user is acknowledged). ``owner``/``lease_until``: the
-        process that queued it vouches for it until then (on a shared database, others adopt it afterwards)."""
+        process that queued it vouches for it until then (on a shared database, others adopt it afterwards).
+
+        ``max_active``: refuse (:class:`ActiveLimitReached`) if the user already has that many queued or running
+        jobs, counted in the inserting transaction. On PostgreSQL a per-user advisory lock makes every process's
+        admissions of one user take turns, so the count is exact across bot processes."""
         _check_value("kind", kind, GenerationKind)
         if n_images < 1:
             raise ValueError(f"n_images must be >= 1; got {n_images}")
@@ -303,6 +320,15 @@ class Repository:
             lease_until=lease_until,
         )
         async with self.sessions.begin() as s:
+            if max_active is not None:
+                if s.bind.dialect.name == "postgresql":  # held until this transaction commits
+                    await s.execute(text("SELECT pg_advisory_xact_lock(:key)").bindparams(
+                        bindparam("key", (_ADMISSION_LOCK ^ user_id) & (2**63 - 1), type_=BigInteger)))
+                active = (await s.execute(select(func.count()).select_from(Generation).where(
+                    Generation.user_id == user_id,
+                    Generation.status.in_([Status.QUEUED.value, Status.RUNNING.value])))).scalar_one()
+                if active >= max_active:
+                    raise ActiveLimitReached(int(active))
             s.add(gen)
         return gen
 

@@ -458,6 +458,30 @@ async def test_the_per_user_cap_counts_jobs_other_processes_hold(repo, tmp_path)
         await _stop_pair(svc_a, svc_b)
 
 
+async def test_two_processes_admitting_one_user_at_once_stay_within_the_cap(repo, migrated_url, tmp_path):
+    """The per-user cap holds across processes even when their admissions of one user overlap (each read the
+    other's jobs before either insert committed): the insert counts again under a per-user database lock."""
+    from store.repository import Repository
+
+    repo_a = Repository.from_url(migrated_url)  # another process: its own connections
+    svc_a, pub_a, svc_b, pub_b = _shared_database_pair(repo, tmp_path, lease_a=60, lease_b=60, repo_a=repo_a)
+    svc_b.engine.gate = asyncio.Event()  # B's jobs stay running too: nothing frees a slot during the test
+    svc_a.scheduler.per_user_cap = svc_b.scheduler.per_user_cap = 2
+    svc_b.limiter = svc_a.limiter
+    await svc_a.start()
+    await svc_b.start()
+    try:
+        admissions = await asyncio.gather(*(svc.submit(user_id=80, prompt=f"a red circle {k}", n=1)
+                                            for k in range(4) for svc in (svc_a, svc_b)))
+        assert sum(a.ok for a in admissions) == 2
+        refused = [a for a in admissions if not a.ok]
+        assert {a.category for a in refused} == {"queue"} and all("limit is 2" in a.message for a in refused)
+        assert len(await repo.active_ids(80)) == 2
+    finally:
+        await _stop_pair(svc_a, svc_b)
+        await repo_a.close()
+
+
 async def test_a_shutdown_during_the_engine_submit_cancels_the_job_there(repo, tmp_path):
     """The engine took the job but its reply never came (a stalled connection) when the bot shut down: the job is
     cancelled on the engine under the id the bot chose, not left running there while it is requeued here."""

@@ -20,7 +20,7 @@ from store.db import (
     sync_url,
 )
 from store.models import Checkpoint, Feedback, Image, UserState, decode_tokens, encode_tokens
-from store.repository import NewImage, NotFound, StatusError, TakenOver
+from store.repository import ActiveLimitReached, NewImage, NotFound, Repository, StatusError, TakenOver
 
 # --- URLs and engines ---------------------------------------------------------------------------------------
 
@@ -187,6 +187,36 @@ async def test_concurrent_writers_lose_nothing(repo):
     for gid in ids[:5]:
         gen = await repo.get_generation(gid)
         assert np.array_equal(gen.images[0].tokens, np.full(16, gen.seed, dtype=np.int16))
+
+
+async def test_max_active_counts_at_insert_and_concurrent_admissions_take_turns(repo, migrated_url):
+    """create_generation(max_active=N) refuses the user's N+1-th queued-or-running job, also when the N+1 inserts
+    race from several processes (separate connection pools on one database): exactly N get in. Finished jobs do
+    not count; other users are not affected."""
+    first = await repo.create_generation(user_id=5, prompt="p", max_active=2)
+    await repo.create_generation(user_id=5, prompt="p", max_active=2)
+    with pytest.raises(ActiveLimitReached) as info:
+        await repo.create_generation(user_id=5, prompt="p", max_active=2)
+    assert info.value.active == 2
+    await repo.create_generation(user_id=6, prompt="p", max_active=2)
+    await repo.set_status(first.id, "running")
+    await repo.set_status(first.id, "done")
+    await repo.create_generation(user_id=5, prompt="p", max_active=2)  # a finished job frees its slot
+
+    others = [Repository.from_url(migrated_url) for _ in range(3)]  # bot processes sharing the database
+    try:
+        async def admit(r):
+            try:
+                return await r.create_generation(user_id=9, prompt="race", max_active=3)
+            except ActiveLimitReached:
+                return None
+
+        results = await asyncio.gather(*(admit(r) for r in [repo, *others] for _ in range(4)))
+        assert sum(r is not None for r in results) == 3
+        assert len(await repo.active_ids(9)) == 3
+    finally:
+        for r in others:
+            await r.close()
 
 
 async def test_requeue_interrupted(repo):
