@@ -188,6 +188,11 @@ def _unvouched(now: datetime) -> Any:
     return or_(Generation.lease_until.is_(None), Generation.lease_until < now)
 
 
+def _active_of(user_id: int) -> Any:
+    """Condition: a job of ``user_id`` that is queued or running (what counts against the per-user cap)."""
+    return and_(Generation.user_id == user_id, Generation.status.in_([Status.QUEUED.value, Status.RUNNING.value]))
+
+
 def _check_owner(gen: Generation, owner: str | None) -> None:
     if owner is not None and (gen.status != Status.RUNNING.value or gen.owner != owner):
         raise TakenOver(f"generation {gen.id} is no longer running for this process ({gen.status})")
@@ -324,9 +329,8 @@ class Repository:
                 if s.bind.dialect.name == "postgresql":  # held until this transaction commits
                     await s.execute(text("SELECT pg_advisory_xact_lock(:key)").bindparams(
                         bindparam("key", (_ADMISSION_LOCK ^ user_id) & (2**63 - 1), type_=BigInteger)))
-                active = (await s.execute(select(func.count()).select_from(Generation).where(
-                    Generation.user_id == user_id,
-                    Generation.status.in_([Status.QUEUED.value, Status.RUNNING.value])))).scalar_one()
+                active = (await s.execute(
+                    select(func.count()).select_from(Generation).where(_active_of(user_id)))).scalar_one()
                 if active >= max_active:
                     raise ActiveLimitReached(int(active))
             s.add(gen)
@@ -462,9 +466,7 @@ class Repository:
     async def active_ids(self, user_id: int, *, not_owner: str | None = None) -> set[int]:
         """The ids of ``user_id``'s queued or running jobs; ``not_owner``: only those that process does not hold
         (held by other bot processes on a shared database, or by none)."""
-        stmt = select(Generation.id).where(
-            Generation.user_id == user_id,
-            Generation.status.in_([Status.QUEUED.value, Status.RUNNING.value]))
+        stmt = select(Generation.id).where(_active_of(user_id))
         if not_owner is not None:
             stmt = stmt.where(or_(Generation.owner.is_(None), Generation.owner != not_owner))
         async with self._read() as s:

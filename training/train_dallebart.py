@@ -135,6 +135,12 @@ IMAGE_VOCAB_FIELDS = frozenset({"image_vocab_size", "decoder_start_token_id", "b
 IMAGE_VOCAB_PARAMS = (("lm_head",), ("model", "decoder", "embed_tokens"))
 
 
+def _differing_fields(saved: DalleBartConfig, config: DalleBartConfig) -> list[str]:
+    """The config fields (sorted) in which ``config`` differs from ``saved``, the parameter layout aside."""
+    old = saved.to_dict()
+    return sorted(k for k, v in config.to_dict().items() if old.get(k) != v and k != "use_scan")
+
+
 def transfer_params(saved_dir: Path, config: DalleBartConfig, seed: int = 0) -> Any:
     """Params for ``config`` from a DalleBart trained on another VQGAN's tokens: the text encoder and every
     transformer layer are copied (what the model learned about captions and layouts carries over); only the
@@ -143,7 +149,7 @@ def transfer_params(saved_dir: Path, config: DalleBartConfig, seed: int = 0) -> 
     The two configs may differ only in :data:`IMAGE_VOCAB_FIELDS`.
     """
     saved = DalleBartConfig.from_json(saved_dir)
-    diff = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v and k != "use_scan")
+    diff = _differing_fields(saved, config)
     if set(diff) - IMAGE_VOCAB_FIELDS:
         raise ValueError(f"{saved_dir}: only the image vocabulary may differ for a transfer; also differs: "
                          f"{', '.join(sorted(set(diff) - IMAGE_VOCAB_FIELDS))}")
@@ -185,7 +191,7 @@ def grow_params(saved_dir: Path, config: DalleBartConfig) -> Any:
     """
     saved = DalleBartConfig.from_json(saved_dir)
     new_d, old_d = config.to_dict(), saved.to_dict()
-    diff = sorted(k for k, v in new_d.items() if old_d.get(k) != v and k != "use_scan")
+    diff = _differing_fields(saved, config)
     if set(diff) - set(LAYER_COUNT_FIELDS):
         raise ValueError(f"{saved_dir}: only the layer counts may differ when growing; also differs: "
                          f"{', '.join(sorted(set(diff) - set(LAYER_COUNT_FIELDS)))}")
