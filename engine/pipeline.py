@@ -356,9 +356,9 @@ def load_pipeline(checkpoint_dir: str | Path | None = None, *, mesh: Any = None,
     options = PipelineOptions(**opts)
     if not directory.is_dir():
         hint = (
-            "the demo model is not shipped yet: set CHECKPOINT_DIR / --checkpoint to a checkpoint directory "
-            "(README: 'Using the published weights'; CHECKPOINT_DIR=training/wip/shapes-demo-next runs the "
-            "work-in-progress demo-sized model), or train one with "
+            "the shipped demo model is missing from this checkout (restore it with `git checkout -- "
+            "engine/assets/demo`), or set CHECKPOINT_DIR / --checkpoint to a checkpoint directory (README: "
+            "'Using the published weights'), or train one with "
             "`python -m training demo --out DIR --install engine/assets/demo`"
             if directory.resolve() == DEFAULT_CHECKPOINT.resolve()
             else "no such directory"
