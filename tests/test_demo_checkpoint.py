@@ -1,9 +1,9 @@
 """The shipped demo checkpoint (engine/assets/demo): the engine's default, small enough, and as good as measured.
 
 It is a preview below the training issue's quality bars (README, ``checkpoint.json``). The floors below guard the
-level it was measured at (2026-12-03: fixed prompt set, seed 0: top-ranked colour 100%, shape 50%, position 93%,
-everything 46%; seeds 1 and 2: 37.5% and 42% everything), with room for the small numeric differences between
-CPUs. The issue's bars are a strict xfail: when a model that meets them is installed, that test fails until its
+level it was measured at (2026-12-03, fixed prompt set, evaluation seeds 0, 1, 2: top-ranked colour 100% each,
+shape 50 / 46 / 50%, position 93 / 83 / 90%, everything 46 / 37.5 / 42%), with room for the numeric differences
+between CPUs. The issue's bars are a strict xfail: when a model that meets them is installed, that test fails until its
 marker is removed.
 """
 
@@ -58,10 +58,12 @@ def test_demo_checkpoint_generates_ranked_images_with_safety_scores(demo_pipelin
 def test_demo_checkpoint_keeps_its_measured_quality(demo_report):
     top = demo_report["top"]
     assert demo_report["n_prompts"] == 24 and demo_report["n_images"] == 216
-    assert top["per_attribute"]["colour"] >= 0.9
-    assert top["per_attribute"]["position"] >= 0.75
-    assert top["per_attribute"]["shape"] >= 0.35
-    assert top["fidelity"] >= 0.3
+    # floors about two standard deviations (24 prompts) under the measured means, so another CPU's rounding
+    # (which changes the sampled tokens like another seed does) passes while a broken model does not
+    assert top["per_attribute"]["colour"] >= 0.85
+    assert top["per_attribute"]["position"] >= 0.7
+    assert top["per_attribute"]["shape"] >= 0.25
+    assert top["fidelity"] >= 0.2
     # the injected default bias (70% red for colour-free prompts) shows: the feedback loop has something to remove
     assert 0.5 <= demo_report["default_share"]["value"] <= 1.0
 
