@@ -224,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("clip", help="train CLIP on shapes image-caption pairs")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="continue this exported CLIP (its config and tokenizer; architecture flags are ignored)")
+    p.add_argument("--vqgan-roundtrip", type=Path, default=None, metavar="VQGAN_DIR",
+                   help="train on this VQGAN's encode-decode round-trips of the images (what CLIP ranks at "
+                        "inference) instead of the crisp renders")
     _clip_args(p)
     _common(p, steps=500, batch_size=64)
 
@@ -364,16 +369,30 @@ def cmd_clip(args: argparse.Namespace, out: Path | None = None, steps: int | Non
 
     out = out or args.out
     steps = steps if steps is not None else args.steps
-    tok_dir = args.clip_tokenizer
-    if tok_dir is None:
-        captions = [c for c in _dataset_captions(5000, args.data_seed if hasattr(args, "data_seed") else 0) if c]
-        tok_dir = train_clip_bpe(captions, args.clip_vocab_size, out.with_name(out.name + "-tokenizer"))
-    tokenizer = CLIPTokenizer.from_dir(tok_dir)
-    config = small_clip_config(tokenizer, image_size=args.clip_image_size, patch_size=args.patch, width=args.width,
-                               layers=args.clip_layers, heads=args.clip_heads, projection_dim=args.width)
+    init_from = getattr(args, "init_from", None)
+    init_params = None
+    if init_from is not None:
+        from engine.config import CLIPConfig
+        from training.checkpoint import load_flax_params
+
+        if not (init_from / "config.json").is_file():
+            raise FileNotFoundError(f"--init-from {init_from}: no config.json (is this an exported CLIP?)")
+        tok_dir, config = init_from, CLIPConfig.from_json(init_from)
+        loaded = load_flax_params(init_from)
+        init_params = loaded.get("params", loaded)
+    else:
+        tok_dir = args.clip_tokenizer
+        if tok_dir is None:
+            captions = [c for c in _dataset_captions(5000, getattr(args, "data_seed", 0)) if c]
+            tok_dir = train_clip_bpe(captions, args.clip_vocab_size, out.with_name(out.name + "-tokenizer"))
+        tokenizer = CLIPTokenizer.from_dir(tok_dir)
+        config = small_clip_config(tokenizer, image_size=args.clip_image_size, patch_size=args.patch,
+                                   width=args.width, layers=args.clip_layers, heads=args.clip_heads,
+                                   projection_dim=args.width)
     optim = _optim(args, 5e-4, steps, b2=0.98, weight_decay=0.1)
     res = train_clip(out, config, tok_dir, steps=steps, batch_size=args.batch_size or 64, optim=optim,
-                     hard_negative_rate=args.hard_negatives,
+                     hard_negative_rate=args.hard_negatives, init_params=init_params,
+                     vqgan_dir=getattr(args, "vqgan_roundtrip", None),
                      seed=args.seed, data_seed=getattr(args, "data_seed", 0),
                      work_dir=args.work_dir if out == args.out else None, save_every=args.save_every,
                      log_every=args.log_every, mesh=_mesh(args), progress=not args.no_progress)

@@ -10,6 +10,11 @@ caption rewritten), so the loss rewards telling apart images that differ in a si
 ranking one prompt's candidates asks of CLIP; random batches rarely contain such pairs.
 Images go through ``engine.models.clip.preprocess`` inside the step, exactly as at inference.
 
+``vqgan_dir`` trains on what CLIP is shown at inference: every image (base and counterfactual) is encoded and
+decoded by that VQGAN inside the step (no gradient through it), so CLIP learns the tokenizer's blur and artefacts
+instead of the crisp renders it never ranks. ``init_from`` continues an exported CLIP (its config, tokenizer
+and weights), e.g. to fine-tune a clean-trained one on the round-trips.
+
 The result is a checkpoint directory: ``config.json`` (HF ``CLIPConfig`` layout), ``flax_model.msgpack`` and
 the CLIP tokenizer files.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 import functools
 import shutil
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,7 @@ import optax
 from engine.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from engine.models.clip import CLIPModel, dummy_inputs, preprocess
 from engine.text import CLIPTokenizer
+from engine.weights import check_tree
 from training.checkpoint import export_trained
 from training.data.shapes import ShapeExample, ShapesConfig, ShapesDataset, counterfactual_scene, render_scene
 from training.loop import TrainResult, init_key, train
@@ -122,11 +129,30 @@ class CaptionedImageBatches:
         }
 
 
-def make_loss(model: CLIPModel, config: CLIPConfig):
+def vqgan_roundtrip(vqgan_dir: str | Path) -> Callable[[jax.Array], jax.Array]:
+    """``images (B, R, R, 3) uint8 -> the VQGAN's reconstructions in [0, 1]``, jittable, without gradient."""
+    from training.encode import load_vqgan
+
+    vq_model, vq_config, vq_params = load_vqgan(vqgan_dir)
+
+    def roundtrip(images: jax.Array) -> jax.Array:
+        if images.shape[1:3] != (vq_config.resolution, vq_config.resolution):
+            raise ValueError(f"VQGAN round-trip: images are {images.shape[1]}x{images.shape[2]}, the VQGAN at "
+                             f"{vqgan_dir} takes {vq_config.resolution}x{vq_config.resolution}")
+        x = images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else images.astype(jnp.float32)
+        recon, _ = vq_model.apply({"params": vq_params}, x)
+        return jax.lax.stop_gradient(jnp.clip(recon, 0.0, 1.0))
+
+    return roundtrip
+
+
+def make_loss(model: CLIPModel, config: CLIPConfig,
+              image_transform: Callable[[jax.Array], jax.Array] | None = None):
     size = config.vision_config.image_size
 
     def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
-        pixels = preprocess(batch["images"], size)
+        images = batch["images"] if image_transform is None else image_transform(batch["images"])
+        pixels = preprocess(images, size)
         logits_per_image, logits_per_text, _, _ = model.apply(
             {"params": params}, batch["input_ids"], pixels, batch["attention_mask"]
         )
@@ -166,9 +192,10 @@ class CLIPTrainOutput:
 
 
 def evaluate(model: CLIPModel, config: CLIPConfig, params: Any, batches: CaptionedImageBatches,
-             n_batches: int = 2) -> dict[str, float]:
+             n_batches: int = 2, image_transform: Callable[[jax.Array], jax.Array] | None = None
+             ) -> dict[str, float]:
     """Image→text retrieval accuracy (same-caption counts as correct) on held-out batches."""
-    fn = jax.jit(make_loss(model, config))
+    fn = jax.jit(make_loss(model, config, image_transform))
     losses, accs = [], []
     for k in range(n_batches):
         loss, aux = fn(params, {n: jnp.asarray(v) for n, v in batches[k].items()}, jax.random.PRNGKey(0))
@@ -196,9 +223,13 @@ def train_clip(
     progress: bool | None = None,
     stop_after: int | None = None,
     hard_negative_rate: float = 0.0,
+    init_params: Any = None,
+    vqgan_dir: str | Path | None = None,
 ) -> CLIPTrainOutput:
     """Train (or resume) CLIP on shapes image–caption pairs and write the checkpoint directory ``out_dir``.
 
+    ``init_params``: start from these weights (shapes of ``config``) instead of a random init. ``vqgan_dir``:
+    train and evaluate on that VQGAN's round-trips of the images (module docstring).
     Evaluation uses ``eval_batches`` batches of a dataset with seed ``data_seed + 1``.
     """
     out_dir = Path(out_dir)
@@ -214,7 +245,23 @@ def train_clip(
                                  weight_decay=0.1, max_grad_norm=1.0)
     model = CLIPModel(config)
     loss_fn, init = _step_fns(config)
-    params = init(init_key(seed))
+    transform = None
+    if vqgan_dir is not None:
+        from engine.config import VQGANConfig
+
+        resolution = VQGANConfig.from_json(vqgan_dir).resolution
+        if resolution != shapes.image_size:
+            raise ValueError(f"--vqgan-roundtrip {vqgan_dir}: that VQGAN takes {resolution}x{resolution} images, "
+                             f"the training images are {shapes.image_size}x{shapes.image_size}")
+        transform = vqgan_roundtrip(vqgan_dir)
+    if transform is not None:
+        loss_fn = make_loss(model, config, transform)
+    if init_params is None:
+        params = init(init_key(seed))
+    else:
+        expected = jax.eval_shape(init, init_key(seed))
+        check_tree(init_params, expected, "init_from CLIP")
+        params = jax.tree.map(jnp.asarray, init_params)
     result = train(
         params,
         loss_fn,
@@ -231,16 +278,19 @@ def train_clip(
         extra_update=clamp_logit_scale,
         stop_after=stop_after,
         meta={"model": "clip", "batch_size": batch_size, "data_seed": data_seed,
-              "hard_negative_rate": hard_negative_rate},
+              "hard_negative_rate": hard_negative_rate,
+              "vqgan_roundtrip": str(vqgan_dir) if vqgan_dir is not None else None,
+              "init_from": init_params is not None},
     )
     final = jax.device_get(result.params)
     metrics: dict[str, float] = {}
     if eval_batches:
         held_out = CaptionedImageBatches(ShapesDataset(data_seed + 1, shapes), tokenizer, batch_size)
-        metrics = evaluate(model, config, final, held_out, eval_batches)
+        metrics = evaluate(model, config, final, held_out, eval_batches, transform)
         # the same with half of each batch one-attribute counterfactuals: the fine-grained part of ranking
         hard = CaptionedImageBatches(ShapesDataset(data_seed + 1, shapes), tokenizer, batch_size, 0.5)
-        metrics.update({f"{k}_hard": v for k, v in evaluate(model, config, final, hard, eval_batches).items()})
+        metrics.update({f"{k}_hard": v
+                        for k, v in evaluate(model, config, final, hard, eval_batches, transform).items()})
     if not result.interrupted:
         export_trained(out_dir, final, config.to_dict(), result, metrics)
         src = Path(tokenizer_dir)
