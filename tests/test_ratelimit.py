@@ -7,6 +7,8 @@ import os
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bot.ratelimit import LimitPolicy, RateLimiter, StrikePolicy
 
@@ -77,6 +79,38 @@ async def test_strikes_escalate_cooldowns():
     assert await rl.strike(9) == (4, 120.0)
     await rl.reset_user(9)
     assert (await rl.hit(9, None)).allowed
+
+
+_REQUESTS = st.lists(st.tuples(st.integers(1, 4), st.sampled_from([None, 10, 11]), st.booleans()), max_size=60)
+
+
+@settings(max_examples=60, deadline=None)
+@given(requests=_REQUESTS, user_limit=st.integers(1, 5), guild_limit=st.integers(1, 8), quota=st.integers(1, 6))
+def test_limiter_admits_exactly_what_a_counting_model_admits(requests, user_limit, guild_limit, quota):
+    """Any sequence of checks and hits (all inside one window) is decided as counting says: a request is
+    admitted iff its user, the user's day and its guild (if any) each have room; a refusal names a full
+    window (the day's when the quota is what is full) and consumes nothing; a check never consumes."""
+    policy = LimitPolicy(user=f"{user_limit} per hour", guild=f"{guild_limit} per hour", daily_quota=quota)
+
+    async def run() -> None:
+        rl = RateLimiter(namespace=f"p{uuid.uuid4().hex}", policy=policy)
+        per_user: dict[int, int] = {}
+        per_guild: dict[int, int] = {}
+        for user, guild, consume in requests:
+            full = {"user"} if per_user.get(user, 0) >= user_limit else set()
+            full |= {"daily"} if per_user.get(user, 0) >= quota else set()
+            full |= {"guild"} if guild is not None and per_guild.get(guild, 0) >= guild_limit else set()
+            decision = await (rl.hit if consume else rl.check)(user, guild)
+            assert decision.allowed == (not full), (user, guild, full, decision)
+            if full:
+                assert decision.scope in full and decision.retry_after > 0
+                assert decision.scope == "daily" or "daily" not in full  # the longest wait is the one told
+            elif consume:
+                per_user[user] = per_user.get(user, 0) + 1
+                if guild is not None:
+                    per_guild[guild] = per_guild.get(guild, 0) + 1
+
+    asyncio.run(run())
 
 
 def test_bad_limit_string_is_a_clear_error():
