@@ -462,7 +462,7 @@ def test_clip_continues_an_exported_clip_on_vqgan_round_trips(demo, tmp_path):
         lambda r: CLIPModel(cfg).init(r, *dummy_inputs(cfg))["params"], jax.random.PRNGKey(0)))
     shapes = ShapesConfig(image_size=32, factor=4)
     out = train_clip(tmp_path / "clip", cfg, demo / "clip", steps=3, batch_size=8, shapes=shapes,
-                     optim=OptimConfig(name="adamw", learning_rate=1e-12, warmup_steps=1), init_params=saved,
+                     optim=OptimConfig(name="adamw", learning_rate=1e-12, warmup_steps=1), init_from=demo / "clip",
                      vqgan_dir=demo / "vqgan", save_every=3, log_every=1, progress=False)
     for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(saved), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-8)

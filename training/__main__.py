@@ -370,16 +370,12 @@ def cmd_clip(args: argparse.Namespace, out: Path | None = None, steps: int | Non
     out = out or args.out
     steps = steps if steps is not None else args.steps
     init_from = getattr(args, "init_from", None)
-    init_params = None
     if init_from is not None:
         from engine.config import CLIPConfig
-        from training.checkpoint import load_flax_params
 
         if not (init_from / "config.json").is_file():
             raise FileNotFoundError(f"--init-from {init_from}: no config.json (is this an exported CLIP?)")
         tok_dir, config = init_from, CLIPConfig.from_json(init_from)
-        loaded = load_flax_params(init_from)
-        init_params = loaded.get("params", loaded)
     else:
         tok_dir = args.clip_tokenizer
         if tok_dir is None:
@@ -391,7 +387,7 @@ def cmd_clip(args: argparse.Namespace, out: Path | None = None, steps: int | Non
                                    projection_dim=args.width)
     optim = _optim(args, 5e-4, steps, b2=0.98, weight_decay=0.1)
     res = train_clip(out, config, tok_dir, steps=steps, batch_size=args.batch_size or 64, optim=optim,
-                     hard_negative_rate=args.hard_negatives, init_params=init_params,
+                     hard_negative_rate=args.hard_negatives, init_from=init_from,
                      vqgan_dir=getattr(args, "vqgan_roundtrip", None),
                      seed=args.seed, data_seed=getattr(args, "data_seed", 0),
                      work_dir=args.work_dir if out == args.out else None, save_every=args.save_every,

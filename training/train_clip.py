@@ -37,7 +37,7 @@ import optax
 from engine.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from engine.models.clip import CLIPModel, dummy_inputs, preprocess
 from engine.text import CLIPTokenizer
-from engine.weights import check_tree
+from engine.weights import load_params
 from training.checkpoint import export_trained
 from training.data.shapes import ShapeExample, ShapesConfig, ShapesDataset, counterfactual_scene, render_scene
 from training.loop import TrainResult, init_key, train
@@ -223,12 +223,13 @@ def train_clip(
     progress: bool | None = None,
     stop_after: int | None = None,
     hard_negative_rate: float = 0.0,
-    init_params: Any = None,
+    init_from: str | Path | None = None,
     vqgan_dir: str | Path | None = None,
 ) -> CLIPTrainOutput:
     """Train (or resume) CLIP on shapes image–caption pairs and write the checkpoint directory ``out_dir``.
 
-    ``init_params``: start from these weights (shapes of ``config``) instead of a random init. ``vqgan_dir``:
+    ``init_from``: start from the weights of this exported CLIP (of ``config``'s shapes) instead of a random
+    init. ``vqgan_dir``:
     train and evaluate on that VQGAN's round-trips of the images (module docstring).
     Evaluation uses ``eval_batches`` batches of a dataset with seed ``data_seed + 1``.
     """
@@ -256,12 +257,10 @@ def train_clip(
         transform = vqgan_roundtrip(vqgan_dir)
     if transform is not None:
         loss_fn = make_loss(model, config, transform)
-    if init_params is None:
+    if init_from is None:
         params = init(init_key(seed))
-    else:
-        expected = jax.eval_shape(init, init_key(seed))
-        check_tree(init_params, expected, "init_from CLIP")
-        params = jax.tree.map(jnp.asarray, init_params)
+    else:  # the engine's loader: the same layout and shape checks as at inference
+        params = load_params(init_from, jax.eval_shape(init, init_key(seed)), dtype="float32")
     result = train(
         params,
         loss_fn,
@@ -280,7 +279,7 @@ def train_clip(
         meta={"model": "clip", "batch_size": batch_size, "data_seed": data_seed,
               "hard_negative_rate": hard_negative_rate,
               "vqgan_roundtrip": str(vqgan_dir) if vqgan_dir is not None else None,
-              "init_from": init_params is not None},
+              "init_from": str(init_from) if init_from is not None else None},
     )
     final = jax.device_get(result.params)
     metrics: dict[str, float] = {}
