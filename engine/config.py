@@ -28,6 +28,7 @@ class _FromDict:
 
     REQUIRED: ClassVar[tuple[str, ...]] = ()
     ALIASES: ClassVar[dict[str, str]] = {}
+    RUNTIME: ClassVar[tuple[str, ...]] = ()  # how this process lays the model out: never read from or written to JSON
 
     @classmethod
     def from_dict(cls: type[T], raw: dict[str, Any], *, source: str = "config") -> T:
@@ -41,7 +42,7 @@ class _FromDict:
         names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         kwargs = {}
         for key, value in data.items():
-            if key not in names:
+            if key not in names or key in cls.RUNTIME:
                 continue
             if isinstance(value, list):
                 value = tuple(value)
@@ -68,7 +69,7 @@ class _FromDict:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)  # type: ignore[call-overload]
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items() if k not in self.RUNTIME}
 
     def validate(self, source: str = "config") -> None:
         """Raise :class:`ConfigError` for values the engine cannot run."""
@@ -99,6 +100,7 @@ class DalleBartConfig(_FromDict):
         "encoder_vocab_size",
         "image_vocab_size",
     )
+    RUNTIME: ClassVar[tuple[str, ...]] = ("transposed_kernels",)
 
     d_model: int = 1024
     encoder_layers: int = 12
@@ -126,6 +128,9 @@ class DalleBartConfig(_FromDict):
     init_std: float = 0.02
     use_scan: bool = True
     gradient_checkpointing: bool = False
+    # dense kernels stored (out, in) instead of the published (in, out): the sampler's decode layout (see
+    # engine.sampling.to_decode_layout); a runtime choice, never in config.json
+    transposed_kernels: bool = False
     normalize_text: bool = True
     tie_word_embeddings: bool = False
     # variant switches of the reference code; only the published setting is implemented

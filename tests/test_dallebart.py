@@ -137,13 +137,42 @@ def test_decode_step_matches_full_decode(use_scan):
     full = jax.jit(partial(model.apply, method=DalleBart.decode))(variables, dec, enc, mask)
     assert full.shape == (3, cfg.image_length, cfg.image_vocab_size + 1) and full.dtype == jnp.float32
     cross = model.apply(variables, enc, method=DalleBart.cross_kv)
-    assert cross[0].shape == (cfg.decoder_layers, 3, 4, cfg.max_text_length, 16)
+    assert len(cross[0]) == cfg.decoder_layers
+    assert {k.shape for k in cross[0]} == {(3, 4, cfg.max_text_length, 16)}
     cache = model.init_cache(3, jnp.float32)
-    assert cache["k"].shape == (cfg.decoder_layers, 3, 4, cfg.image_length, 16)
+    assert len(cache["k"]) == cfg.decoder_layers
+    assert {k.shape for k in cache["k"]} == {(3, 4, cfg.image_length, 16)}
     step = jax.jit(lambda t, p, c: model.apply(variables, t, p, c, cross, mask, method=DalleBart.decode_step))
     for pos in range(cfg.image_length):
         logits, cache = step(dec[:, pos], jnp.int32(pos), cache)
         np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, pos]), atol=1e-4, rtol=1e-4)
+
+
+def test_transposed_kernels_decode_layout_gives_the_same_logits():
+    """The sampler's decode layout: every dense kernel stored (out, in); same outputs, other shapes; a runtime
+    choice that never reaches config.json."""
+    from engine.config import DalleBartConfig
+    from engine.sampling import to_decode_layout
+
+    cfg = tiny_config(use_scan=False)
+    t_cfg = dataclasses.replace(cfg, transposed_kernels=True)
+    params = normalize_layout(random_params(cfg, seed=7), cfg)
+    t_params = to_decode_layout(params)
+    flat, t_flat = (traverse_util.flatten_dict(p, sep="/") for p in (params, t_params))
+    shapes = traverse_util.flatten_dict(param_shapes(t_cfg), sep="/")
+    kernels = [k for k in flat if k.endswith("/kernel")]
+    assert len(kernels) == 1 + 7 * cfg.encoder_layers + 11 * cfg.decoder_layers  # lm_head; 4+3; 4+4+3
+    for path, x in flat.items():
+        want = x.T if path.endswith("/kernel") else x
+        np.testing.assert_array_equal(np.asarray(t_flat[path]), np.asarray(want))
+        assert shapes[path].shape == want.shape
+    ids, mask, dec = _inputs(cfg, batch=2)
+    plain = _forward(cfg)({"params": params}, ids, mask, dec)
+    transposed = _forward(t_cfg)({"params": t_params}, ids, mask, dec)
+    np.testing.assert_allclose(np.asarray(transposed), np.asarray(plain), atol=1e-5, rtol=1e-5)
+
+    assert "transposed_kernels" not in t_cfg.to_dict()
+    assert DalleBartConfig.from_dict(dict(cfg.to_dict(), transposed_kernels=True)).transposed_kernels is False
 
 
 def test_gradient_checkpointing_same_forward_and_grads():

@@ -124,15 +124,16 @@ def test_same_tokens_on_one_device_and_on_meshes(mesh_run, cname):
 
 def test_params_are_split_over_model_and_rows_padded_to_the_data_axis(mesh_run):
     specs = mesh_run["specs"]
-    # q_proj (32, 32) splits its output dim over "model"; the (2, 4) mesh keeps 32 / 4 columns per device
-    assert specs["divides/data2_model4"]["q"] == str(P(None, MODEL))
-    assert specs["divides/data2_model4"]["q_shard"] == [32, 8]
-    assert specs["divides/model8"]["q_shard"] == [32, 4]
+    # the sampler keeps kernels transposed, (out, in) (engine.sampling.to_decode_layout), and their specs with them.
+    # q_proj (32, 32) splits its output dim over "model"; the (2, 4) mesh keeps 32 / 4 output rows per device
+    assert specs["divides/data2_model4"]["q"] == str(P(MODEL, None))
+    assert specs["divides/data2_model4"]["q_shard"] == [8, 32]
+    assert specs["divides/model8"]["q_shard"] == [4, 32]
     assert specs["divides/data8"]["q_shard"] == [32, 32]  # model axis of size 1: whole on every device
-    assert specs["divides/model8"]["glu_in"] == str(P(None, MODEL))
+    assert specs["divides/model8"]["glu_in"] == str(P(MODEL, None))
     # GLU width 42: neither 4 nor 8 divides it, so the input dim (d_model 32) is split instead
-    assert specs["glu42/data2_model4"]["glu_in"] == str(P(MODEL, None))
-    assert specs["glu42/model8"]["glu_in"] == str(P(MODEL, None))
+    assert specs["glu42/data2_model4"]["glu_in"] == str(P(None, MODEL))
+    assert specs["glu42/model8"]["glu_in"] == str(P(None, MODEL))
     # 3 candidates: bucket 4, then a multiple of the data-axis size
     assert specs["divides/data8"]["rows"] == 8
     assert specs["divides/data2_model4"]["rows"] == 4

@@ -23,9 +23,13 @@ Methods (``model.apply(params, ..., method=...)``):
     encode(input_ids (B,T) int, attention_mask (B,T))                       -> hidden (B,T,d)
     decode(decoder_input_ids (B,S), encoder_hidden (B,T,d), encoder_mask)   -> logits (B,S,V+1) float32
     __call__(input_ids, attention_mask, decoder_input_ids)                  -> logits (B,S,V+1) float32
-    cross_kv(encoder_hidden (B,T,d))                                        -> (K, V), each (L,B,H,T,Dh)
+    cross_kv(encoder_hidden (B,T,d))                    -> (K, V), each a tuple of L arrays (B,H,T,Dh)
     decode_step(token (B,), position (), cache, cross_kv, encoder_mask)     -> (logits (B,V+1) f32, new cache)
-Plain methods (no params): ``init_cache(batch, dtype)`` -> {"k","v"} each (L,B,H,image_length,Dh) zeros.
+Plain methods (no params): ``init_cache(batch, dtype)`` -> {"k","v"} each a tuple of L zeros (B,H,image_length,Dh).
+
+The decode state is kept per layer (tuples, not one stacked array): slicing layer ``i`` out of a stacked
+``(L,B,H,S,Dh)`` array inside the step loop made XLA:CPU copy it every step (measured for mini at batch 8: the
+self-attention over the cache took ~4x longer than over per-layer arrays).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from flax import serialization, traverse_util
 from engine.config import DalleBartConfig
 
 Params = dict[str, Any]
-Cache = dict[str, jax.Array]
+Cache = dict[str, tuple[jax.Array, ...]]  # {"k", "v"}: one (B,H,S,Dh) array per decoder layer
 
 LN_EPS = 1e-5
 MASK_VALUE = -1e9  # added to masked attention scores (computed in float32)
@@ -75,6 +79,11 @@ def _heads_first(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 1, 2)
 
 
+def _per_layer(stacked: jax.Array) -> tuple[jax.Array, ...]:
+    """(L, ...) -> a tuple of L arrays (the decode state's per-layer form)."""
+    return tuple(stacked[i] for i in range(stacked.shape[0]))
+
+
 def _layer_norm(use_scale: bool, dtype: Any, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=LN_EPS, use_scale=use_scale, use_bias=True, dtype=dtype, name=name)
 
@@ -82,6 +91,28 @@ def _layer_norm(use_scale: bool, dtype: Any, name: str) -> nn.LayerNorm:
 # ----------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------
+
+
+class Dense(nn.Module):
+    """Bias-free dense layer ``(..., in) -> (..., features)`` computed in ``dtype``.
+
+    The kernel is ``(in, features)`` as published, or ``(features, in)`` when ``transposed`` (the sampler's decode
+    layout: XLA:CPU streams a kernel whose contracting axis is contiguous faster, see
+    :func:`engine.sampling.to_decode_layout`). Same math and parameter name (``kernel``) either way.
+    """
+
+    features: int
+    transposed: bool = False
+    dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = x.shape[-1]
+        shape = (self.features, n_in) if self.transposed else (n_in, self.features)
+        kernel = self.param("kernel", self.kernel_init, shape).astype(self.dtype)
+        contract = 1 if self.transposed else 0
+        return jax.lax.dot_general(x.astype(self.dtype), kernel, (((x.ndim - 1,), (contract,)), ((), ())))
 
 
 class FlaxBartAttention(nn.Module):
@@ -98,7 +129,7 @@ class FlaxBartAttention(nn.Module):
     def setup(self) -> None:
         d = self.config.d_model
         init = nn.initializers.normal(self.config.init_std)
-        dense = lambda: nn.Dense(d, use_bias=False, dtype=self.dtype, kernel_init=init)  # noqa: E731
+        dense = lambda: Dense(d, self.config.transposed_kernels, self.dtype, init)  # noqa: E731
         self.q_proj = dense()
         self.k_proj = dense()
         self.v_proj = dense()
@@ -160,11 +191,12 @@ class GLU(nn.Module):
         init = nn.initializers.normal(cfg.init_std)
         scale = cfg.force_ln_scale
         h = _layer_norm(scale, self.dtype, "LayerNorm_0")(x)
-        w = nn.Dense(self.ffn_dim, use_bias=False, dtype=self.dtype, kernel_init=init, name="Dense_0")(h)
+        t = cfg.transposed_kernels
+        w = Dense(self.ffn_dim, t, self.dtype, init, name="Dense_0")(h)
         w = _ACTIVATIONS[cfg.activation_function](w)
-        v = nn.Dense(self.ffn_dim, use_bias=False, dtype=self.dtype, kernel_init=init, name="Dense_1")(h)
+        v = Dense(self.ffn_dim, t, self.dtype, init, name="Dense_1")(h)
         h = _layer_norm(scale, self.dtype, "LayerNorm_1")(w * v)
-        return nn.Dense(cfg.d_model, use_bias=False, dtype=self.dtype, kernel_init=init, name="Dense_2")(h)
+        return Dense(cfg.d_model, t, self.dtype, init, name="Dense_2")(h)
 
 
 class EncoderLayer(nn.Module):
@@ -191,16 +223,15 @@ class DecoderLayer(nn.Module):
     - ``"step"``:     ``(y (B,1,d), k_cache, v_cache (B,H,S,Dh), cross_k, cross_v (B,H,T,Dh), enc_bias,
       cache_bias (1,1,1,S)) -> (y, (k_new, v_new) each (B,H,1,Dh))``: attends to the old cache plus itself and
       leaves the cache untouched (scanned layout: the caller writes all layers at once).
-    - ``"step_inplace"``: ``(y, k_all, v_all (L,B,H,S,Dh), cross_k, cross_v, enc_bias, self_bias (1,1,1,S),
-      position) -> (y, (k_all, v_all))``: writes this layer's K/V at ``position`` first, then attends (unscanned
-      layout). Write-then-read lets XLA update the loop-carried cache in place; reading the old cache and writing
-      afterwards made it copy the whole cache every step (measured: 1.6-2x slower steps).
+    - ``"step_inplace"``: ``(y, k_cache, v_cache (B,H,S,Dh), cross_k, cross_v, enc_bias, self_bias (1,1,1,S),
+      position) -> (y, (k_cache, v_cache))``: writes this layer's K/V at ``position`` first, then attends
+      (unscanned layout). Write-then-read lets XLA update the loop-carried cache in place; reading the old cache
+      and writing afterwards made it copy the whole cache every step (measured: 1.6-2x slower steps).
     """
 
     config: DalleBartConfig
     dtype: Any = jnp.float32
     mode: str = "full"
-    layer_index: int = 0  # only for "step_inplace"
 
     @nn.compact
     def __call__(self, y: jax.Array, *args: jax.Array) -> tuple[jax.Array, Any]:
@@ -232,16 +263,16 @@ class DecoderLayer(nn.Module):
             y = y + ln3(cross_attn.attend(cross_attn.query(ln2(y)), cross_k, cross_v, enc_bias))
             return y + glu(y), (k_new, v_new)
         if self.mode == "step_inplace":
-            k_all, v_all, cross_k, cross_v, enc_bias, self_bias, position = args
+            k_cache, v_cache, cross_k, cross_v, enc_bias, self_bias, position = args
             h = ln0(y)
             q = self_attn.query(h)
             k_new, v_new = self_attn.kv(h)
-            start = (self.layer_index, 0, 0, position, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k_new.astype(k_all.dtype)[None], start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v_new.astype(v_all.dtype)[None], start)
-            y = y + ln1(self_attn.attend(q, k_all[self.layer_index], v_all[self.layer_index], self_bias))
+            start = (0, 0, position, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), start)
+            y = y + ln1(self_attn.attend(q, k_cache, v_cache, self_bias))
             y = y + ln3(cross_attn.attend(cross_attn.query(ln2(y)), cross_k, cross_v, enc_bias))
-            return y + glu(y), (k_all, v_all)
+            return y + glu(y), (k_cache, v_cache)
         raise ValueError(f"unknown DecoderLayer mode {self.mode!r}")
 
 
@@ -308,11 +339,14 @@ class DecoderLayers(nn.Module):
         if mode == "step_inplace":
             if cfg.use_scan:
                 raise ValueError("step_inplace needs the unscanned layout")
-            k_all, v_all, cross_k, cross_v = per_layer
+            ks, vs, cross_k, cross_v = per_layer  # tuples of per-layer arrays
+            new_k, new_v = [], []
             for i in range(cfg.decoder_layers):
-                layer = DecoderLayer(cfg, self.dtype, mode=mode, layer_index=i, name=f"FlaxBartDecoderLayer_{i}")
-                y, (k_all, v_all) = layer(y, k_all, v_all, cross_k[i], cross_v[i], *broadcast)
-            return y, (k_all, v_all)
+                layer = DecoderLayer(cfg, self.dtype, mode=mode, name=f"FlaxBartDecoderLayer_{i}")
+                y, (k, v) = layer(y, ks[i], vs[i], cross_k[i], cross_v[i], *broadcast)
+                new_k.append(k)
+                new_v.append(v)
+            return y, (tuple(new_k), tuple(new_v))
         return _run_layers(
             self, DecoderLayer, "FlaxBartDecoderLayer", self.config.decoder_layers, y, per_layer, broadcast, mode=mode
         )
@@ -367,15 +401,15 @@ class Decoder(nn.Module):
         y, _ = self.layers(y, (), (enc, _mask_bias(enc_mask), _causal_bias(s)))
         return self.final_ln(y)
 
-    def cross_kv(self, enc: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def cross_kv(self, enc: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
         _, (k, v) = self.layers(enc, (), (), mode="cross_kv")
-        return k, v
+        return _per_layer(k), _per_layer(v)
 
     def step(
         self, token: jax.Array, position: jax.Array, cache: Cache, cross: tuple[jax.Array, jax.Array], enc_mask
     ) -> tuple[jax.Array, Cache]:
         """token (B,) at ``position`` -> (hidden (B,d), cache with this position's K/V written)."""
-        cache_len = cache["k"].shape[3]
+        cache_len = cache["k"][0].shape[2]
         y = self.embed_tokens(token[:, None]) + self.embed_positions(jnp.reshape(position, (1,)))[None]
         y = self.layernorm_embedding(y)
         slots = jnp.arange(cache_len)
@@ -383,16 +417,17 @@ class Decoder(nn.Module):
         enc_bias = _mask_bias(enc_mask)
         if not self.config.use_scan:
             self_bias = jnp.where(slots <= position, 0.0, MASK_VALUE).astype(jnp.float32)[None, None, None]
-            y, (k_all, v_all) = self.layers(y, per_layer, (enc_bias, self_bias, position), mode="step_inplace")
-            return self.final_ln(y)[:, 0], {"k": k_all, "v": v_all}
+            y, (ks, vs) = self.layers(y, per_layer, (enc_bias, self_bias, position), mode="step_inplace")
+            return self.final_ln(y)[:, 0], {"k": ks, "v": vs}
+        # scanned layout (tests and inspection; the sampler decodes unscanned): stack for the scan, write back
         cache_bias = jnp.where(slots < position, 0.0, MASK_VALUE).astype(jnp.float32)[None, None, None]
-        y, (k_new, v_new) = self.layers(y, per_layer, (enc_bias, cache_bias), mode="step")
-        start = (0, 0, 0, position, 0)
-        new_cache = {
-            "k": jax.lax.dynamic_update_slice(cache["k"], k_new.astype(cache["k"].dtype), start),
-            "v": jax.lax.dynamic_update_slice(cache["v"], v_new.astype(cache["v"].dtype), start),
-        }
-        return self.final_ln(y)[:, 0], new_cache
+        y, (k_new, v_new) = self.layers(y, tuple(jnp.stack(x) for x in per_layer), (enc_bias, cache_bias), mode="step")
+
+        def write(old: tuple[jax.Array, ...], new: jax.Array) -> tuple[jax.Array, ...]:
+            return tuple(jax.lax.dynamic_update_slice(c, new[i].astype(c.dtype), (0, 0, position, 0))
+                         for i, c in enumerate(old))
+
+        return self.final_ln(y)[:, 0], {"k": write(cache["k"], k_new), "v": write(cache["v"], v_new)}
 
 
 class BartModel(nn.Module):
@@ -419,8 +454,8 @@ class DalleBart(nn.Module):
     def setup(self) -> None:
         cfg = self.config
         self.model = BartModel(cfg, self.dtype)
-        self.lm_head = nn.Dense(
-            cfg.image_vocab_size + 1, use_bias=False, dtype=self.dtype, kernel_init=nn.initializers.normal(cfg.init_std)
+        self.lm_head = Dense(
+            cfg.image_vocab_size + 1, cfg.transposed_kernels, self.dtype, nn.initializers.normal(cfg.init_std)
         )
 
     def _logits(self, hidden: jax.Array) -> jax.Array:
@@ -438,8 +473,9 @@ class DalleBart(nn.Module):
         """Training forward: encode + decode -> logits (B,S,V+1) float32."""
         return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
 
-    def cross_kv(self, encoder_hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Cross-attention keys and values of every decoder layer, computed once per request: each (L,B,H,T,Dh)."""
+    def cross_kv(self, encoder_hidden: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+        """Cross-attention keys and values of every decoder layer, computed once per request: (K, V), each a
+        tuple of L arrays (B,H,T,Dh)."""
         return self.model.decoder.cross_kv(encoder_hidden)
 
     def decode_step(
@@ -452,23 +488,24 @@ class DalleBart(nn.Module):
     ) -> tuple[jax.Array, Cache]:
         """One cached decoder step.
 
-        token (B,) int32 at ``position`` (scalar int, 0-based; the start token is at 0); cache {"k","v"} each
-        (L,B,H,image_length,Dh) holding positions < ``position``; cross_kv from :meth:`cross_kv`; encoder_mask
-        (B,T). Returns (logits (B,V+1) float32, cache with ``position`` written).
+        token (B,) int32 at ``position`` (scalar int, 0-based; the start token is at 0); cache {"k","v"} each a
+        tuple of L arrays (B,H,image_length,Dh) holding positions < ``position``; cross_kv from :meth:`cross_kv`;
+        encoder_mask (B,T). Returns (logits (B,V+1) float32, cache with ``position`` written).
         """
         hidden, new_cache = self.model.decoder.step(token, position, cache, cross_kv, encoder_mask)
         return self._logits(hidden), new_cache
 
     def init_cache(self, batch: int, dtype: Any = None) -> Cache:
-        """Empty KV cache: {"k","v"} each (decoder_layers, batch, heads, image_length, head_dim) zeros.
+        """Empty KV cache: {"k","v"} each a tuple of ``decoder_layers`` zeros (batch, heads, image_length, head_dim).
 
         Heads before positions: the per-step attention then reads the cache without transposing it (the
-        ``(L,B,S,H,Dh)`` order cost a transpose of every layer's cache every step, ≈2× slower steps on CPU).
+        ``(B,S,H,Dh)`` order cost a transpose of every layer's cache every step, ≈2× slower steps on CPU).
         """
         cfg = self.config
-        shape = (cfg.decoder_layers, batch, cfg.decoder_attention_heads, cfg.image_length, cfg.head_dim)
+        shape = (batch, cfg.decoder_attention_heads, cfg.image_length, cfg.head_dim)
         dtype = dtype or self.dtype
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.decoder_layers))  # noqa: E731
+        return {"k": zeros(), "v": zeros()}
 
 
 # ----------------------------------------------------------------------------------------------
