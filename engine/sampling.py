@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from engine import sharding as shd
 from engine.api import DEFAULT_BUCKETS, bucket_for
 from engine.config import DalleBartConfig
-from engine.models.dallebart import DalleBart, cast_params, normalize_layout, param_shapes
+from engine.models.dallebart import DalleBart, normalize_layout, param_shapes
 
 ChunkHook = Callable[[int, np.ndarray], Any]
 
@@ -60,9 +60,11 @@ def _map_kernels(fn: Callable[[Any], Any], tree: Any) -> Any:
     return jax.tree_util.tree_map_with_path(visit, tree)
 
 
-def to_decode_layout(params: Any) -> Any:
-    """Published ``(in, out)`` dense kernels -> ``(out, in)`` row-major: the layout of a model built with
-    ``transposed_kernels=True``, which the sampler decodes with.
+def to_decode_layout(params: Any, dtype: Any = None) -> Any:
+    """Unscanned params with published ``(in, out)`` dense kernels -> ``(out, in)`` row-major: the layout of a
+    model built with ``transposed_kernels=True``, which the sampler decodes with. Floating leaves are cast to
+    ``dtype`` (None keeps them) in the same pass, one leaf at a time, so the new tree is the only extra copy.
+    Host (numpy) leaves stay on the host; anything else becomes a ``jax.Array``.
 
     A decode step multiplies 2B rows by every weight matrix once: a skinny GEMM whose speed is set by how fast
     the weights stream in. XLA:CPU's dot reads an ``(out, in)`` kernel (contracting over its contiguous axis)
@@ -70,17 +72,29 @@ def to_decode_layout(params: Any) -> Any:
     program instead was slower still: XLA did not fold the transpose into the dot and copied the kernels each step.
     """
 
-    def transpose(x: Any) -> Any:
-        if isinstance(x, np.ndarray):
-            return np.ascontiguousarray(x.T)
-        return jnp.asarray(x).T  # eager: a new, physically transposed array
+    host = all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
+    xp = np if host else jnp
 
-    return _map_kernels(transpose, params)
+    def convert(path: tuple, x: Any) -> Any:
+        x = xp.asarray(x)
+        if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(dtype)
+        if getattr(path[-1], "key", None) != "kernel":
+            return x
+        if x.ndim != 2:
+            raise ValueError(f"decode layout: kernel {jax.tree_util.keystr(path)} has shape {x.shape}, expected 2-D "
+                             "(unscanned) params")
+        return np.ascontiguousarray(x.T) if host else x.T  # eager jnp: a new, physically transposed array
+
+    return jax.tree_util.tree_map_with_path(convert, params)
 
 
 def _transposed_sharding(s: NamedSharding) -> NamedSharding:
+    """The sharding of a 2-D kernel's transpose (an empty spec, i.e. replicated, stays replicated)."""
     spec = tuple(s.spec) + (None,) * (2 - len(s.spec))
-    return NamedSharding(s.mesh, PartitionSpec(*reversed(spec)))
+    if len(spec) != 2:
+        raise ValueError(f"decode layout: kernel spec {s.spec} is not 2-D")
+    return NamedSharding(s.mesh, PartitionSpec(spec[1], spec[0]))
 
 
 FAST_TOP_K = 256  # rows with top_k <= this are filtered with lax.top_k instead of a full sort (≈30× cheaper)
@@ -430,12 +444,14 @@ class Sampler:
         self.model = self._progs.model
         tree = params["params"] if set(params) == {"params"} else params
         tree = normalize_layout(tree, self._decode_config)  # published kernels, then transposed below
+        # the decode copy (cast, kernels transposed) is made leaf by leaf: the weights exist twice only until the
+        # caller drops the published ones, as they did before when loading from the file
         if mesh is None:
-            self.params = to_decode_layout(jax.tree.map(jnp.asarray, cast_params(tree, self.dtype)))
+            self.params = to_decode_layout(tree, self.dtype)
             self._data_size = 1
         else:
             # cast and transpose on the host, then place sharded
-            host = to_decode_layout(cast_params(jax.tree.map(np.asarray, tree), self.dtype))
+            host = to_decode_layout(jax.tree.map(np.asarray, tree), self.dtype)
             want = jax.tree.structure(self._progs.shardings.params)
             if jax.tree.structure(host) != want:
                 got = jax.tree.structure(host)

@@ -171,6 +171,12 @@ def test_transposed_kernels_decode_layout_gives_the_same_logits():
     transposed = _forward(t_cfg)({"params": t_params}, ids, mask, dec)
     np.testing.assert_allclose(np.asarray(transposed), np.asarray(plain), atol=1e-5, rtol=1e-5)
 
+    with pytest.raises(ValueError, match="expected 2-D"):  # scanned (stacked) kernels have no decode layout
+        to_decode_layout(scan_params(params))
+    bf16 = to_decode_layout(jax.tree.map(np.asarray, params), jnp.bfloat16)  # host leaves stay host, cast in passing
+    assert isinstance(bf16["lm_head"]["kernel"], np.ndarray) and bf16["lm_head"]["kernel"].dtype == jnp.bfloat16
+    assert bf16["lm_head"]["kernel"].shape == flat["lm_head/kernel"].shape[::-1]
+
     assert "transposed_kernels" not in t_cfg.to_dict()
     assert DalleBartConfig.from_dict(dict(cfg.to_dict(), transposed_kernels=True)).transposed_kernels is False
 

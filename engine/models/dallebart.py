@@ -50,6 +50,7 @@ from engine.config import DalleBartConfig
 
 Params = dict[str, Any]
 Cache = dict[str, tuple[jax.Array, ...]]  # {"k", "v"}: one (B,H,S,Dh) array per decoder layer
+CrossKV = tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]  # (K, V): one (B,H,T,Dh) array per decoder layer
 
 LN_EPS = 1e-5
 MASK_VALUE = -1e9  # added to masked attention scores (computed in float32)
@@ -102,9 +103,9 @@ class Dense(nn.Module):
     """
 
     features: int
-    transposed: bool = False
-    dtype: Any = jnp.float32
-    kernel_init: Any = nn.initializers.lecun_normal()
+    transposed: bool
+    dtype: Any
+    kernel_init: Any  # shape-agnostic (the DalleBart's normal(init_std)): fan-in is on a different axis when transposed
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -401,12 +402,12 @@ class Decoder(nn.Module):
         y, _ = self.layers(y, (), (enc, _mask_bias(enc_mask), _causal_bias(s)))
         return self.final_ln(y)
 
-    def cross_kv(self, enc: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    def cross_kv(self, enc: jax.Array) -> CrossKV:
         _, (k, v) = self.layers(enc, (), (), mode="cross_kv")
         return _per_layer(k), _per_layer(v)
 
     def step(
-        self, token: jax.Array, position: jax.Array, cache: Cache, cross: tuple[jax.Array, jax.Array], enc_mask
+        self, token: jax.Array, position: jax.Array, cache: Cache, cross: CrossKV, enc_mask: jax.Array
     ) -> tuple[jax.Array, Cache]:
         """token (B,) at ``position`` -> (hidden (B,d), cache with this position's K/V written)."""
         cache_len = cache["k"][0].shape[2]
@@ -419,7 +420,8 @@ class Decoder(nn.Module):
             self_bias = jnp.where(slots <= position, 0.0, MASK_VALUE).astype(jnp.float32)[None, None, None]
             y, (ks, vs) = self.layers(y, per_layer, (enc_bias, self_bias, position), mode="step_inplace")
             return self.final_ln(y)[:, 0], {"k": ks, "v": vs}
-        # scanned layout (tests and inspection; the sampler decodes unscanned): stack for the scan, write back
+        # scanned layout (tests only; the sampler decodes unscanned): stacks the caches every step (a copy), then
+        # writes each layer's new K/V back
         cache_bias = jnp.where(slots < position, 0.0, MASK_VALUE).astype(jnp.float32)[None, None, None]
         y, (k_new, v_new) = self.layers(y, tuple(jnp.stack(x) for x in per_layer), (enc_bias, cache_bias), mode="step")
 
@@ -473,7 +475,7 @@ class DalleBart(nn.Module):
         """Training forward: encode + decode -> logits (B,S,V+1) float32."""
         return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
 
-    def cross_kv(self, encoder_hidden: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    def cross_kv(self, encoder_hidden: jax.Array) -> CrossKV:
         """Cross-attention keys and values of every decoder layer, computed once per request: (K, V), each a
         tuple of L arrays (B,H,T,Dh)."""
         return self.model.decoder.cross_kv(encoder_hidden)
@@ -483,7 +485,7 @@ class DalleBart(nn.Module):
         token: jax.Array,
         position: jax.Array,
         cache: Cache,
-        cross_kv: tuple[jax.Array, jax.Array],
+        cross_kv: CrossKV,
         encoder_mask: jax.Array,
     ) -> tuple[jax.Array, Cache]:
         """One cached decoder step.
