@@ -70,6 +70,8 @@ def to_decode_layout(params: Any, dtype: Any = None) -> Any:
     the weights stream in. XLA:CPU's dot reads an ``(out, in)`` kernel (contracting over its contiguous axis)
     1.5-2x faster than an ``(in, out)`` one (measured at 16 rows: ~5-7 vs ~10-12 GB/s). Transposing inside the
     program instead was slower still: XLA did not fold the transpose into the dot and copied the kernels each step.
+    At 1-2 rows (one candidate) the published layout is faster (mini ~15%, the tiny demo model ~1.5x); the engine's
+    passes are batches (9 candidates = 32 rows), so the sampler keeps this one copy (bench/RESULTS.md, session 11).
     """
 
     host = all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
