@@ -449,7 +449,8 @@ class Sampler:
         # the decode copy (cast, kernels transposed) is made leaf by leaf: the weights exist twice only until the
         # caller drops the published ones, as they did before when loading from the file
         if mesh is None:
-            self.params = to_decode_layout(tree, self.dtype)
+            # host (numpy) trees, e.g. from scan_params/unscan_params, become device arrays here (no-op for jax ones)
+            self.params = jax.tree.map(jnp.asarray, to_decode_layout(tree, self.dtype))
             self._data_size = 1
         else:
             # cast and transpose on the host, then place sharded

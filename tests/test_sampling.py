@@ -270,6 +270,7 @@ def test_never_emits_ids_outside_the_codebook(params):
 
 def test_progress_hook_chunks_give_the_same_tokens(sampler, params):
     s = Sampler(None, scan_params(params), CFG, buckets=(1,), chunk_size=6)  # scanned input layout converted
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(s.params))  # a numpy tree ends up on the device
     ids, mask, uids, umask = _prompts(1, seed=9)
     plain = sampler.sample(ids, mask, uids, umask, [11], [2])
     compiled = s.warmup(chunked=True)  # prepare + 6-step and 4-step chunk programs, compiled without running
