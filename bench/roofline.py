@@ -50,11 +50,12 @@ def decode_step_cost(cfg: DalleBartConfig, batch: int, weight_bytes: int = 4, ac
 
 
 def _best_time(fn, repeats: int) -> float:
-    fn().block_until_ready()
+    """Fastest of ``repeats`` calls of ``fn`` after one warm-up; its result may be jax or host (numpy) values."""
+    jax.block_until_ready(fn())
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn().block_until_ready()
+        jax.block_until_ready(fn())
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -66,7 +67,7 @@ def measure_matmul_flops(n: int = 2048, repeats: int = 3) -> float:
     a = jnp.asarray(a_np)
     f = jax.jit(lambda x: x @ x)
     xla = _best_time(lambda: f(a), repeats)
-    blas = _best_time(lambda: _Ready(a_np @ a_np), repeats)
+    blas = _best_time(lambda: a_np @ a_np, repeats)
     return 2 * n**3 / min(xla, blas)
 
 
@@ -80,18 +81,8 @@ def measure_bandwidth(mbytes: int = 512, repeats: int = 3) -> float:
     host = np.ones(x.size, np.float32)
     parts = np.array_split(host, os.cpu_count() or 1)
     with ThreadPoolExecutor(len(parts)) as pool:
-        threaded = _best_time(lambda: _Ready(list(pool.map(np.max, parts))), repeats)
+        threaded = _best_time(lambda: list(pool.map(np.max, parts)), repeats)
     return x.size * 4 / min(xla, threaded)
-
-
-class _Ready:
-    """A host result with the ``block_until_ready`` that :func:`_best_time` calls."""
-
-    def __init__(self, value: object) -> None:
-        self.value = value
-
-    def block_until_ready(self) -> object:
-        return self.value
 
 
 def main(argv: list[str] | None = None) -> int:

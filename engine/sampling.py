@@ -50,21 +50,21 @@ from engine.models.dallebart import DalleBart, normalize_layout, param_shapes
 ChunkHook = Callable[[int, np.ndarray], Any]
 
 
+def _is_kernel(path: tuple) -> bool:
+    """Whether a pytree path names a dense-layer kernel (a leaf called ``kernel``)."""
+    return bool(path) and getattr(path[-1], "key", None) == "kernel"
+
+
 def _map_kernels(fn: Callable[[Any], Any], tree: Any) -> Any:
-    """Apply ``fn`` to every dense-layer kernel (a leaf named ``kernel``) of a param or sharding tree."""
-
-    def visit(path: tuple, leaf: Any) -> Any:
-        last = path[-1] if path else None
-        return fn(leaf) if getattr(last, "key", None) == "kernel" else leaf
-
-    return jax.tree_util.tree_map_with_path(visit, tree)
+    """Apply ``fn`` to every dense-layer kernel of a param or sharding tree."""
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(leaf) if _is_kernel(path) else leaf, tree)
 
 
-def to_decode_layout(params: Any, dtype: Any = None) -> Any:
+def to_decode_layout(params: Any, dtype: Any = None, *, host: bool = False) -> Any:
     """Unscanned params with published ``(in, out)`` dense kernels -> ``(out, in)`` row-major: the layout of a
     model built with ``transposed_kernels=True``, which the sampler decodes with. Floating leaves are cast to
     ``dtype`` (None keeps them) in the same pass, one leaf at a time, so the new tree is the only extra copy.
-    Host (numpy) leaves stay on the host; anything else becomes a ``jax.Array``.
+    The result is numpy arrays when ``host`` (to be placed on a mesh afterwards), else ``jax.Array`` leaves.
 
     A decode step multiplies 2B rows by every weight matrix once: a skinny GEMM whose speed is set by how fast
     the weights stream in. XLA:CPU's dot reads an ``(out, in)`` kernel (contracting over its contiguous axis)
@@ -74,14 +74,13 @@ def to_decode_layout(params: Any, dtype: Any = None) -> Any:
     passes are batches (9 candidates = 32 rows), so the sampler keeps this one copy (bench/RESULTS.md, session 11).
     """
 
-    host = all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
     xp = np if host else jnp
 
     def convert(path: tuple, x: Any) -> Any:
         x = xp.asarray(x)
         if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
             x = x.astype(dtype)
-        if getattr(path[-1], "key", None) != "kernel":
+        if not _is_kernel(path):
             return x
         if x.ndim != 2:
             raise ValueError(f"decode layout: kernel {jax.tree_util.keystr(path)} has shape {x.shape}, expected 2-D "
@@ -449,12 +448,11 @@ class Sampler:
         # the decode copy (cast, kernels transposed) is made leaf by leaf: the weights exist twice only until the
         # caller drops the published ones, as they did before when loading from the file
         if mesh is None:
-            # host (numpy) trees, e.g. from scan_params/unscan_params, become device arrays here (no-op for jax ones)
-            self.params = jax.tree.map(jnp.asarray, to_decode_layout(tree, self.dtype))
+            self.params = to_decode_layout(tree, self.dtype)  # numpy trees (scan/unscan_params) too: on the device
             self._data_size = 1
         else:
             # cast and transpose on the host, then place sharded
-            host = to_decode_layout(jax.tree.map(np.asarray, tree), self.dtype)
+            host = to_decode_layout(tree, self.dtype, host=True)
             want = jax.tree.structure(self._progs.shardings.params)
             if jax.tree.structure(host) != want:
                 got = jax.tree.structure(host)
