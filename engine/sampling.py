@@ -67,11 +67,12 @@ def to_decode_layout(params: Any, dtype: Any = None, *, host: bool = False) -> A
     The result is numpy arrays when ``host`` (to be placed on a mesh afterwards), else ``jax.Array`` leaves.
 
     A decode step multiplies 2B rows by every weight matrix once: a skinny GEMM whose speed is set by how fast
-    the weights stream in. XLA:CPU's dot reads an ``(out, in)`` kernel (contracting over its contiguous axis)
-    1.5-2x faster than an ``(in, out)`` one (measured at 16 rows: ~5-7 vs ~10-12 GB/s). Transposing inside the
-    program instead was slower still: XLA did not fold the transpose into the dot and copied the kernels each step.
-    At 1-2 rows (one candidate) the published layout is faster (mini ~15%, the tiny demo model ~1.5x); the engine's
-    passes are batches (9 candidates = 32 rows), so the sampler keeps this one copy (bench/RESULTS.md, session 11).
+    the weights stream in. :class:`~engine.models.dallebart.Dense` computes it as ``kernel @ x.T`` on this layout,
+    the form in which XLA:CPU streams the kernel as stored. Measured on the mini decode GEMMs at 16 rows (2-core
+    CPU): ``x @ kernel`` on the published layout ~5-7 GB/s, ``x @ kernel.T`` ~8-12 GB/s (XLA repacks the kernel
+    every call), ``kernel @ x.T`` ~15 GB/s. Transposing inside the program instead copied the kernels each step.
+    At 1-2 rows (one candidate) the published layout was ~15% faster than ``x @ kernel.T`` (session 11); the
+    ``kernel @ x.T`` form then cut mini's batch-1 step from 67-84 to 37-51 ms (bench/RESULTS.md, session 12).
     """
 
     xp = np if host else jnp
