@@ -13,20 +13,22 @@ The random stream of a candidate depends only on ``(seed, index)``, so a candida
 batched with other requests, in any row, at any batch bucket. Sampling parameters are per-row arrays: rows of
 different requests share one compiled program.
 
-Speed (see the jax-stack notes): encoder and cross-attention K/V run once per call; the self-attention K/V cache
-is static, one ``(2B, H, image_length, Dh)`` array per layer, written in place (write-then-read, so XLA never
-copies it); the whole
-step loop is one ``lax.scan`` inside one ``jax.jit`` (or a few chunks of it when a progress hook is given);
-params are jit arguments, never constants; top-k ranks with ``lax.top_k`` instead of a sort when it can.
-Decoding uses the unscanned (per-layer) param layout: measured faster than slicing stacked kernels in a scan.
-Programs are compiled ahead of time per (bucket, text length, dtype) and shared by samplers of one config.
+Speed (see the jax-stack notes): the encoder and the cross-attention K/V run once per call and once per distinct
+text (a 9-candidate request encodes its prompt and the unconditional text, 2 rows, not 18; see
+:func:`distinct_texts`); the self-attention K/V cache is static, one ``(2B, H, image_length, Dh)`` array per
+layer, written in place (write-then-read, so XLA never copies it); the whole step loop is one ``lax.scan`` inside
+one ``jax.jit`` (or a few chunks of it when a progress hook is given); params are jit arguments, never constants;
+top-k ranks with ``lax.top_k`` instead of a sort when it can. Decoding uses the unscanned (per-layer) param
+layout: measured faster than slicing stacked kernels in a scan. Programs are compiled ahead of time per (bucket,
+text length, dtype; the encoder also per number of distinct texts) and shared by samplers of one config.
 
 Sharding (``Sampler(..., mesh=...)``, see :mod:`engine.sharding`): params are split over the mesh's ``"model"``
 axis by the Megatron rules; the candidate rows, the KV cache's and cross K/V's batch axis and the per-row inputs
 over ``"data"`` (the bucket is padded to a multiple of the data-axis size; interleaving keeps a candidate's
 cond/uncond pair on one device); the cache and cross K/V also split their heads over ``"model"`` when it divides
-them. Every program is jitted with explicit ``in_shardings``/``out_shardings``; sampled tokens (and logits) come
-out replicated, so every process of a multi-host job reads them to its host. Without a mesh nothing of this runs.
+them; the distinct texts are encoded replicated, then gathered into the rows. Every program is jitted with
+explicit ``in_shardings``/``out_shardings``; sampled tokens (and logits) come out replicated, so every process of
+a multi-host job reads them to its host. Without a mesh nothing of this runs.
 """
 
 from __future__ import annotations
@@ -234,14 +236,37 @@ def split_seeds(seeds: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarr
     return hi, lo
 
 
+def distinct_texts(
+    enc_ids: np.ndarray, enc_mask: np.ndarray, uncond_ids: np.ndarray, uncond_mask: np.ndarray, max_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct (ids, mask) texts among B candidates' prompts and unconditional texts, so that each is encoded
+    (and its cross-attention K/V projected) once per pass instead of once per candidate: a 9-candidate request has
+    2 texts, not 18 rows.
+
+    Returns ids and mask (U, T), U the number of distinct texts rounded up to a power of two >= 2 (at most
+    ``max_size`` >= 2B; padded by repeating the first text) so that few encoder programs exist, and ``row`` (B, 2)
+    int32: the texts of each candidate's prompt and of its unconditional text.
+    """
+    b, t = enc_ids.shape
+    texts = np.stack([np.concatenate([enc_ids, enc_mask], axis=1), np.concatenate([uncond_ids, uncond_mask], axis=1)],
+                     axis=1).reshape(2 * b, 2 * t)
+    unique, row = np.unique(texts, axis=0, return_inverse=True)
+    size = min(max(2, 1 << (len(unique) - 1).bit_length()), max_size)
+    unique = np.concatenate([unique, np.repeat(unique[:1], size - len(unique), axis=0)])
+    return unique[:, :t], unique[:, t:], row.reshape(b, 2).astype(np.int32)
+
+
+def text_sizes(bucket: int) -> list[int]:
+    """Every text count :func:`distinct_texts` can give for a ``bucket``-row pass (2 per candidate at most)."""
+    top = 2 * bucket
+    return sorted({min(1 << k, top) for k in range(1, top.bit_length() + 1)})
+
+
 @dataclasses.dataclass
 class _RowParams:
     """Per-row inputs after padding to the bucket (numpy, host side)."""
 
-    enc_ids: np.ndarray
-    enc_mask: np.ndarray
-    uncond_ids: np.ndarray
-    uncond_mask: np.ndarray
+    text_row: np.ndarray  # (B, 2): the pass's distinct texts that are the candidate's prompt and unconditional text
     seed_hi: np.ndarray
     seed_lo: np.ndarray
     indices: np.ndarray
@@ -264,31 +289,31 @@ class _Programs:
         self.mesh = mesh
         self.model = DalleBart(config, dtype=self.dtype)
         if mesh is None:
+            self.encode_jit = jax.jit(self.encode)
             self.prepare_jit = jax.jit(self.prepare)
             self.chunk_jit = jax.jit(self.chunk, static_argnames=("n_steps", "collect"), donate_argnums=(1,))
-            self.run_all_jit = jax.jit(self.run_all, static_argnames=("collect",))
-            self._jitted = {"prepare": self.prepare_jit, "chunk": self.chunk_jit, "run_all": self.run_all_jit}
+            self._jitted = {"encode": self.encode_jit, "prepare": self.prepare_jit, "chunk": self.chunk_jit}
         else:
             # jit refuses keyword (static) arguments together with in_shardings: bind them with partial instead
             s = self.shardings = _MeshShardings.build(config, mesh)
             rows = s.rows
+            self.encode_jit = jax.jit(
+                self.encode, in_shardings=(s.params, s.replicated, s.replicated), out_shardings=s.texts_kv,
+            )
             self.prepare_jit = jax.jit(
                 self.prepare,
-                in_shardings=(s.params, rows["enc_ids"], rows["enc_mask"], rows["uncond_ids"], rows["uncond_mask"],
-                              rows["seed_hi"], rows["seed_lo"], rows["indices"]),
+                in_shardings=(s.texts_kv, s.replicated, rows["text_row"], rows["seed_hi"], rows["seed_lo"],
+                              rows["indices"]),
                 out_shardings=s.state,
             )
             self._mesh_jit = {
+                "encode": lambda: self.encode_jit,
                 "prepare": lambda: self.prepare_jit,
                 "chunk": lambda **static: jax.jit(
                     functools.partial(self.chunk, **static), donate_argnums=(1,),
                     in_shardings=(s.params, s.state, s.replicated, rows["scale"], rows["top_k"], rows["top_p"],
                                   rows["temperature"]),
                     out_shardings=(s.state, s.replicated, s.replicated),
-                ),
-                "run_all": lambda **static: jax.jit(
-                    functools.partial(self.run_all, **static), in_shardings=(s.params, rows),
-                    out_shardings=(s.replicated, s.replicated),
                 ),
             }
         self._executables: dict[Any, Any] = {}
@@ -319,18 +344,22 @@ class _Programs:
     def num_compiled(self) -> int:
         return len(self._executables)
 
-    def prepare(self, params, enc_ids, enc_mask, uncond_ids, uncond_mask, seed_hi, seed_lo, indices):
-        """Encode both branches (interleaved rows), project cross K/V once, make an empty cache and row keys."""
-        b, t = enc_ids.shape
-        ids = jnp.stack([enc_ids, uncond_ids], axis=1).reshape(2 * b, t)
-        mask = jnp.stack([enc_mask, uncond_mask], axis=1).reshape(2 * b, t)
+    def encode(self, params, text_ids, text_mask) -> Any:
+        """The cross-attention K/V (per layer (U,H,T,Dh)) of a pass's U distinct texts (U,T): a program per U,
+        shared by every batch bucket."""
         variables = {"params": params}
-        hidden = self.model.apply(variables, ids, mask, method=DalleBart.encode)
-        cross = self.model.apply(variables, hidden, method=DalleBart.cross_kv)
+        hidden = self.model.apply(variables, text_ids, text_mask, method=DalleBart.encode)
+        return self.model.apply(variables, hidden, method=DalleBart.cross_kv)
+
+    def prepare(self, text_kv, text_mask, text_row, seed_hi, seed_lo, indices):
+        """The decode state: every decoder row (interleaved: 2i candidate i's prompt, 2i+1 its unconditional text,
+        per ``text_row`` (B,2)) gets its text's cross K/V and mask; an empty cache; the row keys."""
+        b = text_row.shape[0]
+        rows = text_row.reshape(2 * b)
         return {
             "cache": self.model.init_cache(2 * b, self.dtype),
-            "cross": cross,
-            "mask": mask,
+            "cross": jax.tree.map(lambda x: jnp.take(x, rows, axis=0), text_kv),
+            "mask": jnp.take(text_mask, rows, axis=0),
             "token": jnp.full((b,), self.config.decoder_start_token_id, jnp.int32),
             "keys": jax.random.key_data(candidate_keys(seed_hi, seed_lo, indices)),
         }
@@ -357,22 +386,6 @@ class _Programs:
         state = dict(state, cache=cache, token=token)
         return state, tokens.T, (None if logits is None else jnp.swapaxes(logits, 0, 1))
 
-    def run_all(self, params, rows: dict, *, collect: bool):
-        state = self._constrain(self.prepare(
-            params, rows["enc_ids"], rows["enc_mask"], rows["uncond_ids"], rows["uncond_mask"],
-            rows["seed_hi"], rows["seed_lo"], rows["indices"],
-        ))
-        _, tokens, logits = self.chunk(
-            params, state, jnp.int32(0), rows["scale"], rows["top_k"], rows["top_p"], rows["temperature"],
-            n_steps=self.config.image_length, collect=collect,
-        )
-        return tokens, logits
-
-    def _constrain(self, state: dict) -> dict:
-        """Pin the decode state to its mesh layout inside a traced program (nothing without a mesh)."""
-        if self.mesh is None:
-            return state
-        return jax.lax.with_sharding_constraint(state, self.shardings.state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,13 +396,15 @@ class _MeshShardings:
     rows: dict[str, NamedSharding]  # per-row inputs: batch axis over "data"
     state: dict[str, Any]  # cache / cross K/V, per layer (2B, H, S|T, Dh): 2B over "data", H over "model" if it divides
     replicated: NamedSharding  # scalars and the outputs (tokens, logits), readable on every host
+    texts_kv: Any  # cross K/V of the distinct texts, per layer (U, H, T, Dh): replicated but for H as in ``state``
 
     @classmethod
     def build(cls, config: DalleBartConfig, mesh: Mesh) -> _MeshShardings:
         heads = config.decoder_attention_heads
         head_axis = shd.MODEL if heads % mesh.shape[shd.MODEL] == 0 else None
         kv = (NamedSharding(mesh, PartitionSpec(shd.DATA, head_axis, None, None)),) * config.decoder_layers
-        rows = {f.name: shd.batch_sharding(mesh, 2 if f.name.endswith(("_ids", "_mask")) else 1)
+        texts_kv = (NamedSharding(mesh, PartitionSpec(None, head_axis, None, None)),) * config.decoder_layers
+        rows = {f.name: shd.batch_sharding(mesh, 2 if f.name == "text_row" else 1)
                 for f in dataclasses.fields(_RowParams)}
         state = {
             "cache": {"k": kv, "v": kv},
@@ -400,7 +415,7 @@ class _MeshShardings:
         }
         published = dataclasses.replace(config, transposed_kernels=False)  # the rules name (in, out) kernels
         params = _map_kernels(_transposed_sharding, shd.param_shardings(param_shapes(published), mesh))
-        return cls(params, rows, state, shd.replicated(mesh))
+        return cls(params, rows, state, shd.replicated(mesh), (texts_kv, texts_kv))
 
 
 @functools.lru_cache(maxsize=16)
@@ -443,6 +458,7 @@ class Sampler:
         )
         self.mesh = mesh
         self._progs = _programs(self._decode_config, self.dtype.name, mesh)
+        self._texts_compiled: set[tuple[int, int]] = set()  # (rows, text length) whose text programs are compiled
         self.model = self._progs.model
         tree = params["params"] if set(params) == {"params"} else params
         tree = normalize_layout(tree, self._decode_config)  # published kernels, then transposed below
@@ -475,7 +491,7 @@ class Sampler:
 
     # -------------------------------------------------------------------------------- host side
 
-    def _pad_rows(self, **arrays: Any) -> tuple[int, int, _RowParams]:
+    def _pad_rows(self, **arrays: Any) -> tuple[int, int, dict[str, np.ndarray]]:
         n = int(np.shape(arrays["enc_ids"])[0])
         bucket = self.padded_rows(n)
         out = {}
@@ -485,7 +501,7 @@ class Sampler:
                 raise ValueError(f"{name} has {a.shape[0]} rows, expected {n}")
             pad = np.repeat(a[:1], bucket - n, axis=0)
             out[name] = np.concatenate([a, pad], axis=0)
-        return n, bucket, _RowParams(**out)
+        return n, bucket, out
 
     def _rows(
         self, enc_ids, enc_mask, uncond_ids, uncond_mask, seeds, indices, scale, top_k, top_p, temperature
@@ -509,7 +525,7 @@ class Sampler:
         if np.any(top_k < 0):
             raise ValueError("top_k must be >= 0")
         hi, lo = split_seeds(np.broadcast_to(np.asarray(seeds, dtype=object), (b,)))
-        n, _, rows = self._pad_rows(
+        n, bucket, padded = self._pad_rows(
             enc_ids=enc_ids,
             enc_mask=np.asarray(enc_mask, np.int32),
             uncond_ids=np.asarray(uncond_ids, np.int32),
@@ -522,28 +538,51 @@ class Sampler:
             top_p=top_p,
             temperature=temperature,
         )
-        return n, {k: self._put(k, v) for k, v in dataclasses.asdict(rows).items()}
+        texts = [padded.pop(k) for k in ("enc_ids", "enc_mask", "uncond_ids", "uncond_mask")]
+        text_ids, text_mask, text_row = distinct_texts(*texts, max_size=2 * bucket)
+        rows = {k: self._put(k, v) for k, v in dataclasses.asdict(_RowParams(text_row=text_row, **padded)).items()}
+        return n, dict(rows, text_ids=self._put("text_ids", text_ids), text_mask=self._put("text_mask", text_mask))
+
+    def _row_args(self, rows: dict[str, jax.Array]) -> tuple[Any, ...]:
+        return rows["text_row"], rows["seed_hi"], rows["seed_lo"], rows["indices"]
+
+    def _compile_text_programs(self, rows: dict[str, Any]) -> None:
+        """Compile the encoder for every number of distinct texts a pass of this many rows can hold
+        (:func:`text_sizes`; one program per count, shared by all buckets) and the per-bucket state programs, the
+        first time a pass of this size is seen, so that no later pass of that size compiles."""
+        b, t = rows["text_row"].shape[0], rows["text_ids"].shape[1]
+        if (b, t) in self._texts_compiled:
+            return
+        for size in text_sizes(b):
+            texts = jax.ShapeDtypeStruct((size, t), jnp.int32)
+            self._progs.executable("encode", self.params, texts, texts)
+            text_kv = jax.eval_shape(self._progs.encode_jit, self.params, texts, texts)
+            self._progs.executable("prepare", text_kv, texts, *self._row_args(rows))
+        self._texts_compiled.add((b, t))
+
+    def _prepare(self, rows: dict[str, jax.Array]) -> Any:
+        """Encode the pass's distinct texts, then the decode state of its rows."""
+        self._compile_text_programs(rows)
+        text_kv = self._progs.call("encode", self.params, rows["text_ids"], rows["text_mask"])
+        return self._progs.call("prepare", text_kv, rows["text_mask"], *self._row_args(rows))
 
     def warmup(self, buckets: Sequence[int] | None = None, *, chunked: bool = False) -> int:
-        """Compile (without running) the programs for ``buckets`` (default: all) at text length ``max_text_length``.
+        """Compile (without running) the programs for ``buckets`` (default: all) at text length ``max_text_length``:
+        the text encoder for every number of distinct texts a pass of that size can hold (:func:`text_sizes`),
+        and the decoder loop.
 
-        ``chunked=True`` compiles the progress-hook path (prepare + chunk programs) instead of the single loop.
+        ``chunked=True`` compiles the progress-hook path's chunk programs instead of the single whole loop.
         Returns how many programs this sampler's config/dtype now has compiled.
         """
-        t = self.config.max_text_length
+        t, length = self.config.max_text_length, self.config.image_length
         for bucket in buckets or self.buckets:
             ids = np.ones((bucket, t), np.int32)
             _, rows = self._rows(ids, ids, ids, ids, [0] * bucket, [0] * bucket, 10.0, 50, 1.0, 1.0)
-            if not chunked:
-                self._progs.executable("run_all", self.params, rows, collect=False)
-                continue
-            prep_args = (self.params, rows["enc_ids"], rows["enc_mask"], rows["uncond_ids"], rows["uncond_mask"],
-                         rows["seed_hi"], rows["seed_lo"], rows["indices"])
-            self._progs.executable("prepare", *prep_args)
-            state = jax.eval_shape(self._progs.prepare_jit, *prep_args)
-            sizes = {min(self.chunk_size, self.config.image_length - d)
-                     for d in range(0, self.config.image_length, self.chunk_size)}
-            for steps in sorted(sizes):
+            self._compile_text_programs(rows)
+            text_kv = jax.eval_shape(self._progs.encode_jit, self.params, rows["text_ids"], rows["text_mask"])
+            state = jax.eval_shape(self._progs.prepare_jit, text_kv, rows["text_mask"], *self._row_args(rows))
+            chunk = self.chunk_size if chunked else length
+            for steps in sorted({min(chunk, length - d) for d in range(0, length, chunk)}):
                 self._progs.executable(
                     "chunk", self.params, state, self._put("start", np.int32(0)), rows["scale"], rows["top_k"],
                     rows["top_p"], rows["temperature"], n_steps=steps, collect=False,
@@ -593,23 +632,17 @@ class Sampler:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         n, rows = self._rows(enc_ids, enc_mask, uncond_ids, uncond_mask, seeds, indices, scale, top_k, top_p,
                              temperature)
-        if on_chunk is None:
-            tokens, logits = self._progs.call("run_all", self.params, rows, collect=collect)
-            logits_np = None if logits is None else np.asarray(logits)[: 2 * n]
-            return np.asarray(tokens)[:n], logits_np
-        state = self._progs.call(
-            "prepare",
-            self.params, rows["enc_ids"], rows["enc_mask"], rows["uncond_ids"], rows["uncond_mask"],
-            rows["seed_hi"], rows["seed_lo"], rows["indices"],
-        )
-        # one chunk of look-ahead: chunk k+1 is dispatched (asynchronously) before the hook sees chunk k, so the
-        # device never idles while the hook runs; a hook that raises stops after at most one extra chunk
+        state = self._prepare(rows)
+        # without a hook the whole loop is one chunk. With one, one chunk of look-ahead: chunk k+1 is dispatched
+        # (asynchronously) before the hook sees chunk k, so the device never idles while the hook runs; a hook that
+        # raises stops after at most one extra chunk
         done, token_parts, logit_parts, pending = 0, [], [], None
         length = self.config.image_length
+        chunk = length if on_chunk is None else self.chunk_size
         while done < length or pending is not None:
             launched = None
             if done < length:
-                steps = min(self.chunk_size, length - done)
+                steps = min(chunk, length - done)
                 state, tokens, logits = self._progs.call(
                     "chunk",
                     self.params, state, self._put("start", np.int32(done)), rows["scale"], rows["top_k"],
@@ -622,7 +655,8 @@ class Sampler:
                 token_parts.append(np.asarray(tokens_k)[:n])
                 if collect:
                     logit_parts.append(np.asarray(logits_k)[: 2 * n])
-                on_chunk(upto, np.concatenate(token_parts, axis=1))
+                if on_chunk is not None:
+                    on_chunk(upto, np.concatenate(token_parts, axis=1))
             pending = launched
         logits_np = np.concatenate(logit_parts, axis=1) if collect else None
         return np.concatenate(token_parts, axis=1), logits_np

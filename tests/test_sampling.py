@@ -13,9 +13,11 @@ from engine.sampling import (
     Sampler,
     bucket_for,
     candidate_keys,
+    distinct_texts,
     process_logits,
     sample_tokens,
     split_seeds,
+    text_sizes,
 )
 from tests.helpers_dallebart import random_params, tiny_config
 
@@ -195,6 +197,36 @@ def test_bucket_for():
         bucket_for(0)
 
 
+def test_distinct_texts_are_encoded_once_each():
+    ids, mask, uids, umask = _prompts(3, seed=4)
+    # a 9-candidate request: one prompt, one unconditional text
+    nine = [np.repeat(a[:1], 9, axis=0) for a in (ids, mask, uids, umask)]
+    t_ids, t_mask, row = distinct_texts(*nine, max_size=32)
+    assert t_ids.shape == t_mask.shape == (2, T) and row.shape == (9, 2)
+    np.testing.assert_array_equal(t_ids[row[:, 0]], nine[0])
+    np.testing.assert_array_equal(t_ids[row[:, 1]], nine[2])
+    assert len(set(row[:, 0])) == 1 and row[0, 0] != row[0, 1]
+    # three prompts sharing the unconditional text: 4 texts, each candidate pointed at its own
+    t_ids, t_mask, row = distinct_texts(ids, mask, uids, umask, max_size=8)
+    assert t_ids.shape == (4, T) and len(set(row[:, 0])) == 3 and len(set(row[:, 1])) == 1
+    for i in range(3):
+        np.testing.assert_array_equal(t_ids[row[i, 0]], ids[i])
+        np.testing.assert_array_equal(t_mask[row[i, 0]], mask[i])
+        np.testing.assert_array_equal(t_mask[row[i, 1]], umask[i])
+    # the same ids with another mask is another text; the same ids and mask is the same text
+    ids2, mask2 = ids.copy(), mask.copy()
+    ids2[2], mask2[2] = ids[0], 1 - mask[0]
+    assert len(set(distinct_texts(ids2, mask2, uids, umask, max_size=8)[2][:, 0])) == 3
+    mask2[2] = mask[0]
+    t_ids, _, row = distinct_texts(ids2, mask2, uids, umask, max_size=8)
+    assert t_ids.shape == (4, T) and row[2, 0] == row[0, 0] != row[1, 0]  # 3 texts, padded to 4
+    # 5 texts: padded to the next power of two, 8, but never beyond the pass's 2B rows
+    four = _prompts(4, seed=5)
+    assert distinct_texts(*four, max_size=8)[0].shape == (8, T)
+    assert distinct_texts(*four, max_size=6)[0].shape == (6, T)
+    assert text_sizes(1) == [2] and text_sizes(4) == [2, 4, 8] and text_sizes(3) == [2, 4, 6]
+
+
 def test_bad_input_is_rejected(sampler):
     ids, mask, uids, umask = _prompts(2)
     with pytest.raises(ValueError, match="largest batch bucket"):
@@ -287,6 +319,16 @@ def test_progress_hook_chunks_give_the_same_tokens(sampler, params):
 
     with pytest.raises(KeyboardInterrupt):
         s.sample(ids, mask, uids, umask, [11], [2], on_chunk=stop)
+
+
+def test_warmup_compiles_every_text_count_of_a_bucket(params):
+    s = Sampler(None, params, CFG, buckets=(4,))
+    compiled = s.warmup()
+    assert compiled == s._progs.num_compiled > 0
+    for n in (1, 2, 3, 4):  # 2, 3, 4 and 5 distinct texts: encoders of 2, 4, 8 and 8 rows
+        prompts = _prompts(n, seed=n)
+        s.sample(*prompts, seeds=list(range(n)), indices=[0] * n)
+    assert s._progs.num_compiled == compiled  # sampling after warmup compiled nothing new
 
 
 def test_bfloat16_sampler_close_to_float32(sampler, params):

@@ -94,7 +94,7 @@ for cname, overrides in CONFIGS.items():
             alone = s.sample(ids[2:], mask[2:], uids[2:], umask[2:], SEEDS[2:], INDICES[2:],
                              **{k: v[2:] for k, v in SAMPLING.items()})
             out["alone_row2"] = alone[0].tolist()
-            out["compiled"] = s._progs.num_compiled
+            out["compiled"] = sorted(key[0] for key in s._progs._executables)
         if mname == "data2_model4" and cname == "divides":
             seen = []
             hooked = s.sample(ids, mask, uids, umask, SEEDS, INDICES, **SAMPLING,
@@ -143,7 +143,9 @@ def test_params_are_split_over_model_and_rows_padded_to_the_data_axis(mesh_run):
 def test_alone_vs_batched_and_progress_hook_on_a_mesh(mesh_run):
     batched = np.asarray(mesh_run["tokens"]["divides/data8"])
     assert mesh_run["alone_row2"] == batched[2].tolist()
-    assert mesh_run["compiled"] == 1  # 1 and 3 candidates both run as 8 rows: one program
+    # 1 and 3 candidates both run as 8 rows: one decoder loop, and (compiled at the first 8-row pass) an encoder
+    # and a state program for each number of distinct texts 8 rows can hold: 2, 4, 8, 16
+    assert mesh_run["compiled"] == ["chunk"] + ["encode"] * 4 + ["prepare"] * 4
     assert mesh_run["hooked"] == mesh_run["tokens"]["divides/data2_model4"]
     assert mesh_run["hook_steps"] == [16]  # chunk_size 32 > image_length 16: one chunk
 
