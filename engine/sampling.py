@@ -387,7 +387,6 @@ class _Programs:
         return state, tokens.T, (None if logits is None else jnp.swapaxes(logits, 0, 1))
 
 
-
 @dataclasses.dataclass(frozen=True)
 class _MeshShardings:
     """Where every input, state array and output of the sampling programs lives on a ("data", "model") mesh."""
