@@ -457,7 +457,8 @@ class Sampler:
         )
         self.mesh = mesh
         self._progs = _programs(self._decode_config, self.dtype.name, mesh)
-        self._texts_compiled: set[tuple[int, int]] = set()  # (rows, text length) whose text programs are compiled
+        # (rows, text length) whose text programs are compiled -> the shape of their decode state
+        self._state_shapes: dict[tuple[int, int], Any] = {}
         self.model = self._progs.model
         tree = params["params"] if set(params) == {"params"} else params
         tree = normalize_layout(tree, self._decode_config)  # published kernels, then transposed below
@@ -545,19 +546,22 @@ class Sampler:
     def _row_args(self, rows: dict[str, jax.Array]) -> tuple[Any, ...]:
         return rows["text_row"], rows["seed_hi"], rows["seed_lo"], rows["indices"]
 
-    def _compile_text_programs(self, rows: dict[str, Any]) -> None:
+    def _compile_text_programs(self, rows: dict[str, Any]) -> Any:
         """Compile the encoder for every number of distinct texts a pass of this many rows can hold
         (:func:`text_sizes`; one program per count, shared by all buckets) and the per-bucket state programs, the
-        first time a pass of this size is seen, so that no later pass of that size compiles."""
-        b, t = rows["text_row"].shape[0], rows["text_ids"].shape[1]
-        if (b, t) in self._texts_compiled:
-            return
-        for size in text_sizes(b):
-            texts = jax.ShapeDtypeStruct((size, t), jnp.int32)
-            self._progs.executable("encode", self.params, texts, texts)
-            text_kv = jax.eval_shape(self._progs.encode_jit, self.params, texts, texts)
-            self._progs.executable("prepare", text_kv, texts, *self._row_args(rows))
-        self._texts_compiled.add((b, t))
+        first time a pass of this size is seen, so that no later pass of that size compiles. Returns the shape of
+        the decode state (the same for every text count)."""
+        key = (rows["text_row"].shape[0], rows["text_ids"].shape[1])
+        if key not in self._state_shapes:
+            b, t = key
+            for size in text_sizes(b):
+                texts = jax.ShapeDtypeStruct((size, t), jnp.int32)
+                self._progs.executable("encode", self.params, texts, texts)
+                text_kv = jax.eval_shape(self._progs.encode_jit, self.params, texts, texts)
+                args = (text_kv, texts, *self._row_args(rows))
+                self._progs.executable("prepare", *args)
+            self._state_shapes[key] = jax.eval_shape(self._progs.prepare_jit, *args)
+        return self._state_shapes[key]
 
     def _prepare(self, rows: dict[str, jax.Array]) -> Any:
         """Encode the pass's distinct texts, then the decode state of its rows."""
@@ -577,9 +581,7 @@ class Sampler:
         for bucket in buckets or self.buckets:
             ids = np.ones((bucket, t), np.int32)
             _, rows = self._rows(ids, ids, ids, ids, [0] * bucket, [0] * bucket, 10.0, 50, 1.0, 1.0)
-            self._compile_text_programs(rows)
-            text_kv = jax.eval_shape(self._progs.encode_jit, self.params, rows["text_ids"], rows["text_mask"])
-            state = jax.eval_shape(self._progs.prepare_jit, text_kv, rows["text_mask"], *self._row_args(rows))
+            state = self._compile_text_programs(rows)
             chunk = self.chunk_size if chunked else length
             for steps in sorted({min(chunk, length - d) for d in range(0, length, chunk)}):
                 self._progs.executable(

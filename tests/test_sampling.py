@@ -305,7 +305,7 @@ def test_progress_hook_chunks_give_the_same_tokens(sampler, params):
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(s.params))  # a numpy tree ends up on the device
     ids, mask, uids, umask = _prompts(1, seed=9)
     plain = sampler.sample(ids, mask, uids, umask, [11], [2])
-    compiled = s.warmup(chunked=True)  # prepare + 6-step and 4-step chunk programs, compiled without running
+    compiled = s.warmup(chunked=True)  # encoder, state and 6- and 4-step chunk programs, compiled without running
     seen = []
     hooked = s.sample(ids, mask, uids, umask, [11], [2], on_chunk=lambda done, toks: seen.append((done, toks.copy())))
     np.testing.assert_array_equal(plain, hooked)
