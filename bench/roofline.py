@@ -60,29 +60,33 @@ def _best_time(fn, repeats: int) -> float:
     return best
 
 
-def measure_matmul_flops(n: int = 2048, repeats: int = 3) -> float:
-    """fp32 GEMM throughput (FLOP/s) on this machine: the better of XLA's and numpy's (BLAS) ``n³`` matmul, so the
-    ceiling does not depend on how XLA happens to be configured."""
+def measure_matmul_flops(n: int = 2048, repeats: int = 3, dtype: str = "float32") -> float:
+    """GEMM throughput (FLOP/s) of an ``n³`` matmul in ``dtype`` on the default device. On CPU the better of
+    XLA's and numpy's (BLAS) fp32 matmul, so the ceiling does not depend on how XLA happens to be configured; on
+    an accelerator XLA's alone (random data: zeros run faster on some GPUs)."""
     a_np = np.random.default_rng(0).standard_normal((n, n), np.float32)
-    a = jnp.asarray(a_np)
+    a = jnp.asarray(a_np).astype(dtype)
     f = jax.jit(lambda x: x @ x)
-    xla = _best_time(lambda: f(a), repeats)
-    blas = _best_time(lambda: a_np @ a_np, repeats)
-    return 2 * n**3 / min(xla, blas)
+    best = _best_time(lambda: f(a), repeats)
+    if jax.default_backend() == "cpu":
+        best = min(best, _best_time(lambda: a_np @ a_np, repeats))
+    return 2 * n**3 / best
 
 
 def measure_bandwidth(mbytes: int = 512, repeats: int = 3) -> float:
-    """Streaming read bandwidth (bytes/s): the better of an XLA reduction over a large array and numpy's ``max``
-    over it split across every core (XLA's figure depends on its CPU library flags: 20 vs 9 GB/s measured with
-    and without its YNNPACK reductions; numpy's threaded ``max`` reaches the same 20 GB/s)."""
+    """Streaming read bandwidth (bytes/s) of the default device: an XLA reduction over a large array; on CPU the
+    better of that and numpy's ``max`` over it split across every core (XLA's figure depends on its CPU library
+    flags: 20 vs 9 GB/s measured with and without its YNNPACK reductions; numpy's threaded ``max`` reaches the
+    same 20 GB/s)."""
     x = jnp.ones((mbytes * 2**20 // 4,), jnp.float32)
     f = jax.jit(lambda v: jnp.sum(v))
-    xla = _best_time(lambda: f(x), repeats)
-    host = np.ones(x.size, np.float32)
-    parts = np.array_split(host, os.cpu_count() or 1)
-    with ThreadPoolExecutor(len(parts)) as pool:
-        threaded = _best_time(lambda: list(pool.map(np.max, parts)), repeats)
-    return x.size * 4 / min(xla, threaded)
+    best = _best_time(lambda: f(x), repeats)
+    if jax.default_backend() == "cpu":
+        host = np.ones(x.size, np.float32)
+        parts = np.array_split(host, os.cpu_count() or 1)
+        with ThreadPoolExecutor(len(parts)) as pool:
+            best = min(best, _best_time(lambda: list(pool.map(np.max, parts)), repeats))
+    return x.size * 4 / best
 
 
 def main(argv: list[str] | None = None) -> int:

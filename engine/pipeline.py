@@ -101,6 +101,7 @@ class ModelPipeline:
         options: PipelineOptions = PipelineOptions(),
         mesh: Any = None,
         sampling_defaults: SamplingParams | None = None,
+        transposed_kernels: bool | None = None,  # the sampler's kernel layout (None: its per-platform default)
     ) -> None:
         self.config = dallebart_config
         # what a request's unset sampling fields become (fully resolved: never None)
@@ -122,6 +123,7 @@ class ModelPipeline:
             buckets=self.batch_buckets,
             chunk_size=options.chunk_size,
             mesh=mesh,
+            transposed_kernels=transposed_kernels,
         )
         if vqgan_config.grid_size**2 != dallebart_config.image_length:
             raise ValueError(

@@ -62,7 +62,7 @@ def _map_kernels(fn: Callable[[Any], Any], tree: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(leaf) if _is_kernel(path) else leaf, tree)
 
 
-def to_decode_layout(params: Any, dtype: Any = None, *, host: bool = False) -> Any:
+def to_decode_layout(params: Any, dtype: Any = None, *, host: bool = False, transpose: bool = True) -> Any:
     """Unscanned params with published ``(in, out)`` dense kernels -> ``(out, in)`` row-major: the layout of a
     model built with ``transposed_kernels=True``, which the sampler decodes with. Floating leaves are cast to
     ``dtype`` (None keeps them) in the same pass, one leaf at a time, so the new tree is the only extra copy.
@@ -75,6 +75,8 @@ def to_decode_layout(params: Any, dtype: Any = None, *, host: bool = False) -> A
     every call), ``kernel @ x.T`` ~15 GB/s. Transposing inside the program instead copied the kernels each step.
     At 1-2 rows (one candidate) the published layout was ~15% faster than ``x @ kernel.T`` (session 11); the
     ``kernel @ x.T`` form then cut mini's batch-1 step from 67-84 to 37-51 ms (bench/RESULTS.md, session 12).
+    ``transpose=False`` keeps the published kernels (only the cast): the layout for accelerators, whose GEMM
+    libraries take either operand order as stored (:func:`default_transposed_kernels`).
     """
 
     xp = np if host else jnp
@@ -83,7 +85,7 @@ def to_decode_layout(params: Any, dtype: Any = None, *, host: bool = False) -> A
         x = xp.asarray(x)
         if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
             x = x.astype(dtype)
-        if not _is_kernel(path):
+        if not (transpose and _is_kernel(path)):
             return x
         if x.ndim != 2:
             raise ValueError(f"decode layout: kernel {jax.tree_util.keystr(path)} has shape {x.shape}, expected 2-D "
@@ -91,6 +93,14 @@ def to_decode_layout(params: Any, dtype: Any = None, *, host: bool = False) -> A
         return np.ascontiguousarray(x.T) if host else x.T  # eager jnp: a new, physically transposed array
 
     return jax.tree_util.tree_map_with_path(convert, params)
+
+
+def default_transposed_kernels(mesh: Mesh | None = None) -> bool:
+    """Whether the sampler should decode with transposed kernels: on CPU devices (XLA:CPU streams the left GEMM
+    operand as stored, see :func:`to_decode_layout`), not on accelerators, where the transposes around every
+    dense layer would be extra kernels in each step."""
+    devices = mesh.devices.flat if mesh is not None else jax.devices()
+    return next(iter(devices)).platform == "cpu"
 
 
 def _transposed_sharding(s: NamedSharding) -> NamedSharding:
@@ -413,7 +423,9 @@ class _MeshShardings:
             "keys": shd.batch_sharding(mesh, 2),
         }
         published = dataclasses.replace(config, transposed_kernels=False)  # the rules name (in, out) kernels
-        params = _map_kernels(_transposed_sharding, shd.param_shardings(param_shapes(published), mesh))
+        params = shd.param_shardings(param_shapes(published), mesh)
+        if config.transposed_kernels:
+            params = _map_kernels(_transposed_sharding, params)
         return cls(params, rows, state, shd.replicated(mesh), (texts_kv, texts_kv))
 
 
@@ -425,9 +437,10 @@ def _programs(config: DalleBartConfig, dtype_name: str, mesh: Mesh | None = None
 class Sampler:
     """Samples image tokens for batches of candidates with a DalleBart; one compiled program per bucket.
 
-    ``Sampler(model, params, config, dtype=jnp.float32, *, buckets=DEFAULT_BUCKETS, chunk_size=32, mesh=None)``:
-    ``model`` may be None or a :class:`DalleBart` (only its ``dtype`` is used when ``dtype`` is None); ``params``
-    in either published layout (converted once to the unscanned layout with transposed kernels, see
+    ``Sampler(model, params, config, dtype=jnp.float32, *, buckets=DEFAULT_BUCKETS, chunk_size=32, mesh=None,
+    transposed_kernels=None)``: ``model`` may be None or a :class:`DalleBart` (only its ``dtype`` is used when
+    ``dtype`` is None); ``params`` in either published layout (converted once to the unscanned layout, with
+    transposed kernels where ``transposed_kernels`` — default :func:`default_transposed_kernels`: on CPU — see
     :func:`to_decode_layout`, and cast to ``dtype``). ``chunk_size`` is the number of steps per jitted chunk when a
     progress hook is given. ``mesh``: a ``("data", "model")`` mesh from
     :func:`engine.sharding.make_mesh` (possibly spanning several processes); params are then placed on it by the
@@ -445,6 +458,7 @@ class Sampler:
         buckets: Sequence[int] = DEFAULT_BUCKETS,
         chunk_size: int = 32,
         mesh: Mesh | None = None,
+        transposed_kernels: bool | None = None,
     ) -> None:
         if dtype is None:
             dtype = model.dtype if model is not None else jnp.float32
@@ -452,8 +466,11 @@ class Sampler:
         self.dtype = jnp.dtype(dtype)
         self.buckets = tuple(sorted(int(b) for b in buckets))
         self.chunk_size = max(1, min(int(chunk_size), config.image_length))
+        if transposed_kernels is None:
+            transposed_kernels = default_transposed_kernels(mesh)
+        self.transposed_kernels = bool(transposed_kernels)
         self._decode_config = dataclasses.replace(
-            config, use_scan=False, gradient_checkpointing=False, transposed_kernels=True
+            config, use_scan=False, gradient_checkpointing=False, transposed_kernels=self.transposed_kernels
         )
         self.mesh = mesh
         self._progs = _programs(self._decode_config, self.dtype.name, mesh)
@@ -464,12 +481,13 @@ class Sampler:
         tree = normalize_layout(tree, self._decode_config)  # published kernels, then transposed below
         # the decode copy (cast, kernels transposed) is made leaf by leaf: the weights exist twice only until the
         # caller drops the published ones, as they did before when loading from the file
+        t = self.transposed_kernels
         if mesh is None:
-            self.params = to_decode_layout(tree, self.dtype)  # numpy trees (scan/unscan_params) too: on the device
+            self.params = to_decode_layout(tree, self.dtype, transpose=t)  # numpy trees too: on the device
             self._data_size = 1
         else:
             # cast and transpose on the host, then place sharded
-            host = to_decode_layout(tree, self.dtype, host=True)
+            host = to_decode_layout(tree, self.dtype, host=True, transpose=t)
             want = jax.tree.structure(self._progs.shardings.params)
             if jax.tree.structure(host) != want:
                 got = jax.tree.structure(host)

@@ -289,6 +289,21 @@ def test_step_logits_equal_full_forward_and_top_k_1_is_argmax(sampler, params):
         np.testing.assert_array_equal(tokens[row], np.argmax(u + scale * (c - u), axis=-1))
 
 
+def test_published_kernel_layout_samples_like_the_transposed_one(sampler, params):
+    # the accelerator layout (kernels as published, no transposes around the GEMMs) is the same function
+    assert sampler.transposed_kernels  # the default on CPU devices
+    published = Sampler(None, params, CFG, jnp.float32, buckets=(1, 4), transposed_kernels=False)
+    assert not published.transposed_kernels
+    assert published.params["lm_head"]["kernel"].shape == (CFG.d_model, CFG.image_vocab_size + 1)
+    assert sampler.params["lm_head"]["kernel"].shape == (CFG.image_vocab_size + 1, CFG.d_model)
+    ids, mask, uids, umask = _prompts(2, seed=5)
+    kw = dict(scale=[10.0, 4.0], top_k=1)
+    tokens, logits = sampler.sample_with_logits(ids, mask, uids, umask, [1, 2], [0, 1], **kw)
+    tokens_p, logits_p = published.sample_with_logits(ids, mask, uids, umask, [1, 2], [0, 1], **kw)
+    np.testing.assert_array_equal(tokens_p, tokens)
+    np.testing.assert_allclose(logits_p, logits, atol=1e-4, rtol=1e-4)
+
+
 def test_never_emits_ids_outside_the_codebook(params):
     # make the lm_head favour the padding/start ids (>= num_image_codes) overwhelmingly
     boosted = jax.tree.map(np.array, params)

@@ -101,6 +101,11 @@ for cname, overrides in CONFIGS.items():
                               on_chunk=lambda done, toks: seen.append(done))
             out["hooked"] = hooked.tolist()
             out["hook_steps"] = seen
+            # the accelerators' default layout: kernels as published, (in, out), sharded by the rules unchanged
+            pub = Sampler(None, params, cfg, buckets=(1, 4), mesh=mesh, transposed_kernels=False)
+            out["published"] = pub.sample(ids, mask, uids, umask, SEEDS, INDICES, **SAMPLING).tolist()
+            pl = pub.params["model"]["decoder"]["layers"]["FlaxBartDecoderLayer_0"]["FlaxBartAttention_0"]
+            out["published_q"] = str(pl["q_proj"]["kernel"].sharding.spec)
 print(json.dumps(out))
 """
 
@@ -148,6 +153,12 @@ def test_alone_vs_batched_and_progress_hook_on_a_mesh(mesh_run):
     assert mesh_run["compiled"] == ["chunk"] + ["encode"] * 4 + ["prepare"] * 4
     assert mesh_run["hooked"] == mesh_run["tokens"]["divides/data2_model4"]
     assert mesh_run["hook_steps"] == [16]  # chunk_size 32 > image_length 16: one chunk
+
+
+def test_published_kernel_layout_on_a_mesh(mesh_run):
+    # transposed_kernels=False (the default on accelerators): (in, out) kernels keep the rules' own specs
+    assert mesh_run["published_q"] == str(P(None, MODEL))
+    assert mesh_run["published"] == mesh_run["tokens"]["divides/data2_model4"]
 
 
 def fast_random_checkpoint(directory: Path) -> Path:
