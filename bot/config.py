@@ -54,6 +54,7 @@ class Settings:
     engine_concurrency: int = 16
     engine_stall_timeout: int = 600
     engine_warmup: bool = True
+    xla_cache_dir: str | None = None  # XLA_CACHE_DIR as given (engine.compile_cache: None = its default, "off")
     output_dir: Path = Path("outputs")
     default_images: int = 9
     rate_limit_user: str = "3/minute"
@@ -286,6 +287,7 @@ def load_settings(
         engine_concurrency=e.int("ENGINE_CONCURRENCY", 16, 1, 256),  # type: ignore[arg-type]
         engine_stall_timeout=e.int("ENGINE_STALL_TIMEOUT", 600, 0, 86_400),  # type: ignore[arg-type]
         engine_warmup=e.bool("ENGINE_WARMUP", True),
+        xla_cache_dir=e.str("XLA_CACHE_DIR"),
         output_dir=e.path("OUTPUT_DIR", Path("outputs").resolve()),
         default_images=e.int("DEFAULT_IMAGES", 9, 1, 9),  # type: ignore[arg-type]
         rate_limit_user=e.rate_limit("RATE_LIMIT_USER", "3/minute"),

@@ -943,8 +943,10 @@ def engine_from_settings(settings: Any, *, warmup: bool | None = None) -> Engine
                 raise EngineUnavailable("ENGINE_MODE=http needs ENGINE_URLS")
             return HttpEngine(urls[0], token) if len(urls) == 1 else MultiEngine.from_urls(urls, token)
         from engine.client import InProcessEngine
+        from engine.compile_cache import configure
         from engine.pipeline import load_pipeline
 
+        configure(_setting(settings, "xla_cache_dir"))  # before the first compile: reuse last run's programs
         if warmup is None:
             warmup = bool(_setting(settings, "engine_warmup", True))
         return InProcessEngine(load_pipeline(checkpoint), warmup=warmup)

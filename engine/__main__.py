@@ -58,6 +58,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             fixed_latency=args.fake_latency_ms / 1000.0, per_candidate_latency=args.fake_per_candidate_ms / 1000.0
         )
     else:
+        from engine.compile_cache import configure
+
+        configure(args.xla_cache_dir)
         opts = {} if args.model_parallel is None else {"model_parallel": args.model_parallel}
         pipeline = load_checkpoint_pipeline(args.checkpoint or DEMO_CHECKPOINT, **opts)
     serve(pipeline, settings)
@@ -118,6 +121,9 @@ COMMANDS: list[Callable[[Any], None]] = [add_serve, add_inspect, add_generate]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description="dalle-bot model engine")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--xla-cache-dir", default=None,
+                        help="XLA's persistent compilation cache: a directory, or 'off' (default: env XLA_CACHE_DIR, "
+                        "else the user cache directory, ~/.cache/dalle-bot/xla on Linux)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(subparsers)

@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         params=SamplingParams(args.scale, args.top_k, args.top_p, args.temperature),
     )
     request.validate()
+    from engine.compile_cache import configure
+
+    configure(getattr(args, "xla_cache_dir", None))
     t0 = time.perf_counter()
     pipeline = load_pipeline(args.checkpoint, dtype=args.dtype, buckets=(1, 2, 4, 8, 16))
     t_load = time.perf_counter() - t0
