@@ -7,7 +7,8 @@ only ever reused for the same program on the same software; a stale entry is nev
 
 ``XLA_CACHE_DIR`` (bot setting and ``python -m engine --xla-cache-dir``): a directory, ``off`` to disable, or
 unset for the default, the user's cache directory (``~/.cache/dalle-bot/xla`` on Linux). A cache that cannot be
-created is logged and skipped: it never stops the engine from starting. ``JAX_COMPILATION_CACHE_DIR``, JAX's own
+created is logged and skipped: it never stops the engine from starting. It holds at most 4 GiB (least recently
+used entries go first). ``JAX_COMPILATION_CACHE_DIR``, JAX's own
 variable, wins when it is set.
 """
 
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 SETTING = "XLA_CACHE_DIR"
 OFF = frozenset({"off", "none", "false", "0", "no"})
 DEFAULT_DIR = platformdirs.user_cache_path("dalle-bot") / "xla"
+# least recently used entries are evicted beyond this; with a limit set JAX also takes a file lock around each
+# write, so engines sharing the directory never read an entry another one is still writing
+MAX_BYTES = 4 * 2**30
 
 
 def resolve(value: str | os.PathLike[str] | None) -> Path | None:
@@ -66,5 +70,6 @@ def enable(directory: str | os.PathLike[str] | None) -> Path | None:
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     log.info("compilation cache: %s", path)
     return path
