@@ -930,7 +930,8 @@ def _setting(settings: Any, name: str, default: Any = None) -> Any:
 def engine_from_settings(settings: Any, *, warmup: bool | None = None) -> Engine:
     """The engine the settings ask for: engine services over HTTP (ENGINE_MODE=http, ENGINE_URLS) or the model
     in-process from CHECKPOINT_DIR. Imported lazily: a front end never imports JAX unless it runs the model.
-    ``warmup`` (None: ENGINE_WARMUP): the in-process engine compiles every batch size while idle."""
+    ``warmup`` (None: ENGINE_WARMUP): the in-process engine compiles every batch size while idle. ENGINE_DTYPE:
+    DalleBart's weights and activations in-process (bfloat16 halves the memory; logits stay float32)."""
     mode = str(_setting(settings, "engine_mode", "inprocess"))
     urls = list(_setting(settings, "engine_urls", ()) or ())
     token = _setting(settings, "engine_token")
@@ -949,7 +950,8 @@ def engine_from_settings(settings: Any, *, warmup: bool | None = None) -> Engine
         configure(_setting(settings, "xla_cache_dir"))  # before the first compile: reuse last run's programs
         if warmup is None:
             warmup = bool(_setting(settings, "engine_warmup", True))
-        return InProcessEngine(load_pipeline(checkpoint), warmup=warmup)
+        dtype = str(_setting(settings, "engine_dtype", "float32"))
+        return InProcessEngine(load_pipeline(checkpoint, dtype=dtype), warmup=warmup)
     except EngineUnavailable:
         raise
     except ImportError as exc:

@@ -61,10 +61,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from engine.compile_cache import configure
 
         configure(args.xla_cache_dir)
-        opts = {} if args.model_parallel is None else {"model_parallel": args.model_parallel}
+        opts: dict[str, Any] = {"dtype": args.dtype}
+        if args.model_parallel is not None:
+            opts["model_parallel"] = args.model_parallel
         pipeline = load_checkpoint_pipeline(args.checkpoint or DEMO_CHECKPOINT, **opts)
     serve(pipeline, settings)
     return 0
+
+
+def add_xla_cache_option(p: argparse.ArgumentParser) -> None:
+    """``--xla-cache-dir`` for the commands that compile the model (engine.compile_cache)."""
+    p.add_argument("--xla-cache-dir", default=None,
+                   help="XLA's persistent compilation cache: a directory, or 'off' (default: env XLA_CACHE_DIR, "
+                   "else the user cache directory, ~/.cache/dalle-bot/xla on Linux)")
 
 
 def add_serve(subparsers: Any) -> None:
@@ -95,8 +104,12 @@ def add_serve(subparsers: Any) -> None:
         help="shard DalleBart over a (data, model) mesh of all devices, this many per model replica "
         "(default: one device)",
     )
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="DalleBart weights and activations (logits and guidance stay float32); bfloat16 halves the "
+                   "memory and is the way to serve Mega on an accelerator (default float32)")
     p.add_argument("--no-warmup", action="store_true",
                    help="compile each batch size on first use instead of while idle after start-up")
+    add_xla_cache_option(p)
     p.add_argument("--fake", action="store_true", help="serve the deterministic fake pipeline instead of a model")
     p.add_argument("--fake-latency-ms", type=float, default=0.0, help="fake: fixed cost of one pass")
     p.add_argument("--fake-per-candidate-ms", type=float, default=0.0, help="fake: extra cost per padded candidate")
@@ -121,9 +134,6 @@ COMMANDS: list[Callable[[Any], None]] = [add_serve, add_inspect, add_generate]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description="dalle-bot model engine")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    parser.add_argument("--xla-cache-dir", default=None,
-                        help="XLA's persistent compilation cache: a directory, or 'off' (default: env XLA_CACHE_DIR, "
-                        "else the user cache directory, ~/.cache/dalle-bot/xla on Linux)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(subparsers)

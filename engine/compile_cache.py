@@ -5,11 +5,10 @@ most of the demo model's first request (7.5 s, 2.9 s with a warm cache; ``bench/
 can keep compiled executables on disk keyed by the program, the compiler version and its flags, so a cache is
 only ever reused for the same program on the same software; a stale entry is never loaded.
 
-``XLA_CACHE_DIR`` (bot setting and ``python -m engine --xla-cache-dir``): a directory, ``off`` to disable, or
-unset for the default, the user's cache directory (``~/.cache/dalle-bot/xla`` on Linux). A cache that cannot be
-created is logged and skipped: it never stops the engine from starting. It holds at most 4 GiB (least recently
-used entries go first). ``JAX_COMPILATION_CACHE_DIR``, JAX's own
-variable, wins when it is set.
+``XLA_CACHE_DIR`` (bot setting; ``python -m engine serve|generate --xla-cache-dir``): a directory, ``off`` to
+disable, or unset for the default, the user's cache directory (``~/.cache/dalle-bot/xla`` on Linux). A cache that
+cannot be created is logged and skipped: it never stops the engine from starting. It holds at most 4 GiB (least
+recently used entries go first). ``JAX_COMPILATION_CACHE_DIR``, JAX's own variable, wins when it is set.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     request.validate()
     from engine.compile_cache import configure
 
-    configure(getattr(args, "xla_cache_dir", None))
+    configure(args.xla_cache_dir)
     t0 = time.perf_counter()
     pipeline = load_pipeline(args.checkpoint, dtype=args.dtype, buckets=(1, 2, 4, 8, 16))
     t_load = time.perf_counter() - t0
@@ -118,6 +118,9 @@ def add_generate(subparsers: Any) -> None:
     p.add_argument("--top-p", type=float, default=None, help="top-p (default: the checkpoint's, else 1.0 = off)")
     p.add_argument("--temperature", type=float, default=None, help="(default: the checkpoint's, else 1.0)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    from engine.__main__ import add_xla_cache_option
+
+    add_xla_cache_option(p)
     p.set_defaults(func=cmd_generate)
 
 

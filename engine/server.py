@@ -305,6 +305,7 @@ async def healthz(request: web.Request) -> web.Response:
     body = {
         "status": "draining" if batcher.closing else "ok",
         "checkpoint_id": batcher.checkpoint_id,
+        "dtype": getattr(getattr(batcher.pipeline, "options", None), "dtype", None),  # None: not a model pipeline
         "queue_depth": batcher.queue_depth,
         "warming_up": bool(batcher.load()["cold_buckets"]),  # still compiling batch sizes while idle
     }

@@ -74,8 +74,8 @@ def test_a_second_run_loads_every_program_from_the_cache(checkpoint, tmp_path):
     cache = tmp_path / "xla"
 
     def generate(out: str) -> tuple[dict, dict]:
-        args = ["--xla-cache-dir", str(cache), "generate", "a red circle", "--n", "2", "--seed", "3",
-                "--checkpoint", str(checkpoint), "--out", str(tmp_path / out)]
+        args = ["generate", "a red circle", "--n", "2", "--seed", "3", "--checkpoint", str(checkpoint),
+                "--out", str(tmp_path / out), "--xla-cache-dir", str(cache)]
         proc = subprocess.run([sys.executable, "-c", GENERATE, *args], capture_output=True, text=True, env=_env(),
                               cwd=ROOT, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -92,3 +92,49 @@ async def test_serve_fake_with_env_token_and_sigterm():
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+async def test_serve_a_checkpoint_in_bfloat16(tmp_path):
+    from engine.checkpoint import random_checkpoint
+
+    ckpt = random_checkpoint(tmp_path / "ckpt", with_clip=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine", "serve", "--checkpoint", str(ckpt), "--port", str(port), "--dtype",
+         "bfloat16", "--no-warmup", "--xla-cache-dir", "off"],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(url) as http:
+            for _ in range(1200):
+                try:
+                    async with http.get("/healthz") as resp:
+                        if resp.status == 200:
+                            health = await resp.json()
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("engine did not come up")
+            assert health["dtype"] == "bfloat16" and health["checkpoint_id"] == "random-0"
+            async with http.post("/v1/generations", json={"prompt": "a red circle", "n": 2, "seed": 1}) as resp:
+                assert resp.status == 202
+                rid = (await resp.json())["id"]
+            for _ in range(1200):
+                async with http.get(f"/v1/generations/{rid}") as resp:
+                    body = await resp.json()
+                if body["state"] in ("done", "failed"):
+                    break
+                await asyncio.sleep(0.05)
+            assert body["state"] == "done" and len(body["result"]["images"]) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()

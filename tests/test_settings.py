@@ -42,6 +42,11 @@ def test_unwritable_data_dir_falls_back_to_user_data_dir(tmp_path, monkeypatch):
     assert str(tmp_path / "xdg") in s.database_url
 
 
+def test_engine_dtype():
+    assert load().engine_dtype == "float32"
+    assert load(ENGINE_DTYPE="BFloat16").engine_dtype == "bfloat16"
+
+
 def test_full_configuration():
     s = load(
         DISCORD_TOKEN=TOKEN,
@@ -107,6 +112,7 @@ def test_mode_resolution():
         ({"DISCORD_GUILD_IDS": "123,abc"}, "DISCORD_GUILD_IDS", "'abc'"),
         ({"REVIEW_CHANNEL_ID": "-5"}, "REVIEW_CHANNEL_ID", "between"),
         ({"FLAGGED_MODE": "blur"}, "FLAGGED_MODE", "spoiler, withhold"),
+        ({"ENGINE_DTYPE": "int8"}, "ENGINE_DTYPE", "float32, bfloat16, float16"),
         ({"ENGINE_MODE": "http"}, "ENGINE_URLS", "required"),
         ({"ENGINE_URLS": "ftp://x"}, "ENGINE_URLS", "http/https"),
         ({"ENGINE_URLS": "http://h:99999"}, "ENGINE_URLS", "port"),
