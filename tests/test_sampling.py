@@ -190,7 +190,8 @@ def test_candidate_keys_depend_on_seed_and_index_only():
 
 
 def test_bucket_for():
-    assert [bucket_for(n) for n in (1, 2, 3, 5, 9, 32)] == [1, 2, 4, 8, 16, 32]
+    assert [bucket_for(n) for n in (1, 2, 3, 5, 8, 9, 10, 32)] == [1, 2, 4, 9, 9, 9, 16, 32]
+    assert bucket_for(5, (8, 2)) == 8  # any order
     with pytest.raises(ValueError, match="largest batch bucket"):
         bucket_for(33)
     with pytest.raises(ValueError):
