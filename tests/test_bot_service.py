@@ -390,7 +390,10 @@ async def _status(repo, gid, want, tries=300):
     return gen
 
 
-def _shared_database_pair(repo, out, *, lease_a=0.3, lease_b=0.3, repo_a=None):
+LEASE_S = 1.0  # short enough to watch leases run out, long enough that a loaded machine's stalls never lose one
+
+
+def _shared_database_pair(repo, out, *, lease_a=LEASE_S, lease_b=LEASE_S, repo_a=None):
     """Two bot processes on one database (as on PostgreSQL; SQLite is one process's): A's engine never finishes a
     job, B's finishes at once; A uses ``repo_a`` if given (another host). Returns (svc_a, pub_a, svc_b, pub_b)."""
     engine_a, engine_b = FakeEngine(), FakeEngine(step_s=0.0)
@@ -421,7 +424,7 @@ async def test_two_bot_processes_on_one_database_keep_each_others_jobs(repo, tmp
         gid = (await svc_a.submit(user_id=50, prompt="a white star", n=1)).generation_id
         assert (await _status(repo, gid, "running")).owner == svc_a.owner
         assert await svc_b.start() == []
-        await asyncio.sleep(0.5)  # well past one lease: A renewed it
+        await asyncio.sleep(1.5 * LEASE_S)  # well past one lease: A renewed it
         gen = await repo.get_generation(gid)
         assert gen.status == "running" and gen.owner == svc_a.owner and engine_b.submitted == []
 
@@ -594,7 +597,7 @@ async def test_a_process_whose_clock_is_behind_keeps_its_jobs(repo, migrated_url
         await _status(repo, running, "running")
         queued = (await svc_a.submit(user_id=51, prompt="a red circle", n=1)).generation_id
         assert await svc_b.start() == []
-        await asyncio.sleep(0.5)  # past one lease and a beat of B's
+        await asyncio.sleep(1.5 * LEASE_S)  # past one lease and a beat of B's
         assert svc_b.engine.submitted == [] and (await repo.get_generation(running)).owner == svc_a.owner
         assert (await repo.get_generation(queued)).lease_until > utcnow()
 
@@ -618,7 +621,7 @@ async def test_queued_jobs_of_a_dead_process_are_run_by_a_live_one(repo, tmp_pat
         waiting = (await svc_a.submit(user_id=51, prompt="a red circle", n=1)).generation_id
         assert (await repo.get_generation(waiting)).owner == svc_a.owner
         assert await svc_b.start() == []  # A is alive: its queue is its own
-        await asyncio.sleep(0.5)  # past one lease: A renewed both
+        await asyncio.sleep(1.5 * LEASE_S)  # past one lease: A renewed both
         assert engine_b.submitted == [] and (await repo.get_generation(waiting)).status == "queued"
 
         svc_a._lease_task.cancel()  # A "dies"
