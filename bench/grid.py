@@ -139,8 +139,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--layouts", default="auto",
                     help="comma list of sampler kernel layouts: auto, published, transposed (default auto)")
     ap.add_argument("--buckets", default="auto",
-                    help="comma list: auto (the engine's buckets: 9 -> 16 rows) and/or row counts to run the grid "
-                    "as exactly (each layout is timed with each)")
+                    help="comma list: auto (the engine's buckets, engine.api.DEFAULT_BUCKETS) and/or row counts to "
+                    "run the grid as exactly (each layout is timed with each)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-clip", action="store_true", help="skip CLIP ranking and safety")
     ap.add_argument("--seed", type=int, default=0)

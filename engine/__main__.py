@@ -69,14 +69,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_xla_cache_option(p: argparse.ArgumentParser) -> None:
-    """``--xla-cache-dir`` for the commands that compile the model (engine.compile_cache)."""
-    p.add_argument("--xla-cache-dir", default=None,
-                   help="XLA's persistent compilation cache: a directory, or 'off' (default: env XLA_CACHE_DIR, "
-                   "else the user cache directory, ~/.cache/dalle-bot/xla on Linux)")
-
-
 def add_serve(subparsers: Any) -> None:
+    from engine import compile_cache
+
     p = subparsers.add_parser(
         "serve",
         help="run the engine HTTP service",
@@ -109,7 +104,7 @@ def add_serve(subparsers: Any) -> None:
                    "memory and is the way to serve Mega on an accelerator (default float32)")
     p.add_argument("--no-warmup", action="store_true",
                    help="compile each batch size on first use instead of while idle after start-up")
-    add_xla_cache_option(p)
+    compile_cache.add_argument(p)
     p.add_argument("--fake", action="store_true", help="serve the deterministic fake pipeline instead of a model")
     p.add_argument("--fake-latency-ms", type=float, default=0.0, help="fake: fixed cost of one pass")
     p.add_argument("--fake-per-candidate-ms", type=float, default=0.0, help="fake: extra cost per padded candidate")

@@ -13,6 +13,7 @@ recently used entries go first). ``JAX_COMPILATION_CACHE_DIR``, JAX's own variab
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from pathlib import Path
@@ -27,6 +28,13 @@ DEFAULT_DIR = platformdirs.user_cache_path("dalle-bot") / "xla"
 # least recently used entries are evicted beyond this; with a limit set JAX also takes a file lock around each
 # write, so engines sharing the directory never read an entry another one is still writing
 MAX_BYTES = 4 * 2**30
+
+
+def add_argument(parser: argparse.ArgumentParser) -> None:
+    """``--xla-cache-dir`` for the commands that compile the model (``engine serve``, ``engine generate``)."""
+    parser.add_argument("--xla-cache-dir", default=None,
+                        help="XLA's persistent compilation cache: a directory, or 'off' (default: env XLA_CACHE_DIR, "
+                        "else the user cache directory, ~/.cache/dalle-bot/xla on Linux)")
 
 
 def resolve(value: str | os.PathLike[str] | None) -> Path | None:

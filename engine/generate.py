@@ -118,9 +118,9 @@ def add_generate(subparsers: Any) -> None:
     p.add_argument("--top-p", type=float, default=None, help="top-p (default: the checkpoint's, else 1.0 = off)")
     p.add_argument("--temperature", type=float, default=None, help="(default: the checkpoint's, else 1.0)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    from engine.__main__ import add_xla_cache_option
+    from engine import compile_cache
 
-    add_xla_cache_option(p)
+    compile_cache.add_argument(p)
     p.set_defaults(func=cmd_generate)
 
 

@@ -478,9 +478,9 @@ class Sampler:
         self._state_shapes: dict[tuple[int, int], Any] = {}
         self.model = self._progs.model
         tree = params["params"] if set(params) == {"params"} else params
-        tree = normalize_layout(tree, self._decode_config)  # published kernels, then transposed below
-        # the decode copy (cast, kernels transposed) is made leaf by leaf: the weights exist twice only until the
-        # caller drops the published ones, as they did before when loading from the file
+        tree = normalize_layout(tree, self._decode_config)  # published kernels (transposed below where chosen)
+        # the decode copy (cast, kernels transposed or not) is made leaf by leaf: the weights exist twice only until
+        # the caller drops the published ones, as they did before when loading from the file
         t = self.transposed_kernels
         if mesh is None:
             self.params = to_decode_layout(tree, self.dtype, transpose=t)  # numpy trees too: on the device
