@@ -151,6 +151,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     bad = [x for x in args.layouts if x not in LAYOUTS]
     if bad or not args.layouts:
         ap.error(f"--layouts: {', '.join(bad) or 'empty'}; choose from {', '.join(LAYOUTS)}")
+    if args.checkpoint is not None and args.layouts != ["auto"]:
+        ap.error("--layouts other than auto need --config (random weights), not --checkpoint")
     if not 1 <= args.n <= 16:
         ap.error("--n must be between 1 and 16")
     try:
@@ -201,8 +203,6 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, Any]:
             t0 = time.perf_counter()
             if parts is None:
                 pipe = load_pipeline(args.checkpoint, **opts)
-                if transposed is not None and transposed != pipe.sampler.transposed_kernels:
-                    raise SystemExit("--layouts other than auto need --config (random weights), not --checkpoint")
             else:
                 p = dict(parts)
                 if args.no_clip:
@@ -234,7 +234,7 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, Any]:
                 f"{loop_floor:.3f} s ({row['loop_roofline_pct']:.0f}% of roofline)")
             if args.out:
                 Path(args.out).mkdir(parents=True, exist_ok=True)
-                make_grid(t["pngs"]).save(Path(args.out) / f"grid-{row['layout']}-{rows}.png")
+                make_grid(t["pngs"]).save(Path(args.out) / f"grid-{layout}-{row['layout']}-{rows}.png")
             del pipe
     info["results"] = results
     return info

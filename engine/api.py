@@ -24,10 +24,11 @@ MAX_IMAGES_PER_REQUEST = 16
 MAX_PROMPT_CHARS = 1000
 
 
-# Batch sizes (candidates per sampling pass) that get a compiled program; a pass is padded up to the next one. 9
-# rather than 8: a /dalle asks for 9 images by default, and padding it to 16 rows cost the demo grid 1.5-1.8x on
-# the CPU and Mega 10% of its sampling time on a GPU (bench/RESULTS.md, session 13); 5-8 images pay 1 row at most.
-DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 9, 16, 32)
+# Batch sizes (candidates per sampling pass) that get a compiled program; a pass is padded up to the next one. 9:
+# a /dalle asks for 9 images by default, and padding it to 16 rows cost the demo grid 1.5-1.8x on the CPU and Mega
+# 10% of its sampling time on a GPU (bench/RESULTS.md, session 13). 8 stays, so 5-8 images and --max-batch 8 run
+# as before.
+DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 9, 16, 32)
 
 
 def bucket_for(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:

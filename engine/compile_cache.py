@@ -8,7 +8,8 @@ only ever reused for the same program on the same software; a stale entry is nev
 ``XLA_CACHE_DIR`` (bot setting; ``python -m engine serve|generate --xla-cache-dir``): a directory, ``off`` to
 disable, or unset for the default, the user's cache directory (``~/.cache/dalle-bot/xla`` on Linux). A cache that
 cannot be created is logged and skipped: it never stops the engine from starting. It holds at most 4 GiB (least
-recently used entries go first). ``JAX_COMPILATION_CACHE_DIR``, JAX's own variable, wins when it is set.
+recently used entries go first). ``JAX_COMPILATION_CACHE_DIR``, JAX's own variable, wins when it is set (even
+over ``off``).
 """
 
 from __future__ import annotations

@@ -373,7 +373,7 @@ def load_pipeline(checkpoint_dir: str | Path | None = None, *, mesh: Any = None,
     db_dir = directory / "dallebart"
     db_config = DalleBartConfig.from_json(db_dir)
     # the sampler decodes with per-layer params: load straight into that layout (no re-stacking); the sampler then
-    # makes its decode copy (kernels transposed) and these are dropped when this function returns
+    # makes its decode copy (cast; kernels transposed on CPU) and these are dropped when this function returns
     db_params = load_dallebart_params(db_dir, dataclasses.replace(db_config, use_scan=False))
     tokenizer = DalleBartTokenizer.from_dir(db_dir, max_length=db_config.max_text_length,
                                             normalize=db_config.normalize_text)

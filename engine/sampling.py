@@ -401,7 +401,7 @@ class _Programs:
 class _MeshShardings:
     """Where every input, state array and output of the sampling programs lives on a ("data", "model") mesh."""
 
-    params: Any  # NamedSharding per parameter (engine.sharding rules), unscanned, kernels transposed
+    params: Any  # NamedSharding per parameter (engine.sharding rules), unscanned, in the sampler's kernel layout
     rows: dict[str, NamedSharding]  # per-row inputs: batch axis over "data"
     state: dict[str, Any]  # cache / cross K/V, per layer (2B, H, S|T, Dh): 2B over "data", H over "model" if it divides
     replicated: NamedSharding  # scalars and the outputs (tokens, logits), readable on every host
@@ -492,7 +492,7 @@ class Sampler:
             if jax.tree.structure(host) != want:
                 got = jax.tree.structure(host)
                 raise ValueError(f"params do not match the DalleBart config's parameter tree: {got} vs {want}")
-            self.params = jax.device_put(host, self._progs.shardings.params)  # the rules, transposed with the kernels
+            self.params = jax.device_put(host, self._progs.shardings.params)  # the rules, in the kernels' layout
             self._data_size = shd.data_parallel_size(mesh)
 
     def padded_rows(self, n: int) -> int:

@@ -36,7 +36,7 @@ def test_tiny_grid_times_each_layout_and_bucket(tmp_path):
             assert run["batch_candidates"] == 3
         assert r["first_s"] > r["median_wall_s"]  # the first call compiles
         assert 0 < r["loop_roofline_pct"] < 100
-    grid = Image.open(tmp_path / "png" / "grid-published-4.png")
+    grid = Image.open(tmp_path / "png" / "grid-published-published-4.png")
     assert min(grid.size) > 2 * 16  # the three 16-pixel images laid out in a grid, with padding
 
 
@@ -44,6 +44,7 @@ def test_tiny_grid_times_each_layout_and_bucket(tmp_path):
     (["--layouts", "sideways"], "--layouts"),
     (["--buckets", "4", "--n", "9"], "--buckets"),
     (["--n", "0"], "--n"),
+    (["--checkpoint", "engine/assets/demo", "--layouts", "transposed"], "--layouts"),
 ])
 def test_bad_arguments_are_rejected(argv, message, capsys):
     with pytest.raises(SystemExit):

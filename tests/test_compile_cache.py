@@ -99,15 +99,20 @@ def test_a_second_run_loads_every_program_from_the_cache(checkpoint, tmp_path):
 
 def test_the_bot_in_process_engine_turns_the_cache_on(checkpoint, tmp_path):
     code = textwrap.dedent(f"""
-        import types, jax
+        import os, types, jax
         from bot.service import engine_from_settings
+        from engine.api import GenerationRequest
         s = types.SimpleNamespace(engine_mode="inprocess", checkpoint_dir={str(checkpoint)!r},
                                   xla_cache_dir={str(tmp_path / "bot-xla")!r}, engine_warmup=False)
-        engine_from_settings(s, warmup=False)
+        engine = engine_from_settings(s, warmup=False)
+        count = lambda: sum(name.endswith("-cache") for name in os.listdir({str(tmp_path / "bot-xla")!r}))
+        before = count()
+        engine.batcher.pipeline.generate([GenerationRequest("a red circle", n=1)])  # compiles the sampler
+        print(count() - before)
         print(jax.config.jax_compilation_cache_dir)
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=ROOT,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == str(tmp_path / "bot-xla")
-    assert (tmp_path / "bot-xla").is_dir()
+    *_, written, directory = proc.stdout.strip().splitlines()
+    assert directory == str(tmp_path / "bot-xla") and int(written) > 0
