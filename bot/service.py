@@ -951,7 +951,9 @@ def engine_from_settings(settings: Any, *, warmup: bool | None = None) -> Engine
         if warmup is None:
             warmup = bool(_setting(settings, "engine_warmup", True))
         dtype = str(_setting(settings, "engine_dtype", "float32"))
-        return InProcessEngine(load_pipeline(checkpoint, dtype=dtype), warmup=warmup)
+        # without warm-up, compile only what each pass needs (the terminal front end: one request at a time)
+        pipeline = load_pipeline(checkpoint, dtype=dtype, eager_text_programs=warmup)
+        return InProcessEngine(pipeline, warmup=warmup)
     except EngineUnavailable:
         raise
     except ImportError as exc:

@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from engine.compile_cache import configure
 
         configure(args.xla_cache_dir)
-        opts: dict[str, Any] = {"dtype": args.dtype}
+        opts: dict[str, Any] = {"dtype": args.dtype, "eager_text_programs": not args.no_warmup}
         if args.model_parallel is not None:
             opts["model_parallel"] = args.model_parallel
         pipeline = load_checkpoint_pipeline(args.checkpoint or DEMO_CHECKPOINT, **opts)

@@ -80,6 +80,10 @@ class PipelineOptions:
     # None: DalleBart on one device (the default, fastest on CPU); k: a ("data", "model") mesh over every device
     # (all hosts after engine.sharding.initialize_distributed), k devices per model replica (engine.sharding)
     model_parallel: int | None = None
+    # the first pass of a batch size compiles the text encoder for every number of distinct texts it can hold (a
+    # server under load never stalls on one later); False: only the count each pass needs, when it first comes
+    # (one request at a time: the terminal front end, `engine generate`, ENGINE_WARMUP=false)
+    eager_text_programs: bool = True
 
 
 class ModelPipeline:
@@ -122,6 +126,7 @@ class ModelPipeline:
             dtype=weights.as_dtype(options.dtype),
             buckets=self.batch_buckets,
             chunk_size=options.chunk_size,
+            eager_text_programs=options.eager_text_programs,
             mesh=mesh,
             transposed_kernels=transposed_kernels,
         )

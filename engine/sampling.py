@@ -438,13 +438,17 @@ class Sampler:
     """Samples image tokens for batches of candidates with a DalleBart; one compiled program per bucket.
 
     ``Sampler(model, params, config, dtype=jnp.float32, *, buckets=DEFAULT_BUCKETS, chunk_size=32, mesh=None,
-    transposed_kernels=None)``: ``model`` may be None or a :class:`DalleBart` (only its ``dtype`` is used when
-    ``dtype`` is None); ``params`` in either published layout (converted once to the unscanned layout, with
-    transposed kernels where ``transposed_kernels`` — default :func:`default_transposed_kernels`: on CPU — see
-    :func:`to_decode_layout`, and cast to ``dtype``). ``chunk_size`` is the number of steps per jitted chunk when a
-    progress hook is given. ``mesh``: a ``("data", "model")`` mesh from
-    :func:`engine.sharding.make_mesh` (possibly spanning several processes); params are then placed on it by the
-    :mod:`engine.sharding` rules (never whole on one device) and candidates split over ``"data"``.
+    transposed_kernels=None, eager_text_programs=True)``: ``model`` may be None or a :class:`DalleBart` (only its
+    ``dtype`` is used when ``dtype`` is None); ``params`` in either published layout (converted once to the
+    unscanned layout, with transposed kernels where ``transposed_kernels`` — default
+    :func:`default_transposed_kernels`: on CPU — see :func:`to_decode_layout`, and cast to ``dtype``).
+    ``chunk_size`` is the number of steps per jitted chunk when a progress hook is given. ``mesh``: a
+    ``("data", "model")`` mesh from :func:`engine.sharding.make_mesh` (possibly spanning several processes); params
+    are then placed on it by the :mod:`engine.sharding` rules (never whole on one device) and candidates split
+    over ``"data"``.
+    ``eager_text_programs``: the first pass of a batch size compiles the encoder and state programs for every
+    number of distinct texts it can hold (:meth:`_compile_text_programs`), so no later pass of that size compiles;
+    False compiles only the count a pass needs, when it first comes (for callers that send one request at a time).
     Every process of a multi-host job must make the same calls with the same arguments.
     """
 
@@ -459,6 +463,7 @@ class Sampler:
         chunk_size: int = 32,
         mesh: Mesh | None = None,
         transposed_kernels: bool | None = None,
+        eager_text_programs: bool = True,
     ) -> None:
         if dtype is None:
             dtype = model.dtype if model is not None else jnp.float32
@@ -466,6 +471,7 @@ class Sampler:
         self.dtype = jnp.dtype(dtype)
         self.buckets = tuple(sorted(int(b) for b in buckets))
         self.chunk_size = max(1, min(int(chunk_size), config.image_length))
+        self.eager_text_programs = bool(eager_text_programs)
         if transposed_kernels is None:
             transposed_kernels = default_transposed_kernels(mesh)
         self.transposed_kernels = bool(transposed_kernels)
@@ -583,7 +589,8 @@ class Sampler:
 
     def _prepare(self, rows: dict[str, jax.Array]) -> Any:
         """Encode the pass's distinct texts, then the decode state of its rows."""
-        self._compile_text_programs(rows)
+        if self.eager_text_programs:
+            self._compile_text_programs(rows)
         text_kv = self._progs.call("encode", self.params, rows["text_ids"], rows["text_mask"])
         return self._progs.call("prepare", text_kv, rows["text_mask"], *self._row_args(rows))
 

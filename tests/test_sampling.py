@@ -348,6 +348,26 @@ def test_warmup_compiles_every_text_count_of_a_bucket(params):
     assert s._progs.num_compiled == compiled  # sampling after warmup compiled nothing new
 
 
+def test_lazy_text_programs_compile_only_the_counts_passes_need():
+    cfg = tiny_config(decoder_ffn_dim=40)  # a config of its own: compiled programs are shared per config and dtype
+    p = random_params(cfg, seed=1, std=0.1)
+    lazy = Sampler(None, p, cfg, buckets=(4,), eager_text_programs=False)
+
+    def compiled(s):
+        return sorted(key[0] for key in s._progs._executables)
+
+    ids, mask, uids, umask = _prompts(3, seed=9)
+    one = (np.repeat(ids[:1], 2, 0), np.repeat(mask[:1], 2, 0), uids[:2], umask[:2])  # 2 texts: prompt + empty
+    first = lazy.sample(*one, seeds=[5, 5], indices=[0, 1])
+    assert compiled(lazy) == ["chunk", "encode", "prepare"]
+    lazy.sample(ids, mask, uids, umask, seeds=[1, 2, 3], indices=[0, 0, 0])  # 4 texts: one more of each
+    assert compiled(lazy) == ["chunk", "encode", "encode", "prepare", "prepare"]
+    # the eager default compiles every count at a bucket's first pass; the tokens are the same either way
+    eager = Sampler(None, p, cfg, buckets=(4,))
+    np.testing.assert_array_equal(eager.sample(*one, seeds=[5, 5], indices=[0, 1]), first)
+    assert compiled(eager).count("encode") == len(text_sizes(4))
+
+
 def test_bfloat16_sampler_close_to_float32(sampler, params):
     ids, mask, uids, umask = _prompts(1, seed=4)
     _, ref = sampler.sample_with_logits(ids, mask, uids, umask, [3], [0], top_k=1)
