@@ -57,17 +57,15 @@ def device_random_like(shapes: Any, seed: int, std: float) -> Any:
     import jax
     import jax.numpy as jnp
 
+    from engine.checkpoint import CONSTANT_LEAVES, leaf_name
+
     base = jax.random.PRNGKey(seed)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     out = []
     for i, (path, leaf) in enumerate(leaves):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name == "scale":
-            out.append(jnp.ones(leaf.shape, jnp.float32))
-        elif name == "bias":
-            out.append(jnp.zeros(leaf.shape, jnp.float32))
-        elif name == "logit_scale":
-            out.append(jnp.full(leaf.shape, 2.6592, jnp.float32))
+        constant = CONSTANT_LEAVES.get(leaf_name(path))
+        if constant is not None:
+            out.append(jnp.full(leaf.shape, constant, jnp.float32))
         else:
             out.append(_normal_program(tuple(leaf.shape))(jax.random.fold_in(base, i), jnp.float32(std)))
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -89,6 +89,15 @@ def tiny_configs(grid: int = 4, codes: int = 64) -> tuple[DalleBartConfig, VQGAN
     return db, vq, clip
 
 
+# leaves a fresh model initialises to a constant, by name (everything else is drawn from N(0, std))
+CONSTANT_LEAVES = {"scale": 1.0, "bias": 0.0, "logit_scale": 2.6592}
+
+
+def leaf_name(path: tuple) -> str:
+    """The last key of a pytree path (``kernel``, ``scale``...)."""
+    return str(getattr(path[-1], "key", path[-1]))
+
+
 def random_like(shapes: Any, rng: np.random.Generator, std: float = 0.02) -> Any:
     """Random float32 values for a tree of shapes: N(0, std) weights, LayerNorm/GroupNorm scale 1 and bias 0.
 
@@ -97,13 +106,9 @@ def random_like(shapes: Any, rng: np.random.Generator, std: float = 0.02) -> Any
     """
 
     def fill(path: tuple, leaf: Any) -> np.ndarray:
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name == "scale":
-            return np.ones(leaf.shape, np.float32)
-        if name == "bias":
-            return np.zeros(leaf.shape, np.float32)
-        if name == "logit_scale":
-            return np.full(leaf.shape, 2.6592, np.float32)
+        constant = CONSTANT_LEAVES.get(leaf_name(path))
+        if constant is not None:
+            return np.full(leaf.shape, constant, np.float32)
         return (rng.standard_normal(leaf.shape) * std).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
