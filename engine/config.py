@@ -221,6 +221,19 @@ class VQGANConfig(_FromDict):
     give_pre_end: bool = False
     # GroupNorm groups (min(norm_groups, channels) per layer); 32 in the published model, fewer for tiny ones
     norm_groups: int = 32
+    # the decoder's own channel multipliers (None: ch_mult, as published); a wider decoder draws sharper
+    # outlines from the same tokens, so it can be trained after the encoder and codebook are fixed
+    decoder_ch_mult: tuple[int, ...] | None = None
+
+    @property
+    def decoder_mult(self) -> tuple[int, ...]:
+        return self.decoder_ch_mult if self.decoder_ch_mult is not None else self.ch_mult
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if out["decoder_ch_mult"] is None:  # the published layout has no such key
+            del out["decoder_ch_mult"]
+        return out
 
     @property
     def downsample_factor(self) -> int:
@@ -236,6 +249,10 @@ class VQGANConfig(_FromDict):
             raise ConfigError(f"{source}: resolution {self.resolution} not divisible by the VQGAN factor")
         if self.double_z:
             raise ConfigError(f"{source}: double_z=True is not implemented")
+        if self.decoder_ch_mult is not None and (len(self.decoder_ch_mult) != len(self.ch_mult)
+                                                 or min(self.decoder_ch_mult) < 1):
+            raise ConfigError(f"{source}: decoder_ch_mult {list(self.decoder_ch_mult)} needs "
+                              f"{len(self.ch_mult)} positive entries, one per level of ch_mult")
 
 
 # ----------------------------------------------------------------------------------------------

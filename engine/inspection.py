@@ -57,7 +57,8 @@ def summary(config: Any) -> str:
     if isinstance(config, VQGANConfig):
         return (
             f"VQGAN resolution={config.resolution} ch={config.ch} ch_mult={list(config.ch_mult)} "
-            f"res_blocks={config.num_res_blocks} codebook={config.n_embed}x{config.embed_dim} "
+            + (f"decoder_ch_mult={list(config.decoder_ch_mult)} " if config.decoder_ch_mult is not None else "")
+            + f"res_blocks={config.num_res_blocks} codebook={config.n_embed}x{config.embed_dim} "
             f"factor={config.downsample_factor} grid={config.grid_size}x{config.grid_size}"
         )
     v, t = config.vision_config, config.text_config

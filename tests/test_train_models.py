@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from engine import weights
-from engine.config import CLIPConfig, DalleBartConfig, VQGANConfig
+from engine.config import CLIPConfig, ConfigError, DalleBartConfig, VQGANConfig
 from engine.models.clip import CLIPModel, dummy_inputs
 from engine.models.dallebart import DalleBart, init_params, load_dallebart_params
 from engine.text import CLIPTokenizer, DalleBartTokenizer
@@ -32,6 +32,7 @@ TINY = [
     "--vocab-size", "300", "--clip-vocab-size", "600", "--clip-image-size", "32", "--patch", "8", "--width", "32",
     "--clip-layers", "1", "--clip-heads", "2", "--batch-size", "8", "--log-every", "4", "--save-every", "12",
     "--lr", "3e-3", "--warmup", "2", "--no-progress", "--vqgan-decoder-steps", "16", "--scale", "3", "--top-k", "8",
+    "--decoder-ch-mult", "2,2,2", "--palette-weight", "0.1",
 ]
 
 
@@ -70,6 +71,10 @@ def test_demo_records_its_sampling_and_tokens_come_from_the_base_vqgan(demo):
     _, _, final = load_vqgan(demo / "vqgan")
     for a, b in zip(jax.tree.leaves(base["quantize"]), jax.tree.leaves(final["quantize"]), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+    # the wider decoder (and the palette term) belong to the decoder stage: the base keeps the encoder's widths
+    assert VQGANConfig.from_json(demo / "vqgan-base").decoder_ch_mult is None
+    assert VQGANConfig.from_json(demo / "vqgan").decoder_ch_mult == (2, 2, 2)
+    assert read_metrics(demo / "vqgan-train" / "metrics.jsonl")[-1]["palette_ce"] > 0
 
 
 def test_vqgan_checkpoint_loads_in_the_engine_layout_and_encodes(demo):
@@ -219,6 +224,33 @@ def test_edge_map_marks_the_outline_and_edge_weight_leaves_flat_images_alone():
     assert float(weighted_loss(params, edged, rng)[1]["l1"]) != pytest.approx(plain_l1)
 
 
+def test_palette_cross_entropy_pays_for_pixels_on_the_wrong_side_of_a_colour_boundary():
+    """Exact colours cost ~0; a blurred star point (half-way to the background) costs more than the same L2 error
+    spread so thin that every pixel still snaps to the right colour; the loss option adds the term."""
+    from training.data.captions import COLOURS
+    from training.train_vqgan import _step_fns, palette_cross_entropy, small_vqgan_config
+
+    red, blue = (np.asarray(COLOURS[c], np.float32) / 255.0 for c in ("red", "blue"))
+    x = np.broadcast_to(blue, (1, 8, 8, 3)).copy()
+    x[0, 2:6, 2:6] = red
+    assert float(palette_cross_entropy(jnp.asarray(x), jnp.asarray(x), 0.02)) < 1e-3
+    half = x.copy()
+    half[0, 2:6, 2:4] = 0.4 * red + 0.6 * blue  # 8 pixels now nearer blue than red
+    spread = x + (np.sqrt(np.sum((half - x) ** 2) / x.size) * np.sign(blue - red)).astype(np.float32)
+    assert np.sum((half - x) ** 2) == pytest.approx(np.sum((spread - x) ** 2), rel=1e-4)  # same L2 error
+    ce_half = float(palette_cross_entropy(jnp.asarray(half), jnp.asarray(x), 0.02))
+    ce_spread = float(palette_cross_entropy(jnp.asarray(spread), jnp.asarray(x), 0.02))
+    assert ce_half > 10 * ce_spread
+
+    config = small_vqgan_config(32, 8, ch=8, n_embed=16, embed_dim=4, norm_groups=2)
+    plain, _, init = _step_fns(config, VQGANLoss())
+    with_palette, _, _ = _step_fns(config, VQGANLoss(palette_weight=0.5))
+    params, rng = init(jax.random.PRNGKey(0)), jax.random.PRNGKey(1)
+    batch = {"images": jnp.asarray(np.tile(x, (2, 4, 4, 1)))}  # (2, 32, 32, 3)
+    (a, ma), (b, _) = plain(params, batch, rng), with_palette(params, batch, rng)
+    assert float(b) == pytest.approx(float(a) + 0.5 * float(ma["palette_ce"]), rel=1e-5)
+
+
 def test_vqgan_cli_passes_the_loss_options(tmp_path, monkeypatch):
     import training.train_vqgan as tv
 
@@ -233,6 +265,9 @@ def test_vqgan_cli_passes_the_loss_options(tmp_path, monkeypatch):
         main(["vqgan", "--out", str(tmp_path / "v"), "--steps", "1", "--edge-weight", "4", "--dead-threshold", "0.01",
               "--uniform-restarts", "--no-progress"])
     assert seen["loss"] == VQGANLoss(edge_weight=4.0, dead_threshold=0.01, restart_on_error=False)
+    with pytest.raises(SystemExit):
+        main(["vqgan", "--out", str(tmp_path / "v"), "--steps", "1", "--palette-weight", "0.1", "--no-progress"])
+    assert seen["loss"] == VQGANLoss(palette_weight=0.1)
     with pytest.raises(SystemExit):
         main(["vqgan", "--out", str(tmp_path / "v"), "--steps", "1", "--no-progress"])
     assert seen["loss"] == VQGANLoss()
@@ -448,6 +483,35 @@ def test_decoder_only_finetune_keeps_the_tokens_and_trains_the_decoder(demo, tmp
     bad = [a if a != "8" else "16" for a in argv]  # a different --ch: not the saved config
     bad[bad.index(str(out))] = str(tmp_path / "vq3")
     assert main(bad) == 2
+
+
+def test_a_wider_decoder_trains_on_the_saved_tokens(demo, tmp_path):
+    """--decoder-only --decoder-ch-mult: a new decoder of another width on the saved encoder and codebook (same
+    tokens), exported with its own multipliers and loaded by the engine; without --decoder-only it is refused."""
+    out = tmp_path / "wide"
+    argv = ["vqgan", "--out", str(out), "--init-from", str(demo / "vqgan-base"), "--decoder-only",
+            "--decoder-ch-mult", "2,2,2", "--steps", "4", "--batch-size", "2", "--lr", "3e-3", "--warmup", "1",
+            "--no-progress", "--log-every", "2"]
+    assert main(argv) == 0
+    saved = VQGANConfig.from_json(demo / "vqgan-base")
+    wide = VQGANConfig.from_json(out)
+    assert wide.decoder_ch_mult == (2, 2, 2) and wide.ch_mult == saved.ch_mult
+    assert "decoder_ch_mult" not in saved.to_dict()  # the published layout keeps no such key when unset
+    _, _, before = load_vqgan(demo / "vqgan-base")
+    _, _, after = load_vqgan(out)
+    for part in ("encoder", "quant_conv", "quantize"):
+        for a, b in zip(jax.tree.leaves(before[part]), jax.tree.leaves(after[part]), strict=True):
+            assert np.array_equal(np.asarray(a), np.asarray(b)), part
+    width = {k: v["kernel"].shape[-1] for k, v in after["decoder"].items() if k == "conv_in"}
+    assert width == {"conv_in": saved.ch * 2}  # the deepest level: ch * 2 instead of ch * ch_mult[-1]
+    model, _, params = load_vqgan(out)  # the engine's module builds the wider decoder from the config alone
+    codes = jnp.zeros((2, saved.grid_size**2), jnp.int32)
+    assert model.apply({"params": params}, codes, method=model.decode_code).shape == (2, 32, 32, 3)
+
+    argv[argv.index("--decoder-only")] = "--no-progress"
+    assert main([*argv[:1], "--out", str(tmp_path / "refused"), *argv[3:]]) == 2
+    with pytest.raises(ConfigError, match="decoder_ch_mult"):
+        VQGANConfig.from_dict({**saved.to_dict(), "decoder_ch_mult": [1, 2]})
 
 
 def test_clip_continues_an_exported_clip_on_vqgan_round_trips(demo, tmp_path):

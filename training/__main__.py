@@ -81,7 +81,7 @@ def _common(p: argparse.ArgumentParser, *, steps: int, batch_size: int) -> None:
 
 # Architecture flags default to None: unset ones come from --init-from's saved config, else from these.
 VQGAN_ARCH_DEFAULTS = {"image_size": 128, "factor": 8, "ch": 16, "n_embed": 512, "embed_dim": 32, "res_blocks": 1,
-                       "norm_groups": 4, "ch_mult": None}
+                       "norm_groups": 4, "ch_mult": None, "decoder_ch_mult": None}
 DALLEBART_ARCH_DEFAULTS = {"d_model": 128, "layers": 2, "heads": 4, "ffn": 256, "max_text_length": 32}
 
 
@@ -98,6 +98,9 @@ def _vqgan_args(p: argparse.ArgumentParser) -> None:
                    help=f"GroupNorm groups (several channels per group; default {d['norm_groups']})")
     p.add_argument("--ch-mult", type=_int_tuple, default=None,
                    help="channel multiplier per level, e.g. 1,2,2,4 (default 1,1,2,2,... truncated)")
+    p.add_argument("--decoder-ch-mult", type=_int_tuple, default=None,
+                   help="the decoder's own multipliers (default: --ch-mult); with --init-from and --decoder-only, "
+                        "a new, e.g. wider, decoder trained on the saved encoder's tokens")
     p.add_argument("--data-seed", type=int, default=0)
 
 
@@ -117,11 +120,12 @@ def _vqgan_config(args: argparse.Namespace) -> Any:
         c = VQGANConfig.from_json(args.init_from)
         saved = {"image_size": c.resolution, "factor": c.downsample_factor, "ch": c.ch, "n_embed": c.n_embed,
                  "embed_dim": c.embed_dim, "res_blocks": c.num_res_blocks, "norm_groups": c.norm_groups,
-                 "ch_mult": tuple(c.ch_mult)}
+                 "ch_mult": tuple(c.ch_mult), "decoder_ch_mult": c.decoder_ch_mult}
     a = _arch(args, VQGAN_ARCH_DEFAULTS, saved)
     return small_vqgan_config(a["image_size"], a["factor"], ch=a["ch"], n_embed=a["n_embed"],
                               embed_dim=a["embed_dim"], num_res_blocks=a["res_blocks"],
-                              norm_groups=a["norm_groups"], ch_mult=a["ch_mult"])
+                              norm_groups=a["norm_groups"], ch_mult=a["ch_mult"],
+                              decoder_ch_mult=a["decoder_ch_mult"])
 
 
 def _dallebart_args(p: argparse.ArgumentParser) -> None:
@@ -185,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "stay exactly as they are")
     p.add_argument("--edge-weight", type=float, default=0.0,
                    help="extra weight of pixels near colour edges in the reconstruction loss (e.g. 4)")
+    p.add_argument("--palette-weight", type=float, default=0.0,
+                   help="weight of the per-pixel cross-entropy over the palette colours (sharp colour "
+                        "boundaries, e.g. 0.1)")
     p.add_argument("--dead-threshold", type=float, default=0.03,
                    help="codes chosen less often than this per step (moving average) restart on encoder outputs")
     p.add_argument("--uniform-restarts", action="store_true",
@@ -236,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--vqgan-steps", type=int, default=1000)
     p.add_argument("--vqgan-decoder-steps", type=int, default=0,
-                   help="then fine-tune only the VQGAN decoder this many steps (tokens unchanged; 0: skip)")
+                   help="then fine-tune only the VQGAN decoder this many steps (tokens unchanged; 0: skip); "
+                        "--decoder-ch-mult and --palette-weight apply to this stage only")
+    p.add_argument("--palette-weight", type=float, default=0.0,
+                   help="palette cross-entropy weight of the decoder fine-tune (see training vqgan --help)")
     p.add_argument("--num-images", type=int, default=20_000)
     p.add_argument("--dallebart-steps", type=int, default=2000)
     p.add_argument("--clip-steps", type=int, default=500)
@@ -300,7 +310,8 @@ def cmd_vqgan(args: argparse.Namespace, out: Path | None = None, steps: int | No
                       init_from=getattr(args, "init_from", None), decoder_only=getattr(args, "decoder_only", False),
                       loss=VQGANLoss(edge_weight=getattr(args, "edge_weight", 0.0),
                                      dead_threshold=getattr(args, "dead_threshold", 0.03),
-                                     restart_on_error=not getattr(args, "uniform_restarts", False)))
+                                     restart_on_error=not getattr(args, "uniform_restarts", False),
+                                     palette_weight=getattr(args, "palette_weight", 0.0)))
     return {"out": str(out), "eval": res.eval_metrics, "steps_per_s": res.result.steps_per_s}
 
 
@@ -513,7 +524,10 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     # with a decoder fine-tune, the tokens come from the base VQGAN and the final decoder goes to vqgan/
     base_dir = root / "vqgan-base" if args.vqgan_decoder_steps > 0 else vq_dir
     if not (base_dir / "flax_model.msgpack").exists():
-        report["vqgan"] = cmd_vqgan(args, base_dir, args.vqgan_steps)
+        # a wider decoder and the palette term belong to the decoder fine-tune when there is one
+        base_args = argparse.Namespace(**{**vars(args), "decoder_ch_mult": None, "palette_weight": 0.0}) \
+            if args.vqgan_decoder_steps > 0 else args
+        report["vqgan"] = cmd_vqgan(base_args, base_dir, args.vqgan_steps)
     timings["vqgan"] = time.perf_counter() - t0
     shards = root / "tokens"
     if not (shards.is_dir() and any(shards.glob("*.parquet"))):

@@ -28,10 +28,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from engine.config import VQGANConfig
 from engine.models.vqgan import VQModel
 from training.checkpoint import export_trained
+from training.data.captions import COLOUR_NAMES, COLOURS
 from training.data.shapes import ShapesConfig, ShapesDataset
 from training.loop import TrainResult, init_key, train
 from training.optim import OptimConfig
@@ -39,12 +41,14 @@ from training.optim import OptimConfig
 
 def small_vqgan_config(image_size: int = 128, factor: int = 8, *, ch: int = 16, n_embed: int = 512,
                        embed_dim: int = 32, num_res_blocks: int = 1, norm_groups: int = 4,
-                       ch_mult: tuple[int, ...] | None = None) -> VQGANConfig:
+                       ch_mult: tuple[int, ...] | None = None,
+                       decoder_ch_mult: tuple[int, ...] | None = None) -> VQGANConfig:
     """A demo-sized VQGAN: ``factor`` (a power of two, 2..32) sets the token grid ``image_size // factor``.
 
     Channels grow slowly with depth (default ``ch * (1, 1, 2, 2, 4, 4)``): most of the cost is at full
     resolution, so widening the low-resolution levels (e.g. ``ch_mult=(1, 2, 2, 4)``) adds decoder capacity
-    cheaply. ``ch_mult`` needs one entry per level, ``log2(factor) + 1``.
+    cheaply. ``ch_mult`` needs one entry per level, ``log2(factor) + 1``; so does ``decoder_ch_mult``, the
+    decoder's own multipliers (default ``ch_mult``).
     ``norm_groups`` must leave several channels per GroupNorm group: with one channel per group (the
     published 32 groups on a 16-channel layer) the norm erases each channel's mean, i.e. a flat colour.
     """
@@ -55,6 +59,9 @@ def small_vqgan_config(image_size: int = 128, factor: int = 8, *, ch: int = 16, 
         ch_mult = (1, 1, 2, 2, 4, 4)[: levels + 1]
     elif len(ch_mult) != levels + 1 or min(ch_mult) < 1:
         raise ValueError(f"ch_mult needs {levels + 1} positive entries for factor {factor}, got {tuple(ch_mult)}")
+    if decoder_ch_mult is not None and (len(decoder_ch_mult) != levels + 1 or min(decoder_ch_mult) < 1):
+        raise ValueError(f"decoder_ch_mult needs {levels + 1} positive entries for factor {factor}, "
+                         f"got {tuple(decoder_ch_mult)}")
     return VQGANConfig(
         resolution=image_size,
         ch=ch,
@@ -65,6 +72,7 @@ def small_vqgan_config(image_size: int = 128, factor: int = 8, *, ch: int = 16, 
         embed_dim=embed_dim,
         n_embed=n_embed,
         norm_groups=norm_groups,
+        decoder_ch_mult=tuple(decoder_ch_mult) if decoder_ch_mult is not None else None,
     )
 
 
@@ -114,6 +122,8 @@ class VQGANLoss:
     dead_threshold: float = 0.03
     restart_every: int = 50  # gradient codebook only; 0: never restart
     restart_on_error: bool = True
+    palette_weight: float = 0.0
+    palette_temperature: float = 0.02
     edge_weight: float = 0.0
 
 
@@ -150,6 +160,26 @@ def edge_map(x: jax.Array, radius: int = 2) -> jax.Array:
     return jax.lax.reduce_window(edge, 0.0, jax.lax.max, (1, size, size, 1), (1, 1, 1, 1), "SAME")
 
 
+_PALETTE = np.asarray([COLOURS[c] for c in COLOUR_NAMES], np.float32) / 255.0  # (8, 3) in [0, 1]
+
+
+def palette_cross_entropy(recon: jax.Array, x: jax.Array, temperature: float,
+                          weight: jax.Array | float = 1.0) -> jax.Array:
+    """Mean (``weight``-weighted) cross-entropy of ``recon``'s pixels against ``x``'s nearest palette colours.
+
+    recon, x: (B, H, W, 3) in [0, 1]; weight: (B, H, W, 1) or a scalar. Logits: −‖pixel − colour‖² / temperature.
+    """
+    palette = jnp.asarray(_PALETTE)
+
+    def neg_sq_dist(img: jax.Array) -> jax.Array:  # (B, H, W, 8)
+        return -jnp.sum(jnp.square(img.astype(jnp.float32)[..., None, :] - palette), axis=-1)
+
+    target = jnp.argmax(neg_sq_dist(x), axis=-1)
+    ce = optax.softmax_cross_entropy_with_integer_labels(neg_sq_dist(recon) / temperature, target)
+    w = weight[..., 0] if isinstance(weight, jax.Array) else weight
+    return jnp.mean(w * ce)
+
+
 def make_loss(model: VQModel, weights: VQGANLoss):
     n_embed = model.config.n_embed
 
@@ -164,6 +194,9 @@ def make_loss(model: VQModel, weights: VQGANLoss):
         l1 = jnp.mean(w * jnp.abs(recon - x))
         l2 = jnp.mean(w * jnp.square(recon - x))
         loss = weights.l1_weight * l1 + weights.l2_weight * l2 + weights.beta * vq["commitment_loss"]
+        palette_ce = palette_cross_entropy(recon, x, weights.palette_temperature, w)
+        if weights.palette_weight:
+            loss = loss + weights.palette_weight * palette_ce
         if not weights.ema:
             loss = loss + vq["codebook_loss"]
         flat_z = jax.lax.stop_gradient(z.reshape(-1, z.shape[-1]).astype(jnp.float32))
@@ -176,6 +209,7 @@ def make_loss(model: VQModel, weights: VQGANLoss):
             "l2": l2,
             "codebook_loss": vq["codebook_loss"],
             "commitment_loss": vq["commitment_loss"],
+            "palette_ce": palette_ce,
             "psnr": psnr(x, recon),
             "codes_used": jnp.sum(counts > 0).astype(jnp.float32),
             "_counts": counts,
@@ -190,6 +224,7 @@ def make_loss(model: VQModel, weights: VQGANLoss):
 
 
 FROZEN_FOR_DECODER_ONLY = ("encoder", "quant_conv", "quantize")
+DECODER_FIELDS = {"decoder_ch_mult"}  # config keys a decoder-only run may change (the decoder is then new)
 
 
 def freeze_tokenizer_side(loss_fn):
@@ -323,7 +358,9 @@ def train_vqgan(
     next to the checkpoint); running the same call again resumes there. The evaluation set is the first
     ``eval_images`` images of a dataset with seed ``data_seed + 1``, disjoint from the training stream.
     ``init_from``: start from an exported VQGAN (same config) instead of a random init; ``decoder_only``
-    (needs ``init_from``): train the decoder side only, tokens unchanged (see the module docstring).
+    (needs ``init_from``): train the decoder side only, tokens unchanged (see the module docstring). With
+    ``decoder_only`` the config may differ from ``init_from``'s in ``decoder_ch_mult``: the decoder side then
+    starts from a random init and the encoder and codebook are ``init_from``'s.
     """
     if decoder_only and init_from is None:
         raise ValueError("decoder_only needs init_from: the VQGAN whose encoder and codebook stay fixed")
@@ -342,10 +379,18 @@ def train_vqgan(
         from engine import weights
 
         saved = VQGANConfig.from_json(Path(init_from))
-        if saved.to_dict() != config.to_dict():
-            diff = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
-            raise ValueError(f"{init_from}: its config differs from the one being trained ({', '.join(diff)})")
-        params = weights.load_params(init_from, jax.eval_shape(init, init_key(seed)), dtype="float32")
+        ours, theirs = config.to_dict(), saved.to_dict()
+        diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        new_decoder = decoder_only and set(diff) <= DECODER_FIELDS
+        if diff and not new_decoder:
+            raise ValueError(f"{init_from}: its config differs from the one being trained ({', '.join(diff)})"
+                             + ("" if decoder_only or set(diff) - DECODER_FIELDS else
+                                "; a new decoder shape needs decoder_only"))
+        saved_init = _step_fns(saved, loss)[2]
+        params = weights.load_params(init_from, jax.eval_shape(saved_init, init_key(seed)), dtype="float32")
+        if diff:  # a decoder of another shape on the saved tokenizer side: fresh decoder weights
+            fresh = init(init_key(seed))
+            params = {k: params[k] if k in FROZEN_FOR_DECODER_ONLY else fresh[k] for k in fresh}
     else:
         params = init(init_key(seed))
     if decoder_only:

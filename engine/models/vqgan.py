@@ -205,7 +205,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, r, r, z_channels) → (B, r·f, r·f, out_ch); levels run from the deepest (``up_{n-1}``) to ``up_0``."""
+    """(B, r, r, z_channels) → (B, r·f, r·f, out_ch); levels run from the deepest (``up_{n-1}``) to ``up_0``,
+    level i with ``ch · config.decoder_mult[i]`` channels."""
 
     config: VQGANConfig
     norm_groups: int = 32
@@ -214,13 +215,14 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, z: Array, deterministic: bool = True) -> Array:
         cfg = self.config
-        n_levels = len(cfg.ch_mult)
+        mult = cfg.decoder_mult
+        n_levels = len(mult)
         res = cfg.resolution // 2 ** (n_levels - 1)
-        h = _conv(cfg.ch * cfg.ch_mult[-1], 3, "conv_in", self.dtype)(z)
-        h = MidBlock(cfg.ch * cfg.ch_mult[-1], self.norm_groups, cfg.dropout, self.dtype, name="mid")(h, deterministic)
+        h = _conv(cfg.ch * mult[-1], 3, "conv_in", self.dtype)(z)
+        h = MidBlock(cfg.ch * mult[-1], self.norm_groups, cfg.dropout, self.dtype, name="mid")(h, deterministic)
         for i in reversed(range(n_levels)):
             h = Level(
-                cfg.ch * cfg.ch_mult[i],
+                cfg.ch * mult[i],
                 cfg.num_res_blocks + 1,
                 res in cfg.attn_resolutions,
                 "up" if i != 0 else None,
