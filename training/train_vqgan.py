@@ -59,10 +59,7 @@ def small_vqgan_config(image_size: int = 128, factor: int = 8, *, ch: int = 16, 
         ch_mult = (1, 1, 2, 2, 4, 4)[: levels + 1]
     elif len(ch_mult) != levels + 1 or min(ch_mult) < 1:
         raise ValueError(f"ch_mult needs {levels + 1} positive entries for factor {factor}, got {tuple(ch_mult)}")
-    if decoder_ch_mult is not None and (len(decoder_ch_mult) != levels + 1 or min(decoder_ch_mult) < 1):
-        raise ValueError(f"decoder_ch_mult needs {levels + 1} positive entries for factor {factor}, "
-                         f"got {tuple(decoder_ch_mult)}")
-    return VQGANConfig(
+    config = VQGANConfig(
         resolution=image_size,
         ch=ch,
         ch_mult=tuple(ch_mult),
@@ -74,6 +71,8 @@ def small_vqgan_config(image_size: int = 128, factor: int = 8, *, ch: int = 16, 
         norm_groups=norm_groups,
         decoder_ch_mult=tuple(decoder_ch_mult) if decoder_ch_mult is not None else None,
     )
+    config.validate("small_vqgan_config")  # decoder_ch_mult: one positive entry per level
+    return config
 
 
 class ShapeImageBatches:
@@ -381,11 +380,10 @@ def train_vqgan(
         saved = VQGANConfig.from_json(Path(init_from))
         ours, theirs = config.to_dict(), saved.to_dict()
         diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-        new_decoder = decoder_only and set(diff) <= DECODER_FIELDS
-        if diff and not new_decoder:
-            raise ValueError(f"{init_from}: its config differs from the one being trained ({', '.join(diff)})"
-                             + ("" if decoder_only or set(diff) - DECODER_FIELDS else
-                                "; a new decoder shape needs decoder_only"))
+        decoder_side_only = set(diff) <= DECODER_FIELDS
+        if diff and not (decoder_only and decoder_side_only):
+            hint = "; a new decoder shape needs decoder_only" if decoder_side_only else ""
+            raise ValueError(f"{init_from}: its config differs from the one being trained ({', '.join(diff)}){hint}")
         saved_init = _step_fns(saved, loss)[2]
         params = weights.load_params(init_from, jax.eval_shape(saved_init, init_key(seed)), dtype="float32")
         if diff:  # a decoder of another shape on the saved tokenizer side: fresh decoder weights
