@@ -22,7 +22,7 @@ from training.data.parquet import iter_token_shards
 from training.encode import encode_shapes, load_vqgan
 from training.metrics_log import read_metrics
 from training.optim import OptimConfig
-from training.train_dallebart import BlankCaptions, make_loss, train_dallebart
+from training.train_dallebart import BlankCaptions, PrefixNoise, make_loss, train_dallebart
 from training.train_vqgan import VQGANLoss, make_codebook_update
 
 TINY = [
@@ -159,6 +159,41 @@ def test_blank_captions_are_deterministic_and_use_the_empty_prompt():
     assert (src[2]["input_ids"] == 7).all()  # the source is not modified
     with pytest.raises(ValueError, match="blank_caption_prob"):
         BlankCaptions(src, 1.5, blank)
+
+
+def test_prefix_noise_puts_made_up_words_before_the_caption_and_keeps_the_rest(demo):
+    """Chosen captioned rows: made-up words (letters only), then the caption's own tokens unchanged, then
+    ``</s>``; blank rows, full rows and the source untouched; the same draw for the same (seed, batch)."""
+    tok = DalleBartTokenizer.from_dir(demo / "dallebart", max_length=24, normalize=True)
+    long = "a picture of a large blue star at the top on a green background"  # fills all 24 (truncated)
+    captions = ["a red circle", "", "a large blue star at the top", long] * 30
+    enc = tok(captions)
+    lengths = enc["attention_mask"].sum(1)
+    full, blank = lengths == 24, lengths == 2
+    assert full.any() and blank.any()
+    src = {k: {**{n: v.copy() for n, v in enc.items()}, "labels": np.zeros((120, 3), int)} for k in range(3)}
+    a, b = PrefixNoise(src, 0.5, tok, seed=1), PrefixNoise(src, 0.5, tok, seed=1)
+    out = a[2]
+    np.testing.assert_array_equal(out["input_ids"], b[2]["input_ids"])
+    assert not np.array_equal(out["input_ids"], a[1]["input_ids"])
+    np.testing.assert_array_equal(src[2]["input_ids"], enc["input_ids"])  # the source is not modified
+    new_lengths = out["attention_mask"].sum(1)
+    changed = new_lengths > lengths
+    assert not changed[blank | full].any()
+    assert (out["input_ids"][blank | full] == enc["input_ids"][blank | full]).all()
+    assert 0.3 < changed[~(blank | full)].mean() < 0.7
+    for row in np.flatnonzero(changed):
+        n, length = int(new_lengths[row] - lengths[row]), int(lengths[row])
+        ids = out["input_ids"][row]
+        assert ids[0] == tok.bos_token_id and ids[new_lengths[row] - 1] == tok.eos_token_id
+        np.testing.assert_array_equal(ids[1 + n: length + n], enc["input_ids"][row, 1:length])
+        assert (ids[new_lengths[row]:] == tok.pad_token_id).all()
+        noise = tok.decode(ids[1: 1 + n]).split()
+        assert noise and all(w.isalpha() and w.islower() for w in noise), noise
+    everything = PrefixNoise(src, 1.0, tok, seed=0)[0]
+    assert (everything["attention_mask"].sum(1) > lengths)[~(blank | full)].all()
+    with pytest.raises(ValueError, match="prefix noise"):
+        PrefixNoise(src, -0.1, tok)
 
 
 def test_ema_codebook_update_and_dead_code_restart():
@@ -302,8 +337,9 @@ def test_dallebart_init_from_continues_an_exported_checkpoint(demo, tmp_path):
             str(demo / "dallebart"), "--d-model", "64", "--steps", "1", "--no-progress"]
     assert main(args) == 2
     del args[args.index("--d-model") : args.index("--d-model") + 2]  # no architecture flags: the saved config
-    assert main([*args, "--batch-size", "4"]) == 0
+    assert main([*args, "--batch-size", "4", "--prefix-noise", "0.3"]) == 0
     assert DalleBartConfig.from_json(tmp_path / "d") == cfg
+    assert Checkpointer(tmp_path / "d-train" / "checkpoints").read_meta()["prefix_noise"] == 0.3
 
 
 def test_dallebart_for_a_new_vqgan_keeps_the_text_and_transformer_weights(demo, tmp_path):

@@ -139,6 +139,9 @@ def _dallebart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn", type=int, default=None, help="(default 256)")
     p.add_argument("--max-text-length", type=int, default=None, help="(default 32)")
     p.add_argument("--blank-prob", type=float, default=0.0, help="extra caption blanking (the data has 10%%)")
+    p.add_argument("--prefix-noise", type=float, default=0.0,
+                   help="share of captions that get 1-3 made-up words in front, so unfamiliar framing words "
+                        "(\"an illustration of ...\") are ignored (e.g. 0.3)")
     p.add_argument("--vqgan", type=Path, default=None, help="VQGAN checkpoint dir (its n_embed sets the image vocab)")
     p.add_argument("--n-codes", type=int, default=None, help="image vocab size if no --vqgan (default: max code + 1)")
 
@@ -366,6 +369,7 @@ def cmd_dallebart(args: argparse.Namespace, shards: Path | None = None, out: Pat
                    **({"b2": 0.98} if args.optimizer == "adamw" else {}))
     res = train_dallebart(out, config, shards, tok_dir, steps=steps, batch_size=args.batch_size or 32,
                           optim=optim, seed=args.seed, blank_caption_prob=args.blank_prob,
+                          prefix_noise=args.prefix_noise,
                           eval_shards=getattr(args, "eval_shards", None), init_from=getattr(args, "init_from", None),
                           new_image_vocab=getattr(args, "new_image_vocab", False), grow=getattr(args, "grow", False),
                           work_dir=args.work_dir if out == args.out else None, save_every=args.save_every,
