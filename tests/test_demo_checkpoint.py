@@ -3,8 +3,8 @@
 It is a preview below the training issue's quality bars (README, ``checkpoint.json``). The floors below guard the
 level it was measured at (2026-12-05, the DalleBart trained with prefix noise, sampled at temperature 0.7; fixed
 prompt set, evaluation seeds 0, 1, 2: top-ranked colour 94 / 100 / 100%, shape 50 / 58 / 62.5%, position
-86 / 92 / 90%, everything 42 / 58 / 62.5%), with room for the numeric differences between CPUs. The issue's bars are a strict xfail: when a model that meets them is
-installed, that test fails until its marker is removed.
+86 / 92 / 90%, everything 42 / 58 / 62.5%), with room for the numeric differences between CPUs. The issue's
+bars are a strict xfail: when a model that meets them is installed, that test fails until its marker is removed.
 """
 
 from __future__ import annotations
