@@ -22,7 +22,8 @@ from training.data.parquet import iter_token_shards
 from training.encode import encode_shapes, load_vqgan
 from training.metrics_log import read_metrics
 from training.optim import OptimConfig
-from training.train_dallebart import BlankCaptions, PrefixNoise, make_loss, train_dallebart
+from training.prefix_noise import PrefixNoise
+from training.train_dallebart import BlankCaptions, make_loss, train_dallebart
 from training.train_vqgan import VQGANLoss, make_codebook_update
 
 TINY = [
@@ -583,6 +584,35 @@ def test_clip_continues_an_exported_clip_on_vqgan_round_trips(demo, tmp_path):
     with_recon_images = float(make_loss(CLIPModel(cfg), cfg)(saved, {**inputs, "images": jnp.asarray(got)},
                                                              jax.random.PRNGKey(0))[0])
     assert on_recon != plain and on_recon == pytest.approx(with_recon_images, rel=1e-5)
+
+
+def test_clip_prefix_noise_keeps_the_pooled_end_token_and_the_images(demo, tmp_path):
+    """``clip --prefix-noise P``: the CLIP's captions get made-up words after the start token; the caption's own
+    tokens follow unchanged, CLIP's pooling position (the argmax id) moves onto the row's end token, and the
+    images and same-caption keys are untouched. The run records P."""
+    from training.data.shapes import ShapesConfig, ShapesDataset
+    from training.train_clip import CaptionedImageBatches
+
+    cfg = CLIPConfig.from_json(demo / "clip")
+    tokenizer = CLIPTokenizer.from_dir(demo / "clip", max_length=cfg.text_config.max_position_embeddings)
+    shapes = ShapesConfig(image_size=32, factor=4)
+    plain = CaptionedImageBatches(ShapesDataset(0, shapes), tokenizer, 8, 0.5)
+    before, after = plain[1], PrefixNoise(plain, 1.0, tokenizer, seed=0)[1]
+    for name in ("images", "caption_key"):
+        np.testing.assert_array_equal(after[name], before[name])
+    lengths, new_lengths = before["attention_mask"].sum(1), after["attention_mask"].sum(1)
+    assert (new_lengths > lengths).all()
+    for row, (m, n) in enumerate(zip(lengths, new_lengths - lengths, strict=True)):
+        ids = after["input_ids"][row]
+        np.testing.assert_array_equal(ids[1 + n: m + n], before["input_ids"][row, 1:m])
+        assert int(np.argmax(ids)) == m + n - 1 == int(np.argmax(before["input_ids"][row])) + n
+        assert ids[m + n - 1] == tokenizer.eos_token_id
+        assert (ids[1: 1 + n] < min(tokenizer.bos_token_id, tokenizer.eos_token_id)).all()  # no special token
+
+    cli = ["clip", "--out", str(tmp_path / "c"), "--init-from", str(demo / "clip"), "--steps", "2",
+           "--batch-size", "8", "--prefix-noise", "0.3", "--no-progress"]
+    assert main(cli) == 0
+    assert Checkpointer(tmp_path / "c-train" / "checkpoints").read_meta()["prefix_noise"] == 0.3
 
 
 def test_clip_round_trip_refuses_images_of_another_size(demo, tmp_path, capsys):

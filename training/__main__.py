@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vqgan-roundtrip", type=Path, default=None, metavar="VQGAN_DIR",
                    help="train on this VQGAN's encode-decode round-trips of the images (what CLIP ranks at "
                         "inference) instead of the crisp renders")
+    p.add_argument("--prefix-noise", type=float, default=0.0,
+                   help="share of captions that get 1-3 made-up words in front, so the ranker ignores unfamiliar "
+                        "framing words (\"an illustration of ...\") as the DalleBart does (e.g. 0.3)")
     _clip_args(p)
     _common(p, steps=500, batch_size=64)
 
@@ -404,6 +407,7 @@ def cmd_clip(args: argparse.Namespace, out: Path | None = None, steps: int | Non
     res = train_clip(out, config, tok_dir, steps=steps, batch_size=args.batch_size or 64, optim=optim,
                      hard_negative_rate=args.hard_negatives, init_from=init_from,
                      vqgan_dir=getattr(args, "vqgan_roundtrip", None),
+                     prefix_noise=getattr(args, "prefix_noise", 0.0),
                      seed=args.seed, data_seed=getattr(args, "data_seed", 0),
                      work_dir=args.work_dir if out == args.out else None, save_every=args.save_every,
                      log_every=args.log_every, mesh=_mesh(args), progress=not args.no_progress)

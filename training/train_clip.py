@@ -42,6 +42,7 @@ from training.checkpoint import export_trained
 from training.data.shapes import ShapeExample, ShapesConfig, ShapesDataset, counterfactual_scene, render_scene
 from training.loop import TrainResult, init_key, train
 from training.optim import OptimConfig
+from training.prefix_noise import PrefixNoise
 
 CLIP_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                         "special_tokens_map.json")
@@ -225,12 +226,15 @@ def train_clip(
     hard_negative_rate: float = 0.0,
     init_from: str | Path | None = None,
     vqgan_dir: str | Path | None = None,
+    prefix_noise: float = 0.0,
 ) -> CLIPTrainOutput:
     """Train (or resume) CLIP on shapes image–caption pairs and write the checkpoint directory ``out_dir``.
 
     ``init_from``: start from the weights of this exported CLIP (of ``config``'s shapes) instead of a random
     init. ``vqgan_dir``:
-    train and evaluate on that VQGAN's round-trips of the images (module docstring).
+    train and evaluate on that VQGAN's round-trips of the images (module docstring). ``prefix_noise``: the share
+    of training captions that get 1-3 made-up words in front (:class:`training.prefix_noise.PrefixNoise`), so
+    the ranker scores "an illustration of a red circle" as it scores "a red circle"; evaluation is unchanged.
     Evaluation uses ``eval_batches`` batches of a dataset with seed ``data_seed + 1``.
     """
     out_dir = Path(out_dir)
@@ -240,7 +244,9 @@ def train_clip(
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the text vocab_size is "
                          f"{config.text_config.vocab_size}")
     shapes = shapes or ShapesConfig()
-    batches = CaptionedImageBatches(ShapesDataset(data_seed, shapes), tokenizer, batch_size, hard_negative_rate)
+    batches: Any = CaptionedImageBatches(ShapesDataset(data_seed, shapes), tokenizer, batch_size, hard_negative_rate)
+    if prefix_noise > 0:
+        batches = PrefixNoise(batches, prefix_noise, tokenizer, seed=seed)
     optim = optim or OptimConfig(name="adamw", learning_rate=5e-4, warmup_steps=min(100, max(steps // 10, 1)),
                                  decay="cosine", decay_steps=max(steps, 1), end_lr_ratio=0.1, b2=0.98,
                                  weight_decay=0.1, max_grad_norm=1.0)
@@ -277,7 +283,7 @@ def train_clip(
         extra_update=clamp_logit_scale,
         stop_after=stop_after,
         meta={"model": "clip", "batch_size": batch_size, "data_seed": data_seed,
-              "hard_negative_rate": hard_negative_rate,
+              "hard_negative_rate": hard_negative_rate, "prefix_noise": prefix_noise,
               "vqgan_roundtrip": str(vqgan_dir) if vqgan_dir is not None else None,
               "init_from": str(init_from) if init_from is not None else None},
     )
