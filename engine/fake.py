@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from engine.api import EngineError, GeneratedImage, GenerationRequest, GenerationResult, bucket_for
+from engine.api import DEFAULT_BUCKETS, EngineError, GeneratedImage, GenerationRequest, GenerationResult, bucket_for
 
 CODEBOOK_SIZE = 16384
 
@@ -68,7 +68,7 @@ class FakePipeline:
         self,
         *,
         checkpoint_id: str = "fake-0",
-        batch_buckets: Sequence[int] = (1, 2, 4, 8, 16),
+        batch_buckets: Sequence[int] = DEFAULT_BUCKETS,
         fixed_latency: float = 0.0,
         per_candidate_latency: float = 0.0,
         tokens_total: int = 256,
