@@ -6,7 +6,9 @@ possibly run here. ``bench sampler`` uses the same functions to report its measu
 of that bound.
 
 Cost of one step for ``R = 2·B`` rows (conditional and unconditional branch in one batch), ``L`` decoder
-layers, width ``d``, GLU width ``f``, static KV cache of ``S`` slots, ``T`` text positions, ``V`` logits:
+layers, width ``d``, GLU width ``f``, ``T`` text positions, ``V`` logits, and ``S`` the KV-cache slots a step
+must read: on average over an image of ``image_length`` positions, the ``(image_length + 1) / 2`` written so
+far (until 2026-12-05 this counted all ``image_length`` slots, which is what the sampler then read):
 
 * FLOPs = R · [L · (8d² (q,k,v,o) + 4dS (scores, values) + 4d² (cross q,o) + 4dT + 6df (GLU)) + 2dV]
 * bytes = weights read once (L · (6d² + 3df) + dV) · w  +  KV cache R · L · 2 · S · d · a
@@ -41,7 +43,7 @@ def decode_step_cost(cfg: DalleBartConfig, batch: int, weight_bytes: int = 4, ac
     """FLOPs and bytes of one cached decode step for ``batch`` images (2·batch rows)."""
     rows = 2 * batch
     d, f, layers = cfg.d_model, cfg.decoder_ffn_dim, cfg.decoder_layers
-    slots, text, vocab = cfg.image_length, cfg.max_text_length, cfg.image_vocab_size + 1
+    slots, text, vocab = (cfg.image_length + 1) / 2, cfg.max_text_length, cfg.image_vocab_size + 1
     per_layer = 8 * d * d + 4 * d * slots + 4 * d * d + 4 * d * text + 6 * d * f
     flops = rows * (layers * per_layer + 2 * d * vocab)
     weights = (layers * (6 * d * d + 3 * d * f) + d * vocab) * weight_bytes

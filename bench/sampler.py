@@ -21,14 +21,17 @@ What is compared, per (config, dtype, batch B):
 Both samplers get the SAME random weights (one numpy tree, mapped into min-dalle's modules), the same prompt for
 all B images, the same start token and the same sampling settings (super-conditioning 10, top-k 50, temperature 1).
 
-How a step is timed (``--steps N``): the per-step cost is constant (both caches are static, 256 slots, attended in
-full under a mask), so only ``N`` of the ``image_length`` steps are timed and the loop time is extrapolated
-linearly (``image_length × ms/step``). Ours runs with ``chunk_size=N`` and a progress hook: the first chunk
-(encoder + cross K/V + N steps, first run of the executables) is a warm-in, then ``R`` chunks of N steps are timed
-between hook calls and the fastest counts; ``encoder`` = first chunk − fastest chunk. min-dalle: its encoder is
-timed on its own (second of two calls), then 2 warm-in steps, then R timed blocks of N steps, fastest counts.
-``--steps`` defaults to image_length/2 for the demo config (1 warm-in + 1 timed chunk = one whole image) and 4
-for larger ones; it must be <= image_length/2.
+How a step is timed (``--steps N``): only ``N``-step chunks are timed and the loop time is extrapolated
+(``image_length × ms/step``). Ours runs with ``chunk_size=N`` and a progress hook: the first chunk (encoder +
+cross K/V + N steps, first run of the executables) is a warm-in, then chunks of N steps are timed between hook
+calls. Our KV cache is in blocks (``Sampler.cache_blocks``, 4 by default), and a step reads only the blocks
+written so far, so a step costs more the later it comes: the whole image is run, the fastest of the first ``R``
+whole chunks inside each block counts, and ms/step is the mean over the blocks (with one block, R chunks after the
+warm-in, as before). ``encoder`` = first chunk − fastest chunk of the first block. min-dalle's cache is static
+(256 slots, attended in full under a mask), so its step cost is constant: its encoder is timed on its own (second
+of two calls), then 2 warm-in steps, then R timed blocks of N steps, fastest counts.
+``--steps`` defaults to one cache block (64 steps) for the demo config and 4 for larger ones; it must be
+<= image_length/2 and <= one block.
 
 Columns: ms/step (one decoder step for all 2B rows, sampling included), tokens/s = B / step time (image tokens of
 B images), images/s = B / (image_length × step time) (decoder loop only, no encoder, no VQGAN), ours/min-dalle =
@@ -144,13 +147,16 @@ def loadavg() -> float:
 
 
 def time_ours(sampler: Any, batch: int, steps: int, repeats: int) -> dict[str, float]:
-    """Compile, then one sample with ``chunk_size == steps``: warm-in chunk + ``repeats`` timed chunks.
+    """Compile, then one sample with ``chunk_size == steps``: a warm-in chunk, then timed chunks (module docstring).
 
-    Returns compile_s, encoder_s, step_s (fastest chunk / steps) and the tokens of the timed run.
+    Returns compile_s, encoder_s and step_s (per cache block the fastest of its first ``repeats`` whole chunks,
+    / steps, averaged over the blocks).
     """
     cfg = sampler.config
     if sampler.chunk_size != steps:
         raise ValueError(f"sampler chunk_size {sampler.chunk_size} != steps {steps}")
+    blocks = getattr(sampler, "cache_blocks", 1)
+    width = cfg.image_length // blocks
     repeats = max(1, min(repeats, cfg.image_length // steps - 1))
     t0 = time.perf_counter()
     compiled = sampler.warmup([batch], chunked=True)
@@ -162,7 +168,7 @@ def time_ours(sampler: Any, batch: int, steps: int, repeats: int) -> dict[str, f
 
     def hook(done: int, tokens: np.ndarray) -> None:
         marks.append((done, time.perf_counter()))
-        if len(marks) >= 1 + repeats:
+        if blocks == 1 and len(marks) >= 1 + repeats:
             raise _Stop
 
     start = time.perf_counter()
@@ -176,11 +182,16 @@ def time_ours(sampler: Any, batch: int, steps: int, repeats: int) -> dict[str, f
         raise RuntimeError("the timed sample compiled a program: the timing would include a compile")
     times = [start] + [t for _, t in marks]
     chunks = [(marks[i][0] - (marks[i - 1][0] if i else 0), times[i + 1] - times[i]) for i in range(len(marks))]
-    timed = [dt for n, dt in chunks[1:] if n == steps]
-    if not timed:
-        raise RuntimeError(f"no full timed chunk of {steps} steps (chunks: {chunks})")
-    best = min(timed)
-    return {"compile_s": compile_s, "encoder_s": max(chunks[0][1] - best, 0.0), "step_s": best / steps}
+    per_block: dict[int, list[float]] = {}
+    for i, (n, dt) in enumerate(chunks[1:], start=1):
+        end = marks[i][0]
+        if n == steps and (end - n) // width == (end - 1) // width:  # a whole chunk inside one block
+            per_block.setdefault((end - 1) // width, []).append(dt)
+    if not per_block or (blocks > 1 and len(per_block) != blocks):
+        raise RuntimeError(f"no whole timed chunk of {steps} steps in some cache block (chunks: {chunks})")
+    best = {b: min(dts[:repeats]) for b, dts in per_block.items()}
+    return {"compile_s": compile_s, "encoder_s": max(chunks[0][1] - best[min(best)], 0.0),
+            "step_s": float(np.mean([t / steps for t in best.values()]))}
 
 
 MINDALLE_WARM_STEPS = 2  # PyTorch has no compile; two steps take its first-call allocations out of the timing
@@ -306,7 +317,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--batches", type=lambda s: _csv(s, int), default=None, help="images per batch (default 1,8,32)")
     ap.add_argument("--dtypes", type=_csv, default=None, help="float32,bfloat16 (default both)")
     ap.add_argument("--steps", type=int, default=None,
-                    help="steps per timed chunk, <= image_length/2 (default image_length/2 for demo/tiny, else 4)")
+                    help="steps per timed chunk, <= image_length/2 and <= one cache block (default one block for "
+                         "demo/tiny, else 4)")
+    ap.add_argument("--cache-blocks", type=int, default=None,
+                    help="our KV cache in this many blocks (default: the sampler's, 4 for 256-token images; 1: one "
+                         "array read in full every step, the sampler before 2026-12-05)")
     ap.add_argument("--repeats", type=int, default=None, help="timed chunks per figure, fastest counts (default 1)")
     ap.add_argument("--skip-mindalle", action="store_true", help="time only our sampler")
     ap.add_argument("--torch-threads", type=lambda s: _csv(s, int), default=None,
@@ -335,18 +350,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ap.error("--steps must be >= 1")
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    if args.cache_blocks is not None and args.cache_blocks < 1:
+        ap.error("--cache-blocks must be >= 1")
     return args
 
 
 def steps_for(cfg: DalleBartConfig, name: str, args: argparse.Namespace) -> int:
+    """Steps per timed chunk: at most image_length/2 (one warm-in chunk is needed) and, with a blocked KV cache, at
+    most one block (a timed chunk lies inside one block)."""
+    from engine.sampling import default_cache_blocks
+
     half = cfg.image_length // 2
+    width = cfg.image_length // (args.cache_blocks or default_cache_blocks(cfg))
+    limit = min(half, width)
     if args.steps is not None:
-        if args.steps > half:
-            raise SystemExit(f"--steps {args.steps} > image_length/2 = {half} for {name} (one warm-in chunk is needed)")
+        if args.steps > limit:
+            raise SystemExit(f"--steps {args.steps} > {limit} for {name}: at most image_length/2 = {half} (one warm-in "
+                             f"chunk is needed) and one KV-cache block ({width} steps)")
         return args.steps
     if args.quick:
-        return min(16, half)
-    return half if name in ("demo", "tiny") else min(4, half)
+        return min(16, limit)
+    return limit if name in ("demo", "tiny") else min(4, limit)
 
 
 def run(args: argparse.Namespace, out=sys.stdout) -> tuple[list[Row], dict[str, Any]]:
@@ -385,7 +409,7 @@ def run(args: argparse.Namespace, out=sys.stdout) -> tuple[list[Row], dict[str, 
             say(f"[{name}] min-dalle: {reason}")
         for dtype in args.dtypes:
             sampler = Sampler(None, params, cfg, jnp.dtype(dtype), buckets=tuple(sorted(set(args.batches))),
-                              chunk_size=steps)
+                              chunk_size=steps, cache_blocks=args.cache_blocks)
             md = None if reason else _mindalle.MinDalleSampler(cfg, params, dtype, threads=cores)
             for batch in args.batches:
                 base = dict(config=name, dtype=dtype, batch=batch, image_length=cfg.image_length, steps_timed=steps)

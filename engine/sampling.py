@@ -293,19 +293,22 @@ class _Programs:
     with the same config reuse the compiled programs.
     """
 
-    def __init__(self, config: DalleBartConfig, dtype: Any, mesh: Mesh | None = None) -> None:
+    def __init__(self, config: DalleBartConfig, dtype: Any, mesh: Mesh | None = None, cache_blocks: int = 1) -> None:
+        if cache_blocks < 1 or config.image_length % cache_blocks:
+            raise ValueError(f"cache_blocks must divide image_length {config.image_length}, got {cache_blocks}")
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.mesh = mesh
+        self.cache_blocks = cache_blocks
         self.model = DalleBart(config, dtype=self.dtype)
         if mesh is None:
             self.encode_jit = jax.jit(self.encode)
             self.prepare_jit = jax.jit(self.prepare)
-            self.chunk_jit = jax.jit(self.chunk, static_argnames=("n_steps", "collect"), donate_argnums=(1,))
+            self.chunk_jit = jax.jit(self.chunk, static_argnames=("pieces", "collect"), donate_argnums=(1,))
             self._jitted = {"encode": self.encode_jit, "prepare": self.prepare_jit, "chunk": self.chunk_jit}
         else:
             # jit refuses keyword (static) arguments together with in_shardings: bind them with partial instead
-            s = self.shardings = _MeshShardings.build(config, mesh)
+            s = self.shardings = _MeshShardings.build(config, mesh, cache_blocks)
             rows = s.rows
             self.encode_jit = jax.jit(
                 self.encode, in_shardings=(s.params, s.replicated, s.replicated), out_shardings=s.texts_kv,
@@ -367,33 +370,55 @@ class _Programs:
         b = text_row.shape[0]
         rows = text_row.reshape(2 * b)
         return {
-            "cache": self.model.init_cache(2 * b, self.dtype),
+            "cache": self.model.init_cache(2 * b, self.dtype, blocks=self.cache_blocks),
             "cross": jax.tree.map(lambda x: jnp.take(x, rows, axis=0), text_kv),
             "mask": jnp.take(text_mask, rows, axis=0),
             "token": jnp.full((b,), self.config.decoder_start_token_id, jnp.int32),
             "keys": jax.random.key_data(candidate_keys(seed_hi, seed_lo, indices)),
         }
 
-    def chunk(self, params, state, start, scale, top_k, top_p, temperature, *, n_steps: int, collect: bool):
-        """Run ``n_steps`` decoder steps from position ``start``; returns (state, tokens (B,n), [logits])."""
+    def pieces(self, start: int, n_steps: int) -> tuple[tuple[int, int], ...]:
+        """Steps ``start .. start+n_steps-1`` split at the cache's block boundaries: ((segment, steps), ...), the
+        static shape of a chunk program (one loop per piece; a cache of one block has segment 0 throughout)."""
+        width = self.config.image_length // self.cache_blocks
+        out, pos, end = [], start, start + n_steps
+        while pos < end:
+            segment = pos // width
+            steps = min(end, (segment + 1) * width) - pos
+            out.append((segment, steps))
+            pos += steps
+        return tuple(out)
+
+    def chunk(self, params, state, start, scale, top_k, top_p, temperature, *, pieces: tuple[tuple[int, int], ...],
+              collect: bool):
+        """Run the decoder steps of ``pieces`` (:meth:`pieces`) from position ``start``; returns (state, tokens (B,n),
+        [logits]). Each piece is one loop whose steps write and read the cache blocks of its segment and before."""
         n_codes = self.config.num_image_codes
         keys = jax.random.wrap_key_data(state["keys"], impl="threefry2x32")
         variables = {"params": params}
 
-        def step(carry, position):
+        def step(segment, carry, position):
             cache, token = carry
             logits, cache = self.model.apply(
                 variables, jnp.repeat(token, 2), position, cache, state["cross"], state["mask"],
-                method=DalleBart.decode_step,
+                None if self.cache_blocks == 1 else segment, method=DalleBart.decode_step,
             )
             pair = logits[:, :n_codes].reshape(token.shape[0], 2, n_codes)
             step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, position.astype(jnp.uint32))
             token = sample_tokens(step_keys, pair[:, 0], pair[:, 1], scale, temperature, top_k, top_p)
             return (cache, token), ((token, logits) if collect else (token, None))
 
-        positions = start + jnp.arange(n_steps, dtype=jnp.int32)
-        (cache, token), (tokens, logits) = jax.lax.scan(step, (state["cache"], state["token"]), positions)
+        carry, token_parts, logit_parts, offset = (state["cache"], state["token"]), [], [], 0
+        for segment, n_steps in pieces:
+            positions = start + offset + jnp.arange(n_steps, dtype=jnp.int32)
+            carry, (tokens, logits) = jax.lax.scan(functools.partial(step, segment), carry, positions)
+            token_parts.append(tokens)
+            logit_parts.append(logits)
+            offset += n_steps
+        cache, token = carry
         state = dict(state, cache=cache, token=token)
+        tokens = jnp.concatenate(token_parts, axis=0)
+        logits = None if not collect else jnp.concatenate(logit_parts, axis=0)
         return state, tokens.T, (None if logits is None else jnp.swapaxes(logits, 0, 1))
 
 
@@ -408,15 +433,16 @@ class _MeshShardings:
     texts_kv: Any  # cross K/V of the distinct texts, per layer (U, H, T, Dh): replicated but for H as in ``state``
 
     @classmethod
-    def build(cls, config: DalleBartConfig, mesh: Mesh) -> _MeshShardings:
+    def build(cls, config: DalleBartConfig, mesh: Mesh, cache_blocks: int = 1) -> _MeshShardings:
         heads = config.decoder_attention_heads
         head_axis = shd.MODEL if heads % mesh.shape[shd.MODEL] == 0 else None
         kv = (NamedSharding(mesh, PartitionSpec(shd.DATA, head_axis, None, None)),) * config.decoder_layers
+        cache_kv = kv if cache_blocks == 1 else tuple((k,) * cache_blocks for k in kv)
         texts_kv = (NamedSharding(mesh, PartitionSpec(None, head_axis, None, None)),) * config.decoder_layers
         rows = {f.name: shd.batch_sharding(mesh, 2 if f.name == "text_row" else 1)
                 for f in dataclasses.fields(_RowParams)}
         state = {
-            "cache": {"k": kv, "v": kv},
+            "cache": {"k": cache_kv, "v": cache_kv},
             "cross": (kv, kv),
             "mask": shd.batch_sharding(mesh, 2),
             "token": shd.batch_sharding(mesh, 1),
@@ -430,8 +456,14 @@ class _MeshShardings:
 
 
 @functools.lru_cache(maxsize=16)
-def _programs(config: DalleBartConfig, dtype_name: str, mesh: Mesh | None = None) -> _Programs:
-    return _Programs(config, jnp.dtype(dtype_name), mesh)
+def _programs(config: DalleBartConfig, dtype_name: str, mesh: Mesh | None = None, cache_blocks: int = 1) -> _Programs:
+    return _Programs(config, jnp.dtype(dtype_name), mesh, cache_blocks)
+
+
+def default_cache_blocks(config: DalleBartConfig) -> int:
+    """4 blocks where they divide the image into blocks of at least 16 positions, else 1 (see
+    :mod:`engine.models.dallebart`: the steps of segment k attend to blocks 0..k only)."""
+    return 4 if config.image_length % 4 == 0 and config.image_length >= 64 else 1
 
 
 class Sampler:
@@ -449,6 +481,8 @@ class Sampler:
     ``eager_text_programs``: the first pass of a batch size compiles the encoder and state programs for every
     number of distinct texts it can hold (:meth:`_compile_text_programs`), so no later pass of that size compiles;
     False compiles only the count a pass needs, when it first comes (for callers that send one request at a time).
+    ``cache_blocks``: the KV cache in that many blocks along the positions (default :func:`default_cache_blocks`),
+    so a step reads only the blocks written so far; a chunk that spans blocks runs one loop per block.
     Every process of a multi-host job must make the same calls with the same arguments.
     """
 
@@ -464,6 +498,7 @@ class Sampler:
         mesh: Mesh | None = None,
         transposed_kernels: bool | None = None,
         eager_text_programs: bool = True,
+        cache_blocks: int | None = None,
     ) -> None:
         if dtype is None:
             dtype = model.dtype if model is not None else jnp.float32
@@ -479,7 +514,8 @@ class Sampler:
             config, use_scan=False, gradient_checkpointing=False, transposed_kernels=self.transposed_kernels
         )
         self.mesh = mesh
-        self._progs = _programs(self._decode_config, self.dtype.name, mesh)
+        self.cache_blocks = default_cache_blocks(config) if cache_blocks is None else int(cache_blocks)
+        self._progs = _programs(self._decode_config, self.dtype.name, mesh, self.cache_blocks)
         # (rows, text length) whose text programs are compiled -> the shape of their decode state
         self._state_shapes: dict[tuple[int, int], Any] = {}
         self.model = self._progs.model
@@ -608,10 +644,10 @@ class Sampler:
             _, rows = self._rows(ids, ids, ids, ids, [0] * bucket, [0] * bucket, 10.0, 50, 1.0, 1.0)
             state = self._compile_text_programs(rows)
             chunk = self.chunk_size if chunked else length
-            for steps in sorted({min(chunk, length - d) for d in range(0, length, chunk)}):
+            for pieces in sorted({self._progs.pieces(d, min(chunk, length - d)) for d in range(0, length, chunk)}):
                 self._progs.executable(
                     "chunk", self.params, state, self._put("start", np.int32(0)), rows["scale"], rows["top_k"],
-                    rows["top_p"], rows["temperature"], n_steps=steps, collect=False,
+                    rows["top_p"], rows["temperature"], pieces=pieces, collect=False,
                 )
         return self._progs.num_compiled
 
@@ -672,7 +708,7 @@ class Sampler:
                 state, tokens, logits = self._progs.call(
                     "chunk",
                     self.params, state, self._put("start", np.int32(done)), rows["scale"], rows["top_k"],
-                    rows["top_p"], rows["temperature"], n_steps=steps, collect=collect,
+                    rows["top_p"], rows["temperature"], pieces=self._progs.pieces(done, steps), collect=collect,
                 )
                 done += steps
                 launched = (done, tokens, logits)

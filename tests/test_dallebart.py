@@ -148,6 +148,38 @@ def test_decode_step_matches_full_decode(use_scan):
         np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, pos]), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("blocks", [2, 4])
+def test_blocked_cache_decode_step_matches_full_decode(blocks):
+    """A cache split into blocks along the positions: the step at ``position`` writes block position // width and
+    attends to blocks 0..that one; every step's logits equal the full forward pass's, and the blocks hold exactly
+    the one-array cache's K/V."""
+    cfg = tiny_config(use_scan=False)
+    params = normalize_layout(random_params(cfg, seed=5), cfg)
+    model = DalleBart(cfg)
+    variables = {"params": params}
+    ids, mask, dec = _inputs(cfg, batch=3)
+    enc = jax.jit(partial(model.apply, method=DalleBart.encode))(variables, ids, mask)
+    full = jax.jit(partial(model.apply, method=DalleBart.decode))(variables, dec, enc, mask)
+    cross = model.apply(variables, enc, method=DalleBart.cross_kv)
+    width = cfg.image_length // blocks
+    cache, plain = model.init_cache(3, jnp.float32, blocks=blocks), model.init_cache(3, jnp.float32)
+    assert {len(layer) for layer in cache["k"]} == {blocks}
+    assert {b.shape for layer in cache["v"] for b in layer} == {(3, 4, width, 16)}
+    step = jax.jit(lambda t, p, c, seg: model.apply(variables, t, p, c, cross, mask, seg,
+                                                    method=DalleBart.decode_step), static_argnums=3)
+    plain_step = jax.jit(lambda t, p, c: model.apply(variables, t, p, c, cross, mask, method=DalleBart.decode_step))
+    for pos in range(cfg.image_length):
+        logits, cache = step(dec[:, pos], jnp.int32(pos), cache, pos // width)
+        _, plain = plain_step(dec[:, pos], jnp.int32(pos), plain)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, pos]), atol=1e-4, rtol=1e-4)
+    for layer, one in zip(cache["k"], plain["k"], strict=True):
+        np.testing.assert_allclose(np.concatenate([np.asarray(b) for b in layer], axis=2), np.asarray(one), atol=1e-5)
+    with pytest.raises(ValueError, match="needs a segment"):
+        step(dec[:, 0], jnp.int32(0), cache, blocks)
+    with pytest.raises(ValueError, match="must divide"):
+        model.init_cache(3, jnp.float32, blocks=cfg.image_length + 1)
+
+
 def test_transposed_kernels_decode_layout_gives_the_same_logits():
     """The sampler's decode layout: every dense kernel stored (out, in); same outputs, other shapes; a runtime
     choice that never reaches config.json."""

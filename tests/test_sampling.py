@@ -338,6 +338,29 @@ def test_progress_hook_chunks_give_the_same_tokens(sampler, params):
         s.sample(ids, mask, uids, umask, [11], [2], on_chunk=stop)
 
 
+def test_blocked_cache_gives_the_same_tokens_and_logits(sampler, params):
+    """A KV cache in 4 blocks (of 4 positions here): the steps of block k read blocks 0..k only. Same tokens and
+    step logits as the one-array cache, whole loop or in chunks that straddle blocks (one loop per block a chunk
+    touches), and after a chunked warmup sampling compiles nothing new."""
+    assert sampler.cache_blocks == 1  # the default for images under 64 positions
+    blocked = Sampler(None, params, CFG, buckets=(1, 4), chunk_size=6, cache_blocks=4)
+    assert blocked._progs.pieces(0, 16) == ((0, 4), (1, 4), (2, 4), (3, 4))
+    assert blocked._progs.pieces(6, 6) == ((1, 2), (2, 4)) and blocked._progs.pieces(12, 4) == ((3, 4),)
+    ids, mask, uids, umask = _prompts(3, seed=4)
+    kw = dict(scale=[10.0, 3.0, 1.0], top_k=[50, 5, 0], temperature=[1.0, 0.7, 1.5])
+    tokens, logits = sampler.sample_with_logits(ids, mask, uids, umask, [5, 6, 7], [0, 1, 2], **kw)
+    tokens_b, logits_b = blocked.sample_with_logits(ids, mask, uids, umask, [5, 6, 7], [0, 1, 2], **kw)
+    np.testing.assert_array_equal(tokens_b, tokens)
+    np.testing.assert_allclose(logits_b, logits, atol=1e-4, rtol=1e-4)
+    compiled = blocked.warmup(chunked=True)
+    seen = []
+    hooked = blocked.sample(ids, mask, uids, umask, [5, 6, 7], [0, 1, 2], on_chunk=lambda d, t: seen.append(d), **kw)
+    np.testing.assert_array_equal(hooked, tokens)
+    assert seen == [6, 12, 16] and blocked._progs.num_compiled == compiled
+    with pytest.raises(ValueError, match="must divide"):
+        Sampler(None, params, CFG, buckets=(1,), cache_blocks=3)
+
+
 def test_warmup_compiles_every_text_count_of_a_bucket(params):
     s = Sampler(None, params, CFG, buckets=(4,))
     compiled = s.warmup()

@@ -106,6 +106,12 @@ for cname, overrides in CONFIGS.items():
             out["published"] = pub.sample(ids, mask, uids, umask, SEEDS, INDICES, **SAMPLING).tolist()
             pl = pub.params["model"]["decoder"]["layers"]["FlaxBartDecoderLayer_0"]["FlaxBartAttention_0"]
             out["published_q"] = str(pl["q_proj"]["kernel"].sharding.spec)
+            # a KV cache in 4 blocks (each sharded like the one array), chunks of 6 straddling them
+            blk = Sampler(None, params, cfg, buckets=(1, 4), mesh=mesh, cache_blocks=4, chunk_size=6)
+            seen = []
+            out["blocked"] = blk.sample(ids, mask, uids, umask, SEEDS, INDICES, **SAMPLING,
+                                        on_chunk=lambda done, toks: seen.append(done)).tolist()
+            out["blocked_hook_steps"] = seen
 print(json.dumps(out))
 """
 
@@ -125,6 +131,14 @@ def test_same_tokens_on_one_device_and_on_meshes(mesh_run, cname):
     assert set(runs) == ({"data2_model4", "model8"} if cname == "glu42" else set(MESHES))
     for mname, tokens in runs.items():
         np.testing.assert_array_equal(np.asarray(tokens), want, err_msg=f"{cname} on {mname}")
+
+
+def test_blocked_cache_on_a_mesh_gives_the_same_tokens(mesh_run):
+    cfg = tiny_config(**CONFIGS["divides"])
+    single = Sampler(None, random_params(cfg, seed=7, std=0.1), cfg, buckets=(1, 4))
+    np.testing.assert_array_equal(np.asarray(mesh_run["blocked"]), single.sample(*requests(cfg), SEEDS, INDICES,
+                                                                                  **SAMPLING))
+    assert mesh_run["blocked_hook_steps"] == [6, 12, 16]
 
 
 def test_params_are_split_over_model_and_rows_padded_to_the_data_axis(mesh_run):
