@@ -24,14 +24,14 @@ all B images, the same start token and the same sampling settings (super-conditi
 How a step is timed (``--steps N``): only ``N``-step chunks are timed and the loop time is extrapolated
 (``image_length × ms/step``). Ours runs with ``chunk_size=N`` and a progress hook: the first chunk (encoder +
 cross K/V + N steps, first run of the executables) is a warm-in, then chunks of N steps are timed between hook
-calls. Our KV cache is in blocks (``Sampler.cache_blocks``, 4 by default), and a step reads only the blocks
-written so far, so a step costs more the later it comes: the whole image is run, the fastest of the first ``R``
-whole chunks inside each block counts, and ms/step is the mean over the blocks (with one block, R chunks after the
-warm-in, as before). ``encoder`` = first chunk − fastest chunk of the first block. min-dalle's cache is static
-(256 slots, attended in full under a mask), so its step cost is constant: its encoder is timed on its own (second
-of two calls), then 2 warm-in steps, then R timed blocks of N steps, fastest counts.
-``--steps`` defaults to one cache block (64 steps) for the demo config and 4 for larger ones; it must be
-<= image_length/2 and <= one block.
+calls. Our KV cache may be in blocks (``Sampler.cache_blocks``: 4 for the published sizes), and a step reads
+only the blocks written so far, so a step costs more the later it comes: the whole image is run, the fastest of
+the first ``R`` whole chunks inside each block counts, and ms/step is the mean over the blocks (with one block,
+R chunks after the warm-in, as before). ``encoder`` = first chunk − fastest chunk of the first block.
+min-dalle's cache is static (256 slots, attended in full under a mask), so its step cost is constant: its encoder
+is timed on its own (second of two calls), then 2 warm-in steps, then R timed blocks of N steps, fastest counts.
+``--steps`` defaults to half a cache block for the demo config (128 steps: its one block) and 4 for larger ones;
+it must be <= half a block (image_length/2 with one block).
 
 Columns: ms/step (one decoder step for all 2B rows, sampling included), tokens/s = B / step time (image tokens of
 B images), images/s = B / (image_length × step time) (decoder loop only, no encoder, no VQGAN), ours/min-dalle =
@@ -317,8 +317,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--batches", type=lambda s: _csv(s, int), default=None, help="images per batch (default 1,8,32)")
     ap.add_argument("--dtypes", type=_csv, default=None, help="float32,bfloat16 (default both)")
     ap.add_argument("--steps", type=int, default=None,
-                    help="steps per timed chunk, <= image_length/2 and <= one cache block (default one block for "
-                         "demo/tiny, else 4)")
+                    help="steps per timed chunk, <= half a cache block (default half a block for demo/tiny, else 4)")
     ap.add_argument("--cache-blocks", type=int, default=None,
                     help="our KV cache in this many blocks (default: the sampler's, 4 for 256-token images; 1: one "
                          "array read in full every step, the sampler before 2026-12-05)")
@@ -356,17 +355,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def steps_for(cfg: DalleBartConfig, name: str, args: argparse.Namespace) -> int:
-    """Steps per timed chunk: at most image_length/2 (one warm-in chunk is needed) and, with a blocked KV cache, at
-    most one block (a timed chunk lies inside one block)."""
+    """Steps per timed chunk: at most half a KV-cache block (image_length/2 with one block), so that every block
+    holds a whole timed chunk, the first one after the warm-in chunk too."""
     from engine.sampling import default_cache_blocks
 
-    half = cfg.image_length // 2
     width = cfg.image_length // (args.cache_blocks or default_cache_blocks(cfg))
-    limit = min(half, width)
+    limit = width // 2
     if args.steps is not None:
         if args.steps > limit:
-            raise SystemExit(f"--steps {args.steps} > {limit} for {name}: at most image_length/2 = {half} (one warm-in "
-                             f"chunk is needed) and one KV-cache block ({width} steps)")
+            raise SystemExit(f"--steps {args.steps} > {limit} for {name}: at most half a KV-cache block ({width} "
+                             "steps), so that the first block holds a timed chunk after the warm-in chunk")
         return args.steps
     if args.quick:
         return min(16, limit)

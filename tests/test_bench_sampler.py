@@ -61,9 +61,15 @@ def test_quick_run_on_tiny_config_prints_the_table(tmp_path):
 
 
 def test_steps_must_leave_room_for_a_warm_in_chunk():
-    args = bench_sampler.parse_args(["--configs", "tiny", "--steps", "129"])
-    with pytest.raises(SystemExit, match="image_length/2"):
-        bench_sampler.steps_for(bench_sampler.TINY, "tiny", args)
+    """A timed chunk fits in half a KV-cache block: 32 of 256 steps with 4 blocks, 128 with one (tiny's default)."""
+    for steps, blocks, ok in ((32, "4", True), (33, "4", False), (128, None, True), (129, "1", False)):
+        argv = ["--configs", "tiny", "--steps", str(steps)] + (["--cache-blocks", blocks] if blocks else [])
+        args = bench_sampler.parse_args(argv)
+        if ok:
+            assert bench_sampler.steps_for(bench_sampler.TINY, "tiny", args) == steps
+        else:
+            with pytest.raises(SystemExit, match="half a KV-cache block"):
+                bench_sampler.steps_for(bench_sampler.TINY, "tiny", args)
     with pytest.raises(SystemExit):
         bench_sampler.parse_args(["--dtypes", "float16"])
 

@@ -342,7 +342,7 @@ def test_blocked_cache_gives_the_same_tokens_and_logits(sampler, params):
     """A KV cache in 4 blocks (of 4 positions here): the steps of block k read blocks 0..k only. Same tokens and
     step logits as the one-array cache, whole loop or in chunks that straddle blocks (one loop per block a chunk
     touches), and after a chunked warmup sampling compiles nothing new."""
-    assert sampler.cache_blocks == 1  # the default for images under 64 positions
+    assert sampler.cache_blocks == 1  # the default below the published sizes
     blocked = Sampler(None, params, CFG, buckets=(1, 4), chunk_size=6, cache_blocks=4)
     assert blocked._progs.pieces(0, 16) == ((0, 4), (1, 4), (2, 4), (3, 4))
     assert blocked._progs.pieces(6, 6) == ((1, 2), (2, 4)) and blocked._progs.pieces(12, 4) == ((3, 4),)
@@ -359,6 +359,11 @@ def test_blocked_cache_gives_the_same_tokens_and_logits(sampler, params):
     assert seen == [6, 12, 16] and blocked._progs.num_compiled == compiled
     with pytest.raises(ValueError, match="must divide"):
         Sampler(None, params, CFG, buckets=(1,), cache_blocks=3)
+    from engine.config import preset
+    from engine.sampling import default_cache_blocks
+
+    assert default_cache_blocks(preset("mini")) == 4 and default_cache_blocks(preset("mega")) == 4
+    assert default_cache_blocks(CFG) == 1
 
 
 def test_warmup_compiles_every_text_count_of_a_bucket(params):
