@@ -126,15 +126,20 @@ def test_load_casts_dtype():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("use_scan", [True, False])
-def test_decode_step_matches_full_decode(use_scan):
+def _full_decode(use_scan: bool):
+    """A tiny model, 3 rows of inputs, their encoder output and the plain (uncached) decoder logits."""
     cfg = tiny_config(use_scan=use_scan)
-    params = normalize_layout(random_params(cfg, seed=5), cfg)
     model = DalleBart(cfg)
-    variables = {"params": params}
+    variables = {"params": normalize_layout(random_params(cfg, seed=5), cfg)}
     ids, mask, dec = _inputs(cfg, batch=3)
     enc = jax.jit(partial(model.apply, method=DalleBart.encode))(variables, ids, mask)
     full = jax.jit(partial(model.apply, method=DalleBart.decode))(variables, dec, enc, mask)
+    return cfg, model, variables, mask, dec, enc, full
+
+
+@pytest.mark.parametrize("use_scan", [True, False])
+def test_decode_step_matches_full_decode(use_scan):
+    cfg, model, variables, mask, dec, enc, full = _full_decode(use_scan)
     assert full.shape == (3, cfg.image_length, cfg.image_vocab_size + 1) and full.dtype == jnp.float32
     cross = model.apply(variables, enc, method=DalleBart.cross_kv)
     assert len(cross[0]) == cfg.decoder_layers
@@ -153,13 +158,7 @@ def test_blocked_cache_decode_step_matches_full_decode(blocks):
     """A cache split into blocks along the positions: the step at ``position`` writes block position // width and
     attends to blocks 0..that one; every step's logits equal the full forward pass's, and the blocks hold exactly
     the one-array cache's K/V."""
-    cfg = tiny_config(use_scan=False)
-    params = normalize_layout(random_params(cfg, seed=5), cfg)
-    model = DalleBart(cfg)
-    variables = {"params": params}
-    ids, mask, dec = _inputs(cfg, batch=3)
-    enc = jax.jit(partial(model.apply, method=DalleBart.encode))(variables, ids, mask)
-    full = jax.jit(partial(model.apply, method=DalleBart.decode))(variables, dec, enc, mask)
+    cfg, model, variables, mask, dec, enc, full = _full_decode(False)
     cross = model.apply(variables, enc, method=DalleBart.cross_kv)
     width = cfg.image_length // blocks
     cache, plain = model.init_cache(3, jnp.float32, blocks=blocks), model.init_cache(3, jnp.float32)
