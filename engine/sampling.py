@@ -16,8 +16,10 @@ different requests share one compiled program.
 Speed (see the jax-stack notes): the encoder and the cross-attention K/V run once per call and once per distinct
 text (a 9-candidate request encodes its prompt and the unconditional text, 2 rows, not 18; see
 :func:`distinct_texts`); the self-attention K/V cache is static, one ``(2B, H, image_length, Dh)`` array per
-layer, written in place (write-then-read, so XLA never copies it); the whole step loop is one ``lax.scan`` inside
-one ``jax.jit`` (or a few chunks of it when a progress hook is given); params are jit arguments, never constants;
+layer, written in place (write-then-read, so XLA never copies it), or for the published sizes 4 blocks of
+``image_length/4`` positions per layer, of which the steps of block k read blocks 0..k only
+(:func:`default_cache_blocks`); the whole step loop is one ``lax.scan`` per cache block inside one ``jax.jit`` (or
+a few chunks of it when a progress hook is given); params are jit arguments, never constants;
 top-k ranks with ``lax.top_k`` instead of a sort when it can. Decoding uses the unscanned (per-layer) param
 layout: measured faster than slicing stacked kernels in a scan. Programs are compiled ahead of time per (bucket,
 text length, dtype; the encoder also per number of distinct texts) and shared by samplers of one config.
