@@ -141,7 +141,7 @@ def _dallebart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blank-prob", type=float, default=0.0, help="extra caption blanking (the data has 10%%)")
     p.add_argument("--prefix-noise", type=float, default=0.0,
                    help="share of captions that get 1-3 made-up words in front, so unfamiliar framing words "
-                        "(\"an illustration of ...\") are ignored (e.g. 0.3)")
+                        "(\"an illustration of ...\") are ignored (e.g. 0.3; with demo, the CLIP's captions too)")
     p.add_argument("--vqgan", type=Path, default=None, help="VQGAN checkpoint dir (its n_embed sets the image vocab)")
     p.add_argument("--n-codes", type=int, default=None, help="image vocab size if no --vqgan (default: max code + 1)")
 
