@@ -319,8 +319,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=None,
                     help="steps per timed chunk, <= half a cache block (default half a block for demo/tiny, else 4)")
     ap.add_argument("--cache-blocks", type=int, default=None,
-                    help="our KV cache in this many blocks (default: the sampler's, 4 for 256-token images; 1: one "
-                         "array read in full every step, the sampler before 2026-12-05)")
+                    help="our KV cache in this many blocks (default: the sampler's, 4 for the published sizes, 1 for "
+                         "the demo; 1: one array read in full every step, the sampler before 2026-12-05)")
     ap.add_argument("--repeats", type=int, default=None, help="timed chunks per figure, fastest counts (default 1)")
     ap.add_argument("--skip-mindalle", action="store_true", help="time only our sampler")
     ap.add_argument("--torch-threads", type=lambda s: _csv(s, int), default=None,

@@ -461,17 +461,15 @@ class Decoder(nn.Module):
         y = self.layernorm_embedding(y)
         per_layer = (cache["k"], cache["v"], cross[0], cross[1])
         enc_bias = _mask_bias(enc_mask)
-        if isinstance(cache["k"][0], tuple):
+        if isinstance(cache["k"][0], tuple):  # blocked: attend to blocks 0..segment
             if self.config.use_scan:
                 raise ValueError("a blocked cache needs the unscanned layout")
             n_blocks, width = len(cache["k"][0]), cache["k"][0][0].shape[2]
             if segment is None or not 0 <= segment < n_blocks:
                 raise ValueError(f"a cache of {n_blocks} blocks needs a segment in [0, {n_blocks}), got {segment}")
             slots = jnp.arange((segment + 1) * width)
-            self_bias = jnp.where(slots <= position, 0.0, MASK_VALUE).astype(jnp.float32)[None, None, None]
-            y, (ks, vs) = self.layers(y, per_layer, (enc_bias, self_bias, position), mode="step_inplace")
-            return self.final_ln(y)[:, 0], {"k": ks, "v": vs}
-        slots = jnp.arange(cache["k"][0].shape[2])
+        else:
+            slots = jnp.arange(cache["k"][0].shape[2])
         if not self.config.use_scan:
             self_bias = jnp.where(slots <= position, 0.0, MASK_VALUE).astype(jnp.float32)[None, None, None]
             y, (ks, vs) = self.layers(y, per_layer, (enc_bias, self_bias, position), mode="step_inplace")
