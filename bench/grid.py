@@ -2,13 +2,14 @@
 
 ``python -m bench grid [--config mega|mini|tiny] [--checkpoint DIR] [--n 9] [--dtype bfloat16]
 [--layouts auto,published,transposed] [--buckets auto,9] [--repeats 3] [--no-clip] [--vqgan-dtype float32]
-[--out DIR] [--json FILE]``
+[--png-threads N] [--out DIR] [--json FILE]``
 
 The product's unit of work is a grid, not a decoder step: this times :meth:`engine.pipeline.ModelPipeline.generate`
 on one request of ``n`` candidates (``n=9``: the 3×3 grid that issue 4 sets a target for, < 2 s for Mega in
 bfloat16 on one H100), with the timings the pipeline itself reports (``sample_s``: encoder + all
 ``image_length`` decoder steps + the tokens back on the host; ``decode_s``: VQGAN; ``rank_s``: CLIP image and
-text embeddings and the safety scores; ``total_s``: all of it plus PNG encoding).
+text embeddings and the safety scores; ``encode_s``: PNG encoding, on the pipeline's PNG threads; ``total_s``: all
+of it plus the host work between).
 
 Weights: ``--config mega|mini`` builds the published shapes (DalleBart preset, ``vqgan-f16``, ``clip-b32``) with
 random values drawn ON the default device (seconds even for Mega's 2.6 B parameters, no file written), and
@@ -122,7 +123,8 @@ def time_grid(pipeline: Any, n: int, repeats: int, seed: int = 0) -> dict[str, A
         res = pipeline.generate([GenerationRequest(PROMPT, n=n, seed=seed + 1 + r)])[0]
         wall = time.perf_counter() - t0
         runs.append(dict(res.timings, wall_s=wall))
-    med = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "total_s", "sample_s", "decode_s", "rank_s")}
+    med = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "total_s", "sample_s", "decode_s", "rank_s",
+                                                         "encode_s")}
     return {"first_s": first_s, "runs": runs, "median": med, "min_wall_s": min(r["wall_s"] for r in runs),
             "pngs": [img.png for img in res.images], "first_pngs": [img.png for img in first.images]}
 
@@ -141,6 +143,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "run the grid as exactly (each layout is timed with each)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-clip", action="store_true", help="skip CLIP ranking and safety")
+    ap.add_argument("--png-threads", type=int, default=None,
+                    help="threads that PNG-encode a grid (default: the pipeline's, one per core up to 8)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the last grid's PNG here (grid.png)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -161,6 +165,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ap.error("--buckets must name 'auto' or row counts >= --n")
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    if args.png_threads is not None and args.png_threads < 1:
+        ap.error("--png-threads must be >= 1")
     return args
 
 
@@ -197,7 +203,8 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, Any]:
         for layout, bucket in [(lay, b) for lay in args.layouts for b in args.buckets]:
             buckets = (bucket,) if bucket else DEFAULT_BUCKETS
             transposed = None if layout == "auto" else layout == "transposed"
-            opts = dict(dtype=args.dtype, vqgan_dtype=args.vqgan_dtype, buckets=buckets, use_clip=not args.no_clip)
+            opts = dict(dtype=args.dtype, vqgan_dtype=args.vqgan_dtype, buckets=buckets, use_clip=not args.no_clip,
+                        png_threads=args.png_threads)
             t0 = time.perf_counter()
             if parts is None:
                 pipe = load_pipeline(args.checkpoint, **opts)
@@ -228,8 +235,8 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, Any]:
             say(f"  {name} {row['layout']:10s} {args.dtype} n={args.n} (bucket {rows}): "
                 f"first call {t['first_s']:.1f} s;"
                 f" grid {m['wall_s']:.3f} s median of {args.repeats} (min {t['min_wall_s']:.3f}) = sample "
-                f"{m['sample_s']:.3f} + VQGAN {m['decode_s']:.3f} + CLIP {m['rank_s']:.3f} s; decoder-loop floor "
-                f"{loop_floor:.3f} s ({row['loop_roofline_pct']:.0f}% of roofline)")
+                f"{m['sample_s']:.3f} + VQGAN {m['decode_s']:.3f} + CLIP {m['rank_s']:.3f} + PNG {m['encode_s']:.3f} s;"
+                f" decoder-loop floor {loop_floor:.3f} s ({row['loop_roofline_pct']:.0f}% of roofline)")
             if args.out:
                 Path(args.out).mkdir(parents=True, exist_ok=True)
                 make_grid(t["pngs"]).save(Path(args.out) / f"grid-{layout}-{row['layout']}-{rows}.png")
@@ -239,7 +246,7 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, Any]:
 
 
 HEADER = ("| config | layout | dtype | n (bucket) | first call s | grid s (median) | min s | sample s | VQGAN s "
-          "| CLIP s | loop floor s | % roofline |")
+          "| CLIP s | PNG s | loop floor s | % roofline |")
 
 
 def markdown_table(info: dict[str, Any]) -> str:
@@ -248,7 +255,8 @@ def markdown_table(info: dict[str, Any]) -> str:
         lines.append(
             f"| {r['config']} | {r['layout']} | {r['dtype']} | {r['n']} ({r['bucket']}) | {r['first_s']:.1f} "
             f"| {r['median_wall_s']:.3f} | {r['min_wall_s']:.3f} | {r['median_sample_s']:.3f} "
-            f"| {r['median_decode_s']:.3f} | {r['median_rank_s']:.3f} | {r['loop_floor_s']:.3f} "
+            f"| {r['median_decode_s']:.3f} | {r['median_rank_s']:.3f} | {r['median_encode_s']:.3f} "
+            f"| {r['loop_floor_s']:.3f} "
             f"| {r['loop_roofline_pct']:.0f}% |"
         )
     return "\n".join(lines)

@@ -32,7 +32,8 @@ def test_tiny_grid_times_each_layout_and_bucket(tmp_path):
     for r in info["results"]:
         assert len(r["runs"]) == 2
         for run in r["runs"]:  # the parts the pipeline times fit inside the grid's total
-            assert 0 < run["sample_s"] and run["sample_s"] + run["decode_s"] + run["rank_s"] <= run["total_s"]
+            parts = run["sample_s"] + run["decode_s"] + run["rank_s"] + run["encode_s"]
+            assert 0 < run["sample_s"] and 0 < run["encode_s"] and parts <= run["total_s"]
             assert run["batch_candidates"] == 3
         assert r["first_s"] > r["median_wall_s"]  # the first call compiles
         assert 0 < r["loop_roofline_pct"] < 100
@@ -44,6 +45,7 @@ def test_tiny_grid_times_each_layout_and_bucket(tmp_path):
     (["--layouts", "sideways"], "--layouts"),
     (["--buckets", "4", "--n", "9"], "--buckets"),
     (["--n", "0"], "--n"),
+    (["--png-threads", "0"], "--png-threads"),
     (["--checkpoint", "engine/assets/demo", "--layouts", "transposed"], "--layouts"),
 ])
 def test_bad_arguments_are_rejected(argv, message, capsys):

@@ -11,7 +11,7 @@ from PIL import Image
 from engine.api import BadRequest, GenerationRequest, SamplingParams
 from engine.checkpoint import random_checkpoint
 from engine.config import ConfigError
-from engine.pipeline import CheckpointMissing, load_pipeline
+from engine.pipeline import CheckpointMissing, load_pipeline, to_uint8
 from engine.weights import CheckpointError
 
 SAFETY = {"concepts": [{"name": "always", "prompts": ["a red circle"], "threshold": -1.0},
@@ -41,6 +41,22 @@ def test_one_pass_serves_several_requests_ranked_by_clip(pipeline):
             assert img.size == (pipeline.vqgan_config.resolution,) * 2 and img.mode == "RGB"
             assert set(im.safety) == {"always", "never"} and im.flagged  # "always" is over its threshold
     assert results[0].timings["batch_candidates"] == 5
+
+
+def test_each_png_is_its_own_candidates_image(pipeline, tmp_path):
+    """PNGs are encoded on a thread pool: each must still hold the VQGAN decode of its own tokens, and a cancelled
+    request's rows are not encoded at all."""
+    reqs = [GenerationRequest("a red circle", n=3, seed=21), GenerationRequest("a dog", n=2, seed=22),
+            GenerationRequest("a blue star", n=3, seed=23)]
+    results = pipeline.generate(reqs, should_cancel=lambda rid: rid == reqs[1].request_id)
+    assert [r.request_id for r in results] == [reqs[0].request_id, reqs[2].request_id]
+    images = [im for res in results for im in res.images]
+    want = to_uint8(pipeline.decode_tokens(np.stack([im.tokens for im in images])))
+    for im, pixels in zip(images, want, strict=True):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(im.png)).convert("RGB")), pixels)
+    assert results[0].timings["encode_s"] > 0
+    with pytest.raises(ValueError, match="png_threads must be >= 1"):
+        load_pipeline(random_checkpoint(tmp_path / "tiny", with_clip=False), buckets=(1,), png_threads=0)
 
 
 def test_same_seed_same_images_alone_or_batched(pipeline):
