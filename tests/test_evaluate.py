@@ -13,15 +13,16 @@ from PIL import Image
 from engine.api import GeneratedImage, GenerationResult
 from engine.pipeline import png_bytes
 from training.__main__ import install_checkpoint, main
-from training.data.captions import COLOUR_NAMES
+from training.data.captions import COLOUR_NAMES, HELD_OUT_PAIRS
 from training.data.shapes import POSITION_OFFSET, POSITION_VECTORS, RELATION_VECTORS, SIZE_FRACTION, render_scene
-from training.detect import fidelity
+from training.detect import detect, fidelity, matches
 from training.evaluate import (
     ALL_KINDS,
     build_prompts,
     evaluate_checkpoint,
     evaluate_pipeline,
     generate_candidates,
+    held_out_pair_scenes,
     score_candidates,
     summary_lines,
 )
@@ -96,6 +97,17 @@ def test_build_prompts_kinds_and_training_exclusion():
     assert all(p.named["objects"][0]["colour"] for p in prompts if p.kind == "one_object")
     with pytest.raises(ValueError, match="unknown prompt kind"):
         build_prompts(2, kinds=("nope",))
+
+
+def test_held_out_pair_scenes_draw_only_the_held_out_pairs():
+    """The VQGAN's ceiling for the held-out-pairs bar is measured on images of exactly those pairs."""
+    scenes = held_out_pair_scenes(12, seed=3)
+    assert len(scenes) == 12 and held_out_pair_scenes(12, seed=3) == scenes
+    pairs = [(sc["named"]["objects"][0]["colour"], sc["named"]["objects"][0]["shape"]) for sc in scenes]
+    assert set(pairs) <= HELD_OUT_PAIRS and len(set(pairs)) > 1
+    assert all(len(sc["named"]["objects"]) == 1 for sc in scenes)
+    for sc in scenes:  # the images show what the scenes name (so a reconstruction is scored against the truth)
+        assert all(matches(detect(render_scene(sc, 128)), sc["named"]).values())
 
 
 def test_metrics_exact_on_fake_dataset_pipeline(tmp_path):
@@ -176,6 +188,8 @@ def test_evaluate_checkpoint_and_cli(random_ckpt, tmp_path, capsys):
     assert rep["vqgan"]["n_images"] == 4 and np.isfinite(rep["vqgan"]["psnr"])
     assert rep["vqgan"]["psnr_min"] <= rep["vqgan"]["psnr"]
     assert rep["vqgan"]["recon_fidelity"] < 0.5 and "shape" in rep["vqgan"]["recon_per_attribute"]  # noise
+    held = rep["vqgan"]["held_out_pairs"]
+    assert held["n_images"] == 4 and held["recon_fidelity"] < 0.5 and np.isfinite(held["psnr"])
     assert {b["name"] for b in rep["bars"]} >= {"colour", "shape", "position", "held-out pairs", "VQGAN PSNR (dB)"}
     assert rep["passed"] is False  # random weights meet no bar
     for name in ("report.json", "report.png", "samples.png"):
