@@ -67,6 +67,14 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _usable_cores() -> int:
+    """CPU cores this process may run on (a container's share, where the OS says so)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """Floats in [0, 1] → uint8 (rounded, clipped)."""
     return np.clip(np.rint(np.asarray(images, np.float32) * 255.0), 0, 255).astype(np.uint8)
@@ -164,7 +172,7 @@ class ModelPipeline:
                 lambda p, ids, m: cm.apply({"params": p}, ids, m, method=cm.get_text_features)
             )
         self.safety = safety or SafetyChecker.disabled()
-        threads = options.png_threads if options.png_threads is not None else min(8, os.cpu_count() or 1)
+        threads = options.png_threads if options.png_threads is not None else min(8, _usable_cores())
         if threads < 1:
             raise ValueError(f"png_threads must be >= 1, got {threads}")
         self._png_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="png")

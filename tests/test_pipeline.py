@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine import pipeline as pipeline_module
 from engine.api import BadRequest, GenerationRequest, SamplingParams
 from engine.checkpoint import random_checkpoint
 from engine.config import ConfigError
-from engine.pipeline import CheckpointMissing, load_pipeline, to_uint8
+from engine.pipeline import CheckpointMissing, load_pipeline, png_bytes, to_uint8
 from engine.weights import CheckpointError
 
 SAFETY = {"concepts": [{"name": "always", "prompts": ["a red circle"], "threshold": -1.0},
@@ -43,13 +44,16 @@ def test_one_pass_serves_several_requests_ranked_by_clip(pipeline):
     assert results[0].timings["batch_candidates"] == 5
 
 
-def test_each_png_is_its_own_candidates_image(pipeline, tmp_path):
+def test_each_png_is_its_own_candidates_image(pipeline, tmp_path, monkeypatch):
     """PNGs are encoded on a thread pool: each must still hold the VQGAN decode of its own tokens, and a cancelled
     request's rows are not encoded at all."""
+    encoded = []
+    monkeypatch.setattr(pipeline_module, "png_bytes", lambda image: encoded.append(1) or png_bytes(image))
     reqs = [GenerationRequest("a red circle", n=3, seed=21), GenerationRequest("a dog", n=2, seed=22),
             GenerationRequest("a blue star", n=3, seed=23)]
     results = pipeline.generate(reqs, should_cancel=lambda rid: rid == reqs[1].request_id)
     assert [r.request_id for r in results] == [reqs[0].request_id, reqs[2].request_id]
+    assert len(encoded) == 3 + 3  # not the cancelled request's two
     images = [im for res in results for im in res.images]
     want = to_uint8(pipeline.decode_tokens(np.stack([im.tokens for im in images])))
     for im, pixels in zip(images, want, strict=True):
