@@ -1,9 +1,11 @@
 """The shipped demo checkpoint (engine/assets/demo): the engine's default, small enough, and as good as measured.
 
 It is a preview below the training issue's quality bars (README, ``checkpoint.json``). The floors below guard the
-level it was measured at (2026-12-05, the DalleBart trained with prefix noise, sampled at temperature 0.7; fixed
-prompt set, evaluation seeds 0, 1, 2: top-ranked colour 94 / 100 / 100%, shape 54 / 58 / 62.5%, position
-86 / 67 / 85%, everything 50 / 54 / 58%), with room for the numeric differences between CPUs. The issue's
+level it was measured at (2026-12-06, the 6-decoder-layer DalleBart trained with prefix noise, sampled at
+temperature 0.7; fixed prompt set, evaluation seeds 0, 1, 2: top-ranked colour 100 / 100 / 94%, shape
+67 / 62.5 / 71%, position 100 / 83 / 100%, everything 58 / 46 / 62.5%; the 3-layer model before it: colour
+94 / 100 / 100%, shape 54 / 58 / 62.5%, position 86 / 67 / 85%, everything 50 / 54 / 58%), with room for the
+numeric differences between CPUs. The issue's
 bars are a strict xfail: when a model that meets them is installed, that test fails until its marker is removed.
 """
 
