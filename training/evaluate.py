@@ -277,11 +277,12 @@ def vqgan_quality(vqgan_dir: str | Path, n_images: int = 64, *, seed: int = EVAL
     cfg = ShapesConfig(blank_rate=0.0)
     rng = np.random.default_rng(seed)
     metrics, agg = recon([sample_scene(rng, cfg)[0] for _ in range(n_images)])
-    held_metrics, held = recon(held_out_pair_scenes(n_images, seed))
+    held_scenes = held_out_pair_scenes(n_images, seed)
+    held_metrics, held = recon(held_scenes)
     return metrics | {"recon_fidelity": agg["fidelity"], "recon_per_attribute": agg["per_attribute"],
                       "n_images": n_images,
                       "held_out_pairs": {"psnr": held_metrics["psnr"], "recon_fidelity": held["fidelity"],
-                                         "recon_per_attribute": held["per_attribute"], "n_images": n_images}}
+                                         "recon_per_attribute": held["per_attribute"], "n_images": len(held_scenes)}}
 
 
 # -------------------------------------------------------------------------------------------------- bars
