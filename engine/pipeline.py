@@ -298,17 +298,16 @@ class ModelPipeline:
         t_rank = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        kept = [pos for pos, req in enumerate(requests)
-                if should_cancel is None or not should_cancel(req.request_id)]
-        kept_rows = [int(r) for pos in kept for r in np.flatnonzero(owner == pos)]
+        rows_of = {pos: np.flatnonzero(owner == pos) for pos, req in enumerate(requests)
+                   if should_cancel is None or not should_cancel(req.request_id)}  # the requests still wanted
+        kept_rows = [int(r) for mine in rows_of.values() for r in mine]
         pixels = to_uint8(images[kept_rows])
         pngs = dict(zip(kept_rows, self._png_pool.map(png_bytes, pixels), strict=True))
         t_encode = time.perf_counter() - t0
 
         results = []
-        for pos in kept:
+        for pos, mine in rows_of.items():
             req = requests[pos]
-            mine = np.flatnonzero(owner == pos)
             order = sorted(mine, key=lambda r: (-float(clip_scores[r]), indices[r]))
             imgs = [
                 GeneratedImage(
