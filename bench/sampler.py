@@ -287,6 +287,12 @@ def _fmt(x: float, spec: str) -> str:
     return "—" if not np.isfinite(x) else format(x, spec)
 
 
+def _pct(x: float) -> str:
+    """A share in percent: whole numbers from 10 up, two significant digits below (a tiny config's step is far
+    from its roofline, and "0%" would read as none)."""
+    return _fmt(x, ".0f" if not np.isfinite(x) or x >= 10 else ".2g")
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
     lines = [HEADER, "|" + " --- |" * (HEADER.count("|") - 1)]
     for r in rows:
@@ -294,7 +300,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
             f"| {r.config} | {r.dtype} | {r.batch} | {r.sampler} | {_fmt(r.compile_s, '.1f')} "
             f"| {_fmt(r.encoder_s * 1e3, '.0f')} | {_fmt(r.step_s * 1e3, '.3g')} | {_fmt(r.tokens_per_s, '.1f')} "
             f"| {_fmt(r.images_per_s, '.3g')} | {_fmt(r.loop_s, '.3g')} | {_fmt(r.vs_mindalle, '.2f')}× "
-            f"| {_fmt(r.roofline_pct, '.0f')}% | {_fmt(r.load_before, '.1f')}→{_fmt(r.load_after, '.1f')} |"
+            f"| {_pct(r.roofline_pct)}% | {_fmt(r.load_before, '.1f')}→{_fmt(r.load_after, '.1f')} |"
         )
     return "\n".join(lines).replace("| —× |", "| — |").replace("| —% |", "| — |")
 
@@ -430,7 +436,7 @@ def run(args: argparse.Namespace, out=sys.stdout) -> tuple[list[Row], dict[str, 
                 group.append(Row(sampler="roofline", step_s=bound, roofline_pct=100.0, **base))
                 for r in group[:-1]:
                     say(f"  {name} {dtype} B={batch} {r.sampler:9s}: {r.step_s * 1e3:8.2f} ms/step, "
-                        f"{r.tokens_per_s:8.1f} tok/s, {r.images_per_s:.3g} img/s, {r.roofline_pct:.0f}% roofline"
+                        f"{r.tokens_per_s:8.1f} tok/s, {r.images_per_s:.3g} img/s, {_pct(r.roofline_pct)}% roofline"
                         + (f", {r.vs_mindalle:.2f}x min-dalle" if np.isfinite(r.vs_mindalle) else "")
                         + f"  (load {r.load_before:.1f}->{r.load_after:.1f})")
                 rows.extend(group)
