@@ -99,6 +99,20 @@ class PipelineOptions:
     png_threads: int | None = None
 
 
+def half_precision_on_cpu(dtype: Any, platform: str) -> str | None:
+    """The warning for a 16-bit DalleBart on a CPU, else None.
+
+    XLA:CPU has few 16-bit kernels. Measured on a 2-core AMD EPYC (bench/RESULTS.md, session 18), mini at batch 8
+    took 154 ms a step in bfloat16 against 64 ms in float32, and the demo model at 16 took 9.3 against 5.9 ms.
+    Half precision is for fitting Mega on an accelerator, so a CPU user should hear that float32 is faster here.
+    """
+    name = jnp.dtype(dtype).name
+    if platform != "cpu" or name == "float32":
+        return None
+    return (f"DalleBart runs in {name} on a CPU, where XLA has few 16-bit kernels: it samples about 1.5-2.5x "
+            "slower than in float32 (bench/RESULTS.md). float32 is the faster choice on a CPU.")
+
+
 class ModelPipeline:
     """The real :class:`engine.api.Pipeline` over DalleBart + VQGAN (+ CLIP ranking and safety)."""
 
@@ -143,6 +157,10 @@ class ModelPipeline:
             mesh=mesh,
             transposed_kernels=transposed_kernels,
         )
+        platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+        slow = half_precision_on_cpu(self.sampler.dtype, platform)
+        if slow:
+            log.warning(slow)
         if vqgan_config.grid_size**2 != dallebart_config.image_length:
             raise ValueError(
                 f"VQGAN grid {vqgan_config.grid_size}x{vqgan_config.grid_size} does not match DalleBart "

@@ -3,6 +3,7 @@
 import dataclasses
 import io
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from engine import pipeline as pipeline_module
 from engine.api import BadRequest, GenerationRequest, SamplingParams
 from engine.checkpoint import random_checkpoint
 from engine.config import ConfigError
-from engine.pipeline import CheckpointMissing, load_pipeline, png_bytes, to_uint8
+from engine.pipeline import CheckpointMissing, half_precision_on_cpu, load_pipeline, png_bytes, to_uint8
 from engine.weights import CheckpointError
 
 SAFETY = {"concepts": [{"name": "always", "prompts": ["a red circle"], "threshold": -1.0},
@@ -117,6 +118,20 @@ def test_loading_errors_are_clear(tmp_path):
     (directory / "vqgan" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"parameter 'decoder/conv_in/kernel' has shape \(3, 3, 8, 16\)"):
         load_pipeline(directory)
+
+
+def test_half_precision_on_a_cpu_warns_that_float32_is_faster(tmp_path, caplog):
+    directory = random_checkpoint(tmp_path / "tiny", with_clip=False)
+    with caplog.at_level(logging.WARNING, logger="engine.pipeline"):
+        load_pipeline(directory, dtype="bfloat16")
+    warned = [r.getMessage() for r in caplog.records if "on a CPU" in r.getMessage()]
+    assert len(warned) == 1 and "bfloat16" in warned[0] and "float32 is the faster choice" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="engine.pipeline"):
+        load_pipeline(directory)
+    assert not [r for r in caplog.records if "on a CPU" in r.getMessage()]
+    assert half_precision_on_cpu("float16", "cpu") is not None
+    assert half_precision_on_cpu("bfloat16", "gpu") is None and half_precision_on_cpu("float32", "cpu") is None
 
 
 def test_checkpoint_sampling_defaults_fill_unset_fields(tmp_path):
