@@ -156,6 +156,8 @@ def time_ours(sampler: Any, batch: int, steps: int, repeats: int) -> dict[str, f
     if sampler.chunk_size != steps:
         raise ValueError(f"sampler chunk_size {sampler.chunk_size} != steps {steps}")
     blocks = getattr(sampler, "cache_blocks", 1)
+    if getattr(sampler, "native_attention", False):
+        blocks = 4  # its step reads the slots written so far, so it costs more later: time the whole image by quarters
     width = cfg.image_length // blocks
     repeats = max(1, min(repeats, cfg.image_length // steps - 1))
     t0 = time.perf_counter()
@@ -327,6 +329,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--cache-blocks", type=int, default=None,
                     help="our KV cache in this many blocks (default: the sampler's, 4 for the published sizes, 1 for "
                          "the demo; 1: one array read in full every step, the sampler before 2026-12-05)")
+    ap.add_argument("--native-attention", action="store_true",
+                    help="float32 rows decode with our C++ self-attention kernel (engine.native; built on first use)")
     ap.add_argument("--repeats", type=int, default=None, help="timed chunks per figure, fastest counts (default 1)")
     ap.add_argument("--skip-mindalle", action="store_true", help="time only our sampler")
     ap.add_argument("--torch-threads", type=lambda s: _csv(s, int), default=None,
@@ -366,6 +370,8 @@ def steps_for(cfg: DalleBartConfig, name: str, args: argparse.Namespace) -> int:
     from engine.sampling import default_cache_blocks
 
     width = cfg.image_length // (args.cache_blocks or default_cache_blocks(cfg))
+    if getattr(args, "native_attention", False):  # timed by quarters of the image (time_ours)
+        width = min(width, cfg.image_length // 4)
     limit = width // 2
     if args.steps is not None:
         if args.steps > limit:
@@ -413,13 +419,15 @@ def run(args: argparse.Namespace, out=sys.stdout) -> tuple[list[Row], dict[str, 
             say(f"[{name}] min-dalle: {reason}")
         for dtype in args.dtypes:
             sampler = Sampler(None, params, cfg, jnp.dtype(dtype), buckets=tuple(sorted(set(args.batches))),
-                              chunk_size=steps, cache_blocks=args.cache_blocks)
+                              chunk_size=steps, cache_blocks=args.cache_blocks,
+                              native_attention=args.native_attention and dtype == "float32")
             md = None if reason else _mindalle.MinDalleSampler(cfg, params, dtype, threads=cores)
             for batch in args.batches:
                 base = dict(config=name, dtype=dtype, batch=batch, image_length=cfg.image_length, steps_timed=steps)
                 lb = loadavg()
                 ours = time_ours(sampler, batch, steps, args.repeats)
-                mine = Row(sampler="ours", step_s=ours["step_s"], compile_s=ours["compile_s"],
+                label = "ours native" if sampler.native_attention else "ours"
+                mine = Row(sampler=label, step_s=ours["step_s"], compile_s=ours["compile_s"],
                            encoder_s=ours["encoder_s"], load_before=lb, load_after=loadavg(), **base)
                 group = [mine]
                 for threads in (args.torch_threads if md is not None else []):

@@ -952,7 +952,8 @@ def engine_from_settings(settings: Any, *, warmup: bool | None = None) -> Engine
             warmup = bool(_setting(settings, "engine_warmup", True))
         dtype = str(_setting(settings, "engine_dtype", "float32"))
         # without warm-up, compile only what each pass needs (the terminal front end: one request at a time)
-        pipeline = load_pipeline(checkpoint, dtype=dtype, eager_text_programs=warmup)
+        native = bool(_setting(settings, "engine_native_attention", False))
+        pipeline = load_pipeline(checkpoint, dtype=dtype, eager_text_programs=warmup, native_attention=native)
         return InProcessEngine(pipeline, warmup=warmup)
     except EngineUnavailable:
         raise

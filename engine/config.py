@@ -100,7 +100,7 @@ class DalleBartConfig(_FromDict):
         "encoder_vocab_size",
         "image_vocab_size",
     )
-    RUNTIME: ClassVar[tuple[str, ...]] = ("transposed_kernels",)
+    RUNTIME: ClassVar[tuple[str, ...]] = ("transposed_kernels", "native_attention")
 
     d_model: int = 1024
     encoder_layers: int = 12
@@ -131,6 +131,9 @@ class DalleBartConfig(_FromDict):
     # dense kernels stored (out, in) instead of the published (in, out): the sampler's decode layout (see
     # engine.sampling.to_decode_layout); a runtime choice, never in config.json
     transposed_kernels: bool = False
+    # decode-step self-attention through our C++ kernel (engine.native) instead of XLA's dots: the sampler's
+    # opt-in on one CPU device; a runtime choice, never in config.json
+    native_attention: bool = False
     normalize_text: bool = True
     tie_word_embeddings: bool = False
     # variant switches of the reference code; only the published setting is implemented

@@ -475,6 +475,16 @@ def default_cache_blocks(config: DalleBartConfig) -> int:
     return 4 if ok else 1
 
 
+def _check_native_attention(dtype: Any, mesh: Mesh | None) -> None:
+    """The native decode attention (:mod:`engine.native`) is a float32 kernel for one CPU device."""
+    if mesh is not None:
+        raise ValueError("native_attention runs on one CPU device; a mesh keeps XLA's attention")
+    if jnp.dtype(dtype) != jnp.float32:
+        raise ValueError(f"native_attention computes in float32, not {jnp.dtype(dtype).name}")
+    if jax.devices()[0].platform != "cpu":
+        raise ValueError(f"native_attention is a CPU kernel; the default device is {jax.devices()[0].platform}")
+
+
 class Sampler:
     """Samples image tokens for batches of candidates with a DalleBart; one compiled program per bucket.
 
@@ -508,11 +518,18 @@ class Sampler:
         transposed_kernels: bool | None = None,
         eager_text_programs: bool = True,
         cache_blocks: int | None = None,
+        native_attention: bool = False,
     ) -> None:
         if dtype is None:
             dtype = model.dtype if model is not None else jnp.float32
         self.config = config
         self.dtype = jnp.dtype(dtype)
+        if native_attention:
+            _check_native_attention(self.dtype, mesh)
+            from engine import native
+
+            native_attention = native.load()  # False, with a warning saying why, where it cannot be built
+        self.native_attention = bool(native_attention)
         self.buckets = tuple(sorted(int(b) for b in buckets))
         self.chunk_size = max(1, min(int(chunk_size), config.image_length))
         self.eager_text_programs = bool(eager_text_programs)
@@ -520,10 +537,13 @@ class Sampler:
             transposed_kernels = default_transposed_kernels(mesh)
         self.transposed_kernels = bool(transposed_kernels)
         self._decode_config = dataclasses.replace(
-            config, use_scan=False, gradient_checkpointing=False, transposed_kernels=self.transposed_kernels
+            config, use_scan=False, gradient_checkpointing=False, transposed_kernels=self.transposed_kernels,
+            native_attention=self.native_attention,
         )
         self.mesh = mesh
-        self.cache_blocks = default_cache_blocks(config) if cache_blocks is None else int(cache_blocks)
+        if cache_blocks is None:  # the native kernel reads only the written slots: blocks would only add compiles
+            cache_blocks = 1 if self.native_attention else default_cache_blocks(config)
+        self.cache_blocks = int(cache_blocks)
         self._progs = _programs(self._decode_config, self.dtype.name, mesh, self.cache_blocks)
         # (rows, text length) whose text programs are compiled -> the shape of their decode state
         self._state_shapes: dict[tuple[int, int], Any] = {}

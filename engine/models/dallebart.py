@@ -200,6 +200,17 @@ class FlaxBartAttention(nn.Module):
             o, start = (part if o is None else o + part), start + v.shape[2]
         return self.output(o)
 
+    def write_and_attend_native(self, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
+                                k_blocks: tuple[jax.Array, ...], v_blocks: tuple[jax.Array, ...],
+                                position: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+        """Write k_new, v_new (B,H,1,Dh) at ``position`` of the float32 cache blocks (B,H,W,Dh), then attend with q
+        (B,1,H,Dh) over slots ``0..position``, through the C++ kernel :func:`engine.native.decode_attention` (it
+        must be loaded) -> ((B,1,d), k_blocks, v_blocks)."""
+        from engine import native
+
+        o, k_blocks, v_blocks = native.decode_attention(q, k_new, v_new, position, k_blocks, v_blocks)
+        return self.output(o.astype(q.dtype)), k_blocks, v_blocks
+
     def __call__(self, x: jax.Array, kv_in: jax.Array, bias: jax.Array) -> jax.Array:
         k, v = self.kv(kv_in)
         return self.attend(self.query(x), k, v, bias)
@@ -299,7 +310,13 @@ class DecoderLayer(nn.Module):
             h = ln0(y)
             q = self_attn.query(h)
             k_new, v_new = self_attn.kv(h)
-            if isinstance(k_cache, tuple):  # blocked: the bias's length says how many blocks are attended
+            if cfg.native_attention:  # the kernel writes the new slot and attends to slots 0..position
+                blocked = isinstance(k_cache, tuple)
+                o, k_out, v_out = self_attn.write_and_attend_native(
+                    q, k_new, v_new, k_cache if blocked else (k_cache,), v_cache if blocked else (v_cache,), position)
+                k_cache, v_cache = (k_out, v_out) if blocked else (k_out[0], v_out[0])
+                y = y + ln1(o)
+            elif isinstance(k_cache, tuple):  # blocked: the bias's length says how many blocks are attended
                 width = k_cache[0].shape[2]
                 segment = self_bias.shape[-1] // width - 1
                 start = (0, 0, position - segment * width, 0)

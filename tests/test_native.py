@@ -1,0 +1,116 @@
+"""Our C++ decode attention (engine/native): built on first use, the same tokens as XLA's attention, and a clear
+fallback where it cannot be built."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from engine import native
+from engine.checkpoint import random_checkpoint
+from engine.config import DalleBartConfig
+from engine.pipeline import load_pipeline
+from engine.sampling import Sampler
+
+CFG = DalleBartConfig(
+    d_model=64, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+    encoder_ffn_dim=96, decoder_ffn_dim=96, encoder_vocab_size=100, image_vocab_size=64, max_text_length=8,
+    image_length=16, decoder_start_token_id=64, bos_token_id=65, eos_token_id=65, pad_token_id=65,
+)
+
+needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler on this machine")
+
+
+@pytest.fixture(scope="module")
+def params():
+    from bench.sampler import random_params
+
+    return random_params(CFG, seed=3)
+
+
+def _texts():
+    ids = np.array([[0, 5, 6, 2, 1, 1, 1, 1], [0, 7, 2, 1, 1, 1, 1, 1], [0, 9, 9, 9, 2, 1, 1, 1]], np.int32)
+    un = np.tile(np.array([0, 2, 1, 1, 1, 1, 1, 1], np.int32), (3, 1))
+    return ids, (ids != 1).astype(np.int32), un, (un != 1).astype(np.int32)
+
+
+@needs_compiler
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_native_attention_samples_the_same_tokens_as_xla(params, blocks):
+    """Whole loop and progress chunks that straddle cache blocks: the kernel writes each step's key/value and
+    attends to the written slots only; the step logits agree with XLA's attention to float rounding."""
+    xla = Sampler(None, params, CFG, buckets=(4,), cache_blocks=blocks, chunk_size=6)
+    own = Sampler(None, params, CFG, buckets=(4,), cache_blocks=blocks, chunk_size=6, native_attention=True)
+    assert own.native_attention and not xla.native_attention
+    kw = dict(scale=[10.0, 3.0, 1.0], top_k=[50, 5, 0], temperature=[1.0, 0.7, 1.5])
+    tokens, logits = xla.sample_with_logits(*_texts(), [1, 2, 3], [0, 1, 2], **kw)
+    tokens_n, logits_n = own.sample_with_logits(*_texts(), [1, 2, 3], [0, 1, 2], **kw)
+    np.testing.assert_array_equal(tokens_n, tokens)
+    np.testing.assert_allclose(logits_n, logits, atol=1e-5, rtol=1e-5)
+    seen = []
+    hooked = own.sample(*_texts(), [1, 2, 3], [0, 1, 2], on_chunk=lambda d, t: seen.append(d), **kw)
+    np.testing.assert_array_equal(hooked, tokens)
+    assert seen == [6, 12, 16]
+
+
+def test_native_attention_needs_float32_on_one_cpu_device(params):
+    with pytest.raises(ValueError, match="float32"):
+        Sampler(None, params, CFG, dtype="bfloat16", buckets=(1,), native_attention=True)
+    from engine.sharding import make_mesh
+
+    with pytest.raises(ValueError, match="mesh"):
+        Sampler(None, params, CFG, buckets=(1,), native_attention=True, mesh=make_mesh(1))
+
+
+def test_without_a_compiler_the_sampler_says_why_and_keeps_xla_attention(params, monkeypatch, caplog, tmp_path):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("DALLE_NATIVE_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="engine.native"):
+        s = Sampler(None, params, CFG, buckets=(1,), native_attention=True)
+    assert not s.native_attention and s.cache_blocks == 1
+    assert "no C++ compiler found" in native.unavailable_reason()
+    assert any("XLA's attention is used instead" in r.getMessage() for r in caplog.records)
+    ids, mask, un, umask = (x[:1] for x in _texts())
+    assert s.sample(ids, mask, un, umask, [1], [0]).shape == (1, CFG.image_length)
+
+
+def test_a_compile_error_is_reported_with_the_compilers_words(monkeypatch, tmp_path):
+    bad = tmp_path / "bad.cc"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", bad)
+    monkeypatch.setenv("DALLE_NATIVE_CACHE", str(tmp_path / "cache"))
+    if native.compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    with pytest.raises(native.NativeBuildError, match="failed"):
+        native.build()
+    assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-built is left to be loaded later
+
+
+@needs_compiler
+def test_the_pipeline_option_reaches_the_sampler(tmp_path):
+    directory = random_checkpoint(tmp_path / "tiny", with_clip=False)
+    pipeline = load_pipeline(directory, native_attention=True)
+    assert pipeline.sampler.native_attention
+    from engine.api import GenerationRequest
+
+    (result,) = pipeline.generate([GenerationRequest("a red circle", n=2, seed=5)])
+    assert len(result.images) == 2
+
+
+@needs_compiler
+def test_bench_sampler_times_the_native_kernel_over_the_whole_image(tmp_path):
+    import io
+    import json
+    from contextlib import redirect_stdout
+
+    from bench import sampler as bench_sampler
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        rc = bench_sampler.main(["--configs", "tiny", "--batches", "2", "--dtypes", "float32", "--steps", "8",
+                                 "--skip-mindalle", "--native-attention", "--json", str(tmp_path / "s.json")])
+    assert rc == 0
+    (row,) = [r for r in json.loads((tmp_path / "s.json").read_text())["rows"] if r["sampler"] != "roofline"]
+    assert row["sampler"] == "ours native" and row["step_s"] > 0
+    assert "| tiny | float32 | 2 | ours native |" in out.getvalue()
