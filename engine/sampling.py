@@ -502,6 +502,10 @@ class Sampler:
     False compiles only the count a pass needs, when it first comes (for callers that send one request at a time).
     ``cache_blocks``: the KV cache in that many blocks along the positions (default :func:`default_cache_blocks`),
     so a step reads only the blocks written so far; a chunk that spans blocks runs one loop per block.
+    ``native_attention``: the decode step's self-attention through our C++ kernel (:mod:`engine.native`; float32
+    on one CPU device, else ValueError), which reads only the written slots (so the cache defaults to one block);
+    where the kernel cannot be built, a warning says why and XLA's attention is kept (``self.native_attention``
+    tells which runs). Its logits match XLA's attention to float rounding, not bit for bit.
     Every process of a multi-host job must make the same calls with the same arguments.
     """
 

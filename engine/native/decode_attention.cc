@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -93,9 +94,15 @@ ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
   std::vector<std::thread> pool;
   for (int64_t t = 1; t < workers; ++t) {
     const int64_t begin = t * per, end = std::min(pairs, begin + per);
-    if (begin < end)
+    if (begin >= end) break;
+    try {
       pool.emplace_back(attend_pairs, q.typed_data(), k_new.typed_data(), v_new.typed_data(), std::cref(cache), pos,
                         dh, begin, end, out->typed_data());
+    } catch (const std::system_error&) {  // no more threads to be had: this thread does the rest too
+      attend_pairs(q.typed_data(), k_new.typed_data(), v_new.typed_data(), cache, pos, dh, begin, pairs,
+                   out->typed_data());
+      break;
+    }
   }
   attend_pairs(q.typed_data(), k_new.typed_data(), v_new.typed_data(), cache, pos, dh, 0, std::min(pairs, per),
                out->typed_data());
