@@ -42,6 +42,10 @@ def image_record(im: GeneratedImage, seed: int, filename: str) -> dict[str, Any]
     }
 
 
+NATIVE_ATTENTION_HELP = ("decode self-attention through our C++ kernel (engine/native; built with g++ on first use; "
+                         "float32 on one CPU device; faster for the published sizes, tokens may differ in rare steps)")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from engine.pipeline import load_pipeline
 
@@ -58,7 +62,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     configure(args.xla_cache_dir)
     t0 = time.perf_counter()
     pipeline = load_pipeline(args.checkpoint, dtype=args.dtype, buckets=(1, 2, 4, 8, 9, 16),
-                             eager_text_programs=False)  # one request: compile only what it needs
+                             eager_text_programs=False,  # one request: compile only what it needs
+                             native_attention=args.native_attention)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = pipeline.generate([request])[0]
@@ -119,6 +124,7 @@ def add_generate(subparsers: Any) -> None:
     p.add_argument("--top-p", type=float, default=None, help="top-p (default: the checkpoint's, else 1.0 = off)")
     p.add_argument("--temperature", type=float, default=None, help="(default: the checkpoint's, else 1.0)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--native-attention", action="store_true", help=NATIVE_ATTENTION_HELP)
     from engine import compile_cache
 
     compile_cache.add_argument(p)

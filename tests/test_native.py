@@ -114,3 +114,34 @@ def test_bench_sampler_times_the_native_kernel_over_the_whole_image(tmp_path):
     (row,) = [r for r in json.loads((tmp_path / "s.json").read_text())["rows"] if r["sampler"] != "roofline"]
     assert row["sampler"] == "ours native" and row["step_s"] > 0
     assert "| tiny | float32 | 2 | ours native |" in out.getvalue()
+
+
+@needs_compiler
+def test_engine_generate_and_serve_take_native_attention(tmp_path, monkeypatch):
+    """`engine generate --native-attention` samples with a pipeline whose sampler uses the kernel; `engine serve
+    --native-attention` asks the pipeline for it, and without the flag does not."""
+    import json
+
+    import engine.__main__ as cli
+    import engine.pipeline
+
+    loaded = []
+    real = engine.pipeline.load_pipeline
+    monkeypatch.setattr(engine.pipeline, "load_pipeline", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    ckpt = random_checkpoint(tmp_path / "ckpt", with_clip=False)
+    out = tmp_path / "out"
+    assert cli.main(["generate", "a red circle", "--n", "2", "--seed", "3", "--checkpoint", str(ckpt),
+                     "--out", str(out), "--native-attention", "--xla-cache-dir", "off"]) == 0
+    assert [p.sampler.native_attention for p in loaded] == [True]
+    assert len(json.loads((out / "result.json").read_text())["images"]) == 2
+
+    seen = {}
+    monkeypatch.setattr(cli, "load_checkpoint_pipeline", lambda path, **opts: seen.update(opts) or "pipeline")
+    import engine.server
+
+    monkeypatch.setattr(engine.server, "serve", lambda pipeline, settings: seen.update(served=pipeline))
+    assert cli.main(["serve", "--checkpoint", str(ckpt), "--native-attention", "--xla-cache-dir", "off"]) == 0
+    assert seen["native_attention"] is True and seen["served"] == "pipeline"
+    seen.clear()
+    assert cli.main(["serve", "--checkpoint", str(ckpt), "--xla-cache-dir", "off"]) == 0
+    assert "native_attention" not in seen
