@@ -146,6 +146,11 @@ def loadavg() -> float:
 # ----------------------------------------------------------------------------------------------
 
 
+# the native kernel's step reads the slots written so far, so it costs more later in the image: it is timed over
+# the whole image in this many segments, like a blocked cache
+NATIVE_SEGMENTS = 4
+
+
 def time_ours(sampler: Any, batch: int, steps: int, repeats: int) -> dict[str, float]:
     """Compile, then one sample with ``chunk_size == steps``: a warm-in chunk, then timed chunks (module docstring).
 
@@ -157,7 +162,7 @@ def time_ours(sampler: Any, batch: int, steps: int, repeats: int) -> dict[str, f
         raise ValueError(f"sampler chunk_size {sampler.chunk_size} != steps {steps}")
     blocks = getattr(sampler, "cache_blocks", 1)
     if getattr(sampler, "native_attention", False):
-        blocks = 4  # its step reads the slots written so far, so it costs more later: time the whole image by quarters
+        blocks = NATIVE_SEGMENTS
     width = cfg.image_length // blocks
     repeats = max(1, min(repeats, cfg.image_length // steps - 1))
     t0 = time.perf_counter()
@@ -370,8 +375,8 @@ def steps_for(cfg: DalleBartConfig, name: str, args: argparse.Namespace) -> int:
     from engine.sampling import default_cache_blocks
 
     width = cfg.image_length // (args.cache_blocks or default_cache_blocks(cfg))
-    if getattr(args, "native_attention", False):  # timed by quarters of the image (time_ours)
-        width = min(width, cfg.image_length // 4)
+    if getattr(args, "native_attention", False):
+        width = min(width, cfg.image_length // NATIVE_SEGMENTS)
     limit = width // 2
     if args.steps is not None:
         if args.steps > limit:

@@ -44,7 +44,7 @@ from engine.models import clip as clip_model
 from engine.models import vqgan as vqgan_model
 from engine.models.dallebart import load_dallebart_params
 from engine.safety import SafetyChecker
-from engine.sampling import DEFAULT_BUCKETS, Sampler, bucket_for
+from engine.sampling import DEFAULT_BUCKETS, Sampler, bucket_for, device_platform
 from engine.text import CLIPTokenizer, DalleBartTokenizer
 
 log = logging.getLogger(__name__)
@@ -163,8 +163,7 @@ class ModelPipeline:
             transposed_kernels=transposed_kernels,
             native_attention=options.native_attention,
         )
-        platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-        slow = half_precision_on_cpu(self.sampler.dtype, platform)
+        slow = half_precision_on_cpu(self.sampler.dtype, device_platform(mesh))
         if slow:
             log.warning(slow)
         if vqgan_config.grid_size**2 != dallebart_config.image_length:

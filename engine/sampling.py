@@ -97,12 +97,17 @@ def to_decode_layout(params: Any, dtype: Any = None, *, host: bool = False, tran
     return jax.tree_util.tree_map_with_path(convert, params)
 
 
+def device_platform(mesh: Mesh | None = None) -> str:
+    """The platform ("cpu", "gpu", ...) the sampler runs on: the mesh's devices, else the default device's."""
+    devices = mesh.devices.flat if mesh is not None else jax.devices()
+    return next(iter(devices)).platform
+
+
 def default_transposed_kernels(mesh: Mesh | None = None) -> bool:
     """Whether the sampler should decode with transposed kernels: on CPU devices (XLA:CPU streams the left GEMM
     operand as stored, see :func:`to_decode_layout`), not on accelerators, where the transposes around every
     dense layer would be extra kernels in each step."""
-    devices = mesh.devices.flat if mesh is not None else jax.devices()
-    return next(iter(devices)).platform == "cpu"
+    return device_platform(mesh) == "cpu"
 
 
 def _transposed_sharding(s: NamedSharding) -> NamedSharding:
@@ -481,8 +486,8 @@ def _check_native_attention(dtype: Any, mesh: Mesh | None) -> None:
         raise ValueError("native_attention runs on one CPU device; a mesh keeps XLA's attention")
     if jnp.dtype(dtype) != jnp.float32:
         raise ValueError(f"native_attention computes in float32, not {jnp.dtype(dtype).name}")
-    if jax.devices()[0].platform != "cpu":
-        raise ValueError(f"native_attention is a CPU kernel; the default device is {jax.devices()[0].platform}")
+    if device_platform() != "cpu":
+        raise ValueError(f"native_attention is a CPU kernel; the default device is {device_platform()}")
 
 
 class Sampler:
