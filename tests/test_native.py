@@ -2,6 +2,7 @@
 fallback where it cannot be built."""
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -18,6 +19,9 @@ CFG = DalleBartConfig(
     image_length=16, decoder_start_token_id=64, bos_token_id=65, eos_token_id=65, pad_token_id=65,
 )
 
+if native.compiler() is None and os.environ.get("DALLE_REQUIRE_COMPILER") == "1":
+    raise RuntimeError("DALLE_REQUIRE_COMPILER=1 but no C++ compiler is on PATH: the native kernel cannot be tested")
+# without a compiler the kernel cannot exist; the fallback test below still runs (CI sets DALLE_REQUIRE_COMPILER)
 needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler on this machine")
 
 
@@ -75,13 +79,12 @@ def test_without_a_compiler_the_sampler_says_why_and_keeps_xla_attention(params,
     assert s.sample(ids, mask, un, umask, [1], [0]).shape == (1, CFG.image_length)
 
 
+@needs_compiler
 def test_a_compile_error_is_reported_with_the_compilers_words(monkeypatch, tmp_path):
     bad = tmp_path / "bad.cc"
     bad.write_text("this is not C++\n")
     monkeypatch.setattr(native, "SOURCE", bad)
     monkeypatch.setenv("DALLE_NATIVE_CACHE", str(tmp_path / "cache"))
-    if native.compiler() is None:
-        pytest.skip("no C++ compiler on this machine")
     with pytest.raises(native.NativeBuildError, match="failed"):
         native.build()
     assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-built is left to be loaded later
