@@ -1,7 +1,8 @@
 """Image-token sampling speed: our jitted sampler vs min-dalle (PyTorch) vs the roofline, in one run.
 
 ``python -m bench sampler [--configs demo,mini] [--batches 1,8,32] [--dtypes float32,bfloat16] [--steps N]
-[--repeats R] [--skip-mindalle] [--torch-threads 2,1] [--quick] [--json OUT] [--demo-checkpoint DIR]``
+[--repeats R] [--skip-mindalle] [--torch-threads 2,1] [--attention auto|native|xla] [--quick] [--json OUT]
+[--demo-checkpoint DIR]``
 
 ``--quick`` (< 2 min): demo config, batches 1 and 8, float32, 16 steps. ``--torch-threads`` times min-dalle at
 several torch thread counts (default: the machine's cores, as min-dalle itself sets, and 1); on a loaded machine
@@ -12,7 +13,9 @@ after it: re-run figures taken under load.
 What is compared, per (config, dtype, batch B):
 
 * **ours**: ``engine.sampling.Sampler`` on ``2B`` decoder rows (cond + uncond in one batch), static KV cache, the
-  step loop inside ``jax.jit``/``lax.scan``. Compile time (``Sampler.warmup``) is reported on its own.
+  step loop inside ``jax.jit``/``lax.scan``. Compile time (``Sampler.warmup``) is reported on its own. The
+  ``attention`` column says how its decode self-attention ran: ``native`` (our C++ kernel, ``engine.native``, the
+  sampler's default for float32 on CPU) or ``xla`` (XLA's dots; ``--attention xla`` asks for it).
 * **min-dalle** 0.4.11: its ``DalleBartDecoder.sample_tokens`` step and KV cache, driven like its own loop
   (see ``bench/_mindalle.py``), PyTorch on the CPU with ``torch.set_num_threads(cores)``.
 * **roofline**: ``bench.roofline.decode_step_cost`` (FLOPs and bytes of one step) against the matmul FLOP/s and
@@ -257,6 +260,7 @@ class Row:
     sampler: str  # ours | min-dalle | roofline
     step_s: float
     image_length: int
+    attention: str = ""  # ours: "native" (engine.native's kernel) or "xla"
     compile_s: float = float("nan")
     encoder_s: float = float("nan")
     steps_timed: int = 0
@@ -285,7 +289,7 @@ class Row:
 
 
 HEADER = (
-    "| config | dtype | B | sampler | compile s | encoder ms | ms/step | tokens/s | images/s | loop s "
+    "| config | dtype | B | sampler | attention | compile s | encoder ms | ms/step | tokens/s | images/s | loop s "
     "| ours/min-dalle | % roofline | load before→after |"
 )
 
@@ -304,7 +308,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
     lines = [HEADER, "|" + " --- |" * (HEADER.count("|") - 1)]
     for r in rows:
         lines.append(
-            f"| {r.config} | {r.dtype} | {r.batch} | {r.sampler} | {_fmt(r.compile_s, '.1f')} "
+            f"| {r.config} | {r.dtype} | {r.batch} | {r.sampler} | {r.attention or '—'} | {_fmt(r.compile_s, '.1f')} "
             f"| {_fmt(r.encoder_s * 1e3, '.0f')} | {_fmt(r.step_s * 1e3, '.3g')} | {_fmt(r.tokens_per_s, '.1f')} "
             f"| {_fmt(r.images_per_s, '.3g')} | {_fmt(r.loop_s, '.3g')} | {_fmt(r.vs_mindalle, '.2f')}× "
             f"| {_pct(r.roofline_pct)}% | {_fmt(r.load_before, '.1f')}→{_fmt(r.load_after, '.1f')} |"
@@ -334,8 +338,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--cache-blocks", type=int, default=None,
                     help="our KV cache in this many blocks (default: the sampler's, 4 for the published sizes, 1 for "
                          "the demo; 1: one array read in full every step, the sampler before 2026-12-05)")
-    ap.add_argument("--native-attention", action="store_true",
-                    help="float32 rows decode with our C++ self-attention kernel (engine.native; built on first use)")
+    ap.add_argument("--attention", choices=("auto", "native", "xla"), default="auto",
+                    help="our decode self-attention: auto (the sampler's default: our C++ kernel, engine.native, for "
+                         "float32 on CPU), native (the kernel for float32 rows), xla (XLA's dots)")
+    ap.add_argument("--native-attention", dest="attention", action="store_const", const="native",
+                    help="the same as --attention native")
     ap.add_argument("--repeats", type=int, default=None, help="timed chunks per figure, fastest counts (default 1)")
     ap.add_argument("--skip-mindalle", action="store_true", help="time only our sampler")
     ap.add_argument("--torch-threads", type=lambda s: _csv(s, int), default=None,
@@ -375,7 +382,7 @@ def steps_for(cfg: DalleBartConfig, name: str, args: argparse.Namespace) -> int:
     from engine.sampling import default_cache_blocks
 
     width = cfg.image_length // (args.cache_blocks or default_cache_blocks(cfg))
-    if getattr(args, "native_attention", False):
+    if getattr(args, "attention", "auto") != "xla":  # the native kernel may run: time it over the whole image
         width = min(width, cfg.image_length // NATIVE_SEGMENTS)
     limit = width // 2
     if args.steps is not None:
@@ -386,6 +393,11 @@ def steps_for(cfg: DalleBartConfig, name: str, args: argparse.Namespace) -> int:
     if args.quick:
         return min(16, limit)
     return limit if name in ("demo", "tiny") else min(4, limit)
+
+
+def _native_attention_choice(attention: str, dtype: str) -> bool | None:
+    """``Sampler(native_attention=...)`` for ``--attention``: None lets the sampler choose; the kernel is float32."""
+    return {"auto": None, "xla": False, "native": dtype == "float32"}[attention]
 
 
 def run(args: argparse.Namespace, out=sys.stdout) -> tuple[list[Row], dict[str, Any]]:
@@ -425,14 +437,14 @@ def run(args: argparse.Namespace, out=sys.stdout) -> tuple[list[Row], dict[str, 
         for dtype in args.dtypes:
             sampler = Sampler(None, params, cfg, jnp.dtype(dtype), buckets=tuple(sorted(set(args.batches))),
                               chunk_size=steps, cache_blocks=args.cache_blocks,
-                              native_attention=args.native_attention and dtype == "float32")
+                              native_attention=_native_attention_choice(args.attention, dtype))
             md = None if reason else _mindalle.MinDalleSampler(cfg, params, dtype, threads=cores)
             for batch in args.batches:
                 base = dict(config=name, dtype=dtype, batch=batch, image_length=cfg.image_length, steps_timed=steps)
                 lb = loadavg()
                 ours = time_ours(sampler, batch, steps, args.repeats)
-                label = "ours native" if sampler.native_attention else "ours"
-                mine = Row(sampler=label, step_s=ours["step_s"], compile_s=ours["compile_s"],
+                mine = Row(sampler="ours", attention="native" if sampler.native_attention else "xla",
+                           step_s=ours["step_s"], compile_s=ours["compile_s"],
                            encoder_s=ours["encoder_s"], load_before=lb, load_after=loadavg(), **base)
                 group = [mine]
                 for threads in (args.torch_threads if md is not None else []):

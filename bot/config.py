@@ -54,7 +54,7 @@ class Settings:
     engine_concurrency: int = 16
     engine_stall_timeout: int = 600
     engine_warmup: bool = True
-    engine_native_attention: bool = False
+    engine_native_attention: bool | None = None  # None: the sampler's default (native on CPU in float32)
     engine_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     xla_cache_dir: str | None = None  # XLA_CACHE_DIR as given (engine.compile_cache: None = its default, "off")
     output_dir: Path = Path("outputs")
@@ -128,6 +128,17 @@ class _Env:
         if raw.lower() in _FALSE:
             return False
         raise SettingsError(name, f"must be true or false (also 1/0, yes/no, on/off); got {raw!r}")
+
+    def auto_bool(self, name: str) -> bool | None:
+        """true / false, or None where unset or "auto" (the component chooses)."""
+        raw = self.values.get(name)
+        if raw is None or raw.lower() == "auto":
+            return None
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise SettingsError(name, f"must be auto, true or false (also 1/0, yes/no, on/off); got {raw!r}")
 
     def int(self, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
         raw = self.values.get(name)
@@ -289,7 +300,7 @@ def load_settings(
         engine_concurrency=e.int("ENGINE_CONCURRENCY", 16, 1, 256),  # type: ignore[arg-type]
         engine_stall_timeout=e.int("ENGINE_STALL_TIMEOUT", 600, 0, 86_400),  # type: ignore[arg-type]
         engine_warmup=e.bool("ENGINE_WARMUP", True),
-        engine_native_attention=e.bool("ENGINE_NATIVE_ATTENTION", False),
+        engine_native_attention=e.auto_bool("ENGINE_NATIVE_ATTENTION"),
         engine_dtype=e.choice("ENGINE_DTYPE", ("float32", "bfloat16", "float16"), "float32"),  # type: ignore[arg-type]
         xla_cache_dir=e.str("XLA_CACHE_DIR"),
         output_dir=e.path("OUTPUT_DIR", Path("outputs").resolve()),

@@ -952,7 +952,7 @@ def engine_from_settings(settings: Any, *, warmup: bool | None = None) -> Engine
             warmup = bool(_setting(settings, "engine_warmup", True))
         dtype = str(_setting(settings, "engine_dtype", "float32"))
         # without warm-up, compile only what each pass needs (the terminal front end: one request at a time)
-        native = bool(_setting(settings, "engine_native_attention", False))
+        native = _setting(settings, "engine_native_attention", None)  # None: the sampler decides
         pipeline = load_pipeline(checkpoint, dtype=dtype, eager_text_programs=warmup, native_attention=native)
         return InProcessEngine(pipeline, warmup=warmup)
     except EngineUnavailable:

@@ -64,8 +64,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         opts: dict[str, Any] = {"dtype": args.dtype, "eager_text_programs": not args.no_warmup}
         if args.model_parallel is not None:
             opts["model_parallel"] = args.model_parallel
-        if args.native_attention:
-            opts["native_attention"] = True
+        if args.native_attention is not None:
+            opts["native_attention"] = args.native_attention
         pipeline = load_checkpoint_pipeline(args.checkpoint or DEMO_CHECKPOINT, **opts)
     serve(pipeline, settings)
     return 0
@@ -108,7 +108,8 @@ def add_serve(subparsers: Any) -> None:
                    help="compile each batch size on first use instead of while idle after start-up")
     from engine.generate import NATIVE_ATTENTION_HELP
 
-    p.add_argument("--native-attention", action="store_true", help=NATIVE_ATTENTION_HELP)
+    p.add_argument("--native-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help=NATIVE_ATTENTION_HELP)
     compile_cache.add_argument(p)
     p.add_argument("--fake", action="store_true", help="serve the deterministic fake pipeline instead of a model")
     p.add_argument("--fake-latency-ms", type=float, default=0.0, help="fake: fixed cost of one pass")

@@ -132,7 +132,7 @@ class DalleBartConfig(_FromDict):
     # engine.sampling.to_decode_layout); a runtime choice, never in config.json
     transposed_kernels: bool = False
     # decode-step self-attention through our C++ kernel (engine.native) instead of XLA's dots: the sampler's
-    # opt-in on one CPU device; a runtime choice, never in config.json
+    # default for float32 on CPU; a runtime choice, never in config.json
     native_attention: bool = False
     normalize_text: bool = True
     tie_word_embeddings: bool = False

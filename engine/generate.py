@@ -42,8 +42,9 @@ def image_record(im: GeneratedImage, seed: int, filename: str) -> dict[str, Any]
     }
 
 
-NATIVE_ATTENTION_HELP = ("decode self-attention through our C++ kernel (engine/native; built with g++ on first use; "
-                         "float32 on one CPU device; faster for the published sizes, tokens may differ in rare steps)")
+NATIVE_ATTENTION_HELP = ("decode self-attention through our C++ kernel (engine/native; built with g++ on first use): "
+                         "the default for float32 on CPU; --no-native-attention keeps XLA's attention (tokens may "
+                         "differ between the two in rare steps)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,7 +125,8 @@ def add_generate(subparsers: Any) -> None:
     p.add_argument("--top-p", type=float, default=None, help="top-p (default: the checkpoint's, else 1.0 = off)")
     p.add_argument("--temperature", type=float, default=None, help="(default: the checkpoint's, else 1.0)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--native-attention", action="store_true", help=NATIVE_ATTENTION_HELP)
+    p.add_argument("--native-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help=NATIVE_ATTENTION_HELP)
     from engine import compile_cache
 
     compile_cache.add_argument(p)

@@ -97,11 +97,11 @@ class PipelineOptions:
     # threads that PNG-encode a pass's images (zlib releases the GIL, so they run in parallel); None: one per CPU
     # core, at most 8. Nine 256x256 images take about 0.1 s on one core: on a GPU host that is ~10% of a Mega grid
     png_threads: int | None = None
-    # decode self-attention through our C++ kernel (engine.native: built with the system compiler on first use;
-    # float32 on one CPU device only). Opt-in: its logits differ from XLA's attention in the last bits, so its
-    # tokens can differ from the default path's in rare steps. Mini at batch 8: 58-61 vs 65-67 ms a step, and
-    # one cache block (compiles in 8 s instead of 20)
-    native_attention: bool = False
+    # decode self-attention through our C++ kernel (engine.native: built with the system compiler on first use).
+    # None: wherever it applies (float32 on CPU devices); False: XLA's attention; True: the kernel or an error. Its
+    # logits differ from XLA's attention in the last bits, so a seed's tokens can differ between the two in rare
+    # steps
+    native_attention: bool | None = None
 
 
 def half_precision_on_cpu(dtype: Any, platform: str) -> str | None:

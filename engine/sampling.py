@@ -352,8 +352,9 @@ class _Programs:
             if exe is None:
                 if self.mesh is None:
                     exe = self._jitted[name].lower(*args, **static).compile()
-                else:
-                    exe = self._mesh_jit[name](**static).lower(*args).compile()
+                else:  # under the mesh: the native attention maps its kernel over the mesh's devices
+                    with jax.set_mesh(self.mesh):
+                        exe = self._mesh_jit[name](**static).lower(*args).compile()
                 self._executables[key] = exe
         return exe
 
@@ -480,14 +481,14 @@ def default_cache_blocks(config: DalleBartConfig) -> int:
     return 4 if ok else 1
 
 
-def _check_native_attention(dtype: Any, mesh: Mesh | None) -> None:
-    """The native decode attention (:mod:`engine.native`) is a float32 kernel for one CPU device."""
-    if mesh is not None:
-        raise ValueError("native_attention runs on one CPU device; a mesh keeps XLA's attention")
+def why_no_native_attention(dtype: Any, mesh: Mesh | None = None) -> str:
+    """Why the native decode attention (:mod:`engine.native`, a float32 CPU kernel) cannot run for this dtype on
+    these devices, or "" where it can."""
     if jnp.dtype(dtype) != jnp.float32:
-        raise ValueError(f"native_attention computes in float32, not {jnp.dtype(dtype).name}")
-    if device_platform() != "cpu":
-        raise ValueError(f"native_attention is a CPU kernel; the default device is {device_platform()}")
+        return f"native_attention computes in float32, not {jnp.dtype(dtype).name}"
+    if device_platform(mesh) != "cpu":
+        return f"native_attention is a CPU kernel; the sampler's devices are {device_platform(mesh)}"
+    return ""
 
 
 class Sampler:
@@ -507,10 +508,13 @@ class Sampler:
     False compiles only the count a pass needs, when it first comes (for callers that send one request at a time).
     ``cache_blocks``: the KV cache in that many blocks along the positions (default :func:`default_cache_blocks`),
     so a step reads only the blocks written so far; a chunk that spans blocks runs one loop per block.
-    ``native_attention``: the decode step's self-attention through our C++ kernel (:mod:`engine.native`; float32
-    on one CPU device, else ValueError), which reads only the written slots (so the cache defaults to one block);
-    where the kernel cannot be built, a warning says why and XLA's attention is kept (``self.native_attention``
-    tells which runs). Its logits match XLA's attention to float rounding, not bit for bit.
+    ``native_attention``: the decode step's self-attention through our C++ kernel (:mod:`engine.native`), which
+    reads only the written slots (so the cache defaults to one block). None (the default) uses it wherever it
+    applies: float32 on CPU devices (on a mesh each device runs it on its own rows and heads); True where it does
+    not is a ValueError; False keeps XLA's attention. Where the kernel cannot be built, a warning says why and
+    XLA's attention is kept (``self.native_attention`` tells which runs). Its logits match XLA's attention to
+    float rounding, not bit for bit, so the same seed can give a different image with and without it (rarely);
+    with it, the same image alone or batched, on one device or a mesh.
     Every process of a multi-host job must make the same calls with the same arguments.
     """
 
@@ -527,14 +531,18 @@ class Sampler:
         transposed_kernels: bool | None = None,
         eager_text_programs: bool = True,
         cache_blocks: int | None = None,
-        native_attention: bool = False,
+        native_attention: bool | None = None,
     ) -> None:
         if dtype is None:
             dtype = model.dtype if model is not None else jnp.float32
         self.config = config
         self.dtype = jnp.dtype(dtype)
+        why_not = why_no_native_attention(self.dtype, mesh)
+        if native_attention and why_not:
+            raise ValueError(why_not)
+        if native_attention is None:  # the default: wherever it applies
+            native_attention = not why_not
         if native_attention:
-            _check_native_attention(self.dtype, mesh)
             from engine import native
 
             native_attention = native.load()  # False, with a warning saying why, where it cannot be built

@@ -61,9 +61,13 @@ def test_quick_run_on_tiny_config_prints_the_table(tmp_path):
 
 
 def test_steps_must_leave_room_for_a_warm_in_chunk():
-    """A timed chunk fits in half a KV-cache block: 32 of 256 steps with 4 blocks, 128 with one (tiny's default)."""
-    for steps, blocks, ok in ((32, "4", True), (33, "4", False), (128, None, True), (129, "1", False)):
-        argv = ["--configs", "tiny", "--steps", str(steps)] + (["--cache-blocks", blocks] if blocks else [])
+    """A timed chunk fits in half a KV-cache block: 32 of 256 steps with 4 blocks, 128 with one (tiny's default),
+    and in half of one of the native kernel's timing segments (a quarter of the image) where it may run."""
+    cases = [(32, "4", "xla", True), (33, "4", "xla", False), (128, None, "xla", True), (129, "1", "xla", False),
+             (32, None, "auto", True), (33, None, "auto", False), (33, "1", "native", False)]
+    for steps, blocks, attention, ok in cases:
+        argv = ["--configs", "tiny", "--steps", str(steps), "--attention", attention]
+        argv += ["--cache-blocks", blocks] if blocks else []
         args = bench_sampler.parse_args(argv)
         if ok:
             assert bench_sampler.steps_for(bench_sampler.TINY, "tiny", args) == steps

@@ -43,7 +43,7 @@ def _texts():
 def test_native_attention_samples_the_same_tokens_as_xla(params, blocks):
     """Whole loop and progress chunks that straddle cache blocks: the kernel writes each step's key/value and
     attends to the written slots only; the step logits agree with XLA's attention to float rounding."""
-    xla = Sampler(None, params, CFG, buckets=(4,), cache_blocks=blocks, chunk_size=6)
+    xla = Sampler(None, params, CFG, buckets=(4,), cache_blocks=blocks, chunk_size=6, native_attention=False)
     own = Sampler(None, params, CFG, buckets=(4,), cache_blocks=blocks, chunk_size=6, native_attention=True)
     assert own.native_attention and not xla.native_attention
     kw = dict(scale=[10.0, 3.0, 1.0], top_k=[50, 5, 0], temperature=[1.0, 0.7, 1.5])
@@ -57,13 +57,19 @@ def test_native_attention_samples_the_same_tokens_as_xla(params, blocks):
     assert seen == [6, 12, 16]
 
 
-def test_native_attention_needs_float32_on_one_cpu_device(params):
+def test_native_attention_needs_float32(params):
     with pytest.raises(ValueError, match="float32"):
         Sampler(None, params, CFG, dtype="bfloat16", buckets=(1,), native_attention=True)
+    assert not Sampler(None, params, CFG, dtype="bfloat16", buckets=(1,)).native_attention  # the default: XLA's
+
+
+@needs_compiler
+def test_native_attention_is_the_default_on_cpu_in_float32(params):
     from engine.sharding import make_mesh
 
-    with pytest.raises(ValueError, match="mesh"):
-        Sampler(None, params, CFG, buckets=(1,), native_attention=True, mesh=make_mesh(1))
+    assert Sampler(None, params, CFG, buckets=(1,)).native_attention
+    assert Sampler(None, params, CFG, buckets=(1,), mesh=make_mesh(1)).native_attention
+    assert not Sampler(None, params, CFG, buckets=(1,), native_attention=False).native_attention
 
 
 def test_without_a_compiler_the_sampler_says_why_and_keeps_xla_attention(params, monkeypatch, caplog, tmp_path):
@@ -111,18 +117,21 @@ def test_bench_sampler_times_the_native_kernel_over_the_whole_image(tmp_path):
 
     out = io.StringIO()
     with redirect_stdout(out):
+        # 2 cache blocks: programs of their own, so test_bench_sampler's run still compiles (and times) its own
         rc = bench_sampler.main(["--configs", "tiny", "--batches", "2", "--dtypes", "float32", "--steps", "8",
-                                 "--skip-mindalle", "--native-attention", "--json", str(tmp_path / "s.json")])
+                                 "--skip-mindalle", "--native-attention", "--cache-blocks", "2",
+                                 "--json", str(tmp_path / "s.json")])
     assert rc == 0
     (row,) = [r for r in json.loads((tmp_path / "s.json").read_text())["rows"] if r["sampler"] != "roofline"]
-    assert row["sampler"] == "ours native" and row["step_s"] > 0
-    assert "| tiny | float32 | 2 | ours native |" in out.getvalue()
+    assert row["sampler"] == "ours" and row["attention"] == "native" and row["step_s"] > 0
+    assert "| tiny | float32 | 2 | ours | native |" in out.getvalue()
 
 
 @needs_compiler
 def test_engine_generate_and_serve_take_native_attention(tmp_path, monkeypatch):
-    """`engine generate --native-attention` samples with a pipeline whose sampler uses the kernel; `engine serve
-    --native-attention` asks the pipeline for it, and without the flag does not."""
+    """`engine generate --native-attention` samples with a pipeline whose sampler uses the kernel, and
+    `--no-native-attention` with one that does not; `engine serve` passes either on, and without a flag leaves the
+    choice to the sampler."""
     import json
 
     import engine.__main__ as cli
@@ -137,6 +146,9 @@ def test_engine_generate_and_serve_take_native_attention(tmp_path, monkeypatch):
                      "--out", str(out), "--native-attention", "--xla-cache-dir", "off"]) == 0
     assert [p.sampler.native_attention for p in loaded] == [True]
     assert len(json.loads((out / "result.json").read_text())["images"]) == 2
+    assert cli.main(["generate", "a red circle", "--n", "1", "--seed", "3", "--checkpoint", str(ckpt),
+                     "--out", str(tmp_path / "xla"), "--no-native-attention", "--xla-cache-dir", "off"]) == 0
+    assert [p.sampler.native_attention for p in loaded] == [True, False]
 
     seen = {}
     monkeypatch.setattr(cli, "load_checkpoint_pipeline", lambda path, **opts: seen.update(opts) or "pipeline")
@@ -147,4 +159,6 @@ def test_engine_generate_and_serve_take_native_attention(tmp_path, monkeypatch):
     assert seen["native_attention"] is True and seen["served"] == "pipeline"
     seen.clear()
     assert cli.main(["serve", "--checkpoint", str(ckpt), "--xla-cache-dir", "off"]) == 0
-    assert "native_attention" not in seen
+    assert "native_attention" not in seen  # the sampler's default
+    assert cli.main(["serve", "--checkpoint", str(ckpt), "--no-native-attention", "--xla-cache-dir", "off"]) == 0
+    assert seen["native_attention"] is False

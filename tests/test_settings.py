@@ -47,6 +47,13 @@ def test_engine_dtype():
     assert load(ENGINE_DTYPE="BFloat16").engine_dtype == "bfloat16"
 
 
+def test_engine_native_attention_is_auto_unless_set():
+    assert load().engine_native_attention is None  # the sampler's default: native on CPU in float32
+    assert load(ENGINE_NATIVE_ATTENTION="auto").engine_native_attention is None
+    assert load(ENGINE_NATIVE_ATTENTION="false").engine_native_attention is False
+    assert load(ENGINE_NATIVE_ATTENTION="ON").engine_native_attention is True
+
+
 def test_full_configuration():
     s = load(
         DISCORD_TOKEN=TOKEN,
@@ -109,6 +116,7 @@ def test_mode_resolution():
         ({"RATE_LIMIT_GUILD": "lots"}, "RATE_LIMIT_GUILD", "rate limit"),
         ({"SYNC_COMMANDS": "maybe"}, "SYNC_COMMANDS", "true or false"),
         ({"AUTO_MIGRATE": "2"}, "AUTO_MIGRATE", "true or false"),
+        ({"ENGINE_NATIVE_ATTENTION": "fast"}, "ENGINE_NATIVE_ATTENTION", "auto, true or false"),
         ({"DISCORD_GUILD_IDS": "123,abc"}, "DISCORD_GUILD_IDS", "'abc'"),
         ({"REVIEW_CHANNEL_ID": "-5"}, "REVIEW_CHANNEL_ID", "between"),
         ({"FLAGGED_MODE": "blur"}, "FLAGGED_MODE", "spoiler, withhold"),

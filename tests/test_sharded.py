@@ -70,7 +70,7 @@ from tests.helpers_dallebart import random_params, tiny_config
 from tests.test_sharded import CONFIGS, INDICES, MESHES, SAMPLING, SEEDS, requests
 
 assert jax.device_count() == 8
-out = {"tokens": {}, "specs": {}}
+out = {"tokens": {}, "specs": {}, "native": {}}
 for cname, overrides in CONFIGS.items():
     cfg = tiny_config(**overrides)
     params = random_params(cfg, seed=7, std=0.1)
@@ -82,6 +82,7 @@ for cname, overrides in CONFIGS.items():
         s = Sampler(None, params, cfg, buckets=(1, 4), mesh=mesh)
         batched = s.sample(ids, mask, uids, umask, SEEDS, INDICES, **SAMPLING)
         out["tokens"][f"{cname}/{mname}"] = batched.tolist()
+        out["native"][f"{cname}/{mname}"] = s.native_attention
         layer = s.params["model"]["decoder"]["layers"]["FlaxBartDecoderLayer_0"]
         out["specs"][f"{cname}/{mname}"] = {
             "glu_in": str(layer["GLU_0"]["Dense_0"]["kernel"].sharding.spec),
@@ -106,6 +107,9 @@ for cname, overrides in CONFIGS.items():
             out["published"] = pub.sample(ids, mask, uids, umask, SEEDS, INDICES, **SAMPLING).tolist()
             pl = pub.params["model"]["decoder"]["layers"]["FlaxBartDecoderLayer_0"]["FlaxBartAttention_0"]
             out["published_q"] = str(pl["q_proj"]["kernel"].sharding.spec)
+            # XLA's attention (what accelerator meshes run) on the same CPU mesh
+            xla = Sampler(None, params, cfg, buckets=(1, 4), mesh=mesh, native_attention=False)
+            out["xla_attention"] = xla.sample(ids, mask, uids, umask, SEEDS, INDICES, **SAMPLING).tolist()
             # a KV cache in 4 blocks (each sharded like the one array), chunks of 6 straddling them
             blk = Sampler(None, params, cfg, buckets=(1, 4), mesh=mesh, cache_blocks=4, chunk_size=6)
             seen = []
@@ -131,6 +135,16 @@ def test_same_tokens_on_one_device_and_on_meshes(mesh_run, cname):
     assert set(runs) == ({"data2_model4", "model8"} if cname == "glu42" else set(MESHES))
     for mname, tokens in runs.items():
         np.testing.assert_array_equal(np.asarray(tokens), want, err_msg=f"{cname} on {mname}")
+    # on CPU in float32 both sides decode with the native attention where it can be built, each mesh device on
+    # its own rows and heads
+    assert {mesh_run["native"][f"{cname}/{m}"] for m in runs} == {single.native_attention}
+
+
+def test_xla_attention_on_a_mesh_gives_the_same_tokens(mesh_run):
+    cfg = tiny_config(**CONFIGS["divides"])
+    single = Sampler(None, random_params(cfg, seed=7, std=0.1), cfg, buckets=(1, 4), native_attention=False)
+    want = single.sample(*requests(cfg), SEEDS, INDICES, **SAMPLING)
+    np.testing.assert_array_equal(np.asarray(mesh_run["xla_attention"]), want)
 
 
 def test_blocked_cache_on_a_mesh_gives_the_same_tokens(mesh_run):

@@ -205,10 +205,13 @@ class FlaxBartAttention(nn.Module):
                                 position: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
         """Write k_new, v_new (B,H,1,Dh) at ``position`` of the float32 cache blocks (B,H,W,Dh), then attend with q
         (B,1,H,Dh) over slots ``0..position``, through the C++ kernel :func:`engine.native.decode_attention` (it
-        must be loaded) -> ((B,1,d), k_blocks, v_blocks)."""
+        must be loaded) -> ((B,1,d), k_blocks, v_blocks). Traced under a mesh (``jax.set_mesh``, as the sampler
+        does on one), each device runs the kernel on its own rows and heads."""
         from engine import native
 
-        o, k_blocks, v_blocks = native.decode_attention(q, k_new, v_new, position, k_blocks, v_blocks)
+        mesh = jax.sharding.get_abstract_mesh()
+        o, k_blocks, v_blocks = native.decode_attention(q, k_new, v_new, position, k_blocks, v_blocks,
+                                                        mesh=None if mesh.empty else mesh)
         return self.output(o.astype(q.dtype)), k_blocks, v_blocks
 
     def __call__(self, x: jax.Array, kv_in: jax.Array, bias: jax.Array) -> jax.Array:

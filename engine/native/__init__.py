@@ -8,12 +8,14 @@ The kernel is built with the system C++ compiler (``CXX``, else ``g++``) against
 (``jax.ffi.include_dir()``), for this CPU (``-march=native``), into ``DALLE_NATIVE_CACHE`` (default
 ``~/.cache/dalle-bot/native``), keyed by the source, jaxlib's version, the compiler and the CPU's flags. Where no
 compiler is found or the build fails, :func:`load` says why once and returns False, and the caller keeps XLA's
-attention. Nothing here is used unless asked for (``Sampler(native_attention=True)``).
+attention. The sampler uses it by default for float32 on CPU devices (``Sampler(native_attention=None)``); on a
+mesh each device runs it on its own rows and heads.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -28,6 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AbstractMesh, Mesh
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +132,14 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# (out (B,1,H,Dh), k_blocks, v_blocks)
+Attended = tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]
+
+
 def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, position: jax.Array,
                      k_blocks: Sequence[jax.Array], v_blocks: Sequence[jax.Array],
-                     threads: int | None = None) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+                     threads: int | None = None,
+                     mesh: Mesh | AbstractMesh | None = None) -> Attended:
     """Write this step's key/value at ``position`` of a (blocked) float32 KV cache, then attend over slots
     ``0..position``: one decode step's self-attention.
 
@@ -139,7 +147,35 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, position:
     (B,H,W,Dh), slot ``b·W + j`` in block b. Returns (out (B,1,H,Dh), k_blocks, v_blocks with the new slot
     written). The blocks go through the call in place (aliased): carried by a loop and only read by a custom
     call, XLA would otherwise copy every block before every step. :func:`load` must have returned True first.
+
+    ``mesh``: a ("data", "model") mesh (:mod:`engine.sharding`) the arrays are spread over: each device then runs
+    the kernel on its own rows and heads (``shard_map``), as the sampler's KV cache is split. Each (row, head)
+    pair is computed the same way wherever it runs, so the result does not depend on the mesh.
     """
+    if mesh is None:
+        return _decode_attention_local(q, k_new, v_new, position, tuple(k_blocks), tuple(v_blocks), threads)
+    from jax.sharding import PartitionSpec as P
+
+    from engine.sharding import DATA, MODEL
+
+    heads = MODEL if q.shape[2] % mesh.shape[MODEL] == 0 else None
+    pairs_spec = P(DATA, heads, None, None)  # (B,H,·,Dh): k_new, v_new, cache blocks
+    q_spec = P(DATA, None, heads, None)  # (B,1,H,Dh)
+    n = len(k_blocks)
+    local = functools.partial(_decode_attention_local, threads=threads)
+    mapped = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(q_spec, pairs_spec, pairs_spec, P(), (pairs_spec,) * n, (pairs_spec,) * n),
+        out_specs=(q_spec, (pairs_spec,) * n, (pairs_spec,) * n),
+        check_vma=False,  # a custom call: nothing for jax to check it against
+    )
+    return mapped(q, k_new, v_new, jnp.asarray(position, jnp.int32), tuple(k_blocks), tuple(v_blocks))
+
+
+def _decode_attention_local(q: jax.Array, k_new: jax.Array, v_new: jax.Array, position: jax.Array,
+                            k_blocks: tuple[jax.Array, ...], v_blocks: tuple[jax.Array, ...],
+                            threads: int | None = None) -> Attended:
+    """:func:`decode_attention` on arrays that all live on one device."""
     b, one, h, dh = q.shape
     if one != 1:
         raise ValueError(f"decode attention takes one query per row, got q of shape {q.shape}")
