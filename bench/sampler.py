@@ -14,7 +14,7 @@ What is compared, per (config, dtype, batch B):
 
 * **ours**: ``engine.sampling.Sampler`` on ``2B`` decoder rows (cond + uncond in one batch), static KV cache, the
   step loop inside ``jax.jit``/``lax.scan``. Compile time (``Sampler.warmup``) is reported on its own. The
-  ``attention`` column says how its decode self-attention ran: ``native`` (our C++ kernel, ``engine.native``, the
+  ``attention`` column says how its decode attention ran: ``native`` (our C++ kernel, ``engine.native``, the
   sampler's default for float32 on CPU) or ``xla`` (XLA's dots; ``--attention xla`` asks for it).
 * **min-dalle** 0.4.11: its ``DalleBartDecoder.sample_tokens`` step and KV cache, driven like its own loop
   (see ``bench/_mindalle.py``), PyTorch on the CPU with ``torch.set_num_threads(cores)``.
@@ -339,7 +339,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="our KV cache in this many blocks (default: the sampler's, 4 for the published sizes, 1 for "
                          "the demo; 1: one array read in full every step, the sampler before 2026-12-05)")
     ap.add_argument("--attention", choices=("auto", "native", "xla"), default="auto",
-                    help="our decode self-attention: auto (the sampler's default: our C++ kernel, engine.native, for "
+                    help="our decode attention: auto (the sampler's default: our C++ kernel, engine.native, for "
                          "float32 on CPU), native (the kernel for float32 rows), xla (XLA's dots)")
     ap.add_argument("--native-attention", dest="attention", action="store_const", const="native",
                     help="the same as --attention native")

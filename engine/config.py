@@ -131,8 +131,8 @@ class DalleBartConfig(_FromDict):
     # dense kernels stored (out, in) instead of the published (in, out): the sampler's decode layout (see
     # engine.sampling.to_decode_layout); a runtime choice, never in config.json
     transposed_kernels: bool = False
-    # decode-step self-attention through our C++ kernel (engine.native) instead of XLA's dots: the sampler's
-    # default for float32 on CPU; a runtime choice, never in config.json
+    # decode-step self- and cross-attention through our C++ kernels (engine.native) instead of XLA's dots: the
+    # sampler's default for float32 on CPU; a runtime choice, never in config.json
     native_attention: bool = False
     normalize_text: bool = True
     tie_word_embeddings: bool = False

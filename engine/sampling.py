@@ -508,13 +508,13 @@ class Sampler:
     False compiles only the count a pass needs, when it first comes (for callers that send one request at a time).
     ``cache_blocks``: the KV cache in that many blocks along the positions (default :func:`default_cache_blocks`),
     so a step reads only the blocks written so far; a chunk that spans blocks runs one loop per block.
-    ``native_attention``: the decode step's self-attention through our C++ kernel (:mod:`engine.native`), which
-    reads only the written slots (so the cache defaults to one block). None (the default) uses it wherever it
-    applies: float32 on CPU devices (on a mesh each device runs it on its own rows and heads); True where it does
-    not is a ValueError; False keeps XLA's attention. Where the kernel cannot be built, a warning says why and
-    XLA's attention is kept (``self.native_attention`` tells which runs). Its logits match XLA's attention to
-    float rounding, not bit for bit, so the same seed can give a different image with and without it (rarely);
-    with it, the same image alone or batched, on one device or a mesh.
+    ``native_attention``: the decode step's self- and cross-attention through our C++ kernels
+    (:mod:`engine.native`); the self-attention reads only the written slots (so the cache defaults to one block).
+    None (the default) uses them wherever they apply: float32 on CPU devices (on a mesh each device runs them on
+    its own rows and heads); True where they do not is a ValueError; False keeps XLA's attention. Where the kernels
+    cannot be built, a warning says why and XLA's attention is kept (``self.native_attention`` tells which runs).
+    Their logits match XLA's attention to float rounding, not bit for bit, so the same seed can give a different
+    image with and without them (rarely); with them, the same image alone or batched, on one device or a mesh.
     Every process of a multi-host job must make the same calls with the same arguments.
     """
 

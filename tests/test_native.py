@@ -57,6 +57,46 @@ def test_native_attention_samples_the_same_tokens_as_xla(params, blocks):
     assert seen == [6, 12, 16]
 
 
+def _softmax_attend(q, k, v, bias):
+    """numpy reference: q (B,H,Dh) over k, v (B,H,S,Dh) with bias (B,S) -> (B,H,Dh)."""
+    scores = np.einsum("bhd,bhsd->bhs", q, k) + bias[:, None, :]
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("bhs,bhsd->bhd", p / p.sum(-1, keepdims=True), v)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dh", [16, 20, 3])  # whole SIMD registers, registers and a tail, a tail only
+@pytest.mark.parametrize("threads", [1, 3])
+def test_kernels_match_a_numpy_reference(dh, threads):
+    import jax.numpy as jnp
+
+    assert native.load()
+    rng = np.random.default_rng(dh)
+    b, h, t, width, blocks, pos = 3, 5, 7, 4, 3, 6
+    q = rng.standard_normal((b, 1, h, dh), np.float32)
+    k_new, v_new = (rng.standard_normal((b, h, 1, dh), np.float32) for _ in range(2))
+    k_blocks = [rng.standard_normal((b, h, width, dh), np.float32) for _ in range(blocks)]
+    v_blocks = [rng.standard_normal((b, h, width, dh), np.float32) for _ in range(blocks)]
+    out, k_out, v_out = native.decode_attention(jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(v_new), pos,
+                                                [jnp.asarray(x) for x in k_blocks], [jnp.asarray(x) for x in v_blocks],
+                                                threads=threads)
+    k_all, v_all = np.concatenate(k_blocks, 2), np.concatenate(v_blocks, 2)
+    k_all[:, :, pos], v_all[:, :, pos] = k_new[:, :, 0], v_new[:, :, 0]
+    np.testing.assert_array_equal(np.concatenate([np.asarray(x) for x in k_out], 2), k_all)
+    np.testing.assert_array_equal(np.concatenate([np.asarray(x) for x in v_out], 2), v_all)
+    want = _softmax_attend(q[:, 0], k_all[:, :, : pos + 1], v_all[:, :, : pos + 1], np.zeros((b, pos + 1), np.float32))
+    np.testing.assert_allclose(np.asarray(out)[:, 0], want, rtol=1e-5, atol=1e-5)
+
+    k, v = (rng.standard_normal((b, h, t, dh), np.float32) for _ in range(2))
+    mask = np.ones((b, t), bool)
+    mask[0, 3:], mask[2, 1:] = False, False  # padded texts; row 2 keeps one key
+    bias = np.where(mask, 0.0, -1e9).astype(np.float32)
+    got = native.cross_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(bias[:, None, None]),
+                                 threads=threads)
+    np.testing.assert_allclose(np.asarray(got)[:, 0], _softmax_attend(q[:, 0], k, v, bias), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got)[2, 0], v[2, :, 0], rtol=1e-5, atol=1e-6)
+
+
 def test_native_attention_needs_float32(params):
     with pytest.raises(ValueError, match="float32"):
         Sampler(None, params, CFG, dtype="bfloat16", buckets=(1,), native_attention=True)

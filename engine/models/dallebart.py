@@ -214,6 +214,16 @@ class FlaxBartAttention(nn.Module):
                                                         mesh=None if mesh.empty else mesh)
         return self.output(o.astype(q.dtype)), k_blocks, v_blocks
 
+    def attend_native(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+        """:meth:`attend` of one query per row (B,1,H,Dh) over k, v (B,H,K,Dh) with bias (B,1,1,K), through the
+        C++ kernel :func:`engine.native.cross_attention` (it must be loaded); under a mesh as
+        :meth:`write_and_attend_native`."""
+        from engine import native
+
+        mesh = jax.sharding.get_abstract_mesh()
+        o = native.cross_attention(q, k, v, bias, mesh=None if mesh.empty else mesh)
+        return self.output(o.astype(q.dtype))
+
     def __call__(self, x: jax.Array, kv_in: jax.Array, bias: jax.Array) -> jax.Array:
         k, v = self.kv(kv_in)
         return self.attend(self.query(x), k, v, bias)
@@ -335,7 +345,8 @@ class DecoderLayer(nn.Module):
                 k_cache = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), start)
                 v_cache = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), start)
                 y = y + ln1(self_attn.attend(q, k_cache, v_cache, self_bias))
-            y = y + ln3(cross_attn.attend(cross_attn.query(ln2(y)), cross_k, cross_v, enc_bias))
+            attend = cross_attn.attend_native if cfg.native_attention else cross_attn.attend
+            y = y + ln3(attend(cross_attn.query(ln2(y)), cross_k, cross_v, enc_bias))
             return y + glu(y), (k_cache, v_cache)
         raise ValueError(f"unknown DecoderLayer mode {self.mode!r}")
 

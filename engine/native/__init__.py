@@ -1,8 +1,9 @@
 """Our own C++ kernels for XLA:CPU, compiled on the user's machine the first time they are asked for.
 
-Why: XLA:CPU runs the decode step's batched attention dots on one thread at 16-18 GB/s, about half of what two
-cores stream (``bench/RESULTS.md``, session 18). ``decode_attention.cc`` is the self-attention of one decode step
-as an XLA FFI custom call: the (row, head) pairs split over threads, only the written cache slots read.
+Why: XLA:CPU runs the decode step's batched attention dots on one thread at 13-18 GB/s, about half of what two
+cores stream (``bench/RESULTS.md``, sessions 18-19). ``decode_attention.cc`` holds the self- and cross-attention
+of one decode step as XLA FFI custom calls: the (row, head) pairs split over a pool of threads, and only the
+written cache slots read.
 
 The kernel is built with the system C++ compiler (``CXX``, else ``g++``) against the headers jaxlib ships
 (``jax.ffi.include_dir()``), for this CPU (``-march=native``), into ``DALLE_NATIVE_CACHE`` (default
@@ -35,8 +36,11 @@ from jax.sharding import AbstractMesh, Mesh
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_attention.cc")
-TARGET = "dalle_bot_decode_attention"
-SYMBOL = "DalleBotDecodeAttention"
+# XLA custom-call target -> the handler symbol in the library
+TARGETS = {
+    "dalle_bot_decode_attention": "DalleBotDecodeAttention",
+    "dalle_bot_cross_attention": "DalleBotCrossAttention",
+}
 
 
 class NativeBuildError(RuntimeError):
@@ -109,7 +113,8 @@ def load(cxx: str | None = None) -> bool:
         if "ok" not in _state:
             try:
                 lib = ctypes.cdll.LoadLibrary(str(build(cxx)))
-                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)), platform="cpu")
+                for target, symbol in TARGETS.items():
+                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
                 _state.update(ok=True, lib=lib, why="")
             except (NativeBuildError, OSError, AttributeError) as e:
                 _state.update(ok=False, why=str(e))
@@ -182,7 +187,7 @@ def _decode_attention_local(q: jax.Array, k_new: jax.Array, v_new: jax.Array, po
     pairs = b * h
     blocks = [x.astype(jnp.float32) for x in (*k_blocks, *v_blocks)]
     call = jax.ffi.ffi_call(
-        TARGET,
+        "dalle_bot_decode_attention",
         (jax.ShapeDtypeStruct((pairs, dh), jnp.float32), *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in blocks)),
         input_output_aliases={4 + i: 1 + i for i in range(len(blocks))},
     )
@@ -191,3 +196,36 @@ def _decode_attention_local(q: jax.Array, k_new: jax.Array, v_new: jax.Array, po
                          threads=np.int64(threads or default_threads()))
     n = len(k_blocks)
     return out.reshape(b, 1, h, dh), tuple(written[:n]), tuple(written[n:])
+
+
+def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, threads: int | None = None,
+                    mesh: Mesh | AbstractMesh | None = None) -> jax.Array:
+    """One decode step's cross-attention: q (B,1,H,Dh) scaled queries over each row's text keys and values k, v
+    (B,H,T,Dh), with the additive mask bias (B,1,1,T) -> (B,1,H,Dh), in float32. ``mesh`` as for
+    :func:`decode_attention`."""
+    if mesh is None:
+        return _cross_attention_local(q, k, v, bias, threads)
+    from jax.sharding import PartitionSpec as P
+
+    from engine.sharding import DATA, MODEL
+
+    heads = MODEL if q.shape[2] % mesh.shape[MODEL] == 0 else None
+    q_spec, kv_spec = P(DATA, None, heads, None), P(DATA, heads, None, None)
+    mapped = jax.shard_map(functools.partial(_cross_attention_local, threads=threads), mesh=mesh,
+                           in_specs=(q_spec, kv_spec, kv_spec, P(DATA, None, None, None)), out_specs=q_spec,
+                           check_vma=False)
+    return mapped(q, k, v, bias)
+
+
+def _cross_attention_local(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
+                           threads: int | None = None) -> jax.Array:
+    """:func:`cross_attention` on arrays that all live on one device."""
+    b, one, h, dh = q.shape
+    if one != 1:
+        raise ValueError(f"decode attention takes one query per row, got q of shape {q.shape}")
+    t = k.shape[2]
+    call = jax.ffi.ffi_call("dalle_bot_cross_attention", jax.ShapeDtypeStruct((b * h, dh), jnp.float32))
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, bias)]
+    out = call(f32[0].reshape(b * h, dh), f32[1].reshape(b * h, t, dh), f32[2].reshape(b * h, t, dh),
+               jnp.broadcast_to(f32[3], (b, 1, 1, t)).reshape(b, t), threads=np.int64(threads or default_threads()))
+    return out.reshape(b, 1, h, dh)

@@ -1,21 +1,29 @@
-// One decode step's self-attention for XLA:CPU, as an XLA FFI custom call (engine/native/__init__.py builds and
-// registers it).
+// The attention of one decode step for XLA:CPU, as XLA FFI custom calls (engine/native/__init__.py builds and
+// registers them).
 //
-// Why: XLA:CPU runs the batched attention dots of a decode step on one thread, one after another, at 16-18 GB/s
-// (bench/RESULTS.md, session 18). This kernel splits the (row, head) pairs over threads and reads only the cache
-// slots written so far.
+// Why: XLA:CPU runs the batched attention dots of a decode step on one thread, one after another, at 13-18 GB/s
+// (bench/RESULTS.md, sessions 18-19). These kernels split the (row, head) pairs over threads, and the
+// self-attention reads only the cache slots written so far.
 //
-// Operands: q, k_new, v_new (P, Dh) f32 -- per (row, head) pair the scaled query and this step's key and value;
-//           position s32[] -- the step's slot;
-//           k_0..k_{n-1}, v_0..v_{n-1} -- the cache blocks, each (rows, heads, W, Dh) f32 with rows * heads = P;
-//           slot b*W + j lives in block b.
-// Results:  out (P, Dh) f32 = softmax(q . k[0..position]) @ v[0..position], then the cache blocks, aliased to the
-//           operand blocks (the caller sets input_output_aliases) with k_new / v_new written at `position`.
-// Attribute: threads (i64) -- how many threads share the pairs (1 = the calling thread only).
+// DalleBotDecodeAttention, the self-attention:
+//   Operands: q, k_new, v_new (P, Dh) f32 -- per (row, head) pair the scaled query and this step's key and value;
+//             position s32[] -- the step's slot;
+//             k_0..k_{n-1}, v_0..v_{n-1} -- the cache blocks, each (rows, heads, W, Dh) f32 with rows * heads = P;
+//             slot b*W + j lives in block b.
+//   Results:  out (P, Dh) f32 = softmax(q . k[0..position]) @ v[0..position], then the cache blocks, aliased to the
+//             operand blocks (the caller sets input_output_aliases) with k_new / v_new written at `position`.
+// DalleBotCrossAttention, the cross-attention over the text:
+//   Operands: q (P, Dh) f32; k, v (P, T, Dh) f32 -- each pair's text keys and values; bias (rows, T) f32 -- the
+//             additive mask of each row's text (pair p is row p / (P / rows)).
+//   Result:   out (P, Dh) f32 = softmax(q . k + bias) @ v.
+// Attribute of both: threads (i64) -- how many threads share the pairs (1 = the calling thread only).
 #include <algorithm>
+#include <condition_variable>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <mutex>
 #include <system_error>
 #include <thread>
 #include <vector>
@@ -26,43 +34,152 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-struct Cache {
-  std::vector<float*> k, v;
-  int64_t width = 0;
-};
+// One SIMD register of floats, as wide as the CPU this is built for (-march=native): GCC's vector extensions
+// compile to AVX-512, AVX or SSE instructions alike.
+#if defined(__AVX512F__)
+#define DALLE_LANES 16
+#elif defined(__AVX__)
+#define DALLE_LANES 8
+#else
+#define DALLE_LANES 4
+#endif
+constexpr int kLanes = DALLE_LANES;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef float Half __attribute__((vector_size(kLanes * sizeof(float) / 2)));
 
-void attend_pairs(const float* q, const float* k_new, const float* v_new, const Cache& cache, int64_t position,
-                  int64_t dh, int64_t begin, int64_t end, float* out) {
-  const int64_t width = cache.width, valid = position + 1;
-  std::vector<float> scores(static_cast<size_t>(valid));
-  for (int64_t p = begin; p < end; ++p) {
-    const int64_t row = (p * width + position % width) * dh;
-    std::memcpy(cache.k[position / width] + row, k_new + p * dh, sizeof(float) * dh);
-    std::memcpy(cache.v[position / width] + row, v_new + p * dh, sizeof(float) * dh);
-    const float* qp = q + p * dh;
-    float top = -INFINITY;
-    for (int64_t slot = 0; slot < valid; ++slot) {
-      const float* key = cache.k[slot / width] + (p * width + slot % width) * dh;
-      float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t d = 0; d < dh; ++d) acc += qp[d] * key[d];
-      scores[slot] = acc;
-      top = std::max(top, acc);
+inline Vec load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(Vec));
+  return v;
+}
+inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
+
+// The sum of a register's lanes, halving it each time (log2(kLanes) adds instead of kLanes - 1 in a chain).
+inline float lane_sum(Vec v) {
+#if DALLE_LANES == 16
+  const Half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#elif DALLE_LANES == 8
+  const Half h = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+#else
+  const Half h = __builtin_shufflevector(v, v, 0, 1) + __builtin_shufflevector(v, v, 2, 3);
+#endif
+  float total = 0.0f;
+  for (int i = 0; i < kLanes / 2; ++i) total += h[i];
+  return total;
+}
+
+// a . b over n floats: whole registers, then the rest one by one.
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec acc = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) acc += load(a + d) * load(b + d);
+  float total = lane_sum(acc);
+  for (; d < n; ++d) total += a[d] * b[d];
+  return total;
+}
+
+// y += w * x over n floats.
+inline void add_scaled(float w, const float* x, float* y, int64_t n) {
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) store(y + d, load(y + d) + w * load(x + d));
+  for (; d < n; ++d) y[d] += w * x[d];
+}
+
+// softmax(q . key(j) + bias[j], j < n) @ value(j) into o (dh floats); scores holds n floats of scratch. bias
+// may be null (none).
+template <typename Key, typename Value>
+void attend(const float* q, Key key, Value value, const float* bias, int64_t n, int64_t dh, float* scores, float* o) {
+  float top = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    const float score = dot(q, key(j), dh) + (bias ? bias[j] : 0.0f);
+    scores[j] = score;
+    top = std::max(top, score);
+  }
+  float total = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    scores[j] = std::exp(scores[j] - top);
+    total += scores[j];
+  }
+  std::fill(o, o + dh, 0.0f);
+  for (int64_t j = 0; j < n; ++j) add_scaled(scores[j] / total, value(j), o, dh);
+}
+
+// Worker threads that live as long as the process: a decode step makes two calls per layer, and starting threads
+// for each would cost tens of microseconds a call. Between calls the workers sleep on a condition variable.
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = new Pool();  // never destroyed: its workers may still be asleep at exit
+    return *pool;
+  }
+
+  // fn(t, m) for t in [0, m) on the calling thread (t = 0) and m - 1 workers, where m <= n is as many threads as
+  // could be had (n unless no more could be started); returns when every call has returned.
+  void run(int n, const std::function<void(int, int)>& fn) {
+    std::lock_guard<std::mutex> one_call_at_a_time(call_);
+    const int m = grow(n);
+    if (m > 1) {
+      std::lock_guard<std::mutex> lock(mu_);
+      fn_ = &fn;
+      active_ = m;
+      pending_ = m - 1;
+      ++generation_;
+      wake_.notify_all();
     }
-    float total = 0.0f;
-    for (int64_t slot = 0; slot < valid; ++slot) {
-      scores[slot] = std::exp(scores[slot] - top);
-      total += scores[slot];
-    }
-    float* o = out + p * dh;
-    std::fill(o, o + dh, 0.0f);
-    for (int64_t slot = 0; slot < valid; ++slot) {
-      const float w = scores[slot] / total;
-      const float* value = cache.v[slot / width] + (p * width + slot % width) * dh;
-#pragma omp simd
-      for (int64_t d = 0; d < dh; ++d) o[d] += w * value[d];
+    fn(0, m);
+    if (m > 1) {
+      std::unique_lock<std::mutex> lock(mu_);
+      done_.wait(lock, [&] { return pending_ == 0; });
     }
   }
+
+ private:
+  int grow(int n) {
+    while (static_cast<int>(workers_) < n - 1) {
+      try {
+        // a new worker waits for the next call, not the last one (generation_ does not change while call_ is held)
+        std::thread([this, id = static_cast<int>(workers_) + 1, now = generation_] { loop(id, now); }).detach();
+        ++workers_;
+      } catch (const std::system_error&) {
+        break;
+      }
+    }
+    return std::min(n, static_cast<int>(workers_) + 1);
+  }
+
+  void loop(int id, uint64_t seen) {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (id >= active_) continue;
+      const auto* fn = fn_;
+      const int m = active_;
+      lock.unlock();
+      (*fn)(id, m);
+      lock.lock();
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex call_, mu_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int, int)>* fn_ = nullptr;
+  int active_ = 0, pending_ = 0;
+  uint64_t generation_ = 0;
+  size_t workers_ = 0;
+};
+
+// fn(begin, end) over [0, pairs) split into at most `threads` runs, on the calling thread and the pool's workers.
+template <typename Fn>
+void split_pairs(int64_t pairs, int64_t threads, Fn fn) {
+  const int n = static_cast<int>(std::clamp<int64_t>(threads, 1, std::max<int64_t>(pairs, 1)));
+  if (n == 1) {
+    fn(int64_t{0}, pairs);
+    return;
+  }
+  Pool::get().run(n, [&](int t, int m) { fn(pairs * t / m, pairs * (t + 1) / m); });
 }
 
 ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new, ffi::Buffer<ffi::F32> v_new,
@@ -77,36 +194,55 @@ ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
   if (blocks_out.size() == 0 || blocks_out.size() % 2 || blocks_out.size() != blocks_in.size())
     return ffi::Error::InvalidArgument("expected the k blocks then the v blocks, as operands and as results");
   const int64_t n = static_cast<int64_t>(blocks_out.size() / 2);
-  Cache cache;
+  std::vector<float*> k_blocks, v_blocks;
+  int64_t width = 0;
   for (int64_t i = 0; i < 2 * n; ++i) {
     auto block = blocks_out.get<ffi::Buffer<ffi::F32>>(i);
     if (block.has_error()) return ffi::Error::InvalidArgument("cache blocks must be f32 buffers");
     const auto bd = (*block)->dimensions();
-    if (bd.size() != 4 || bd[0] * bd[1] != pairs || bd[3] != dh || (cache.width && bd[2] != cache.width))
+    if (bd.size() != 4 || bd[0] * bd[1] != pairs || bd[3] != dh || (width && bd[2] != width))
       return ffi::Error::InvalidArgument("cache blocks must all be (rows, heads, width, head_dim)");
-    cache.width = bd[2];
-    (i < n ? cache.k : cache.v).push_back((*block)->typed_data());
+    width = bd[2];
+    (i < n ? k_blocks : v_blocks).push_back((*block)->typed_data());
   }
   const int64_t pos = static_cast<int64_t>(position.typed_data()[0]);
-  if (pos < 0 || pos >= n * cache.width) return ffi::Error::InvalidArgument("position outside the cache");
-  const int64_t workers = std::clamp<int64_t>(threads, 1, pairs);
-  const int64_t per = (pairs + workers - 1) / workers;
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < workers; ++t) {
-    const int64_t begin = t * per, end = std::min(pairs, begin + per);
-    if (begin >= end) break;
-    try {
-      pool.emplace_back(attend_pairs, q.typed_data(), k_new.typed_data(), v_new.typed_data(), std::cref(cache), pos,
-                        dh, begin, end, out->typed_data());
-    } catch (const std::system_error&) {  // no more threads to be had: this thread does the rest too
-      attend_pairs(q.typed_data(), k_new.typed_data(), v_new.typed_data(), cache, pos, dh, begin, pairs,
-                   out->typed_data());
-      break;
+  if (pos < 0 || pos >= n * width) return ffi::Error::InvalidArgument("position outside the cache");
+  split_pairs(pairs, threads, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(static_cast<size_t>(pos + 1));
+    for (int64_t p = begin; p < end; ++p) {
+      // slot j of pair p: row p * width + j % width of block j / width
+      auto slot = [&](const std::vector<float*>& blocks, int64_t j) { return blocks[j / width] + (p * width + j % width) * dh; };
+      std::memcpy(slot(k_blocks, pos), k_new.typed_data() + p * dh, sizeof(float) * dh);
+      std::memcpy(slot(v_blocks, pos), v_new.typed_data() + p * dh, sizeof(float) * dh);
+      attend(q.typed_data() + p * dh, [&](int64_t j) { return slot(k_blocks, j); },
+             [&](int64_t j) { return slot(v_blocks, j); }, nullptr, pos + 1, dh, scores.data(),
+             out->typed_data() + p * dh);
     }
-  }
-  attend_pairs(q.typed_data(), k_new.typed_data(), v_new.typed_data(), cache, pos, dh, 0, std::min(pairs, per),
-               out->typed_data());
-  for (auto& t : pool) t.join();
+  });
+  return ffi::Error::Success();
+}
+
+// Cross-attention of one decode step: each (row, head) pair's query over its row's T text keys and values, with
+// the row's additive mask bias.
+ffi::Error CrossAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                          ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out, int64_t threads) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), bd = bias.dimensions();
+  if (qd.size() != 2 || kd.size() != 3 || bd.size() != 2)
+    return ffi::Error::InvalidArgument("expected q (pairs, head_dim), k and v (pairs, texts, head_dim), bias (rows, texts)");
+  const int64_t pairs = qd[0], dh = qd[1], texts = kd[1], rows = bd[0];
+  if (kd[0] != pairs || kd[2] != dh || !std::equal(kd.begin(), kd.end(), v.dimensions().begin()) ||
+      bd[1] != texts || rows == 0 || pairs % rows)
+    return ffi::Error::InvalidArgument("q, k, v and bias do not agree in shape");
+  const int64_t heads = pairs / rows;
+  split_pairs(pairs, threads, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(static_cast<size_t>(texts));
+    for (int64_t p = begin; p < end; ++p) {
+      const float* kp = k.typed_data() + p * texts * dh;
+      const float* vp = v.typed_data() + p * texts * dh;
+      attend(q.typed_data() + p * dh, [&](int64_t j) { return kp + j * dh; }, [&](int64_t j) { return vp + j * dh; },
+             bias.typed_data() + (p / heads) * texts, texts, dh, scores.data(), out->typed_data() + p * dh);
+    }
+  });
   return ffi::Error::Success();
 }
 
@@ -121,4 +257,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DalleBotDecodeAttention, DecodeAttention,
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .RemainingRets()
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DalleBotCrossAttention, CrossAttention,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads"));
