@@ -18,13 +18,11 @@
 //   Result:   out (P, Dh) f32 = softmax(q . k + bias) @ v.
 // Attribute of both: threads (i64) -- how many threads share the pairs (1 = the calling thread only).
 #include <algorithm>
-#include <condition_variable>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <mutex>
-#include <system_error>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -105,86 +103,37 @@ void attend(const float* q, Key key, Value value, const float* bias, int64_t n, 
   for (int64_t j = 0; j < n; ++j) add_scaled(scores[j] / total, value(j), o, dh);
 }
 
-// Worker threads that live as long as the process: a decode step makes two calls per layer, and starting threads
-// for each would cost tens of microseconds a call. Between calls the workers sleep on a condition variable.
-class Pool {
- public:
-  static Pool& get() {
-    static Pool* pool = new Pool();  // never destroyed: its workers may still be asleep at exit
-    return *pool;
-  }
-
-  // fn(t, m) for t in [0, m) on the calling thread (t = 0) and m - 1 workers, where m <= n is as many threads as
-  // could be had (n unless no more could be started); returns when every call has returned.
-  void run(int n, const std::function<void(int, int)>& fn) {
-    std::lock_guard<std::mutex> one_call_at_a_time(call_);
-    const int m = grow(n);
-    if (m > 1) {
-      std::lock_guard<std::mutex> lock(mu_);
-      fn_ = &fn;
-      active_ = m;
-      pending_ = m - 1;
-      ++generation_;
-      wake_.notify_all();
-    }
-    fn(0, m);
-    if (m > 1) {
-      std::unique_lock<std::mutex> lock(mu_);
-      done_.wait(lock, [&] { return pending_ == 0; });
-    }
-  }
-
- private:
-  int grow(int n) {
-    while (static_cast<int>(workers_) < n - 1) {
-      try {
-        // a new worker waits for the next call, not the last one (generation_ does not change while call_ is held)
-        std::thread([this, id = static_cast<int>(workers_) + 1, now = generation_] { loop(id, now); }).detach();
-        ++workers_;
-      } catch (const std::system_error&) {
-        break;
-      }
-    }
-    return std::min(n, static_cast<int>(workers_) + 1);
-  }
-
-  void loop(int id, uint64_t seen) {
-    std::unique_lock<std::mutex> lock(mu_);
-    for (;;) {
-      wake_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
-      if (id >= active_) continue;
-      const auto* fn = fn_;
-      const int m = active_;
-      lock.unlock();
-      (*fn)(id, m);
-      lock.lock();
-      if (--pending_ == 0) done_.notify_one();
-    }
-  }
-
-  std::mutex call_, mu_;
-  std::condition_variable wake_, done_;
-  const std::function<void(int, int)>* fn_ = nullptr;
-  int active_ = 0, pending_ = 0;
-  uint64_t generation_ = 0;
-  size_t workers_ = 0;
-};
-
-// fn(begin, end) over [0, pairs) split into at most `threads` runs, on the calling thread and the pool's workers.
+// fn(begin, end) over [0, pairs) in `parts` runs, shared between the calling thread and XLA's own intra-op thread
+// pool. XLA's pool threads wait for work while a custom call runs (measured: 1.9 cores busy with one thread of
+// ours); threads of our own would only compete with them for the cores. Each run is claimed from a counter by
+// whichever thread comes first, and the calling thread waits only for runs others have claimed: XLA may run a
+// scheduled task late, or on this very thread, and then there is nothing left for it to do.
 template <typename Fn>
-void split_pairs(int64_t pairs, int64_t threads, Fn fn) {
-  const int n = static_cast<int>(std::clamp<int64_t>(threads, 1, std::max<int64_t>(pairs, 1)));
-  if (n == 1) {
+void split_pairs(int64_t pairs, int64_t parts, ffi::ThreadPool& pool, Fn fn) {
+  parts = std::clamp<int64_t>(parts, 1, std::max<int64_t>(pairs, 1));
+  if (parts == 1) {
     fn(int64_t{0}, pairs);
     return;
   }
-  Pool::get().run(n, [&](int t, int m) { fn(pairs * t / m, pairs * (t + 1) / m); });
+  struct Runs {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto runs = std::make_shared<Runs>();  // a task that starts after this call returned still finds its counters
+  auto work = [runs, pairs, parts, &fn] {
+    for (int64_t i; (i = runs->next.fetch_add(1)) < parts;) {
+      fn(pairs * i / parts, pairs * (i + 1) / parts);
+      runs->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < parts; ++t) pool.Schedule([work] { work(); });
+  work();
+  while (runs->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
 }
 
 ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new, ffi::Buffer<ffi::F32> v_new,
                            ffi::Buffer<ffi::S32> position, ffi::RemainingArgs blocks_in,
-                           ffi::ResultBuffer<ffi::F32> out, ffi::RemainingRets blocks_out, int64_t threads) {
+                           ffi::ResultBuffer<ffi::F32> out, ffi::RemainingRets blocks_out, int64_t threads,
+                           ffi::ThreadPool pool) {
   const auto dims = q.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("q must be (pairs, head_dim)");
   const int64_t pairs = dims[0], dh = dims[1];
@@ -207,7 +156,7 @@ ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
   }
   const int64_t pos = static_cast<int64_t>(position.typed_data()[0]);
   if (pos < 0 || pos >= n * width) return ffi::Error::InvalidArgument("position outside the cache");
-  split_pairs(pairs, threads, [&](int64_t begin, int64_t end) {
+  split_pairs(pairs, threads, pool, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(static_cast<size_t>(pos + 1));
     for (int64_t p = begin; p < end; ++p) {
       // slot j of pair p: row p * width + j % width of block j / width
@@ -225,7 +174,8 @@ ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
 // Cross-attention of one decode step: each (row, head) pair's query over its row's T text keys and values, with
 // the row's additive mask bias.
 ffi::Error CrossAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                          ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out, int64_t threads) {
+                          ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out, int64_t threads,
+                          ffi::ThreadPool pool) {
   const auto qd = q.dimensions(), kd = k.dimensions(), bd = bias.dimensions();
   if (qd.size() != 2 || kd.size() != 3 || bd.size() != 2)
     return ffi::Error::InvalidArgument("expected q (pairs, head_dim), k and v (pairs, texts, head_dim), bias (rows, texts)");
@@ -234,7 +184,7 @@ ffi::Error CrossAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi:
       bd[1] != texts || rows == 0 || pairs % rows)
     return ffi::Error::InvalidArgument("q, k, v and bias do not agree in shape");
   const int64_t heads = pairs / rows;
-  split_pairs(pairs, threads, [&](int64_t begin, int64_t end) {
+  split_pairs(pairs, threads, pool, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(static_cast<size_t>(texts));
     for (int64_t p = begin; p < end; ++p) {
       const float* kp = k.typed_data() + p * texts * dh;
@@ -257,7 +207,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DalleBotDecodeAttention, DecodeAttention,
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .RemainingRets()
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DalleBotCrossAttention, CrossAttention,
                               ffi::Ffi::Bind()
@@ -266,4 +217,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DalleBotCrossAttention, CrossAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
