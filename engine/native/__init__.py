@@ -2,8 +2,8 @@
 
 Why: XLA:CPU runs the decode step's batched attention dots on one thread at 13-18 GB/s, about half of what two
 cores stream (``bench/RESULTS.md``, sessions 18-19). ``decode_attention.cc`` holds the self- and cross-attention
-of one decode step as XLA FFI custom calls: the (row, head) pairs split over a pool of threads, and only the
-written cache slots read.
+of one decode step as XLA FFI custom calls: the (row, head) pairs split between the calling thread and XLA's own
+intra-op thread pool, and only the written cache slots read.
 
 The kernel is built with the system C++ compiler (``CXX``, else ``g++``) against the headers jaxlib ships
 (``jax.ffi.include_dir()``), for this CPU (``-march=native``), into ``DALLE_NATIVE_CACHE`` (default
@@ -27,6 +27,7 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +37,8 @@ from jax.sharding import AbstractMesh, Mesh
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_attention.cc")
-# XLA custom-call target -> the handler symbol in the library
-TARGETS = {
-    "dalle_bot_decode_attention": "DalleBotDecodeAttention",
-    "dalle_bot_cross_attention": "DalleBotCrossAttention",
-}
+SELF_TARGET, CROSS_TARGET = "dalle_bot_decode_attention", "dalle_bot_cross_attention"  # XLA custom-call targets
+TARGETS = {SELF_TARGET: "DalleBotDecodeAttention", CROSS_TARGET: "DalleBotCrossAttention"}  # -> handler symbols
 
 
 class NativeBuildError(RuntimeError):
@@ -128,13 +126,25 @@ def unavailable_reason() -> str:
 
 
 def default_threads() -> int:
-    """Threads for the kernel: ``DALLE_NATIVE_THREADS`` if set, else the cores this process may run on."""
+    """How many runs a kernel splits its (row, head) pairs into, for the calling thread and XLA's pool:
+    ``DALLE_NATIVE_THREADS`` if set, else the cores this process may run on."""
     if os.environ.get("DALLE_NATIVE_THREADS"):
         return max(1, int(os.environ["DALLE_NATIVE_THREADS"]))
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def _pair_specs(mesh: Mesh | AbstractMesh, heads: int) -> tuple[Any, Any]:
+    """How the sampler splits the (row, head) pairs over a ("data", "model") mesh: rows over "data", heads over
+    "model" where it divides them (as its KV cache). Returns the specs of q (B,1,H,Dh) and of (B,H,·,Dh) arrays."""
+    from jax.sharding import PartitionSpec as P
+
+    from engine.sharding import DATA, MODEL
+
+    head_axis = MODEL if heads % mesh.shape[MODEL] == 0 else None
+    return P(DATA, None, head_axis, None), P(DATA, head_axis, None, None)
 
 
 # (out (B,1,H,Dh), k_blocks, v_blocks)
@@ -161,11 +171,7 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, position:
         return _decode_attention_local(q, k_new, v_new, position, tuple(k_blocks), tuple(v_blocks), threads)
     from jax.sharding import PartitionSpec as P
 
-    from engine.sharding import DATA, MODEL
-
-    heads = MODEL if q.shape[2] % mesh.shape[MODEL] == 0 else None
-    pairs_spec = P(DATA, heads, None, None)  # (B,H,·,Dh): k_new, v_new, cache blocks
-    q_spec = P(DATA, None, heads, None)  # (B,1,H,Dh)
+    q_spec, pairs_spec = _pair_specs(mesh, q.shape[2])
     n = len(k_blocks)
     local = functools.partial(_decode_attention_local, threads=threads)
     mapped = jax.shard_map(
@@ -187,7 +193,7 @@ def _decode_attention_local(q: jax.Array, k_new: jax.Array, v_new: jax.Array, po
     pairs = b * h
     blocks = [x.astype(jnp.float32) for x in (*k_blocks, *v_blocks)]
     call = jax.ffi.ffi_call(
-        "dalle_bot_decode_attention",
+        SELF_TARGET,
         (jax.ShapeDtypeStruct((pairs, dh), jnp.float32), *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in blocks)),
         input_output_aliases={4 + i: 1 + i for i in range(len(blocks))},
     )
@@ -207,10 +213,9 @@ def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, t
         return _cross_attention_local(q, k, v, bias, threads)
     from jax.sharding import PartitionSpec as P
 
-    from engine.sharding import DATA, MODEL
+    from engine.sharding import DATA
 
-    heads = MODEL if q.shape[2] % mesh.shape[MODEL] == 0 else None
-    q_spec, kv_spec = P(DATA, None, heads, None), P(DATA, heads, None, None)
+    q_spec, kv_spec = _pair_specs(mesh, q.shape[2])
     mapped = jax.shard_map(functools.partial(_cross_attention_local, threads=threads), mesh=mesh,
                            in_specs=(q_spec, kv_spec, kv_spec, P(DATA, None, None, None)), out_specs=q_spec,
                            check_vma=False)
@@ -224,7 +229,7 @@ def _cross_attention_local(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.A
     if one != 1:
         raise ValueError(f"decode attention takes one query per row, got q of shape {q.shape}")
     t = k.shape[2]
-    call = jax.ffi.ffi_call("dalle_bot_cross_attention", jax.ShapeDtypeStruct((b * h, dh), jnp.float32))
+    call = jax.ffi.ffi_call(CROSS_TARGET, jax.ShapeDtypeStruct((b * h, dh), jnp.float32))
     f32 = [x.astype(jnp.float32) for x in (q, k, v, bias)]
     out = call(f32[0].reshape(b * h, dh), f32[1].reshape(b * h, t, dh), f32[2].reshape(b * h, t, dh),
                jnp.broadcast_to(f32[3], (b, 1, 1, t)).reshape(b, t), threads=np.int64(threads or default_threads()))

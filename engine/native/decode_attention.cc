@@ -16,7 +16,8 @@
 //   Operands: q (P, Dh) f32; k, v (P, T, Dh) f32 -- each pair's text keys and values; bias (rows, T) f32 -- the
 //             additive mask of each row's text (pair p is row p / (P / rows)).
 //   Result:   out (P, Dh) f32 = softmax(q . k + bias) @ v.
-// Attribute of both: threads (i64) -- how many threads share the pairs (1 = the calling thread only).
+// Attribute of both: threads (i64) -- how many runs the pairs are split into, shared by the calling thread and
+//   XLA's intra-op thread pool (1 = the calling thread only).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
