@@ -121,24 +121,20 @@ class _Env:
 
     def bool(self, name: str, default: bool) -> bool:
         raw = self.values.get(name)
-        if raw is None:
-            return default
-        if raw.lower() in _TRUE:
-            return True
-        if raw.lower() in _FALSE:
-            return False
-        raise SettingsError(name, f"must be true or false (also 1/0, yes/no, on/off); got {raw!r}")
+        return default if raw is None else self._truth(name, raw, "true or false")
 
     def auto_bool(self, name: str) -> bool | None:
         """true / false, or None where unset or "auto" (the component chooses)."""
         raw = self.values.get(name)
-        if raw is None or raw.lower() == "auto":
-            return None
+        return None if raw is None or raw.lower() == "auto" else self._truth(name, raw, "auto, true or false")
+
+    @staticmethod
+    def _truth(name: str, raw: str, accepted: str) -> bool:
         if raw.lower() in _TRUE:
             return True
         if raw.lower() in _FALSE:
             return False
-        raise SettingsError(name, f"must be auto, true or false (also 1/0, yes/no, on/off); got {raw!r}")
+        raise SettingsError(name, f"must be {accepted} (also 1/0, yes/no, on/off); got {raw!r}")
 
     def int(self, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
         raw = self.values.get(name)
