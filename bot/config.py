@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from engine.priority import DEFAULT_MODEL_NICE
 from store.db import DatabaseURLError, default_sqlite_url, parse_url, redact_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +56,7 @@ class Settings:
     engine_stall_timeout: int = 600
     engine_warmup: bool = True
     engine_native_attention: bool | None = None  # None: the sampler's default (native on CPU in float32)
+    engine_model_nice: int = DEFAULT_MODEL_NICE  # the in-process model threads run below the loop (engine.priority)
     engine_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     xla_cache_dir: str | None = None  # XLA_CACHE_DIR as given (engine.compile_cache: None = its default, "off")
     output_dir: Path = Path("outputs")
@@ -297,6 +299,7 @@ def load_settings(
         engine_stall_timeout=e.int("ENGINE_STALL_TIMEOUT", 600, 0, 86_400),  # type: ignore[arg-type]
         engine_warmup=e.bool("ENGINE_WARMUP", True),
         engine_native_attention=e.auto_bool("ENGINE_NATIVE_ATTENTION"),
+        engine_model_nice=e.int("ENGINE_MODEL_NICE", DEFAULT_MODEL_NICE, 0, 19),  # type: ignore[arg-type]
         engine_dtype=e.choice("ENGINE_DTYPE", ("float32", "bfloat16", "float16"), "float32"),  # type: ignore[arg-type]
         xla_cache_dir=e.str("XLA_CACHE_DIR"),
         output_dir=e.path("OUTPUT_DIR", Path("outputs").resolve()),

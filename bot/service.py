@@ -28,6 +28,7 @@ from bot.ratelimit import LimitPolicy, RateLimiter
 from bot.ratelimit import _human as _human
 from bot.scheduler import QueuedJob, QueueRefused, Scheduler, SchedulerClosed, user_cap_message
 from engine.api import Engine, EngineError, GenerationRequest, GenerationResult, RequestCancelled
+from engine.priority import DEFAULT_MODEL_NICE
 from store.models import CaseSource, FeedbackKind, FeedbackReason, FlaggedMode, GenerationKind, Status
 from store.repository import ActiveLimitReached, NewImage, Repository, TakenOver
 
@@ -954,7 +955,8 @@ def engine_from_settings(settings: Any, *, warmup: bool | None = None) -> Engine
         # without warm-up, compile only what each pass needs (the terminal front end: one request at a time)
         native = _setting(settings, "engine_native_attention", None)  # None: the sampler decides
         pipeline = load_pipeline(checkpoint, dtype=dtype, eager_text_programs=warmup, native_attention=native)
-        return InProcessEngine(pipeline, warmup=warmup)
+        nice = int(_setting(settings, "engine_model_nice", DEFAULT_MODEL_NICE))
+        return InProcessEngine(pipeline, warmup=warmup, model_nice=nice)
     except EngineUnavailable:
         raise
     except ImportError as exc:

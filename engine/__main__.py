@@ -45,6 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_grace=args.shutdown_grace,
         shutdown_linger=args.shutdown_linger,
         warmup=not args.no_warmup,
+        model_nice=args.model_nice,
     )
     try:
         settings.validate()
@@ -73,6 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_serve(subparsers: Any) -> None:
     from engine import compile_cache
+    from engine.priority import DEFAULT_MODEL_NICE
 
     p = subparsers.add_parser(
         "serve",
@@ -94,6 +96,9 @@ def add_serve(subparsers: Any) -> None:
     p.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds to finish work on shutdown")
     p.add_argument("--shutdown-linger", type=float, default=5.0,
                    help="then seconds clients get to fetch results that finished during the drain")
+    p.add_argument("--model-nice", type=int, default=DEFAULT_MODEL_NICE,
+                   help="nice value of the threads that run the model (Linux), so the service's event loop answers "
+                        f"first when they share the cores; 0 turns it off (default {DEFAULT_MODEL_NICE})")
     p.add_argument(
         "--model-parallel",
         type=int,

@@ -37,6 +37,7 @@ from engine.api import (
     bucket_for,
 )
 from engine.metrics import EngineMetrics
+from engine.priority import DEFAULT_MODEL_NICE, lower_model_threads
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ class Batcher:
         max_finished: int = 4096,
         metrics: EngineMetrics | None = None,
         warmup: bool = False,
+        model_nice: int = DEFAULT_MODEL_NICE,
     ) -> None:
         buckets = sorted(int(b) for b in pipeline.batch_buckets)
         if not buckets or buckets[0] < 1:
@@ -169,6 +171,8 @@ class Batcher:
         self._buckets = buckets
         self._cold = [b for b in buckets if b <= self.capacity] if warmup else []
         self.window = max(0.0, float(window_ms)) / 1000.0
+        # the model thread and XLA's pool run at this nice value, below the event loop (engine.priority)
+        self.model_nice = int(model_nice)
         self.max_queue = int(max_queue)
         self.result_ttl = float(result_ttl)
         self.max_finished = int(max_finished)
@@ -506,9 +510,12 @@ class Batcher:
         requests = [GenerationRequest("warm-up", n=n, request_id=f"warm-up-{bucket}-{k}")
                     for k, n in enumerate(pass_sizes(bucket))]
         t0 = time.perf_counter()
+        def warm() -> None:
+            lower_model_threads(self.model_nice)
+            self.pipeline.generate(requests, lambda *_: None, lambda _: False)
+
         try:
-            await self._loop.run_in_executor(
-                self._executor, lambda: self.pipeline.generate(requests, lambda *_: None, lambda _: False))
+            await self._loop.run_in_executor(self._executor, warm)
             log.info("warmed up the %d-candidate batch in %.1f s", bucket, time.perf_counter() - t0)
         except Exception:  # noqa: BLE001 - a failed warm-up leaves the bucket to compile on first use
             log.warning("warming up the %d-candidate batch failed", bucket, exc_info=True)
@@ -530,6 +537,7 @@ class Batcher:
 
     def _execute(self, units: list[_Unit]) -> tuple[dict[str, Any], int, bool]:
         """Model thread: one pass over ``units``; if it raises and holds several, retry each alone."""
+        lower_model_threads(self.model_nice)
         by_part = {u.part_id: u for u in units}
         requests = [
             dataclasses.replace(u.job.request, n=u.n, first_index=u.first_index, request_id=u.part_id) for u in units

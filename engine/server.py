@@ -34,6 +34,7 @@ from aiohttp import web
 from engine.api import BadRequest, GenerationRequest, Pipeline
 from engine.batching import TERMINAL, Batcher, DuplicateRequest, QueueFull, ShuttingDown, UnknownRequest
 from engine.metrics import EngineMetrics
+from engine.priority import DEFAULT_MODEL_NICE
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class ServerSettings:
     shutdown_linger: float = 5.0  # after that, seconds clients get to fetch what finished during the drain
     warmup: bool = False  # compile every batch bucket while idle (python -m engine serve turns it on)
     heartbeat: float = 15.0  # SSE keep-alive comment interval
+    model_nice: int = DEFAULT_MODEL_NICE  # the model's threads run at this nice value, below the event loop
 
     def validate(self) -> None:
         if self.token is not None and not self.token.strip():
@@ -83,6 +85,8 @@ class ServerSettings:
             raise ValueError("max_queue must be >= 1, max_body_bytes >= 1024 and heartbeat > 0")
         if self.max_batch is not None and self.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if not 0 <= self.model_nice <= 19:
+            raise ValueError("model_nice must be between 0 (off) and 19")
 
 
 def is_loopback(host: str) -> bool:
@@ -373,6 +377,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> we
         result_ttl=settings.result_ttl,
         metrics=app[METRICS],
         warmup=settings.warmup,
+        model_nice=settings.model_nice,
     )
     app.router.add_post("/v1/generations", post_generation)
     app.router.add_get("/v1/generations/{id}", get_generation)

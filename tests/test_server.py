@@ -16,7 +16,7 @@ from PIL import Image
 from engine.api import GenerationRequest, GenerationResult
 from engine.client import HttpEngine, SseParser
 from engine.fake import FakePipeline
-from engine.server import ServerSettings, create_app, parse_generation_request, start_server
+from engine.server import BATCHER, ServerSettings, create_app, parse_generation_request, start_server
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -147,6 +147,9 @@ def test_no_token_only_on_loopback():
     create_app(FakePipeline(), ServerSettings(host="0.0.0.0", token="t"))
     with pytest.raises(ValueError, match="max_queue"):
         create_app(FakePipeline(), ServerSettings(max_queue=0))
+    with pytest.raises(ValueError, match="model_nice"):
+        create_app(FakePipeline(), ServerSettings(model_nice=20))
+    assert create_app(FakePipeline(), ServerSettings(model_nice=3))[BATCHER].model_nice == 3
 
 
 async def test_loopback_without_token_serves_without_auth():

@@ -36,6 +36,13 @@ def test_serve_refuses_a_public_address_without_a_token():
     assert "without a token" in proc.stderr
 
 
+def test_serve_refuses_a_model_nice_outside_0_to_19():
+    proc = subprocess.run([sys.executable, "-m", "engine", "serve", "--fake", "--model-nice", "-1"], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "model_nice must be between 0 (off) and 19" in proc.stderr
+
+
 def test_serve_without_checkpoint_dir_says_so(tmp_path):
     missing = tmp_path / "nope"
     proc = subprocess.run(

@@ -54,6 +54,11 @@ def test_engine_native_attention_is_auto_unless_set():
     assert load(ENGINE_NATIVE_ATTENTION="ON").engine_native_attention is True
 
 
+def test_engine_model_nice():
+    assert load().engine_model_nice == 5
+    assert load(ENGINE_MODEL_NICE="0").engine_model_nice == 0
+
+
 def test_full_configuration():
     s = load(
         DISCORD_TOKEN=TOKEN,
@@ -117,6 +122,7 @@ def test_mode_resolution():
         ({"SYNC_COMMANDS": "maybe"}, "SYNC_COMMANDS", "true or false"),
         ({"AUTO_MIGRATE": "2"}, "AUTO_MIGRATE", "true or false"),
         ({"ENGINE_NATIVE_ATTENTION": "fast"}, "ENGINE_NATIVE_ATTENTION", "auto, true or false"),
+        ({"ENGINE_MODEL_NICE": "20"}, "ENGINE_MODEL_NICE", "between 0 and 19"),
         ({"DISCORD_GUILD_IDS": "123,abc"}, "DISCORD_GUILD_IDS", "'abc'"),
         ({"REVIEW_CHANNEL_ID": "-5"}, "REVIEW_CHANNEL_ID", "between"),
         ({"FLAGGED_MODE": "blur"}, "FLAGGED_MODE", "spoiler, withhold"),
