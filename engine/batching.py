@@ -510,6 +510,7 @@ class Batcher:
         requests = [GenerationRequest("warm-up", n=n, request_id=f"warm-up-{bucket}-{k}")
                     for k, n in enumerate(pass_sizes(bucket))]
         t0 = time.perf_counter()
+
         def warm() -> None:
             lower_model_threads(self.model_nice)
             self.pipeline.generate(requests, lambda *_: None, lambda _: False)
