@@ -486,9 +486,8 @@ def why_no_native_attention(dtype: Any, mesh: Mesh | None = None) -> str:
     these devices, or "" where it can."""
     if jnp.dtype(dtype) != jnp.float32:
         return f"native_attention computes in float32, not {jnp.dtype(dtype).name}"
-    if device_platform(mesh) != "cpu":
-        return f"native_attention is a CPU kernel; the sampler's devices are {device_platform(mesh)}"
-    return ""
+    platform = device_platform(mesh)
+    return "" if platform == "cpu" else f"native_attention is a CPU kernel; the sampler's devices are {platform}"
 
 
 class Sampler:

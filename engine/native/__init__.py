@@ -147,6 +147,19 @@ def _pair_specs(mesh: Mesh | AbstractMesh, heads: int) -> tuple[Any, Any]:
     return P(DATA, None, head_axis, None), P(DATA, head_axis, None, None)
 
 
+def _one_query_per_row(q: jax.Array) -> tuple[int, int, int]:
+    """(B, H, Dh) of q (B,1,H,Dh): a decode step's queries, one per row."""
+    b, one, h, dh = q.shape
+    if one != 1:
+        raise ValueError(f"decode attention takes one query per row, got q of shape {q.shape}")
+    return b, h, dh
+
+
+def _threads_attr(threads: int | None) -> np.int64:
+    """The kernels' ``threads`` attribute: ``threads``, else :func:`default_threads`."""
+    return np.int64(threads or default_threads())
+
+
 # (out (B,1,H,Dh), k_blocks, v_blocks)
 Attended = tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]
 
@@ -187,9 +200,7 @@ def _decode_attention_local(q: jax.Array, k_new: jax.Array, v_new: jax.Array, po
                             k_blocks: tuple[jax.Array, ...], v_blocks: tuple[jax.Array, ...],
                             threads: int | None = None) -> Attended:
     """:func:`decode_attention` on arrays that all live on one device."""
-    b, one, h, dh = q.shape
-    if one != 1:
-        raise ValueError(f"decode attention takes one query per row, got q of shape {q.shape}")
+    b, h, dh = _one_query_per_row(q)
     pairs = b * h
     blocks = [x.astype(jnp.float32) for x in (*k_blocks, *v_blocks)]
     call = jax.ffi.ffi_call(
@@ -199,7 +210,7 @@ def _decode_attention_local(q: jax.Array, k_new: jax.Array, v_new: jax.Array, po
     )
     flat = [x.astype(jnp.float32).reshape(pairs, dh) for x in (q, k_new, v_new)]
     out, *written = call(*flat, jnp.asarray(position, jnp.int32).reshape(()), *blocks,
-                         threads=np.int64(threads or default_threads()))
+                         threads=_threads_attr(threads))
     n = len(k_blocks)
     return out.reshape(b, 1, h, dh), tuple(written[:n]), tuple(written[n:])
 
@@ -225,12 +236,10 @@ def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, t
 def _cross_attention_local(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
                            threads: int | None = None) -> jax.Array:
     """:func:`cross_attention` on arrays that all live on one device."""
-    b, one, h, dh = q.shape
-    if one != 1:
-        raise ValueError(f"decode attention takes one query per row, got q of shape {q.shape}")
+    b, h, dh = _one_query_per_row(q)
     t = k.shape[2]
     call = jax.ffi.ffi_call(CROSS_TARGET, jax.ShapeDtypeStruct((b * h, dh), jnp.float32))
     f32 = [x.astype(jnp.float32) for x in (q, k, v, bias)]
     out = call(f32[0].reshape(b * h, dh), f32[1].reshape(b * h, t, dh), f32[2].reshape(b * h, t, dh),
-               jnp.broadcast_to(f32[3], (b, 1, 1, t)).reshape(b, t), threads=np.int64(threads or default_threads()))
+               jnp.broadcast_to(f32[3], (b, 1, 1, t)).reshape(b, t), threads=_threads_attr(threads))
     return out.reshape(b, 1, h, dh)
