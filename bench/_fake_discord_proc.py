@@ -1,4 +1,4 @@
-"""The strict loopback fake Discord (``tests.fakediscord``) in its own process, driven over stdin/stdout.
+"""The strict loopback fake Discord (``bench.fakes.discord``) in its own process, driven over stdin/stdout.
 
 ``bench/bot.py`` starts ``python -m bench._fake_discord_proc``, so the fake's event loop (gateway dispatch,
 REST handling, timestamps) does not share a loop or a GIL with the bot under test. Every timestamp is the
@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-from tests.fakediscord import FakeDiscord
+from bench.fakes.discord import FakeDiscord
 
 PROMPT = "a watercolour painting of a lighthouse, user {u}"
 

@@ -144,7 +144,7 @@ def initialize_distributed(
     called before the first JAX computation. Afterwards ``jax.devices()`` lists every process's devices, so
     :func:`make_mesh` builds the global mesh; every process must then make the same sampler calls. On CPU the
     cross-process collectives run over gloo (jax 0.10.2's default ``jax_cpu_collectives_implementation``);
-    ``tests/test_multihost.py`` runs two such processes on 127.0.0.1.
+    ``tests/engine/test_multihost.py`` runs two such processes on 127.0.0.1.
     """
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):

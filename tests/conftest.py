@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 # XLA's persistent compilation cache stays off in tests (and the processes they start) unless a test turns it on
-# (tests/test_compile_cache.py): every test compiles as a fresh machine would, and nothing is written to ~/.cache
+# (tests/engine/test_compile_cache.py): every test compiles as a fresh machine would, and nothing is written to ~/.cache
 os.environ.setdefault("XLA_CACHE_DIR", "off")
 
 PG_HOST = os.environ.get("DALLE_TEST_PG_HOST", "127.0.0.1")

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from engine.sampling import Sampler
-from tests.helpers_dallebart import random_params, tiny_config
-from tests.test_sharded import CONFIGS, INDICES, ROOT, SAMPLING, SEEDS, requests
+from tests.engine.test_sharded import CONFIGS, INDICES, ROOT, SAMPLING, SEEDS, requests
+from tests.fakes.dallebart import random_params, tiny_config
 
 TIMEOUT_S = 180
 
@@ -37,8 +37,8 @@ assert sharding.initialize_distributed(f"127.0.0.1:{port}", num_processes=2, pro
 
 import jax
 from engine.sampling import Sampler
-from tests.helpers_dallebart import random_params, tiny_config
-from tests.test_sharded import CONFIGS, INDICES, SAMPLING, SEEDS, requests
+from tests.fakes.dallebart import random_params, tiny_config
+from tests.engine.test_sharded import CONFIGS, INDICES, SAMPLING, SEEDS, requests
 
 assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
 cfg = tiny_config(**CONFIGS["divides"])

@@ -17,7 +17,7 @@ from engine.fake import FakePipeline
 from engine.priority import lower_model_threads
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _nice() -> int:

@@ -16,7 +16,7 @@ from sqlalchemy import inspect
 from store.db import MigrationRequired, downgrade, ensure_migrated, make_sync_engine, schema_revisions, upgrade
 from store.models import Base
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TABLES = set(Base.metadata.tables)
 
 

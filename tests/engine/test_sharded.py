@@ -18,9 +18,9 @@ import pytest
 
 from engine.sampling import Sampler
 from engine.sharding import MODEL, P
-from tests.helpers_dallebart import random_params, tiny_config
+from tests.fakes.dallebart import random_params, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # d 32, 4 heads: the GLU width 48 divides every model-axis size used below, the lm_head's 65 rows divide nothing
 DIVIDES = dict(d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=48, decoder_ffn_dim=48)
@@ -66,8 +66,8 @@ import numpy as np
 from engine import sharding
 from engine.sampling import Sampler
 from engine.sharding import MODEL, P
-from tests.helpers_dallebart import random_params, tiny_config
-from tests.test_sharded import CONFIGS, INDICES, MESHES, SAMPLING, SEEDS, requests
+from tests.fakes.dallebart import random_params, tiny_config
+from tests.engine.test_sharded import CONFIGS, INDICES, MESHES, SAMPLING, SEEDS, requests
 
 assert jax.device_count() == 8
 out = {"tokens": {}, "specs": {}, "native": {}}

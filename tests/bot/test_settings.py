@@ -11,7 +11,7 @@ import pytest
 
 from bot.config import DEMO_CHECKPOINT_DIR, Settings, SettingsError, load_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4.GhIjKl.secret-discord-token-value"
 
 
@@ -274,7 +274,7 @@ def test_python_m_bot_preflight_problems_are_one_line(tmp_path):
 def test_a_second_bot_process_on_the_same_sqlite_file_is_refused(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DALLE_", "DISCORD_", "DATABASE_"))}
     env.update(PYTHONPATH=str(ROOT), DATABASE_URL=f"sqlite:///{tmp_path / 'shared.db'}", LOG_LEVEL="ERROR",
-               OUTPUT_DIR=str(tmp_path / "out"), DALLE_ENGINE_FACTORY="tests.fake_engine:inprocess_fake_engine")
+               OUTPUT_DIR=str(tmp_path / "out"), DALLE_ENGINE_FACTORY="tests.fakes.engine:inprocess_fake_engine")
     first = subprocess.Popen([sys.executable, "-m", "bot"], cwd=tmp_path, env=env, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -294,7 +294,7 @@ def test_a_second_bot_process_on_the_same_sqlite_file_is_refused(tmp_path):
 def test_python_m_bot_with_discord_unreachable_is_one_line(tmp_path):
     out = _run_bot({"DISCORD_TOKEN": TOKEN, "DISCORD_API_BASE": "http://127.0.0.1:1/api/v10", "LOG_LEVEL": "CRITICAL",
                     "DATABASE_URL": f"sqlite:///{tmp_path / 'd.db'}",
-                    "DALLE_ENGINE_FACTORY": "tests.fake_engine:inprocess_fake_engine"}, tmp_path)
+                    "DALLE_ENGINE_FACTORY": "tests.fakes.engine:inprocess_fake_engine"}, tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("error: cannot reach Discord")
     assert TOKEN not in out.stderr

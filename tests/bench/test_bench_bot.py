@@ -21,7 +21,7 @@ import pytest
 
 from bench.bot import summarise_bot
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(*args: str, timeout: float = 120, **env_extra: str) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ from engine.sampling import (
     split_seeds,
     text_sizes,
 )
-from tests.helpers_dallebart import random_params, tiny_config
+from tests.fakes.dallebart import random_params, tiny_config
 
 CFG = tiny_config()  # image_length 16, 60 valid codes of 64 (+1 start row)
 T = CFG.max_text_length

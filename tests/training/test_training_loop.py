@@ -21,7 +21,7 @@ from training.loop import ArrayBatches, TrainState, train
 from training.metrics_log import MetricsLog, read_metrics
 from training.optim import OptimConfig, make_schedule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # A tiny regression problem shared by the tests and by the subprocess scripts below (which import it).
 
@@ -47,7 +47,7 @@ def mse(params, batch, rng):
     return loss, {"mae": jnp.mean(jnp.abs(pred - batch["y"]))}
 
 
-SETUP = "import jax, numpy as np\nfrom tests.test_training_loop import init_mlp, make_data, mse\n"
+SETUP = "import jax, numpy as np\nfrom tests.training.test_training_loop import init_mlp, make_data, mse\n"
 
 
 def _flat(tree):

@@ -23,7 +23,7 @@ from engine.models.dallebart import (
     scan_params,
     unscan_params,
 )
-from tests.helpers_dallebart import random_params, tiny_config, write_checkpoint
+from tests.fakes.dallebart import random_params, tiny_config, write_checkpoint
 
 
 @functools.cache

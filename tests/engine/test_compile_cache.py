@@ -14,7 +14,7 @@ import pytest
 from bot.config import load_settings
 from engine import compile_cache
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_resolve_default_off_and_paths(tmp_path, monkeypatch):

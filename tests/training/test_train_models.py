@@ -473,7 +473,7 @@ def test_encode_and_dallebart_sharded_over_4_devices_match_one_device(demo, tmp_
     import subprocess
     import sys
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(demo), str(tmp_path / "sharded")], env=env,
                           capture_output=True, text=True, timeout=300)

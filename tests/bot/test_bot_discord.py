@@ -10,11 +10,11 @@ import pytest
 import yarl
 from sqlalchemy import select
 
+from bench.fakes.discord import APP_ID, FakeDiscord
 from bot.app import create_bot
 from store.models import Feedback, Generation, ModerationCase, Refusal
-from tests.botkit import create_schema, make_repo, sqlite_url
-from tests.fake_engine import FakeEngine
-from tests.fakediscord import APP_ID, FakeDiscord
+from tests.fakes.botkit import create_schema, make_repo, sqlite_url
+from tests.fakes.engine import FakeEngine
 
 CHANNEL = 3000
 
@@ -642,12 +642,12 @@ async def test_python_m_bot_in_discord_mode_subprocess(fake, tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ)
     env.update(
         DISCORD_TOKEN="fake-token", DISCORD_API_BASE=fake.api_base, DISCORD_GATEWAY_URL=fake.gateway_url,
         SYNC_COMMANDS="true", DATABASE_URL=f"sqlite:///{tmp_path / 'sub.db'}", OUTPUT_DIR=str(tmp_path / "out"),
-        DEFAULT_IMAGES="2", DALLE_ENGINE_FACTORY="tests.fake_engine:inprocess_fake_engine",
+        DEFAULT_IMAGES="2", DALLE_ENGINE_FACTORY="tests.fakes.engine:inprocess_fake_engine",
         PYTHONPATH=os.pathsep.join(p for p in [os.environ.get("PYTHONPATH", ""), str(root)] if p),
     )
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", env=env, cwd=tmp_path,

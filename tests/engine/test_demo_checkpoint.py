@@ -22,7 +22,7 @@ from engine.api import GenerationRequest
 from engine.pipeline import DEFAULT_CHECKPOINT, load_pipeline
 from training.evaluate import evaluate_pipeline
 
-DEMO = Path(__file__).resolve().parents[1] / "engine" / "assets" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "engine" / "assets" / "demo"
 KINDS = ("one_object", "colour_free", "held_out_pair")
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from engine.api import GenerationRequest, SamplingParams
 from engine.pipeline import load_pipeline
 
-WIPS = Path(__file__).resolve().parents[1] / "training" / "wip"
+WIPS = Path(__file__).resolve().parents[2] / "training" / "wip"
 
 
 @pytest.mark.parametrize(("name", "checkpoint_id", "codes", "scale"), [

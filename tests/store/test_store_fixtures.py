@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-TARGET = "tests/test_migrations.py::test_upgrade_downgrade_upgrade[postgresql]"
+ROOT = Path(__file__).resolve().parents[2]
+TARGET = "tests/store/test_migrations.py::test_upgrade_downgrade_upgrade[postgresql]"
 
 
 def _pytest(extra_env: dict[str, str]) -> subprocess.CompletedProcess:

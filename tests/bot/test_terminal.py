@@ -18,9 +18,9 @@ from sqlalchemy import select
 from bot.local import _parse_dalle, run
 from store.models import Feedback, Generation, Refusal
 from store.repository import Repository
-from tests.fake_engine import FakeEngine
+from tests.fakes.engine import FakeEngine
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _settings(tmp_path: Path) -> SimpleNamespace:
@@ -91,7 +91,7 @@ def test_python_m_bot_subprocess_over_stdin(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
     env.update(
         DATABASE_URL=f"sqlite:///{tmp_path / 'sub.db'}", OUTPUT_DIR=str(tmp_path / "outputs"),
-        DALLE_ENGINE_FACTORY="tests.fake_engine:inprocess_fake_engine", PYTHONPATH=os.pathsep.join(
+        DALLE_ENGINE_FACTORY="tests.fakes.engine:inprocess_fake_engine", PYTHONPATH=os.pathsep.join(
             p for p in [os.environ.get("PYTHONPATH", ""), str(ROOT)] if p),
     )
     if (ROOT / "bot" / "__main__.py").exists():
@@ -114,7 +114,7 @@ def _bot_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
     env.update(
         DATABASE_URL=f"sqlite:///{tmp_path / 'sub.db'}", OUTPUT_DIR=str(tmp_path / "outputs"), LOG_LEVEL="ERROR",
-        DALLE_ENGINE_FACTORY="tests.fake_engine:inprocess_fake_engine", PYTHONPATH=os.pathsep.join(
+        DALLE_ENGINE_FACTORY="tests.fakes.engine:inprocess_fake_engine", PYTHONPATH=os.pathsep.join(
             p for p in [os.environ.get("PYTHONPATH", ""), str(ROOT)] if p),
     )
     return env

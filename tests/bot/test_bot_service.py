@@ -12,8 +12,8 @@ from bot.ratelimit import LimitPolicy, RateLimiter, StrikePolicy
 from bot.scheduler import Scheduler
 from bot.service import GenerationService, derive_seed
 from store.models import Feedback, ModerationCase, Refusal
-from tests.botkit import RecordingPublisher, create_schema, make_repo, sqlite_url
-from tests.fake_engine import FakeEngine, colour_for
+from tests.fakes.botkit import RecordingPublisher, create_schema, make_repo, sqlite_url
+from tests.fakes.engine import FakeEngine, colour_for
 
 
 @pytest.fixture

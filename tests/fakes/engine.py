@@ -142,7 +142,7 @@ class FakeEngine:
 
 def inprocess_fake_engine():
     """The real ``InProcessEngine`` (batcher included) over ``engine.fake.FakePipeline``: for subprocess tests
-    (``DALLE_ENGINE_FACTORY=tests.fake_engine:inprocess_fake_engine``)."""
+    (``DALLE_ENGINE_FACTORY=tests.fakes.engine:inprocess_fake_engine``)."""
     from engine.client import InProcessEngine
     from engine.fake import FakePipeline
 
