@@ -14,7 +14,7 @@ of it plus the host work between).
 Weights: ``--config mega|mini`` builds the published shapes (DalleBart preset, ``vqgan-f16``, ``clip-b32``) with
 random values drawn ON the default device (seconds even for Mega's 2.6 B parameters, no file written), and
 tokenizers trained on a small built-in corpus; ``tiny`` is the test-sized triple of
-:func:`engine.checkpoint.tiny_configs`; ``--checkpoint DIR`` loads a real checkpoint instead (the shipped demo:
+:func:`training.fixtures.tiny_configs`; ``--checkpoint DIR`` loads a real checkpoint instead (the shipped demo:
 ``engine/assets/demo``). Random weights make noise images, but the work per grid is the real one.
 
 Baseline in the same run: the first call of each pipeline (compiles every program) against the timed calls, and
@@ -53,12 +53,12 @@ def _normal_program(shape: tuple[int, ...]) -> Any:
 
 
 def device_random_like(shapes: Any, seed: int, std: float) -> Any:
-    """Random float32 leaves for a tree of shapes, drawn on the default device (:func:`engine.checkpoint.random_like`
+    """Random float32 leaves for a tree of shapes, drawn on the default device (:func:`training.fixtures.random_like`
     statistics: N(0, std) weights, norm scales 1 and biases 0, CLIP's logit scale)."""
     import jax
     import jax.numpy as jnp
 
-    from engine.checkpoint import CONSTANT_LEAVES, leaf_name
+    from training.fixtures import CONSTANT_LEAVES, leaf_name
 
     base = jax.random.PRNGKey(seed)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
@@ -76,12 +76,12 @@ def random_parts(name: str, seed: int, workdir: Path) -> dict[str, Any]:
     """Configs, on-device random params and tokenizers for ``name`` (mega, mini, tiny)."""
     import jax
 
-    from engine.checkpoint import _CORPUS, tiny_configs
     from engine.config import ConfigError, DalleBartConfig, preset
     from engine.models import clip as clip_model
     from engine.models import vqgan as vqgan_model
     from engine.models.dallebart import param_shapes
     from engine.text import CLIPTokenizer, DalleBartTokenizer
+    from training.fixtures import CORPUS, tiny_configs
     from training.tokenizer import train_bpe, train_clip_bpe
 
     if name == "tiny":
@@ -99,8 +99,8 @@ def random_parts(name: str, seed: int, workdir: Path) -> dict[str, Any]:
     jax.block_until_ready((db, vq, clip))
     weights_s = time.perf_counter() - t0
     # tokenizers from the small corpus: ids stay below each model's vocabulary, whatever its size
-    bart_dir = train_bpe(_CORPUS, min(db_cfg.encoder_vocab_size, 1024), workdir / "tok_bart")
-    clip_dir = train_clip_bpe(_CORPUS, min(clip_cfg.text_config.vocab_size, 1024), workdir / "tok_clip")
+    bart_dir = train_bpe(CORPUS, min(db_cfg.encoder_vocab_size, 1024), workdir / "tok_bart")
+    clip_dir = train_clip_bpe(CORPUS, min(clip_cfg.text_config.vocab_size, 1024), workdir / "tok_clip")
     return dict(
         dallebart_config=db_cfg, dallebart_params=db, vqgan_config=vq_cfg, vqgan_params=vq,
         clip_config=clip_cfg, clip_params=clip,

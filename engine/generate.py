@@ -92,8 +92,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from engine.checkpoint import CheckpointMissing
     from engine.config import ConfigError
-    from engine.pipeline import CheckpointMissing
     from engine.weights import CheckpointError
 
     try:
@@ -111,7 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def add_generate(subparsers: Any) -> None:
-    from engine.pipeline import DEFAULT_CHECKPOINT
+    from engine.checkpoint import DEFAULT_CHECKPOINT
 
     p = subparsers.add_parser("generate", help="generate images for one prompt")
     p.add_argument("prompt")

@@ -8,7 +8,7 @@ published DALL·E mini / Mega, VQGAN and CLIP files drop in unchanged (README: "
       vqgan/       config.json, flax_model.msgpack
       clip/        config.json, flax_model.msgpack / model.safetensors / pytorch_model.bin, tokenizer files
       safety.json  optional: CLIP safety concepts (engine.safety)
-      checkpoint.json  optional: {"id": "...", "sampling": {"condition_scale": 3, "top_k": 8, ...}}
+      checkpoint.json  optional: {"id": "...", "sampling": {"condition_scale": 3, "top_k": 8, ...}} (engine.checkpoint)
                        (default id: the directory name; "sampling": the checkpoint's recommended sampling
                        params, used for every field a request leaves unset — engine.api.SamplingParams)
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import os
 import time
@@ -38,8 +37,9 @@ import numpy as np
 from PIL import Image
 
 from engine import weights
-from engine.api import BadRequest, GeneratedImage, GenerationRequest, GenerationResult, SamplingParams
-from engine.config import CLIPConfig, ConfigError, DalleBartConfig, VQGANConfig
+from engine.api import GeneratedImage, GenerationRequest, GenerationResult, SamplingParams
+from engine.checkpoint import DEFAULT_CHECKPOINT, check_directory, checkpoint_id_of, sampling_defaults_of
+from engine.config import CLIPConfig, DalleBartConfig, VQGANConfig
 from engine.models import clip as clip_model
 from engine.models import vqgan as vqgan_model
 from engine.models.dallebart import load_dallebart_params
@@ -48,13 +48,6 @@ from engine.sampling import DEFAULT_BUCKETS, Sampler, bucket_for, device_platfor
 from engine.text import CLIPTokenizer, DalleBartTokenizer
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "demo"
-
-
-class CheckpointMissing(FileNotFoundError):
-    """The checkpoint directory (or one of its parts) does not exist."""
-
 
 class _Abort(Exception):
     """Raised from the sampler's chunk hook when every request of the pass was cancelled."""
@@ -367,38 +360,14 @@ class ModelPipeline:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _checkpoint_meta(directory: Path) -> dict[str, Any]:
-    meta = directory / "checkpoint.json"
-    if not meta.is_file():
-        return {}
-    try:
-        data = json.loads(meta.read_text())
-    except (OSError, json.JSONDecodeError):
-        log.warning("%s is not valid JSON; ignoring it", meta)
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def checkpoint_id_of(directory: Path) -> str:
-    value = _checkpoint_meta(directory).get("id")
-    return str(value) if value else directory.resolve().name
-
-
-def sampling_defaults_of(directory: Path) -> SamplingParams:
-    """The checkpoint's recommended sampling params (``checkpoint.json`` → ``sampling``), resolved."""
-    try:
-        return SamplingParams.from_json(_checkpoint_meta(directory).get("sampling"), what="sampling").resolve()
-    except BadRequest as exc:
-        raise ConfigError(f"{directory / 'checkpoint.json'}: sampling: {exc}") from None
-
-
 def load_pipeline(checkpoint_dir: str | Path | None = None, *, mesh: Any = None, **opts: Any) -> ModelPipeline:
     """Load a checkpoint directory (see the module docstring) into a ready :class:`ModelPipeline`.
 
     ``opts`` are :class:`PipelineOptions` fields (``dtype``, ``buckets``, ``chunk_size``, ``use_clip``,
     ``model_parallel``...). ``mesh``: an explicit ``jax.sharding.Mesh`` for DalleBart (overrides ``model_parallel``).
-    Raises :class:`CheckpointMissing` for a missing directory or part, ``engine.config.ConfigError`` or
-    ``engine.weights.CheckpointError`` for a malformed one, each with a message naming the file.
+    Raises :class:`engine.checkpoint.CheckpointMissing` for a missing directory or part,
+    ``engine.config.ConfigError`` or ``engine.weights.CheckpointError`` for a malformed one, each with a message
+    naming the file.
     """
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else DEFAULT_CHECKPOINT
     unknown = set(opts) - {f.name for f in dataclasses.fields(PipelineOptions)}
@@ -407,19 +376,7 @@ def load_pipeline(checkpoint_dir: str | Path | None = None, *, mesh: Any = None,
     if "buckets" in opts:
         opts["buckets"] = tuple(int(b) for b in opts["buckets"])
     options = PipelineOptions(**opts)
-    if not directory.is_dir():
-        hint = (
-            "the shipped demo model is missing from this checkout (restore it with `git checkout -- "
-            "engine/assets/demo`), or set CHECKPOINT_DIR / --checkpoint to a checkpoint directory (README: "
-            "'Using the published weights'), or train one with "
-            "`python -m training demo --out DIR --install engine/assets/demo`"
-            if directory.resolve() == DEFAULT_CHECKPOINT.resolve()
-            else "no such directory"
-        )
-        raise CheckpointMissing(f"no checkpoint at {directory}: {hint}")
-    for part in ("dallebart", "vqgan"):
-        if not (directory / part / "config.json").is_file():
-            raise CheckpointMissing(f"{directory}: no {part}/config.json (is this a checkpoint directory?)")
+    check_directory(directory)
 
     db_dir = directory / "dallebart"
     db_config = DalleBartConfig.from_json(db_dir)

@@ -131,7 +131,7 @@ def test_summary_counts_only_real_acks_and_complete_results():
 def test_checkpoint_mode_runs_on_a_tiny_random_checkpoint(tmp_path):
     """``--checkpoint DIR`` loads the real pipeline (here a tiny random one, the published layout) and warms it
     up before timing; the bot still acknowledges and answers every user."""
-    from engine.checkpoint import random_checkpoint
+    from training.fixtures import random_checkpoint
 
     ckpt = random_checkpoint(tmp_path / "ckpt", with_clip=False)
     out_json = tmp_path / "bot.json"

@@ -52,7 +52,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from engine.checkpoint import random_checkpoint
+    from training.fixtures import random_checkpoint
 
     return random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", with_clip=False)
 

@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from engine.api import GenerationRequest
-from engine.pipeline import DEFAULT_CHECKPOINT, load_pipeline
+from engine.checkpoint import DEFAULT_CHECKPOINT
+from engine.pipeline import load_pipeline
 from training.evaluate import evaluate_pipeline
 
 DEMO = Path(__file__).resolve().parents[2] / "engine" / "assets" / "demo"

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from engine.__main__ import main
-from engine.checkpoint import random_checkpoint
+from training.fixtures import random_checkpoint
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from engine import native
-from engine.checkpoint import random_checkpoint
 from engine.config import DalleBartConfig
 from engine.pipeline import load_pipeline
 from engine.sampling import Sampler
+from training.fixtures import random_checkpoint
 
 CFG = DalleBartConfig(
     d_model=64, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,

@@ -11,10 +11,11 @@ from PIL import Image
 
 from engine import pipeline as pipeline_module
 from engine.api import BadRequest, GenerationRequest, SamplingParams
-from engine.checkpoint import random_checkpoint
+from engine.checkpoint import CheckpointMissing
 from engine.config import ConfigError
-from engine.pipeline import CheckpointMissing, half_precision_on_cpu, load_pipeline, png_bytes, to_uint8
+from engine.pipeline import half_precision_on_cpu, load_pipeline, png_bytes, to_uint8
 from engine.weights import CheckpointError
+from training.fixtures import random_checkpoint
 
 SAFETY = {"concepts": [{"name": "always", "prompts": ["a red circle"], "threshold": -1.0},
                        {"name": "never", "prompts": ["a blue star"], "threshold": 1.01}]}

@@ -113,7 +113,7 @@ async def test_serve_fake_with_env_token_and_sigterm():
 
 
 async def test_serve_a_checkpoint_in_bfloat16(tmp_path):
-    from engine.checkpoint import random_checkpoint
+    from training.fixtures import random_checkpoint
 
     ckpt = random_checkpoint(tmp_path / "ckpt", with_clip=False)
     args = ["--checkpoint", str(ckpt), "--dtype", "bfloat16", "--no-warmup", "--xla-cache-dir", "off"]

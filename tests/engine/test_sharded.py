@@ -190,17 +190,15 @@ def test_published_kernel_layout_on_a_mesh(mesh_run):
 
 
 def fast_random_checkpoint(directory: Path) -> Path:
-    """A tiny checkpoint (DalleBart + VQGAN, no CLIP) in the published layout, with numpy-random weights.
-
-    ``engine.checkpoint.random_checkpoint`` initialises through Flax (≈35 s of eager VQGAN init on this
-    machine); shapes from ``jax.eval_shape`` and numpy noise give an equally valid checkpoint in well under 1 s.
-    """
+    """A tiny checkpoint (DalleBart + VQGAN, no CLIP) in the published layout, with numpy-random weights: the
+    DalleBart's drawn wider (std 0.3) than :func:`training.fixtures.random_checkpoint` draws them, so that its
+    candidates differ visibly."""
     import jax
     import jax.numpy as jnp
     from flax import traverse_util
 
-    from engine.checkpoint import _CORPUS, tiny_configs, write_checkpoint
     from engine.models import vqgan as vqgan_model
+    from training.fixtures import CORPUS, tiny_configs, write_checkpoint
     from training.tokenizer import train_bpe
 
     db_cfg, vq_cfg, _ = tiny_configs()
@@ -214,7 +212,7 @@ def fast_random_checkpoint(directory: Path) -> Path:
         noise = rng.standard_normal(spec.shape).astype(np.float32)
         fan_in = int(np.prod(spec.shape[:-1])) if len(spec.shape) > 1 else 1
         flat[path] = {"scale": 1.0 + 0.1 * noise, "bias": 0.1 * noise}.get(path[-1], noise / np.sqrt(fan_in))
-    tok_dir = train_bpe(_CORPUS, db_cfg.encoder_vocab_size, directory.parent / "tok")
+    tok_dir = train_bpe(CORPUS, db_cfg.encoder_vocab_size, directory.parent / "tok")
     return write_checkpoint(
         directory, dallebart=(db_cfg, random_params(db_cfg, seed=3, std=0.3), tok_dir),
         vqgan=(vq_cfg, traverse_util.unflatten_dict(flat)), checkpoint_id="fast-random",

@@ -154,7 +154,7 @@ def test_candidates_larger_than_bucket_is_an_error():
 
 @pytest.fixture(scope="module")
 def random_ckpt(tmp_path_factory):
-    from engine.checkpoint import random_checkpoint
+    from training.fixtures import random_checkpoint
 
     return random_checkpoint(tmp_path_factory.mktemp("ckpt") / "ck")
 
