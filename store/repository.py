@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import BigInteger, and_, bindparam, delete, func, or_, select, text, update
+from sqlalchemy import BigInteger, and_, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -428,17 +428,6 @@ class Repository:
         bind = self._engine or self.sessions.kw.get("bind")
         return bind is not None and bind.dialect.name == "sqlite"
 
-    async def claim_next(self, limit: int = 1) -> list[Generation]:
-        """Claim up to ``limit`` of the oldest queued jobs (plain FIFO; fair policies use ``claim``)."""
-        claimed: list[Generation] = []
-        for job in await self.queued_generations(limit=limit * 4 + 4):
-            gen = await self.claim(job.id)
-            if gen is not None:
-                claimed.append(gen)
-                if len(claimed) >= limit:
-                    break
-        return claimed
-
     async def queued_generations(self, limit: int | None = None, *, unvouched: bool = False) -> list[QueuedJob]:
         """Queued jobs, oldest first (ties by id), with the ids a fairness policy groups by. ``unvouched``: only
         those no live process holds in its queue (no lease, or it ran out)."""
@@ -471,57 +460,6 @@ class Repository:
             stmt = stmt.where(or_(Generation.owner.is_(None), Generation.owner != not_owner))
         async with self._read() as s:
             return set((await s.execute(stmt)).scalars())
-
-    async def queue_position(self, generation_id: int) -> int | None:
-        """1-based FIFO position among queued jobs (an estimate when the scheduler reorders for fairness);
-        None if the job is not queued."""
-        async with self._read() as s:
-            gen = await s.get(Generation, generation_id)
-            if gen is None or gen.status != Status.QUEUED.value:
-                return None
-            ahead = (
-                await s.execute(
-                    select(func.count())
-                    .select_from(Generation)
-                    .where(
-                        Generation.status == Status.QUEUED.value,
-                        or_(
-                            Generation.queued_at < gen.queued_at,
-                            and_(Generation.queued_at == gen.queued_at, Generation.id < gen.id),
-                        ),
-                    )
-                )
-            ).scalar_one()
-        return int(ahead) + 1
-
-    async def count_queued(
-        self, user_id: int | None = None, *, guild_id: int | None = None, include_running: bool = False
-    ) -> int:
-        """Jobs waiting (and, with ``include_running``, in progress), optionally for one user and/or guild."""
-        statuses = [Status.QUEUED.value] + ([Status.RUNNING.value] if include_running else [])
-        stmt = select(func.count()).select_from(Generation).where(Generation.status.in_(statuses))
-        if user_id is not None:
-            stmt = stmt.where(Generation.user_id == user_id)
-        if guild_id is not None:
-            stmt = stmt.where(Generation.guild_id == guild_id)
-        async with self._read() as s:
-            return int((await s.execute(stmt)).scalar_one())
-
-    async def count_generations_since(
-        self, since: datetime, *, user_id: int | None = None, guild_id: int | None = None
-    ) -> int:
-        """Generations queued at/after ``since`` that were not cancelled (for daily quotas)."""
-        stmt = (
-            select(func.count())
-            .select_from(Generation)
-            .where(Generation.queued_at >= since, Generation.status != Status.CANCELLED.value)
-        )
-        if user_id is not None:
-            stmt = stmt.where(Generation.user_id == user_id)
-        if guild_id is not None:
-            stmt = stmt.where(Generation.guild_id == guild_id)
-        async with self._read() as s:
-            return int((await s.execute(stmt)).scalar_one())
 
     async def requeue_interrupted(self, *, orphans_only: bool = False, mine: str | None = None) -> list[int]:
         """Jobs left ``running`` by a dead process go back to ``queued``. Returns their ids.
@@ -659,14 +597,6 @@ class Repository:
         async with self._read() as s:
             return await s.get(Image, image_id)
 
-    async def set_image_hidden(self, image_id: int, hidden: bool = True) -> Image:
-        async with self.sessions.begin() as s:
-            image = await s.get(Image, image_id)
-            if image is None:
-                raise NotFound(f"image {image_id} does not exist")
-            image.hidden = hidden
-        return image
-
     # --- feedback and refusals -----------------------------------------------------------------------------
 
     async def record_feedback(
@@ -702,27 +632,6 @@ class Repository:
                 await s.execute(select(Feedback).where(Feedback.id == fid).execution_options(populate_existing=True))
             ).scalar_one()
         return row
-
-    async def remove_vote(self, image_id: int, user_id: int) -> bool:
-        """Withdraw a user's 👍/👎 on an image. True if there was one."""
-        async with self.sessions.begin() as s:
-            result = await s.execute(
-                delete(Feedback).where(
-                    Feedback.image_id == image_id,
-                    Feedback.user_id == user_id,
-                    Feedback.kind.in_([FeedbackKind.UP.value, FeedbackKind.DOWN.value]),
-                )
-            )
-        return result.rowcount > 0
-
-    async def feedback_counts(self, image_id: int) -> dict[str, int]:
-        """{'up': n, 'down': n, 'report': n} for one image."""
-        stmt = select(Feedback.kind, func.count()).where(Feedback.image_id == image_id).group_by(Feedback.kind)
-        counts = {k.value: 0 for k in FeedbackKind}
-        async with self._read() as s:
-            for kind, n in (await s.execute(stmt)).all():
-                counts[kind] = int(n)
-        return counts
 
     async def record_refusal(
         self,
