@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from engine.config import DalleBartConfig
-from engine.models.dallebart import unscan_params
+from engine.models.layout import unscan_params
 
 _LAYER_LN = {
     "pre_self_attn_layer_norm": "LayerNorm_0",

@@ -129,7 +129,7 @@ class DalleBartConfig(_FromDict):
     use_scan: bool = True
     gradient_checkpointing: bool = False
     # dense kernels stored (out, in) instead of the published (in, out): the sampler's decode layout (see
-    # engine.sampling.to_decode_layout); a runtime choice, never in config.json
+    # engine.models.layout.to_decode_layout); a runtime choice, never in config.json
     transposed_kernels: bool = False
     # decode-step self- and cross-attention through our C++ kernels (engine.native) instead of XLA's dots: the
     # sampler's default for float32 on CPU; a runtime choice, never in config.json

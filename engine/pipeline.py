@@ -42,7 +42,7 @@ from engine.checkpoint import DEFAULT_CHECKPOINT, check_directory, checkpoint_id
 from engine.config import CLIPConfig, DalleBartConfig, VQGANConfig
 from engine.models import clip as clip_model
 from engine.models import vqgan as vqgan_model
-from engine.models.dallebart import load_dallebart_params
+from engine.models.layout import load_dallebart_params
 from engine.safety import SafetyChecker
 from engine.sampling import DEFAULT_BUCKETS, Sampler, bucket_for, device_platform
 from engine.text import CLIPTokenizer, DalleBartTokenizer

@@ -49,52 +49,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from engine import sharding as shd
 from engine.api import DEFAULT_BUCKETS, bucket_for
 from engine.config import DalleBartConfig
-from engine.models.dallebart import DalleBart, normalize_layout, param_shapes
+from engine.models.dallebart import DalleBart, param_shapes
+from engine.models.layout import map_kernels, normalize_layout, to_decode_layout
 
 ChunkHook = Callable[[int, np.ndarray], Any]
-
-
-def _is_kernel(path: tuple) -> bool:
-    """Whether a pytree path names a dense-layer kernel (a leaf called ``kernel``)."""
-    return bool(path) and getattr(path[-1], "key", None) == "kernel"
-
-
-def _map_kernels(fn: Callable[[Any], Any], tree: Any) -> Any:
-    """Apply ``fn`` to every dense-layer kernel of a param or sharding tree."""
-    return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(leaf) if _is_kernel(path) else leaf, tree)
-
-
-def to_decode_layout(params: Any, dtype: Any = None, *, host: bool = False, transpose: bool = True) -> Any:
-    """Unscanned params with published ``(in, out)`` dense kernels -> ``(out, in)`` row-major: the layout of a
-    model built with ``transposed_kernels=True``, which the sampler decodes with. Floating leaves are cast to
-    ``dtype`` (None keeps them) in the same pass, one leaf at a time, so the new tree is the only extra copy.
-    The result is numpy arrays when ``host`` (to be placed on a mesh afterwards), else ``jax.Array`` leaves.
-
-    A decode step multiplies 2B rows by every weight matrix once: a skinny GEMM whose speed is set by how fast
-    the weights stream in. :class:`~engine.models.dallebart.Dense` computes it as ``kernel @ x.T`` on this layout,
-    the form in which XLA:CPU streams the kernel as stored. Measured on the mini decode GEMMs at 16 rows (2-core
-    CPU): ``x @ kernel`` on the published layout ~5-7 GB/s, ``x @ kernel.T`` ~8-12 GB/s (XLA repacks the kernel
-    every call), ``kernel @ x.T`` ~15 GB/s. Transposing inside the program instead copied the kernels each step.
-    At 1-2 rows (one candidate) the published layout was ~15% faster than ``x @ kernel.T`` (session 11); the
-    ``kernel @ x.T`` form then cut mini's batch-1 step from 67-84 to 37-51 ms (bench/RESULTS.md, session 12).
-    ``transpose=False`` keeps the published kernels (only the cast): the layout for accelerators, whose GEMM
-    libraries take either operand order as stored (:func:`default_transposed_kernels`).
-    """
-
-    xp = np if host else jnp
-
-    def convert(path: tuple, x: Any) -> Any:
-        x = xp.asarray(x)
-        if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
-            x = x.astype(dtype)
-        if not (transpose and _is_kernel(path)):
-            return x
-        if x.ndim != 2:
-            raise ValueError(f"decode layout: kernel {jax.tree_util.keystr(path)} has shape {x.shape}, expected 2-D "
-                             "(unscanned) params")
-        return np.ascontiguousarray(x.T) if host else x.T  # eager jnp: a new, physically transposed array
-
-    return jax.tree_util.tree_map_with_path(convert, params)
 
 
 def device_platform(mesh: Mesh | None = None) -> str:
@@ -459,7 +417,7 @@ class _MeshShardings:
         published = dataclasses.replace(config, transposed_kernels=False)  # the rules name (in, out) kernels
         params = shd.param_shardings(param_shapes(published), mesh)
         if config.transposed_kernels:
-            params = _map_kernels(_transposed_sharding, params)
+            params = map_kernels(_transposed_sharding, params)
         return cls(params, rows, state, shd.replicated(mesh), (texts_kv, texts_kv))
 
 

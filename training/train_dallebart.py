@@ -25,7 +25,8 @@ import numpy as np
 import optax
 
 from engine.config import DalleBartConfig
-from engine.models.dallebart import DalleBart, init_params, load_dallebart_params
+from engine.models.dallebart import DalleBart, init_params
+from engine.models.layout import load_dallebart_params
 from engine.text import DalleBartTokenizer
 from training.checkpoint import export_trained
 from training.data.parquet import iter_token_shards

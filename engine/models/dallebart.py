@@ -17,7 +17,8 @@ LNs and ``layernorm_embedding`` have scale and bias. No dense layer has a bias. 
 Parameter names and shapes are those of the published ``flax_model.msgpack`` files, so a checkpoint restores
 directly into this tree. Two layouts exist: *scanned* (``layers/FlaxBartEncoderLayers/...`` with a leading layer
 axis; used when ``config.use_scan``) and *unscanned* (``layers/FlaxBartEncoderLayer_{i}/...``). The module builds
-whichever layout ``config.use_scan`` names; :func:`normalize_layout` converts a tree of either layout to it.
+whichever layout ``config.use_scan`` names; :func:`engine.models.layout.normalize_layout` converts a tree of either
+layout to it (loading and layout conversions live in :mod:`engine.models.layout`).
 
 Methods (``model.apply(params, ..., method=...)``):
     encode(input_ids (B,T) int, attention_mask (B,T))                       -> hidden (B,T,d)
@@ -41,17 +42,11 @@ self-attention over the cache took ~4x longer than over per-layer arrays).
 
 from __future__ import annotations
 
-import dataclasses
-import re
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import serialization, traverse_util
 
 from engine.config import DalleBartConfig
 
@@ -106,7 +101,7 @@ class Dense(nn.Module):
 
     The kernel is ``(in, features)`` as published, or ``(features, in)`` when ``transposed`` (the sampler's decode
     layout: XLA:CPU streams a kernel whose contracting axis is contiguous faster, see
-    :func:`engine.sampling.to_decode_layout`). Same math and parameter name (``kernel``) either way.
+    :func:`engine.models.layout.to_decode_layout`). Same math and parameter name (``kernel``) either way.
     """
 
     features: int
@@ -532,7 +527,7 @@ class DalleBart(nn.Module):
     """DALL·E mini/Mega encoder–decoder. See the module docstring for the methods and their shapes.
 
     ``dtype`` is the compute dtype (float32, bfloat16 or float16); params are used in whatever dtype they are
-    stored in (see :func:`load_dallebart_params` / :func:`cast_params`). Logits are always float32.
+    stored in (see :func:`engine.models.layout.load_dallebart_params`). Logits are always float32.
     """
 
     config: DalleBartConfig
@@ -605,7 +600,7 @@ class DalleBart(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Params: init, shapes, layouts, loading
+# Params: the tree this module builds (layouts and loading: engine.models.layout)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -614,142 +609,9 @@ def init_params(config: DalleBartConfig, rng: jax.Array, dtype: Any = jnp.float3
     model = DalleBart(config)
     ids = jnp.zeros((1, 1), jnp.int32)
     params = model.init(rng, ids, jnp.ones((1, 1), jnp.int32), ids)["params"]
-    return cast_params(params, dtype)
+    return params if dtype is None else jax.tree.map(lambda x: x.astype(dtype), params)  # every leaf is floating
 
 
 def param_shapes(config: DalleBartConfig) -> Params:
     """The param tree as ``jax.ShapeDtypeStruct`` leaves (float32), computed without allocating."""
     return jax.eval_shape(lambda r: init_params(config, r), jax.random.PRNGKey(0))
-
-
-def count_params(tree: Params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
-def cast_params(params: Params, dtype: Any) -> Params:
-    """Cast every floating leaf to ``dtype`` (None keeps stored dtypes)."""
-    if dtype is None:
-        return params
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-
-
-_SCANNED = {"encoder": "FlaxBartEncoderLayers", "decoder": "FlaxBartDecoderLayers"}
-_UNSCANNED = {
-    "encoder": re.compile(r"^FlaxBartEncoderLayer_(\d+)$"),
-    "decoder": re.compile(r"^FlaxBartDecoderLayer_(\d+)$"),
-}
-
-
-def _unwrap(tree: Mapping) -> dict:
-    tree = dict(tree)
-    if set(tree) == {"params"}:
-        tree = dict(tree["params"])
-    return tree
-
-
-def _layers_of(tree: Mapping, side: str) -> Mapping:
-    try:
-        return tree["model"][side]["layers"]
-    except (KeyError, TypeError):
-        raise ValueError(f"param tree has no 'model/{side}/layers' (not a DalleBart checkpoint?)") from None
-
-
-def _replace_layers(tree: Mapping, side: str, layers: dict) -> dict:
-    out = dict(tree)
-    out["model"] = dict(tree["model"])
-    out["model"][side] = dict(tree["model"][side])
-    out["model"][side]["layers"] = layers
-    return out
-
-
-def _is_scanned(layers: Mapping, side: str) -> bool:
-    if _SCANNED[side] in layers:
-        return True
-    if any(_UNSCANNED[side].match(k) for k in layers):
-        return False
-    raise ValueError(f"model/{side}/layers has neither {_SCANNED[side]} nor {_SCANNED[side][:-1]}_<i> entries")
-
-
-def scan_params(tree: Mapping) -> Params:
-    """Unscanned layout (``FlaxBart*Layer_{i}``) -> scanned (``FlaxBart*Layers``, leading layer axis)."""
-    tree = _unwrap(tree)
-    for side in ("encoder", "decoder"):
-        layers = _layers_of(tree, side)
-        if _is_scanned(layers, side):
-            continue
-        by_index = sorted(((int(_UNSCANNED[side].match(k).group(1)), v) for k, v in layers.items()))
-        if [i for i, _ in by_index] != list(range(len(by_index))):
-            raise ValueError(f"model/{side}/layers: layer indices are not 0..{len(by_index) - 1}")
-        first = traverse_util.flatten_dict(dict(by_index[0][1]), sep="/")
-        for i, layer in by_index[1:]:
-            flat = traverse_util.flatten_dict(dict(layer), sep="/")
-            for name in sorted(set(first) | set(flat)):
-                if name not in flat or name not in first or np.shape(flat[name]) != np.shape(first[name]):
-                    raise ValueError(
-                        f"cannot stack model/{side}/layers: parameter {_SCANNED[side][:-1]}_{i}/{name} differs "
-                        f"from layer 0 (shape {np.shape(flat.get(name))} vs {np.shape(first.get(name))})"
-                    )
-        stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[v for _, v in by_index])
-        tree = _replace_layers(tree, side, {_SCANNED[side]: stacked})
-    return tree
-
-
-def unscan_params(tree: Mapping) -> Params:
-    """Scanned layout -> unscanned (one sub-tree per layer, no leading axis)."""
-    tree = _unwrap(tree)
-    for side in ("encoder", "decoder"):
-        layers = _layers_of(tree, side)
-        if not _is_scanned(layers, side):
-            continue
-        stacked = layers[_SCANNED[side]]
-        n = jax.tree.leaves(stacked)[0].shape[0]
-        per = {f"{_SCANNED[side][:-1]}_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}
-        tree = _replace_layers(tree, side, per)
-    return tree
-
-
-def normalize_layout(tree: Mapping, config: DalleBartConfig) -> Params:
-    """Either published layout -> the layout the module builds for ``config`` (scanned iff ``config.use_scan``)."""
-    return scan_params(tree) if config.use_scan else unscan_params(tree)
-
-
-def _check_shapes(tree: Mapping, expected: Mapping) -> None:
-    got = traverse_util.flatten_dict(dict(tree), sep="/")
-    want = traverse_util.flatten_dict(dict(expected), sep="/")
-    for path in sorted(set(want) | set(got)):
-        if path not in got:
-            raise ValueError(f"checkpoint is missing parameter {path} (expected shape {tuple(want[path].shape)})")
-        if path not in want:
-            raise ValueError(f"checkpoint has unexpected parameter {path} (shape {tuple(np.shape(got[path]))})")
-        if tuple(np.shape(got[path])) != tuple(want[path].shape):
-            raise ValueError(
-                f"parameter {path} has shape {tuple(np.shape(got[path]))}, config expects {tuple(want[path].shape)}"
-            )
-
-
-def load_dallebart_params(
-    path_or_tree: str | Path | Mapping, config: DalleBartConfig, dtype: Any = None
-) -> Params:
-    """Load a published-layout DalleBart param tree and check it against ``config``.
-
-    ``path_or_tree``: a ``flax_model.msgpack`` file, a directory holding one, or an already restored nested dict
-    (optionally wrapped in ``{"params": ...}``). Either layout is accepted; the result is in the layout of
-    ``config.use_scan``, cast to ``dtype`` (None keeps the stored dtype), as ``jax.Array`` leaves. A missing,
-    unexpected or mis-shaped parameter raises ``ValueError`` naming the first such path (sorted order).
-    """
-    if isinstance(path_or_tree, Mapping):
-        tree = path_or_tree
-    else:
-        path = Path(path_or_tree)
-        if path.is_dir():
-            path = path / "flax_model.msgpack"
-        if not path.is_file():
-            raise FileNotFoundError(f"no DalleBart checkpoint at {path}")
-        tree = serialization.msgpack_restore(path.read_bytes())
-    tree = _unwrap(tree)
-    scanned = {_is_scanned(_layers_of(tree, side), side) for side in ("encoder", "decoder")}
-    if len(scanned) == 1:  # check in the file's own layout first, so errors name the file's paths
-        _check_shapes(tree, param_shapes(dataclasses.replace(config, use_scan=scanned.pop())))
-    tree = normalize_layout(tree, config)
-    _check_shapes(tree, param_shapes(config))
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype) if dtype is not None else jnp.asarray(x), tree)

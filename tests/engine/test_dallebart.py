@@ -14,15 +14,8 @@ from flax import serialization, traverse_util
 
 from bench._mindalle import build_modules
 from engine.config import preset
-from engine.models.dallebart import (
-    DalleBart,
-    count_params,
-    load_dallebart_params,
-    normalize_layout,
-    param_shapes,
-    scan_params,
-    unscan_params,
-)
+from engine.models.dallebart import DalleBart, param_shapes
+from engine.models.layout import count_params, load_dallebart_params, normalize_layout, scan_params, unscan_params
 from tests.fakes.dallebart import random_params, tiny_config, write_checkpoint
 
 
@@ -183,7 +176,7 @@ def test_transposed_kernels_decode_layout_gives_the_same_logits():
     """The sampler's decode layout: every dense kernel stored (out, in); same outputs, other shapes; a runtime
     choice that never reaches config.json."""
     from engine.config import DalleBartConfig
-    from engine.sampling import to_decode_layout
+    from engine.models.layout import to_decode_layout
 
     cfg = tiny_config(use_scan=False)
     t_cfg = dataclasses.replace(cfg, transposed_kernels=True)

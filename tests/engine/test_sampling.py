@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine.models.dallebart import DalleBart, scan_params, unscan_params
+from engine.models.dallebart import DalleBart
+from engine.models.layout import scan_params, unscan_params
 from engine.sampling import (
     FAST_TOP_K,
     Sampler,

@@ -157,7 +157,7 @@ def test_blocked_cache_on_a_mesh_gives_the_same_tokens(mesh_run):
 
 def test_params_are_split_over_model_and_rows_padded_to_the_data_axis(mesh_run):
     specs = mesh_run["specs"]
-    # the sampler keeps kernels transposed, (out, in) (engine.sampling.to_decode_layout), and their specs with them.
+    # the sampler keeps kernels transposed, (out, in) (engine.models.layout.to_decode_layout), and their specs too.
     # q_proj (32, 32) splits its output dim over "model"; the (2, 4) mesh keeps 32 / 4 output rows per device
     assert specs["divides/data2_model4"]["q"] == str(P(MODEL, None))
     assert specs["divides/data2_model4"]["q_shard"] == [8, 32]

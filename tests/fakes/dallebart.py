@@ -14,7 +14,8 @@ import numpy as np
 from flax import serialization, traverse_util
 
 from engine.config import DalleBartConfig
-from engine.models.dallebart import param_shapes, scan_params, unscan_params
+from engine.models.dallebart import param_shapes
+from engine.models.layout import scan_params, unscan_params
 
 
 def tiny_config(**overrides: Any) -> DalleBartConfig:
