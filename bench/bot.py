@@ -20,7 +20,7 @@ every bucket up first. ``--workers`` sets the service's engine concurrency (the 
 
 ``--engine-url URL`` measures the hosted layout instead: the model runs in its own process
 (``python -m engine serve``, started by you), and both the baseline and the bot talk to it through
-``HttpEngine``, so the bot's Python work no longer shares a GIL with the pipeline.
+``HttpEngine``, so the bot's Python work does not share a GIL with the pipeline.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ of that bound.
 Cost of one step for ``R = 2·B`` rows (conditional and unconditional branch in one batch), ``L`` decoder
 layers, width ``d``, GLU width ``f``, ``T`` text positions, ``V`` logits, and ``S`` the KV-cache slots a step
 must read: on average over an image of ``image_length`` positions, the ``(image_length + 1) / 2`` written so
-far (until 2026-12-05 this counted all ``image_length`` slots, which is what the sampler then read):
+far (the least a step can read; the native attention kernels read exactly these):
 
 * FLOPs = R · [L · (8d² (q,k,v,o) + 4dS (scores, values) + 4d² (cross q,o) + 4dT + 6df (GLU)) + 2dV]
 * bytes = weights read once (L · (6d² + 3df) + dV) · w  +  KV cache R · L · 2 · S · d · a

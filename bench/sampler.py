@@ -337,7 +337,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="steps per timed chunk, <= half a cache block (default half a block for demo/tiny, else 4)")
     ap.add_argument("--cache-blocks", type=int, default=None,
                     help="our KV cache in this many blocks (default: the sampler's, 4 for the published sizes, 1 for "
-                         "the demo; 1: one array read in full every step, the sampler before 2026-12-05)")
+                         "the demo; 1: one array read in full every step)")
     ap.add_argument("--attention", choices=("auto", "native", "xla"), default="auto",
                     help="our decode attention: auto (the sampler's default: our C++ kernel, engine.native, for "
                          "float32 on CPU), native (the kernel for float32 rows), xla (XLA's dots)")
