@@ -30,21 +30,26 @@ from engine.api import (
     RequestCancelled,
 )
 from engine.batching import TERMINAL, Batcher, DuplicateRequest, UnknownRequest
+from engine.priority import DEFAULT_MODEL_NICE
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_MODEL_NICE",
+    "EngineOptions",
     "EngineUnavailable",
     "HttpEngine",
     "InProcessEngine",
     "MultiEngine",
     "SseEvent",
     "SseParser",
+    "connect",
 ]
 
 
 class EngineUnavailable(EngineError):
-    """The engine service could not be reached (or kept answering 5xx) after all retries."""
+    """The engine could not be built (:func:`connect`), or its service could not be reached (or kept answering
+    5xx) after all retries. The message is one line, fit for an operator."""
 
 
 class InProcessEngine:
@@ -475,3 +480,55 @@ class MultiEngine:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.gather(*(b.engine.close() for b in self.backends))
+
+
+# -- building one ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Which engine :func:`connect` builds: engine services over HTTP (``mode="http"``: ``urls``, ``token``) or the
+    model in this process from ``checkpoint_dir`` (``mode="inprocess"``).
+
+    In-process only: ``dtype`` of DalleBart's weights and activations (bfloat16 halves the memory; logits stay
+    float32); ``warmup`` compiles every batch size while idle (without it each pass compiles only what it needs:
+    one request at a time, as at a terminal); ``native_attention`` None lets the sampler decide; ``model_nice``
+    is the model threads' CPU priority below the event loop (``engine.priority``); ``xla_cache_dir`` is XLA's
+    persistent compile cache (``engine.compile_cache``: None is its default directory, "off" none)."""
+
+    mode: str = "inprocess"
+    urls: tuple[str, ...] = ()
+    token: str | None = None
+    checkpoint_dir: str | None = None
+    dtype: str = "float32"
+    warmup: bool = True
+    native_attention: bool | None = None
+    model_nice: int = DEFAULT_MODEL_NICE
+    xla_cache_dir: str | None = None
+
+
+def connect(options: EngineOptions) -> InProcessEngine | HttpEngine | MultiEngine:
+    """The engine ``options`` ask for: one :class:`HttpEngine` for one URL, a :class:`MultiEngine` for several, or
+    an :class:`InProcessEngine` over the checkpoint's pipeline. The model's modules (JAX) are imported only for the
+    in-process engine. Raises :class:`EngineUnavailable` with a one-line message when it cannot be built."""
+    try:
+        if options.mode == "http":
+            if not options.urls:
+                raise EngineUnavailable("the HTTP engine needs at least one engine service URL")
+            if len(options.urls) == 1:
+                return HttpEngine(options.urls[0], options.token)
+            return MultiEngine.from_urls(options.urls, options.token)
+        from engine.compile_cache import configure
+        from engine.pipeline import load_pipeline
+
+        configure(options.xla_cache_dir)  # before the first compile: reuse last run's programs
+        pipeline = load_pipeline(options.checkpoint_dir, dtype=options.dtype, eager_text_programs=options.warmup,
+                                 native_attention=options.native_attention)
+        return InProcessEngine(pipeline, warmup=options.warmup, model_nice=options.model_nice)
+    except EngineUnavailable:
+        raise
+    except ImportError as exc:
+        raise EngineUnavailable(f"the model engine is not available in this installation ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise EngineUnavailable(f"could not load the model from {options.checkpoint_dir}: {first}") from exc
