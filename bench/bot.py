@@ -15,7 +15,7 @@ and the bot's images/s is printed as a share of it. Targets (issue): ack p99 < 5
 
 The default pipeline is the deterministic fake with ``bench engine``'s default cost model and buckets
 (50 ms/pass + 2 ms/padded candidate, buckets 1..16); ``--checkpoint DIR`` loads a real checkpoint and warms
-every bucket up first. ``--workers`` sets the service's engine concurrency (the bot's default is 2); a list
+every bucket up first. ``--workers`` sets the service's engine concurrency (ENGINE_CONCURRENCY, default 16); a list
 (``2,16``) runs one bot round per value against one shared baseline.
 
 ``--engine-url URL`` measures the hosted layout instead: the model runs in its own process
@@ -37,11 +37,14 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.engine import percentile, warm_up
+from bot.outcome import MAX_IMAGES
 from engine.api import GenerationRequest, Pipeline
+
+if TYPE_CHECKING:
+    from bot.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 ACK_TARGET_S = 0.5
@@ -117,16 +120,18 @@ def discord_pointed_at(api_base: str, gateway_url: str):
 # -- one bot round -------------------------------------------------------------------------------------------
 
 
-def bot_settings(workdir: Path, images: int, workers: int | None) -> SimpleNamespace:
-    """Production defaults except limits that would refuse a deliberate burst from one guild."""
-    s = SimpleNamespace(
-        sync_commands=True, database_url=f"sqlite:///{workdir / 'bench.db'}", auto_migrate=True,
-        output_dir=str(workdir / "out"), default_images=images, rate_limit_user="1000 per minute",
-        rate_limit_guild="1000000 per minute", daily_quota=None, max_queue_per_user=5, max_queue_total=100000,
-    )
+def bot_settings(workdir: Path, images: int, workers: int | None) -> Settings:
+    """Production defaults (``bot.config.Settings``) except limits that would refuse a deliberate burst from one
+    guild."""
+    from bot.config import load_settings
+
+    env = dict(SYNC_COMMANDS="true", DATABASE_URL=f"sqlite:///{workdir / 'bench.db'}", AUTO_MIGRATE="true",
+               OUTPUT_DIR=str(workdir / "out"), DEFAULT_IMAGES=str(images), RATE_LIMIT_USER="1000 per minute",
+               RATE_LIMIT_GUILD="1000000 per minute", DAILY_QUOTA="0", MAX_QUEUE_PER_USER="5",
+               MAX_QUEUE_TOTAL="100000")
     if workers is not None:
-        s.engine_concurrency = workers
-    return s
+        env["ENGINE_CONCURRENCY"] = str(workers)
+    return load_settings(env, dotenv_path=None)
 
 
 EngineFactory = Callable[[], Any]
@@ -174,7 +179,7 @@ async def bot_round(fake: FakeDiscordProcess, make_engine: EngineFactory, *, use
             # CPU seconds of this process (event loop + engine thread) per wall second of the round: near 1.0
             # means the bot is bound by its own Python work (one GIL), not by the engine
             seen["cpu_share"] = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
-            seen["workers"] = bot.service.concurrency if bot.service else workers
+            seen["workers"] = bot.service.runner.concurrency if bot.service else workers
         finally:
             await bot.close()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
@@ -340,7 +345,7 @@ def report(args: argparse.Namespace, source: str, out: dict[str, Any], load_befo
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench bot", description=__doc__.split("\n\n")[0])
     p.add_argument("--users", type=int, default=100)
-    p.add_argument("--images", type=int, default=4, help="images per /dalle (1-9)")
+    p.add_argument("--images", type=int, default=4, help=f"images per /dalle (1-{MAX_IMAGES})")
     p.add_argument("--rate", type=float, default=0.0, help="users released per second (0: all at once)")
     p.add_argument("--workers", default=None,
                    help="service engine concurrency; a comma list runs one bot round each (default: the bot's own)")
@@ -361,8 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--users must be at least 1")
     if args.engine_url and args.checkpoint:
         p.error("--engine-url and --checkpoint are exclusive (the service loads its own checkpoint)")
-    if not 1 <= args.images <= 9:
-        p.error("--images must be between 1 and 9")
+    if not 1 <= args.images <= MAX_IMAGES:
+        p.error(f"--images must be between 1 and {MAX_IMAGES}")
     try:
         workers = [None] if args.workers is None else [int(w) for w in args.workers.split(",")]
     except ValueError:

@@ -1,6 +1,6 @@
 """``python -m bot``: load settings, make sure the database schema is current, start the front end.
 
-Discord mode runs ``bot.app.main(settings)``; local (terminal) mode runs ``bot.local.main(settings)``. A bad
+Discord mode runs ``bot.app.main(settings)``; local (terminal) mode runs ``bot.terminal.main(settings)``. A bad
 setting or a database that needs migrating is one line on stderr and exit code 2, never a traceback.
 """
 
@@ -14,7 +14,7 @@ import sys
 
 EXIT_CONFIG = 2
 EXIT_NO_FRONT_END = 3
-FRONT_ENDS = {"discord": "bot.app", "local": "bot.local"}
+FRONT_ENDS = {"discord": "bot.app", "local": "bot.terminal"}
 
 
 def _fail(message: str, code: int) -> int:

@@ -1,9 +1,10 @@
 """The discord.py bot: ``create_bot`` builds it, ``main`` runs it.
 
 ``setup_hook`` (after login, before the gateway) opens the database, builds the service with the Discord
-publisher, registers the persistent ``DynamicItem``s, loads the cogs, syncs commands only when
-SYNC_COMMANDS is set, and resumes queued and interrupted jobs (results are posted as new channel messages
-when the original interaction expired). ``close`` stops the workers first, so no job is left half-recorded.
+publisher, registers the persistent ``DynamicItem``s, loads the cogs, syncs the commands when SYNC_COMMANDS is
+set (to each guild of DISCORD_GUILD_IDS, where they appear at once, else globally), and resumes queued and
+interrupted jobs (results are posted as new channel messages when the original interaction expired). ``close``
+stops the workers first, so no job is left half-recorded.
 """
 
 from __future__ import annotations
@@ -20,27 +21,23 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.service import (
-    EngineUnavailable,
-    GenerationService,
-    _setting,
-    engine_for_settings,
-    from_discord,
-    open_repository,
-)
-from bot.service import service_from_settings as _service_from_settings
+from bot.config import Settings
+from bot.outcome import from_discord
+from bot.publish import DiscordPublisher
+from bot.service import GenerationService
 from bot.views import DYNAMIC_ITEMS
+from bot.wiring import engine_for_settings, open_repository, service_from_settings
 from engine.api import Engine
-from store.repository import Repository
+from engine.client import EngineUnavailable
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ("bot.cogs.generate",)
-OPTIONAL_EXTENSIONS = ("bot.cogs.moderation", "bot.cogs.admin")  # written by other helpers; loaded if present
+OPTIONAL_EXTENSIONS = ("bot.cogs.moderation", "bot.cogs.admin")  # loaded where this build has them
 
 
 class DalleBot(commands.AutoShardedBot):
-    def __init__(self, settings: Any, engine: Engine, *, repo: Repository | None = None,
+    def __init__(self, settings: Settings, engine: Engine, *, repo: Any = None,
                  service_overrides: dict[str, Any] | None = None, progress_interval: float = 2.0,
                  shutdown_grace: float = 10.0, **kwargs: Any) -> None:
         intents = discord.Intents.default()
@@ -61,13 +58,11 @@ class DalleBot(commands.AutoShardedBot):
         self.tree.on_error = self.on_app_command_error  # type: ignore[method-assign]
 
     async def setup_hook(self) -> None:
-        from bot.cogs.generate import DiscordPublisher
-
         if self.repo is None:
             self.repo = await open_repository(self.settings)
-        self.service = _service_from_settings(self.settings, self.repo, self.engine,
-                                              DiscordPublisher(self, self.progress_interval), **self.service_overrides)
-        self.service.owns = from_discord  # jobs typed at the terminal front end cannot be posted to Discord
+        overrides = {"owns": from_discord, **self.service_overrides}  # the terminal's jobs are not Discord's to post
+        self.service = service_from_settings(self.settings, self.repo, self.engine,
+                                             DiscordPublisher(self, self.progress_interval), **overrides)
         self.add_dynamic_items(*DYNAMIC_ITEMS)
         for ext in EXTENSIONS:
             await self.load_extension(ext)
@@ -78,17 +73,22 @@ class DalleBot(commands.AutoShardedBot):
                 pass
             except commands.ExtensionError:
                 log.exception("extension %s failed to load", ext)
-        if _setting(self.settings, "sync_commands", False):
-            guild = _setting(self.settings, "sync_guild_id")
-            if guild:
-                g = discord.Object(id=int(guild))
-                self.tree.copy_global_to(guild=g)
-                await self.tree.sync(guild=g)
-            else:
-                await self.tree.sync()
+        if self.settings.sync_commands:
+            await self.sync_commands()
         self.resumed = await self.service.start()
         if self.resumed:
             log.info("resumed %d queued generation(s)", len(self.resumed))
+
+    async def sync_commands(self) -> None:
+        """Register the slash commands with Discord: in each guild of DISCORD_GUILD_IDS (they appear there at once:
+        for development), else globally (Discord may take a while to show them everywhere)."""
+        if not self.settings.discord_guild_ids:
+            await self.tree.sync()
+            return
+        for guild_id in self.settings.discord_guild_ids:
+            guild = discord.Object(id=guild_id)
+            self.tree.copy_global_to(guild=guild)
+            await self.tree.sync(guild=guild)
 
     async def on_app_command_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         """The user gets a short message; the log gets the details."""
@@ -129,22 +129,22 @@ class DalleBot(commands.AutoShardedBot):
             await self.repo.close()
 
 
-def create_bot(settings: Any, engine: Engine, **kwargs: Any) -> DalleBot:
+def create_bot(settings: Settings, engine: Engine, **kwargs: Any) -> DalleBot:
     """The bot, not yet started. Tests pass ``repo=``, ``guild_ready_timeout=`` and service overrides."""
     return DalleBot(settings, engine, **kwargs)
 
 
-def main(settings: Any) -> int:
+def main(settings: Settings) -> int:
     """Entry point used by ``python -m bot`` when DISCORD_TOKEN is set. Returns the exit status.
 
     SIGTERM and SIGINT close the bot gracefully: workers stop, running jobs get ``shutdown_grace`` seconds
     and are otherwise put back in the queue for the next start."""
-    token = _setting(settings, "discord_token")
+    token = settings.discord_token
     if not token:
         print("error: DISCORD_TOKEN is not set", file=sys.stderr)
         return 2
-    api_base = _setting(settings, "discord_api_base")
-    gateway = _setting(settings, "discord_gateway_url")
+    api_base = settings.discord_api_base
+    gateway = settings.discord_gateway_url
     if api_base:  # test-only: a loopback fake Discord (config accepts loopback URLs only)
         discord.http.Route.BASE = str(api_base).rstrip("/")
     if gateway:
@@ -161,7 +161,7 @@ def main(settings: Any) -> int:
                 loop.add_signal_handler(sig, lambda: asyncio.ensure_future(bot.close()))
         try:
             async with bot:
-                await bot.start(str(token))
+                await bot.start(token)
         finally:
             await bot.wait_closed()  # ``async with`` returns once discord.py is closed, before our cleanup is
             await engine.close()

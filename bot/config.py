@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from engine.priority import DEFAULT_MODEL_NICE
+from bot.outcome import MAX_IMAGES
+from engine.client import DEFAULT_MODEL_NICE
 from store.db import DatabaseURLError, default_sqlite_url, parse_url, redact_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ class Settings:
     engine_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     xla_cache_dir: str | None = None  # XLA_CACHE_DIR as given (engine.compile_cache: None = its default, "off")
     output_dir: Path = Path("outputs")
-    default_images: int = 9
+    default_images: int = MAX_IMAGES
     rate_limit_user: str = "3/minute"
     rate_limit_guild: str = "30/minute"
     daily_quota: int = 50
@@ -303,7 +304,7 @@ def load_settings(
         engine_dtype=e.choice("ENGINE_DTYPE", ("float32", "bfloat16", "float16"), "float32"),  # type: ignore[arg-type]
         xla_cache_dir=e.str("XLA_CACHE_DIR"),
         output_dir=e.path("OUTPUT_DIR", Path("outputs").resolve()),
-        default_images=e.int("DEFAULT_IMAGES", 9, 1, 9),  # type: ignore[arg-type]
+        default_images=e.int("DEFAULT_IMAGES", MAX_IMAGES, 1, MAX_IMAGES),  # type: ignore[arg-type]
         rate_limit_user=e.rate_limit("RATE_LIMIT_USER", "3/minute"),
         rate_limit_guild=e.rate_limit("RATE_LIMIT_GUILD", "30/minute"),
         daily_quota=e.int("DAILY_QUOTA", 50, 0),  # type: ignore[arg-type]

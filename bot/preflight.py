@@ -43,9 +43,9 @@ def check_redis(url: str, timeout: float = 3.0) -> str | None:
 
 def lock_sqlite(database_url: str) -> str | None:
     """One bot process per SQLite file: an exclusive ``flock`` on ``<file>.lock``, released when the process ends."""
-    from sqlalchemy.engine import make_url
+    from store.db import parse_url
 
-    url = make_url(database_url)
+    url = parse_url(database_url)
     if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
         return None
     lock_path = Path(url.database).expanduser().resolve().with_name(Path(url.database).name + ".lock")

@@ -62,7 +62,7 @@ class RateDecision:
     def message(self) -> str:
         if self.allowed:
             return ""
-        wait = _human(self.retry_after)
+        wait = human_duration(self.retry_after)
         return {
             "user": f"You're sending requests too fast. Try again in {wait}.",
             "guild": f"This server is sending too many requests. Try again in {wait}.",
@@ -71,7 +71,8 @@ class RateDecision:
         }.get(self.scope or "", f"Try again in {wait}.")
 
 
-def _human(seconds: float) -> str:
+def human_duration(seconds: float) -> str:
+    """A wait as a user reads it: seconds up to 2 minutes, then minutes up to 2 hours, then hours (rounded up)."""
     s = max(1, math.ceil(seconds))
     if s < 120:
         return f"{s} s"

@@ -19,8 +19,9 @@ from datetime import datetime
 
 
 @dataclass
-class QueuedJob:
-    """What the scheduler needs to know about a queued generation (the rest lives in the database)."""
+class QueueEntry:
+    """A generation in the in-memory queue: what fairness needs (the rest lives in the database), and ``payload``,
+    the caller's snapshot of the job (the service keeps the Generation row that progress is published from)."""
 
     id: int
     user_id: int
@@ -65,10 +66,10 @@ class FairQueue:
     """Round-robin by guild, then by user, then oldest first. Not thread-safe; used from one event loop."""
 
     def __init__(self) -> None:
-        self._jobs: dict[int, QueuedJob] = {}
+        self._jobs: dict[int, QueueEntry] = {}
         self._guilds = _Ring()
         self._users: dict[object, _Ring] = {}  # guild key -> ring of user ids
-        self._per_user: dict[tuple[object, int], OrderedDict[int, QueuedJob]] = {}
+        self._per_user: dict[tuple[object, int], OrderedDict[int, QueueEntry]] = {}
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -81,10 +82,10 @@ class FairQueue:
         return list(self._jobs)
 
     @staticmethod
-    def _gkey(job: QueuedJob) -> object:
+    def _gkey(job: QueueEntry) -> object:
         return ("dm",) if job.guild_id is None else job.guild_id
 
-    def add(self, job: QueuedJob) -> None:
+    def add(self, job: QueueEntry) -> None:
         if job.id in self._jobs:
             raise ValueError(f"job {job.id} is already queued")
         self._jobs[job.id] = job
@@ -99,7 +100,7 @@ class FairQueue:
         self._users.setdefault(g, _Ring()).add(job.user_id)
         self._guilds.add(g)
 
-    def remove(self, job_id: int) -> QueuedJob | None:
+    def remove(self, job_id: int) -> QueueEntry | None:
         job = self._jobs.pop(job_id, None)
         if job is None:
             return None
@@ -114,7 +115,7 @@ class FairQueue:
                 self._guilds.discard(g)
         return job
 
-    def pop(self, eligible: Callable[[int], bool] | None = None) -> QueuedJob | None:
+    def pop(self, eligible: Callable[[int], bool] | None = None) -> QueueEntry | None:
         """Take the next job in fair order, advancing the round-robin pointers. With ``eligible``, users for
         whom it is False are passed over without losing their place (they go first once eligible again)."""
         if not self._jobs:
@@ -144,12 +145,12 @@ class FairQueue:
             del self._users[g]
         return job
 
-    def order(self) -> list[QueuedJob]:
+    def order(self) -> list[QueueEntry]:
         """The dispatch order if nothing else arrived (simulated on copies; O(n))."""
         guilds = deque(self._guilds.order)
         users = {g: deque(r.order) for g, r in self._users.items()}
         per_user = {k: deque(v.values()) for k, v in self._per_user.items()}
-        out: list[QueuedJob] = []
+        out: list[QueueEntry] = []
         while guilds:
             g = guilds.popleft()
             u = users[g].popleft()
@@ -167,14 +168,14 @@ class FairQueue:
     def position(self, job_id: int) -> int | None:
         return self.positions().get(job_id)
 
-    def user_jobs(self, user_id: int) -> list[QueuedJob]:
+    def user_jobs(self, user_id: int) -> list[QueueEntry]:
         return [j for j in self._jobs.values() if j.user_id == user_id]
 
-    def __iter__(self) -> Iterator[QueuedJob]:
+    def __iter__(self) -> Iterator[QueueEntry]:
         return iter(self.order())
 
 
-def _key(job: QueuedJob) -> tuple:
+def _key(job: QueueEntry) -> tuple:
     q = job.queued_at
     return (q.timestamp() if isinstance(q, datetime) else float(q), job.id)
 
@@ -193,7 +194,7 @@ class Scheduler:
         self.queue = FairQueue()
         self.per_user_cap = per_user_cap
         self.total_cap = total_cap
-        self._running: dict[int, QueuedJob] = {}
+        self._running: dict[int, QueueEntry] = {}
         self._reserved: dict[int, int] = {}  # user id -> admissions between reserve() and add()
         self._changed = asyncio.Event()
         self.closed = False
@@ -241,7 +242,7 @@ class Scheduler:
         else:
             del self._reserved[user_id]
 
-    def add(self, job: QueuedJob, *, force: bool = False) -> int:
+    def add(self, job: QueueEntry, *, force: bool = False) -> int:
         """Queue a job (``force`` skips the caps: used when restoring jobs after a restart). Returns its position."""
         if not force:
             self.check_admission(job.user_id)
@@ -256,7 +257,7 @@ class Scheduler:
             self._changed.set()
         return removed
 
-    async def next(self) -> QueuedJob:
+    async def next(self) -> QueueEntry:
         """Wait for and take the next job; it counts as running until ``done(job_id)``."""
         while True:
             if self.closed:
@@ -269,7 +270,7 @@ class Scheduler:
             self._changed.clear()
             await self._changed.wait()
 
-    def job(self, job_id: int) -> QueuedJob | None:
+    def job(self, job_id: int) -> QueueEntry | None:
         """The queued or running job with this id (its ``payload`` is the caller's to use), else None."""
         return self._running.get(job_id) or self.queue._jobs.get(job_id)
 
@@ -294,5 +295,5 @@ class Scheduler:
         return self.queue.positions()
 
     @property
-    def running(self) -> list[QueuedJob]:
+    def running(self) -> list[QueueEntry]:
         return list(self._running.values())

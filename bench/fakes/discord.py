@@ -80,7 +80,8 @@ class FakeDiscord:
         self.messages: dict[int, dict] = {}
         self.files: dict[str, bytes] = {}
         self.interactions: dict[int, InteractionRecord] = {}
-        self.commands: list[dict] = []
+        self.commands: list[dict] = []  # registered globally
+        self.guild_commands: dict[int, list[dict]] = {}  # guild id → commands registered in that guild only
         self.identifies: list[dict] = []
         self.resumes: list[dict] = []
         self.sockets: list[web.WebSocketResponse] = []
@@ -227,7 +228,8 @@ class FakeDiscord:
                     channel_id: int | None = None) -> InteractionRecord:
         types = {str: 3, int: 4, bool: 5}
         payload = self._interaction_base(2, user_id, guild_id, channel_id)
-        cmd = next((c for c in self.commands if c["name"] == name), None)
+        registered = self.guild_commands.get(guild_id, []) + self.commands if guild_id else self.commands
+        cmd = next((c for c in registered if c["name"] == name), None)
         payload["data"] = {
             "id": cmd["id"] if cmd else str(self.snowflake()), "name": name, "type": 1,
             "options": [{"name": k, "type": types[type(v)], "value": v} for k, v in options.items()],
@@ -343,10 +345,12 @@ class FakeDiscord:
         if method == "GET" and p == ["gateway", "bot"]:
             return _json({"url": self.gateway_url, "shards": 1, "session_start_limit": {
                 "total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1}})
-        if method == "PUT" and p[:1] == ["applications"] and p[-1] == "commands":
-            self.commands = [dict(c, id=str(self.snowflake()), application_id=str(APP_ID), version="1")
-                             for c in (call.json or [])]
+        if method == "PUT" and len(p) == 3 and p[0] == "applications" and p[2] == "commands":
+            self.commands = self._registered(call.json)
             return _json(self.commands)
+        if method == "PUT" and len(p) == 5 and p[0] == "applications" and p[2] == "guilds" and p[4] == "commands":
+            self.guild_commands[int(p[3])] = self._registered(call.json, guild_id=p[3])
+            return _json(self.guild_commands[int(p[3])])
         if method == "POST" and p[:1] == ["interactions"] and p[-1] == "callback":
             return self._callback(int(p[1]), p[2], call)
         if p[:1] == ["webhooks"] and len(p) >= 3:
@@ -365,6 +369,11 @@ class FakeDiscord:
             rid = int((call.json or {})["recipient_id"])
             return _json({"id": str(50_000 + rid), "type": 1, "recipients": [self.user(rid)], "last_message_id": None})
         return None
+
+    def _registered(self, commands: list[dict] | None, **extra: str) -> list[dict]:
+        """Commands as Discord answers a bulk overwrite: each with its id, application id and version."""
+        return [dict(c, id=str(self.snowflake()), application_id=str(APP_ID), version="1", **extra)
+                for c in (commands or [])]
 
     def _check_message(self, call: Call, limit: int) -> None:
         payload = call.json or {}

@@ -11,11 +11,11 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 from sqlalchemy import select
 
-from bot.local import _parse_dalle, run
+from bot.config import Settings, load_settings
+from bot.terminal import parse_dalle, run
 from store.models import Feedback, Generation, Refusal
 from store.repository import Repository
 from tests.fakes.engine import FakeEngine
@@ -23,9 +23,10 @@ from tests.fakes.engine import FakeEngine
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _settings(tmp_path: Path) -> SimpleNamespace:
-    return SimpleNamespace(database_url=f"sqlite:///{tmp_path / 'local.db'}", output_dir=str(tmp_path / "outputs"),
-                           rate_limit_user="100 per minute", daily_quota=None, default_images=4)
+def _settings(tmp_path: Path) -> Settings:
+    return load_settings({"DATABASE_URL": f"sqlite:///{tmp_path / 'local.db'}", "OUTPUT_DIR": str(tmp_path / "outputs"),
+                          "RATE_LIMIT_USER": "100 per minute", "DAILY_QUOTA": "0", "DEFAULT_IMAGES": "4",
+                          "MAX_QUEUE_PER_USER": "5"}, dotenv_path=None)
 
 
 async def _rows(url: str, model):
@@ -37,11 +38,11 @@ async def _rows(url: str, model):
 
 
 def test_parse_options():
-    assert _parse_dalle("a red circle --n 4 --seed 7") == ("a red circle", {"n": 4, "seed": 7})
-    assert _parse_dalle("--images 2 a cat's hat") == ("a cat's hat", {"n": 2})
+    assert parse_dalle("a red circle --n 4 --seed 7") == ("a red circle", {"n": 4, "seed": 7})
+    assert parse_dalle("--images 2 a cat's hat") == ("a cat's hat", {"n": 2})
     for bad in ("a --n", "a --seed x"):
         try:
-            _parse_dalle(bad)
+            parse_dalle(bad)
         except ValueError as exc:
             assert "--" in str(exc)
         else:
@@ -87,22 +88,15 @@ async def test_local_session_in_process(tmp_path):
 
 
 def test_python_m_bot_subprocess_over_stdin(tmp_path):
-    """``python -m bot`` (or bot.local.main where the entry module is not merged yet) driven through stdin."""
+    """``python -m bot`` driven through stdin."""
     env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
     env.update(
         DATABASE_URL=f"sqlite:///{tmp_path / 'sub.db'}", OUTPUT_DIR=str(tmp_path / "outputs"),
         DALLE_ENGINE_FACTORY="tests.fakes.engine:inprocess_fake_engine", PYTHONPATH=os.pathsep.join(
             p for p in [os.environ.get("PYTHONPATH", ""), str(ROOT)] if p),
     )
-    if (ROOT / "bot" / "__main__.py").exists():
-        cmd = [sys.executable, "-m", "bot"]
-    else:
-        cmd = [sys.executable, "-c", (
-            "import os, sys, types; from bot.local import main; "
-            "s = types.SimpleNamespace(database_url=os.environ['DATABASE_URL'], output_dir=os.environ['OUTPUT_DIR']);"
-            "sys.exit(main(s))")]
-    proc = subprocess.run(cmd, input="/dalle a red circle --n 2 --seed 5\n/queue\n", capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "bot"], input="/dalle a red circle --n 2 --seed 5\n/queue\n",
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "queued at position 1 (seed 5)" in proc.stdout
     files = re.findall(r"(\S+\.png)", proc.stdout)
@@ -162,7 +156,8 @@ def test_unloadable_engine_is_one_clear_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
     env.update(DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}", DALLE_ENGINE_FACTORY="no_such_module:make",
                PYTHONPATH=os.pathsep.join(p for p in [os.environ.get("PYTHONPATH", ""), str(ROOT)] if p))
-    code = "import sys, types; from bot.local import main; sys.exit(main(types.SimpleNamespace()))"
+    code = ("import sys; from bot.config import load_settings; from bot.terminal import main; "
+            "sys.exit(main(load_settings()))")
     cmd = [sys.executable, "-c", code]
     proc = subprocess.run(cmd, input="", capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert proc.returncode == 2

@@ -92,18 +92,19 @@ def test_zero_changes_nothing():
 
 
 def test_the_bots_in_process_engine_takes_engine_model_nice_and_native_attention(monkeypatch):
-    import types
+    from pathlib import Path
 
     import engine.pipeline
-    from bot.service import engine_from_settings
+    from bot.config import Settings
+    from bot.wiring import engine_from_settings
 
     seen = {}
     monkeypatch.setattr(engine.pipeline, "load_pipeline", lambda path, **opts: seen.update(opts) or FakePipeline())
-    s = types.SimpleNamespace(engine_mode="inprocess", checkpoint_dir="unused", xla_cache_dir="off",
-                              engine_warmup=False, engine_model_nice=9)
+    s = Settings(mode="local", engine_mode="inprocess", checkpoint_dir=Path("unused"), xla_cache_dir="off",
+                 engine_warmup=False, engine_model_nice=9)
     assert engine_from_settings(s).batcher.model_nice == 9
     assert seen["native_attention"] is None  # unset: the sampler's default
-    s.engine_native_attention = False
-    del s.engine_model_nice
+    s = Settings(mode="local", engine_mode="inprocess", checkpoint_dir=Path("unused"), xla_cache_dir="off",
+                 engine_warmup=False, engine_native_attention=False)
     assert engine_from_settings(s).batcher.model_nice == 5
     assert seen["native_attention"] is False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from bot.service import Outcome, ProgressUpdate
+from bot.outcome import Outcome, ProgressUpdate
 from store.db import make_sync_engine
 from store.models import Base
 from store.repository import Repository
@@ -53,3 +53,31 @@ class RecordingPublisher:
 
         await asyncio.wait_for(_wait(), timeout)
         return self.outcomes
+
+
+async def rows_of(repo: Repository, model) -> list:
+    """Every row of ``model``'s table."""
+    from sqlalchemy import select
+
+    async with repo.sessions() as s:
+        return list((await s.execute(select(model))).scalars())
+
+
+async def wait_delivered(repo: Repository, generation_id: int):
+    """The row once the service has marked it delivered (it does so just after the publisher returns)."""
+    for _ in range(200):
+        gen = await repo.get_generation(generation_id)
+        if gen.delivered_at is not None:
+            return gen
+        await asyncio.sleep(0.01)
+    return gen
+
+
+async def wait_status(repo: Repository, generation_id: int, want: str, tries: int = 300):
+    """The row once its status is ``want`` (or as it is after ``tries`` looks)."""
+    for _ in range(tries):
+        gen = await repo.get_generation(generation_id)
+        if gen.status == want:
+            return gen
+        await asyncio.sleep(0.01)
+    return gen

@@ -1,18 +1,8 @@
 """Terminal front end: ``python -m bot`` without DISCORD_TOKEN.
 
-It reads commands from stdin and drives the same ``GenerationService`` (filters, rate limits, fair queue,
-database records) as the Discord bot; results are PNG files under OUTPUT_DIR whose paths and scores are
-printed. Commands::
-
-    /dalle <prompt> [--n N] [--seed S]   queue a generation (N images, 1-9)
-    /reroll <generation-id>              same prompt, new seed
-    /variation <image-id>                more like that image
-    /feedback <image-id> up|down|report [reason] [note...]
-    /cancel <generation-id>              cancel a queued generation
-    /queue                               your unfinished generations and their positions
-    /help, /quit                         (end of input also quits, after queued work finishes)
-
-A bare line without a leading slash is taken as a prompt.
+It reads commands from stdin (see ``HELP``) and drives the same ``GenerationService`` (filters, rate limits, fair
+queue, database records) as the Discord bot; results are PNG files under OUTPUT_DIR whose paths and scores are
+printed. A bare line without a leading slash is taken as a prompt.
 """
 
 from __future__ import annotations
@@ -27,22 +17,25 @@ import threading
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from bot.service import (
-    EngineUnavailable,
-    GenerationService,
-    Outcome,
-    ProgressUpdate,
-    engine_for_settings,
-    from_discord,
-    open_repository,
-    service_from_settings,
-)
+from bot.config import Settings
+from bot.outcome import MAX_IMAGES, Outcome, ProgressUpdate, from_discord
+from bot.service import GenerationService
+from bot.wiring import engine_for_settings, open_repository, service_from_settings
 from engine.api import Engine
+from engine.client import EngineUnavailable
 
 log = logging.getLogger(__name__)
 
-LOCAL_USER_ID = 1
-HELP = __doc__.split("Commands::", 1)[1].split("A bare line", 1)[0].rstrip()
+TERMINAL_USER_ID = 1
+HELP = f"""
+
+    /dalle <prompt> [--n N] [--seed S]   queue a generation (N images, 1-{MAX_IMAGES})
+    /reroll <generation-id>              same prompt, new seed
+    /variation <image-id>                more like that image
+    /feedback <image-id> up|down|report [reason] [note...]
+    /cancel <generation-id>              cancel a queued generation
+    /queue                               your unfinished generations and their positions
+    /help, /quit                         (end of input also quits, after queued work finishes)"""
 
 
 class TerminalPublisher:
@@ -82,7 +75,7 @@ def _id(text: str) -> int | None:
     return int(text)
 
 
-def _parse_dalle(args: str) -> tuple[str, dict[str, int]]:
+def parse_dalle(args: str) -> tuple[str, dict[str, int]]:
     """Split ``--n 4 --seed 7`` style options from the prompt text; raises ValueError with a usage hint."""
     words = args.split()
     prompt_words: list[str] = []
@@ -106,9 +99,9 @@ def _parse_dalle(args: str) -> tuple[str, dict[str, int]]:
     return " ".join(prompt_words), opts
 
 
-class LocalFrontEnd:
+class TerminalFrontEnd:
     def __init__(self, service: GenerationService, publisher: TerminalPublisher, out: TextIO,
-                 user_id: int = LOCAL_USER_ID) -> None:
+                 user_id: int = TERMINAL_USER_ID) -> None:
         self.service = service
         self.publisher = publisher
         self.out = out
@@ -144,7 +137,7 @@ class LocalFrontEnd:
             self.say(HELP)
         elif cmd == "/dalle":
             try:
-                prompt, opts = _parse_dalle(args)
+                prompt, opts = parse_dalle(args)
             except ValueError as exc:
                 self.say(f"error: {exc}")
                 return True
@@ -223,7 +216,7 @@ def _stdin_lines(stdin: TextIO) -> asyncio.Queue[str]:
     return queue
 
 
-async def run(settings: Any, stdin: TextIO | None = None, out: TextIO | None = None,
+async def run(settings: Settings, stdin: TextIO | None = None, out: TextIO | None = None,
               engine: Engine | None = None, on_shutdown: Callable[[], Any] | None = None) -> int:
     stdin = stdin or sys.stdin
     out = out or sys.stdout
@@ -232,9 +225,9 @@ async def run(settings: Any, stdin: TextIO | None = None, out: TextIO | None = N
         engine = await asyncio.to_thread(functools.partial(engine_for_settings, settings, warmup=False))
     repo = await open_repository(settings)
     publisher = TerminalPublisher(out)
-    service = service_from_settings(settings, repo, engine, publisher)
-    service.owns = lambda gen: not from_discord(gen)  # a Discord user's job is the bot's to deliver
-    front = LocalFrontEnd(service, publisher, out)
+    # a Discord user's job is the bot's to deliver
+    service = service_from_settings(settings, repo, engine, publisher, owns=lambda gen: not from_discord(gen))
+    front = TerminalFrontEnd(service, publisher, out)
     await service.start()
     print("dalle-bot local mode: type /help for commands.", file=out, flush=True)
     lines = _stdin_lines(stdin)
@@ -275,7 +268,7 @@ def _exit_deadline(seconds: float) -> None:
     timer.start()
 
 
-def main(settings: Any) -> int:
+def main(settings: Settings) -> int:
     """Entry point used by ``python -m bot`` when no DISCORD_TOKEN is set. Returns the exit status."""
     try:
         return asyncio.run(run(settings, on_shutdown=lambda: _exit_deadline(SHUTDOWN_DEADLINE_S)))
