@@ -99,11 +99,13 @@ def test_a_second_run_loads_every_program_from_the_cache(checkpoint, tmp_path):
 
 def test_the_bot_in_process_engine_turns_the_cache_on(checkpoint, tmp_path):
     code = textwrap.dedent(f"""
-        import os, types, jax
-        from bot.service import engine_from_settings
+        import os, jax
+        from pathlib import Path
+        from bot.config import Settings
+        from bot.wiring import engine_from_settings
         from engine.api import GenerationRequest
-        s = types.SimpleNamespace(engine_mode="inprocess", checkpoint_dir={str(checkpoint)!r},
-                                  xla_cache_dir={str(tmp_path / "bot-xla")!r}, engine_warmup=False)
+        s = Settings(mode="local", engine_mode="inprocess", checkpoint_dir=Path({str(checkpoint)!r}),
+                     xla_cache_dir={str(tmp_path / "bot-xla")!r}, engine_warmup=False)
         engine = engine_from_settings(s, warmup=False)
         count = lambda: sum(name.endswith("-cache") for name in os.listdir({str(tmp_path / "bot-xla")!r}))
         before = count()
