@@ -45,18 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         return _fail(problem, EXIT_CONFIG)
 
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from store.db import MigrationRequired, ensure_migrated, redact_url
+    from store.db import DatabaseUnavailable, MigrationRequired, ensure_migrated
 
     try:
         if ensure_migrated(settings.database_url, settings.auto_migrate):
             log.info("database migrated to the latest schema")
-    except MigrationRequired as exc:
+    except (MigrationRequired, DatabaseUnavailable) as exc:
         return _fail(f"database error: {exc}", EXIT_CONFIG)
-    except (SQLAlchemyError, OSError) as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        return _fail(f"database error: cannot open {redact_url(settings.database_url)}: {reason}", EXIT_CONFIG)
 
     problem = check_output_dir(settings.output_dir) or (check_redis(settings.redis_url) if settings.redis_url else None)
     if problem:

@@ -1,6 +1,7 @@
 """Durable state for the bot and training: SQLAlchemy models, engines/sessions, the async repository."""
 
 from store.db import (
+    DatabaseUnavailable,
     DatabaseURLError,
     MigrationRequired,
     async_url,
@@ -14,6 +15,7 @@ from store.db import (
 
 __all__ = [
     "DatabaseURLError",
+    "DatabaseUnavailable",
     "MigrationRequired",
     "async_url",
     "default_sqlite_url",

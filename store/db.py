@@ -43,6 +43,10 @@ class MigrationRequired(RuntimeError):
     """The database schema is not at the code's Alembic head and automatic migration is off."""
 
 
+class DatabaseUnavailable(RuntimeError):
+    """The database could not be opened or read; the message is one line, with any password hidden."""
+
+
 def default_sqlite_url(cwd: str | Path | None = None) -> str:
     """``sqlite:///./data/dalle.db`` if ``./data`` is (or can be made) writable, else the user data dir."""
     base = Path(cwd) if cwd is not None else Path.cwd()
@@ -236,8 +240,19 @@ def ensure_migrated(url: str | URL, auto: bool) -> bool:
     """Make sure the schema is at head. Returns True if a migration ran.
 
     ``auto``: upgrade now. Otherwise raise :class:`MigrationRequired` naming the exact command to run.
-    A database that is *ahead* of the code (newer revision than we know) is always an error.
+    A database that is *ahead* of the code (newer revision than we know) is always an error. A database that
+    cannot be reached raises :class:`DatabaseUnavailable`, so callers need not know SQLAlchemy's errors.
     """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return _ensure_migrated(url, auto)
+    except (SQLAlchemyError, OSError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise DatabaseUnavailable(f"cannot open {redact_url(url)}: {reason}") from exc
+
+
+def _ensure_migrated(url: str | URL, auto: bool) -> bool:
     current, heads = schema_revisions(url)
     if current == heads:
         return False

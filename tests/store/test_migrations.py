@@ -13,7 +13,15 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from store.db import MigrationRequired, downgrade, ensure_migrated, make_sync_engine, schema_revisions, upgrade
+from store.db import (
+    DatabaseUnavailable,
+    MigrationRequired,
+    downgrade,
+    ensure_migrated,
+    make_sync_engine,
+    schema_revisions,
+    upgrade,
+)
 from store.models import Base
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,9 +115,9 @@ def test_ensure_migrated_rejects_unknown_revision(sqlite_url):
 
 def test_ensure_migrated_hides_password():
     url = "postgresql://alice:s3cret-pw@127.0.0.1:1/nowhere"
-    with pytest.raises(Exception) as info:
+    with pytest.raises(DatabaseUnavailable) as info:
         ensure_migrated(url, auto=False)
-    assert "s3cret-pw" not in str(info.value)
+    assert "s3cret-pw" not in str(info.value) and str(info.value).startswith("cannot open postgresql://alice:***@")
 
 
 def test_python_m_store_cli(tmp_path):
