@@ -14,8 +14,8 @@ What is compared, per (config, dtype, batch B):
 
 * **ours**: ``engine.sampling.Sampler`` on ``2B`` decoder rows (cond + uncond in one batch), static KV cache, the
   step loop inside ``jax.jit``/``lax.scan``. Compile time (``Sampler.warmup``) is reported on its own. The
-  ``attention`` column says how its decode attention ran: ``native`` (our C++ kernel, ``engine.native``, the
-  sampler's default for float32 on CPU) or ``xla`` (XLA's dots; ``--attention xla`` asks for it).
+  ``attention`` column says how its decode attention ran: ``native`` (our C++ kernel, ``engine.attention.native``,
+  the sampler's default for float32 on CPU) or ``xla`` (XLA's dots; ``--attention xla`` asks for it).
 * **min-dalle** 0.4.11: its ``DalleBartDecoder.sample_tokens`` step and KV cache, driven like its own loop
   (see ``bench/_mindalle.py``), PyTorch on the CPU with ``torch.set_num_threads(cores)``.
 * **roofline**: ``bench.roofline.decode_step_cost`` (FLOPs and bytes of one step) against the matmul FLOP/s and
@@ -260,7 +260,7 @@ class Row:
     sampler: str  # ours | min-dalle | roofline
     step_s: float
     image_length: int
-    attention: str = ""  # ours: "native" (engine.native's kernel) or "xla"
+    attention: str = ""  # ours: "native" (engine.attention.native's kernel) or "xla"
     compile_s: float = float("nan")
     encoder_s: float = float("nan")
     steps_timed: int = 0
@@ -339,8 +339,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="our KV cache in this many blocks (default: the sampler's, 4 for the published sizes, 1 for "
                          "the demo; 1: one array read in full every step)")
     ap.add_argument("--attention", choices=("auto", "native", "xla"), default="auto",
-                    help="our decode attention: auto (the sampler's default: our C++ kernel, engine.native, for "
-                         "float32 on CPU), native (the kernel for float32 rows), xla (XLA's dots)")
+                    help="our decode attention: auto (the sampler's default: our C++ kernel, engine.attention.native, "
+                         "for float32 on CPU), native (the kernel for float32 rows), xla (XLA's dots)")
     ap.add_argument("--native-attention", dest="attention", action="store_const", const="native",
                     help="the same as --attention native")
     ap.add_argument("--repeats", type=int, default=None, help="timed chunks per figure, fastest counts (default 1)")
@@ -379,7 +379,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def steps_for(cfg: DalleBartConfig, name: str, args: argparse.Namespace) -> int:
     """Steps per timed chunk: at most half a KV-cache block (image_length/2 with one block), so that every block
     holds a whole timed chunk, the first one after the warm-in chunk too."""
-    from engine.sampling import default_cache_blocks
+    from engine.attention.xla import default_cache_blocks
 
     width = cfg.image_length // (args.cache_blocks or default_cache_blocks(cfg))
     if getattr(args, "attention", "auto") != "xla":  # the native kernel may run: time it over the whole image

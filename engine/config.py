@@ -100,7 +100,7 @@ class DalleBartConfig(_FromDict):
         "encoder_vocab_size",
         "image_vocab_size",
     )
-    RUNTIME: ClassVar[tuple[str, ...]] = ("transposed_kernels", "native_attention")
+    RUNTIME: ClassVar[tuple[str, ...]] = ("transposed_kernels",)
 
     d_model: int = 1024
     encoder_layers: int = 12
@@ -131,9 +131,6 @@ class DalleBartConfig(_FromDict):
     # dense kernels stored (out, in) instead of the published (in, out): the sampler's decode layout (see
     # engine.models.layout.to_decode_layout); a runtime choice, never in config.json
     transposed_kernels: bool = False
-    # decode-step self- and cross-attention through our C++ kernels (engine.native) instead of XLA's dots: the
-    # sampler's default for float32 on CPU; a runtime choice, never in config.json
-    native_attention: bool = False
     normalize_text: bool = True
     tie_word_embeddings: bool = False
     # variant switches of the reference code; only the published setting is implemented

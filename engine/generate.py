@@ -42,9 +42,9 @@ def image_record(im: GeneratedImage, seed: int, filename: str) -> dict[str, Any]
     }
 
 
-NATIVE_ATTENTION_HELP = ("decode self- and cross-attention through our C++ kernels (engine/native; built with g++ on "
-                         "first use): the default for float32 on CPU; --no-native-attention keeps XLA's attention "
-                         "(tokens may differ between the two in rare steps)")
+NATIVE_ATTENTION_HELP = ("decode self- and cross-attention through our C++ kernels (engine/attention/native; "
+                         "built with g++ on first use): the default for float32 on CPU; --no-native-attention keeps "
+                         "XLA's attention (tokens may differ between the two in rare steps)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -90,10 +90,10 @@ class PipelineOptions:
     # threads that PNG-encode a pass's images (zlib releases the GIL, so they run in parallel); None: one per CPU
     # core, at most 8. Nine 256x256 images take about 0.1 s on one core: on a GPU host that is ~10% of a Mega grid
     png_threads: int | None = None
-    # decode self- and cross-attention through our C++ kernels (engine.native: built with the system compiler on
-    # first use). None: wherever they apply (float32 on CPU devices); False: XLA's attention; True: the kernels or
-    # an error. Their logits differ from XLA's attention in the last bits, so a seed's tokens can differ between
-    # the two in rare steps
+    # the decode attention backend (engine.attention.select_backend): None, our C++ kernels wherever they apply
+    # (float32 on CPU devices; built with the system compiler on first use), else XLA's attention; False: XLA's
+    # attention; True: the kernels or an error. Their logits differ from XLA's attention in the last bits, so a
+    # seed's tokens can differ between the two in rare steps; every result names the backend that made it
     native_attention: bool | None = None
 
 

@@ -13,16 +13,16 @@ The random stream of a candidate depends only on ``(seed, index)``, so a candida
 batched with other requests, in any row, at any batch bucket. Sampling parameters are per-row arrays: rows of
 different requests share one compiled program.
 
-Speed (see the jax-stack notes): the encoder and the cross-attention K/V run once per call and once per distinct
-text (a 9-candidate request encodes its prompt and the unconditional text, 2 rows, not 18; see
-:func:`distinct_texts`); the self-attention K/V cache is static, one ``(2B, H, image_length, Dh)`` array per
-layer, written in place (write-then-read, so XLA never copies it), or for the published sizes 4 blocks of
-``image_length/4`` positions per layer, of which the steps of block k read blocks 0..k only
-(:func:`default_cache_blocks`); the whole step loop is one ``lax.scan`` per cache block inside one ``jax.jit`` (or
-a few chunks of it when a progress hook is given); params are jit arguments, never constants;
+Speed: the encoder and the cross-attention K/V run once per call and once per distinct text (a 9-candidate request
+encodes its prompt and the unconditional text, 2 rows, not 18; see :func:`distinct_texts`); the self-attention K/V
+cache is static, one ``(2B, H, image_length, Dh)`` array per layer, written in place (write-then-read, so XLA never
+copies it), or in blocks of which the steps of block k read blocks 0..k only (the attention backend's default:
+:func:`engine.attention.xla.default_cache_blocks`); the whole step loop is one ``lax.scan`` per cache block inside
+one ``jax.jit`` (or a few chunks of it when a progress hook is given); params are jit arguments, never constants;
 top-k ranks with ``lax.top_k`` instead of a sort when it can. Decoding uses the unscanned (per-layer) param
 layout: measured faster than slicing stacked kernels in a scan. Programs are compiled ahead of time per (bucket,
-text length, dtype; the encoder also per number of distinct texts) and shared by samplers of one config.
+text length, dtype; the encoder also per number of distinct texts) and shared by samplers of one config and
+attention backend (:mod:`engine.attention`: XLA's einsums, or our C++ kernels for float32 on CPU devices).
 
 Sharding (``Sampler(..., mesh=...)``, see :mod:`engine.sharding`): params are split over the mesh's ``"model"``
 axis by the Megatron rules; the candidate rows, the KV cache's and cross K/V's batch axis and the per-row inputs
@@ -48,6 +48,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from engine import sharding as shd
 from engine.api import DEFAULT_BUCKETS, bucket_for
+from engine.attention import XLA, AttentionBackend, select_backend
 from engine.config import DalleBartConfig
 from engine.models.dallebart import DalleBart, param_shapes
 from engine.models.layout import map_kernels, normalize_layout, to_decode_layout
@@ -258,14 +259,16 @@ class _Programs:
     with the same config reuse the compiled programs.
     """
 
-    def __init__(self, config: DalleBartConfig, dtype: Any, mesh: Mesh | None = None, cache_blocks: int = 1) -> None:
+    def __init__(self, config: DalleBartConfig, dtype: Any, mesh: Mesh | None = None, cache_blocks: int = 1,
+                 attention: AttentionBackend = XLA) -> None:
         if cache_blocks < 1 or config.image_length % cache_blocks:
             raise ValueError(f"cache_blocks must divide image_length {config.image_length}, got {cache_blocks}")
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.mesh = mesh
         self.cache_blocks = cache_blocks
-        self.model = DalleBart(config, dtype=self.dtype)
+        self.attention = attention
+        self.model = DalleBart(config, dtype=self.dtype, attention=attention)
         if mesh is None:
             self.encode_jit = jax.jit(self.encode)
             self.prepare_jit = jax.jit(self.prepare)
@@ -310,7 +313,7 @@ class _Programs:
             if exe is None:
                 if self.mesh is None:
                     exe = self._jitted[name].lower(*args, **static).compile()
-                else:  # under the mesh: the native attention maps its kernel over the mesh's devices
+                else:  # traced under the mesh, where a backend may map its kernels over the devices
                     with jax.set_mesh(self.mesh):
                         exe = self._mesh_jit[name](**static).lower(*args).compile()
                 self._executables[key] = exe
@@ -422,30 +425,9 @@ class _MeshShardings:
 
 
 @functools.lru_cache(maxsize=16)
-def _programs(config: DalleBartConfig, dtype_name: str, mesh: Mesh | None = None, cache_blocks: int = 1) -> _Programs:
-    return _Programs(config, jnp.dtype(dtype_name), mesh, cache_blocks)
-
-
-def default_cache_blocks(config: DalleBartConfig) -> int:
-    """4 cache blocks for the published sizes (d_model >= 512; image_length a multiple of 4, >= 64), else 1.
-
-    Blocks (:mod:`engine.models.dallebart`: the steps of segment k read blocks 0..k only) pay where reading the
-    cache is a real share of a step: mini at batch 8 on a 2-core CPU, 60-65 instead of 67-76 ms a step. They cost
-    a loop body per block, so compiling takes longer (mini at batch 8: the whole loop 8 -> 16 s, the progress
-    chunks 3 -> 13 s). The demo model (d_model 128) steps no faster with them (its kernels fit in cache) and
-    would only compile longer (4 -> 7 s, chunks 2 -> 8 s).
-    """
-    ok = config.image_length % 4 == 0 and config.image_length >= 64 and config.d_model >= 512
-    return 4 if ok else 1
-
-
-def why_no_native_attention(dtype: Any, mesh: Mesh | None = None) -> str:
-    """Why the native decode attention (:mod:`engine.native`, a float32 CPU kernel) cannot run for this dtype on
-    these devices, or "" where it can."""
-    if jnp.dtype(dtype) != jnp.float32:
-        return f"native_attention computes in float32, not {jnp.dtype(dtype).name}"
-    platform = device_platform(mesh)
-    return "" if platform == "cpu" else f"native_attention is a CPU kernel; the sampler's devices are {platform}"
+def _programs(config: DalleBartConfig, dtype_name: str, mesh: Mesh | None = None, cache_blocks: int = 1,
+              attention: AttentionBackend = XLA) -> _Programs:
+    return _Programs(config, jnp.dtype(dtype_name), mesh, cache_blocks, attention)
 
 
 class Sampler:
@@ -463,15 +445,18 @@ class Sampler:
     ``eager_text_programs``: the first pass of a batch size compiles the encoder and state programs for every
     number of distinct texts it can hold (:meth:`_compile_text_programs`), so no later pass of that size compiles;
     False compiles only the count a pass needs, when it first comes (for callers that send one request at a time).
-    ``cache_blocks``: the KV cache in that many blocks along the positions (default :func:`default_cache_blocks`),
-    so a step reads only the blocks written so far; a chunk that spans blocks runs one loop per block.
-    ``native_attention``: the decode step's self- and cross-attention through our C++ kernels
-    (:mod:`engine.native`); the self-attention reads only the written slots (so the cache defaults to one block).
-    None (the default) uses them wherever they apply: float32 on CPU devices (on a mesh each device runs them on
-    its own rows and heads); True where they do not is a ValueError; False keeps XLA's attention. Where the kernels
-    cannot be built, a warning says why and XLA's attention is kept (``self.native_attention`` tells which runs).
-    Their logits match XLA's attention to float rounding, not bit for bit, so the same seed can give a different
-    image with and without them (rarely); with them, the same image alone or batched, on one device or a mesh.
+    ``cache_blocks``: the KV cache in that many blocks along the positions (default: the attention backend's,
+    :func:`engine.attention.xla.default_cache_blocks` for XLA's, 1 for the native kernels, which read only the
+    written slots), so a step reads only the blocks written so far; a chunk that spans blocks runs one loop per
+    block.
+    ``native_attention``: which backend computes the decode step's self- and cross-attention
+    (:func:`engine.attention.select_backend`): None (the default) our C++ kernels wherever they apply (float32 on
+    CPU devices; on a mesh each device runs them on its own rows and heads), else XLA's attention; True the kernels
+    (a ValueError where they do not apply); False XLA's attention. Where the kernels cannot be built, a warning
+    says why and XLA's attention is used. ``self.attention`` is the backend chosen, ``self.attention.name`` its
+    name ("native" or "xla"). Their logits agree to float rounding, not bit for bit, so the same seed can give a
+    different image with one and with the other (rarely); with either, the same image alone or batched, on one
+    device or a mesh.
     Every process of a multi-host job must make the same calls with the same arguments.
     """
 
@@ -494,16 +479,7 @@ class Sampler:
             dtype = model.dtype if model is not None else jnp.float32
         self.config = config
         self.dtype = jnp.dtype(dtype)
-        why_not = why_no_native_attention(self.dtype, mesh)
-        if native_attention and why_not:
-            raise ValueError(why_not)
-        if native_attention is None:  # the default: wherever it applies
-            native_attention = not why_not
-        if native_attention:
-            from engine import native
-
-            native_attention = native.load()  # False, with a warning saying why, where it cannot be built
-        self.native_attention = bool(native_attention)
+        self.attention = select_backend(native_attention, self.dtype, device_platform(mesh))
         self.buckets = tuple(sorted(int(b) for b in buckets))
         self.chunk_size = max(1, min(int(chunk_size), config.image_length))
         self.eager_text_programs = bool(eager_text_programs)
@@ -512,13 +488,12 @@ class Sampler:
         self.transposed_kernels = bool(transposed_kernels)
         self._decode_config = dataclasses.replace(
             config, use_scan=False, gradient_checkpointing=False, transposed_kernels=self.transposed_kernels,
-            native_attention=self.native_attention,
         )
         self.mesh = mesh
-        if cache_blocks is None:  # the native kernel reads only the written slots: blocks would only add compiles
-            cache_blocks = 1 if self.native_attention else default_cache_blocks(config)
+        if cache_blocks is None:
+            cache_blocks = self.attention.cache_blocks(config)
         self.cache_blocks = int(cache_blocks)
-        self._progs = _programs(self._decode_config, self.dtype.name, mesh, self.cache_blocks)
+        self._progs = _programs(self._decode_config, self.dtype.name, mesh, self.cache_blocks, self.attention)
         # (rows, text length) whose text programs are compiled -> the shape of their decode state
         self._state_shapes: dict[tuple[int, int], Any] = {}
         self.model = self._progs.model
@@ -539,6 +514,11 @@ class Sampler:
                 raise ValueError(f"params do not match the DalleBart config's parameter tree: {got} vs {want}")
             self.params = jax.device_put(host, self._progs.shardings.params)  # the rules, in the kernels' layout
             self._data_size = shd.data_parallel_size(mesh)
+
+    @property
+    def native_attention(self) -> bool:
+        """Whether the decode attention runs through the native kernels (``self.attention.name == "native"``)."""
+        return self.attention.name == "native"
 
     def padded_rows(self, n: int) -> int:
         """Rows a batch of ``n`` candidates runs as: its bucket, rounded up to a multiple of the data-axis size."""

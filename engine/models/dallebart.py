@@ -48,6 +48,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from engine.attention import XLA, AttentionBackend
+from engine.attention.xla import attend, attend_cached
 from engine.config import DalleBartConfig
 
 Params = dict[str, Any]
@@ -129,7 +131,8 @@ class FlaxBartAttention(nn.Module):
     """Multi-head attention with bias-free q/k/v/out projections; scores and softmax in float32.
 
     ``__call__(x (B,Q,d), kv_in (B,K,d), bias (·,·,Q|1,K) f32) -> (B,Q,d)``; the other methods expose the pieces
-    the cached decoder needs (projecting K/V once, attending to precomputed K/V).
+    the cached decoder needs (queries, K/V projected once, the output projection), whose attention itself is the
+    decode step's backend's (:mod:`engine.attention`).
     """
 
     config: DalleBartConfig
@@ -164,60 +167,7 @@ class FlaxBartAttention(nn.Module):
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
         """Softmax attention of q (B,Q,H,Dh) over k, v (B,H,K,Dh) with additive bias (·,·,Q|1,K) -> (B,Q,d)."""
-        scores = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return self.output(jnp.einsum("bhqk,bhkd->bqhd", probs, v))
-
-    def attend_cached(
-        self, q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array, v_cache: jax.Array, bias: jax.Array
-    ) -> jax.Array:
-        """One new query (B,1,H,Dh) over the old cache (B,H,S,Dh) (bias (1,1,1,S) hides unwritten slots) and its
-        own key/value (B,H,1,Dh), without writing the cache (used by the scanned layout's decode step)."""
-        s_cache = jnp.einsum("bqhd,bhkd->bhqk", q, k_cache, preferred_element_type=jnp.float32) + bias
-        s_self = jnp.einsum("bqhd,bhqd->bhq", q, k_new, preferred_element_type=jnp.float32)[..., None]
-        probs = jax.nn.softmax(jnp.concatenate([s_cache, s_self], axis=-1), axis=-1)
-        o = jnp.einsum("bhqk,bhkd->bhqd", probs[..., :-1].astype(v_cache.dtype), v_cache)
-        o = o + probs[..., -1:].astype(v_new.dtype) * v_new
-        return self.output(jnp.swapaxes(o, 1, 2))
-
-    def attend_blocks(self, q: jax.Array, k_blocks: tuple[jax.Array, ...], v_blocks: tuple[jax.Array, ...],
-                      bias: jax.Array) -> jax.Array:
-        """:meth:`attend` over keys/values split along K into blocks (B,H,Kb,Dh) each; bias covers their concatenation.
-
-        One softmax over all blocks' scores; the values are summed block by block, so no block is concatenated.
-        """
-        scores = jnp.concatenate([jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-                                  for k in k_blocks], axis=-1) + bias
-        probs = jax.nn.softmax(scores, axis=-1)
-        o, start = None, 0
-        for v in v_blocks:
-            part = jnp.einsum("bhqk,bhkd->bqhd", probs[..., start: start + v.shape[2]].astype(v.dtype), v)
-            o, start = (part if o is None else o + part), start + v.shape[2]
-        return self.output(o)
-
-    def write_and_attend_native(self, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
-                                k_blocks: tuple[jax.Array, ...], v_blocks: tuple[jax.Array, ...],
-                                position: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-        """Write k_new, v_new (B,H,1,Dh) at ``position`` of the float32 cache blocks (B,H,W,Dh), then attend with q
-        (B,1,H,Dh) over slots ``0..position``, through the C++ kernel :func:`engine.native.decode_attention` (it
-        must be loaded) -> ((B,1,d), k_blocks, v_blocks). Traced under a mesh (``jax.set_mesh``, as the sampler
-        does on one), each device runs the kernel on its own rows and heads."""
-        from engine import native
-
-        mesh = jax.sharding.get_abstract_mesh()
-        o, k_blocks, v_blocks = native.decode_attention(q, k_new, v_new, position, k_blocks, v_blocks,
-                                                        mesh=None if mesh.empty else mesh)
-        return self.output(o.astype(q.dtype)), k_blocks, v_blocks
-
-    def attend_native(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-        """:meth:`attend` of one query per row (B,1,H,Dh) over k, v (B,H,K,Dh) with bias (B,1,1,K), through the
-        C++ kernel :func:`engine.native.cross_attention` (it must be loaded); under a mesh as
-        :meth:`write_and_attend_native`."""
-        from engine import native
-
-        mesh = jax.sharding.get_abstract_mesh()
-        o = native.cross_attention(q, k, v, bias, mesh=None if mesh.empty else mesh)
-        return self.output(o.astype(q.dtype))
+        return self.output(attend(q, k, v, bias))
 
     def __call__(self, x: jax.Array, kv_in: jax.Array, bias: jax.Array) -> jax.Array:
         k, v = self.kv(kv_in)
@@ -273,16 +223,17 @@ class DecoderLayer(nn.Module):
       cache_bias (1,1,1,S)) -> (y, (k_new, v_new) each (B,H,1,Dh))``: attends to the old cache plus itself and
       leaves the cache untouched (scanned layout: the caller writes all layers at once).
     - ``"step_inplace"``: ``(y, k_cache, v_cache (B,H,S,Dh), cross_k, cross_v, enc_bias, self_bias (1,1,1,S),
-      position) -> (y, (k_cache, v_cache))``: writes this layer's K/V at ``position`` first, then attends
-      (unscanned layout). Write-then-read lets XLA update the loop-carried cache in place; reading the old cache
-      and writing afterwards made it copy the whole cache every step (measured: 1.6-2x slower steps). With a
-      blocked cache (``k_cache``, ``v_cache`` tuples of n blocks (B,H,S/n,Dh)) ``self_bias`` covers the blocks
-      attended, (1,1,1,(segment+1)·S/n): the write goes into block ``segment`` and blocks 0..segment are read.
+      position) -> (y, (k_cache, v_cache))``: the unscanned layout's decode step. The ``attention`` backend
+      (:mod:`engine.attention`) writes this layer's K/V at ``position`` and attends over the written slots, and
+      computes the cross-attention. With a blocked cache (``k_cache``, ``v_cache`` tuples of n blocks
+      (B,H,S/n,Dh)) ``self_bias`` covers the blocks attended, (1,1,1,(segment+1)·S/n): the write goes into block
+      ``segment`` and blocks 0..segment are read.
     """
 
     config: DalleBartConfig
     dtype: Any = jnp.float32
     mode: str = "full"
+    attention: AttentionBackend = XLA
 
     @nn.compact
     def __call__(self, y: jax.Array, *args: jax.Array) -> tuple[jax.Array, Any]:
@@ -310,7 +261,7 @@ class DecoderLayer(nn.Module):
             q = self_attn.query(h)
             k_new, v_new = self_attn.kv(h)
             k_new, v_new = k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype)
-            y = y + ln1(self_attn.attend_cached(q, k_new, v_new, k_cache, v_cache, cache_bias))
+            y = y + ln1(self_attn.output(attend_cached(q, k_new, v_new, k_cache, v_cache, cache_bias)))
             y = y + ln3(cross_attn.attend(cross_attn.query(ln2(y)), cross_k, cross_v, enc_bias))
             return y + glu(y), (k_new, v_new)
         if self.mode == "step_inplace":
@@ -318,30 +269,11 @@ class DecoderLayer(nn.Module):
             h = ln0(y)
             q = self_attn.query(h)
             k_new, v_new = self_attn.kv(h)
-            if cfg.native_attention:  # the kernel writes the new slot and attends to slots 0..position
-                blocked = isinstance(k_cache, tuple)
-                o, k_out, v_out = self_attn.write_and_attend_native(
-                    q, k_new, v_new, k_cache if blocked else (k_cache,), v_cache if blocked else (v_cache,), position)
-                k_cache, v_cache = (k_out, v_out) if blocked else (k_out[0], v_out[0])
-                y = y + ln1(o)
-            elif isinstance(k_cache, tuple):  # blocked: the bias's length says how many blocks are attended
-                width = k_cache[0].shape[2]
-                segment = self_bias.shape[-1] // width - 1
-                start = (0, 0, position - segment * width, 0)
-                k_cache, v_cache = (
-                    c[:segment] + (jax.lax.dynamic_update_slice(c[segment], new.astype(c[segment].dtype), start),)
-                    + c[segment + 1:]
-                    for c, new in ((k_cache, k_new), (v_cache, v_new))
-                )
-                attended = segment + 1
-                y = y + ln1(self_attn.attend_blocks(q, k_cache[:attended], v_cache[:attended], self_bias))
-            else:
-                start = (0, 0, position, 0)
-                k_cache = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), start)
-                v_cache = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), start)
-                y = y + ln1(self_attn.attend(q, k_cache, v_cache, self_bias))
-            attend = cross_attn.attend_native if cfg.native_attention else cross_attn.attend
-            y = y + ln3(attend(cross_attn.query(ln2(y)), cross_k, cross_v, enc_bias))
+            o, k_cache, v_cache = self.attention.self_attention(q, k_new, v_new, k_cache, v_cache, position,
+                                                                self_bias)
+            y = y + ln1(self_attn.output(o))
+            o = self.attention.cross_attention(cross_attn.query(ln2(y)), cross_k, cross_v, enc_bias)
+            y = y + ln3(cross_attn.output(o))
             return y + glu(y), (k_cache, v_cache)
         raise ValueError(f"unknown DecoderLayer mode {self.mode!r}")
 
@@ -402,6 +334,7 @@ class DecoderLayers(nn.Module):
 
     config: DalleBartConfig
     dtype: Any = jnp.float32
+    attention: AttentionBackend = XLA
 
     @nn.compact
     def __call__(self, y: jax.Array, per_layer: tuple, broadcast: tuple, mode: str = "full") -> tuple[jax.Array, Any]:
@@ -412,7 +345,8 @@ class DecoderLayers(nn.Module):
             ks, vs, cross_k, cross_v = per_layer  # tuples of per-layer arrays
             new_k, new_v = [], []
             for i in range(cfg.decoder_layers):
-                layer = DecoderLayer(cfg, self.dtype, mode=mode, name=f"FlaxBartDecoderLayer_{i}")
+                layer = DecoderLayer(cfg, self.dtype, mode=mode, attention=self.attention,
+                                     name=f"FlaxBartDecoderLayer_{i}")
                 y, (k, v) = layer(y, ks[i], vs[i], cross_k[i], cross_v[i], *broadcast)
                 new_k.append(k)
                 new_v.append(v)
@@ -452,6 +386,7 @@ class Decoder(nn.Module):
 
     config: DalleBartConfig
     dtype: Any = jnp.float32
+    attention: AttentionBackend = XLA
 
     def setup(self) -> None:
         cfg = self.config
@@ -459,7 +394,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embed(cfg.image_vocab_size + 1, cfg.d_model, dtype=self.dtype, embedding_init=init)
         self.embed_positions = nn.Embed(cfg.image_length, cfg.d_model, dtype=self.dtype, embedding_init=init)
         self.layernorm_embedding = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype)
-        self.layers = DecoderLayers(cfg, self.dtype)
+        self.layers = DecoderLayers(cfg, self.dtype, self.attention)
         self.final_ln = nn.LayerNorm(epsilon=LN_EPS, use_scale=self.config.force_ln_scale, dtype=self.dtype)
 
     def __call__(self, ids: jax.Array, enc: jax.Array, enc_mask: jax.Array) -> jax.Array:
@@ -517,25 +452,28 @@ class BartModel(nn.Module):
 
     config: DalleBartConfig
     dtype: Any = jnp.float32
+    attention: AttentionBackend = XLA
 
     def setup(self) -> None:
         self.encoder = Encoder(self.config, self.dtype)
-        self.decoder = Decoder(self.config, self.dtype)
+        self.decoder = Decoder(self.config, self.dtype, self.attention)
 
 
 class DalleBart(nn.Module):
     """DALL·E mini/Mega encoder–decoder. See the module docstring for the methods and their shapes.
 
     ``dtype`` is the compute dtype (float32, bfloat16 or float16); params are used in whatever dtype they are
-    stored in (see :func:`engine.models.layout.load_dallebart_params`). Logits are always float32.
+    stored in (see :func:`engine.models.layout.load_dallebart_params`). Logits are always float32. ``attention``:
+    the backend of :meth:`decode_step`'s self- and cross-attention (:mod:`engine.attention`; default XLA's).
     """
 
     config: DalleBartConfig
     dtype: Any = jnp.float32
+    attention: AttentionBackend = XLA
 
     def setup(self) -> None:
         cfg = self.config
-        self.model = BartModel(cfg, self.dtype)
+        self.model = BartModel(cfg, self.dtype, self.attention)
         self.lm_head = Dense(
             cfg.image_vocab_size + 1, cfg.transposed_kernels, self.dtype, nn.initializers.normal(cfg.init_std)
         )

@@ -1,5 +1,5 @@
-"""Our C++ decode attention (engine/native): built on first use, the same tokens as XLA's attention, and a clear
-fallback where it cannot be built."""
+"""Our C++ decode attention (engine/attention/native): built on first use, the same tokens as XLA's attention, and a
+clear fallback where it cannot be built."""
 
 import logging
 import os
@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from engine import native
+from engine.attention.native import kernels as native
 from engine.config import DalleBartConfig
 from engine.pipeline import load_pipeline
 from engine.sampling import Sampler
@@ -116,7 +116,7 @@ def test_without_a_compiler_the_sampler_says_why_and_keeps_xla_attention(params,
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("DALLE_NATIVE_CACHE", str(tmp_path / "cache"))
-    with caplog.at_level(logging.WARNING, logger="engine.native"):
+    with caplog.at_level(logging.WARNING, logger="engine.attention.native.kernels"):
         s = Sampler(None, params, CFG, buckets=(1,), native_attention=True)
     assert not s.native_attention and s.cache_blocks == 1
     assert "no C++ compiler found" in native.unavailable_reason()

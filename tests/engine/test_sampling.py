@@ -360,8 +360,8 @@ def test_blocked_cache_gives_the_same_tokens_and_logits(sampler, params):
     assert seen == [6, 12, 16] and blocked._progs.num_compiled == compiled
     with pytest.raises(ValueError, match="must divide"):
         Sampler(None, params, CFG, buckets=(1,), cache_blocks=3)
+    from engine.attention.xla import default_cache_blocks
     from engine.config import preset
-    from engine.sampling import default_cache_blocks
 
     assert default_cache_blocks(preset("mini")) == 4 and default_cache_blocks(preset("mega")) == 4
     assert default_cache_blocks(CFG) == 1

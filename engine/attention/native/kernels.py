@@ -1,16 +1,17 @@
 """Our own C++ kernels for XLA:CPU, compiled on the user's machine the first time they are asked for.
 
 Why: XLA:CPU runs the decode step's batched attention dots on one thread at 13-18 GB/s, about half of what two
-cores stream (``bench/RESULTS.md``, sessions 18-19). ``decode_attention.cc`` holds the self- and cross-attention
-of one decode step as XLA FFI custom calls: the (row, head) pairs split between the calling thread and XLA's own
-intra-op thread pool, and only the written cache slots read.
+cores stream (``bench/RESULTS.md``). ``decode_attention.cc`` holds the self- and cross-attention of one decode step
+as XLA FFI custom calls: the (row, head) pairs split between the calling thread and XLA's own intra-op thread pool,
+and only the written cache slots read.
 
 The kernel is built with the system C++ compiler (``CXX``, else ``g++``) against the headers jaxlib ships
 (``jax.ffi.include_dir()``), for this CPU (``-march=native``), into ``DALLE_NATIVE_CACHE`` (default
 ``~/.cache/dalle-bot/native``), keyed by the source, jaxlib's version, the compiler and the CPU's flags. Where no
 compiler is found or the build fails, :func:`load` says why once and returns False, and the caller keeps XLA's
-attention. The sampler uses it by default for float32 on CPU devices (``Sampler(native_attention=None)``); on a
-mesh each device runs it on its own rows and heads.
+attention. :class:`engine.attention.native.NativeAttention` is the decode-attention backend over these calls; the
+sampler picks it by default for float32 on CPU devices (:func:`engine.attention.select_backend`); on a mesh each
+device runs the kernels on its own rows and heads.
 """
 
 from __future__ import annotations

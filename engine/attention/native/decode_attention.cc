@@ -1,8 +1,8 @@
-// The attention of one decode step for XLA:CPU, as XLA FFI custom calls (engine/native/__init__.py builds and
-// registers them).
+// The attention of one decode step for XLA:CPU, as XLA FFI custom calls (engine/attention/native/kernels.py
+// builds and registers them).
 //
 // Why: XLA:CPU runs the batched attention dots of a decode step on one thread, one after another, at 13-18 GB/s
-// (bench/RESULTS.md, sessions 18-19). These kernels split the (row, head) pairs over threads, and the
+// (bench/RESULTS.md). These kernels split the (row, head) pairs over threads, and the
 // self-attention reads only the cache slots written so far.
 //
 // DalleBotDecodeAttention, the self-attention:
