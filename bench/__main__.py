@@ -13,7 +13,9 @@ from pathlib import Path
 
 
 def available() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if not m.name.startswith("_"))
+    """The benchmark modules; packages (fakes, reference implementations) are their helpers, not benchmarks."""
+    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+                  if not m.ispkg and not m.name.startswith("_"))
 
 
 def main(argv: list[str] | None = None) -> int:

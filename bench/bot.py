@@ -1,6 +1,6 @@
 """The whole bot under a burst of users: ``python -m bench bot [--users 100] [--checkpoint DIR]``.
 
-The strict fake Discord runs in its own process (``bench/_fake_discord_proc.py``); this process runs the real
+The strict fake Discord runs in its own process (``bench/fakes/discord_process.py``); this process runs the real
 bot: discord.py ``AutoShardedBot`` + ``GenerationService`` + SQLite in a temporary directory + an
 ``InProcessEngine`` over the pipeline. ``--users`` users each send ``/dalle`` (``--images`` images) at once, or
 ``--rate`` per second. Measured, all by the fake's clock:
@@ -55,7 +55,7 @@ SHARE_TARGET = 0.90
 
 
 class FakeDiscordProcess:
-    """``bench._fake_discord_proc`` as a child process; ``call`` sends one command and returns its reply."""
+    """``bench.fakes.discord_process`` as a child process; ``call`` sends one command and returns its reply."""
 
     def __init__(self, proc: asyncio.subprocess.Process, api_base: str, gateway_url: str) -> None:
         self.proc, self.api_base, self.gateway_url = proc, api_base, gateway_url
@@ -65,7 +65,7 @@ class FakeDiscordProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench._fake_discord_proc", cwd=str(ROOT), env=env,
+            sys.executable, "-m", "bench.fakes.discord_process", cwd=str(ROOT), env=env,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=64 * 1024 * 1024)
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), timeout)  # type: ignore[union-attr]

@@ -17,7 +17,7 @@ What is compared, per (config, dtype, batch B):
   ``attention`` column says how its decode attention ran: ``native`` (our C++ kernel, ``engine.attention.native``,
   the sampler's default for float32 on CPU) or ``xla`` (XLA's dots; ``--attention xla`` asks for it).
 * **min-dalle** 0.4.11: its ``DalleBartDecoder.sample_tokens`` step and KV cache, driven like its own loop
-  (see ``bench/_mindalle.py``), PyTorch on the CPU with ``torch.set_num_threads(cores)``.
+  (see ``bench/reference/mindalle.py``), PyTorch on the CPU with ``torch.set_num_threads(cores)``.
 * **roofline**: ``bench.roofline.decode_step_cost`` (FLOPs and bytes of one step) against the matmul FLOP/s and
   memory bandwidth measured at the start of this run: the fastest a step could run here.
 
@@ -404,7 +404,7 @@ def run(args: argparse.Namespace, out=sys.stdout) -> tuple[list[Row], dict[str, 
     import jax
     import jax.numpy as jnp
 
-    from bench import _mindalle
+    from bench.reference import mindalle
     from engine.sampling import Sampler
 
     def say(msg: str) -> None:
@@ -431,14 +431,14 @@ def run(args: argparse.Namespace, out=sys.stdout) -> tuple[list[Row], dict[str, 
         say(f"[{name}] d_model {cfg.d_model}, {cfg.encoder_layers}+{cfg.decoder_layers} layers, image vocab "
             f"{cfg.image_vocab_size}; random weights in {time.perf_counter() - t:.1f} s; timing {steps} of "
             f"{cfg.image_length} steps per chunk")
-        reason = "skipped (--skip-mindalle)" if args.skip_mindalle else _mindalle.unavailable_reason(cfg)
+        reason = "skipped (--skip-mindalle)" if args.skip_mindalle else mindalle.unavailable_reason(cfg)
         if reason and not args.skip_mindalle:
             say(f"[{name}] min-dalle: {reason}")
         for dtype in args.dtypes:
             sampler = Sampler(None, params, cfg, jnp.dtype(dtype), buckets=tuple(sorted(set(args.batches))),
                               chunk_size=steps, cache_blocks=args.cache_blocks,
                               native_attention=_native_attention_choice(args.attention, dtype))
-            md = None if reason else _mindalle.MinDalleSampler(cfg, params, dtype, threads=cores)
+            md = None if reason else mindalle.MinDalleSampler(cfg, params, dtype, threads=cores)
             for batch in args.batches:
                 base = dict(config=name, dtype=dtype, batch=batch, image_length=cfg.image_length, steps_timed=steps)
                 lb = loadavg()

@@ -82,7 +82,7 @@ def test_min_dalle_and_our_sampler_pick_the_same_argmax_tokens():
     """top_k=1 on the same weights: every one of the 256 tokens agrees (cond/uncond mixing, cache, vocab cut)."""
     import jax.numpy as jnp
 
-    from bench._mindalle import MinDalleSampler
+    from bench.reference.mindalle import MinDalleSampler
     from engine.sampling import Sampler
 
     # the published vocabulary layout (16384 codes + start token) so both sides sample among the same 16384 ids

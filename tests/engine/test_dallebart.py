@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import serialization, traverse_util
 
-from bench._mindalle import build_modules
+from bench.reference.mindalle import build_modules
 from engine.config import preset
 from engine.models.dallebart import DalleBart, param_shapes
 from engine.models.layout import count_params, load_dallebart_params, normalize_layout, scan_params, unscan_params

@@ -1,6 +1,6 @@
 """The strict loopback fake Discord (``bench.fakes.discord``) in its own process, driven over stdin/stdout.
 
-``bench/bot.py`` starts ``python -m bench._fake_discord_proc``, so the fake's event loop (gateway dispatch,
+``bench/bot.py`` starts ``python -m bench.fakes.discord_process``, so the fake's event loop (gateway dispatch,
 REST handling, timestamps) does not share a loop or a GIL with the bot under test. Every timestamp is the
 fake's own ``time.monotonic()``: a latency is measured from the moment the fake dispatched an interaction
 to the moment the bot's callback (or result post) reached it.

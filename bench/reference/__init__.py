@@ -1,0 +1,1 @@
+"""Reference implementations that benchmarks measure ours against (never imported by the engine)."""
