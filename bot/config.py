@@ -53,7 +53,7 @@ class Settings:
     engine_urls: tuple[str, ...] = ()
     engine_token: str | None = field(default=None, compare=False)
     checkpoint_dir: Path = DEMO_CHECKPOINT_DIR
-    engine_concurrency: int = 16
+    engine_concurrency: int = 16  # jobs in the engine at once: enough to fill a batched pass
     engine_stall_timeout: int = 600
     engine_warmup: bool = True
     engine_native_attention: bool | None = None  # None: the sampler's default (native on CPU in float32)
@@ -296,8 +296,8 @@ def load_settings(
         engine_urls=engine_urls,
         engine_token=e.secret("ENGINE_TOKEN"),
         checkpoint_dir=checkpoint_dir,
-        engine_concurrency=e.int("ENGINE_CONCURRENCY", 16, 1, 256),  # type: ignore[arg-type]
-        engine_stall_timeout=e.int("ENGINE_STALL_TIMEOUT", 600, 0, 86_400),  # type: ignore[arg-type]
+        engine_concurrency=e.int("ENGINE_CONCURRENCY", Settings.engine_concurrency, 1, 256),  # type: ignore[arg-type]
+        engine_stall_timeout=e.int("ENGINE_STALL_TIMEOUT", Settings.engine_stall_timeout, 0, 86_400),  # type: ignore[arg-type]
         engine_warmup=e.bool("ENGINE_WARMUP", True),
         engine_native_attention=e.auto_bool("ENGINE_NATIVE_ATTENTION"),
         engine_model_nice=e.int("ENGINE_MODEL_NICE", DEFAULT_MODEL_NICE, 0, 19),  # type: ignore[arg-type]

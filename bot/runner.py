@@ -39,9 +39,9 @@ class Runner:
         positions_changed: asyncio.Event,
         flagged_mode: Callable[[int | None], Awaitable[str]],
         output_dir: str | Path = "outputs",
-        concurrency: int = 16,
-        progress_interval: float = 2.0,
-        engine_stall_timeout: float = 600.0,
+        concurrency: int,
+        progress_interval: float,
+        engine_stall_timeout: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.repo = repo

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bot.config import Settings
 from bot.filters import FilterDecision, GuildPolicy, PromptFilter
 from bot.leases import Leases
 from bot.outcome import MAX_IMAGES, Admission, Delivery, FeedbackResult, Publisher
@@ -55,7 +56,7 @@ class GenerationService:
         prompt_filter: PromptFilter | None = None,
         limiter: RateLimiter | None = None,
         scheduler: Scheduler | None = None,
-        concurrency: int = 16,
+        concurrency: int = Settings.engine_concurrency,
         default_images: int = MAX_IMAGES,
         progress_interval: float = 2.0,
         flagged_mode: str = FlaggedMode.SPOILER.value,
@@ -63,7 +64,7 @@ class GenerationService:
         guild_settings_ttl: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         lease_s: float = 60.0,
-        engine_stall_timeout: float = 600.0,
+        engine_stall_timeout: float = Settings.engine_stall_timeout,
         owns: Callable[[Any], bool] | None = None,
     ) -> None:
         """``owns``: which stored jobs this front end resumes and delivers (None: all of them)."""
