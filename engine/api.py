@@ -200,12 +200,18 @@ class GeneratedImage:
 
 @dataclass
 class GenerationResult:
+    """Every candidate of one request, and what produced them: the checkpoint, and the decode attention backend
+    (``"xla"`` or ``"native"``, :mod:`engine.attention`; None where no model ran, or from an engine that predates
+    the field), since the same seed gives the same image only with the same backend (README: "Same seed, same
+    image")."""
+
     request_id: str
     prompt: str
     seed: int
     images: list[GeneratedImage]  # ordered by rank (best first)
     checkpoint_id: str
     timings: dict[str, float] = field(default_factory=dict)
+    attention: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -215,6 +221,7 @@ class GenerationResult:
             "images": [im.to_json() for im in self.images],
             "checkpoint_id": self.checkpoint_id,
             "timings": dict(self.timings),
+            "attention": self.attention,
         }
 
     @classmethod
@@ -226,7 +233,30 @@ class GenerationResult:
             images=[GeneratedImage.from_json(d) for d in data["images"]],
             checkpoint_id=data["checkpoint_id"],
             timings={k: float(v) for k, v in data.get("timings", {}).items()},
+            attention=data.get("attention"),
         )
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine serves now: the active checkpoint's id (the id every result's ``checkpoint_id`` carries), the
+    decode attention backend's name and DalleBart's dtype (None where unknown, e.g. a fake pipeline)."""
+
+    checkpoint_id: str
+    attention: str | None = None
+    dtype: str | None = None
+
+    @property
+    def model_id(self) -> str:
+        """The active checkpoint's id (what the model registry calls a checkpoint)."""
+        return self.checkpoint_id
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EngineInfo:
+        return cls(checkpoint_id=str(data["checkpoint_id"]), attention=data.get("attention"), dtype=data.get("dtype"))
 
 
 State = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -272,9 +302,16 @@ class Engine(Protocol):
     async def cancel(self, request_id: str) -> bool:
         """Cancel a queued or running request; False if it was unknown or already finished."""
 
+    async def info(self) -> EngineInfo:
+        """What the engine serves now: the active checkpoint's id, the attention backend, the dtype."""
+
+    async def reload(self, checkpoint_dir: str) -> EngineInfo:
+        """Load the checkpoint at ``checkpoint_dir`` (a path where the engine runs) with the same options and swap it
+        in between two sampling passes, at a moment when no request is half done (a request's candidates all come
+        from one checkpoint); requests queued meanwhile wait, none is lost. Returns the new :meth:`info`. Raises
+        :class:`BadRequest` when the checkpoint cannot be loaded (the old one keeps serving)."""
+
     async def close(self) -> None: ...
-
-
 
 
 class Pipeline(Protocol):
@@ -286,10 +323,14 @@ class Pipeline(Protocol):
     than ``max(batch_buckets)`` candidates. ``on_progress(request_id, tokens_done, tokens_total,
     preview_png_or_None)`` is called from the sampling thread; ``should_cancel(request_id)`` is polled
     between chunks of tokens and a cancelled request is dropped from the returned list.
+
+    Optional, for :meth:`Engine.reload`: ``with_checkpoint(directory) -> Pipeline`` loads another checkpoint with
+    this pipeline's options, and ``close()`` frees what the pipeline holds besides memory (its threads).
     """
 
     checkpoint_id: str
     batch_buckets: tuple[int, ...]
+    attention: str | None  # the decode attention backend's name ("xla", "native"); None where no model runs
 
     def generate(
         self,

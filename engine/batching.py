@@ -11,6 +11,10 @@ while a pass samples. If a pass with several units raises, each unit is retried 
 cannot fail its batch-mates. Cancelling a queued request removes its units; cancelling a running one asks
 the pipeline (``should_cancel``) to drop it at the next chunk of tokens. Finished jobs are kept for a TTL
 (and at most ``max_finished`` of them) so memory stays bounded.
+
+:meth:`Batcher.reload` swaps the pipeline for another checkpoint's: the model thread loads it between two passes,
+when no request is half done (so a request split over several passes gets all its candidates from one checkpoint),
+and the queue waits meanwhile. The old and the new model are both in memory while the new one loads.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +33,7 @@ from engine.api import (
     MAX_IMAGES_PER_REQUEST,
     BadRequest,
     EngineError,
+    EngineInfo,
     GenerationRequest,
     GenerationResult,
     Pipeline,
@@ -159,6 +164,7 @@ class Batcher:
         metrics: EngineMetrics | None = None,
         warmup: bool = False,
         model_nice: int = DEFAULT_MODEL_NICE,
+        loader: Callable[[str], Pipeline] | None = None,
     ) -> None:
         buckets = sorted(int(b) for b in pipeline.batch_buckets)
         if not buckets or buckets[0] < 1:
@@ -169,7 +175,11 @@ class Batcher:
         # warmup: buckets not compiled yet, each compiled by a throw-away pass while the queue is empty, so a
         # pass of a size first seen under load does not stall every queued request for a compile
         self._buckets = buckets
+        self._warmup = bool(warmup)
         self._cold = [b for b in buckets if b <= self.capacity] if warmup else []
+        # reload(directory) -> the pipeline for that checkpoint (default: the current pipeline's with_checkpoint)
+        self._loader = loader
+        self._reloads: collections.deque[tuple[str, asyncio.Future[EngineInfo]]] = collections.deque()
         self.window = max(0.0, float(window_ms)) / 1000.0
         # the model thread and XLA's pool run at this nice value, below the event loop (engine.priority)
         self.model_nice = int(model_nice)
@@ -194,6 +204,28 @@ class Batcher:
     @property
     def checkpoint_id(self) -> str:
         return str(getattr(self.pipeline, "checkpoint_id", "unknown"))
+
+    def info(self) -> EngineInfo:
+        """What the pipeline serves now: checkpoint id, attention backend, dtype (None where it does not say)."""
+        options = getattr(self.pipeline, "options", None)
+        return EngineInfo(self.checkpoint_id, getattr(self.pipeline, "attention", None),
+                          getattr(options, "dtype", None))
+
+    async def reload(self, checkpoint_dir: str) -> EngineInfo:
+        """Load the checkpoint at ``checkpoint_dir`` on the model thread and swap it in between two passes, when no
+        request is half done; returns the new :meth:`info`. Reloads run one at a time, in the order asked. Raises
+        :class:`BadRequest` when it cannot be loaded (the old pipeline keeps serving), :class:`ShuttingDown` when
+        the batcher closes first."""
+        self.start()
+        if self._closing:
+            raise ShuttingDown("engine is shutting down")
+        if self._loader is None and not callable(getattr(self.pipeline, "with_checkpoint", None)):
+            raise EngineError("this engine's pipeline cannot load another checkpoint")
+        assert self._loop is not None and self._wakeup is not None
+        done: asyncio.Future[EngineInfo] = self._loop.create_future()
+        self._reloads.append((str(checkpoint_dir), done))
+        self._wakeup.set()
+        return await done
 
     @property
     def closing(self) -> bool:
@@ -349,6 +381,10 @@ class Batcher:
         for job in list(self._jobs.values()):
             if job.state not in TERMINAL:
                 self._cancel_job(job, "engine shutting down")
+        while self._reloads:
+            _, done = self._reloads.popleft()
+            if not done.done():
+                done.set_exception(ShuttingDown("engine shut down before the reload"))
         self._wakeup.set()
         try:
             await asyncio.wait_for(asyncio.shield(self._task), worker_timeout)
@@ -432,6 +468,12 @@ class Batcher:
             units = await self._next_batch()
             if units is None:
                 return
+            if not units:  # a reload is due: nothing runs meanwhile
+                if self._reloads:
+                    directory, done = self._reloads.popleft()
+                    if not done.cancelled():  # its caller gave up before it began
+                        await self._reload_now(directory, done)
+                continue
             try:
                 await self._run_pass(units)
             except Exception as exc:  # a bug here must not stall every later request
@@ -472,10 +514,13 @@ class Batcher:
         self._check_idle()
 
     async def _next_batch(self) -> list[_Unit] | None:
-        """Wait for work and for the batching window; None once closing with nothing left."""
+        """Wait for work and for the batching window; None once closing with nothing left; [] when a reload is due
+        (between passes, with no request half done)."""
         assert self._wakeup is not None
         while True:
             self._gc()
+            if self._reloads and not self._closing and not self._half_done():
+                return []
             if not self._queue:
                 if self._closing:
                     return None
@@ -498,6 +543,45 @@ class Batcher:
                         pass
                     continue
             return self._take_batch()
+
+    def _half_done(self) -> bool:
+        """Whether a request has parts done and parts still queued (between passes: one still "running")."""
+        return any(job.state == "running" for job in self._jobs.values())
+
+    async def _reload_now(self, directory: str, done: asyncio.Future[EngineInfo]) -> None:
+        assert self._loop is not None
+        t0 = time.perf_counter()
+        try:
+            await self._loop.run_in_executor(self._executor, self._swap, directory)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller; the old pipeline keeps serving
+            if isinstance(exc, OSError | ValueError):
+                exc = BadRequest(f"cannot load the checkpoint at {directory}: {exc}")
+            elif not isinstance(exc, EngineError):
+                log.error("reloading %s failed", directory, exc_info=exc)
+                exc = EngineError(f"reloading {directory} failed ({type(exc).__name__}: {str(exc)[:200]})")
+            if not done.done():
+                done.set_exception(exc)
+            return
+        log.info("now serving %s (loaded from %s in %.1f s)", self.checkpoint_id, directory, time.perf_counter() - t0)
+        if self._warmup:  # the new pipeline's programs: compile them while idle, as at start
+            self._cold = [b for b in self._buckets if b <= self.capacity]
+        if not done.done():
+            done.set_result(self.info())
+
+    def _swap(self, directory: str) -> None:
+        """Model thread, between passes: load ``directory`` and make it the pipeline; the old one is closed."""
+        lower_model_threads(self.model_nice)
+        load = self._loader or self.pipeline.with_checkpoint  # type: ignore[attr-defined]
+        new = load(directory)
+        if sorted(int(b) for b in new.batch_buckets) != self._buckets:
+            close = getattr(new, "close", None)
+            if callable(close):
+                close()
+            raise ValueError(f"its batch buckets {sorted(new.batch_buckets)} differ from the engine's {self._buckets}")
+        old, self.pipeline = self.pipeline, new
+        close = getattr(old, "close", None)
+        if callable(close):
+            close()
 
     def _mark_warm(self, candidates: int) -> None:
         if self._cold and candidates <= self._buckets[-1]:
@@ -523,10 +607,14 @@ class Batcher:
         self._cold = [b for b in self._cold if b != bucket]
 
     def _take_batch(self) -> list[_Unit]:
-        """First-fit from the head: the oldest unit always goes, later ones fill the remaining capacity."""
+        """First-fit from the head: the oldest unit always goes, later ones fill the remaining capacity. While a
+        reload waits, only the parts of requests already half done go, so that it comes soon."""
         batch: list[_Unit] = []
         total = 0
+        finishing = bool(self._reloads)
         for unit in self._queue:
+            if finishing and unit.job.state != "running":
+                continue
             if total + unit.n <= self.capacity:
                 batch.append(unit)
                 total += unit.n
@@ -636,6 +724,7 @@ class Batcher:
             images=images,
             checkpoint_id=parts[0].checkpoint_id,
             timings=timings,
+            attention=parts[0].attention,
         )
         self.metrics.images.inc(len(images))
         self.metrics.image_tokens.inc(sum(int(im.tokens.size) for im in images))

@@ -23,6 +23,7 @@ import aiohttp
 from engine.api import (
     BadRequest,
     EngineError,
+    EngineInfo,
     GenerationRequest,
     GenerationResult,
     Pipeline,
@@ -78,6 +79,14 @@ class InProcessEngine:
 
     async def status(self) -> dict[str, Any]:
         return self.batcher.load()
+
+    async def info(self) -> EngineInfo:
+        return self.batcher.info()
+
+    async def reload(self, checkpoint_dir: str) -> EngineInfo:
+        """The batcher's model thread loads ``checkpoint_dir`` and swaps it in between passes (:meth:`Batcher.reload`;
+        a ``loader`` given to the constructor, else the pipeline's ``with_checkpoint``)."""
+        return await self.batcher.reload(checkpoint_dir)
 
     async def close(self, drain_timeout: float = 0.0) -> None:
         await self.batcher.close(drain_timeout=drain_timeout)
@@ -147,6 +156,7 @@ class HttpEngine:
     Connection errors, timeouts and 5xx are retried ``retries`` times with exponential back-off (jittered);
     4xx never are and raise :class:`BadRequest` (404: :class:`UnknownRequest`) with the server's message.
     Submits carry the request id, so a retried submit that had in fact arrived is recognised (409) not doubled.
+    :meth:`reload` is never retried and waits up to ``reload_timeout`` seconds (loading a model takes a while).
     """
 
     def __init__(
@@ -159,6 +169,7 @@ class HttpEngine:
         backoff: float = 0.1,
         max_backoff: float = 5.0,
         session: aiohttp.ClientSession | None = None,
+        reload_timeout: float = 1800.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
@@ -166,6 +177,7 @@ class HttpEngine:
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
+        self.reload_timeout = float(reload_timeout)
         self._session = session
         self._own_session = session is None
 
@@ -205,10 +217,11 @@ class HttpEngine:
         return BadRequest(message)
 
     async def _call(
-        self, method: str, path: str, *, body: Any = None, retries: int | None = None, resubmit: bool = False
+        self, method: str, path: str, *, body: Any = None, retries: int | None = None, resubmit: bool = False,
+        timeout_s: float | None = None,
     ) -> dict[str, Any]:
         attempts = 1 + (self.retries if retries is None else retries)
-        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        timeout = aiohttp.ClientTimeout(total=self.timeout if timeout_s is None else timeout_s)
         last: EngineError = EngineUnavailable(f"{method} {path}: no attempt made")
         for attempt in range(attempts):
             if attempt:
@@ -302,6 +315,17 @@ class HttpEngine:
     async def status(self, *, retries: int | None = None) -> dict[str, Any]:
         """The service's load summary (``GET /v1/status``)."""
         return await self._call("GET", "/v1/status", retries=retries)
+
+    async def info(self, *, retries: int | None = None) -> EngineInfo:
+        """What the service serves now (``GET /v1/info``)."""
+        return EngineInfo.from_json(await self._call("GET", "/v1/info", retries=retries))
+
+    async def reload(self, checkpoint_dir: str) -> EngineInfo:
+        """``POST /admin/reload``: the service loads ``checkpoint_dir`` (a path on its machine) and swaps it in
+        between passes. Needs the service's token. Not retried: a retry could queue a second reload."""
+        data = await self._call("POST", "/admin/reload", body={"checkpoint_dir": str(checkpoint_dir)}, retries=0,
+                                timeout_s=self.reload_timeout)
+        return EngineInfo.from_json(data)
 
     async def close(self) -> None:
         if self._session is not None and self._own_session and not self._session.closed:
@@ -474,6 +498,42 @@ class MultiEngine:
     def engine_for(self, request_id: str) -> HttpEngine:
         """Which service a request was sent to."""
         return self._route(request_id)
+
+    async def infos(self) -> dict[str, EngineInfo]:
+        """Each service's :meth:`HttpEngine.info`, by URL; a service that does not answer within ``probe_timeout``
+        is left out."""
+
+        async def one(backend: _Backend) -> EngineInfo | None:
+            try:
+                return await asyncio.wait_for(backend.engine.info(retries=0), self.probe_timeout)
+            except (EngineError, TimeoutError) as exc:
+                if not isinstance(exc, EngineUnavailable | TimeoutError):
+                    log.warning("engine %s refused the info request: %s", backend.engine.base_url, exc)
+                return None
+
+        found = await asyncio.gather(*(one(b) for b in self.backends))
+        return {b.engine.base_url: info for b, info in zip(self.backends, found, strict=True) if info is not None}
+
+    async def info(self) -> EngineInfo:
+        """What the services serve: their common info. Raises :class:`EngineError` naming them when they differ (a
+        :meth:`reload` under way), :class:`EngineUnavailable` when none answers."""
+        infos = await self.infos()
+        if not infos:
+            raise EngineUnavailable("no engine service is reachable")
+        if len(set(infos.values())) > 1:
+            serving = ", ".join(f"{url}: {i.checkpoint_id} ({i.attention})" for url, i in infos.items())
+            raise EngineError(f"the engine services serve different checkpoints or backends: {serving}")
+        return next(iter(infos.values()))
+
+    async def reload(self, checkpoint_dir: str) -> EngineInfo:
+        """Reload every service, one after the other, so the others keep serving while one loads. The first failure
+        stops the rollout and is raised: the services before it serve the new checkpoint, the rest the old one
+        (:meth:`infos` tells which). Returns the last service's info."""
+        info: EngineInfo | None = None
+        for backend in self.backends:
+            info = await backend.engine.reload(checkpoint_dir)
+        assert info is not None
+        return info
 
     async def close(self) -> None:
         for task in list(self._background):

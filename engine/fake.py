@@ -16,10 +16,12 @@ import time
 import zlib
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
 from engine.api import DEFAULT_BUCKETS, EngineError, GeneratedImage, GenerationRequest, GenerationResult, bucket_for
+from engine.checkpoint import CheckpointMissing, checkpoint_id_of
 
 CODEBOOK_SIZE = 16384
 
@@ -88,6 +90,7 @@ class FakePipeline:
             raise ValueError("image_size must be a multiple of sqrt(tokens_total)")
         self.checkpoint_id = checkpoint_id
         self.batch_buckets = buckets
+        self.attention: str | None = None  # no model, no attention backend
         self.fixed_latency = float(fixed_latency)
         self.per_candidate_latency = float(per_candidate_latency)
         self.tokens_total = int(tokens_total)
@@ -99,6 +102,19 @@ class FakePipeline:
         self.calls: list[FakeCall] = []
         self._lock = threading.Lock()
         self._side = side
+        self._settings = dict(
+            batch_buckets=buckets, fixed_latency=fixed_latency, per_candidate_latency=per_candidate_latency,
+            tokens_total=tokens_total, chunk_tokens=chunk_tokens, image_size=image_size, fail_prompts=fail_prompts,
+            flag_prompts=flag_prompts, flag_threshold=flag_threshold,
+        )
+
+    def with_checkpoint(self, directory: str | Path) -> FakePipeline:
+        """A fake with these settings serving "the checkpoint at ``directory``": any existing directory, whose id
+        (``checkpoint.json``, else its name) the new fake reports; what a reload swaps in."""
+        path = Path(directory)
+        if not path.is_dir():
+            raise CheckpointMissing(f"no checkpoint at {path}: no such directory")
+        return FakePipeline(checkpoint_id=checkpoint_id_of(path), **self._settings)
 
     # -- deterministic "model" ------------------------------------------------------------------------------
 

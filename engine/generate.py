@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prompt": args.prompt,
         "seed": seed,
         "checkpoint": result.checkpoint_id,
+        "attention": result.attention,
         "params": dataclasses.asdict(request.params.resolve(pipeline.sampling_defaults)),
         "images": records,
         "timings": {"load_s": round(t_load, 3), "generate_s": round(t_generate, 3),

@@ -136,6 +136,9 @@ class ModelPipeline:
         # what a request's unset sampling fields become (fully resolved: never None)
         self.sampling_defaults = (sampling_defaults or SamplingParams()).resolve()
         self.options = options
+        # the options asked for, which load_pipeline may have narrowed for this checkpoint (no clip/ part: use_clip
+        # False); another checkpoint is loaded with these (with_checkpoint)
+        self.load_options = options
         self.checkpoint_id = checkpoint_id
         self.batch_buckets = tuple(sorted(options.buckets))
         self.tokenizer = tokenizer
@@ -198,6 +201,19 @@ class ModelPipeline:
     @property
     def image_length(self) -> int:
         return self.config.image_length
+
+    @property
+    def attention(self) -> str:
+        """The decode attention backend's name ("xla" or "native"), recorded in every result."""
+        return self.sampler.attention.name
+
+    def with_checkpoint(self, directory: str | Path) -> ModelPipeline:
+        """The checkpoint at ``directory`` loaded with this pipeline's options and mesh (what a reload swaps in)."""
+        return load_pipeline(directory, mesh=self.mesh, **dataclasses.asdict(self.load_options))
+
+    def close(self) -> None:
+        """Stop the PNG threads (the pipeline is done with; its arrays go with the last reference to it)."""
+        self._png_pool.shutdown(wait=False)
 
     def _bucket(self, n: int) -> int:
         """Rows to pad ``n`` to so jitted VQGAN/CLIP calls reuse one compile per bucket (``n`` itself above them)."""
@@ -344,6 +360,7 @@ class ModelPipeline:
                     seed=req.seed,
                     images=imgs,
                     checkpoint_id=self.checkpoint_id,
+                    attention=self.attention,
                     timings={
                         "sample_s": t_sample,
                         "decode_s": t_decode,
@@ -375,7 +392,7 @@ def load_pipeline(checkpoint_dir: str | Path | None = None, *, mesh: Any = None,
         raise TypeError(f"unknown pipeline option(s): {', '.join(sorted(unknown))}")
     if "buckets" in opts:
         opts["buckets"] = tuple(int(b) for b in opts["buckets"])
-    options = PipelineOptions(**opts)
+    options = requested = PipelineOptions(**opts)
     check_directory(directory)
 
     db_dir = directory / "dallebart"
@@ -424,6 +441,7 @@ def load_pipeline(checkpoint_dir: str | Path | None = None, *, mesh: Any = None,
         mesh=mesh,
         sampling_defaults=sampling_defaults_of(directory),
     )
+    pipeline.load_options = requested
     safety_file = directory / "safety.json"
     if safety_file.is_file() and clip_cfg is not None:
         pipeline.safety = SafetyChecker.from_file(safety_file, pipeline.embed_texts)

@@ -7,6 +7,10 @@ Routes (all JSON; errors are ``{"error": "..."}`` with a 4xx/5xx status):
 - ``GET /v1/generations/{id}/events`` → Server-Sent Events of ``Progress.to_json()``, ending at a final state
 - ``DELETE /v1/generations/{id}`` → cancels a queued or running request
 - ``GET /v1/status`` → load summary (queue depth, candidates waiting/running) used for least-loaded routing
+- ``GET /v1/info`` → ``EngineInfo.to_json()``: the active checkpoint's id, the attention backend, the dtype
+- ``POST /admin/reload`` (body ``{"checkpoint_dir": "..."}``, a path on this machine) → 200 with the new info once
+  the checkpoint serves (:meth:`Batcher.reload`: loaded on the model thread, swapped in between passes); 400 when it
+  cannot be loaded (the old one keeps serving). Refused (403) when the service runs without a token.
 - ``GET /healthz`` (never needs the token) and ``GET /metrics`` (Prometheus text, the app's own registry)
 
 Every route but ``/healthz`` needs ``Authorization: Bearer <token>`` when a token is set; without one the
@@ -26,12 +30,13 @@ import re
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from engine.api import BadRequest, GenerationRequest, Pipeline
+from engine.api import BadRequest, EngineError, GenerationRequest, Pipeline
 from engine.batching import TERMINAL, Batcher, DuplicateRequest, QueueFull, ShuttingDown, UnknownRequest
 from engine.metrics import EngineMetrics
 from engine.priority import DEFAULT_MODEL_NICE
@@ -304,12 +309,43 @@ async def get_status(request: web.Request) -> web.Response:
     return web.json_response(load)
 
 
+async def get_info(request: web.Request) -> web.Response:
+    return web.json_response(request.app[BATCHER].info().to_json())
+
+
+async def post_reload(request: web.Request) -> web.Response:
+    """Swap in another checkpoint (see the module docstring); the reload goes on if the client goes away."""
+    app = request.app
+    if app[SETTINGS].token is None:
+        app[METRICS].errors.labels("unauthorized").inc()
+        return _error(403, "admin routes need the engine to run with a token (--token or ENGINE_TOKEN)")
+    try:
+        data = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return _error(400, f"malformed JSON: {exc}")
+    directory = data.get("checkpoint_dir") if isinstance(data, dict) else None
+    if not isinstance(directory, str) or not directory.strip() or set(data) != {"checkpoint_dir"}:
+        return _error(400, 'body must be {"checkpoint_dir": "<a checkpoint directory on the engine\'s machine>"}')
+    try:
+        info = await asyncio.shield(app[BATCHER].reload(directory))
+    except BadRequest as exc:
+        return _error(400, str(exc))
+    except ShuttingDown as exc:
+        return _error(503, str(exc))
+    except EngineError as exc:
+        return _error(500, str(exc))
+    log.info("reloaded: now serving %s (%s attention)", info.checkpoint_id, info.attention)
+    return web.json_response(info.to_json())
+
+
 async def healthz(request: web.Request) -> web.Response:
     batcher = request.app[BATCHER]
+    info = batcher.info()
     body = {
         "status": "draining" if batcher.closing else "ok",
-        "checkpoint_id": batcher.checkpoint_id,
-        "dtype": getattr(getattr(batcher.pipeline, "options", None), "dtype", None),  # None: not a model pipeline
+        "checkpoint_id": info.checkpoint_id,
+        "dtype": info.dtype,  # None: not a model pipeline
+        "attention": info.attention,  # the decode attention backend ("xla", "native"); None: not a model pipeline
         "queue_depth": batcher.queue_depth,
         "warming_up": bool(batcher.load()["cold_buckets"]),  # still compiling batch sizes while idle
     }
@@ -358,8 +394,10 @@ async def _on_shutdown(app: web.Application) -> None:
     await app[BATCHER].close(drain_timeout=app[SETTINGS].shutdown_grace)
 
 
-def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> web.Application:
-    """The aiohttp application serving ``pipeline`` (its own batcher and metrics registry)."""
+def create_app(pipeline: Pipeline, settings: ServerSettings | None = None, *,
+               loader: Callable[[str], Pipeline] | None = None) -> web.Application:
+    """The aiohttp application serving ``pipeline`` (its own batcher and metrics registry). ``loader``: how
+    ``/admin/reload`` loads a checkpoint directory (default: the pipeline's ``with_checkpoint``)."""
     settings = settings or ServerSettings()
     settings.validate()
     if settings.token is None:
@@ -378,12 +416,15 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> we
         metrics=app[METRICS],
         warmup=settings.warmup,
         model_nice=settings.model_nice,
+        loader=loader,
     )
     app.router.add_post("/v1/generations", post_generation)
     app.router.add_get("/v1/generations/{id}", get_generation)
     app.router.add_get("/v1/generations/{id}/events", generation_events)
     app.router.add_delete("/v1/generations/{id}", delete_generation)
     app.router.add_get("/v1/status", get_status)
+    app.router.add_get("/v1/info", get_info)
+    app.router.add_post("/admin/reload", post_reload)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.on_startup.append(_on_startup)
@@ -414,10 +455,11 @@ class RunningServer:
         await self.runner.cleanup()
 
 
-async def start_server(pipeline: Pipeline, settings: ServerSettings | None = None) -> RunningServer:
+async def start_server(pipeline: Pipeline, settings: ServerSettings | None = None, *,
+                       loader: Callable[[str], Pipeline] | None = None) -> RunningServer:
     """Start serving on the running loop (``port=0`` picks a free port); returns once it accepts requests."""
     settings = settings or ServerSettings()
-    app = create_app(pipeline, settings)
+    app = create_app(pipeline, settings, loader=loader)
     runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_grace + 5.0, access_log=None)
     await runner.setup()
     sock = _bind(settings.host, settings.port)

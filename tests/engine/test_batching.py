@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from engine.api import BadRequest, EngineError, GenerationRequest, RequestCancelled
+from engine.api import BadRequest, EngineError, EngineInfo, GenerationRequest, RequestCancelled
 from engine.batching import Batcher, QueueFull, ShuttingDown, UnknownRequest
 from engine.fake import FakePipeline
 
@@ -312,3 +312,66 @@ async def test_in_process_engine_start_warms_up_only_when_asked():
     assert [c.bucket for c in fake.calls] == [1, 2]
     await warm.close()
     await idle.close()
+
+
+def fake_checkpoint(directory, checkpoint_id: str):
+    """A directory the fake pipeline's with_checkpoint accepts, with this id in its checkpoint.json."""
+    directory.mkdir(parents=True)
+    (directory / "checkpoint.json").write_text(f'{{"id": "{checkpoint_id}"}}')
+    return directory
+
+
+async def test_reload_swaps_the_pipeline_between_passes_never_inside_a_request(tmp_path):
+    fake = FakePipeline(fixed_latency=0.3, chunk_tokens=64, batch_buckets=(1, 2, 4))
+    batcher = Batcher(fake, window_ms=0)
+    assert batcher.info() == EngineInfo("fake-0", None, None)
+    split = GenerationRequest("split over two passes", n=6, seed=1)  # 4 + 2 candidates
+    await batcher.submit(split)
+    await wait_state(batcher, split.request_id, "running")
+    reload = asyncio.create_task(batcher.reload(str(fake_checkpoint(tmp_path / "next", "next-1"))))
+    await asyncio.sleep(0.05)
+    later = GenerationRequest("after the reload", n=2, seed=2)  # would fit beside the split's last 2
+    await batcher.submit(later)
+    assert (await asyncio.wait_for(reload, 10)) == EngineInfo("next-1", None, None)
+    first, second = await batcher.result(split.request_id, 10), await batcher.result(later.request_id, 10)
+    # every candidate of a request comes from one checkpoint; the request queued meanwhile waited for the new one
+    assert first.checkpoint_id == "fake-0" and second.checkpoint_id == "next-1"
+    assert [c.request_ids for c in fake.calls] == [(f"{split.request_id}@0",), (f"{split.request_id}@4",)]
+    assert [c.request_ids for c in batcher.pipeline.calls] == [(f"{later.request_id}@0",)]
+    assert_same_images(first, split)
+    assert_same_images(second, later)
+
+    with pytest.raises(BadRequest, match="no such directory"):  # the old pipeline keeps serving
+        await batcher.reload(str(tmp_path / "nowhere"))
+    assert batcher.info().checkpoint_id == "next-1"
+    await batcher.close()
+    with pytest.raises(ShuttingDown):
+        await batcher.reload(str(tmp_path / "next"))
+
+
+async def test_reload_refuses_a_pipeline_with_other_batch_buckets_and_one_that_cannot_reload(tmp_path):
+    batcher = Batcher(FakePipeline(batch_buckets=(1, 2)), loader=lambda d: FakePipeline(batch_buckets=(8,)))
+    with pytest.raises(BadRequest, match="batch buckets"):
+        await batcher.reload(str(tmp_path))
+    assert batcher.info().checkpoint_id == "fake-0"
+    await batcher.close()
+
+    class Fixed(FakePipeline):
+        with_checkpoint = None
+
+    fixed = Batcher(Fixed())
+    with pytest.raises(EngineError, match="cannot load another checkpoint"):
+        await fixed.reload(str(tmp_path))
+    await fixed.close()
+
+
+async def test_a_reload_waiting_at_shutdown_is_refused(tmp_path):
+    batcher = Batcher(FakePipeline(fixed_latency=0.5, chunk_tokens=64), window_ms=0)
+    req = GenerationRequest("busy", n=2)
+    await batcher.submit(req)
+    await wait_state(batcher, req.request_id, "running")
+    reload = asyncio.create_task(batcher.reload(str(fake_checkpoint(tmp_path / "next", "next-1"))))
+    await asyncio.sleep(0.05)
+    await batcher.close()
+    with pytest.raises(ShuttingDown):
+        await reload

@@ -11,7 +11,7 @@ import time
 import pytest
 from aiohttp import web
 
-from engine.api import BadRequest, EngineError, GenerationRequest, RequestCancelled
+from engine.api import BadRequest, EngineError, EngineInfo, GenerationRequest, RequestCancelled
 from engine.batching import DuplicateRequest, UnknownRequest
 from engine.client import EngineUnavailable, HttpEngine, InProcessEngine, MultiEngine, SseParser
 from engine.fake import FakePipeline
@@ -423,3 +423,62 @@ async def test_a_hung_engine_does_not_hold_up_routing_to_the_others():
         await multi.close()
         await good.stop()
         hung.close()
+
+
+# -- the active checkpoint: info and reload -------------------------------------------------------------------
+
+
+def fake_checkpoint(directory, checkpoint_id: str):
+    directory.mkdir(parents=True)
+    (directory / "checkpoint.json").write_text(json.dumps({"id": checkpoint_id}))
+    return str(directory)
+
+
+async def test_in_process_engine_info_and_reload(tmp_path):
+    engine = InProcessEngine(FakePipeline(), window_ms=0)
+    try:
+        assert await engine.info() == EngineInfo("fake-0", None, None)
+        assert await engine.reload(fake_checkpoint(tmp_path / "b", "b-2")) == EngineInfo("b-2", None, None)
+        result = await engine.result(await engine.submit(GenerationRequest("after", n=1)), timeout=5)
+        assert result.checkpoint_id == "b-2" and (await engine.info()).model_id == "b-2"
+        with pytest.raises(BadRequest):
+            await engine.reload(str(tmp_path / "nowhere"))
+    finally:
+        await engine.close()
+
+
+async def test_multi_engine_reloads_one_service_after_the_other_and_says_when_they_differ(tmp_path):
+    a = await start_server(FakePipeline(), ServerSettings(port=0, token=TOKEN, window_ms=0))
+    b = await start_server(FakePipeline(), ServerSettings(port=0, token=TOKEN, window_ms=0))
+    multi = MultiEngine.from_urls([a.url, b.url], TOKEN, retries=0, timeout=3)
+    direct_a = HttpEngine(a.url, TOKEN)
+    nxt = fake_checkpoint(tmp_path / "next", "next-1")
+    try:
+        assert await multi.info() == EngineInfo("fake-0", None, None)
+        await direct_a.reload(nxt)  # half way through a rollout
+        assert {url: i.checkpoint_id for url, i in (await multi.infos()).items()} == {a.url: "next-1", b.url: "fake-0"}
+        with pytest.raises(EngineError, match="different checkpoints"):
+            await multi.info()
+        assert (await multi.reload(nxt)).checkpoint_id == "next-1"
+        assert await multi.info() == EngineInfo("next-1", None, None)
+        await b.stop()
+        assert set(await multi.infos()) == {a.url}  # a service that does not answer is left out
+        with pytest.raises(EngineUnavailable):
+            await multi.reload(nxt)  # the rollout stops at the first service that fails
+    finally:
+        await multi.close()
+        await direct_a.close()
+        await a.stop()
+
+
+async def test_the_bots_fake_engine_speaks_info_and_reload(tmp_path):
+    from tests.fakes.engine import FakeEngine
+
+    fake = FakeEngine(steps=1, step_s=0)
+    assert await fake.info() == EngineInfo("fake-ckpt")
+    with pytest.raises(BadRequest):
+        await fake.reload(str(tmp_path / "nowhere"))
+    assert (await fake.reload(fake_checkpoint(tmp_path / "ckpt-7", "ignored"))).model_id == "ckpt-7"
+    result = await fake.result(await fake.submit(GenerationRequest("x", n=1)), timeout=5)
+    assert result.checkpoint_id == "ckpt-7" and result.attention is None and fake.reloads == [str(tmp_path / "ckpt-7")]
+    await fake.close()

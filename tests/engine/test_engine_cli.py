@@ -29,7 +29,7 @@ def test_generate_writes_images_grid_and_result(tmp_path, capsys):
     assert main(["generate", "a red circle", "--n", "3", "--seed", "7", "--checkpoint", str(ckpt),
                  "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
-    assert result["seed"] == 7 and result["checkpoint"] == "random-0"
+    assert result["seed"] == 7 and result["checkpoint"] == "random-0" and result["attention"] in ("xla", "native")
     assert [im["rank"] for im in result["images"]] == [0, 1, 2]
     assert sorted(im["index"] for im in result["images"]) == [0, 1, 2]
     scores = [im["clip_score"] for im in result["images"]]

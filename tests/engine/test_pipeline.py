@@ -178,3 +178,32 @@ def test_sampling_params_resolve_and_json():
     assert SamplingParams.from_json({"top_k": None, "temperature": 0.5}) == SamplingParams(temperature=0.5)
     with pytest.raises(BadRequest, match="top_p"):
         SamplingParams.from_json({"top_p": 0})
+
+
+async def test_in_process_engine_reloads_another_checkpoint_between_passes(tmp_path):
+    """The batcher's model thread loads the new checkpoint (same options) and swaps it in; results name the
+    checkpoint and the attention backend, and the new checkpoint's images are those a fresh pipeline gives."""
+    from engine.attention import NAMES
+    from engine.client import InProcessEngine
+
+    first = random_checkpoint(tmp_path / "first", with_clip=False, seed=0)
+    second = random_checkpoint(tmp_path / "second", with_clip=False, seed=1, checkpoint_id="second-1")
+    engine = InProcessEngine(load_pipeline(first, buckets=(2,), png_threads=1), window_ms=0)
+    try:
+        info = await engine.info()
+        assert info.checkpoint_id == "random-0" and info.attention in NAMES and info.dtype == "float32"
+        before = await engine.result(await engine.submit(GenerationRequest("a red circle", n=2, seed=5)), 120)
+        assert before.checkpoint_id == "random-0" and before.attention == info.attention
+        assert await engine.reload(str(second)) == dataclasses.replace(info, checkpoint_id="second-1")
+        after = await engine.result(await engine.submit(GenerationRequest("a red circle", n=2, seed=5)), 120)
+        assert after.checkpoint_id == "second-1" and after.attention == info.attention
+        [fresh] = load_pipeline(second, buckets=(2,), png_threads=1).generate([GenerationRequest("a red circle", n=2,
+                                                                                                  seed=5)])
+        assert {im.index: im.tokens.tolist() for im in after.images} == {
+            im.index: im.tokens.tolist() for im in fresh.images}
+        assert any(a.tokens.tolist() != b.tokens.tolist() for a, b in zip(before.images, after.images, strict=True))
+        with pytest.raises(BadRequest, match="no dallebart/config.json"):
+            await engine.reload(str(tmp_path))
+        assert (await engine.info()).checkpoint_id == "second-1"
+    finally:
+        await engine.close()

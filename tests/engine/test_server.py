@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.api import GenerationRequest, GenerationResult
+from engine.api import BadRequest, EngineInfo, GeneratedImage, GenerationRequest, GenerationResult
 from engine.client import HttpEngine, SseParser
 from engine.fake import FakePipeline
 from engine.server import BATCHER, ServerSettings, create_app, parse_generation_request, start_server
@@ -369,3 +369,63 @@ async def test_shutdown_past_the_grace_cancels_cleanly():
     assert {server.batcher.status(i).state for i in ids} == {"cancelled"}
     assert fake.calls[0].stopped_early and fake.call_count == 1
     np.testing.assert_equal(server.batcher.load()["queued_candidates"], 0)
+
+
+async def test_info_healthz_and_admin_reload_name_the_checkpoint_and_the_backend(tmp_path):
+    nxt = tmp_path / "next"
+    nxt.mkdir()
+    (nxt / "checkpoint.json").write_text(json.dumps({"id": "next-1"}))
+    async with serving(FakePipeline()) as (server, http):
+        async with http.get("/v1/info") as resp:
+            assert resp.status == 200 and await resp.json() == {"checkpoint_id": "fake-0", "attention": None,
+                                                                  "dtype": None}
+        async with http.get("/healthz") as resp:
+            body = await resp.json()
+            assert body["checkpoint_id"] == "fake-0" and "attention" in body and body["attention"] is None
+        async with aiohttp.ClientSession(server.url) as anonymous:
+            async with anonymous.post("/admin/reload", json={"checkpoint_dir": str(nxt)}) as resp:
+                assert resp.status == 401
+        for body, needle in (({"checkpoint_dir": str(tmp_path / "nowhere")}, "no such directory"),
+                             ({"dir": str(nxt)}, "checkpoint_dir"), ({"checkpoint_dir": 3}, "checkpoint_dir")):
+            async with http.post("/admin/reload", json=body) as resp:
+                assert resp.status == 400 and needle in (await resp.json())["error"]
+        async with http.post("/admin/reload", json={"checkpoint_dir": str(nxt)}) as resp:
+            assert resp.status == 200 and (await resp.json())["checkpoint_id"] == "next-1"
+        async with http.post("/v1/generations", json={"prompt": "after the reload", "n": 2}) as resp:
+            rid = (await resp.json())["id"]
+        result = GenerationResult.from_json((await poll_until(http, rid))["result"])
+        assert result.checkpoint_id == "next-1" and result.attention is None
+
+        engine = HttpEngine(server.url, TOKEN, timeout=5, retries=0)
+        try:
+            assert await engine.info() == EngineInfo("next-1", None, None)
+            with pytest.raises(BadRequest, match="no such directory"):
+                await engine.reload(str(tmp_path / "nowhere"))
+            (tmp_path / "third").mkdir()
+            info = await engine.reload(str(tmp_path / "third"))
+            assert info.checkpoint_id == "third" == info.model_id  # no checkpoint.json: the directory's name
+            assert (await engine.info()).checkpoint_id == "third"
+        finally:
+            await engine.close()
+
+
+async def test_admin_reload_is_refused_without_a_token(tmp_path):
+    server = await start_server(FakePipeline(), ServerSettings(port=0))
+    try:
+        async with aiohttp.ClientSession(server.url) as http:
+            async with http.post("/admin/reload", json={"checkpoint_dir": str(tmp_path)}) as resp:
+                assert resp.status == 403 and "token" in (await resp.json())["error"]
+            async with http.get("/v1/info") as resp:
+                assert (await resp.json())["checkpoint_id"] == "fake-0"
+    finally:
+        await server.stop()
+
+
+def test_a_result_records_its_attention_backend_and_reads_json_without_it():
+    image = GeneratedImage(0, 0, b"png", np.arange(4, dtype=np.int16), 0.5, {"nsfw": 0.1}, False)
+    result = GenerationResult("r", "a prompt", 3, [image], "ckpt", {"sample_s": 1.0}, attention="native")
+    data = result.to_json()
+    assert data["attention"] == "native" and GenerationResult.from_json(data).attention == "native"
+    del data["attention"]  # a result from an engine that predates the field
+    old = GenerationResult.from_json(data)
+    assert old.attention is None and old.checkpoint_id == "ckpt" and old.images[0].tokens.tolist() == [0, 1, 2, 3]

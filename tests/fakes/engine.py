@@ -12,12 +12,15 @@ import asyncio
 import hashlib
 import io
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from engine.api import (
+    BadRequest,
     EngineError,
+    EngineInfo,
     GeneratedImage,
     GenerationRequest,
     GenerationResult,
@@ -38,9 +41,13 @@ def solid_png(rgb: tuple[int, int, int], size: int = 32) -> bytes:
 
 
 class FakeEngine:
-    """``steps`` progress events ``step_s`` apart per request; ``concurrency`` requests sampled at once."""
+    """``steps`` progress events ``step_s`` apart per request; ``concurrency`` requests sampled at once.
+
+    :meth:`reload` takes any existing directory as a checkpoint named after it; results started afterwards carry
+    that id (``reloads`` lists the directories asked for)."""
 
     checkpoint_id = "fake-ckpt"
+    attention: str | None = None  # no model, no attention backend
 
     def __init__(self, steps: int = 4, step_s: float = 0.01, concurrency: int = 4, tokens_total: int = 256) -> None:
         self.steps = steps
@@ -53,6 +60,7 @@ class FakeEngine:
         self.submitted: list[GenerationRequest] = []
         self.started_order: list[str] = []
         self.gate: asyncio.Event | None = None  # tests may hold generation until set
+        self.reloads: list[str] = []
 
     async def submit(self, request: GenerationRequest) -> str:
         request.validate()
@@ -99,7 +107,8 @@ class FakeEngine:
                 images.sort(key=lambda im: -im.clip_score)
                 for rank, im in enumerate(images):
                     im.rank = rank
-                fut.set_result(GenerationResult(rid, req.prompt, req.seed, images, self.checkpoint_id))
+                fut.set_result(GenerationResult(rid, req.prompt, req.seed, images, self.checkpoint_id,
+                                                attention=self.attention))
                 self._emit(rid, Progress(rid, "done", tokens_done=self.tokens_total, tokens_total=self.tokens_total))
         except asyncio.CancelledError:
             if not fut.done():
@@ -133,6 +142,16 @@ class FakeEngine:
             return False
         task.cancel()
         return True
+
+    async def info(self) -> EngineInfo:
+        return EngineInfo(self.checkpoint_id, self.attention)
+
+    async def reload(self, checkpoint_dir: str) -> EngineInfo:
+        if not Path(checkpoint_dir).is_dir():
+            raise BadRequest(f"cannot load the checkpoint at {checkpoint_dir}: no such directory")
+        self.reloads.append(str(checkpoint_dir))
+        self.checkpoint_id = Path(checkpoint_dir).name
+        return await self.info()
 
     async def close(self) -> None:
         for task in self._tasks.values():
