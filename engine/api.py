@@ -26,8 +26,8 @@ MAX_PROMPT_CHARS = 1000
 
 # Batch sizes (candidates per sampling pass) that get a compiled program; a pass is padded up to the next one. 9:
 # a /dalle asks for 9 images by default, and padding it to 16 rows cost the demo grid 1.5-1.8x on the CPU and Mega
-# 10% of its sampling time on a GPU (bench/RESULTS.md, session 13). 8 stays, so 5-8 images and --max-batch 8 run
-# as before.
+# 10% of its sampling time on a GPU (bench/RESULTS.md, "Grid options measured on a CPU"). 8 is a bucket too, so 5-8
+# images and --max-batch 8 run as 8 rows, not 9.
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 9, 16, 32)
 
 

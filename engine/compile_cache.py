@@ -1,7 +1,7 @@
 """XLA's persistent compilation cache: a restarted engine reuses the programs it compiled last time.
 
 Compiling the sampler is the slowest part of starting: 60–100 s for Mega on one H200 GPU, and on the 2-core CPU
-most of the demo model's first request (7.5 s, 2.9 s with a warm cache; ``bench/RESULTS.md``, session 13). JAX
+most of the demo model's first request (7.5 s, 2.9 s with a warm cache; ``bench/RESULTS.md``, "Cold start"). JAX
 can keep compiled executables on disk keyed by the program, the compiler version and its flags, so a cache is
 only ever reused for the same program on the same software; a stale entry is never loaded.
 

@@ -1,4 +1,4 @@
-"""A deterministic stand-in for the real pipeline, for tests, benchmarks and the bot team.
+"""A deterministic stand-in for the real pipeline, for tests, benchmarks and running the bot without a model.
 
 It implements the :class:`engine.api.Pipeline` protocol with numpy alone: candidate ``i`` of a request is
 derived from ``(prompt, sampling params, seed, i)`` only, so a request gives the same tokens and PNG bytes

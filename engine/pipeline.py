@@ -100,8 +100,9 @@ class PipelineOptions:
 def half_precision_on_cpu(dtype: Any, platform: str) -> str | None:
     """The warning for a 16-bit DalleBart on a CPU, else None.
 
-    XLA:CPU has few 16-bit kernels. Measured on a 2-core AMD EPYC (bench/RESULTS.md, session 18), mini at batch 8
-    took 154 ms a step in bfloat16 against 64 ms in float32, and the demo model at 16 took 9.3 against 5.9 ms.
+    XLA:CPU has few 16-bit kernels. Measured on a 2-core AMD EPYC (bench/RESULTS.md, "Other dtypes and batch
+    sizes"), mini at batch 8 took 154 ms a step in bfloat16 against 64 ms in float32, and the demo model at 16 took
+    9.3 against 5.9 ms.
     Half precision is for fitting Mega on an accelerator, so a CPU user should hear that float32 is faster here.
     """
     name = jnp.dtype(dtype).name

@@ -3,7 +3,7 @@
 Why: on a small CPU host the model's passes keep every core busy (our native attention kernels run on XLA's own
 intra-op pool as well as the calling thread). An event loop in the same process — the bot's, acknowledging
 interactions, or ``engine serve``'s, answering HTTP — then waits for a core behind them: on a 2-core Xeon 100
-``/dalle`` acknowledgements took 355-423 ms (p99) instead of 48 ms (``bench/RESULTS.md``, session 19). A higher
+``/dalle`` acknowledgements took 355-423 ms (p99) instead of 48 ms (``bench/RESULTS.md``, "Bot"). A higher
 nice value for the model's threads lets the scheduler run the loop first whenever it has work, and the model
 keeps every cycle the loop does not use.
 

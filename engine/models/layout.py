@@ -185,8 +185,9 @@ def to_decode_layout(params: Any, dtype: Any = None, *, host: bool = False, tran
     the form in which XLA:CPU streams the kernel as stored. Measured on the mini decode GEMMs at 16 rows (2-core
     CPU): ``x @ kernel`` on the published layout ~5-7 GB/s, ``x @ kernel.T`` ~8-12 GB/s (XLA repacks the kernel
     every call), ``kernel @ x.T`` ~15 GB/s. Transposing inside the program instead copied the kernels each step.
-    At 1-2 rows (one candidate) the published layout was ~15% faster than ``x @ kernel.T`` (session 11); the
-    ``kernel @ x.T`` form then cut mini's batch-1 step from 67-84 to 37-51 ms (bench/RESULTS.md, session 12).
+    At 1-2 rows (one candidate) the published layout is ~15% faster than ``x @ kernel.T``, and ``kernel @ x.T``
+    faster than both: mini's batch-1 step takes 37-51 ms against 67-84 ms with ``x @ kernel.T`` (bench/RESULTS.md,
+    "The decode GEMMs: kernel on the left").
     ``transpose=False`` keeps the published kernels (only the cast): the layout for accelerators, whose GEMM
     libraries take either operand order as stored (:func:`default_transposed_kernels`).
     """
