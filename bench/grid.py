@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from engine.api import GRID_IMAGES, MAX_IMAGES_PER_REQUEST
+
 PROMPT = "a red circle on the left of a small blue square"
 LAYOUTS = ("auto", "published", "transposed")
 
@@ -133,7 +135,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench grid", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="mega", help="mega, mini or tiny: published shapes, random weights")
     ap.add_argument("--checkpoint", default=None, help="a real checkpoint directory instead of --config")
-    ap.add_argument("--n", type=int, default=9, help="candidates in the grid (default 9: 3x3)")
+    ap.add_argument("--n", type=int, default=GRID_IMAGES, help=f"candidates in the grid (default {GRID_IMAGES}: 3x3)")
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--vqgan-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--layouts", default="auto",
@@ -155,8 +157,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ap.error(f"--layouts: {', '.join(bad) or 'empty'}; choose from {', '.join(LAYOUTS)}")
     if args.checkpoint is not None and args.layouts != ["auto"]:
         ap.error("--layouts other than auto need --config (random weights), not --checkpoint")
-    if not 1 <= args.n <= 16:
-        ap.error("--n must be between 1 and 16")
+    if not 1 <= args.n <= MAX_IMAGES_PER_REQUEST:
+        ap.error(f"--n must be between 1 and {MAX_IMAGES_PER_REQUEST}")
     try:
         args.buckets = [None if x.strip() == "auto" else int(x) for x in args.buckets.split(",") if x.strip()]
     except ValueError:

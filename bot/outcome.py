@@ -12,7 +12,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-MAX_IMAGES = 9  # images per result: the default of a request and its upper bound (a 3x3 grid)
+from engine.api import GRID_IMAGES
+
+MAX_IMAGES = GRID_IMAGES  # images per result: the default of a request and its upper bound (a 3x3 grid)
 
 
 def from_discord(gen: Any) -> bool:

@@ -28,7 +28,7 @@ from bot.outcome import MAX_IMAGES, Admission, Delivery, FeedbackResult, Publish
 from bot.ratelimit import LimitPolicy, RateLimiter, human_duration
 from bot.runner import Runner
 from bot.scheduler import QueueEntry, QueueRefused, Scheduler, user_cap_message
-from engine.api import Engine
+from engine.api import SEED_LIMIT, Engine
 from store.models import CaseSource, FeedbackKind, FeedbackReason, FlaggedMode, GenerationKind, Status
 from store.repository import ActiveLimitReached, Repository
 
@@ -202,8 +202,9 @@ class GenerationService:
         if not 1 <= n <= MAX_IMAGES:
             return await self._refuse(user_id, guild_id, prompt, None, "invalid",
                                       f"images must be between 1 and {MAX_IMAGES}.")
-        if seed is not None and not 0 <= seed < 2**63:  # what engine.api.GenerationRequest accepts
-            return await self._refuse(user_id, guild_id, prompt, None, "invalid", "seed must be between 0 and 2^63-1.")
+        if seed is not None and not 0 <= seed < SEED_LIMIT:
+            return await self._refuse(user_id, guild_id, prompt, None, "invalid",
+                                      f"seed must be between 0 and {SEED_LIMIT - 1}.")
         if self.scheduler.closed:
             return Admission(False, category="closing", message="The bot is restarting; try again in a minute.")
         state = await self.repo.get_user_state(user_id)

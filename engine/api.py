@@ -20,8 +20,10 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+GRID_IMAGES = 9  # candidates a request asks for unless it says otherwise: a 3x3 grid
 MAX_IMAGES_PER_REQUEST = 16
 MAX_PROMPT_CHARS = 1000
+SEED_LIMIT = 2**63  # seeds are 0 <= seed < SEED_LIMIT (the sampler's 64-bit random key)
 
 
 # Batch sizes (candidates per sampling pass) that get a compiled program; a pass is padded up to the next one. 9:
@@ -117,7 +119,7 @@ class GenerationRequest:
     """One user's request: ``n`` candidates for ``prompt``; candidate i uses the stream (seed, i)."""
 
     prompt: str
-    n: int = 9
+    n: int = GRID_IMAGES
     seed: int = 0
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -137,8 +139,8 @@ class GenerationRequest:
             raise BadRequest("prompt is not valid Unicode text (it holds a lone surrogate)") from None
         if not (1 <= int(self.n) <= MAX_IMAGES_PER_REQUEST):
             raise BadRequest(f"n must be between 1 and {MAX_IMAGES_PER_REQUEST}")
-        if not (0 <= int(self.seed) < 2**63):
-            raise BadRequest("seed must be between 0 and 2**63-1")
+        if not (0 <= int(self.seed) < SEED_LIMIT):
+            raise BadRequest(f"seed must be between 0 and {SEED_LIMIT - 1}")
         if self.preview_every < 0:
             raise BadRequest("preview_every must be >= 0")
         if not (0 <= int(self.first_index) < 2**31):

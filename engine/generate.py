@@ -13,7 +13,14 @@ from typing import Any
 
 from PIL import Image
 
-from engine.api import MAX_IMAGES_PER_REQUEST, BadRequest, GeneratedImage, GenerationRequest, SamplingParams
+from engine.api import (
+    GRID_IMAGES,
+    MAX_IMAGES_PER_REQUEST,
+    BadRequest,
+    GeneratedImage,
+    GenerationRequest,
+    SamplingParams,
+)
 
 
 def make_grid(pngs: list[bytes], columns: int | None = None, pad: int = 2) -> Image.Image:
@@ -116,7 +123,8 @@ def add_generate(subparsers: Any) -> None:
 
     p = subparsers.add_parser("generate", help="generate images for one prompt")
     p.add_argument("prompt")
-    p.add_argument("--n", type=int, default=9, help=f"number of candidates (1-{MAX_IMAGES_PER_REQUEST}, default 9)")
+    p.add_argument("--n", type=int, default=GRID_IMAGES,
+                   help=f"number of candidates (1-{MAX_IMAGES_PER_REQUEST}, default {GRID_IMAGES})")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint directory")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output directory (default ./outputs)")
