@@ -299,7 +299,8 @@ class Runner:
         new = [NewImage.from_generated(im, file_path=str(path), sha256=sha, hidden=bool(im.flagged))
                for im, (path, sha) in zip(result.images, files, strict=True)]
         if not any(im.flagged for im in new):  # the common case: one transaction
-            gen, rows = await self.repo.finish_generation(gen.id, new, checkpoint_id=result.checkpoint_id, owner=owner)
+            gen, rows = await self.repo.finish_generation(gen.id, new, checkpoint_id=result.checkpoint_id,
+                                                          attention=result.attention, owner=owner)
         else:  # the cases are opened before the job counts as done, so none is lost to a crash in between
             rows = await self.repo.add_images(gen.id, new, owner=owner)
             for row in rows:
@@ -307,7 +308,8 @@ class Runner:
                     await self.repo.open_case(CaseSource.AUTO.value, image_id=row.id, generation_id=gen.id,
                                               reason="safety checker: " + ", ".join(
                                                   f"{k}={v:.2f}" for k, v in sorted(row.safety_scores.items())))
-            gen = await self.repo.set_status(gen.id, Status.DONE.value, checkpoint_id=result.checkpoint_id)
+            gen = await self.repo.set_status(gen.id, Status.DONE.value, checkpoint_id=result.checkpoint_id,
+                                             attention=result.attention)
         images = [
             StoredImage(id=row.id, index=row.index, rank=row.rank, path=Path(path), sha256=sha,
                         clip_score=row.clip_score, flagged=row.flagged, hidden=row.hidden,

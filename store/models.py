@@ -186,6 +186,7 @@ class Generation(Base):
         ForeignKey("images.id", ondelete="SET NULL", use_alter=True)
     )
     checkpoint_id: Mapped[str | None] = mapped_column(String(128))  # which model made it (registry id or name)
+    attention: Mapped[str | None] = mapped_column(String(16))  # the engine's decode-attention backend
     # life cycle
     status: Mapped[str] = mapped_column(String(16), default=Status.QUEUED.value)
     private: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -178,6 +178,7 @@ class GenerationRepository(RepositoryBase):
         *,
         error: str | None = None,
         checkpoint_id: str | None = None,
+        attention: str | None = None,
         owner: str | None = None,
     ) -> Generation:
         """Move a job along its life cycle, stamping times: running → started_at and attempts+1;
@@ -207,6 +208,8 @@ class GenerationRepository(RepositoryBase):
                 gen.error = error
             if checkpoint_id is not None:
                 gen.checkpoint_id = checkpoint_id
+            if attention is not None:
+                gen.attention = attention
         return gen
 
     # --- claims and leases ---------------------------------------------------------------------------------

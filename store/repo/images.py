@@ -86,7 +86,7 @@ class ImageRepository(RepositoryBase):
 
     async def finish_generation(
         self, generation_id: int, images: Iterable[NewImage], *, checkpoint_id: str | None = None,
-        owner: str | None = None,
+        attention: str | None = None, owner: str | None = None,
     ) -> tuple[Generation, list[Image]]:
         """``add_images`` and ``set_status(done)`` in one transaction (one round trip, one write lock): the
         images are stored and the job is done, or neither. Same errors as those two."""
@@ -105,6 +105,8 @@ class ImageRepository(RepositoryBase):
             gen.finished_at = self.now()
             if checkpoint_id is not None:
                 gen.checkpoint_id = checkpoint_id
+            if attention is not None:
+                gen.attention = attention
         return gen, rows
 
     async def get_image(self, image_id: int) -> Image | None:

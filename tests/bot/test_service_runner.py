@@ -16,6 +16,7 @@ from tests.fakes.engine import FakeEngine, colour_for
 
 async def test_submit_generates_persists_and_publishes(running_service, tmp_path):
     svc, repo, engine, pub = running_service
+    engine.attention = "native"  # as the demo model's engine on a CPU reports it
     adm = await svc.submit(user_id=1, guild_id=5, prompt="a red circle on a blue background", n=4, seed=7)
     assert adm.ok and adm.generation_id and adm.position == 1 and adm.seed == 7
     [outcome] = await pub.wait_for(1)
@@ -30,6 +31,7 @@ async def test_submit_generates_persists_and_publishes(running_service, tmp_path
     gen = await wait_delivered(repo, adm.generation_id)
     assert gen.status == "done" and gen.seed == 7 and gen.delivered_at is not None
     assert gen.result_message_id == 10_000 + gen.id and gen.checkpoint_id == "fake-ckpt"
+    assert gen.attention == "native"  # what made the images, so "same seed, same image" can be checked
     assert len(gen.images) == 4 and all(i.token_bytes for i in gen.images)
     # the image at candidate index i has the colour of stream (seed, i)
     from PIL import Image as PILImage

@@ -44,8 +44,8 @@ async def test_status_life_cycle(repo):
     gen = await repo.create_generation(user_id=1, prompt="p")
     running = await repo.set_status(gen.id, "running")
     assert running.started_at is not None and running.attempts == 1 and running.finished_at is None
-    done = await repo.set_status(gen.id, "done", checkpoint_id="demo")
-    assert done.finished_at >= done.started_at and done.checkpoint_id == "demo"
+    done = await repo.set_status(gen.id, "done", checkpoint_id="demo", attention="native")
+    assert done.finished_at >= done.started_at and done.checkpoint_id == "demo" and done.attention == "native"
     with pytest.raises(StatusError):
         await repo.set_status(gen.id, "running")
     with pytest.raises(ValueError):

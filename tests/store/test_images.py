@@ -45,8 +45,9 @@ async def test_finish_generation_stores_images_and_marks_done_atomically(repo):
         await repo.finish_generation(gen.id, images)
     assert (await repo.get_generation(gen.id)).images == []
     await repo.set_status(gen.id, "running")
-    done, rows = await repo.finish_generation(gen.id, images, checkpoint_id="ck1")
+    done, rows = await repo.finish_generation(gen.id, images, checkpoint_id="ck1", attention="xla")
     assert done.status == "done" and done.finished_at >= done.started_at and done.checkpoint_id == "ck1"
+    assert done.attention == "xla"
     assert [r.index for r in rows] == [0, 1] and all(r.id for r in rows)
     got = await repo.get_generation(gen.id)
     assert got.status == "done" and sorted((im.index, im.rank) for im in got.images) == [(0, 1), (1, 0)]
