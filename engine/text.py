@@ -117,6 +117,12 @@ class WordSplitter:
 class TextNormalizer:
     """DALL·E mini's caption normaliser; ``__call__(text) -> str`` always returns text with a leading space.
 
+    One deliberate departure from the published normaliser: the transliteration to ASCII is ``anyascii`` (ISC),
+    not ``unidecode`` (GPL-2.0+, which this MIT project does not depend on). Latin letters with accents, quotes,
+    dashes and fractions come out the same; some symbols and other scripts differ (``×`` → ``*`` not ``x``,
+    ``£`` → ``gbp`` not ``ps``, ``Ё`` → ``e`` not ``io``, ``北京`` → ``beijing`` not ``bei jing``), so such prompts may
+    tokenise differently from the published model's training captions.
+
     ``wiki_words_path``: the ``enwiki-words-frequency.txt`` list used to split hashtags. Without it a hashtag
     just loses its ``#`` and keeps its word unsplit (``#redcar`` → ``redcar``).
     """
@@ -135,12 +141,12 @@ class TextNormalizer:
             raise TypeError(f"TextNormalizer expects str, got {type(text).__name__}")
         import emoji
         import ftfy
-        from unidecode import unidecode
+        from anyascii import anyascii
 
         t = ftfy.fix_text(text)
         t = html.unescape(html.unescape(t))
         t = emoji.demojize(t)
-        t = unidecode(t).lower()
+        t = anyascii(t).lower()
         t = self._person_tags(t)
         t = _RE_WIKI_TAIL.sub("", _RE_WIKI_HEAD.sub("", t))
         t = _RE_HTML_TAG.sub("", t)
