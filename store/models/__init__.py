@@ -1,0 +1,67 @@
+"""SQLAlchemy 2.0 typed ORM models: the bot's durable state and the training loop's feedback source.
+
+One module per kind of data (``base``: the declarative base, UTC timestamps, naming and CHECK helpers ·
+``generations``: generations and images · ``feedback`` · ``moderation``: refusals, cases, actions, user state,
+guild bans · ``guilds``: guild settings · ``registry``: checkpoints and training runs). Every name is re-exported
+here, so ``from store.models import X`` is the way to import them; see :mod:`store.models.base` for the
+portability rules.
+"""
+
+from __future__ import annotations
+
+from store.models.base import NAMING_CONVENTION, Base, UTCDateTime, check_in, utcnow
+from store.models.feedback import Feedback, FeedbackKind, FeedbackReason
+from store.models.generations import (
+    FINISHED_STATUSES,
+    TOKEN_DTYPE,
+    Generation,
+    GenerationKind,
+    Image,
+    Status,
+    decode_tokens,
+    encode_tokens,
+)
+from store.models.guilds import FlaggedMode, GuildSettings
+from store.models.moderation import (
+    CaseSource,
+    CaseStatus,
+    GuildBan,
+    ModAction,
+    ModerationAction,
+    ModerationCase,
+    Refusal,
+    UserState,
+)
+from store.models.registry import Checkpoint, CheckpointStatus, TrainingRun
+
+__all__ = [
+    "FINISHED_STATUSES",
+    "NAMING_CONVENTION",
+    "TOKEN_DTYPE",
+    "Base",
+    "CaseSource",
+    "CaseStatus",
+    "Checkpoint",
+    "CheckpointStatus",
+    "Feedback",
+    "FeedbackKind",
+    "FeedbackReason",
+    "FlaggedMode",
+    "Generation",
+    "GenerationKind",
+    "GuildBan",
+    "GuildSettings",
+    "Image",
+    "ModAction",
+    "ModerationAction",
+    "ModerationCase",
+    "Refusal",
+    "Status",
+    "TrainingRun",
+    "UTCDateTime",
+    "UserState",
+    "check_in",
+    "decode_tokens",
+    "encode_tokens",
+    "utcnow",
+]
