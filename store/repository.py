@@ -19,12 +19,13 @@ from store.repo.generations import (
 )
 from store.repo.guilds import GuildRepository
 from store.repo.images import ImageRepository, NewImage
-from store.repo.moderation import ModerationRepository
+from store.repo.moderation import CaseClosed, ModerationRepository, UserRecord
 from store.repo.registry import RegistryRepository
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
     "ActiveLimitReached",
+    "CaseClosed",
     "FeedbackRecord",
     "NewImage",
     "NotFound",
@@ -32,6 +33,7 @@ __all__ = [
     "Repository",
     "StatusError",
     "TakenOver",
+    "UserRecord",
 ]
 
 

@@ -54,8 +54,8 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("lifted_at", sa.DateTime(timezone=True), nullable=True),
-        sa.ForeignKeyConstraint(["case_id"], ["moderation_cases.id"], name=op.f("fk_guild_bans_case_id_moderation_cases"),
-                                ondelete="SET NULL"),
+        sa.ForeignKeyConstraint(["case_id"], ["moderation_cases.id"],
+                                name=op.f("fk_guild_bans_case_id_moderation_cases"), ondelete="SET NULL"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_guild_bans")),
     )
     op.create_index("ix_guild_bans_guild_id_user_id", "guild_bans", ["guild_id", "user_id"], unique=False)

@@ -12,6 +12,7 @@ _GUILD_FIELDS = frozenset(
     {
         "flagged_mode",
         "review_channel_id",
+        "moderator_role_id",
         "rate_limit_user",
         "rate_limit_guild",
         "daily_quota",

@@ -7,17 +7,21 @@ image. Every moderator decision is a :class:`ModerationAction` row written in th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from store.models import (
     CaseSource,
     CaseStatus,
+    Feedback,
+    FeedbackKind,
     Generation,
+    GuildBan,
     Image,
     ModAction,
     ModerationAction,
@@ -28,6 +32,26 @@ from store.models import (
 from store.repo.base import NotFound, RepositoryBase, check_choice
 
 _USER_FIELDS = frozenset({"banned", "ban_reason", "opted_out", "strikes", "cooldown_until", "daily_quota"})
+_CLOSING = {ModAction.APPROVE: CaseStatus.APPROVED, ModAction.REMOVE: CaseStatus.REMOVED,
+            ModAction.DISMISS: CaseStatus.DISMISSED}
+
+
+class CaseClosed(ValueError):
+    """The case was already decided (another moderator was quicker): nothing was changed."""
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """A user's record for moderators: in one guild where ``guild_id`` is given (bans and cases), everywhere
+    otherwise."""
+
+    user_id: int
+    generations: int
+    refusals: int
+    strikes: int
+    globally_banned: bool
+    bans: list[GuildBan]  # newest first
+    cases: list[ModerationCase]  # cases on their images, newest first
 
 
 class ModerationRepository(RepositoryBase):
@@ -68,9 +92,11 @@ class ModerationRepository(RepositoryBase):
                     if image is None:
                         raise NotFound(f"image {image_id} does not exist")
                     case_generation_id = image.generation_id
+            gen = await s.get(Generation, case_generation_id) if case_generation_id is not None else None
             case = ModerationCase(
                 image_id=image_id,
                 generation_id=case_generation_id,
+                guild_id=gen.guild_id if gen is not None else None,
                 source=str(source),
                 status=CaseStatus.OPEN.value,
                 reason=reason,
@@ -113,28 +139,37 @@ class ModerationRepository(RepositoryBase):
         *,
         reason: str | None = None,
         target_user_id: int | None = None,
+        guild_id: int | None = None,
     ) -> ModerationAction:
         """Record a moderator's action and apply it in the same transaction:
 
         - approve: case → approved (closed), the image is un-hidden;
         - remove: case → removed (closed), the image is hidden;
-        - ban / unban: the target user (default: the author of the case's generation) is (un)banned;
-          a ban adds a strike. The case stays as it is.
+        - dismiss: case → dismissed (closed), the image stays as it is;
+        - ban / unban: the operator's global ban of the target user (default: the author of the case's
+          generation); a ban adds a strike. The case stays as it is. (A guild's ban is :meth:`ban_in_guild`.)
+
+        Closing a case that is no longer open raises :class:`CaseClosed` and changes nothing. ``guild_id``
+        (where the action was taken) defaults to the case's guild.
         """
         check_choice("action", action, ModAction)
         async with self.sessions.begin() as s:
             case = None
             if case_id is not None:
-                case = await s.get(ModerationCase, case_id)
+                case = await s.get(ModerationCase, case_id, with_for_update=True)
                 if case is None:
                     raise NotFound(f"moderation case {case_id} does not exist")
+                if guild_id is None and action in _CLOSING:  # a global ban/unban belongs to no guild
+                    guild_id = case.guild_id
             now = self.now()
-            if action in (ModAction.APPROVE, ModAction.REMOVE):
+            if action in _CLOSING:
                 if case is None:
                     raise ValueError(f"{action} needs a case")
-                case.status = CaseStatus.APPROVED.value if action == ModAction.APPROVE else CaseStatus.REMOVED.value
+                if case.status != CaseStatus.OPEN.value:
+                    raise CaseClosed(f"case {case_id} is already {case.status}")
+                case.status = _CLOSING[ModAction(action)].value
                 case.closed_at = now
-                if case.image_id is not None:
+                if case.image_id is not None and action != ModAction.DISMISS:
                     image = await s.get(Image, case.image_id)
                     if image is not None:
                         image.hidden = action == ModAction.REMOVE
@@ -159,6 +194,7 @@ class ModerationRepository(RepositoryBase):
             row = ModerationAction(
                 case_id=case_id,
                 moderator_id=moderator_id,
+                guild_id=guild_id,
                 action=str(action),
                 target_user_id=target_user_id,
                 reason=reason,
@@ -166,6 +202,106 @@ class ModerationRepository(RepositoryBase):
             )
             s.add(row)
         return row
+
+    async def list_unposted_cases(self, generation_id: int | None = None, limit: int = 100) -> list[ModerationCase]:
+        """Open cases not yet posted to a review channel (of one generation, or all), oldest first."""
+        stmt = (
+            select(ModerationCase)
+            .where(ModerationCase.status == CaseStatus.OPEN.value, ModerationCase.review_message_id.is_(None))
+            .order_by(ModerationCase.opened_at, ModerationCase.id)
+            .limit(limit)
+        )
+        if generation_id is not None:
+            stmt = stmt.where(ModerationCase.generation_id == generation_id)
+        async with self._read() as s:
+            return list((await s.execute(stmt)).scalars())
+
+    async def case_reports(self, case_id: int) -> list[Feedback]:
+        """The reports on the case's image since an earlier case on it was closed (all of them if none was),
+        oldest first: the reports this case answers."""
+        async with self._read() as s:
+            case = await s.get(ModerationCase, case_id)
+            if case is None or case.image_id is None:
+                return []
+            previous = (await s.execute(
+                select(func.max(ModerationCase.closed_at)).where(
+                    ModerationCase.image_id == case.image_id, ModerationCase.id < case.id))).scalar_one_or_none()
+            stmt = (select(Feedback)
+                    .where(Feedback.image_id == case.image_id, Feedback.kind == FeedbackKind.REPORT.value)
+                    .order_by(Feedback.created_at, Feedback.id))
+            if previous is not None:
+                stmt = stmt.where(Feedback.created_at >= previous)
+            return list((await s.execute(stmt)).scalars())
+
+    async def removed_image_ids(self, generation_id: int) -> set[int]:
+        """The generation's images a moderator removed (hidden, with a case closed as removed)."""
+        stmt = (select(Image.id).join(ModerationCase, ModerationCase.image_id == Image.id)
+                .where(Image.generation_id == generation_id, Image.hidden.is_(True),
+                       ModerationCase.status == CaseStatus.REMOVED.value))
+        async with self._read() as s:
+            return set((await s.execute(stmt)).scalars())
+
+    # --- guild bans ----------------------------------------------------------------------------------------
+
+    async def ban_in_guild(self, guild_id: int, user_id: int, moderator_id: int, *, reason: str | None,
+                           expires_at: datetime | None, case_id: int | None = None) -> GuildBan:
+        """Ban a user from generating in a guild until ``expires_at`` (None: permanently); audited as a ``ban``
+        action in the same transaction."""
+        async with self.sessions.begin() as s:
+            now = self.now()
+            ban = GuildBan(guild_id=guild_id, user_id=user_id, reason=reason, moderator_id=moderator_id,
+                           case_id=case_id, created_at=now, expires_at=expires_at)
+            s.add(ban)
+            until = expires_at.isoformat(timespec="minutes") if expires_at is not None else "permanent"
+            s.add(ModerationAction(case_id=case_id, moderator_id=moderator_id, guild_id=guild_id,
+                                   action=ModAction.BAN.value, target_user_id=user_id,
+                                   reason=f"{reason or ''} (until {until})".strip(), created_at=now))
+        return ban
+
+    async def active_guild_ban(self, guild_id: int, user_id: int) -> GuildBan | None:
+        """The user's ban in the guild that holds now (the one ending last), or None."""
+        now = self.now()
+        stmt = (select(GuildBan)
+                .where(GuildBan.guild_id == guild_id, GuildBan.user_id == user_id, GuildBan.lifted_at.is_(None),
+                       or_(GuildBan.expires_at.is_(None), GuildBan.expires_at > now))
+                .order_by(GuildBan.expires_at.is_(None).desc(), GuildBan.expires_at.desc()).limit(1))
+        async with self._read() as s:
+            return (await s.execute(stmt)).scalar_one_or_none()
+
+    async def lift_guild_bans(self, guild_id: int, user_id: int, moderator_id: int,
+                              reason: str | None = None) -> int:
+        """Lift the user's bans in the guild (audited as ``unban``); returns how many were in force."""
+        async with self.sessions.begin() as s:
+            now = self.now()
+            bans = list((await s.execute(select(GuildBan).where(
+                GuildBan.guild_id == guild_id, GuildBan.user_id == user_id, GuildBan.lifted_at.is_(None),
+                or_(GuildBan.expires_at.is_(None), GuildBan.expires_at > now)))).scalars())
+            for ban in bans:
+                ban.lifted_at = now
+            s.add(ModerationAction(moderator_id=moderator_id, guild_id=guild_id, action=ModAction.UNBAN.value,
+                                   target_user_id=user_id, reason=reason, created_at=now))
+        return len(bans)
+
+    async def user_record(self, user_id: int, guild_id: int | None = None, limit: int = 10) -> UserRecord:
+        """What moderators see of a user: generations, refusals, strikes, bans and cases (newest ``limit``)."""
+        async with self._read() as s:
+            gens = select(func.count()).select_from(Generation).where(Generation.user_id == user_id)
+            refusals = select(func.count()).select_from(Refusal).where(Refusal.user_id == user_id)
+            bans = select(GuildBan).where(GuildBan.user_id == user_id).order_by(GuildBan.id.desc()).limit(limit)
+            cases = (select(ModerationCase).join(Generation, Generation.id == ModerationCase.generation_id)
+                     .where(Generation.user_id == user_id).order_by(ModerationCase.id.desc()).limit(limit))
+            if guild_id is not None:
+                gens = gens.where(Generation.guild_id == guild_id)
+                refusals = refusals.where(Refusal.guild_id == guild_id)
+                bans = bans.where(GuildBan.guild_id == guild_id)
+                cases = cases.where(ModerationCase.guild_id == guild_id)
+            state = await s.get(UserState, user_id)
+            return UserRecord(
+                user_id=user_id, generations=(await s.execute(gens)).scalar_one(),
+                refusals=(await s.execute(refusals)).scalar_one(),
+                strikes=state.strikes if state is not None else 0,
+                globally_banned=bool(state is not None and state.banned),
+                bans=list((await s.execute(bans)).scalars()), cases=list((await s.execute(cases)).scalars()))
 
     # --- user state ----------------------------------------------------------------------------------------
 

@@ -76,3 +76,103 @@ async def test_refusals_recorded(repo):
     mine = await repo.list_refusals(user_id=3)
     assert [x.id for x in mine] == [r.id] and mine[0].normalized == "bad" and mine[0].reason == "blocked term"
     assert len(await repo.list_refusals()) == 2
+
+
+async def test_moderation_guild_cases_dismiss_and_closed_cases(repo):
+    from store.repository import CaseClosed
+
+    gen = await repo.create_generation(user_id=7, prompt="p", guild_id=2000)
+    from store.repository import NewImage
+
+    rows = await repo.add_images(gen.id, [NewImage(index=i, tokens=[1, 2]) for i in range(2)])
+    case, _ = await repo.open_case("auto", image_id=rows[0].id)
+    assert case.guild_id == 2000
+    assert [c.id for c in await repo.list_unposted_cases(gen.id)] == [case.id]
+    await repo.set_case_review_message(case.id, 55)
+    assert await repo.list_unposted_cases() == []
+    action = await repo.add_action(case.id, moderator_id=9, action="dismiss", reason="fine")
+    assert action.guild_id == 2000 and (await repo.get_case(case.id)).status == "dismissed"
+    assert (await repo.get_image(rows[0].id)).hidden is False
+    with pytest.raises(CaseClosed):  # a second moderator's click on a decided case changes nothing
+        await repo.add_action(case.id, moderator_id=10, action="remove")
+    assert (await repo.get_case(case.id)).status == "dismissed"
+    assert [a.moderator_id for a in (await repo.get_case(case.id)).actions] == [9]
+
+    other, _ = await repo.open_case("report", image_id=rows[1].id)
+    await repo.add_action(other.id, moderator_id=9, action="remove")
+    assert await repo.removed_image_ids(gen.id) == {rows[1].id}
+
+
+async def test_moderation_case_reports_count_since_the_last_closed_case(repo):
+    from store.repository import NewImage
+
+    gen = await repo.create_generation(user_id=7, prompt="p", guild_id=2000)
+    [img] = await repo.add_images(gen.id, [NewImage(index=0, tokens=[1])])
+    await repo.record_feedback(img.id, 21, "report", reason="nsfw")
+    first, _ = await repo.open_case("report", image_id=img.id)
+    await repo.record_feedback(img.id, 22, "report", reason="bias", note="x")
+    assert [(f.user_id, f.reason) for f in await repo.case_reports(first.id)] == [(21, "nsfw"), (22, "bias")]
+    await repo.add_action(first.id, moderator_id=9, action="approve")
+    await repo.record_feedback(img.id, 23, "report", reason="other")
+    second, created = await repo.open_case("report", image_id=img.id)
+    assert created and [f.user_id for f in await repo.case_reports(second.id)] == [23]
+
+
+async def test_moderation_guild_bans_expire_and_lift(repo):
+    now = repo.now()
+    assert await repo.active_guild_ban(2000, 7) is None
+    await repo.ban_in_guild(2000, 7, 9, reason="old", expires_at=now - timedelta(minutes=1))
+    assert await repo.active_guild_ban(2000, 7) is None  # expired
+    ban = await repo.ban_in_guild(2000, 7, 9, reason="spam", expires_at=now + timedelta(days=7))
+    assert (await repo.active_guild_ban(2000, 7)).id == ban.id
+    assert await repo.active_guild_ban(2001, 7) is None  # per guild
+    forever = await repo.ban_in_guild(2000, 7, 9, reason="worse", expires_at=None)
+    assert (await repo.active_guild_ban(2000, 7)).id == forever.id  # the permanent one holds longest
+    assert await repo.lift_guild_bans(2000, 7, 9, reason="appeal") == 2
+    assert await repo.active_guild_ban(2000, 7) is None
+    record = await repo.user_record(7, guild_id=2000)
+    assert [b.reason for b in record.bans] == ["worse", "spam", "old"] and not record.globally_banned
+    actions = await rows_of_actions(repo)
+    assert [(a.action, a.guild_id, a.target_user_id) for a in actions] == [
+        ("ban", 2000, 7), ("ban", 2000, 7), ("ban", 2000, 7), ("unban", 2000, 7)]
+
+
+async def test_moderation_user_record_counts(repo):
+    from store.repository import NewImage
+
+    g1 = await repo.create_generation(user_id=7, prompt="p", guild_id=2000)
+    await repo.create_generation(user_id=7, prompt="q", guild_id=2001)
+    [img] = await repo.add_images(g1.id, [NewImage(index=0, tokens=[1])])
+    case, _ = await repo.open_case("auto", image_id=img.id)
+    await repo.record_refusal(user_id=7, guild_id=2000, prompt="x", reason="filter")
+    await repo.add_strike(7)
+    here = await repo.user_record(7, guild_id=2000)
+    assert (here.generations, here.refusals, here.strikes, [c.id for c in here.cases]) == (1, 1, 1, [case.id])
+    everywhere = await repo.user_record(7)
+    assert everywhere.generations == 2 and (await repo.user_record(8)).generations == 0
+
+
+async def test_moderation_check_constraints_hold_after_migration(repo):
+    """The rebuilt CHECK constraints accept the new values and still refuse unknown ones."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    async with repo.sessions.begin() as s:
+        await s.execute(text("INSERT INTO moderation_cases (source, status, opened_at) "
+                             "VALUES ('auto', 'dismissed', CURRENT_TIMESTAMP)"))
+    case_sql = "INSERT INTO moderation_cases (source, status, opened_at) VALUES ('{}', '{}', CURRENT_TIMESTAMP)"
+    for sql in (case_sql.format("auto", "bogus"), case_sql.format("robot", "open"),
+                "INSERT INTO moderation_actions (moderator_id, action, created_at) "
+                "VALUES (1, 'bogus', CURRENT_TIMESTAMP)"):
+        with pytest.raises(IntegrityError):
+            async with repo.sessions.begin() as s:
+                await s.execute(text(sql))
+
+
+async def rows_of_actions(repo):
+    from sqlalchemy import select
+
+    from store.models import ModerationAction
+
+    async with repo.sessions() as s:
+        return list((await s.execute(select(ModerationAction).order_by(ModerationAction.id))).scalars())
