@@ -61,6 +61,8 @@ class Leases:
         # these delays while this process runs; it keeps its lease meanwhile
         self.post_retry_delays: tuple[float, ...] = (30.0, 120.0, 600.0)
         self.retrying: dict[int, asyncio.Task] = {}  # generation id → its wait before the next attempt
+        # called with each outcome once it is posted and recorded (moderation posts its flagged images' cases)
+        self.on_delivered: Callable[[Outcome], Awaitable[None]] | None = None
 
     def exclusive(self) -> bool:
         """Whether this process has the database alone (then every stored job is its own)."""
@@ -216,6 +218,12 @@ class Leases:
         except Exception:  # noqa: BLE001 - posted but not recorded: the next start may post it again
             log.exception("recording the delivery of generation %s failed", gid)
             self.post_failed.add(gid)
+            return
+        if self.on_delivered is not None:
+            try:
+                await self.on_delivered(outcome)
+            except Exception:  # noqa: BLE001 - the result is delivered; what follows is best effort
+                log.warning("after delivering generation %s", gid, exc_info=True)
 
     async def _publish_again(self, outcome: Outcome, attempt: int, delay: float) -> None:
         gid = outcome.generation.id

@@ -24,6 +24,7 @@ from typing import Any
 from bot.config import Settings
 from bot.filters import FilterDecision, GuildPolicy, PromptFilter
 from bot.leases import Leases
+from bot.moderation import ModerationService
 from bot.outcome import MAX_IMAGES, Admission, Delivery, FeedbackResult, Publisher
 from bot.ratelimit import LimitPolicy, RateLimiter, human_duration
 from bot.runner import Runner
@@ -66,8 +67,10 @@ class GenerationService:
         lease_s: float = 60.0,
         engine_stall_timeout: float = Settings.engine_stall_timeout,
         owns: Callable[[Any], bool] | None = None,
+        review_channel_id: int | None = None,
     ) -> None:
-        """``owns``: which stored jobs this front end resumes and delivers (None: all of them)."""
+        """``owns``: which stored jobs this front end resumes and delivers (None: all of them);
+        ``review_channel_id``: where moderation cases go for guilds without their own review channel."""
         self.repo = repo
         self.engine = engine
         self.publisher = publisher
@@ -95,6 +98,10 @@ class GenerationService:
         self._guild_cache: dict[int, tuple[float, Any]] = {}
         self._guild_loads: dict[int, asyncio.Future] = {}
         self._guild_epoch: dict[int, int] = {}
+        # cases, moderators' actions and guild bans; a front end sets its ``front_end`` to post the review queue
+        self.moderation = ModerationService(repo, guild_settings=self.guild_settings,
+                                            flagged_mode=self.flagged_mode_for, review_channel_id=review_channel_id)
+        self.leases.on_delivered = self.moderation.outcome_delivered
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -211,6 +218,9 @@ class GenerationService:
         if state is not None and state.banned:
             return await self._refuse(user_id, guild_id, prompt, None, "banned",
                                       "You are not allowed to generate images here.")
+        guild_ban = await self.moderation.ban_message(user_id, guild_id)
+        if guild_ban is not None:
+            return await self._refuse(user_id, guild_id, prompt, None, "banned", guild_ban)
         policy, limits, user_cap, _ = await self._policies(guild_id)
         if user_cap is None:
             user_cap = self.scheduler.per_user_cap
@@ -319,8 +329,9 @@ class GenerationService:
         return True
 
     async def feedback(self, image_id: int, user_id: int, kind: str, *, reason: str | None = None,
-                       note: str | None = None) -> FeedbackResult:
-        """Record 👍 / 👎 / report; a report opens (or joins) a moderation case."""
+                       note: str | None = None, contact: Delivery | None = None) -> FeedbackResult:
+        """Record 👍 / 👎 / report; a report opens (or joins) a moderation case, posted to the review queue
+        (``contact``: how to tell the reporter the outcome)."""
         if kind not in {k.value for k in FeedbackKind}:
             return FeedbackResult(False, f"Unknown feedback {kind!r}: use up, down or report.")
         if reason is not None and reason not in {r.value for r in FeedbackReason}:
@@ -333,8 +344,9 @@ class GenerationService:
         await self.repo.record_feedback(image_id, user_id, kind, reason=reason, note=note)
         if kind != FeedbackKind.REPORT.value:
             return FeedbackResult(True, "Thanks for the feedback!")
-        case, _ = await self.repo.open_case(CaseSource.REPORT.value, image_id=image_id,
-                                            reason=f"{reason}: {note}" if note else reason)
+        case, created = await self.repo.open_case(CaseSource.REPORT.value, image_id=image_id,
+                                                  reason=f"{reason}: {note}" if note else reason)
+        await self.moderation.case_opened(case.id, created, reporter=user_id, contact=contact)
         return FeedbackResult(True, "Thanks, a moderator will review this image.", case_id=case.id)
 
     # -- queries -------------------------------------------------------------------------------------

@@ -1,0 +1,199 @@
+"""ModerationService on SQLite and PostgreSQL: who may act, one review post per case, the actions and their audit,
+guild bans, the author's record."""
+
+from __future__ import annotations
+
+import io
+from datetime import timedelta
+
+import pytest
+from PIL import Image as PILImage
+
+from bot.moderation import CaseNotFound, ModerationService, Moderator, NotModerator, parse_duration
+from bot.outcome import Delivery
+from store.repository import NewImage
+
+GUILD = 2000
+MOD_ROLE = 2500
+
+
+class FrontEnd:
+    """Records what the service asks a front end to do."""
+
+    def __init__(self):
+        self.posts, self.updates, self.refreshed, self.told = [], [], [], []
+
+    async def post_case(self, channel_id, case):
+        self.posts.append((channel_id, case))
+        return 900 + len(self.posts)
+
+    async def update_case(self, channel_id, message_id, case):
+        self.updates.append((channel_id, message_id, case))
+
+    async def refresh_result(self, outcome):
+        self.refreshed.append(outcome)
+
+    async def tell_user(self, user_id, text, contact):
+        self.told.append((user_id, text, contact))
+
+
+def png(color) -> bytes:
+    buf = io.BytesIO()
+    PILImage.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+async def setup(repo, tmp_path):
+    """(service, front end, generation, image rows): a delivered public result of 3 images, image 2 flagged."""
+    gen = await repo.create_generation(user_id=77, prompt="a red square", guild_id=GUILD, channel_id=3000, seed=5,
+                                       checkpoint_id="demo-1")
+    images = []
+    for i in range(3):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(png((40 * i, 0, 0)))
+        images.append(NewImage(index=i, tokens=[1, 2], rank=i, clip_score=0.3, safety_scores={"nsfw": 0.9 * (i == 2)},
+                               flagged=i == 2, hidden=i == 2, file_path=str(path), sha256="ab" * 32))
+    rows = await repo.add_images(gen.id, images)
+    await repo.mark_delivered(gen.id, result_message_id=4444)
+    front = FrontEnd()
+
+    async def spoiler(_guild):
+        return "spoiler"
+
+    svc = ModerationService(repo, guild_settings=repo.get_guild_settings, flagged_mode=spoiler,
+                            review_channel_id=3100, front_end=front)
+    return svc, front, gen, rows
+
+
+MOD = Moderator(user_id=9, guild_id=GUILD, can_manage_messages=True)
+MEMBER = Moderator(user_id=10, guild_id=GUILD)
+
+
+def test_moderation_parse_duration():
+    assert parse_duration("7d") == timedelta(days=7)
+    assert parse_duration(" 12 h ") == timedelta(hours=12)
+    assert parse_duration("30min") == timedelta(minutes=30)
+    assert parse_duration("2w") == timedelta(weeks=2)
+    assert parse_duration("permanent") is None and parse_duration("") is None
+    for bad in ("soon", "0d", "7y", "-1d"):
+        with pytest.raises(ValueError, match="not understood"):
+            parse_duration(bad)
+
+
+async def test_moderation_who_may_act(setup, repo):
+    svc, *_ = setup
+    assert await svc.is_moderator(GUILD, [], True)
+    assert not await svc.is_moderator(GUILD, [MOD_ROLE], False)  # no moderator role set yet
+    await repo.update_guild_settings(GUILD, moderator_role_id=MOD_ROLE)
+    assert await svc.is_moderator(GUILD, [1, MOD_ROLE], False)
+    assert not await svc.is_moderator(GUILD, [1], False)
+    assert not await svc.is_moderator(None, [MOD_ROLE], True)  # nobody moderates a DM
+
+
+async def test_moderation_case_is_posted_once_and_reports_join_it(setup, repo):
+    svc, front, gen, rows = setup
+    case, created = await repo.open_case("auto", image_id=rows[2].id, reason="safety checker: nsfw=0.90")
+    await svc.case_opened(case.id, created)
+    assert len(front.posts) == 1
+    channel, view = front.posts[0]
+    assert channel == 3100 and view.case_id == case.id and view.png == png((80, 0, 0))
+    assert (view.prompt, view.author_id, view.seed, view.model_id) == ("a red square", 77, 5, "demo-1")
+    assert view.safety_scores == {"nsfw": 0.9} and view.public_message_id == 4444 and view.channel_id == 3000
+    assert (await repo.get_case(case.id)).review_message_id == 901
+
+    for user, reason in ((21, "nsfw"), (22, "bias")):
+        await repo.record_feedback(rows[2].id, user, "report", reason=reason)
+        again, created = await repo.open_case("report", image_id=rows[2].id)
+        assert again.id == case.id and not created
+        await svc.case_opened(again.id, created, reporter=user, contact=Delivery(channel_id=3000))
+    assert len(front.posts) == 1 and len(front.updates) == 2  # the post is refreshed, never repeated
+    assert [(r.user_id, r.reason) for r in front.updates[-1][2].reports] == [(21, "nsfw"), (22, "bias")]
+    assert await svc.post_pending() == []  # a restart finds nothing to post
+
+    await repo.update_guild_settings(GUILD, review_channel_id=3200)  # the guild's own channel wins
+    other, created = await repo.open_case("report", image_id=rows[0].id)
+    await svc.case_opened(other.id, created)
+    assert front.posts[-1][0] == 3200
+
+
+async def test_moderation_refuses_a_non_moderator_and_changes_nothing(setup, repo):
+    svc, front, gen, rows = setup
+    case, _ = await repo.open_case("auto", image_id=rows[2].id)
+    for act in (svc.approve, svc.remove, svc.dismiss):
+        with pytest.raises(NotModerator):
+            await act(case.id, MEMBER)
+    with pytest.raises(NotModerator):
+        await svc.ban_author(case.id, MEMBER, "7d", "spam")
+    with pytest.raises(NotModerator):
+        await svc.history(case.id, MEMBER)
+    with pytest.raises(NotModerator, match="another server"):
+        await svc.remove(case.id, Moderator(user_id=9, guild_id=GUILD + 1, can_manage_messages=True))
+    after = await repo.get_case(case.id)
+    assert after.status == "open" and after.actions == []
+    assert (await repo.get_image(rows[2].id)).hidden is True
+    assert await repo.active_guild_ban(GUILD, 77) is None and front.refreshed == [] and front.told == []
+    with pytest.raises(CaseNotFound):
+        await svc.approve(12345, MOD)
+
+
+async def test_moderation_remove_then_approve_rerender_the_result_and_are_audited(setup, repo):
+    svc, front, gen, rows = setup
+    await repo.record_feedback(rows[0].id, 21, "report", reason="quality")
+    case, created = await repo.open_case("report", image_id=rows[0].id)
+    contact = Delivery(channel_id=3000, application_id=1000, interaction_token="tok")
+    await svc.case_opened(case.id, created, reporter=21, contact=contact)
+
+    result = await svc.remove(case.id, MOD, reason="off topic")
+    assert result.action == "remove" and result.case.status == "removed"
+    assert (await repo.get_image(rows[0].id)).hidden is True
+    shown = {im.id: im for im in front.refreshed[-1].images}
+    assert shown[rows[0].id].withheld and not shown[rows[1].id].withheld
+    assert shown[rows[2].id].flagged and not shown[rows[2].id].withheld  # the flagged one: a spoiler, as before
+    assert [(u, c) for u, _, c in front.told] == [(21, contact)] and "removed" in front.told[0][1]
+    assert front.updates[-1][2].actions[-1].action == "remove"  # the review post shows who did what
+    again = await svc.approve(case.id, MOD)  # a second click on a decided case changes nothing
+    assert again.action == "none" and "already closed" in again.message
+
+    flagged, created = await repo.open_case("auto", image_id=rows[2].id)
+    await svc.case_opened(flagged.id, created)
+    await svc.approve(flagged.id, MOD, reason="fine")
+    shown = {im.id: im for im in front.refreshed[-1].images}
+    assert not shown[rows[2].id].flagged and not shown[rows[2].id].withheld  # back in the grid, no spoiler
+    assert shown[rows[0].id].withheld  # the removed one stays out
+    audit = [(a.moderator_id, a.action, a.reason) for c in (case, flagged) for a in (await repo.get_case(c.id)).actions]
+    assert audit == [(9, "remove", "off topic"), (9, "approve", "fine")]
+    assert {a.guild_id for c in (case, flagged) for a in (await repo.get_case(c.id)).actions} == {GUILD}
+
+
+async def test_moderation_dismiss_by_moderator_role_leaves_the_image_alone(setup, repo):
+    svc, front, gen, rows = setup
+    case, _ = await repo.open_case("auto", image_id=rows[2].id)
+    with pytest.raises(NotModerator):  # the role counts only once the guild names it
+        await svc.dismiss(case.id, Moderator(user_id=9, guild_id=GUILD, role_ids=(MOD_ROLE,)))
+    await repo.update_guild_settings(GUILD, moderator_role_id=MOD_ROLE)
+    result = await svc.dismiss(case.id, Moderator(user_id=9, guild_id=GUILD, role_ids=(MOD_ROLE,)))
+    assert result.case.status == "dismissed" and front.refreshed == []
+    assert (await repo.get_image(rows[2].id)).hidden is True
+
+
+async def test_moderation_ban_author_blocks_in_that_guild_until_it_ends(setup, repo):
+    svc, front, gen, rows = setup
+    case, _ = await repo.open_case("auto", image_id=rows[2].id)
+    with pytest.raises(ValueError, match="not understood"):
+        await svc.ban_author(case.id, MOD, "a while", "spam")
+    with pytest.raises(ValueError, match="reason"):
+        await svc.ban_author(case.id, MOD, "7d", "  ")
+    assert await svc.ban_message(77, GUILD) is None
+    result = await svc.ban_author(case.id, MOD, "7d", "spam")
+    assert result.action == "ban" and "<@77>" in result.message and "until" in result.message
+    text = await svc.ban_message(77, GUILD)
+    assert text.startswith("You are banned from generating images in this server until ") and text.endswith(": spam")
+    assert await svc.ban_message(77, GUILD + 1) is None and await svc.ban_message(78, GUILD) is None
+    assert (await repo.get_case(case.id)).status == "open"  # a ban does not decide the image
+    await svc.ban_author(case.id, MOD, "permanent", "again")
+    assert "permanently: again" in await svc.ban_message(77, GUILD)
+
+    author, record = await svc.history(case.id, MOD)
+    assert author == 77 and record.generations == 1 and [b.reason for b in record.bans] == ["again", "spam"]
+    assert [c.id for c in record.cases] == [case.id]
