@@ -17,8 +17,10 @@ EXIT_NO_FRONT_END = 3
 FRONT_ENDS = {"discord": "bot.app", "local": "bot.terminal"}
 
 
-def _fail(message: str, code: int) -> int:
-    print(message, file=sys.stderr)
+def _fail(message: str, code: int, secrets: list[str] | None = None) -> int:
+    from bot.logsafe import redact
+
+    print(redact(message, secrets or ()), file=sys.stderr)
     return code
 
 
@@ -33,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    from bot.logsafe import install
+
+    secrets = settings.secrets()
+    install(secrets)  # every record, any library, any level: no token or password reaches a log
+    logging.captureWarnings(True)  # warnings (e.g. SQLAlchemy's about a URL) go through the redacting handlers
+    # aiosqlite logs every statement WITH its bound values at DEBUG (prompts, interaction tokens): never shown
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLogger().level))
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     # JAX logs backend probing (e.g. "Unable to initialize backend 'tpu'") at INFO: noise for bot users
     logging.getLogger("jax").setLevel(max(logging.WARNING, logging.getLogger().level))
@@ -43,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     problem = lock_sqlite(settings.database_url)  # first: a second process must not even migrate
     if problem:
-        return _fail(problem, EXIT_CONFIG)
+        return _fail(problem, EXIT_CONFIG, secrets)
 
     from store.db import DatabaseUnavailable, MigrationRequired, ensure_migrated
 
@@ -51,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         if ensure_migrated(settings.database_url, settings.auto_migrate):
             log.info("database migrated to the latest schema")
     except (MigrationRequired, DatabaseUnavailable) as exc:
-        return _fail(f"database error: {exc}", EXIT_CONFIG)
+        return _fail(f"database error: {exc}", EXIT_CONFIG, secrets)
 
     problem = check_output_dir(settings.output_dir) or (check_redis(settings.redis_url) if settings.redis_url else None)
     if problem:
-        return _fail(f"config error: {problem}", EXIT_CONFIG)
+        return _fail(f"config error: {problem}", EXIT_CONFIG, secrets)
 
     module_name = FRONT_ENDS[settings.mode]
     try:

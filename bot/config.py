@@ -13,11 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from bot.outcome import MAX_IMAGES
 from engine.client import DEFAULT_MODEL_NICE
-from store.db import DatabaseURLError, default_sqlite_url, parse_url, redact_url
+from store.db import DatabaseURLError, default_sqlite_url, is_secret_key, parse_url, redact_url, url_secrets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT_DIR = REPO_ROOT / "engine" / "assets" / "demo"
@@ -87,8 +87,18 @@ class Settings:
                 value = "***" if value else None
             elif f.name in ("database_url", "redis_url") and value:
                 value = redact_url(value) if f.name == "database_url" else _redact_generic_url(value)
+            elif f.name == "engine_urls":
+                value = tuple(_redact_generic_url(u) for u in value)
             out[f.name] = value
         return out
+
+    def secrets(self) -> list[str]:
+        """Every secret value the settings hold (tokens, URL passwords and secret query values): what a log
+        must never show (``bot.logsafe``)."""
+        found = [self.discord_token, self.engine_token, *url_secrets(self.database_url)]
+        for url in (self.redis_url, *self.engine_urls):
+            found += _generic_url_secrets(url) if url else []
+        return [v for v in found if v]
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
@@ -98,11 +108,20 @@ class Settings:
 
 
 def _redact_generic_url(url: str) -> str:
+    """A Redis or engine URL with its password and secret query values (``?password=``, ``token``) masked."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+    if parts.query:
+        query = [(k, "***" if is_secret_key(k) else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return parts.geturl()
+
+
+def _generic_url_secrets(url: str) -> list[str]:
+    parts = urlsplit(url)
+    found = [parts.password] if parts.password else []
+    return found + [v for k, v in parse_qsl(parts.query) if is_secret_key(k) and v]
 
 
 # --- parsing helpers: each raises SettingsError naming the variable ----------------------------------------

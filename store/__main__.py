@@ -6,7 +6,17 @@ import argparse
 import os
 import sys
 
-from store.db import DatabaseURLError, default_sqlite_url, downgrade, redact_url, schema_revisions, upgrade
+from sqlalchemy.exc import SQLAlchemyError
+
+from store.db import (
+    DatabaseURLError,
+    default_sqlite_url,
+    downgrade,
+    redact_url,
+    schema_revisions,
+    upgrade,
+    url_secrets,
+)
 
 
 def database_url() -> str:
@@ -38,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         current, heads = schema_revisions(url)
     except DatabaseURLError as exc:
         print(f"store: DATABASE_URL: {exc}", file=sys.stderr)
+        return 2
+    except (SQLAlchemyError, OSError) as exc:  # one line, the password and secret query values hidden
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        for secret in url_secrets(url):
+            reason = reason.replace(secret, "***")
+        print(f"store: cannot open {redact_url(url)}: {reason}", file=sys.stderr)
         return 2
     state = "at head" if current == heads else "NOT at head"
     print(f"{redact_url(url)}: current={','.join(sorted(current)) or 'empty'} "

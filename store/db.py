@@ -95,13 +95,40 @@ def async_url(url: str | URL) -> URL:
     return parsed.set(drivername="postgresql+asyncpg")
 
 
+_SECRET_KEY_PARTS = ("password", "passwd", "token", "secret")
+_SECRET_KEYS = frozenset({"pwd", "apikey", "api_key", "auth"})
+
+
+def is_secret_key(name: str) -> bool:
+    """Whether a URL query parameter (or setting) of this name holds a secret: ``password``, ``sslpassword``,
+    ``token``, ``access_token``, ``client_secret``, ``pwd``, ``api_key``…"""
+    low = name.lower()
+    return low in _SECRET_KEYS or any(part in low for part in _SECRET_KEY_PARTS)
+
+
 def redact_url(url: str | URL) -> str:
-    """The URL with any password masked, safe for logs and error messages."""
+    """The URL with any password masked, in its user part and in its query (``?password=``, ``sslpassword``,
+    ``token``…), safe for logs and error messages."""
     try:
         parsed = make_url(url) if isinstance(url, str) else url
     except (ArgumentError, ValueError):
         return "<unparseable database URL>"
-    return parsed.render_as_string(hide_password=True)
+    if any(is_secret_key(k) for k in parsed.query):
+        parsed = parsed.set(query={k: "***" if is_secret_key(k) else v for k, v in parsed.query.items()})
+    return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
+
+
+def url_secrets(url: str | URL) -> list[str]:
+    """The secret values a database URL holds (its password and secret query values), for log redaction."""
+    try:
+        parsed = make_url(url) if isinstance(url, str) else url
+    except (ArgumentError, ValueError):
+        return []
+    found = [parsed.password] if parsed.password else []
+    for key, value in parsed.query.items():
+        if is_secret_key(key):
+            found += [value] if isinstance(value, str) else list(value)
+    return [str(v) for v in found if v]
 
 
 def _sqlite_file(url: URL) -> Path | None:
@@ -143,6 +170,7 @@ def make_sync_engine(url: str | URL, **kwargs: Any) -> Engine:
     """A sync engine (psycopg / pysqlite) for Alembic, scripts and training."""
     target = sync_url(url)
     _prepare(target)
+    kwargs.setdefault("hide_parameters", True)  # bound values (user text, tokens) stay out of errors and logs
     engine = create_engine(target, **kwargs)
     if target.get_backend_name() == "sqlite":
         _install_sqlite_pragmas(engine)
@@ -155,6 +183,7 @@ def make_async_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     _prepare(target)
     if target.get_backend_name() == "postgresql":
         kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("hide_parameters", True)  # bound values (user text, tokens) stay out of errors and logs
     engine = create_async_engine(target, **kwargs)
     if target.get_backend_name() == "sqlite":
         _install_sqlite_pragmas(engine.sync_engine)
@@ -249,6 +278,8 @@ def ensure_migrated(url: str | URL, auto: bool) -> bool:
         return _ensure_migrated(url, auto)
     except (SQLAlchemyError, OSError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        for secret in url_secrets(url):  # a driver may echo what it was given
+            reason = reason.replace(secret, "***")
         raise DatabaseUnavailable(f"cannot open {redact_url(url)}: {reason}") from exc
 
 
