@@ -160,6 +160,17 @@ class DiscordPublisher:
             return msg.id
         return await self._deliver_privately(gen, outcome, content, alive, mentions, ephemeral=True)
 
+    async def refresh(self, outcome: Outcome) -> None:
+        """Re-render a posted public result in place (a moderator removed or restored one of its images): the
+        grid, the attachments, the text and the buttons as ``outcome``'s images are now."""
+        gen = outcome.generation
+        if gen.private or not gen.result_message_id or not gen.channel_id:
+            return
+        files, view = await self._message_parts(outcome, self._upload_limit(gen))
+        message = self.bot.get_partial_messageable(gen.channel_id).get_partial_message(gen.result_message_id)
+        await message.edit(content=self._content(outcome), attachments=files,
+                           view=None if view is discord.utils.MISSING else view)
+
     async def _deliver_privately(self, gen: Any, outcome: Outcome, content: str, alive: bool,
                                  mentions: discord.AllowedMentions, *, ephemeral: bool) -> int:
         """Through the interaction's follow-up webhook while its token lives, else (or if Discord refuses the

@@ -28,6 +28,8 @@ from aiohttp import WSMsgType, web
 DISCORD_EPOCH_MS = 1420070400000
 APP_ID = 1000
 BOT_ID = 1000
+MOD_ROLE_ID = 2500  # a role every fake guild has ("moderators"); members hold it when a test says so
+MEMBER_PERMISSIONS = "2248473465835073"  # an ordinary member's: no Manage Messages (1 << 13)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -143,7 +145,9 @@ class FakeDiscord:
             "verification_level": 0, "default_message_notifications": 0, "explicit_content_filter": 0,
             "features": [], "mfa_level": 0, "system_channel_flags": 0, "premium_tier": 0, "nsfw_level": 0,
             "preferred_locale": "en-US", "unavailable": False, "member_count": 2, "large": False,
-            "roles": [{"id": str(gid), "name": "@everyone", "permissions": "2248473465835073", "position": 0,
+            "roles": [{"id": str(gid), "name": "@everyone", "permissions": MEMBER_PERMISSIONS, "position": 0,
+                       "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0},
+                      {"id": str(MOD_ROLE_ID), "name": "moderators", "permissions": "0", "position": 1,
                        "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0}],
             "emojis": [], "stickers": [], "members": [], "voice_states": [], "presences": [], "threads": [],
             "stage_instances": [], "guild_scheduled_events": [],
@@ -153,13 +157,14 @@ class FakeDiscord:
         }
 
     def message(self, channel_id: int, content: str | None, *, components=None, attachments=None, flags: int = 0,
-                author_id: int = BOT_ID, webhook_id: int | None = None, interaction_id: int | None = None) -> dict:
+                author_id: int = BOT_ID, webhook_id: int | None = None, interaction_id: int | None = None,
+                embeds: list | None = None) -> dict:
         mid = self.snowflake()
         msg = {
             "id": str(mid), "channel_id": str(channel_id), "author": self.user(author_id, "dalle", bot=True),
             "content": content or "", "timestamp": "2026-11-23T09:00:00.000000+00:00", "edited_timestamp": None,
             "tts": False, "mention_everyone": False, "mentions": [], "mention_roles": [], "attachments": [],
-            "embeds": [], "pinned": False, "type": 0 if interaction_id is None else 20, "flags": flags,
+            "embeds": embeds or [], "pinned": False, "type": 0 if interaction_id is None else 20, "flags": flags,
             "components": components or [],
         }
         if webhook_id is not None:
@@ -193,7 +198,9 @@ class FakeDiscord:
             if not ws.closed:
                 await ws.send_str(json.dumps({"op": 7, "d": None}))
 
-    def _interaction_base(self, itype: int, user_id: int, guild_id: int | None, channel_id: int | None) -> dict:
+    def _interaction_base(self, itype: int, user_id: int, guild_id: int | None, channel_id: int | None,
+                          permissions: str | None = None, roles: list[int] | None = None) -> dict:
+        """``permissions``: the member's in the channel (default an ordinary member's); ``roles``: their role ids."""
         iid = self.snowflake()
         token = f"tok-{iid}"
         channel_id = channel_id or self.channel_id
@@ -209,8 +216,9 @@ class FakeDiscord:
             payload["guild_locale"] = "en-US"
             payload["channel"].update(guild_id=str(guild_id), name="general", position=0,
                                       permission_overwrites=[], nsfw=False, parent_id=None)
-            payload["member"] = {"user": self.user(user_id), "roles": [], "joined_at": "2026-01-01T00:00:00+00:00",
-                                 "deaf": False, "mute": False, "flags": 0, "permissions": "2248473465835073",
+            payload["member"] = {"user": self.user(user_id), "roles": [str(r) for r in roles or ()],
+                                 "joined_at": "2026-01-01T00:00:00+00:00", "deaf": False, "mute": False, "flags": 0,
+                                 "permissions": permissions or MEMBER_PERMISSIONS,
                                  "nick": None, "avatar": None, "pending": False}
         else:
             payload["user"] = self.user(user_id)
@@ -239,8 +247,9 @@ class FakeDiscord:
         return await self.send_interaction(payload)
 
     async def click(self, message: dict, custom_id: str, *, user_id: int = 1, guild_id: int | None = 2000,
-                    component_type: int = 2, values: list[str] | None = None) -> InteractionRecord:
-        payload = self._interaction_base(3, user_id, guild_id, int(message["channel_id"]))
+                    component_type: int = 2, values: list[str] | None = None, permissions: str | None = None,
+                    roles: list[int] | None = None) -> InteractionRecord:
+        payload = self._interaction_base(3, user_id, guild_id, int(message["channel_id"]), permissions, roles)
         payload["message"] = message
         payload["data"] = {"custom_id": custom_id, "component_type": component_type}
         if values is not None:
@@ -248,8 +257,10 @@ class FakeDiscord:
         return await self.send_interaction(payload)
 
     async def submit_modal(self, custom_id: str, fields: dict[str, str], *, user_id: int = 1,
-                           guild_id: int | None = 2000, message: dict | None = None) -> InteractionRecord:
-        payload = self._interaction_base(5, user_id, guild_id, int(message["channel_id"]) if message else None)
+                           guild_id: int | None = 2000, message: dict | None = None, permissions: str | None = None,
+                           roles: list[int] | None = None) -> InteractionRecord:
+        payload = self._interaction_base(5, user_id, guild_id, int(message["channel_id"]) if message else None,
+                                         permissions, roles)
         payload["data"] = {"custom_id": custom_id, "components": [
             {"type": 1, "components": [{"type": 4, "custom_id": k, "value": v}]} for k, v in fields.items()]}
         if message is not None:
@@ -361,7 +372,7 @@ class FakeDiscord:
             self._check_message(call, self.attachment_limit)
             payload = call.json or {}
             msg = self.message(int(p[1]), payload.get("content"), components=payload.get("components"),
-                               attachments=list(call.files.items()))
+                               attachments=list(call.files.items()), embeds=payload.get("embeds"))
             return _json(msg)
         if method == "PATCH" and p[:1] == ["channels"] and p[-2] == "messages":
             return self._edit(int(p[-1]), call)

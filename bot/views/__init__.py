@@ -9,5 +9,6 @@ from __future__ import annotations
 
 from bot.views.queue import CancelButton
 from bot.views.result import ReportButton, RerollButton, VariationButton, VoteButton
+from bot.views.review import ReviewButton
 
-DYNAMIC_ITEMS = (RerollButton, VariationButton, VoteButton, ReportButton, CancelButton)
+DYNAMIC_ITEMS = (RerollButton, VariationButton, VoteButton, ReportButton, CancelButton, ReviewButton)

@@ -7,7 +7,7 @@ from typing import Any
 
 import discord
 
-from bot.views.common import service_of
+from bot.views.common import delivery_for, service_of
 
 REASONS = ("nsfw", "bias", "quality", "other")
 
@@ -31,7 +31,7 @@ class ReportModal(discord.ui.Modal):
 REPORT_MODAL_RE = re.compile(r"dalle:reportmodal:(?P<img>[0-9]+)")
 
 
-def _modal_values(data: Any) -> dict[str, str]:
+def modal_values(data: Any) -> dict[str, str]:
     """``{custom_id: value}`` of a modal submission's text inputs (rows of components, or labelled inputs)."""
     out: dict[str, str] = {}
     stack = list((data or {}).get("components", []))
@@ -54,7 +54,7 @@ async def handle_report_submit(interaction: discord.Interaction) -> bool:
     match = REPORT_MODAL_RE.fullmatch(str((interaction.data or {}).get("custom_id", "")))
     if match is None:
         return False
-    values = _modal_values(interaction.data)
+    values = modal_values(interaction.data)
     reason = values.get("reason", "").strip().lower()
     if reason not in REASONS:
         await interaction.response.send_message(
@@ -62,6 +62,7 @@ async def handle_report_submit(interaction: discord.Interaction) -> bool:
         return True
     await interaction.response.defer(ephemeral=True, thinking=True)
     res = await service_of(interaction).feedback(int(match["img"]), interaction.user.id, "report", reason=reason,
-                                               note=values.get("note", "").strip() or None)
+                                               note=values.get("note", "").strip() or None,
+                                               contact=delivery_for(interaction))
     await interaction.edit_original_response(content=res.message)
     return True

@@ -1,0 +1,98 @@
+"""The review channel: Discord's front end of ``bot.moderation.ModerationService``.
+
+Loading the cog makes :class:`DiscordReviewer` the moderation service's front end (cases are posted to the
+guild's review channel with the image bytes re-uploaded as a spoiler, review posts are edited after each action,
+public results are re-rendered, reporters are told the outcome) and posts the open cases a previous run left
+unposted. The buttons are ``bot.views.review``; the ban form's submissions arrive here. All decisions are the
+service's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from typing import Any
+
+import discord
+from discord.ext import commands
+
+from bot.moderation import CaseView
+from bot.outcome import Delivery, Outcome
+from bot.publish import token_valid
+from bot.views.common import tell_failure
+from bot.views.review import ReviewView, case_embed, handle_ban_submit
+
+log = logging.getLogger(__name__)
+
+NO_MENTIONS = discord.AllowedMentions.none()
+
+
+class DiscordReviewer:
+    """Implements ``bot.moderation.ReviewFrontEnd`` through REST only (works before the gateway is ready)."""
+
+    def __init__(self, bot: commands.Bot, publisher: Any) -> None:
+        self.bot = bot
+        self.publisher = publisher  # bot.publish.DiscordPublisher: re-renders public results
+
+    async def post_case(self, channel_id: int, case: CaseView) -> int:
+        files = [discord.File(io.BytesIO(case.png), filename=f"case{case.case_id}.png", spoiler=True)] if case.png \
+            else []
+        channel = self.bot.get_partial_messageable(channel_id)
+        message = await channel.send(embed=case_embed(case), files=files, view=ReviewView(case.case_id, case.open),
+                                     allowed_mentions=NO_MENTIONS)
+        return message.id
+
+    async def update_case(self, channel_id: int, message_id: int, case: CaseView) -> None:
+        message = self.bot.get_partial_messageable(channel_id).get_partial_message(message_id)
+        await message.edit(embed=case_embed(case), view=ReviewView(case.case_id, case.open),
+                           allowed_mentions=NO_MENTIONS)
+
+    async def refresh_result(self, outcome: Outcome) -> None:
+        await self.publisher.refresh(outcome)
+
+    async def tell_user(self, user_id: int, text: str, contact: Delivery | None) -> None:
+        """An ephemeral follow-up on the user's own interaction while its token is valid, else a DM."""
+        if contact is not None and token_valid(contact):
+            payload = {"id": int(contact.application_id), "type": 3, "token": contact.interaction_token}
+            webhook = discord.Webhook.from_state(payload, self.bot._connection)  # type: ignore[arg-type]
+            try:
+                await webhook.send(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
+                return
+            except discord.HTTPException as exc:
+                if exc.status not in (401, 404):
+                    raise
+        dm = await self.bot.create_dm(discord.Object(id=user_id))
+        await dm.send(text, allowed_mentions=NO_MENTIONS)
+
+
+class Moderation(commands.Cog):
+    def __init__(self, bot: commands.Bot) -> None:
+        self.bot = bot
+        self._pending: asyncio.Task | None = None
+
+    @property
+    def service(self) -> Any:
+        return self.bot.service  # type: ignore[attr-defined]
+
+    async def cog_load(self) -> None:
+        moderation = self.service.moderation
+        moderation.front_end = DiscordReviewer(self.bot, self.service.publisher)
+        self._pending = asyncio.create_task(moderation.post_pending(), name="dalle-review-pending")
+
+    async def cog_unload(self) -> None:
+        if self._pending is not None and not self._pending.done():
+            self._pending.cancel()
+            await asyncio.gather(self._pending, return_exceptions=True)
+
+    @commands.Cog.listener("on_interaction")
+    async def ban_submitted(self, interaction: discord.Interaction) -> None:
+        try:
+            await handle_ban_submit(interaction)
+        except Exception:
+            log.exception("ban form submission %s failed", interaction.id)
+            await tell_failure(interaction)
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(Moderation(bot))
