@@ -1,7 +1,8 @@
 """``python -m bot``: load settings, make sure the database schema is current, start the front end.
 
 Discord mode runs ``bot.app.main(settings)``; local (terminal) mode runs ``bot.terminal.main(settings)``. A bad
-setting or a database that needs migrating is one line on stderr and exit code 2, never a traceback.
+setting, a database that needs migrating or that the process cannot write is one line on stderr and exit code 2,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         return _fail(problem, EXIT_CONFIG, secrets)
 
-    from store.db import DatabaseUnavailable, MigrationRequired, ensure_migrated
+    from store.db import DatabaseUnavailable, MigrationRequired, check_writable, ensure_migrated
 
     try:
         if ensure_migrated(settings.database_url, settings.auto_migrate):
             log.info("database migrated to the latest schema")
+        check_writable(settings.database_url)  # readable but not writable: refuse now, not at every request
     except (MigrationRequired, DatabaseUnavailable) as exc:
         return _fail(f"database error: {exc}", EXIT_CONFIG, secrets)
 

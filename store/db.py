@@ -283,6 +283,31 @@ def ensure_migrated(url: str | URL, auto: bool) -> bool:
         raise DatabaseUnavailable(f"cannot open {redact_url(url)}: {reason}") from exc
 
 
+def check_writable(url: str | URL) -> None:
+    """Commit one real write, so a database the process can read but not write (a read-only file or one owned by
+    another user, a full disk, a read-only PostgreSQL role, database or replica) is refused at start-up rather than
+    failing every request later. The write changes nothing: ``alembic_version`` set to itself (the schema is at
+    head by then, so the row exists; SQLite and PostgreSQL both really write and commit it).
+
+    Raises :class:`DatabaseUnavailable` with one line, the password hidden.
+    """
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        engine = make_sync_engine(url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(text("UPDATE alembic_version SET version_num = version_num"))
+        finally:
+            engine.dispose()
+    except (SQLAlchemyError, OSError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        for secret in url_secrets(url):
+            reason = reason.replace(secret, "***")
+        raise DatabaseUnavailable(f"cannot write to {redact_url(url)}: {reason}") from exc
+
+
 def _ensure_migrated(url: str | URL, auto: bool) -> bool:
     current, heads = schema_revisions(url)
     if current == heads:
