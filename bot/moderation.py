@@ -238,11 +238,12 @@ class ModerationService:
             return False
         lock = self._case_locks.setdefault(case_id, asyncio.Lock())
         async with lock:
-            view = await self.case_view(case_id)
-            channel = await self.review_channel(view.guild_id)
+            case = await self._case(case_id)
+            channel = await self.review_channel(case.guild_id)
             if channel is None:
-                log.info("case %s: guild %s has no review channel", case_id, view.guild_id)
+                log.info("case %s: guild %s has no review channel", case_id, case.guild_id)
                 return False
+            view = await self.case_view(case_id)
             if view.review_message_id is not None:
                 await self.front_end.update_case(channel, view.review_message_id, view)
                 return False
@@ -272,12 +273,20 @@ class ModerationService:
         except CaseClosed:
             view = await self.case_view(case_id, with_png=False)
             return ActionResult(view, "none", f"Case #{case_id} was already closed ({view.status}); nothing changed.")
+        self._case_locks.pop(case_id, None)
         if action != ModAction.DISMISS.value and case.generation_id is not None:
             await self._refresh_public(case.generation_id)
         view = await self._after_action(case_id)
         word = {"approve": "approved", "remove": "removed", "dismiss": "dismissed"}[action]
         await self._tell_reporters(case_id, f"Thanks for your report: a moderator reviewed the image and {word} "
                                             f"it{' (it was taken down)' if action == 'remove' else ''}.")
+        if action == ModAction.REMOVE.value and view.author_id is not None and self.front_end is not None:
+            why = f" Reason: {reason}" if reason else ""
+            try:  # the author hears why their image went (a DM: their interaction is long gone)
+                await self.front_end.tell_user(view.author_id, f"A moderator removed one of your images (prompt: "
+                                                               f"“{view.prompt[:200]}”).{why}", None)
+            except Exception:  # noqa: BLE001 - closed DMs must not undo the action
+                log.info("could not tell the author of case %s", case_id, exc_info=True)
         return ActionResult(view, action, f"Case #{case_id} {word}.")
 
     async def ban_author(self, case_id: int, actor: Moderator, duration: str, reason: str) -> ActionResult:
@@ -347,7 +356,7 @@ class ModerationService:
                                       sha256=row.sha256 or "", clip_score=row.clip_score or 0.0,
                                       flagged=row.hidden, hidden=row.hidden,
                                       withheld=row.id in removed or (row.hidden and row.flagged and withhold),
-                                      png=png))
+                                      png=png, removed=row.id in removed))
         try:
             await self.front_end.refresh_result(Outcome(gen, images))
         except Exception:  # noqa: BLE001 - recorded; the message edit is retried by the next action

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from engine.api import GRID_IMAGES
 
 MAX_IMAGES = GRID_IMAGES  # images per result: the default of a request and its upper bound (a 3x3 grid)
+MAX_FEEDBACK_NOTE = 500  # characters of a report's note: the Discord form's limit, enforced by the service
 
 
 def from_discord(gen: Any) -> bool:
@@ -42,7 +43,7 @@ class Admission:
     generation_id: int | None = None
     position: int | None = None
     seed: int | None = None
-    category: str | None = None  # filter category, "rate:<scope>", "queue", "banned", "invalid"
+    category: str | None = None  # filter category, "rate:<scope>", "queue", "banned", "invalid", "private"
     message: str = ""
     retry_after: float | None = None
 
@@ -57,8 +58,9 @@ class StoredImage:
     clip_score: float
     flagged: bool
     hidden: bool  # shown behind a spoiler
-    withheld: bool  # not posted at all (guild flagged_mode = withhold)
+    withheld: bool  # not posted at all (guild flagged_mode = withhold, or removed)
     png: bytes = field(repr=False, default=b"")
+    removed: bool = False  # taken out by a moderator (withheld too)
 
 
 @dataclass

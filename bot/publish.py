@@ -83,8 +83,11 @@ class DiscordPublisher:
             return f"{head}\nSorry, the generation failed: {error[:300]}"
         lines = [head, f"seed `{gen.seed}` · {len(outcome.images)} images, best CLIP score first"
                  + (f" · {gen.kind} of #{gen.parent_generation_id}" if gen.parent_generation_id else "")]
-        withheld = sum(im.withheld for im in outcome.images)
+        removed = sum(im.removed for im in outcome.images)
+        withheld = sum(im.withheld and not im.removed for im in outcome.images)
         hidden = sum(im.flagged and not im.withheld for im in outcome.images)
+        if removed:
+            lines.append(f"{removed} image(s) removed by a moderator.")
         if withheld:
             lines.append(f"{withheld} image(s) withheld by the safety checker; moderators will review them.")
         if hidden:

@@ -85,6 +85,9 @@ async def test_review_flagged_image_one_post_remove_by_moderator_only(fake, bot_
         [action] = await rows_of(repo, ModerationAction)
         assert (action.moderator_id, action.action, action.guild_id, action.case_id) == (13, "remove", 2000, case.id)
         assert (await repo.get_image(flagged.id)).hidden is True
+        assert "1 image(s) removed by a moderator." in edit.json["content"]
+        dm = await fake.wait_for(lambda c: c.path == "/channels/50011/messages")  # the author hears why
+        assert "removed one of your images" in dm.json["content"]
         await asyncio.sleep(0.1)
         assert len(review_posts(fake)) == 1 and fake.errors == []
     finally:
@@ -179,6 +182,41 @@ async def test_review_ban_author_blocks_dalle_and_survives_a_restart(fake, bot_d
         assert len(review_posts(fake)) == 1
         actions = [(a.action, a.target_user_id) for a in await rows_of(repo, ModerationAction)]
         assert actions == [("ban", 41), ("dismiss", None)]
+    finally:
+        await run.stop()
+        await repo.close()
+
+
+async def test_review_a_missed_post_is_made_at_the_next_start_once_and_reporters_get_a_dm(fake, bot_db_url, tmp_path):
+    """The review channel refuses the post (missing permissions): the case waits, unposted, and the next start posts
+    it once. The reporter's interaction is gone after the restart, so the outcome reaches them by DM."""
+    repo = make_repo(bot_db_url)
+    fake.forbidden_channels.add(REVIEW)
+    run = await start(fake, tmp_path, repo)
+    try:
+        public, _ = await dalle_result(fake, {"prompt": "an unsafe bird", "images": 1, "seed": 6}, 51)
+        await fake.wait_for(lambda c: c.path == f"/channels/{REVIEW}/messages" and c.status == 403)
+        image_id = int(next(i for i in custom_ids(public) if i.startswith("dalle:report:")).rsplit(":", 1)[1])
+        rec = await fake.submit_modal(f"dalle:reportmodal:{image_id}", {"reason": "nsfw"}, user_id=52, message=public)
+        assert "moderator" in await answer(fake, rec)
+        [case] = await rows_of(repo, ModerationCase)
+        assert case.review_message_id is None
+        await run.stop()
+
+        fake.forbidden_channels.clear()
+        run = await start(fake, tmp_path, repo)
+        await fake.wait_for(lambda c: c.path == f"/channels/{REVIEW}/messages" and c.status == 200)
+        review = review_message(fake, case.id)
+        assert (await repo.get_case(case.id)).review_message_id == int(review["id"])
+        rec = await fake.click(review, f"dalle:case:remove:{case.id}", user_id=53, permissions=MANAGE_MESSAGES)
+        assert await answer(fake, rec) == f"Case #{case.id} removed."
+        told = await fake.wait_for(lambda c: c.path == "/channels/50052/messages")
+        assert "removed" in told.json["content"]
+        await run.stop()
+
+        run = await start(fake, tmp_path, repo)  # nothing left to post
+        await asyncio.sleep(0.2)
+        assert len([c for c in review_posts(fake) if c.status == 200]) == 1
     finally:
         await run.stop()
         await repo.close()

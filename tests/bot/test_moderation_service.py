@@ -150,7 +150,9 @@ async def test_moderation_remove_then_approve_rerender_the_result_and_are_audite
     shown = {im.id: im for im in front.refreshed[-1].images}
     assert shown[rows[0].id].withheld and not shown[rows[1].id].withheld
     assert shown[rows[2].id].flagged and not shown[rows[2].id].withheld  # the flagged one: a spoiler, as before
-    assert [(u, c) for u, _, c in front.told] == [(21, contact)] and "removed" in front.told[0][1]
+    assert [(u, c) for u, _, c in front.told] == [(21, contact), (77, None)]  # the reporter, then the author
+    assert "removed" in front.told[0][1] and "a red square" in front.told[1][1] and "off topic" in front.told[1][1]
+    assert shown[rows[0].id].removed and not shown[rows[2].id].removed
     assert front.updates[-1][2].actions[-1].action == "remove"  # the review post shows who did what
     again = await svc.approve(case.id, MOD)  # a second click on a decided case changes nothing
     assert again.action == "none" and "already closed" in again.message
