@@ -25,7 +25,7 @@ from bot.config import Settings
 from bot.filters import FilterDecision, GuildPolicy, PromptFilter
 from bot.leases import Leases
 from bot.moderation import ModerationService
-from bot.outcome import MAX_IMAGES, Admission, Delivery, FeedbackResult, Publisher
+from bot.outcome import MAX_FEEDBACK_NOTE, MAX_IMAGES, Admission, Delivery, FeedbackResult, Publisher
 from bot.ratelimit import LimitPolicy, RateLimiter, human_duration
 from bot.runner import Runner
 from bot.scheduler import QueueEntry, QueueRefused, Scheduler, user_cap_message
@@ -37,6 +37,22 @@ log = logging.getLogger(__name__)
 
 RANDOM_SEEDS = 2**31  # seeds the bot draws (and derives variations into) lie below this: short enough to type
 LONG_PROMPT = 200  # characters above which the prompt filter runs in a worker thread
+
+
+def _not_yours(action: str) -> Admission:
+    """Another user's private generation: its prompt and images are its owner's alone. Not recorded as a
+    refusal (the row would copy the private prompt under another user)."""
+    return Admission(False, category="private",
+                     message=f"That generation is private: only the user who made it can {action} it.")
+
+
+def cap_note(note: str | None) -> str | None:
+    """A feedback note as stored: stripped, None when empty, at most ``MAX_FEEDBACK_NOTE`` characters (the
+    Discord form's limit; the terminal and any other front end get the same)."""
+    note = (note or "").strip()
+    if len(note) > MAX_FEEDBACK_NOTE:
+        note = note[: MAX_FEEDBACK_NOTE - 1].rstrip() + "…"
+    return note or None
 
 
 def derive_seed(parent_seed: int, index: int) -> int:
@@ -297,6 +313,8 @@ class GenerationService:
         parent = await self.repo.get_generation(generation_id, with_images=False)
         if parent is None:
             return Admission(False, category="invalid", message="That generation no longer exists.")
+        if parent.private and parent.user_id != user_id:
+            return _not_yours("reroll")
         return await self.submit(
             user_id=user_id, prompt=parent.prompt, guild_id=guild_id if guild_id is not None else parent.guild_id,
             n=parent.n_images, private=parent.private, delivery=delivery, kind=GenerationKind.REROLL.value,
@@ -310,6 +328,10 @@ class GenerationService:
         if image is None:
             return Admission(False, category="invalid", message="That image no longer exists.")
         parent = await self.repo.get_generation(image.generation_id, with_images=False)
+        if parent is None:
+            return Admission(False, category="invalid", message="That image no longer exists.")
+        if parent.private and parent.user_id != user_id:
+            return _not_yours("make variations of")
         return await self.submit(
             user_id=user_id, prompt=parent.prompt, guild_id=guild_id if guild_id is not None else parent.guild_id,
             n=parent.n_images, seed=derive_seed(parent.seed, image.index), private=parent.private,
@@ -341,6 +363,7 @@ class GenerationService:
         image = await self.repo.get_image(image_id)
         if image is None:
             return FeedbackResult(False, f"Image {image_id} does not exist.")
+        note = cap_note(note)
         await self.repo.record_feedback(image_id, user_id, kind, reason=reason, note=note)
         if kind != FeedbackKind.REPORT.value:
             return FeedbackResult(True, "Thanks for the feedback!")

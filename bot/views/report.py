@@ -7,6 +7,7 @@ from typing import Any
 
 import discord
 
+from bot.outcome import MAX_FEEDBACK_NOTE
 from bot.views.common import delivery_for, service_of
 
 REASONS = ("nsfw", "bias", "quality", "other")
@@ -21,7 +22,7 @@ class ReportModal(discord.ui.Modal):
         label="Reason: nsfw, bias, quality or other", custom_id="reason", max_length=10, placeholder="nsfw")
     note: discord.ui.TextInput = discord.ui.TextInput(
         label="Details (optional)", custom_id="note", style=discord.TextStyle.paragraph, required=False,
-        max_length=500)
+        max_length=MAX_FEEDBACK_NOTE)
 
     def __init__(self, image_id: int) -> None:
         super().__init__(title="Report this image", custom_id=f"dalle:reportmodal:{image_id}", timeout=600)
