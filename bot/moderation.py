@@ -202,6 +202,14 @@ class ModerationService:
         view.reports = [Report(f.user_id, f.reason, f.note) for f in await self.repo.case_reports(case.id)]
         return view
 
+    async def open_case(self, source: str, *, image_id: int, reason: str | None = None, reporter: int | None = None,
+                        contact: Delivery | None = None) -> tuple[int, bool]:
+        """Open a case on an image, or join the one open on it (a second report adds to it, no second case), and
+        post it or refresh its post. Returns ``(case id, created)``."""
+        case, created = await self.repo.open_case(source, image_id=image_id, reason=reason)
+        await self.case_opened(case.id, created, reporter=reporter, contact=contact)
+        return case.id, created
+
     async def case_opened(self, case_id: int, created: bool, reporter: int | None = None,
                           contact: Delivery | None = None) -> None:
         """A case was opened (``created``) or a report joined it: remember the reporter, post the case or

@@ -367,10 +367,10 @@ class GenerationService:
         await self.repo.record_feedback(image_id, user_id, kind, reason=reason, note=note)
         if kind != FeedbackKind.REPORT.value:
             return FeedbackResult(True, "Thanks for the feedback!")
-        case, created = await self.repo.open_case(CaseSource.REPORT.value, image_id=image_id,
-                                                  reason=f"{reason}: {note}" if note else reason)
-        await self.moderation.case_opened(case.id, created, reporter=user_id, contact=contact)
-        return FeedbackResult(True, "Thanks, a moderator will review this image.", case_id=case.id)
+        case_id, _ = await self.moderation.open_case(CaseSource.REPORT.value, image_id=image_id,
+                                                     reason=f"{reason}: {note}" if note else reason,
+                                                     reporter=user_id, contact=contact)
+        return FeedbackResult(True, "Thanks, a moderator will review this image.", case_id=case_id)
 
     # -- queries -------------------------------------------------------------------------------------
 

@@ -104,9 +104,10 @@ async def test_moderation_case_is_posted_once_and_reports_join_it(setup, repo):
 
     for user, reason in ((21, "nsfw"), (22, "bias")):
         await repo.record_feedback(rows[2].id, user, "report", reason=reason)
-        again, created = await repo.open_case("report", image_id=rows[2].id)
-        assert again.id == case.id and not created
-        await svc.case_opened(again.id, created, reporter=user, contact=Delivery(channel_id=3000))
+        again, created = await svc.open_case("report", image_id=rows[2].id, reporter=user,
+                                             contact=Delivery(channel_id=3000))
+        assert again == case.id and not created
+    assert set(svc.reporters[case.id]) == {21, 22}
     assert len(front.posts) == 1 and len(front.updates) == 2  # the post is refreshed, never repeated
     assert [(r.user_id, r.reason) for r in front.updates[-1][2].reports] == [(21, "nsfw"), (22, "bias")]
     assert await svc.post_pending() == []  # a restart finds nothing to post
@@ -199,3 +200,20 @@ async def test_moderation_ban_author_blocks_in_that_guild_until_it_ends(setup, r
     author, record = await svc.history(case.id, MOD)
     assert author == 77 and record.generations == 1 and [b.reason for b in record.bans] == ["again", "spam"]
     assert [c.id for c in record.cases] == [case.id]
+
+
+async def test_moderation_guild_ban_refuses_admission_with_until_and_why(running_service):
+    svc, repo, _engine, _pub = running_service
+    now = repo.now()
+    await repo.ban_in_guild(GUILD, 5, 9, reason="old", expires_at=now - timedelta(seconds=1))
+    assert (await svc.submit(user_id=5, prompt="a cat", guild_id=GUILD)).ok  # an expired ban holds no one
+    await repo.ban_in_guild(GUILD, 5, 9, reason="spamming the channel", expires_at=now + timedelta(days=7))
+    adm = await svc.submit(user_id=5, prompt="a cat", guild_id=GUILD)
+    assert not adm.ok and adm.category == "banned"
+    assert adm.message.startswith("You are banned from generating images in this server until ")
+    assert adm.message.endswith(": spamming the channel")
+    assert (await svc.submit(user_id=5, prompt="a cat", guild_id=GUILD + 1)).ok  # other guilds are not affected
+    assert (await svc.submit(user_id=5, prompt="a cat")).ok  # nor DMs
+    assert [r.reason for r in await repo.list_refusals(user_id=5)] == ["banned"]
+    await repo.lift_guild_bans(GUILD, 5, 9)
+    assert (await svc.submit(user_id=5, prompt="a cat", guild_id=GUILD)).ok
