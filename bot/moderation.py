@@ -323,6 +323,41 @@ class ModerationService:
             return None, None
         return view.author_id, await self.repo.user_record(view.author_id, guild_id=actor.guild_id)
 
+    # -- commands (``/dalle-mod``): the same checks, no case needed ---------------------------------------
+
+    async def _require_guild(self, actor: Moderator) -> int:
+        if actor.guild_id is None or not await self.is_moderator(actor.guild_id, actor.role_ids,
+                                                                 actor.can_manage_messages):
+            raise NotModerator()
+        return actor.guild_id
+
+    async def cases(self, actor: Moderator, *, open_only: bool = True, limit: int = 20) -> list[Any]:
+        """The guild's cases (open ones oldest first, or all newest first)."""
+        guild_id = await self._require_guild(actor)
+        return await self.repo.list_guild_cases(guild_id, open_only=open_only, limit=limit)
+
+    async def case(self, actor: Moderator, case_id: int) -> CaseView:
+        case = await self._case(case_id)
+        await self._require(actor, case)
+        return await self.case_view(case_id, with_png=False)
+
+    async def user_history(self, actor: Moderator, user_id: int) -> UserRecord:
+        return await self.repo.user_record(user_id, guild_id=await self._require_guild(actor))
+
+    async def ban_user(self, actor: Moderator, user_id: int, duration: str, reason: str) -> str:
+        """Ban a member from generating in the actor's guild for ``duration``; returns what to tell the moderator."""
+        guild_id = await self._require_guild(actor)
+        if not reason or not reason.strip():
+            raise ValueError("a ban needs a reason")
+        length = parse_duration(duration)
+        until = self.repo.now() + length if length is not None else None
+        await self.repo.ban_in_guild(guild_id, user_id, actor.user_id, reason=reason.strip(), expires_at=until)
+        return f"<@{user_id}> is banned from generating here {format_until(until)}."
+
+    async def unban_user(self, actor: Moderator, user_id: int, reason: str | None = None) -> str:
+        lifted = await self.repo.lift_guild_bans(await self._require_guild(actor), user_id, actor.user_id, reason)
+        return f"<@{user_id}> may generate here again." if lifted else f"<@{user_id}> was not banned here."
+
     async def _after_action(self, case_id: int) -> CaseView:
         """Edit the review post to show the action (best effort)."""
         view = await self.case_view(case_id, with_png=False)

@@ -3,8 +3,9 @@
 Loading the cog makes :class:`DiscordReviewer` the moderation service's front end (cases are posted to the
 guild's review channel with the image bytes re-uploaded as a spoiler, review posts are edited after each action,
 public results are re-rendered, reporters are told the outcome) and posts the open cases a previous run left
-unposted. The buttons are ``bot.views.review``; the ban form's submissions arrive here. All decisions are the
-service's.
+unposted. The buttons are ``bot.views.review``; the ban form's submissions arrive here. ``/dalle-mod`` (cases,
+case, user, ban, unban) is hidden from members without Manage Messages by default, and every command is checked
+again by the service (a server admin may have opened the command to others). All decisions are the service's.
 """
 
 from __future__ import annotations
@@ -12,16 +13,26 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 import discord
+from discord import app_commands
 from discord.ext import commands
 
-from bot.moderation import CaseView
+from bot.moderation import CaseNotFound, CaseView, NotModerator
 from bot.outcome import Delivery, Outcome
 from bot.publish import token_valid
 from bot.views.common import tell_failure
-from bot.views.review import ReviewView, case_embed, handle_ban_submit
+from bot.views.review import (
+    ReviewView,
+    case_embed,
+    cases_text,
+    handle_ban_submit,
+    history_text,
+    moderation_of,
+    moderator_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +96,47 @@ class Moderation(commands.Cog):
             self._pending.cancel()
             await asyncio.gather(self._pending, return_exceptions=True)
 
+    mod = app_commands.Group(name="dalle-mod", description="Moderate image generation in this server",
+                             guild_only=True, default_permissions=discord.Permissions(manage_messages=True))
+
+    @mod.command(name="cases", description="This server's open cases (or all recent ones)")
+    @app_commands.describe(which="open (default) or all")
+    async def cases(self, interaction: discord.Interaction, which: Literal["open", "all"] = "open") -> None:
+        async def work() -> str:
+            rows = await moderation_of(interaction).cases(moderator_of(interaction), open_only=which == "open")
+            return cases_text(rows, which)
+        await private_answer(interaction, work)
+
+    @mod.command(name="case", description="One case: the image's details, reports and actions")
+    async def case(self, interaction: discord.Interaction, case_id: app_commands.Range[int, 1]) -> None:
+        embeds: list[discord.Embed] = []
+
+        async def work() -> str:
+            embeds.append(case_embed(await moderation_of(interaction).case(moderator_of(interaction), case_id)))
+            return ""
+        await private_answer(interaction, work, embeds)
+
+    @mod.command(name="user", description="A member's record here: generations, refusals, strikes, bans, cases")
+    async def user(self, interaction: discord.Interaction, member: discord.User) -> None:
+        async def work() -> str:
+            return history_text(member.id, await moderation_of(interaction).user_history(moderator_of(interaction),
+                                                                                          member.id))
+        await private_answer(interaction, work)
+
+    @mod.command(name="ban", description="Ban a member from generating images here")
+    @app_commands.describe(duration="30m, 12h, 7d, 2w or permanent (default)", reason="Why (the member is told)")
+    async def ban(self, interaction: discord.Interaction, member: discord.User,
+                  reason: app_commands.Range[str, 1, 300], duration: str = "permanent") -> None:
+        async def work() -> str:
+            return await moderation_of(interaction).ban_user(moderator_of(interaction), member.id, duration, reason)
+        await private_answer(interaction, work)
+
+    @mod.command(name="unban", description="Lift a member's ban here")
+    async def unban(self, interaction: discord.Interaction, member: discord.User, reason: str | None = None) -> None:
+        async def work() -> str:
+            return await moderation_of(interaction).unban_user(moderator_of(interaction), member.id, reason)
+        await private_answer(interaction, work)
+
     @commands.Cog.listener("on_interaction")
     async def ban_submitted(self, interaction: discord.Interaction) -> None:
         try:
@@ -92,6 +144,18 @@ class Moderation(commands.Cog):
         except Exception:
             log.exception("ban form submission %s failed", interaction.id)
             await tell_failure(interaction)
+
+
+async def private_answer(interaction: discord.Interaction, work: Callable[[], Awaitable[str]],
+                         embeds: list[discord.Embed] | None = None) -> None:
+    """Defer privately first (the 3-second rule), then show what ``work`` returns, or why it was refused."""
+    await interaction.response.defer(ephemeral=True, thinking=True)
+    try:
+        text = await work()
+    except (NotModerator, CaseNotFound, ValueError) as exc:
+        text = str(exc)
+    await interaction.edit_original_response(content=text[:2000] or None, embeds=embeds or [],
+                                             allowed_mentions=NO_MENTIONS)
 
 
 async def setup(bot: commands.Bot) -> None:

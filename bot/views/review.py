@@ -144,6 +144,17 @@ async def handle_ban_submit(interaction: discord.Interaction) -> bool:
     return True
 
 
+def cases_text(cases: list[Any], which: str = "open") -> str:
+    if not cases:
+        return "No open cases." if which == "open" else "No cases yet."
+    lines = [f"**{'Open cases, oldest first' if which == 'open' else 'Cases, newest first'}**"]
+    for case in cases:
+        when = int(case.opened_at.timestamp())
+        lines.append(f"#{case.id} · {case.source} · {case.status} · opened <t:{when}:R>"
+                     + (f" · {case.reason[:80]}" if case.reason else ""))
+    return "\n".join(lines)[:2000]
+
+
 def history_text(author: int | None, record: Any) -> str:
     if author is None or record is None:
         return "This case has no author on record."

@@ -203,6 +203,17 @@ class ModerationRepository(RepositoryBase):
             s.add(row)
         return row
 
+    async def list_guild_cases(self, guild_id: int, *, open_only: bool = True, limit: int = 20) -> list[ModerationCase]:
+        """A guild's cases: the open ones oldest first, or all of them newest first."""
+        stmt = select(ModerationCase).where(ModerationCase.guild_id == guild_id).limit(limit)
+        if open_only:
+            stmt = stmt.where(ModerationCase.status == CaseStatus.OPEN.value).order_by(
+                ModerationCase.opened_at, ModerationCase.id)
+        else:
+            stmt = stmt.order_by(ModerationCase.id.desc())
+        async with self._read() as s:
+            return list((await s.execute(stmt)).scalars())
+
     async def list_unposted_cases(self, generation_id: int | None = None, limit: int = 100) -> list[ModerationCase]:
         """Open cases not yet posted to a review channel (of one generation, or all), oldest first."""
         stmt = (

@@ -217,3 +217,21 @@ async def test_moderation_guild_ban_refuses_admission_with_until_and_why(running
     assert [r.reason for r in await repo.list_refusals(user_id=5)] == ["banned"]
     await repo.lift_guild_bans(GUILD, 5, 9)
     assert (await svc.submit(user_id=5, prompt="a cat", guild_id=GUILD)).ok
+
+
+async def test_moderation_commands_need_a_moderator_and_are_audited(setup, repo):
+    svc, front, gen, rows = setup
+    case, _ = await repo.open_case("auto", image_id=rows[2].id)
+    for call in (svc.cases(MEMBER), svc.case(MEMBER, case.id), svc.user_history(MEMBER, 77),
+                 svc.ban_user(MEMBER, 77, "1d", "spam"), svc.unban_user(MEMBER, 77),
+                 svc.cases(Moderator(user_id=9, guild_id=None, can_manage_messages=True))):
+        with pytest.raises(NotModerator):
+            await call
+    assert await repo.active_guild_ban(GUILD, 77) is None
+    assert [c.id for c in await svc.cases(MOD)] == [case.id]
+    assert (await svc.case(MOD, case.id)).prompt == "a red square"
+    assert "until" in await svc.ban_user(MOD, 77, "2h", "spam")
+    assert (await svc.user_history(MOD, 77)).bans[0].reason == "spam"
+    assert await svc.unban_user(MOD, 77, "appeal") == "<@77> may generate here again."
+    await svc.dismiss(case.id, MOD)
+    assert await svc.cases(MOD) == [] and [c.status for c in await svc.cases(MOD, open_only=False)] == ["dismissed"]
