@@ -31,13 +31,20 @@ def load_checkpoint_pipeline(checkpoint: str | Path, **opts: Any) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from engine.auth import parse_client_tokens
     from engine.server import ServerSettings, serve
 
     token = args.token if args.token is not None else os.environ.get("ENGINE_TOKEN") or None
+    try:
+        tokens = parse_client_tokens(os.environ.get("ENGINE_TOKENS"))
+    except ValueError as exc:
+        print(f"error: ENGINE_TOKENS: {exc}", file=sys.stderr)
+        return 2
     settings = ServerSettings(
         host=args.host,
         port=args.port,
         token=token,
+        tokens=tokens,
         window_ms=args.window_ms,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
@@ -87,7 +94,8 @@ def add_serve(subparsers: Any) -> None:
     p.add_argument(
         "--token",
         default=None,
-        help="bearer token clients must send (default: env ENGINE_TOKEN; without one, only loopback is allowed)",
+        help="bearer token clients must send (default: env ENGINE_TOKEN; without one, only loopback is allowed). "
+        "Env ENGINE_TOKENS=name:token,... gives clients their own tokens: each sees and cancels only its jobs",
     )
     p.add_argument("--window-ms", type=float, default=10.0, help="batching window in milliseconds (default 10)")
     p.add_argument("--max-batch", type=int, default=None, help="cap candidates per pass (default: biggest bucket)")

@@ -14,14 +14,17 @@ Routes (all JSON; errors are ``{"error": "..."}`` with a 4xx/5xx status):
 - ``GET /healthz`` (never needs the token) and ``GET /metrics`` (Prometheus text, the app's own registry)
 
 Every route but ``/healthz`` needs ``Authorization: Bearer <token>`` when a token is set; without one the
-server only binds a loopback address. The model runs in the batcher's worker thread, never on the loop.
+server only binds a loopback address. Several clients can each have their own named token (``ENGINE_TOKENS``,
+:mod:`engine.auth`): a job is then read, followed and cancelled only by the client that made it (any other gets
+404, as for an unknown id), and admin routes need the operator's ``ENGINE_TOKEN``. The model runs in the batcher's
+worker thread, never on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
+import functools
 import ipaddress
 import json
 import logging
@@ -31,12 +34,13 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from engine.api import BadRequest, EngineError, GenerationRequest, Pipeline
+from engine.auth import DEFAULT_CLIENT, Clients, JobOwners
 from engine.batching import TERMINAL, Batcher, DuplicateRequest, QueueFull, ShuttingDown, UnknownRequest
 from engine.metrics import EngineMetrics
 from engine.priority import DEFAULT_MODEL_NICE
@@ -60,7 +64,8 @@ class ServerSettings:
 
     host: str = "127.0.0.1"
     port: int = 8808
-    token: str | None = None
+    token: str | None = None  # ENGINE_TOKEN: the operator's client ("default"), the one admin routes accept
+    tokens: dict[str, str] = field(default_factory=dict, repr=False)  # ENGINE_TOKENS: {client name: its token}
     window_ms: float = 10.0
     max_batch: int | None = None  # cap candidates per pass below the pipeline's biggest bucket
     max_queue: int = 1024
@@ -72,10 +77,14 @@ class ServerSettings:
     heartbeat: float = 15.0  # SSE keep-alive comment interval
     model_nice: int = DEFAULT_MODEL_NICE  # the model's threads run at this nice value, below the event loop
 
+    def __repr__(self) -> str:  # the tokens stay out of logs and tracebacks
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                          if f.name not in ("token", "tokens"))
+        return f"ServerSettings(token={'***' if self.token else None!r}, clients={sorted(self.tokens)}, {shown})"
+
     def validate(self) -> None:
-        if self.token is not None and not self.token.strip():
-            raise ValueError("the engine token must not be empty")
-        if self.token is None and not is_loopback(self.host):
+        Clients(self.token, self.tokens)  # raises ValueError for an empty, unnamed or shared token
+        if self.token is None and not self.tokens and not is_loopback(self.host):
             raise ValueError(
                 f"refusing to serve on {self.host!r} without a token: set --token or ENGINE_TOKEN, "
                 "or bind a loopback address"
@@ -105,6 +114,8 @@ def is_loopback(host: str) -> bool:
 
 BATCHER = web.AppKey("batcher", Batcher)
 SETTINGS = web.AppKey("settings", ServerSettings)
+CLIENTS = web.AppKey("clients", Clients)
+OWNERS = web.AppKey("owners", JobOwners)
 METRICS = web.AppKey("metrics", EngineMetrics)
 STARTED = web.AppKey("started", float)
 # ids in flight when a drain began whose finished result no client has read yet (only filled by the drain, so it
@@ -170,16 +181,36 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
 
 @web.middleware
 async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
-    token = request.app[SETTINGS].token
-    if token is None or request.path == "/healthz":
+    """Names the request's client (``request["client"]``: None when the service has no tokens)."""
+    clients = request.app[CLIENTS]
+    request["client"] = None
+    if not clients.required or request.path == "/healthz":
         return await handler(request)
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
     # non-UTF-8 header bytes arrive as surrogates: they are simply a wrong token
     given = value.strip().encode("utf-8", "surrogateescape")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given, token.encode()):
+    client = clients.identify(given) if scheme.lower() == "bearer" else None
+    if client is None:
         request.app[METRICS].errors.labels("unauthorized").inc()
         return _error(401, "missing or invalid bearer token", **{"WWW-Authenticate": 'Bearer realm="engine"'})
+    request["client"] = client
     return await handler(request)
+
+
+def _known(batcher: Batcher, rid: str) -> bool:
+    try:
+        batcher.status(rid)
+    except UnknownRequest:
+        return False
+    return True
+
+
+def _not_theirs(request: web.Request, rid: str) -> web.Response | None:
+    """404 (as for an unknown id) when the job is another client's, else None."""
+    if request.app[OWNERS].allows(rid, request["client"]):
+        return None
+    request.app[METRICS].errors.labels("not_found").inc()
+    return _error(404, str(UnknownRequest(f"unknown request id {rid!r}")))
 
 
 # -- handlers -------------------------------------------------------------------------------------------------
@@ -214,6 +245,7 @@ async def post_generation(request: web.Request) -> web.Response:
         return _error(503, str(exc), **{"Retry-After": "5"})
     except ShuttingDown as exc:
         return _error(503, str(exc))
+    app[OWNERS].record(rid, request["client"])
     status = batcher.status(rid)
     location = f"/v1/generations/{rid}"
     return web.json_response(
@@ -245,6 +277,8 @@ def _status_json(batcher: Batcher, rid: str) -> dict[str, Any]:
 
 async def get_generation(request: web.Request) -> web.Response:
     rid = request.match_info["id"]
+    if (refused := _not_theirs(request, rid)) is not None:
+        return refused
     try:
         body = _status_json(request.app[BATCHER], rid)
         if body.get("state") in TERMINAL:
@@ -258,6 +292,8 @@ async def get_generation(request: web.Request) -> web.Response:
 async def generation_events(request: web.Request) -> web.StreamResponse:
     batcher = request.app[BATCHER]
     rid = request.match_info["id"]
+    if (refused := _not_theirs(request, rid)) is not None:
+        return refused
     try:
         sub, event = batcher.subscribe(rid)
     except UnknownRequest as exc:
@@ -290,6 +326,8 @@ async def generation_events(request: web.Request) -> web.StreamResponse:
 async def delete_generation(request: web.Request) -> web.Response:
     batcher = request.app[BATCHER]
     rid = request.match_info["id"]
+    if (refused := _not_theirs(request, rid)) is not None:
+        return refused
     try:
         batcher.status(rid)
     except UnknownRequest as exc:
@@ -319,6 +357,9 @@ async def post_reload(request: web.Request) -> web.Response:
     if app[SETTINGS].token is None:
         app[METRICS].errors.labels("unauthorized").inc()
         return _error(403, "admin routes need the engine to run with a token (--token or ENGINE_TOKEN)")
+    if request["client"] != DEFAULT_CLIENT:
+        app[METRICS].errors.labels("unauthorized").inc()
+        return _error(403, "admin routes need the operator's ENGINE_TOKEN, not a client's from ENGINE_TOKENS")
     try:
         data = json.loads(await request.read())
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -400,13 +441,14 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None, *,
     ``/admin/reload`` loads a checkpoint directory (default: the pipeline's ``with_checkpoint``)."""
     settings = settings or ServerSettings()
     settings.validate()
-    if settings.token is None:
+    if settings.token is None and not settings.tokens:
         log.warning("no engine token set: authentication is DISABLED (bound to loopback %s)", settings.host)
     app = web.Application(middlewares=[_json_errors, _auth], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = EngineMetrics()
     app[STARTED] = time.monotonic()
     app[UNFETCHED] = set()
+    app[CLIENTS] = Clients(settings.token, settings.tokens)
     app[BATCHER] = Batcher(
         pipeline,
         window_ms=settings.window_ms,
@@ -418,6 +460,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None, *,
         model_nice=settings.model_nice,
         loader=loader,
     )
+    app[OWNERS] = JobOwners(alive=functools.partial(_known, app[BATCHER]))
     app.router.add_post("/v1/generations", post_generation)
     app.router.add_get("/v1/generations/{id}", get_generation)
     app.router.add_get("/v1/generations/{id}/events", generation_events)
