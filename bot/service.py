@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bot.admin import AdminService
 from bot.config import Settings
 from bot.filters import FilterDecision, GuildPolicy, PromptFilter
 from bot.leases import Leases
@@ -118,6 +119,10 @@ class GenerationService:
         self.moderation = ModerationService(repo, guild_settings=self.guild_settings,
                                             flagged_mode=self.flagged_mode_for, review_channel_id=review_channel_id)
         self.leases.on_delivered = self.moderation.outcome_delivered
+        self.admin = AdminService(repo, guild_settings=self.guild_settings, update_settings=self.update_guild_settings,
+                                  defaults={"review_channel_id": review_channel_id, "flagged_mode": flagged_mode,
+                                            "daily_quota": self.limiter.policy.daily_quota,
+                                            "max_queue_per_user": self.scheduler.per_user_cap})
 
     # -- lifecycle -----------------------------------------------------------------------------------
 

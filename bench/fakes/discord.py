@@ -234,25 +234,40 @@ class FakeDiscord:
 
     async def slash(self, name: str, options: dict[str, Any], *, user_id: int = 1, guild_id: int | None = 2000,
                     channel_id: int | None = None, subcommand: str | None = None, users: dict[str, int] | None = None,
+                    channels: dict[str, int] | None = None, role_options: dict[str, int] | None = None,
                     permissions: str | None = None, roles: list[int] | None = None) -> InteractionRecord:
-        """``subcommand``: the group's command to run; ``users``: user options (name → a member's id), sent with
-        the resolved users and members as Discord sends them."""
+        """``subcommand``: the group's command to run ("group command" for a subgroup's); ``users``, ``channels``,
+        ``role_options``: user, channel and role options (name → id), sent with their resolved objects as Discord
+        sends them."""
         types = {str: 3, int: 4, bool: 5}
         payload = self._interaction_base(2, user_id, guild_id, channel_id, permissions, roles)
         registered = self.guild_commands.get(guild_id, []) + self.commands if guild_id else self.commands
         cmd = next((c for c in registered if c["name"] == name), None)
         opts = [{"name": k, "type": types[type(v)], "value": v} for k, v in options.items()]
         opts += [{"name": k, "type": 6, "value": str(uid)} for k, uid in (users or {}).items()]
-        if subcommand is not None:
-            opts = [{"name": subcommand, "type": 1, "options": opts}]
+        opts += [{"name": k, "type": 7, "value": str(cid)} for k, cid in (channels or {}).items()]
+        opts += [{"name": k, "type": 8, "value": str(rid)} for k, rid in (role_options or {}).items()]
+        for depth, part in enumerate(reversed((subcommand or "").split())):
+            opts = [{"name": part, "type": 1 if depth == 0 else 2, "options": opts}]
         payload["data"] = {"id": cmd["id"] if cmd else str(self.snowflake()), "name": name, "type": 1, "options": opts}
+        resolved: dict[str, Any] = {}
+        if channels:
+            resolved["channels"] = {str(cid): {"id": str(cid), "type": 0, "name": f"channel{cid}",
+                                               "permissions": MEMBER_PERMISSIONS, "guild_id": str(guild_id)}
+                                    for cid in channels.values()}
+        if role_options:
+            resolved["roles"] = {str(rid): {"id": str(rid), "name": f"role{rid}", "permissions": "0", "position": 1,
+                                            "color": 0, "hoist": False, "managed": False, "mentionable": False,
+                                            "flags": 0} for rid in role_options.values()}
+        if resolved:
+            payload["data"]["resolved"] = resolved
         if users:
             ids = {str(uid) for uid in users.values()}
-            payload["data"]["resolved"] = {
+            payload["data"].setdefault("resolved", {}).update({
                 "users": {uid: self.user(int(uid)) for uid in ids},
                 "members": {uid: {"roles": [], "joined_at": "2026-01-01T00:00:00+00:00", "deaf": False,
                                   "mute": False, "flags": 0, "nick": None, "avatar": None, "pending": False,
-                                  "permissions": MEMBER_PERMISSIONS} for uid in ids}}
+                                  "permissions": MEMBER_PERMISSIONS} for uid in ids}})
         if guild_id is not None:
             payload["data"]["guild_id"] = str(guild_id)
         return await self.send_interaction(payload)

@@ -3,8 +3,9 @@ and ban users for a while (guild_bans)
 
 - ``moderation_cases.guild_id`` and ``moderation_actions.guild_id``: the review channel and the audit trail
   are per guild; old rows keep NULL (the guild was not recorded).
-- case status ``dismissed`` and action ``dismiss``: a moderator closes a case without changing the image
-  (the named CHECK constraints are rebuilt with the new values; SQLite copies the table in batch mode).
+- case status ``dismissed`` and action ``dismiss``: a moderator closes a case without changing the image;
+  action ``settings``: a guild setting changed (the named CHECK constraints are rebuilt with the new values;
+  SQLite copies the table in batch mode).
 - ``guild_settings.moderator_role_id``: holders of this role moderate the guild besides Manage Messages.
 - ``guild_bans``: a guild's own ban of a user, with its reason, moderator, expiry (NULL: permanent) and when it
   was lifted; ``user_state.banned`` stays the operator's global ban.
@@ -27,7 +28,7 @@ depends_on: str | Sequence[str] | None = None
 CASE_STATUS_OLD = "status IN ('open', 'approved', 'removed')"
 CASE_STATUS_NEW = "status IN ('open', 'approved', 'removed', 'dismissed')"
 ACTION_OLD = "action IN ('approve', 'remove', 'ban', 'unban')"
-ACTION_NEW = "action IN ('approve', 'remove', 'ban', 'unban', 'dismiss')"
+ACTION_NEW = "action IN ('approve', 'remove', 'ban', 'unban', 'dismiss', 'settings')"
 
 
 def _rebuild_check(table: str, name: str, sql: str) -> None:
@@ -65,7 +66,7 @@ def downgrade() -> None:
     op.drop_index("ix_guild_bans_guild_id_user_id", table_name="guild_bans")
     op.drop_table("guild_bans")
     # rows with the new values cannot satisfy the old constraints: a dismissed case was closed unchanged
-    op.execute("DELETE FROM moderation_actions WHERE action = 'dismiss'")
+    op.execute("DELETE FROM moderation_actions WHERE action IN ('dismiss', 'settings')")
     op.execute("UPDATE moderation_cases SET status = 'approved' WHERE status = 'dismissed'")
     _rebuild_check("moderation_actions", "action", ACTION_OLD)
     _rebuild_check("moderation_cases", "status", CASE_STATUS_OLD)

@@ -39,6 +39,7 @@ class ModAction(enum.StrEnum):
     BAN = "ban"
     UNBAN = "unban"
     DISMISS = "dismiss"
+    SETTINGS = "settings"  # a guild setting changed (/dalle-admin)
 
 
 class Refusal(Base):

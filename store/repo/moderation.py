@@ -148,6 +148,7 @@ class ModerationRepository(RepositoryBase):
         - dismiss: case → dismissed (closed), the image stays as it is;
         - ban / unban: the operator's global ban of the target user (default: the author of the case's
           generation); a ban adds a strike. The case stays as it is. (A guild's ban is :meth:`ban_in_guild`.)
+        - settings: only recorded (the change itself went through ``update_guild_settings``).
 
         Closing a case that is no longer open raises :class:`CaseClosed` and changes nothing. ``guild_id``
         (where the action was taken) defaults to the case's guild.
@@ -173,7 +174,7 @@ class ModerationRepository(RepositoryBase):
                     image = await s.get(Image, case.image_id)
                     if image is not None:
                         image.hidden = action == ModAction.REMOVE
-            else:
+            elif action in (ModAction.BAN, ModAction.UNBAN):
                 if target_user_id is None and case is not None and case.generation_id is not None:
                     gen = await s.get(Generation, case.generation_id)
                     target_user_id = gen.user_id if gen is not None else None
