@@ -67,6 +67,7 @@ class Moderator:
     guild_id: int | None
     role_ids: tuple[int, ...] = ()
     can_manage_messages: bool = False
+    operator: bool = False  # the bot's operator (the terminal front end): moderates every case, bans globally
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,8 @@ class ModerationService:
         return role is not None and int(role) in {int(r) for r in role_ids}
 
     async def _require(self, actor: Moderator, case: Any) -> None:
+        if actor.operator:
+            return
         if case.guild_id is not None and actor.guild_id != case.guild_id:
             raise NotModerator("That case belongs to another server.")
         if not await self.is_moderator(actor.guild_id, actor.role_ids, actor.can_manage_messages):
@@ -251,7 +254,7 @@ class ModerationService:
             if channel is None:
                 log.info("case %s: guild %s has no review channel", case_id, case.guild_id)
                 return False
-            view = await self.case_view(case_id)
+            view = await self.case_view(case_id, with_png=case.review_message_id is None)  # the bytes go once
             if view.review_message_id is not None:
                 await self.front_end.update_case(channel, view.review_message_id, view)
                 return False
@@ -332,7 +335,9 @@ class ModerationService:
         return actor.guild_id
 
     async def cases(self, actor: Moderator, *, open_only: bool = True, limit: int = 20) -> list[Any]:
-        """The guild's cases (open ones oldest first, or all newest first)."""
+        """The guild's cases (open ones oldest first, or all newest first); the operator's: every open case."""
+        if actor.operator:
+            return await self.repo.list_open_cases(limit=limit)
         guild_id = await self._require_guild(actor)
         return await self.repo.list_guild_cases(guild_id, open_only=open_only, limit=limit)
 
@@ -353,6 +358,16 @@ class ModerationService:
         until = self.repo.now() + length if length is not None else None
         await self.repo.ban_in_guild(guild_id, user_id, actor.user_id, reason=reason.strip(), expires_at=until)
         return f"<@{user_id}> is banned from generating here {format_until(until)}."
+
+    async def operator_ban(self, actor: Moderator, user_id: int, reason: str, *, lift: bool = False) -> str:
+        """The operator's global ban (every guild, the terminal too), or its lifting; audited."""
+        if not actor.operator:
+            raise NotModerator("Only the bot's operator bans globally.")
+        if not lift and (not reason or not reason.strip()):
+            raise ValueError("a ban needs a reason")
+        action = ModAction.UNBAN.value if lift else ModAction.BAN.value
+        await self.repo.add_action(None, actor.user_id, action, reason=reason or None, target_user_id=user_id)
+        return f"user {user_id} may generate again." if lift else f"user {user_id} is banned everywhere: {reason}"
 
     async def unban_user(self, actor: Moderator, user_id: int, reason: str | None = None) -> str:
         lifted = await self.repo.lift_guild_bans(await self._require_guild(actor), user_id, actor.user_id, reason)

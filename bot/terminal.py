@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from bot.config import Settings
+from bot.moderation import CaseNotFound, Moderator, NotModerator
 from bot.outcome import MAX_IMAGES, Outcome, ProgressUpdate, from_discord
 from bot.service import GenerationService
 from bot.wiring import engine_for_settings, open_repository, service_from_settings
@@ -35,6 +36,9 @@ HELP = f"""
     /feedback <image-id> up|down|report [reason] [note...]
     /cancel <generation-id>              cancel a queued generation
     /queue                               your unfinished generations and their positions
+    /cases                               open moderation cases (you are the operator: every case)
+    /case <id> [approve|remove|dismiss [reason...]]   show a case, or decide it
+    /ban <user-id> <reason...>, /unban <user-id>      the operator's ban, in every guild
     /help, /quit                         (end of input also quits, after queued work finishes)"""
 
 
@@ -167,6 +171,11 @@ class TerminalFrontEnd:
             note = " ".join(parts[3:]) or None if kind == "report" else None
             res = await self.service.feedback(int(parts[0]), self.user_id, kind, reason=reason, note=note)
             self.say(res.message if res.ok else f"error: {res.message}")
+        elif cmd in ("/cases", "/case", "/ban", "/unban"):
+            try:
+                await self._moderate(cmd, args.split())
+            except (NotModerator, CaseNotFound, ValueError) as exc:
+                self.say(f"error: {exc}")
         elif cmd == "/queue":
             jobs = await self.service.user_queue(self.user_id)
             if not jobs:
@@ -177,6 +186,36 @@ class TerminalFrontEnd:
         else:
             self.say(f"unknown command {cmd}; try /help")
         return True
+
+    async def _moderate(self, cmd: str, parts: list[str]) -> None:
+        """The operator's side of moderation, through the same ModerationService as Discord's moderators."""
+        moderation = self.service.moderation
+        me = Moderator(user_id=self.user_id, guild_id=None, operator=True)
+        if cmd == "/cases":
+            cases = await moderation.cases(me)
+            self.say("No open cases." if not cases else "\n".join(
+                f"  case {c.id}: {c.source}, image {c.image_id}, {c.reason or ''}" for c in cases))
+            return
+        target = _id(parts[0]) if parts else None
+        if target is None:
+            self.say(f"usage: {cmd} <id> ...")
+            return
+        rest = " ".join(parts[1:])
+        if cmd == "/ban":
+            self.say(await moderation.operator_ban(me, target, rest))
+        elif cmd == "/unban":
+            self.say(await moderation.operator_ban(me, target, rest, lift=True))
+        elif not parts[1:]:
+            case = await moderation.case(me, target)
+            self.say(f"case {case.case_id} ({case.status}, {case.source}): {case.prompt!r} by user {case.author_id}, "
+                     f"seed {case.seed}, image {case.image_id}, scores {case.safety_scores}, "
+                     f"{len(case.reports)} report(s)" + "".join(f"\n  {a.action} by {a.moderator_id}: {a.reason or ''}"
+                                                             for a in case.actions))
+        elif parts[1].lower() in ("approve", "remove", "dismiss"):
+            result = await getattr(moderation, parts[1].lower())(target, me, " ".join(parts[2:]) or None)
+            self.say(result.message)
+        else:
+            self.say("usage: /case <id> [approve|remove|dismiss [reason...]]")
 
     def _admitted(self, adm) -> None:
         if adm.ok:

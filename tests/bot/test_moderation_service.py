@@ -235,3 +235,17 @@ async def test_moderation_commands_need_a_moderator_and_are_audited(setup, repo)
     assert await svc.unban_user(MOD, 77, "appeal") == "<@77> may generate here again."
     await svc.dismiss(case.id, MOD)
     assert await svc.cases(MOD) == [] and [c.status for c in await svc.cases(MOD, open_only=False)] == ["dismissed"]
+
+
+async def test_moderation_operator_decides_any_case_and_bans_globally(setup, repo):
+    svc, front, gen, rows = setup
+    operator = Moderator(user_id=1, guild_id=None, operator=True)
+    case, _ = await repo.open_case("auto", image_id=rows[2].id)
+    assert [c.id for c in await svc.cases(operator)] == [case.id]
+    assert (await svc.dismiss(case.id, operator)).case.status == "dismissed"
+    with pytest.raises(NotModerator, match="operator"):
+        await svc.operator_ban(MOD, 77, "spam")  # a guild's moderator bans in their guild only
+    assert "banned everywhere" in await svc.operator_ban(operator, 77, "spam")
+    assert (await repo.get_user_state(77)).banned
+    await svc.operator_ban(operator, 77, "", lift=True)
+    assert not (await repo.get_user_state(77)).banned
