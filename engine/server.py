@@ -5,6 +5,7 @@ Routes (all JSON; errors are ``{"error": "..."}`` with a 4xx/5xx status):
 - ``POST /v1/generations`` → 202 ``{"id": ...}`` (body: ``GenerationRequest`` fields; unknown fields refused)
 - ``GET /v1/generations/{id}`` → state, queue position, progress and, once done, ``GenerationResult.to_json()``
 - ``GET /v1/generations/{id}/events`` → Server-Sent Events of ``Progress.to_json()``, ending at a final state
+  (at most ``max_subscribers`` streams open on one job; more get 429)
 - ``DELETE /v1/generations/{id}`` → cancels a queued or running request
 - ``GET /v1/status`` → load summary (queue depth, candidates waiting/running) used for least-loaded routing
 - ``GET /v1/info`` → ``EngineInfo.to_json()``: the active checkpoint's id, the attention backend, the dtype
@@ -13,6 +14,7 @@ Routes (all JSON; errors are ``{"error": "..."}`` with a 4xx/5xx status):
   cannot be loaded (the old one keeps serving). Refused (403) when the service runs without a token.
 - ``GET /healthz`` (never needs the token) and ``GET /metrics`` (Prometheus text, the app's own registry)
 
+A malformed or oversized request is answered 400 / 413 and logged as one warning line, never with a traceback.
 Every route but ``/healthz`` needs ``Authorization: Bearer <token>`` when a token is set; without one the
 server only binds a loopback address. Several clients can each have their own named token (``ENGINE_TOKENS``,
 :mod:`engine.auth`): a job is then read, followed and cancelled only by the client that made it (any other gets
@@ -23,6 +25,7 @@ worker thread, never on the loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import ipaddress
@@ -75,6 +78,7 @@ class ServerSettings:
     shutdown_linger: float = 5.0  # after that, seconds clients get to fetch what finished during the drain
     warmup: bool = False  # compile every batch bucket while idle (python -m engine serve turns it on)
     heartbeat: float = 15.0  # SSE keep-alive comment interval
+    max_subscribers: int = 16  # event streams open at once on one job; more are refused (429)
     model_nice: int = DEFAULT_MODEL_NICE  # the model's threads run at this nice value, below the event loop
 
     def __repr__(self) -> str:  # the tokens stay out of logs and tracebacks
@@ -95,8 +99,8 @@ class ServerSettings:
             raise ValueError("window_ms, shutdown_grace and shutdown_linger must be >= 0")
         if self.result_ttl <= 0:
             raise ValueError("result_ttl must be > 0 (a finished result must stay retrievable)")
-        if self.max_queue < 1 or self.max_body_bytes < 1024 or self.heartbeat <= 0:
-            raise ValueError("max_queue must be >= 1, max_body_bytes >= 1024 and heartbeat > 0")
+        if self.max_queue < 1 or self.max_body_bytes < 1024 or self.heartbeat <= 0 or self.max_subscribers < 1:
+            raise ValueError("max_queue must be >= 1, max_body_bytes >= 1024, heartbeat > 0 and max_subscribers >= 1")
         if self.max_batch is not None and self.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if not 0 <= self.model_nice <= 19:
@@ -116,6 +120,7 @@ BATCHER = web.AppKey("batcher", Batcher)
 SETTINGS = web.AppKey("settings", ServerSettings)
 CLIENTS = web.AppKey("clients", Clients)
 OWNERS = web.AppKey("owners", JobOwners)
+STREAMS = web.AppKey("streams", collections.Counter)  # job id -> event streams open on it now
 METRICS = web.AppKey("metrics", EngineMetrics)
 STARTED = web.AppKey("started", float)
 # ids in flight when a drain began whose finished result no client has read yet (only filled by the drain, so it
@@ -197,6 +202,13 @@ async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
     return await handler(request)
 
 
+def _refused(request: web.Request, status: int, message: str) -> web.Response:
+    """A malformed or oversized request: one warning line (who, what, why; never the body), no traceback."""
+    log.warning("refused %s %s from %s (client %s): %d %s", request.method, request.path, request.remote,
+                request.get("client") or "-", status, message[:200])
+    return _error(status, message)
+
+
 def _known(batcher: Batcher, rid: str) -> bool:
     try:
         batcher.status(rid)
@@ -223,24 +235,24 @@ async def post_generation(request: web.Request) -> web.Response:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         metrics.errors.labels("too_large").inc()
-        return _error(413, f"request body is larger than {app[SETTINGS].max_body_bytes} bytes")
+        return _refused(request, 413, f"request body is larger than {app[SETTINGS].max_body_bytes} bytes")
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         metrics.errors.labels("bad_request").inc()
-        return _error(400, f"malformed JSON: {exc}")
+        return _refused(request, 400, f"malformed JSON: {exc}")
     try:
         gen = parse_generation_request(data)
     except BadRequest as exc:
         metrics.errors.labels("bad_request").inc()
-        return _error(400, str(exc))
+        return _refused(request, 400, str(exc))
     batcher = app[BATCHER]
     try:
         rid = await batcher.submit(gen)
     except DuplicateRequest as exc:
         return web.json_response({"error": str(exc), "id": gen.request_id}, status=409)
     except BadRequest as exc:
-        return _error(400, str(exc))
+        return _refused(request, 400, str(exc))
     except QueueFull as exc:
         return _error(503, str(exc), **{"Retry-After": "5"})
     except ShuttingDown as exc:
@@ -294,11 +306,17 @@ async def generation_events(request: web.Request) -> web.StreamResponse:
     rid = request.match_info["id"]
     if (refused := _not_theirs(request, rid)) is not None:
         return refused
+    streams = request.app[STREAMS]
+    if streams[rid] >= request.app[SETTINGS].max_subscribers:
+        request.app[METRICS].errors.labels("too_many_streams").inc()
+        return _error(429, f"too many event streams open on {rid!r}; poll GET /v1/generations/{rid} instead",
+                      **{"Retry-After": "5"})
     try:
         sub, event = batcher.subscribe(rid)
     except UnknownRequest as exc:
         request.app[METRICS].errors.labels("not_found").inc()
         return _error(404, str(exc))
+    streams[rid] += 1
     heartbeat = request.app[SETTINGS].heartbeat
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -320,6 +338,9 @@ async def generation_events(request: web.Request) -> web.StreamResponse:
         log.debug("events client for %s went away", rid)
     finally:
         batcher.unsubscribe(rid, sub)
+        streams[rid] -= 1
+        if streams[rid] <= 0:
+            del streams[rid]
     return resp
 
 
@@ -449,6 +470,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None, *,
     app[STARTED] = time.monotonic()
     app[UNFETCHED] = set()
     app[CLIENTS] = Clients(settings.token, settings.tokens)
+    app[STREAMS] = collections.Counter()
     app[BATCHER] = Batcher(
         pipeline,
         window_ms=settings.window_ms,
