@@ -49,6 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         result_ttl=args.result_ttl,
+        max_result_bytes=int(args.max_result_mb * 2**20),
         shutdown_grace=args.shutdown_grace,
         shutdown_linger=args.shutdown_linger,
         warmup=not args.no_warmup,
@@ -101,6 +102,8 @@ def add_serve(subparsers: Any) -> None:
     p.add_argument("--max-batch", type=int, default=None, help="cap candidates per pass (default: biggest bucket)")
     p.add_argument("--max-queue", type=int, default=1024, help="requests allowed to wait (default 1024)")
     p.add_argument("--result-ttl", type=float, default=600.0, help="seconds results stay retrievable (default 600)")
+    p.add_argument("--max-result-mb", type=float, default=512.0,
+                   help="MiB of finished results held at once; the oldest are dropped first (default 512)")
     p.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds to finish work on shutdown")
     p.add_argument("--shutdown-linger", type=float, default=5.0,
                    help="then seconds clients get to fetch results that finished during the drain")

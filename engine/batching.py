@@ -140,6 +140,13 @@ class Subscription:
         return self._items.popleft()
 
 
+def _held_size(job: _Job) -> int:
+    """Bytes a finished job keeps alive: its images' PNGs and tokens (its result's, or its parts' when it did not
+    finish), and its last preview."""
+    images = job.result.images if job.result is not None else [im for part in job.parts for im in part.images]
+    return len(job.preview_png or b"") + sum(len(im.png) + int(im.tokens.nbytes) for im in images)
+
+
 def pass_sizes(candidates: int) -> list[int]:
     """Request sizes (each at most MAX_IMAGES_PER_REQUEST) that fill a pass of ``candidates``, as the batcher
     fills a bucket larger than one request may ask for."""
@@ -161,6 +168,7 @@ class Batcher:
         max_queue: int = 1024,
         result_ttl: float = 600.0,
         max_finished: int = 4096,
+        max_result_bytes: int = 512 * 2**20,
         metrics: EngineMetrics | None = None,
         warmup: bool = False,
         model_nice: int = DEFAULT_MODEL_NICE,
@@ -186,6 +194,11 @@ class Batcher:
         self.max_queue = int(max_queue)
         self.result_ttl = float(result_ttl)
         self.max_finished = int(max_finished)
+        # finished results held (PNGs, tokens, previews) are bounded in bytes too: the oldest go first, never the
+        # newest one (a client must be able to fetch what it just got)
+        self.max_result_bytes = int(max_result_bytes)
+        self._result_bytes: dict[str, int] = {}
+        self.held_bytes = 0
         self.metrics = metrics if metrics is not None else EngineMetrics()
         self._jobs: dict[str, _Job] = {}
         self._finished: collections.OrderedDict[str, float] = collections.OrderedDict()
@@ -361,6 +374,8 @@ class Batcher:
             "checkpoint_id": self.checkpoint_id,
             "closing": self._closing,
             "cold_buckets": list(self._cold),
+            "results_held": len(self._finished),
+            "results_bytes": self.held_bytes,
         }
 
     async def close(self, drain_timeout: float = 0.0, worker_timeout: float = 30.0) -> None:
@@ -414,6 +429,9 @@ class Batcher:
         job.queue_position = None
         self._queue = collections.deque(u for u in self._queue if u.job is not job)
         self._finished[job.id] = now
+        size = _held_size(job)
+        self._result_bytes[job.id] = size
+        self.held_bytes += size
         self.metrics.requests.labels(state).inc()
         if state == "done":
             self.metrics.latency.observe(now - job.created_at)
@@ -451,14 +469,17 @@ class Batcher:
             self._idle.set()
 
     def _gc(self) -> None:
-        """Drop finished jobs older than the TTL, and the oldest beyond ``max_finished``."""
+        """Drop finished jobs older than the TTL, the oldest beyond ``max_finished``, and the oldest while the
+        results held pass ``max_result_bytes`` (keeping the newest)."""
         now = time.monotonic()
         while self._finished:
             job_id, finished_at = next(iter(self._finished.items()))
-            if now - finished_at < self.result_ttl and len(self._finished) <= self.max_finished:
+            over_bytes = self.held_bytes > self.max_result_bytes and len(self._finished) > 1
+            if now - finished_at < self.result_ttl and len(self._finished) <= self.max_finished and not over_bytes:
                 break
             self._finished.popitem(last=False)
             self._jobs.pop(job_id, None)
+            self.held_bytes -= self._result_bytes.pop(job_id, 0)
 
     # -- internals: scheduling ----------------------------------------------------------------------------
 

@@ -73,6 +73,7 @@ class ServerSettings:
     max_batch: int | None = None  # cap candidates per pass below the pipeline's biggest bucket
     max_queue: int = 1024
     result_ttl: float = 600.0  # seconds a finished result stays retrievable
+    max_result_bytes: int = 512 * 2**20  # finished results held at once, in bytes (the oldest go first)
     max_body_bytes: int = 64 * 1024
     shutdown_grace: float = 10.0  # seconds in-flight work may finish on shutdown before it is cancelled
     shutdown_linger: float = 5.0  # after that, seconds clients get to fetch what finished during the drain
@@ -97,8 +98,8 @@ class ServerSettings:
             raise ValueError("port must be between 0 and 65535")
         if self.window_ms < 0 or self.shutdown_grace < 0 or self.shutdown_linger < 0:
             raise ValueError("window_ms, shutdown_grace and shutdown_linger must be >= 0")
-        if self.result_ttl <= 0:
-            raise ValueError("result_ttl must be > 0 (a finished result must stay retrievable)")
+        if self.result_ttl <= 0 or self.max_result_bytes <= 0:
+            raise ValueError("result_ttl and max_result_bytes must be > 0 (a finished result must stay retrievable)")
         if self.max_queue < 1 or self.max_body_bytes < 1024 or self.heartbeat <= 0 or self.max_subscribers < 1:
             raise ValueError("max_queue must be >= 1, max_body_bytes >= 1024, heartbeat > 0 and max_subscribers >= 1")
         if self.max_batch is not None and self.max_batch < 1:
@@ -477,6 +478,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None, *,
         max_batch=settings.max_batch,
         max_queue=settings.max_queue,
         result_ttl=settings.result_ttl,
+        max_result_bytes=settings.max_result_bytes,
         metrics=app[METRICS],
         warmup=settings.warmup,
         model_nice=settings.model_nice,

@@ -74,3 +74,42 @@ async def test_event_streams_per_job_are_capped():
             assert not app[STREAMS]
     finally:
         await server.stop()
+
+
+async def test_finished_results_are_bounded_in_bytes():
+    """The batcher keeps finished results up to max_result_bytes: the oldest go first, never the newest, and what
+    it counts is exactly what the results it still holds weigh."""
+    from engine.api import GenerationRequest
+    from engine.batching import Batcher, UnknownRequest
+
+    fake = FakePipeline(batch_buckets=(2,))
+    probe = Batcher(fake, window_ms=0)
+    one = await probe.result(await probe.submit(GenerationRequest("size me", n=2, seed=0)), timeout=10)
+    size = sum(len(im.png) + im.tokens.nbytes for im in one.images)
+    assert probe.held_bytes >= size > 0
+    await probe.close()
+
+    batcher = Batcher(fake, window_ms=0, max_result_bytes=int(2.5 * size))
+    ids = []
+    for i in range(5):  # one after the other: each finishes before the next is submitted
+        rid = await batcher.submit(GenerationRequest("keep me", n=2, seed=i))
+        await batcher.result(rid, timeout=10)
+        ids.append(rid)
+    await batcher.submit(GenerationRequest("a later request runs the sweep", n=2, seed=9))
+    held = []
+    for rid in ids:
+        try:
+            held.append((rid, batcher.result_of(rid)))
+        except UnknownRequest:
+            pass
+    assert [rid for rid, _ in held] == ids[-len(held):] and 1 <= len(held) <= 3  # the newest, the oldest gone
+    weigh = sum(len(im.png) + im.tokens.nbytes for _, res in held for im in res.images)
+    assert weigh <= 2.5 * size + size and batcher.held_bytes <= 2.5 * size + size
+    assert batcher.load()["results_held"] == len(held) and batcher.load()["results_bytes"] == batcher.held_bytes
+    await batcher.close()
+
+    lone = Batcher(fake, window_ms=0, max_result_bytes=1)  # a cap below one result: the newest still stays
+    rid = await lone.submit(GenerationRequest("too big to keep, kept", n=2, seed=1))
+    await lone.result(rid, timeout=10)
+    assert lone.result_of(rid) is not None
+    await lone.close()
