@@ -25,3 +25,11 @@ def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "ckpt"
     assert main(["demo", "--out", str(out), *TINY]) == 0
     return out
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``--dist loadgroup``) every test that reads ``demo`` runs on one worker, so the tiny
+    demo run is made once, not once per worker."""
+    for item in items:
+        if "demo" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("tiny_demo_run"))
