@@ -68,6 +68,7 @@ class Moderator:
     role_ids: tuple[int, ...] = ()
     can_manage_messages: bool = False
     operator: bool = False  # the bot's operator (the terminal front end): moderates every case, bans globally
+    channel_id: int | None = None  # where they act (the central review channel moderates the cases sent there)
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,11 @@ class ModerationService:
     async def _require(self, actor: Moderator, case: Any) -> None:
         if actor.operator:
             return
-        if case.guild_id is not None and actor.guild_id != case.guild_id:
+        if case.guild_id is not None and actor.guild_id != case.guild_id and not (
+                actor.channel_id is not None and actor.channel_id == self.review_channel_id
+                and await self.review_channel(case.guild_id) == self.review_channel_id):
+            # another server's case, unless it was sent to the central review channel (REVIEW_CHANNEL_ID) the
+            # actor moderates in: then they are judged as moderators of that channel's server
             raise NotModerator("That case belongs to another server.")
         if not await self.is_moderator(actor.guild_id, actor.role_ids, actor.can_manage_messages):
             raise NotModerator()
@@ -280,7 +285,8 @@ class ModerationService:
         case = await self._case(case_id)
         await self._require(actor, case)
         try:
-            await self.repo.add_action(case_id, actor.user_id, action, reason=reason, guild_id=actor.guild_id)
+            await self.repo.add_action(case_id, actor.user_id, action, reason=reason,
+                                       guild_id=case.guild_id if case.guild_id is not None else actor.guild_id)
         except CaseClosed:
             view = await self.case_view(case_id, with_png=False)
             return ActionResult(view, "none", f"Case #{case_id} was already closed ({view.status}); nothing changed.")
@@ -308,14 +314,16 @@ class ModerationService:
             raise ValueError("a ban needs a reason")
         length = parse_duration(duration)
         view = await self.case_view(case_id, with_png=False)
-        if view.author_id is None or actor.guild_id is None:
-            raise ValueError(f"case #{case_id} has no author to ban")
+        guild_id = case.guild_id if case.guild_id is not None else actor.guild_id  # the server the image was in
+        if view.author_id is None or guild_id is None:
+            raise ValueError(f"case #{case_id} has no author or server to ban them from")
         until = self.repo.now() + length if length is not None else None
-        await self.repo.ban_in_guild(actor.guild_id, view.author_id, actor.user_id, reason=reason.strip(),
+        await self.repo.ban_in_guild(guild_id, view.author_id, actor.user_id, reason=reason.strip(),
                                      expires_at=until, case_id=case_id)
         view = await self._after_action(case_id)
+        where = "here" if guild_id == actor.guild_id else f"in server {guild_id}"
         return ActionResult(view, ModAction.BAN.value,
-                            f"<@{view.author_id}> is banned from generating here {format_until(until)}.")
+                            f"<@{view.author_id}> is banned from generating {where} {format_until(until)}.")
 
     async def history(self, case_id: int, actor: Moderator) -> tuple[int | None, UserRecord | None]:
         """The case author's record in this guild, for a moderator's eyes only."""
@@ -324,7 +332,8 @@ class ModerationService:
         view = await self.case_view(case_id, with_png=False)
         if view.author_id is None:
             return None, None
-        return view.author_id, await self.repo.user_record(view.author_id, guild_id=actor.guild_id)
+        guild_id = case.guild_id if case.guild_id is not None else actor.guild_id
+        return view.author_id, await self.repo.user_record(view.author_id, guild_id=guild_id)
 
     # -- commands (``/dalle-mod``): the same checks, no case needed ---------------------------------------
 

@@ -37,7 +37,7 @@ def moderator_of(interaction: discord.Interaction) -> Moderator:
     """The clicker as Discord described them in this interaction: roles, and Manage Messages in this channel."""
     roles = tuple(role.id for role in getattr(interaction.user, "roles", ()))
     return Moderator(user_id=interaction.user.id, guild_id=interaction.guild_id, role_ids=roles,
-                     can_manage_messages=interaction.permissions.manage_messages)
+                     can_manage_messages=interaction.permissions.manage_messages, channel_id=interaction.channel_id)
 
 
 def case_embed(case: CaseView) -> discord.Embed:

@@ -249,3 +249,24 @@ async def test_moderation_operator_decides_any_case_and_bans_globally(setup, rep
     assert (await repo.get_user_state(77)).banned
     await svc.operator_ban(operator, 77, "", lift=True)
     assert not (await repo.get_user_state(77)).banned
+
+
+async def test_moderation_central_review_channel_moderates_the_cases_sent_there(setup, repo):
+    """REVIEW_CHANNEL_ID (3100) collects the cases of servers without their own review channel: its moderators
+    (in the operator's server 1999) decide them; anywhere else in that server, another server's case is refused."""
+    svc, front, gen, rows = setup
+    central = Moderator(user_id=5, guild_id=1999, can_manage_messages=True, channel_id=3100)
+    elsewhere = Moderator(user_id=5, guild_id=1999, can_manage_messages=True, channel_id=3300)
+    case, _ = await repo.open_case("auto", image_id=rows[2].id)
+    with pytest.raises(NotModerator, match="another server"):
+        await svc.remove(case.id, elsewhere)
+    with pytest.raises(NotModerator):  # Manage Messages is needed there too
+        await svc.remove(case.id, Moderator(user_id=6, guild_id=1999, channel_id=3100))
+    result = await svc.ban_author(case.id, central, "1d", "spam")
+    assert f"in server {GUILD}" in result.message and await svc.ban_message(77, GUILD) is not None
+    assert (await svc.remove(case.id, central)).case.status == "removed"
+    assert [a.guild_id for a in (await repo.get_case(case.id)).actions] == [GUILD, GUILD]  # the case's server
+    await repo.update_guild_settings(GUILD, review_channel_id=3200)  # the server now reviews its own cases
+    other, _ = await repo.open_case("auto", image_id=rows[0].id)
+    with pytest.raises(NotModerator, match="another server"):
+        await svc.dismiss(other.id, central)
