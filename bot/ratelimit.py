@@ -4,18 +4,31 @@ escalating cooldowns for users who keep tripping the prompt filter.
 Memory storage by default; Redis (``redis://...``) when several bot processes must share the counts.
 Every key carries a namespace so tests and deployments sharing one Redis don't collide.
 A refusal always says how many seconds until the user may try again.
+
+When Redis stops answering, limits degrade instead of failing requests: each process counts in its own memory
+(the same limits, per process rather than shared; strikes and cooldowns too), says so in one warning, tries Redis
+again every ``retry_s`` seconds (calls in between do not wait on it), and says when the shared counts are back.
+Counts made meanwhile stay in the process's memory; Redis's own counts resume where Redis left them.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from limits import RateLimitItem, parse_many
 from limits.aio.storage import Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+REDIS_TIMEOUT_S = 2.0  # connect and read timeouts: a Redis that hangs must not hold admission longer than this
 
 
 @dataclass(frozen=True)
@@ -86,14 +99,25 @@ class RateLimiter:
 
     def __init__(
         self, storage_uri: str | None = None, namespace: str = "dalle", policy: LimitPolicy | None = None,
-        strikes: StrikePolicy | None = None,
+        strikes: StrikePolicy | None = None, retry_s: float = 5.0,
     ) -> None:
         uri = storage_uri or "memory://"
         if not uri.startswith("async+"):
             uri = "async+" + uri
-        options = {"implementation": "redispy"} if "redis" in uri.split("://", 1)[0] else {}
+        shared = "redis" in uri.split("://", 1)[0]
+        options: dict[str, object] = (
+            {"implementation": "redispy", "socket_timeout": REDIS_TIMEOUT_S, "socket_connect_timeout": REDIS_TIMEOUT_S}
+            if shared else {})
         self.storage: Storage = storage_from_string(uri, **options)
         self.window = MovingWindowRateLimiter(self.storage)
+        # the degraded mode (module doc): this process's memory while the shared storage does not answer
+        self._local: tuple[Storage, MovingWindowRateLimiter] | None = None
+        if shared:
+            local = storage_from_string("async+memory://")
+            self._local = (local, MovingWindowRateLimiter(local))
+        self.retry_s = retry_s
+        self.degraded = False
+        self._retry_at = 0.0
         self.ns = namespace
         self.policy = policy or LimitPolicy()
         self.strikes = strikes or StrikePolicy()
@@ -111,8 +135,33 @@ class RateLimiter:
         """Admit and count one request, or refuse with the wait until it would be admitted."""
         return await self._run(user_id, guild_id, policy, consume=True)
 
+    async def _use(self, op: Callable[[Storage, MovingWindowRateLimiter], Awaitable[T]]) -> T:
+        """Run ``op`` on the shared storage, or on this process's memory while that does not answer."""
+        if self._local is None:
+            return await op(self.storage, self.window)
+        if not self.degraded or time.monotonic() >= self._retry_at:
+            try:
+                result = await op(self.storage, self.window)
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._retry_at = time.monotonic() + self.retry_s
+                if not self.degraded:
+                    self.degraded = True
+                    log.warning("rate limit storage does not answer (%s): counting in this process's memory until "
+                                "it does (limits are per process meanwhile)", type(exc).__name__)
+            else:
+                if self.degraded:
+                    self.degraded = False
+                    log.info("rate limit storage answers again: limits are shared again")
+                return result
+        return await op(*self._local)
+
     async def _run(self, user_id: int, guild_id: int | None, policy: LimitPolicy | None, consume: bool) -> RateDecision:
-        cooldown = await self.cooldown_remaining(user_id)
+        return await self._use(lambda storage, window: self._decide(storage, window, user_id, guild_id, policy,
+                                                                     consume))
+
+    async def _decide(self, storage: Storage, window: MovingWindowRateLimiter, user_id: int, guild_id: int | None,
+                      policy: LimitPolicy | None, consume: bool) -> RateDecision:
+        cooldown = await self._cooldown(storage, user_id)
         if cooldown > 0:
             return RateDecision(False, "cooldown", cooldown)
         user_items, guild_items, daily_items = (policy or self.policy).items()
@@ -122,8 +171,8 @@ class RateLimiter:
             checks += [("guild", it, f"{self.ns}:g:{guild_id}") for it in guild_items]
         worst: RateDecision | None = None
         for scope, item, key in checks:
-            if not await self.window.test(item, key):
-                stats = await self.window.get_window_stats(item, key)
+            if not await window.test(item, key):
+                stats = await window.get_window_stats(item, key)
                 wait = max(stats.reset_time - time.time(), 0.001)
                 if worst is None or wait > worst.retry_after:
                     worst = RateDecision(False, scope, wait)
@@ -131,8 +180,8 @@ class RateLimiter:
             return worst
         if consume:
             for scope, item, key in checks:
-                if not await self.window.hit(item, key):  # lost a race with another process
-                    stats = await self.window.get_window_stats(item, key)
+                if not await window.hit(item, key):  # lost a race with another process
+                    stats = await window.get_window_stats(item, key)
                     return RateDecision(False, scope, max(stats.reset_time - time.time(), 0.001))
         return RateDecision(True)
 
@@ -140,21 +189,32 @@ class RateLimiter:
 
     async def strike(self, user_id: int) -> tuple[int, float]:
         """Record a filter offence; returns (strikes so far, cooldown now imposed in seconds)."""
-        strikes = await self.storage.incr(f"{self.ns}:strikes:{user_id}", self.strikes.memory_s)
+        return await self._use(lambda storage, _: self._strike(storage, user_id))
+
+    async def _strike(self, storage: Storage, user_id: int) -> tuple[int, float]:
+        strikes = await storage.incr(f"{self.ns}:strikes:{user_id}", self.strikes.memory_s)
         cooldown = self.strikes.cooldown_for(strikes)
         if cooldown > 0:
             key = f"{self.ns}:cool:{user_id}"
-            await self.storage.clear(key)
-            await self.storage.incr(key, max(1, math.ceil(cooldown)))
+            await storage.clear(key)
+            await storage.incr(key, max(1, math.ceil(cooldown)))
         return strikes, cooldown
 
     async def cooldown_remaining(self, user_id: int) -> float:
+        return await self._use(lambda storage, _: self._cooldown(storage, user_id))
+
+    async def _cooldown(self, storage: Storage, user_id: int) -> float:
         key = f"{self.ns}:cool:{user_id}"
-        if await self.storage.get(key) <= 0:
+        if await storage.get(key) <= 0:
             return 0.0
-        return max(await self.storage.get_expiry(key) - time.time(), 0.0)
+        return max(await storage.get_expiry(key) - time.time(), 0.0)
 
     async def reset_user(self, user_id: int) -> None:
-        """Clear a user's strikes and cooldown (moderator action)."""
-        await self.storage.clear(f"{self.ns}:strikes:{user_id}")
-        await self.storage.clear(f"{self.ns}:cool:{user_id}")
+        """Clear a user's strikes and cooldown (moderator action), in this process's memory too."""
+        await self._use(lambda storage, _: self._reset(storage, user_id))
+        if self._local is not None:
+            await self._reset(self._local[0], user_id)
+
+    async def _reset(self, storage: Storage, user_id: int) -> None:
+        await storage.clear(f"{self.ns}:strikes:{user_id}")
+        await storage.clear(f"{self.ns}:cool:{user_id}")

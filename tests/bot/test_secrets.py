@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from bot.config import load_settings
 from bot.logsafe import MASK, RedactingFormatter, install, redact
+from tests.fakes.redis_server import PrivateRedis
 
 ROOT = Path(__file__).resolve().parents[2]
 DISCORD_TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4.GhIjKl.secret-discord-token-part"
@@ -88,34 +86,14 @@ def test_settings_list_every_secret_and_redact_engine_urls():
 # --- a whole run of python -m bot -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def redis_with_password(tmp_path):
     """A private redis-server that requires a password (the shared one on 6379 requires none)."""
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server is not installed")
-    port, password = _free_port(), "redis-secret-pw-77"
-    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--requirepass", password,
-                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    redis = PrivateRedis(tmp_path, password="redis-secret-pw-77").start()
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield f"redis://default:{password}@127.0.0.1:{port}/0", password
+        yield redis.url, redis.password
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        redis.kill()
 
 
 def test_a_debug_run_of_python_m_bot_never_prints_a_secret(tmp_path, pg_url, redis_with_password):
