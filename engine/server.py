@@ -13,6 +13,7 @@ Routes (all JSON; errors are ``{"error": "..."}`` with a 4xx/5xx status):
   the checkpoint serves (:meth:`Batcher.reload`: loaded on the model thread, swapped in between passes); 400 when it
   cannot be loaded (the old one keeps serving). Refused (403) when the service runs without a token.
 - ``GET /healthz`` (never needs the token) and ``GET /metrics`` (Prometheus text, the app's own registry)
+- ``GET /openapi.json`` (never needs the token): this API as OpenAPI 3.1 (:mod:`engine.openapi`)
 
 A malformed or oversized request is answered 400 / 413 and logged as one warning line, never with a traceback.
 Every route but ``/healthz`` needs ``Authorization: Bearer <token>`` when a token is set; without one the
@@ -46,6 +47,7 @@ from engine.api import BadRequest, EngineError, GenerationRequest, Pipeline
 from engine.auth import DEFAULT_CLIENT, Clients, JobOwners
 from engine.batching import TERMINAL, Batcher, DuplicateRequest, QueueFull, ShuttingDown, UnknownRequest
 from engine.metrics import EngineMetrics
+from engine.openapi import openapi_spec
 from engine.priority import DEFAULT_MODEL_NICE
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+OPEN_PATHS = frozenset({"/healthz", "/openapi.json"})  # answered without a token
 BATCHER = web.AppKey("batcher", Batcher)
 SETTINGS = web.AppKey("settings", ServerSettings)
 CLIENTS = web.AppKey("clients", Clients)
@@ -190,7 +193,7 @@ async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
     """Names the request's client (``request["client"]``: None when the service has no tokens)."""
     clients = request.app[CLIENTS]
     request["client"] = None
-    if not clients.required or request.path == "/healthz":
+    if not clients.required or request.path in OPEN_PATHS:
         return await handler(request)
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
     # non-UTF-8 header bytes arrive as surrogates: they are simply a wrong token
@@ -415,6 +418,10 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(body, status=503 if batcher.closing else 200)
 
 
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_spec())
+
+
 async def metrics(request: web.Request) -> web.Response:
     m = request.app[METRICS]
     return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
@@ -494,6 +501,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None, *,
     app.router.add_post("/admin/reload", post_reload)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
     app.on_startup.append(_on_startup)
     app.on_shutdown.append(_on_shutdown)
     return app
