@@ -302,9 +302,15 @@ class FilterDecision:
     normalised: str = ""
 
 
+# categories a guild's allow list cannot unlock: a guild may allow "nude" for its life-drawing channel, never
+# sexual content involving minors or hate
+CRITICAL_CATEGORIES = frozenset({"minors", "hate"})
+
+
 @dataclass
 class GuildPolicy:
-    """Per-guild additions (GuildSettings): extra blocked terms and allow-listed terms."""
+    """Per-guild additions (GuildSettings): extra blocked terms and allow-listed terms. Allowed terms never
+    suppress a built-in term of a critical category (:data:`CRITICAL_CATEGORIES`)."""
 
     block: Sequence[str] = ()
     allow: Sequence[str] = ()
@@ -334,8 +340,11 @@ class PromptFilter:
         if aggressive != norm:
             variants.append(tuple(_remove_allowed(aggressive.split(" "), allow)))
         guild_terms = [BlockTerm.parse("guild", t) for t in policy.block if normalise(t.rstrip("*"))]
+        # the critical categories see the prompt as it is, before the guild's allow list removed anything
+        unallowed = variants if not allow else [tuple(norm.split(" ")), tuple(aggressive.split(" "))]
         for term in [*guild_terms, *self.blocklist]:
-            if any(term.matches(v) for v in variants):
+            seen = unallowed if term.category in CRITICAL_CATEGORIES else variants
+            if any(term.matches(v) for v in seen):
                 return FilterDecision(
                     False, term.category, f"The prompt contains a blocked term ({term.category.replace('_', ' ')}).",
                     matched=term.text, normalised=norm,
