@@ -8,7 +8,9 @@ Design from shared/reference/discord-testing.md §3: aiohttp on 127.0.0.1 (ephem
 - the first interaction response must arrive within ``ack_deadline`` seconds of dispatch (else 404/10062),
   a second one is 400/40060, webhook calls with a token older than ``token_ttl`` are 401/50027;
 - uploads above the interaction's ``attachment_size_limit`` are 413/40005, content over 2000 chars 400/50035;
-- JSON responses carry exactly ``Content-Type: application/json`` (discord.py decodes nothing else).
+- JSON responses carry exactly ``Content-Type: application/json`` (discord.py decodes nothing else);
+- ``storm(method, path, answers)`` makes the next matching calls fail as Discord does under load: 429 with
+  ``retry_after`` (body and ``Retry-After``) or a 5xx, each used once, in order, before the call is handled.
 
 The gateway speaks JSON TEXT frames: HELLO → heartbeats/ACK → IDENTIFY → READY (+``shard``) + GUILD_CREATE,
 RESUME → RESUMED, and ``dispatch()`` pushes events such as INTERACTION_CREATE.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +79,7 @@ class FakeDiscord:
         self.channel_id = channel_id
         self.forbidden_channels: set[int] = set()  # the bot lacks Send Messages there: posts get 403/50013
         self.followup_error: tuple[int, int, str] | None = None  # (status, code, message) for follow-up POSTs
+        self.storms: list[tuple[str, re.Pattern[str], list[tuple[int, float]]]] = []  # see storm()
         self.calls: list[Call] = []
         self.unknown: list[Call] = []
         self.errors: list[Call] = []  # calls the fake refused (deadline, expiry, size...)
@@ -357,11 +361,31 @@ class FakeDiscord:
             return web.Response(status=404)
         return web.Response(body=data, content_type="image/png")
 
+    def storm(self, method: str, path: str, answers: list[tuple[int, float]]) -> None:
+        """The next calls of ``method`` whose path fully matches the regex ``path`` get ``answers`` first, one each,
+        in order: ``(429, retry_after_s)`` is a (non-global) rate limit, ``(5xx, 0)`` a server error."""
+        self.storms.append((method, re.compile(path), list(answers)))
+
+    def _storm_answer(self, call: Call) -> web.Response | None:
+        for method, pattern, answers in self.storms:
+            if answers and method == call.method and pattern.fullmatch(call.path):
+                status, retry_after = answers.pop(0)
+                if status == 429:
+                    body = {"message": "You are being rate limited.", "retry_after": retry_after, "global": False,
+                            "code": 0}
+                    return web.Response(status=429, body=json.dumps(body).encode(), headers={
+                        "Content-Type": "application/json", "Retry-After": str(retry_after), "Via": "1.1 google",
+                        "X-RateLimit-Scope": "user"})
+                return _error(status, 0, "fake discord: server error (storm)")
+        return None
+
     async def _api(self, request: web.Request) -> web.Response:
         body, files = await self._read(request)
         call = Call(request.method, "/" + request.match_info["tail"], dict(request.query), body, files)
         try:
-            resp = await self._route(request.method, call.path.strip("/").split("/"), call)
+            resp = self._storm_answer(call)  # (a Response is an empty mapping: falsy, so no `or` here)
+            if resp is None:
+                resp = await self._route(request.method, call.path.strip("/").split("/"), call)
         except _Refuse as r:
             resp = r.response
         if resp is None:
