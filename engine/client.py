@@ -354,6 +354,10 @@ class MultiEngine:
     Load is the service's queued + running candidates (``GET /v1/status``, probed at most every
     ``probe_interval`` seconds) plus what this client sent since. A service that cannot be reached is
     skipped for ``dead_retry`` seconds, then probed again. Later calls for a request go where it was sent.
+
+    Fail-over: when the service a request was sent to stops answering before its result is in (killed, its
+    machine gone), :meth:`result` sends the same request (same id and seed, so the same images) to another live
+    service and waits for it there; each request moves at most once per service.
     """
 
     def __init__(
@@ -374,6 +378,7 @@ class MultiEngine:
         self.max_tracked = int(max_tracked)
         self._background: set[asyncio.Task] = set()
         self._routes: OrderedDict[str, _Backend] = OrderedDict()
+        self._requests: dict[str, GenerationRequest] = {}  # what each routed request was, for fail-over
         self._probe_lock = asyncio.Lock()
 
     @classmethod
@@ -445,8 +450,10 @@ class MultiEngine:
                     continue
             backend.pending += request.n
             self._routes[rid] = backend
+            self._requests[rid] = request
             while len(self._routes) > self.max_tracked:
-                self._routes.popitem(last=False)
+                old, _ = self._routes.popitem(last=False)
+                self._requests.pop(old, None)
             return rid
         raise EngineUnavailable("no engine service is reachable")
 
@@ -486,7 +493,45 @@ class MultiEngine:
         return self._route(request_id).events(request_id)
 
     async def result(self, request_id: str, timeout: float | None = None) -> GenerationResult:
-        return await self._route(request_id).result(request_id, timeout)
+        async def wait() -> GenerationResult:
+            tried: set[int] = set()
+            while True:
+                backend = self._routes.get(request_id)
+                if backend is None:
+                    raise UnknownRequest(f"unknown request id {request_id!r}")
+                tried.add(id(backend))
+                try:
+                    return await backend.engine.result(request_id)
+                except EngineUnavailable:
+                    if not await self._fail_over(request_id, backend, tried):
+                        raise
+
+        return await asyncio.wait_for(wait(), timeout)
+
+    async def _fail_over(self, request_id: str, lost: _Backend, tried: set[int]) -> bool:
+        """Send a request whose service stopped answering to another live one; False when none takes it."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        self._mark_dead(lost)
+        await self.refresh()
+        for backend in sorted(self.live(), key=lambda b: b.score):
+            if id(backend) in tried:
+                continue
+            try:
+                await backend.engine.submit(request, retries=0)
+            except DuplicateRequest:  # it arrived there before (a retried fail-over): wait for it there
+                pass
+            except EngineError as exc:
+                log.warning("fail-over of %s to %s failed: %s", request_id, backend.engine.base_url, exc)
+                self._mark_dead(backend)
+                continue
+            log.warning("engine %s stopped answering; request %s sent again to %s", lost.engine.base_url,
+                        request_id, backend.engine.base_url)
+            backend.pending += request.n
+            self._routes[request_id] = backend
+            return True
+        return False
 
     async def cancel(self, request_id: str) -> bool:
         try:
