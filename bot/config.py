@@ -67,6 +67,7 @@ class Settings:
     daily_quota: int = 50
     max_queue_per_user: int = 2
     max_queue_total: int = 100
+    job_lease_seconds: int = 60  # on a shared database: how soon a dead process's jobs are taken over
     review_channel_id: int | None = None
     flagged_mode: Literal["spoiler", "withhold"] = "spoiler"
     log_level: str = "INFO"
@@ -329,6 +330,7 @@ def load_settings(
         daily_quota=e.int("DAILY_QUOTA", 50, 0),  # type: ignore[arg-type]
         max_queue_per_user=e.int("MAX_QUEUE_PER_USER", 2, 1),  # type: ignore[arg-type]
         max_queue_total=e.int("MAX_QUEUE_TOTAL", 100, 1),  # type: ignore[arg-type]
+        job_lease_seconds=e.int("JOB_LEASE_SECONDS", 60, 3, 3600),  # type: ignore[arg-type]
         review_channel_id=e.snowflake("REVIEW_CHANNEL_ID"),
         flagged_mode=e.choice("FLAGGED_MODE", ("spoiler", "withhold"), "spoiler"),  # type: ignore[arg-type]
         log_level=log_level,

@@ -159,6 +159,14 @@ class FakeEngine:
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
 
+def slow_inprocess_fake_engine():
+    """Like :func:`inprocess_fake_engine`, one candidate per pass and 0.3 s a pass: a queue that takes a while."""
+    from engine.client import InProcessEngine
+    from engine.fake import FakePipeline
+
+    return InProcessEngine(FakePipeline(batch_buckets=(1,), fixed_latency=0.3))
+
+
 def inprocess_fake_engine():
     """The real ``InProcessEngine`` (batcher included) over ``engine.fake.FakePipeline``: for subprocess tests
     (``DALLE_ENGINE_FACTORY=tests.fakes.engine:inprocess_fake_engine``)."""
