@@ -24,7 +24,6 @@ from limits import RateLimitItem, parse_many
 from limits.aio.storage import Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
-from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,7 +111,11 @@ class RateLimiter:
         self.window = MovingWindowRateLimiter(self.storage)
         # the degraded mode (module doc): this process's memory while the shared storage does not answer
         self._local: tuple[Storage, MovingWindowRateLimiter] | None = None
+        self._storage_errors: tuple[type[BaseException], ...] = (OSError, TimeoutError)
         if shared:
+            from redis.exceptions import RedisError  # only here: memory-only limits never import redis
+
+            self._storage_errors = (RedisError, OSError, TimeoutError)
             local = storage_from_string("async+memory://")
             self._local = (local, MovingWindowRateLimiter(local))
         self.retry_s = retry_s
@@ -142,7 +145,7 @@ class RateLimiter:
         if not self.degraded or time.monotonic() >= self._retry_at:
             try:
                 result = await op(self.storage, self.window)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except self._storage_errors as exc:
                 self._retry_at = time.monotonic() + self.retry_s
                 if not self.degraded:
                     self.degraded = True
