@@ -1,11 +1,14 @@
 """Shared by the trainer tests: ``demo``, one tiny ``python -m training demo`` run (VQGAN, decoder fine-tune,
-token shards, DalleBart, CLIP) made once per test session and only read by the tests that use it."""
+token shards, DalleBart, CLIP) made once per test run and only read by the tests that use it. Under pytest-xdist
+the workers share it: the first to need it trains it under a file lock in the run's common temporary directory, and
+the others wait for it, so it is made once, not once per worker."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from training.__main__ import main
 
@@ -21,15 +24,13 @@ TINY = [
 
 
 @pytest.fixture(scope="session")
-def demo(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "ckpt"
-    assert main(["demo", "--out", str(out), *TINY]) == 0
+def demo(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent  # xdist workers' temp dirs share this parent
+    out = shared / "tiny-demo" / "ckpt"
+    with FileLock(str(shared / "tiny-demo.lock")):
+        if not (shared / "tiny-demo" / "made").exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            assert main(["demo", "--out", str(out), *TINY]) == 0
+            (shared / "tiny-demo" / "made").touch()
     return out
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``--dist loadgroup``) every test that reads ``demo`` runs on one worker, so the tiny
-    demo run is made once, not once per worker."""
-    for item in items:
-        if "demo" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("tiny_demo_run"))
