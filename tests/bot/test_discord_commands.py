@@ -9,7 +9,15 @@ from types import SimpleNamespace
 from bench.fakes.discord import APP_ID
 from store.models import Generation, Refusal
 from tests.fakes.botkit import make_repo, rows_of
-from tests.fakes.discordkit import CHANNEL, channel_posts, custom_ids, discord_settings, interaction_callback, start_bot
+from tests.fakes.discordkit import (
+    CHANNEL,
+    bot_process_ready,
+    channel_posts,
+    custom_ids,
+    discord_settings,
+    interaction_callback,
+    start_bot,
+)
 from tests.fakes.engine import FakeEngine
 
 
@@ -265,12 +273,7 @@ async def test_python_m_bot_in_discord_mode_subprocess(fake, tmp_path):
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", env=env, cwd=tmp_path,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        await fake.wait_for(lambda c: c.method == "PUT" and c.path.endswith("/commands"), timeout=60)
-        for _ in range(300):
-            if fake.identifies and fake.sockets:
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(2.5)  # default guild_ready_timeout in the real process
+        await bot_process_ready(fake)
         await fake.slash("dalle", {"prompt": "a red circle", "seed": 4}, user_id=90)
         post = await fake.wait_for(channel_posts(fake), timeout=30)
         assert post.status == 200 and "seed `4`" in post.json["content"] and len(post.files) == 3

@@ -130,7 +130,7 @@ async def test_a_debug_run_in_discord_mode_never_logs_an_interaction_token(fake,
     import asyncio
     import signal
 
-    from tests.fakes.discordkit import channel_posts
+    from tests.fakes.discordkit import bot_process_ready, channel_posts
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DALLE_", "DISCORD_", "DATABASE_", "ENGINE_"))}
     env.update(
@@ -142,12 +142,7 @@ async def test_a_debug_run_in_discord_mode_never_logs_an_interaction_token(fake,
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", env=env, cwd=tmp_path,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        await fake.wait_for(lambda c: c.method == "PUT" and c.path.endswith("/commands"), timeout=60)
-        for _ in range(300):
-            if fake.identifies and fake.sockets:
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(2.5)  # default guild_ready_timeout in the real process
+        await bot_process_ready(fake)
         rec = await fake.slash("dalle", {"prompt": "a red circle", "seed": 4}, user_id=90)
         post = await fake.wait_for(channel_posts(fake), timeout=30)
         assert post.status == 200

@@ -21,6 +21,17 @@ def discord_settings(tmp_path, **env: str) -> Settings:
     return load_settings(base, dotenv_path=None)
 
 
+async def bot_process_ready(fake: FakeDiscord) -> None:
+    """Wait until a ``python -m bot`` child process against ``fake`` has synced its commands, identified on the
+    gateway and passed discord.py's guild-ready wait, so a slash command sent now reaches it."""
+    await fake.wait_for(lambda c: c.method == "PUT" and c.path.endswith("/commands"), timeout=60)
+    for _ in range(300):
+        if fake.identifies and fake.sockets:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(2.5)  # discord.py's default guild_ready_timeout
+
+
 class Running:
     def __init__(self, bot, task):
         self.bot, self.task = bot, task
