@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import BigInteger, and_, bindparam, func, or_, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from store.models import Generation, GenerationKind, Status
@@ -90,6 +91,41 @@ def check_owner(gen: Generation, owner: str | None) -> None:
     """Raise :class:`TakenOver` unless ``owner`` is None (no check) or the job is running for ``owner``."""
     if owner is not None and (gen.status != Status.RUNNING.value or gen.owner != owner):
         raise TakenOver(f"generation {gen.id} is no longer running for this process ({gen.status})")
+
+
+async def lock_for_move(s: AsyncSession, generation_id: int, status: str, owner: str | None) -> Generation:
+    """The job's row, locked in session ``s`` for a move to ``status``: :class:`NotFound` for an unknown id,
+    :class:`TakenOver` when ``owner`` is given and the job is not running for it, :class:`StatusError` for a
+    transition :data:`ALLOWED_TRANSITIONS` forbids."""
+    gen = (
+        await s.execute(select(Generation).where(Generation.id == generation_id).with_for_update())
+    ).scalar_one_or_none()
+    if gen is None:
+        raise NotFound(f"generation {generation_id} does not exist")
+    check_owner(gen, owner)
+    if status not in ALLOWED_TRANSITIONS[gen.status]:
+        raise StatusError(f"generation {generation_id}: cannot go from {gen.status} to {status}")
+    return gen
+
+
+def stamp_move(gen: Generation, status: str, now: datetime, *, error: str | None = None,
+               checkpoint_id: str | None = None, attention: str | None = None) -> None:
+    """Apply a move to ``status`` checked by :func:`lock_for_move`: running → started_at and attempts+1;
+    done/failed/cancelled → finished_at; back to queued → started_at cleared; what made the images, if given."""
+    gen.status = str(status)
+    if status == Status.RUNNING:
+        gen.started_at = now
+        gen.attempts = gen.attempts + 1
+    elif status == Status.QUEUED:
+        gen.started_at = None
+    else:
+        gen.finished_at = now
+    if error is not None:
+        gen.error = error
+    if checkpoint_id is not None:
+        gen.checkpoint_id = checkpoint_id
+    if attention is not None:
+        gen.attention = attention
 
 
 class GenerationRepository(RepositoryBase):
@@ -187,29 +223,8 @@ class GenerationRepository(RepositoryBase):
         job is not running for it, and :class:`NotFound` for an unknown id."""
         check_choice("status", status, Status)
         async with self.sessions.begin() as s:
-            gen = (
-                await s.execute(select(Generation).where(Generation.id == generation_id).with_for_update())
-            ).scalar_one_or_none()
-            if gen is None:
-                raise NotFound(f"generation {generation_id} does not exist")
-            check_owner(gen, owner)
-            if status not in ALLOWED_TRANSITIONS[gen.status]:
-                raise StatusError(f"generation {generation_id}: cannot go from {gen.status} to {status}")
-            now = self.now()
-            gen.status = str(status)
-            if status == Status.RUNNING:
-                gen.started_at = now
-                gen.attempts = gen.attempts + 1
-            elif status == Status.QUEUED:
-                gen.started_at = None
-            else:
-                gen.finished_at = now
-            if error is not None:
-                gen.error = error
-            if checkpoint_id is not None:
-                gen.checkpoint_id = checkpoint_id
-            if attention is not None:
-                gen.attention = attention
+            gen = await lock_for_move(s, generation_id, status, owner)
+            stamp_move(gen, status, self.now(), error=error, checkpoint_id=checkpoint_id, attention=attention)
         return gen
 
     # --- claims and leases ---------------------------------------------------------------------------------

@@ -9,11 +9,10 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
 
 from store.models import Generation, Image, Status, encode_tokens
 from store.repo.base import NotFound, RepositoryBase
-from store.repo.generations import ALLOWED_TRANSITIONS, StatusError, check_owner
+from store.repo.generations import check_owner, lock_for_move, stamp_move
 
 
 @dataclass(frozen=True)
@@ -92,21 +91,9 @@ class ImageRepository(RepositoryBase):
         images are stored and the job is done, or neither. Same errors as those two."""
         rows = _image_rows(generation_id, images, self.now())
         async with self.sessions.begin() as s:
-            gen = (
-                await s.execute(select(Generation).where(Generation.id == generation_id).with_for_update())
-            ).scalar_one_or_none()
-            if gen is None:
-                raise NotFound(f"generation {generation_id} does not exist")
-            check_owner(gen, owner)
-            if Status.DONE.value not in ALLOWED_TRANSITIONS[gen.status]:
-                raise StatusError(f"generation {generation_id}: cannot go from {gen.status} to done")
+            gen = await lock_for_move(s, generation_id, Status.DONE.value, owner)
             s.add_all(rows)
-            gen.status = Status.DONE.value
-            gen.finished_at = self.now()
-            if checkpoint_id is not None:
-                gen.checkpoint_id = checkpoint_id
-            if attention is not None:
-                gen.attention = attention
+            stamp_move(gen, Status.DONE.value, self.now(), checkpoint_id=checkpoint_id, attention=attention)
         return gen, rows
 
     async def get_image(self, image_id: int) -> Image | None:
