@@ -21,15 +21,20 @@ from store.models.generations import (
     decode_tokens,
     encode_tokens,
 )
-from store.models.guilds import FlaggedMode, GuildSettings
+from store.models.guilds import FlaggedMode, GuildSettings, NotifyMode
 from store.models.moderation import (
+    SYSTEM_MODERATOR,
+    BanKind,
     CaseSource,
     CaseStatus,
     GuildBan,
+    ImageBlock,
     ModAction,
     ModerationAction,
     ModerationCase,
     Refusal,
+    Strike,
+    StrikeSource,
     UserState,
 )
 from store.models.registry import Checkpoint, CheckpointStatus, TrainingRun
@@ -37,7 +42,9 @@ from store.models.registry import Checkpoint, CheckpointStatus, TrainingRun
 __all__ = [
     "FINISHED_STATUSES",
     "NAMING_CONVENTION",
+    "SYSTEM_MODERATOR",
     "TOKEN_DTYPE",
+    "BanKind",
     "Base",
     "CaseSource",
     "CaseStatus",
@@ -52,11 +59,15 @@ __all__ = [
     "GuildBan",
     "GuildSettings",
     "Image",
+    "ImageBlock",
     "ModAction",
     "ModerationAction",
     "ModerationCase",
+    "NotifyMode",
     "Refusal",
     "Status",
+    "Strike",
+    "StrikeSource",
     "TrainingRun",
     "UTCDateTime",
     "UserState",

@@ -125,6 +125,7 @@ class Image(Base):
     token_bytes: Mapped[bytes | None] = mapped_column("tokens", LargeBinary)
     file_path: Mapped[str | None] = mapped_column(Text)
     sha256: Mapped[str | None] = mapped_column(String(64))
+    phash: Mapped[str | None] = mapped_column(String(16))  # perceptual hash (16 hex digits), for the blocklist
     clip_score: Mapped[float | None] = mapped_column(Float)
     safety_scores: Mapped[dict[str, Any]] = mapped_column(default=dict)
     flagged: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -22,8 +22,11 @@ from store.models.base import Base, check_in, utcnow
 
 
 class CaseSource(enum.StrEnum):
-    AUTO = "auto"
-    REPORT = "report"
+    AUTO = "auto"  # the safety check flagged the image
+    REPORT = "report"  # a user reported it
+    BLOCKLIST = "blocklist"  # near-duplicate of a blocked image hash, withheld
+    REFUSALS = "refusals"  # escalated from a user's pattern of refused prompts (no image)
+    APPEAL = "appeal"  # a user appeals a ban, cooldown or removal (no image)
 
 
 class CaseStatus(enum.StrEnum):
@@ -31,6 +34,9 @@ class CaseStatus(enum.StrEnum):
     APPROVED = "approved"
     REMOVED = "removed"
     DISMISSED = "dismissed"  # closed with no change: the image stays as it was
+    ACCEPTED = "accepted"  # appeal granted
+    REJECTED = "rejected"  # appeal turned down
+    CLOSED = "closed"  # closed by the bot, with a note (e.g. the public message was deleted)
 
 
 class ModAction(enum.StrEnum):
@@ -40,6 +46,32 @@ class ModAction(enum.StrEnum):
     UNBAN = "unban"
     DISMISS = "dismiss"
     SETTINGS = "settings"  # a guild setting changed (/dalle-admin)
+    FILTER = "filter"  # a guild's block/allow term changed (/dalle-admin filter)
+    STRIKE = "strike"  # a strike added by hand
+    STRIKES_RESET = "strikes_reset"
+    COOLDOWN = "cooldown"  # a cooldown imposed (by a strike threshold or by hand)
+    PURGE = "purge"  # a member's images taken out of public messages
+    BLOCK = "block"  # an image hash blocked
+    UNBLOCK = "unblock"
+    ACCEPT = "accept"  # appeal accepted
+    REJECT = "reject"  # appeal rejected
+    CLOSE = "close"  # a case closed by the bot (moderator_id = SYSTEM_MODERATOR)
+    DELETE = "delete"  # the author deleted their own result
+
+
+SYSTEM_MODERATOR = 0
+"""``moderator_id`` of actions the bot takes by itself (strike thresholds, auto-closed cases)."""
+
+
+class StrikeSource(enum.StrEnum):
+    REFUSAL = "refusal"  # a prompt the filter refused
+    REMOVAL = "removal"  # a moderator removed one of their images
+    MANUAL = "manual"  # a moderator added it by hand
+
+
+class BanKind(enum.StrEnum):
+    BAN = "ban"
+    COOLDOWN = "cooldown"  # a short, automatic or manual pause; same effect as a ban while it lasts
 
 
 class Refusal(Base):
@@ -73,6 +105,9 @@ class ModerationCase(Base):
     opened_at: Mapped[datetime] = mapped_column(default=utcnow)
     closed_at: Mapped[datetime | None]
     review_message_id: Mapped[int | None] = mapped_column(BigInteger)
+    user_id: Mapped[int | None] = mapped_column(BigInteger)  # whom the case is about (author / appellant)
+    note: Mapped[str | None] = mapped_column(Text)  # the closing note (e.g. "public message deleted")
+    repinged_at: Mapped[datetime | None]  # when the review channel was reminded of it (once)
 
     actions: Mapped[list[ModerationAction]] = relationship(
         back_populates="case", order_by="ModerationAction.id", passive_deletes=True
@@ -83,6 +118,7 @@ class ModerationCase(Base):
         check_in("status", CaseStatus, "status"),
         Index("ix_moderation_cases_status_opened_at", "status", "opened_at"),  # open cases, oldest first
         Index("ix_moderation_cases_guild_id_status", "guild_id", "status"),  # a guild's queue
+        Index("ix_moderation_cases_user_id_source", "user_id", "source"),  # a user's appeals and record
         Index(
             "uq_moderation_cases_open_image",
             "image_id",
@@ -134,8 +170,8 @@ class UserState(Base):
 
 
 class GuildBan(Base):
-    """A guild's ban of a user from generating there, until ``expires_at`` (None: permanent) or until lifted.
-    ``user_state.banned`` is the operator's global ban; this is a guild moderator's."""
+    """A guild's ban (or cooldown) of a user from generating there, until ``expires_at`` (None: permanent) or until
+    lifted. ``user_state.banned`` is the operator's global ban; this is a guild moderator's or a strike threshold's."""
 
     __tablename__ = "guild_bans"
 
@@ -148,5 +184,51 @@ class GuildBan(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime | None]
     lifted_at: Mapped[datetime | None]
+    kind: Mapped[str] = mapped_column(String(16), default=BanKind.BAN.value, server_default=BanKind.BAN.value)
 
-    __table_args__ = (Index("ix_guild_bans_guild_id_user_id", "guild_id", "user_id"),)
+    __table_args__ = (
+        check_in("kind", BanKind, "kind"),
+        Index("ix_guild_bans_guild_id_user_id", "guild_id", "user_id"),
+    )
+
+
+class Strike(Base):
+    """One offence, counted until ``expires_at``; per-guild thresholds turn live strikes into a cooldown or a ban.
+    ``guild_id`` None: outside any guild (DMs, the terminal)."""
+
+    __tablename__ = "strikes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    guild_id: Mapped[int | None] = mapped_column(BigInteger)
+    user_id: Mapped[int] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    case_id: Mapped[int | None] = mapped_column(ForeignKey("moderation_cases.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    cleared_at: Mapped[datetime | None]  # a moderator reset them
+
+    __table_args__ = (
+        check_in("source", StrikeSource, "source"),
+        Index("ix_strikes_user_id_guild_id_expires_at", "user_id", "guild_id", "expires_at"),
+    )
+
+
+class ImageBlock(Base):
+    """A blocked perceptual hash: later images within a small Hamming distance are withheld and open a case.
+    ``guild_id`` None: blocked in every guild (the operator's). ``phash`` is 16 hex digits (64 bits)."""
+
+    __tablename__ = "image_blocks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    guild_id: Mapped[int | None] = mapped_column(BigInteger)
+    phash: Mapped[str] = mapped_column(String(16))
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
+    case_id: Mapped[int | None] = mapped_column(ForeignKey("moderation_cases.id", ondelete="SET NULL"))
+    moderator_id: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    lifted_at: Mapped[datetime | None]
+    lifted_by: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_image_blocks_guild_id_lifted_at", "guild_id", "lifted_at"),)
