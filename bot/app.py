@@ -22,6 +22,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.config import Settings
+from bot.metrics import BotMetrics, start_metrics_server
 from bot.outcome import from_discord
 from bot.publish import DiscordPublisher
 from bot.service import GenerationService
@@ -44,6 +45,9 @@ class DalleBot(commands.AutoShardedBot):
         intents.message_content = False
         kwargs.setdefault("chunk_guilds_at_startup", False)
         kwargs.setdefault("heartbeat_timeout", 150.0)
+        if settings.shard_count is not None:  # else discord.py asks Discord (GET /gateway/bot) and runs them all
+            kwargs.setdefault("shard_count", settings.shard_count)
+            kwargs.setdefault("shard_ids", list(settings.shard_ids) if settings.shard_ids is not None else None)
         super().__init__(command_prefix=commands.when_mentioned, intents=intents, **kwargs)
         self.settings = settings
         self.engine = engine
@@ -53,6 +57,8 @@ class DalleBot(commands.AutoShardedBot):
         self.progress_interval = progress_interval
         self.shutdown_grace = shutdown_grace
         self.service: GenerationService | None = None
+        self.metrics = BotMetrics()
+        self._metrics_runner: Any = None
         self.resumed: list[int] = []
         self._close_task: asyncio.Future | None = None
         self.tree.on_error = self.on_app_command_error  # type: ignore[method-assign]
@@ -63,6 +69,10 @@ class DalleBot(commands.AutoShardedBot):
         overrides = {"owns": from_discord, **self.service_overrides}  # the terminal's jobs are not Discord's to post
         self.service = service_from_settings(self.settings, self.repo, self.engine,
                                              DiscordPublisher(self, self.progress_interval), **overrides)
+        self.service.use_metrics(self.metrics)
+        if self.settings.metrics_port is not None:
+            self._metrics_runner = await start_metrics_server(self.metrics, self.repo, self.settings.metrics_host,
+                                                              self.settings.metrics_port)
         self.add_dynamic_items(*DYNAMIC_ITEMS)
         for ext in EXTENSIONS:
             await self.load_extension(ext)
@@ -125,6 +135,8 @@ class DalleBot(commands.AutoShardedBot):
         if self.service is not None:
             await self.service.stop(grace=self.shutdown_grace)
         await super().close()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
         if self._owns_repo and self.repo is not None:
             await self.repo.close()
 

@@ -71,6 +71,10 @@ class Settings:
     review_channel_id: int | None = None
     flagged_mode: Literal["spoiler", "withhold"] = "spoiler"
     log_level: str = "INFO"
+    shard_count: int | None = None  # None: discord.py asks Discord how many shards and runs them all here
+    shard_ids: tuple[int, ...] | None = None  # this process's shards (None: all of shard_count)
+    metrics_port: int | None = None  # serve GET /metrics here (None: no endpoint)
+    metrics_host: str = "127.0.0.1"
     discord_api_base: str | None = None
     discord_gateway_url: str | None = None
 
@@ -190,6 +194,18 @@ class _Env:
             ids.append(int(part))
         return tuple(ids)
 
+    def int_list(self, name: str, lo: int, hi: int) -> tuple[int, ...]:
+        """A comma-separated list of distinct whole numbers between ``lo`` and ``hi``."""
+        values: list[int] = []
+        for part in (p.strip() for p in self.values[name].split(",")):
+            if not part.isdigit() or not lo <= int(part) <= hi:
+                raise SettingsError(name, f"must be a comma-separated list of numbers from {lo} to {hi}; "
+                                          f"{part!r} is not one")
+            if int(part) in values:
+                raise SettingsError(name, f"lists {part} twice")
+            values.append(int(part))
+        return tuple(values)
+
     def secret(self, name: str) -> str | None:
         raw = self.values.get(name)
         if raw is not None and any(ch.isspace() for ch in raw):
@@ -304,6 +320,13 @@ def load_settings(
     if log_level not in LOG_LEVELS:
         raise SettingsError("LOG_LEVEL", f"must be one of {', '.join(LOG_LEVELS)}; got {e.str('LOG_LEVEL')!r}")
 
+    shard_count = e.int("SHARD_COUNT", None, 1, 65_536)
+    shard_ids = None
+    if e.str("SHARD_IDS") is not None:
+        if shard_count is None:
+            raise SettingsError("SHARD_IDS", "needs SHARD_COUNT (how many shards there are in all)")
+        shard_ids = e.int_list("SHARD_IDS", 0, shard_count - 1)
+
     return Settings(
         mode=mode,  # type: ignore[arg-type]
         discord_token=token,
@@ -334,6 +357,10 @@ def load_settings(
         review_channel_id=e.snowflake("REVIEW_CHANNEL_ID"),
         flagged_mode=e.choice("FLAGGED_MODE", ("spoiler", "withhold"), "spoiler"),  # type: ignore[arg-type]
         log_level=log_level,
+        shard_count=shard_count,
+        shard_ids=shard_ids,
+        metrics_port=e.int("METRICS_PORT", None, 1, 65_535),
+        metrics_host=e.str("METRICS_HOST", "127.0.0.1"),  # type: ignore[arg-type]
         discord_api_base=e.loopback_url("DISCORD_API_BASE", ("http", "https")),
         discord_gateway_url=e.loopback_url("DISCORD_GATEWAY_URL", ("ws", "wss", "http", "https")),
     )

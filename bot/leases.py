@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from bot.metrics import BotMetrics
 from bot.outcome import Outcome, Publisher, StoredImage
 from bot.scheduler import QueueEntry, Scheduler
 from store.models import FlaggedMode
@@ -63,6 +64,7 @@ class Leases:
         self.retrying: dict[int, asyncio.Task] = {}  # generation id → its wait before the next attempt
         # called with each outcome once it is posted and recorded (moderation posts its flagged images' cases)
         self.on_delivered: Callable[[Outcome], Awaitable[None]] | None = None
+        self.metrics: BotMetrics | None = None  # counts posted results when set (GenerationService.use_metrics)
 
     def exclusive(self) -> bool:
         """Whether this process has the database alone (then every stored job is its own)."""
@@ -219,6 +221,8 @@ class Leases:
             log.exception("recording the delivery of generation %s failed", gid)
             self.post_failed.add(gid)
             return
+        if self.metrics is not None:
+            self.metrics.results_posted.labels("ok" if outcome.ok else "failed").inc()
         if self.on_delivered is not None:
             try:
                 await self.on_delivered(outcome)

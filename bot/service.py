@@ -25,6 +25,7 @@ from bot.admin import AdminService
 from bot.config import Settings
 from bot.filters import FilterDecision, GuildPolicy, PromptFilter
 from bot.leases import Leases
+from bot.metrics import BotMetrics
 from bot.moderation import ModerationService
 from bot.outcome import MAX_FEEDBACK_NOTE, MAX_IMAGES, Admission, Delivery, FeedbackResult, Publisher
 from bot.ratelimit import LimitPolicy, RateLimiter, human_duration
@@ -119,10 +120,16 @@ class GenerationService:
         self.moderation = ModerationService(repo, guild_settings=self.guild_settings,
                                             flagged_mode=self.flagged_mode_for, review_channel_id=review_channel_id)
         self.leases.on_delivered = self.moderation.outcome_delivered
+        self.metrics: BotMetrics | None = None  # the Discord front end's (bot.app): see use_metrics
         self.admin = AdminService(repo, guild_settings=self.guild_settings, update_settings=self.update_guild_settings,
                                   defaults={"review_channel_id": review_channel_id, "flagged_mode": flagged_mode,
                                             "daily_quota": self.limiter.policy.daily_quota,
                                             "max_queue_per_user": self.scheduler.per_user_cap})
+
+    def use_metrics(self, metrics: BotMetrics) -> None:
+        """Count refusals and posted results in ``metrics`` from now on."""
+        self.metrics = metrics
+        self.leases.metrics = metrics
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -310,6 +317,8 @@ class GenerationService:
         await self.repo.record_refusal(user_id=user_id, guild_id=guild_id, prompt=prompt[:2000], reason=reason,
                                        normalized=normalised)
         log.info("refused user %s (%s)", user_id, reason)
+        if self.metrics is not None:
+            self.metrics.refused(category)
         return Admission(False, category=category, message=message, retry_after=retry_after)
 
     async def reroll(self, generation_id: int, user_id: int, *, guild_id: int | None = None,

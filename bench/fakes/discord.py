@@ -13,7 +13,8 @@ Design from shared/reference/discord-testing.md §3: aiohttp on 127.0.0.1 (ephem
   ``retry_after`` (body and ``Retry-After``) or a 5xx, each used once, in order, before the call is handled.
 
 The gateway speaks JSON TEXT frames: HELLO → heartbeats/ACK → IDENTIFY → READY (+``shard``) + GUILD_CREATE,
-RESUME → RESUMED, and ``dispatch()`` pushes events such as INTERACTION_CREATE.
+RESUME → RESUMED, and ``dispatch()`` pushes events such as INTERACTION_CREATE. A socket that identified with a
+``shard`` gets only its shard's guilds and their events, as Discord does.
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ class FakeDiscord:
         self.identifies: list[dict] = []
         self.resumes: list[dict] = []
         self.sockets: list[web.WebSocketResponse] = []
+        self.shards: dict[int, tuple[int, int]] = {}  # id(socket) → (shard id, shard count) from its IDENTIFY
+        self.recommended_shards = 1  # GET /gateway/bot's "shards"
         self.session_seq = itertools.count(1)
         self.seq = 0
         self._counter = itertools.count(1)
@@ -190,11 +193,35 @@ class FakeDiscord:
     # -- test-side helpers ---------------------------------------------------------------------------
 
     async def dispatch(self, t: str, d: dict) -> None:
+        """Send an event to every socket, or, on a sharded connection, to the shard of the event's guild
+        (``(guild_id >> 22) % shard_count``, as Discord routes them; events without a guild go to shard 0)."""
         self.seq += 1
         frame = json.dumps({"op": 0, "t": t, "s": self.seq, "d": d})
+        guild_id = d.get("guild_id") if isinstance(d, dict) else None
         for ws in list(self.sockets):
-            if not ws.closed:
+            if not ws.closed and self._shard_wants(ws, int(guild_id) if guild_id else None):
                 await ws.send_str(frame)
+
+    def _shard_wants(self, ws: web.WebSocketResponse, guild_id: int | None) -> bool:
+        shard = self.shards.get(id(ws))
+        if shard is None:
+            return True
+        shard_id, count = shard
+        return (guild_id >> 22) % count == shard_id if guild_id is not None else shard_id == 0
+
+    async def delete_message(self, message_id: int) -> None:
+        """The message is deleted (through the API, or by a member in their client): it goes, and the gateway
+        gets MESSAGE_DELETE as Discord sends it."""
+        msg = self.messages.pop(int(message_id), None)
+        if msg is None:
+            return
+        event = {"id": msg["id"], "channel_id": msg["channel_id"]}
+        guild = self.guild_ids[0] + int(msg["channel_id"]) - self.channel_id if self.guild_ids else None
+        if guild in self.guild_ids:
+            event["guild_id"] = str(guild)
+        elif self.guild_ids and int(msg["channel_id"]) < 50_000:  # the review channel and the like: the first guild
+            event["guild_id"] = str(self.guild_ids[0])
+        await self.dispatch("MESSAGE_DELETE", event)
 
     async def request_reconnect(self) -> None:
         """op 7 RECONNECT: the client opens a new socket and RESUMEs its session."""
@@ -404,7 +431,7 @@ class FakeDiscord:
                           "bot_require_code_grant": False, "verify_key": "0" * 64, "flags": 0,
                           "owner": self.user(1, "owner"), "team": None})
         if method == "GET" and p == ["gateway", "bot"]:
-            return _json({"url": self.gateway_url, "shards": 1, "session_start_limit": {
+            return _json({"url": self.gateway_url, "shards": self.recommended_shards, "session_start_limit": {
                 "total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1}})
         if method == "PUT" and len(p) == 3 and p[0] == "applications" and p[2] == "commands":
             self.commands = self._registered(call.json)
@@ -426,6 +453,11 @@ class FakeDiscord:
             return _json(msg)
         if method == "PATCH" and p[:1] == ["channels"] and p[-2] == "messages":
             return self._edit(int(p[-1]), call)
+        if method == "DELETE" and len(p) == 4 and p[0] == "channels" and p[2] == "messages":
+            if int(p[3]) not in self.messages:
+                return _error(404, 10008, "Unknown Message")
+            await self.delete_message(int(p[3]))
+            return web.Response(status=204)
         if method == "POST" and p == ["users", "@me", "channels"]:
             rid = int((call.json or {})["recipient_id"])
             return _json({"id": str(50_000 + rid), "type": 1, "recipients": [self.user(rid)], "last_message_id": None})
@@ -503,7 +535,7 @@ class FakeDiscord:
             if method == "GET":
                 return _json(self.messages[mid])
             if method == "DELETE":
-                self.messages.pop(mid, None)
+                await self.delete_message(mid)
                 return web.Response(status=204)
         return None
 
@@ -538,6 +570,8 @@ class FakeDiscord:
                     await ws.send_str(json.dumps({"op": 11}))
                 elif op == 2:
                     self.identifies.append(frame["d"])
+                    if frame["d"].get("shard"):
+                        self.shards[id(ws)] = tuple(frame["d"]["shard"])
                     await self._ready(ws, frame["d"])
                 elif op == 6:
                     self.resumes.append(frame["d"])
@@ -546,6 +580,7 @@ class FakeDiscord:
         finally:
             if ws in self.sockets:
                 self.sockets.remove(ws)
+            self.shards.pop(id(ws), None)
         return ws
 
     async def _ready(self, ws: web.WebSocketResponse, identify: dict) -> None:
@@ -553,15 +588,18 @@ class FakeDiscord:
         ready = {
             "v": 10, "user": self.user(BOT_ID, "dalle", bot=True), "session_id": f"session-{next(self.session_seq)}",
             "resume_gateway_url": self.gateway_url, "application": {"id": str(APP_ID), "flags": 0},
-            "guilds": [{"id": str(g), "unavailable": True} for g in self.guild_ids], "private_channels": [],
+            "guilds": [{"id": str(g), "unavailable": True} for g in self._guilds_of(ws)], "private_channels": [],
             "relationships": [], "presences": [],
         }
         if "shard" in identify:
             ready["shard"] = identify["shard"]
         await ws.send_str(json.dumps({"op": 0, "t": "READY", "s": self.seq, "d": ready}))
-        for g in self.guild_ids:
+        for g in self._guilds_of(ws):
             self.seq += 1
             await ws.send_str(json.dumps({"op": 0, "t": "GUILD_CREATE", "s": self.seq, "d": self.guild_payload(g)}))
+
+    def _guilds_of(self, ws: web.WebSocketResponse) -> list[int]:
+        return [g for g in self.guild_ids if self._shard_wants(ws, g)]
 
 
 class _Refuse(Exception):

@@ -38,6 +38,9 @@ class Generate(commands.Cog):
                     seed: app_commands.Range[int, 0, DISCORD_INTEGER_LIMIT] | None = None,
                     private: bool = False) -> None:
         await interaction.response.defer(thinking=True, ephemeral=private)  # FIRST: the 3-second deadline
+        metrics = getattr(self.bot, "metrics", None)
+        if metrics is not None:
+            metrics.ack_latency.observe(max(0.0, (discord.utils.utcnow() - interaction.created_at).total_seconds()))
         adm = await self.service.submit(
             user_id=interaction.user.id, guild_id=interaction.guild_id, prompt=prompt, n=images, seed=seed,
             private=private, delivery=delivery_for(interaction))
