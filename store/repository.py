@@ -21,6 +21,7 @@ from store.repo.guilds import GuildRepository
 from store.repo.images import ImageRepository, NewImage
 from store.repo.moderation import CaseClosed, ModerationRepository, UserRecord
 from store.repo.registry import RegistryRepository
+from store.repo.stats import StatsRepository
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
@@ -44,6 +45,7 @@ class Repository(
     ModerationRepository,
     GuildRepository,
     RegistryRepository,
+    StatsRepository,
     RepositoryBase,
 ):
     """Async data access for the bot and training; construct with a session factory or :meth:`from_url`.
