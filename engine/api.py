@@ -24,6 +24,10 @@ GRID_IMAGES = 9  # candidates a request asks for unless it says otherwise: a 3x3
 MAX_IMAGES_PER_REQUEST = 16
 MAX_PROMPT_CHARS = 1000
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < SEED_LIMIT (the sampler's 64-bit random key)
+# bounds of an image-token prefix any model could take (the published VQGAN's codebook and Mega's 256 tokens, with
+# room); the pipeline checks the model's own, smaller ones (:func:`check_image_prefix`)
+MAX_IMAGE_CODES = 16384
+MAX_IMAGE_PREFIX = 4096
 
 
 # Batch sizes (candidates per sampling pass) that get a compiled program; a pass is padded up to the next one. 9:
@@ -127,6 +131,9 @@ class GenerationRequest:
     # candidates are first_index .. first_index+n-1; the batcher sets it when it splits a request larger
     # than the biggest batch bucket, so every part keeps its (seed, index) streams.
     first_index: int = 0
+    # image tokens every candidate starts with (row-major codes, the first k positions of the image); the model
+    # samples the rest. A variation keeps a prefix of the chosen image's tokens (its top rows) and so its layout.
+    image_prefix: tuple[int, ...] = ()
 
     def validate(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -145,10 +152,16 @@ class GenerationRequest:
             raise BadRequest("preview_every must be >= 0")
         if not (0 <= int(self.first_index) < 2**31):
             raise BadRequest("first_index must be between 0 and 2**31-1")
+        check_image_prefix(self.image_prefix, MAX_IMAGE_PREFIX + 1, MAX_IMAGE_CODES)
         self.params.validate()
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.image_prefix:  # numpy ints too (tokens read from the store)
+            out["image_prefix"] = [int(t) for t in self.image_prefix]
+        else:  # left out: a request without one reads as before to a service that predates the field
+            del out["image_prefix"]
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GenerationRequest:
@@ -157,11 +170,29 @@ class GenerationRequest:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+        if "image_prefix" in data:
+            prefix = data["image_prefix"]
+            if not isinstance(prefix, list | tuple):
+                raise BadRequest("image_prefix must be a list of image token ids")
+            data["image_prefix"] = tuple(prefix)
         try:
             req = cls(params=params, **data)
         except TypeError as exc:
             raise BadRequest(str(exc)) from exc
         return req
+
+
+def check_image_prefix(prefix: Any, image_length: int, codebook: int) -> None:
+    """Raise :class:`BadRequest` unless ``prefix`` is a sequence of fewer than ``image_length`` token ids, each in
+    ``[0, codebook)``: a forced prefix as long as the image would leave nothing to sample."""
+    if not isinstance(prefix, list | tuple):
+        raise BadRequest("image_prefix must be a list of image token ids")
+    if len(prefix) >= image_length:
+        raise BadRequest(f"image_prefix has {len(prefix)} tokens; it must be shorter than the image "
+                         f"({image_length} tokens)")
+    for position, token in enumerate(prefix):
+        if isinstance(token, bool) or not isinstance(token, int | np.integer) or not 0 <= int(token) < codebook:
+            raise BadRequest(f"image_prefix[{position}] = {token!r} is not a token id between 0 and {codebook - 1}")
 
 
 @dataclass

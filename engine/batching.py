@@ -262,6 +262,9 @@ class Batcher:
         self.start()
         try:
             request.validate()
+            check = getattr(self.pipeline, "check_request", None)  # what only the model knows (image prefix)
+            if callable(check):
+                check(request)
         except BadRequest:
             self.metrics.errors.labels("bad_request").inc()
             raise

@@ -20,7 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.api import DEFAULT_BUCKETS, EngineError, GeneratedImage, GenerationRequest, GenerationResult, bucket_for
+from engine.api import (
+    DEFAULT_BUCKETS,
+    EngineError,
+    GeneratedImage,
+    GenerationRequest,
+    GenerationResult,
+    bucket_for,
+    check_image_prefix,
+)
 from engine.checkpoint import CheckpointMissing, checkpoint_id_of
 
 CODEBOOK_SIZE = 16384
@@ -124,8 +132,19 @@ class FakePipeline:
         return np.random.default_rng([int(request.seed), int(index), prompt_key])
 
     def sample_tokens(self, request: GenerationRequest, index: int) -> np.ndarray:
-        """The image tokens of candidate ``index``: a function of (prompt, params, seed, index) only."""
-        return self._rng(request, index).integers(0, CODEBOOK_SIZE, size=self.tokens_total).astype(np.int16)
+        """The image tokens of candidate ``index``: a function of (prompt, params, seed, index, image prefix) only;
+        they start with the request's image prefix, as the model's do."""
+        return self._tokens(self._rng(request, index), request)
+
+    def _tokens(self, rng: np.random.Generator, request: GenerationRequest) -> np.ndarray:
+        tokens = rng.integers(0, CODEBOOK_SIZE, size=self.tokens_total).astype(np.int16)
+        prefix = np.asarray(request.image_prefix, np.int16)
+        tokens[: prefix.size] = prefix
+        return tokens
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """Raise ``BadRequest`` if the image prefix does not fit this fake "model" (its length and codebook)."""
+        check_image_prefix(request.image_prefix, self.tokens_total, CODEBOOK_SIZE)
 
     def decode(self, tokens: np.ndarray) -> bytes:
         """Tokens → PNG: each token paints a block whose colour comes from its code bits."""
@@ -136,7 +155,7 @@ class FakePipeline:
 
     def _candidate(self, request: GenerationRequest, index: int) -> GeneratedImage:
         rng = self._rng(request, index)
-        tokens = rng.integers(0, CODEBOOK_SIZE, size=self.tokens_total).astype(np.int16)
+        tokens = self._tokens(rng, request)
         clip_score = float(0.15 + 0.2 * rng.random())
         safety = {"sexual": float(0.5 * rng.random()), "violence": float(0.5 * rng.random())}
         if request.prompt in self.flag_prompts:
@@ -154,6 +173,7 @@ class FakePipeline:
     ) -> list[GenerationResult]:
         for r in requests:
             r.validate()
+            self.check_request(r)
         candidates = sum(r.n for r in requests)
         bucket = bucket_for(candidates, self.batch_buckets)
         call = dict(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.api import MAX_IMAGES_PER_REQUEST, MAX_PROMPT_CHARS, SEED_LIMIT
+from engine.api import MAX_IMAGE_CODES, MAX_IMAGE_PREFIX, MAX_IMAGES_PER_REQUEST, MAX_PROMPT_CHARS, SEED_LIMIT
 
 ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 _STATES = ["queued", "running", "done", "failed", "cancelled"]
@@ -54,6 +54,12 @@ def openapi_spec() -> dict[str, Any]:
                 "request_id": {"type": "string", "pattern": ID_PATTERN, "not": {"enum": [".", ".."]}},
                 "preview_every": {"type": "integer", "minimum": 0},
                 "first_index": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
+                "image_prefix": {
+                    "type": "array", "maxItems": MAX_IMAGE_PREFIX,
+                    "items": {"type": "integer", "minimum": 0, "maximum": MAX_IMAGE_CODES - 1},
+                    "description": "image tokens every candidate starts with; shorter than the model's image and "
+                                   "within its codebook (else 400)",
+                },
             },
         },
         "Accepted": {

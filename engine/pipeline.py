@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from engine import weights
-from engine.api import GeneratedImage, GenerationRequest, GenerationResult, SamplingParams
+from engine.api import GeneratedImage, GenerationRequest, GenerationResult, SamplingParams, check_image_prefix
 from engine.checkpoint import DEFAULT_CHECKPOINT, check_directory, checkpoint_id_of, sampling_defaults_of
 from engine.config import CLIPConfig, DalleBartConfig, VQGANConfig
 from engine.models import clip as clip_model
@@ -203,6 +203,11 @@ class ModelPipeline:
     def image_length(self) -> int:
         return self.config.image_length
 
+    def check_request(self, request: GenerationRequest) -> None:
+        """Raise ``BadRequest`` if the request's image prefix does not fit this model (length, codebook): called
+        when a request is queued, so a bad one is refused alone instead of failing the pass it would join."""
+        check_image_prefix(request.image_prefix, self.config.image_length, self.config.num_image_codes)
+
     @property
     def attention(self) -> str:
         """The decode attention backend's name ("xla" or "native"), recorded in every result."""
@@ -266,6 +271,7 @@ class ModelPipeline:
         indices: list[int] = []
         for pos, req in enumerate(requests):
             req.validate()
+            self.check_request(req)
             first = int(getattr(req, "first_index", 0))
             owners.extend([pos] * req.n)
             indices.extend(range(first, first + req.n))
@@ -309,6 +315,7 @@ class ModelPipeline:
                 top_p=np.array([p[o].top_p for o in owners], np.float32),
                 temperature=np.array([p[o].temperature for o in owners], np.float32),
                 on_chunk=on_chunk if (on_progress is not None or should_cancel is not None) else None,
+                prefix=[requests[o].image_prefix for o in owners],
             )
         except _Abort:  # every request of the pass was cancelled: stop sampling, nothing to return
             return []

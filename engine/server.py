@@ -60,6 +60,7 @@ _REQUEST_TYPES: dict[str, type] = {
     "request_id": str,
     "preview_every": int,
     "first_index": int,
+    "image_prefix": list,
 }
 
 
@@ -157,14 +158,17 @@ def parse_generation_request(data: Any) -> GenerationRequest:
 
 
 def _check_type(name: str, value: Any, kind: type) -> None:
-    if kind is str:
+    if kind is list:
+        ok = isinstance(value, list)
+    elif kind is str:
         ok = isinstance(value, str)
     elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     else:
         ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if not ok:
-        raise BadRequest(f"{name} must be {'a string' if kind is str else 'an integer' if kind is int else 'a number'}")
+        what = {str: "a string", int: "an integer", list: "a list"}.get(kind, "a number")
+        raise BadRequest(f"{name} must be {what}")
 
 
 # -- middlewares ----------------------------------------------------------------------------------------------

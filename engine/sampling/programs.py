@@ -100,6 +100,8 @@ class RowParams:
     top_k: np.ndarray
     top_p: np.ndarray
     temperature: np.ndarray
+    prefix: np.ndarray  # (B, image_length): the tokens a row is forced to start with (zeros past its length)
+    prefix_len: np.ndarray  # (B,): how many of them it keeps (0: none; every position is sampled)
 
 
 class Programs:
@@ -134,7 +136,7 @@ class Programs:
             self.prepare_jit = jax.jit(
                 self.prepare,
                 in_shardings=(s.texts_kv, s.replicated, rows["text_row"], rows["seed_hi"], rows["seed_lo"],
-                              rows["indices"]),
+                              rows["indices"], rows["prefix"], rows["prefix_len"]),
                 out_shardings=s.state,
             )
             self._mesh_jit = {
@@ -183,9 +185,10 @@ class Programs:
         hidden = self.model.apply(variables, text_ids, text_mask, method=DalleBart.encode)
         return self.model.apply(variables, hidden, method=DalleBart.cross_kv)
 
-    def prepare(self, text_kv, text_mask, text_row, seed_hi, seed_lo, indices):
+    def prepare(self, text_kv, text_mask, text_row, seed_hi, seed_lo, indices, prefix, prefix_len):
         """The decode state: every decoder row (interleaved: 2i candidate i's prompt, 2i+1 its unconditional text,
-        per ``text_row`` (B,2)) gets its text's cross K/V and mask; an empty cache; the row keys."""
+        per ``text_row`` (B,2)) gets its text's cross K/V and mask; an empty cache; the row keys; the row's forced
+        token prefix (arrays, so rows with and without one share the compiled loop)."""
         b = text_row.shape[0]
         rows = text_row.reshape(2 * b)
         return {
@@ -194,6 +197,8 @@ class Programs:
             "mask": jnp.take(text_mask, rows, axis=0),
             "token": jnp.full((b,), self.config.decoder_start_token_id, jnp.int32),
             "keys": jax.random.key_data(candidate_keys(seed_hi, seed_lo, indices)),
+            "prefix": prefix,
+            "prefix_len": prefix_len,
         }
 
     def pieces(self, start: int, n_steps: int) -> tuple[tuple[int, int], ...]:
@@ -225,6 +230,9 @@ class Programs:
             pair = logits[:, :n_codes].reshape(token.shape[0], 2, n_codes)
             step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, position.astype(jnp.uint32))
             token = sample_tokens(step_keys, pair[:, 0], pair[:, 1], scale, temperature, top_k, top_p)
+            # a row's first prefix_len positions take its given tokens: what the next step is conditioned on
+            forced = jax.lax.dynamic_index_in_dim(state["prefix"], position, axis=1, keepdims=False)
+            token = jnp.where(position < state["prefix_len"], forced, token)
             return (cache, token), ((token, logits) if collect else (token, None))
 
         carry, token_parts, logit_parts, offset = (state["cache"], state["token"]), [], [], 0
@@ -258,7 +266,7 @@ class MeshShardings:
         kv = (NamedSharding(mesh, PartitionSpec(shd.DATA, head_axis, None, None)),) * config.decoder_layers
         cache_kv = kv if cache_blocks == 1 else tuple((k,) * cache_blocks for k in kv)
         texts_kv = (NamedSharding(mesh, PartitionSpec(None, head_axis, None, None)),) * config.decoder_layers
-        rows = {f.name: shd.batch_sharding(mesh, 2 if f.name == "text_row" else 1)
+        rows = {f.name: shd.batch_sharding(mesh, 2 if f.name in ("text_row", "prefix") else 1)
                 for f in dataclasses.fields(RowParams)}
         state = {
             "cache": {"k": cache_kv, "v": cache_kv},
@@ -266,6 +274,8 @@ class MeshShardings:
             "mask": shd.batch_sharding(mesh, 2),
             "token": shd.batch_sharding(mesh, 1),
             "keys": shd.batch_sharding(mesh, 2),
+            "prefix": shd.batch_sharding(mesh, 2),
+            "prefix_len": shd.batch_sharding(mesh, 1),
         }
         published = dataclasses.replace(config, transposed_kernels=False)  # the rules name (in, out) kernels
         params = shd.param_shardings(param_shapes(published), mesh)

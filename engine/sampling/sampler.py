@@ -147,7 +147,8 @@ class Sampler:
         return n, bucket, out
 
     def _rows(
-        self, enc_ids, enc_mask, uncond_ids, uncond_mask, seeds, indices, scale, top_k, top_p, temperature
+        self, enc_ids, enc_mask, uncond_ids, uncond_mask, seeds, indices, scale, top_k, top_p, temperature,
+        prefix=None,
     ) -> tuple[int, dict[str, jax.Array]]:
         enc_ids = np.asarray(enc_ids, np.int32)
         if enc_ids.ndim != 2:
@@ -167,6 +168,7 @@ class Sampler:
         top_k = np.broadcast_to(np.asarray(top_k, np.int64), (b,))
         if np.any(top_k < 0):
             raise ValueError("top_k must be >= 0")
+        prefix_buf, prefix_len = self._prefixes(prefix, b)
         hi, lo = split_seeds(np.broadcast_to(np.asarray(seeds, dtype=object), (b,)))
         n, bucket, padded = self._pad_rows(
             enc_ids=enc_ids,
@@ -180,14 +182,37 @@ class Sampler:
             top_k=np.minimum(top_k, self.config.num_image_codes).astype(np.int32),
             top_p=top_p,
             temperature=temperature,
+            prefix=prefix_buf,
+            prefix_len=prefix_len,
         )
         texts = [padded.pop(k) for k in ("enc_ids", "enc_mask", "uncond_ids", "uncond_mask")]
         text_ids, text_mask, text_row = distinct_texts(*texts, max_size=2 * bucket)
         rows = {k: self._put(k, v) for k, v in dataclasses.asdict(RowParams(text_row=text_row, **padded)).items()}
         return n, dict(rows, text_ids=self._put("text_ids", text_ids), text_mask=self._put("text_mask", text_mask))
 
+    def _prefixes(self, prefix: Any, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row forced prefixes (a sequence of B token sequences, or None) as a (B, image_length) buffer and
+        (B,) lengths."""
+        length, codes = self.config.image_length, self.config.num_image_codes
+        buf = np.zeros((b, length), np.int32)
+        lens = np.zeros((b,), np.int32)
+        if prefix is None:
+            return buf, lens
+        if len(prefix) != b:
+            raise ValueError(f"prefix must give one token sequence per row ({b}), got {len(prefix)}")
+        for row, seq in enumerate(prefix):
+            seq = np.asarray(seq if seq is not None else (), np.int64).reshape(-1)
+            if seq.size > length:
+                raise ValueError(f"prefix of row {row} has {seq.size} tokens; the image has {length}")
+            if seq.size and (seq.min() < 0 or seq.max() >= codes):
+                raise ValueError(f"prefix of row {row} holds token ids outside the codebook [0, {codes})")
+            buf[row, : seq.size] = seq
+            lens[row] = seq.size
+        return buf, lens
+
     def _row_args(self, rows: dict[str, jax.Array]) -> tuple[Any, ...]:
-        return rows["text_row"], rows["seed_hi"], rows["seed_lo"], rows["indices"]
+        return (rows["text_row"], rows["seed_hi"], rows["seed_lo"], rows["indices"], rows["prefix"],
+                rows["prefix_len"])
 
     def _compile_textprograms_for(self, rows: dict[str, Any]) -> Any:
         """Compile the encoder for every number of distinct texts a pass of this many rows can hold
@@ -247,18 +272,21 @@ class Sampler:
         top_p: Any = 1.0,
         temperature: Any = 1.0,
         on_chunk: ChunkHook | None = None,
+        prefix: Sequence[Any] | None = None,
     ) -> np.ndarray:
         """Sample ``image_length`` codes per row.
 
         enc_ids, enc_mask, uncond_ids, uncond_mask: (B,T) int; seeds (B,) ints in [0, 2**64); indices (B,)
         candidate indices; scale, top_p, temperature (B,) float and top_k (B,) int (scalars broadcast).
+        ``prefix``: per row, the tokens its first positions take instead of sampled ones (an empty sequence: none),
+        so a row can keep the top of another image; the other rows of the pass are not affected.
         ``on_chunk(steps_done, tokens_so_far (B, steps_done) int32)`` is called after every ``chunk_size`` steps
         (raise from it to abort; the next chunk is already running when it is called). Returns tokens
         (B, image_length) int32, each < ``config.num_image_codes``.
         """
         tokens, _ = self._sample(
             enc_ids, enc_mask, uncond_ids, uncond_mask, seeds, indices, scale, top_k, top_p, temperature,
-            on_chunk=on_chunk, collect=False,
+            on_chunk=on_chunk, collect=False, prefix=prefix,
         )
         return tokens
 
@@ -273,10 +301,10 @@ class Sampler:
 
     def _sample(
         self, enc_ids, enc_mask, uncond_ids, uncond_mask, seeds, indices, scale=10.0, top_k=50, top_p=1.0,
-        temperature=1.0, on_chunk: ChunkHook | None = None, collect: bool = False,
+        temperature=1.0, on_chunk: ChunkHook | None = None, collect: bool = False, prefix=None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         n, rows = self._rows(enc_ids, enc_mask, uncond_ids, uncond_mask, seeds, indices, scale, top_k, top_p,
-                             temperature)
+                             temperature, prefix)
         state = self._prepare(rows)
         # without a hook the whole loop is one chunk. With one, one chunk of look-ahead: chunk k+1 is dispatched
         # (asynchronously) before the hook sees chunk k, so the device never idles while the hook runs; a hook that

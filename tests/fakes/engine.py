@@ -40,6 +40,20 @@ def solid_png(rgb: tuple[int, int, int], size: int = 32) -> bytes:
     return buf.getvalue()
 
 
+def pattern_png(seed: int, index: int, size: int = 32, cells: int = 8) -> bytes:
+    """An 8x8 checker of a light and a dark shade of ``colour_for(seed, index)``, keyed by (seed, index): unlike a
+    solid colour, each image has a perceptual hash of its own (solid images all hash alike), and the same seed
+    draws the same image. The shades differ by half the range, so the picture survives re-encoding."""
+    rgb = np.array(colour_for(seed, index), dtype=np.uint16) // 2
+    digest = hashlib.blake2b(f"pattern:{seed}:{index}".encode(), digest_size=cells * cells // 8).digest()
+    bits = np.unpackbits(np.frombuffer(digest, dtype=np.uint8))[: cells * cells].reshape(cells, cells).astype(bool)
+    grid = np.where(bits[..., None], rgb + 128, rgb).astype(np.uint8)
+    pixels = np.repeat(np.repeat(grid, size // cells, 0), size // cells, 1)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
 class FakeEngine:
     """``steps`` progress events ``step_s`` apart per request; ``concurrency`` requests sampled at once.
 
@@ -49,7 +63,10 @@ class FakeEngine:
     checkpoint_id = "fake-ckpt"
     attention: str | None = None  # no model, no attention backend
 
-    def __init__(self, steps: int = 4, step_s: float = 0.01, concurrency: int = 4, tokens_total: int = 256) -> None:
+    def __init__(self, steps: int = 4, step_s: float = 0.01, concurrency: int = 4, tokens_total: int = 256,
+                 patterned: bool = False) -> None:
+        """``patterned``: images of :func:`pattern_png` rather than solid colours (the blocklist tests)."""
+        self.patterned = patterned
         self.steps = steps
         self.step_s = step_s
         self.tokens_total = tokens_total
@@ -64,6 +81,8 @@ class FakeEngine:
 
     async def submit(self, request: GenerationRequest) -> str:
         request.validate()
+        if len(request.image_prefix) >= 16:  # what the model checks: its images are 16 tokens
+            raise BadRequest("image_prefix must be shorter than the image (16 tokens)")
         rid = request.request_id
         if rid in self._results:
             raise EngineError(f"duplicate request id {rid}")
@@ -97,9 +116,11 @@ class FakeEngine:
                 images = []
                 for i in range(req.n):
                     rgb = colour_for(req.seed, i)
+                    tokens = np.asarray([(req.seed + i + k) % 16384 for k in range(16)], dtype=np.int16)
+                    tokens[: len(req.image_prefix)] = req.image_prefix  # the forced prefix, as the model does
                     images.append(GeneratedImage(
-                        index=i, rank=0, png=solid_png(rgb),
-                        tokens=np.asarray([(req.seed + i + k) % 16384 for k in range(16)], dtype=np.int16),
+                        index=i, rank=0, png=pattern_png(req.seed, i) if self.patterned else solid_png(rgb),
+                        tokens=tokens,
                         clip_score=float(sum(rgb)) / 765.0,
                         safety={"nsfw": 0.9 if "unsafe" in req.prompt else 0.01},
                         flagged="unsafe" in req.prompt and i == 0,
