@@ -34,7 +34,7 @@ from engine.client import EngineUnavailable
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ("bot.cogs.generate",)
-OPTIONAL_EXTENSIONS = ("bot.cogs.moderation", "bot.cogs.admin")  # loaded where this build has them
+OPTIONAL_EXTENSIONS = ("bot.cogs.moderation", "bot.cogs.admin", "bot.cogs.privacy")  # loaded where this build has them
 
 
 class DalleBot(commands.AutoShardedBot):

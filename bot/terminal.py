@@ -20,6 +20,7 @@ from typing import Any, TextIO
 from bot.config import Settings
 from bot.moderation import CaseNotFound, Moderator, NotModerator
 from bot.outcome import MAX_IMAGES, Outcome, ProgressUpdate, from_discord
+from bot.privacy import PrivacyService
 from bot.service import GenerationService
 from bot.wiring import engine_for_settings, open_repository, service_from_settings
 from engine.api import Engine
@@ -39,6 +40,7 @@ HELP = f"""
     /cases                               open moderation cases (you are the operator: every case)
     /case <id> [approve|remove|dismiss [reason...]]   show a case, or decide it
     /ban <user-id> <reason...>, /unban <user-id>      the operator's ban, in every guild
+    /privacy optout|optin|export|delete [confirm]    your data: training use, a JSON export, deletion
     /help, /quit                         (end of input also quits, after queued work finishes)"""
 
 
@@ -176,6 +178,8 @@ class TerminalFrontEnd:
                 await self._moderate(cmd, args.split())
             except (NotModerator, CaseNotFound, ValueError) as exc:
                 self.say(f"error: {exc}")
+        elif cmd == "/privacy":
+            await self._privacy(args.split())
         elif cmd == "/queue":
             jobs = await self.service.user_queue(self.user_id)
             if not jobs:
@@ -216,6 +220,25 @@ class TerminalFrontEnd:
             self.say(result.message)
         else:
             self.say("usage: /case <id> [approve|remove|dismiss [reason...]]")
+
+    async def _privacy(self, parts: list[str]) -> None:
+        """The terminal user's own data, through the same PrivacyService as ``/dalle-privacy``."""
+        privacy = PrivacyService(self.service.repo, output_dir=self.service.runner.output_dir)
+        what = parts[0].lower() if parts else ""
+        if what == "optout":
+            self.say(await privacy.opt_out(self.user_id))
+        elif what == "optin":
+            self.say(await privacy.opt_in(self.user_id))
+        elif what == "export":
+            path, summary = await privacy.export_to_file(self.user_id)
+            self.say(f"{summary}\n  written to {path}")
+        elif what == "delete" and parts[1:] == ["confirm"]:
+            self.say(await privacy.delete(self.user_id))
+        elif what == "delete" and len(parts) == 1:
+            text, anything = await privacy.delete_preview(self.user_id)
+            self.say(text.replace("Confirm to delete", "Type /privacy delete confirm to delete") if anything else text)
+        else:
+            self.say("usage: /privacy optout|optin|export|delete [confirm]")
 
     def _admitted(self, adm) -> None:
         if adm.ok:

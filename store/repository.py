@@ -8,6 +8,7 @@ database clock, and :mod:`store.repo.generations` for the job queue and its leas
 from __future__ import annotations
 
 from store.repo.base import NotFound, RepositoryBase
+from store.repo.dataset import DatasetRepository, DatasetSource, JudgedImage
 from store.repo.feedback import FeedbackRecord, FeedbackRepository
 from store.repo.generations import (
     ALLOWED_TRANSITIONS,
@@ -20,6 +21,7 @@ from store.repo.generations import (
 from store.repo.guilds import GuildRepository
 from store.repo.images import ImageRepository, NewImage
 from store.repo.moderation import CaseClosed, ModerationRepository, UserRecord
+from store.repo.privacy import Deletion, PrivacyRepository, UserData
 from store.repo.registry import RegistryRepository
 from store.repo.stats import StatsRepository
 
@@ -27,13 +29,17 @@ __all__ = [
     "ALLOWED_TRANSITIONS",
     "ActiveLimitReached",
     "CaseClosed",
+    "DatasetSource",
+    "Deletion",
     "FeedbackRecord",
+    "JudgedImage",
     "NewImage",
     "NotFound",
     "QueuedJob",
     "Repository",
     "StatusError",
     "TakenOver",
+    "UserData",
     "UserRecord",
 ]
 
@@ -45,6 +51,8 @@ class Repository(
     ModerationRepository,
     GuildRepository,
     RegistryRepository,
+    DatasetRepository,
+    PrivacyRepository,
     StatsRepository,
     RepositoryBase,
 ):

@@ -10,6 +10,7 @@ Commands (each resumable: run the same command again after an interruption):
              --install DIR then copies the inference files (e.g. engine/assets/demo)
   evaluate   fidelity / CLIP gain / default share / VQGAN PSNR of a checkpoint → report.json, report.png
   install    copy a checkpoint's inference files (no training state) into a directory
+  feedback   the store's votes, reports and moderators' decisions → preference data (Parquet + manifest)
 
 Training state (orbax checkpoints, metrics.jsonl) goes to ``<out>-train`` unless ``--work-dir`` is given.
 With more than one device, the batch is split over a ("data", "model") mesh (``--model-parallel`` sets the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -280,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", type=Path, required=True, help="target dir, e.g. engine/assets/demo")
     p.add_argument("--id", default=None, help="checkpoint id to record in the target's checkpoint.json")
     _sampling_args(p, "record these as the checkpoint's recommended sampling params")
+
+    p = sub.add_parser("feedback", help="export the feedback dataset (KTO rows, DPO pairs) from the bot's database")
+    p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"),
+                   help="the bot's database (default: $DATABASE_URL); read only, never migrated")
+    p.add_argument("--out", type=Path, required=True, help="unpaired.parquet, pairs.parquet, manifest.json go here")
+    p.add_argument("--holdout", type=float, default=0.1, help="share of prompts held out for evaluation")
+    p.add_argument("--max-pairs-per-prompt", type=int, default=32)
     return parser
 
 
@@ -574,8 +583,18 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def cmd_feedback(args: argparse.Namespace) -> dict[str, Any]:
+    """Votes, reports and decisions of consenting users → ``--out`` (see ``training.feedback``)."""
+    from training.feedback import export_from_url
+
+    if not args.database_url:
+        raise ValueError("no database: give --database-url or set DATABASE_URL")
+    return export_from_url(args.database_url, args.out, holdout=args.holdout,
+                           max_pairs_per_prompt=args.max_pairs_per_prompt)
+
+
 COMMANDS = {"vqgan": cmd_vqgan, "encode": cmd_encode, "dallebart": cmd_dallebart, "clip": cmd_clip,
-            "demo": cmd_demo, "evaluate": cmd_evaluate, "install": cmd_install}
+            "demo": cmd_demo, "evaluate": cmd_evaluate, "install": cmd_install, "feedback": cmd_feedback}
 
 
 def main(argv: list[str] | None = None) -> int:
