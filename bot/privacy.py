@@ -112,6 +112,11 @@ def _remove_files(paths: list[str]) -> int:
             pass
         except OSError:
             log.warning("could not remove an image file of a deleted generation", exc_info=True)
+        if path.parent.name.isdigit():  # the runner's folder of one generation: gone once empty
+            try:
+                path.parent.rmdir()
+            except OSError:
+                pass
     return removed
 
 

@@ -40,6 +40,7 @@ class Privacy(commands.Cog):
         await interaction.edit_original_response(content=await privacy_of(interaction).opt_in(interaction.user.id))
 
     @privacy.command(name="export", description="Everything stored about me, as a JSON file (only you see it)")
+    @app_commands.checks.cooldown(2, 60.0)  # each export reads all of a user's rows
     async def export(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         export = await privacy_of(interaction).export(interaction.user.id)

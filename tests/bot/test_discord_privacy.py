@@ -71,6 +71,11 @@ async def test_privacy_optout_export_delete(fake, bot_db_url, tmp_path):
         assert doc["votes"][0]["image_id"] == theirs[0].id
         assert "their green circle" not in data.decode()
 
+        _, edit = await privacy_command(fake, "export")
+        rec = await fake.slash("dalle-privacy", {}, subcommand="export", user_id=ME)  # a third within a minute
+        cb = await fake.wait_for(lambda c: c.path.startswith(f"/interactions/{rec.id}/"))
+        assert cb.json["data"]["content"].startswith("Slow down: try again in") and cb.json["data"]["flags"] == 64
+
         # a second generation of mine is reported: its open case keeps it through the deletion
         await generate(fake, "my reported square", 3, ME, 3)
         reported = [i for i in await images_of(repo, ME) if i.id not in {m.id for m in mine}][0]
@@ -103,6 +108,7 @@ async def test_privacy_optout_export_delete(fake, bot_db_url, tmp_path):
         assert done.json["components"] == []
         assert [g.prompt for g in await rows_of(repo, Generation) if g.user_id == ME] == ["my reported square"]
         assert not any(os.path.exists(f) for f in files)
+        assert not os.path.exists(os.path.dirname(files[0]))  # the generation's folder, now empty, went too
         assert [(f.user_id, f.kind) for f in await rows_of(repo, Feedback)] == [(73, "down"), (OTHER, "report")]
         [audit] = [a for a in await rows_of(repo, ModerationAction) if a.action == "delete"]
         assert audit.target_user_id == ME and "lighthouse" not in audit.reason
