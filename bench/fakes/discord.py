@@ -79,6 +79,8 @@ class FakeDiscord:
         self.guild_ids = guilds
         self.channel_id = channel_id
         self.forbidden_channels: set[int] = set()  # the bot lacks Send Messages there: posts get 403/50013
+        self.automod_rules: dict[int, list[dict]] = {}  # guild id → its AutoMod rules (see automod_rule())
+        self.automod_forbidden: set[int] = set()  # guilds where the bot lacks Manage Server: rules are 403/50013
         self.followup_error: tuple[int, int, str] | None = None  # (status, code, message) for follow-up POSTs
         self.storms: list[tuple[str, re.Pattern[str], list[tuple[int, float]]]] = []  # see storm()
         self.calls: list[Call] = []
@@ -222,6 +224,21 @@ class FakeDiscord:
         elif self.guild_ids and int(msg["channel_id"]) < 50_000:  # the review channel and the like: the first guild
             event["guild_id"] = str(self.guild_ids[0])
         await self.dispatch("MESSAGE_DELETE", event)
+
+    async def automod_rule(self, guild_id: int, name: str, *, keywords: list[str] | None = None,
+                           regexes: list[str] | None = None, allow: list[str] | None = None,
+                           trigger_type: int = 1, enabled: bool = True, announce: bool = True) -> dict:
+        """Add an AutoMod rule to a guild (``trigger_type`` 1: keyword) and, with ``announce``, dispatch
+        AUTO_MODERATION_RULE_CREATE as Discord does to bots with Manage Server."""
+        rule = {"id": str(self.snowflake()), "guild_id": str(guild_id), "name": name, "creator_id": "1",
+                "event_type": 1, "trigger_type": trigger_type, "enabled": enabled, "exempt_roles": [],
+                "exempt_channels": [], "actions": [{"type": 1, "metadata": {}}],
+                "trigger_metadata": {"keyword_filter": keywords or [], "regex_patterns": regexes or [],
+                                     "allow_list": allow or []}}
+        self.automod_rules.setdefault(guild_id, []).append(rule)
+        if announce:
+            await self.dispatch("AUTO_MODERATION_RULE_CREATE", rule)
+        return rule
 
     async def request_reconnect(self) -> None:
         """op 7 RECONNECT: the client opens a new socket and RESUMEs its session."""
@@ -442,7 +459,7 @@ class FakeDiscord:
         if method == "POST" and p[:1] == ["interactions"] and p[-1] == "callback":
             return self._callback(int(p[1]), p[2], call)
         if p[:1] == ["webhooks"] and len(p) >= 3:
-            return self._webhook(method, p, call)
+            return await self._webhook(method, p, call)
         if method == "POST" and p[:1] == ["channels"] and p[-1] == "messages":
             if int(p[1]) in self.forbidden_channels:
                 raise _Refuse(_error(403, 50013, "Missing Permissions"))
@@ -453,6 +470,10 @@ class FakeDiscord:
             return _json(msg)
         if method == "PATCH" and p[:1] == ["channels"] and p[-2] == "messages":
             return self._edit(int(p[-1]), call)
+        if method == "GET" and len(p) == 4 and p[0] == "guilds" and p[2:] == ["auto-moderation", "rules"]:
+            if int(p[1]) in self.automod_forbidden:
+                raise _Refuse(_error(403, 50013, "Missing Permissions"))
+            return _json(self.automod_rules.get(int(p[1]), []))
         if method == "DELETE" and len(p) == 4 and p[0] == "channels" and p[2] == "messages":
             if int(p[3]) not in self.messages:
                 return _error(404, 10008, "Unknown Message")
@@ -506,7 +527,7 @@ class FakeDiscord:
             resource["message"] = msg
         return _json({"interaction": interaction, "resource": resource})
 
-    def _webhook(self, method: str, p: list[str], call: Call) -> web.Response | None:
+    async def _webhook(self, method: str, p: list[str], call: Call) -> web.Response | None:
         app, token = p[1], p[2]
         if app != str(APP_ID):
             return _error(404, 10015, "Unknown Webhook")

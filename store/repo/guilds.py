@@ -1,11 +1,15 @@
-"""Per-guild settings: overrides of the global flagged-image mode, review channel, rate limits, quotas and
-prompt lists; a NULL column means "use the global setting"."""
+"""Per-guild settings: overrides of the global flagged-image mode, review channel, rate limits, quotas, prompt
+lists, where ``/dalle`` may be used and how members are told outcomes; a NULL column means "use the global
+setting"."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from store.models import FlaggedMode, GuildSettings
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from store.models import FlaggedMode, GuildSettings, NotifyMode
 from store.repo.base import RepositoryBase, check_choice
 
 _GUILD_FIELDS = frozenset(
@@ -19,8 +23,19 @@ _GUILD_FIELDS = frozenset(
         "max_queue_per_user",
         "block_list",
         "allow_list",
+        "max_images",
+        "notify_mode",
+        "channel_ids",
+        "private_results",
+        "automod",
+        "reping_hours",  # open cases older than this are re-pinged once (bot.case_upkeep); 0: never
+        *("strike_days", "strikes_to_cooldown", "cooldown_minutes", "strikes_to_ban", "ban_days", "appeal_days"),
     }
 )
+#: counts and periods of the strike rules (``bot.strikes``): whole numbers, 0 or more (0: off, or permanent bans)
+_STRIKE_FIELDS = ("strike_days", "strikes_to_cooldown", "cooldown_minutes", "strikes_to_ban", "ban_days", "appeal_days")
+#: the JSON list columns :meth:`GuildRepository.edit_guild_list` edits in place
+_LIST_FIELDS = frozenset({"block_list", "allow_list", "channel_ids"})
 
 
 class GuildRepository(RepositoryBase):
@@ -37,7 +52,51 @@ class GuildRepository(RepositoryBase):
             raise ValueError(f"unknown guild setting(s): {', '.join(sorted(unknown))}")
         if "flagged_mode" in fields:
             check_choice("flagged_mode", fields["flagged_mode"], FlaggedMode, nullable=True)
+        if "notify_mode" in fields:
+            check_choice("notify_mode", fields["notify_mode"], NotifyMode, nullable=True)
+        for key in _STRIKE_FIELDS:
+            if fields.get(key) is not None and (isinstance(fields[key], bool) or int(fields[key]) < 0):
+                raise ValueError(f"{key} must be a whole number >= 0; got {fields[key]}")
+        if fields.get("reping_hours") is not None and not 0 <= int(fields["reping_hours"]) <= 8760:
+            raise ValueError(f"reping_hours must be a whole number from 0 to 8760; got {fields['reping_hours']}")
+        if fields.get("max_images") is not None and int(fields["max_images"]) < 1:
+            raise ValueError(f"max_images must be >= 1; got {fields['max_images']}")
         for key in ("block_list", "allow_list"):
             if key in fields:
                 fields[key] = [str(x) for x in (fields[key] or [])]
-        return await self._upsert(GuildSettings, guild_id, fields, {"block_list": [], "allow_list": []})
+        if "channel_ids" in fields:
+            fields["channel_ids"] = [int(x) for x in (fields["channel_ids"] or [])]
+        return await self._upsert(GuildSettings, guild_id, fields, _new_row())
+
+    async def edit_guild_list(self, guild_id: int, column: str, *, add: Iterable[Any] = (), remove: Iterable[Any] = (),
+                              clear: bool = False) -> tuple[GuildSettings, list[Any], list[Any]]:
+        """Add to and remove from one of a guild's list settings in one transaction (the row locked), so two admins
+        editing at once lose neither change. Returns ``(row, added, removed)``: only what actually changed (an entry
+        already there is not added twice; one not there is not removed)."""
+        if column not in _LIST_FIELDS:
+            raise ValueError(f"{column} is not a list setting")
+        cast = int if column == "channel_ids" else str
+        to_add, to_remove = [cast(a) for a in add], {cast(r) for r in remove}
+
+        async def work(s: AsyncSession) -> tuple[tuple[GuildSettings, list[Any], list[Any]], bool]:
+            row = await s.get(GuildSettings, guild_id, with_for_update=True)
+            created = row is None
+            if row is None:
+                row = GuildSettings(guild_id=guild_id, **_new_row())
+                s.add(row)
+            current = [cast(x) for x in (getattr(row, column) or [])]
+            dropped = list(current) if clear else [x for x in current if x in to_remove]
+            kept = [x for x in current if x not in dropped]
+            added = []
+            for x in to_add:
+                if x not in kept and x not in added:
+                    added.append(x)
+            setattr(row, column, kept + added)  # a new list: the JSON column sees the change
+            row.updated_at = self.now()
+            return (row, added, dropped), created
+
+        return await self._insert_race(work)
+
+
+def _new_row() -> dict[str, Any]:
+    return {"block_list": [], "allow_list": [], "channel_ids": []}

@@ -9,10 +9,32 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
+from sqlalchemy import delete, or_, select
 
-from store.models import Generation, Image, Status, encode_tokens
+from store.models import (
+    CaseStatus,
+    Generation,
+    Image,
+    ModAction,
+    ModerationAction,
+    ModerationCase,
+    Status,
+    encode_tokens,
+)
 from store.repo.base import NotFound, RepositoryBase
 from store.repo.generations import check_owner, lock_for_move, stamp_move
+
+
+@dataclass(frozen=True)
+class DeletedResult:
+    """What :meth:`ImageRepository.delete_result` did: ``deleted`` (the rows went; ``file_paths`` are the image files
+    the caller may now remove) or kept because open case(s) ``kept_for`` still need them."""
+
+    generation_id: int
+    user_id: int
+    deleted: bool
+    file_paths: tuple[str, ...] = ()
+    kept_for: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -28,10 +50,11 @@ class NewImage:
     safety_scores: Mapping[str, float] | None = None
     flagged: bool = False
     hidden: bool = False
+    phash: str | None = None  # perceptual hash (16 hex digits), for the image-hash blocklist
 
     @classmethod
     def from_generated(cls, image: Any, *, file_path: str | None = None, sha256: str | None = None,
-                       hidden: bool | None = None) -> NewImage:
+                       hidden: bool | None = None, phash: str | None = None) -> NewImage:
         """From an ``engine.api.GeneratedImage`` (duck-typed: index, rank, tokens, clip_score, safety, flagged)."""
         flagged = bool(image.flagged)
         return cls(
@@ -44,6 +67,7 @@ class NewImage:
             safety_scores={k: float(v) for k, v in dict(image.safety).items()},
             flagged=flagged,
             hidden=flagged if hidden is None else hidden,
+            phash=phash,
         )
 
 
@@ -61,6 +85,7 @@ def _image_rows(generation_id: int, images: Iterable[NewImage], now: datetime) -
             safety_scores=dict(im.safety_scores or {}),
             flagged=im.flagged,
             hidden=im.hidden,
+            phash=im.phash,
             created_at=now,
         )
         for im in images
@@ -99,3 +124,31 @@ class ImageRepository(RepositoryBase):
     async def get_image(self, image_id: int) -> Image | None:
         async with self._read() as s:
             return await s.get(Image, image_id)
+
+    async def delete_result(self, generation_id: int, actor_id: int, *, guild_id: int | None = None,
+                            reason: str | None = None) -> DeletedResult | None:
+        """A result taken down by its author (or a moderator): its rows (the generation, its images and their
+        feedback) are deleted unless an open moderation case refers to it, and the deletion is audited
+        (``ModAction.DELETE``) in the same transaction. Closed cases keep their audit trail (their references
+        become NULL). None when the generation does not exist (deleted already)."""
+        async with self.sessions.begin() as s:
+            gen = await s.get(Generation, generation_id, with_for_update=True)
+            if gen is None:
+                return None
+            image_ids = select(Image.id).where(Image.generation_id == generation_id)
+            open_cases = (await s.execute(
+                select(ModerationCase.id).where(
+                    ModerationCase.status == CaseStatus.OPEN.value,
+                    or_(ModerationCase.generation_id == generation_id, ModerationCase.image_id.in_(image_ids)))
+                .order_by(ModerationCase.id))).scalars().all()
+            paths = tuple((await s.execute(select(Image.file_path).where(
+                Image.generation_id == generation_id, Image.file_path.is_not(None)))).scalars())
+            s.add(ModerationAction(case_id=None, moderator_id=actor_id, action=ModAction.DELETE.value,
+                                   guild_id=guild_id if guild_id is not None else gen.guild_id,
+                                   target_user_id=gen.user_id, reason=reason, created_at=self.now()))
+            result = DeletedResult(generation_id, gen.user_id, deleted=not open_cases,
+                                   file_paths=() if open_cases else paths, kept_for=tuple(open_cases))
+            if not open_cases:
+                # the database's ON DELETE rules take the images and feedback with it and unlink closed cases
+                await s.execute(delete(Generation).where(Generation.id == generation_id))
+        return result

@@ -1,0 +1,64 @@
+"""The author's own control over a result, Discord-independent: the requester (or one of the guild's moderators)
+deletes it. The public message goes first (the front end's ``take_down``); then the generation's rows go too,
+unless an open moderation case still needs them (the case keeps its evidence until a moderator decides). Either
+way the deletion is an audited ``ModerationAction`` (``delete``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from bot.moderation import ModerationService, Moderator, NotModerator
+from store.repository import Repository
+
+log = logging.getLogger(__name__)
+
+NOT_YOURS = "Only the member who asked for these images (or a moderator) can delete them."
+
+
+class ResultDeletion:
+    def __init__(self, repo: Repository, moderation: ModerationService) -> None:
+        self.repo = repo
+        self.moderation = moderation
+
+    async def may_delete(self, gen: Any, actor: Moderator) -> bool:
+        """The requester, or a moderator of the guild the result was posted in."""
+        if actor.user_id == gen.user_id or actor.operator:
+            return True
+        return (gen.guild_id is not None and actor.guild_id == gen.guild_id
+                and await self.moderation.is_moderator(actor.guild_id, actor.role_ids, actor.can_manage_messages))
+
+    async def delete(self, generation_id: int, actor: Moderator,
+                     take_down: Callable[[Any], Awaitable[None]] | None = None) -> str:
+        """Delete a result; returns what to tell the actor. Raises :class:`NotModerator` (nothing changed) for
+        anyone but the requester or a moderator. ``take_down(generation)`` removes the public message; if it
+        raises, nothing else changes."""
+        gen = await self.repo.get_generation(generation_id, with_images=False)
+        if gen is None:
+            return "That result was deleted already."
+        if not await self.may_delete(gen, actor):
+            raise NotModerator(NOT_YOURS)
+        if take_down is not None:
+            await take_down(gen)
+        who = "author" if actor.user_id == gen.user_id else "moderator"
+        done = await self.repo.delete_result(generation_id, actor.user_id, guild_id=gen.guild_id,
+                                             reason=f"result #{generation_id} deleted by its {who}")
+        if done is None:
+            return "That result was deleted already."
+        if not done.deleted:
+            return ("Deleted from the channel. Moderators are reviewing a report on these images, so they are kept "
+                    "for that review.")
+        await asyncio.to_thread(_unlink, done.file_paths)
+        log.info("generation %s deleted by %s %s", generation_id, who, actor.user_id)
+        return "Deleted: the message and its images are gone."
+
+
+def _unlink(paths: tuple[str, ...]) -> None:
+    for p in paths:
+        try:
+            Path(p).unlink(missing_ok=True)
+        except OSError:
+            log.warning("could not remove image file %s", p, exc_info=True)
