@@ -19,8 +19,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from bot.outcome import Delivery, Outcome, StoredImage
-from store.models import CaseStatus, FlaggedMode, ModAction
+from bot.guildrules import notify_privately
+from bot.outcome import Delivery, Outcome, StoredImage, is_withheld
+from bot.ratelimit import human_duration
+from store.models import BanKind, CaseSource, CaseStatus, FlaggedMode, ModAction
 from store.repository import CaseClosed, Repository, UserRecord
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,8 @@ class CaseView:
     reports: list[Report] = field(default_factory=list)
     actions: list[ActionRecord] = field(default_factory=list)
     png: bytes = field(default=b"", repr=False)
+    note: str | None = None  # why the bot closed it (e.g. the public message was deleted)
+    details: list[str] = field(default_factory=list)  # a refusals case: the user's latest refused prompts
 
     @property
     def open(self) -> bool:
@@ -150,7 +154,10 @@ class ModerationService:
         self.front_end = front_end
         # reporters to tell the outcome, with the interaction they reported through (lost on a restart: a DM then)
         self.reporters: dict[int, dict[int, Delivery | None]] = {}
+        # called as (case, author id, reason) after a Remove: the author's strike (``bot.strikes``)
+        self.on_removed: Callable[[Any, int, str | None], Awaitable[None]] | None = None
         self._case_locks: dict[int, asyncio.Lock] = {}
+        self.blocklist: Any = None  # bot.blocklist.BlocklistService: Remove blocks the image's hash
 
     # -- who may act ---------------------------------------------------------------------------------
 
@@ -194,7 +201,7 @@ class ModerationService:
         case = await self._case(case_id)
         view = CaseView(case_id=case.id, status=case.status, source=case.source, reason=case.reason,
                         guild_id=case.guild_id, image_id=case.image_id, generation_id=case.generation_id,
-                        review_message_id=case.review_message_id,
+                        review_message_id=case.review_message_id, note=case.note,
                         actions=[ActionRecord(a.moderator_id, a.action, a.reason, a.created_at)
                                  for a in case.actions])
         gen = await self.repo.get_generation(case.generation_id, with_images=False) if case.generation_id else None
@@ -202,6 +209,10 @@ class ModerationService:
             view.author_id, view.prompt, view.seed = gen.user_id, gen.prompt, gen.seed
             view.model_id, view.channel_id = gen.checkpoint_id, gen.channel_id
             view.public_message_id = None if gen.private else gen.result_message_id
+        if view.author_id is None and case.user_id is not None:  # a case about a user (refusals, appeal)
+            view.author_id = case.user_id
+            if case.source == CaseSource.REFUSALS.value:
+                view.details = [r.prompt for r in await self.repo.recent_refusals(case.user_id, case.guild_id)]
         image = await self.repo.get_image(case.image_id) if case.image_id is not None else None
         if image is not None:
             view.safety_scores = dict(image.safety_scores or {})
@@ -231,7 +242,7 @@ class ModerationService:
 
     async def outcome_delivered(self, outcome: Outcome) -> None:
         """A result was posted: post its flagged images' cases (now the public message can be linked)."""
-        if any(im.flagged for im in outcome.images):
+        if any(im.flagged or im.withheld for im in outcome.images):  # withheld: a blocked hash's case too
             await self.post_pending(outcome.generation.id)
 
     async def post_pending(self, generation_id: int | None = None) -> list[int]:
@@ -291,12 +302,17 @@ class ModerationService:
             view = await self.case_view(case_id, with_png=False)
             return ActionResult(view, "none", f"Case #{case_id} was already closed ({view.status}); nothing changed.")
         self._case_locks.pop(case_id, None)
+        if action == ModAction.REMOVE.value and self.blocklist is not None:
+            await self.blocklist.block_removed(case, actor, reason)  # audited ``block``; never undoes the removal
         if action != ModAction.DISMISS.value and case.generation_id is not None:
             await self._refresh_public(case.generation_id)
         view = await self._after_action(case_id)
         word = {"approve": "approved", "remove": "removed", "dismiss": "dismissed"}[action]
         await self._tell_reporters(case_id, f"Thanks for your report: a moderator reviewed the image and {word} "
-                                            f"it{' (it was taken down)' if action == 'remove' else ''}.")
+                                            f"it{' (it was taken down)' if action == 'remove' else ''}.",
+                                  guild_id=case.guild_id)
+        if action == ModAction.REMOVE.value and view.author_id is not None and self.on_removed is not None:
+            await self.on_removed(case, view.author_id, reason)
         if action == ModAction.REMOVE.value and view.author_id is not None and self.front_end is not None:
             why = f" Reason: {reason}" if reason else ""
             try:  # the author hears why their image went (a DM: their interaction is long gone)
@@ -394,17 +410,22 @@ class ModerationService:
                     log.warning("updating the review post of case %s failed", case_id, exc_info=True)
         return view
 
-    async def _tell_reporters(self, case_id: int, text: str) -> None:
+    async def _tell_reporters(self, case_id: int, text: str, guild_id: int | None = None) -> None:
         if self.front_end is None:
             return
         known = self.reporters.pop(case_id, {})
         for report in await self.repo.case_reports(case_id):
             known.setdefault(report.user_id, None)
+        privately = notify_privately(await self.guild_settings(guild_id))  # the guild's notify_mode
         for user_id, contact in known.items():
             try:
-                await self.front_end.tell_user(user_id, text, contact)
+                await self.front_end.tell_user(user_id, text, contact if privately else None)
             except Exception:  # noqa: BLE001 - a closed DM must not undo the action
                 log.info("could not tell reporter %s the outcome of case %s", user_id, case_id, exc_info=True)
+
+    async def refresh_public(self, generation_id: int) -> None:
+        """Re-render a public result after a change made outside its cases (``/dalle-mod purge``)."""
+        await self._refresh_public(generation_id)
 
     async def _refresh_public(self, generation_id: int) -> None:
         """Re-render the public result: removed images out, approved ones back, flagged ones as before."""
@@ -422,7 +443,7 @@ class ModerationService:
             images.append(StoredImage(id=row.id, index=row.index, rank=row.rank or 0, path=path,
                                       sha256=row.sha256 or "", clip_score=row.clip_score or 0.0,
                                       flagged=row.hidden, hidden=row.hidden,
-                                      withheld=row.id in removed or (row.hidden and row.flagged and withhold),
+                                      withheld=row.id in removed or is_withheld(row.flagged, row.hidden, withhold),
                                       png=png, removed=row.id in removed))
         try:
             await self.front_end.refresh_result(Outcome(gen, images))
@@ -439,6 +460,9 @@ class ModerationService:
         if ban is None:
             return None
         why = f": {ban.reason}" if ban.reason else "."
+        if ban.kind == BanKind.COOLDOWN.value and ban.expires_at is not None:
+            left = human_duration((ban.expires_at - self.repo.now()).total_seconds())
+            return f"You're on a cooldown in this server for another {left} ({format_until(ban.expires_at)}){why}"
         return f"You are banned from generating images in this server {format_until(ban.expires_at)}{why}"
 
 

@@ -174,7 +174,7 @@ class RateLimiter:
             checks += [("guild", it, f"{self.ns}:g:{guild_id}") for it in guild_items]
         worst: RateDecision | None = None
         for scope, item, key in checks:
-            if not await window.test(item, key):
+            if not await window.test(item, key) and await storage.get(self._credit_key(item, key)) <= 0:
                 stats = await window.get_window_stats(item, key)
                 wait = max(stats.reset_time - time.time(), 0.001)
                 if worst is None or wait > worst.retry_after:
@@ -183,10 +183,47 @@ class RateLimiter:
             return worst
         if consume:
             for scope, item, key in checks:
-                if not await window.hit(item, key):  # lost a race with another process
-                    stats = await window.get_window_stats(item, key)
-                    return RateDecision(False, scope, max(stats.reset_time - time.time(), 0.001))
+                if await window.hit(item, key) or await self._use_credit(storage, item, key):
+                    continue
+                stats = await window.get_window_stats(item, key)  # lost a race with another process
+                return RateDecision(False, scope, max(stats.reset_time - time.time(), 0.001))
         return RateDecision(True)
+
+    # -- given back: a cancelled request's slot --------------------------------------------------------
+    # A moving window cannot forget one hit, so a cancelled request leaves a credit per window instead: a full
+    # window with a credit still admits one request, which uses the credit up. The credit lasts as long as the
+    # cancelled hit would have counted, so the user ends up exactly where they would be without it.
+
+    def _credit_key(self, item: RateLimitItem, key: str) -> str:
+        return f"{self.ns}:credit:{item.key_for(key)}"
+
+    async def _use_credit(self, storage: Storage, item: RateLimitItem, key: str) -> bool:
+        credit = self._credit_key(item, key)
+        if await storage.get(credit) <= 0:
+            return False
+        if await storage.incr(credit, item.get_expiry(), -1) >= 0:
+            return True
+        await storage.incr(credit, item.get_expiry(), 1)  # another process took the last credit first
+        return False
+
+    async def give_back(self, user_id: int, guild_id: int | None, policy: LimitPolicy | None = None, *,
+                        hit_at: float | None = None) -> None:
+        """Return the request counted at ``hit_at`` (epoch seconds; now if None) to each window it still counts
+        in: the user's, the daily quota and the guild's. Used when a queued job is cancelled."""
+        await self._use(lambda storage, _: self._give_back(storage, user_id, guild_id, policy, hit_at))
+
+    async def _give_back(self, storage: Storage, user_id: int, guild_id: int | None, policy: LimitPolicy | None,
+                         hit_at: float | None) -> None:
+        user_items, guild_items, daily_items = (policy or self.policy).items()
+        checks = [(it, f"{self.ns}:u:{user_id}") for it in user_items]
+        checks += [(it, f"{self.ns}:d:{user_id}") for it in daily_items]
+        if guild_id is not None:
+            checks += [(it, f"{self.ns}:g:{guild_id}") for it in guild_items]
+        now = time.time()
+        for item, key in checks:
+            left = (hit_at if hit_at is not None else now) + item.get_expiry() - now
+            if left >= 1:  # still counting in this window
+                await storage.incr(self._credit_key(item, key), int(left))
 
     # -- filter strikes ------------------------------------------------------------------------------
 

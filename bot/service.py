@@ -11,6 +11,7 @@ progress and results.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
@@ -22,15 +23,23 @@ from pathlib import Path
 from typing import Any
 
 from bot.admin import AdminService
+from bot.appeals import AppealService
+from bot.automod import AutoModRules
+from bot.blocklist import BlocklistService
+from bot.case_upkeep import CaseUpkeep
 from bot.config import Settings
+from bot.deletion import ResultDeletion
 from bot.filters import FilterDecision, GuildPolicy, PromptFilter
+from bot.guildrules import capped_images, channel_refusal, private_refusal
 from bot.leases import Leases
 from bot.metrics import BotMetrics
 from bot.moderation import ModerationService
 from bot.outcome import MAX_FEEDBACK_NOTE, MAX_IMAGES, Admission, Delivery, FeedbackResult, Publisher
+from bot.picks import ImagePicks
 from bot.ratelimit import LimitPolicy, RateLimiter, human_duration
 from bot.runner import Runner
 from bot.scheduler import QueueEntry, QueueRefused, Scheduler, user_cap_message
+from bot.strikes import StrikeService
 from engine.api import SEED_LIMIT, Engine
 from store.models import CaseSource, FeedbackKind, FeedbackReason, FlaggedMode, GenerationKind, Status
 from store.repository import ActiveLimitReached, Repository
@@ -86,6 +95,8 @@ class GenerationService:
         engine_stall_timeout: float = Settings.engine_stall_timeout,
         owns: Callable[[Any], bool] | None = None,
         review_channel_id: int | None = None,
+        reping_hours: int = Settings.case_reping_hours,
+        upkeep_interval_s: float = Settings.case_upkeep_seconds,
     ) -> None:
         """``owns``: which stored jobs this front end resumes and delivers (None: all of them);
         ``review_channel_id``: where moderation cases go for guilds without their own review channel."""
@@ -120,11 +131,28 @@ class GenerationService:
         self.moderation = ModerationService(repo, guild_settings=self.guild_settings,
                                             flagged_mode=self.flagged_mode_for, review_channel_id=review_channel_id)
         self.leases.on_delivered = self.moderation.outcome_delivered
+        # strikes that expire and the cooldowns/bans they lead to (durable); removals strike the author
+        self.strikes = StrikeService(repo, self.moderation, guild_settings=self.guild_settings)
+        self.moderation.on_removed = self.strikes.removal
+        self.appeals = AppealService(repo, self.moderation, self.strikes)
+        # the image-hash blocklist (Remove blocks; the runner withholds near-duplicates) and the review queue's upkeep
+        self.blocklist = BlocklistService(repo, self.moderation)
+        self.moderation.blocklist = self.runner.blocklist = self.blocklist
+        self.upkeep = CaseUpkeep(repo, self.moderation, reping_hours=reping_hours, interval_s=upkeep_interval_s)
+        self.picks = ImagePicks(repo, self.flagged_mode_for)  # one image of a result, for its per-image panel
         self.metrics: BotMetrics | None = None  # the Discord front end's (bot.app): see use_metrics
+        self.deletion = ResultDeletion(repo, self.moderation)  # the author's 🗑
+        self.automod = AutoModRules()  # a guild's own AutoMod keyword rules; a front end sets its loader
         self.admin = AdminService(repo, guild_settings=self.guild_settings, update_settings=self.update_guild_settings,
                                   defaults={"review_channel_id": review_channel_id, "flagged_mode": flagged_mode,
                                             "daily_quota": self.limiter.policy.daily_quota,
-                                            "max_queue_per_user": self.scheduler.per_user_cap})
+                                            "max_queue_per_user": self.scheduler.per_user_cap,
+                                            "rate_limit_user": self.limiter.policy.user,
+                                            "rate_limit_guild": self.limiter.policy.guild, "max_images": MAX_IMAGES,
+                                            "private_results": True, "notify_mode": "ephemeral", "automod": True,
+                                            "reping_hours": reping_hours},
+                                  invalidate=self.invalidate_guild_settings, automod=self.automod,
+                                  engine_info=engine.info)
 
     def use_metrics(self, metrics: BotMetrics) -> None:
         """Count refusals and posted results in ``metrics`` from now on."""
@@ -246,9 +274,18 @@ class GenerationService:
         if state is not None and state.banned:
             return await self._refuse(user_id, guild_id, prompt, None, "banned",
                                       "You are not allowed to generate images here.")
+        if state is not None and state.cooldown_until is not None and state.cooldown_until > self.repo.now():
+            left = (state.cooldown_until - self.repo.now()).total_seconds()  # outside a guild (bot.strikes)
+            return await self._refuse(user_id, guild_id, prompt, None, "rate:cooldown", "You're on a cooldown after "
+                                      f"blocked prompts. Try again in {human_duration(left)}.", retry_after=left)
         guild_ban = await self.moderation.ban_message(user_id, guild_id)
         if guild_ban is not None:
             return await self._refuse(user_id, guild_id, prompt, None, "banned", guild_ban)
+        gs = await self.guild_settings(guild_id)  # the guild's own rules (/dalle-admin), cached
+        where = channel_refusal(gs, (delivery or Delivery()).channel_id) or private_refusal(gs, private)
+        if where is not None:
+            return await self._refuse(user_id, guild_id, prompt, None, "settings", where)
+        n = capped_images(gs, n)
         policy, limits, user_cap, _ = await self._policies(guild_id)
         if user_cap is None:
             user_cap = self.scheduler.per_user_cap
@@ -256,14 +293,16 @@ class GenerationService:
             await asyncio.to_thread(self.filter.check, prompt, policy)  # long prompts cost milliseconds: off the loop
             if len(prompt) > LONG_PROMPT else self.filter.check(prompt, policy))
         if not decision.allowed:
-            msg = f"Sorry, I can't draw that: {decision.reason}"
-            if decision.category != "invalid":
-                strikes, cooldown = await self.limiter.strike(user_id)
-                await self.repo.add_strike(user_id)
-                if cooldown:
-                    msg += f" You're on a cooldown for {human_duration(cooldown)} after {strikes} blocked prompts."
-            return await self._refuse(user_id, guild_id, prompt, decision.normalised, decision.category or "filter",
-                                      msg, detail=decision.matched)
+            refusal = await self._refuse(user_id, guild_id, prompt, decision.normalised, decision.category or "filter",
+                                         f"Sorry, I can't draw that: {decision.reason}", detail=decision.matched)
+            if decision.category != "invalid":  # a strike (after the refusal row: a refusals case lists it)
+                extra = await self.strikes.refusal(user_id, guild_id, decision.category or "filter")
+                refusal = dataclasses.replace(refusal, message=refusal.message + extra) if extra else refusal
+            return refusal
+        if getattr(gs, "automod", None) is not False and (hit := await self.automod.check(guild_id, prompt)):
+            return await self._refuse(user_id, guild_id, prompt, decision.normalised, "automod",
+                                      f"Sorry, I can't draw that: the prompt trips this server's AutoMod rule "
+                                      f"“{hit.rule}”.", detail=hit.matched)
         # Admission is atomic without a lock: the cap check and the slot it takes are one synchronous step on the
         # event loop, and the held slot counts against the caps while the rate limiter and the insert are awaited.
         # On a shared database the user's jobs other processes hold count too (read just before; one this process
@@ -362,6 +401,8 @@ class GenerationService:
             return False
         await self.repo.set_status(generation_id, Status.CANCELLED.value)
         await self.repo.mark_delivered(generation_id)
+        limits = (await self._policies(gen.guild_id))[1]  # a cancelled job does not count against the rate limits
+        await self.limiter.give_back(gen.user_id, gen.guild_id, limits, hit_at=gen.queued_at.timestamp())
         return True
 
     async def feedback(self, image_id: int, user_id: int, kind: str, *, reason: str | None = None,

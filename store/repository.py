@@ -8,6 +8,8 @@ database clock, and :mod:`store.repo.generations` for the job queue and its leas
 from __future__ import annotations
 
 from store.repo.base import NotFound, RepositoryBase
+from store.repo.blocklist import BlocklistRepository
+from store.repo.case_upkeep import CaseUpkeepRepository
 from store.repo.dataset import DatasetRepository, DatasetSource, JudgedImage
 from store.repo.feedback import FeedbackRecord, FeedbackRepository
 from store.repo.generations import (
@@ -24,13 +26,16 @@ from store.repo.moderation import CaseClosed, ModerationRepository, UserRecord
 from store.repo.privacy import Deletion, PrivacyRepository, UserData
 from store.repo.registry import RegistryRepository
 from store.repo.stats import StatsRepository
+from store.repo.strikes import AppealTooSoon, Escalation, StrikeRepository, StrikeResult
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
     "ActiveLimitReached",
+    "AppealTooSoon",
     "CaseClosed",
     "DatasetSource",
     "Deletion",
+    "Escalation",
     "FeedbackRecord",
     "JudgedImage",
     "NewImage",
@@ -38,6 +43,7 @@ __all__ = [
     "QueuedJob",
     "Repository",
     "StatusError",
+    "StrikeResult",
     "TakenOver",
     "UserData",
     "UserRecord",
@@ -49,6 +55,9 @@ class Repository(
     ImageRepository,
     FeedbackRepository,
     ModerationRepository,
+    StrikeRepository,
+    BlocklistRepository,
+    CaseUpkeepRepository,
     GuildRepository,
     RegistryRepository,
     DatasetRepository,

@@ -18,11 +18,13 @@ from typing import Any, Literal
 
 import discord
 from discord import app_commands
-from discord.ext import commands
+from discord.ext import commands, tasks
 
+from bot.blocklist import blocks_text
 from bot.moderation import CaseNotFound, CaseView, NotModerator
 from bot.outcome import Delivery, Outcome
 from bot.publish import token_valid
+from bot.views.appeal import AppealModal, handle_appeal_submit
 from bot.views.common import tell_failure
 from bot.views.review import (
     ReviewView,
@@ -50,13 +52,14 @@ class DiscordReviewer:
         files = [discord.File(io.BytesIO(case.png), filename=f"case{case.case_id}.png", spoiler=True)] if case.png \
             else []
         channel = self.bot.get_partial_messageable(channel_id)
-        message = await channel.send(embed=case_embed(case), files=files, view=ReviewView(case.case_id, case.open),
+        message = await channel.send(embed=case_embed(case), files=files,
+                                     view=ReviewView(case.case_id, case.open, case.source),
                                      allowed_mentions=NO_MENTIONS)
         return message.id
 
     async def update_case(self, channel_id: int, message_id: int, case: CaseView) -> None:
         message = self.bot.get_partial_messageable(channel_id).get_partial_message(message_id)
-        await message.edit(embed=case_embed(case), view=ReviewView(case.case_id, case.open),
+        await message.edit(embed=case_embed(case), view=ReviewView(case.case_id, case.open, case.source),
                            allowed_mentions=NO_MENTIONS)
 
     async def refresh_result(self, outcome: Outcome) -> None:
@@ -76,11 +79,24 @@ class DiscordReviewer:
         dm = await self.bot.create_dm(discord.Object(id=user_id))
         await dm.send(text, allowed_mentions=NO_MENTIONS)
 
+    async def reping_case(self, channel_id: int, message_id: int, case: CaseView, hours: int,
+                          role_id: int | None) -> None:
+        """Remind the review channel of an undecided case: a reply to its post, pinging the moderator role."""
+        channel = self.bot.get_partial_messageable(channel_id)
+        who = f"<@&{role_id}> " if role_id else ""
+        await channel.send(f"{who}Case #{case.case_id} ({case.source}) has waited {hours} h for a decision.",
+                           reference=discord.MessageReference(message_id=message_id, channel_id=channel_id,
+                                                              fail_if_not_exists=False),
+                           allowed_mentions=discord.AllowedMentions(everyone=False, users=False, replied_user=False,
+                                                                    roles=[discord.Object(role_id)] if role_id
+                                                                    else False))
+
 
 class Moderation(commands.Cog):
     def __init__(self, bot: commands.Bot) -> None:
         self.bot = bot
         self._pending: asyncio.Task | None = None
+        self._upkeep: tasks.Loop | None = None
 
     @property
     def service(self) -> Any:
@@ -90,8 +106,12 @@ class Moderation(commands.Cog):
         moderation = self.service.moderation
         moderation.front_end = DiscordReviewer(self.bot, self.service.publisher)
         self._pending = asyncio.create_task(moderation.post_pending(), name="dalle-review-pending")
+        self._upkeep = tasks.loop(seconds=self.service.upkeep.interval_s)(self._upkeep_pass)
+        self._upkeep.start()
 
     async def cog_unload(self) -> None:
+        if self._upkeep is not None:
+            self._upkeep.cancel()
         if self._pending is not None and not self._pending.done():
             self._pending.cancel()
             await asyncio.gather(self._pending, return_exceptions=True)
@@ -137,12 +157,70 @@ class Moderation(commands.Cog):
             return await moderation_of(interaction).unban_user(moderator_of(interaction), member.id, reason)
         await private_answer(interaction, work)
 
+    strikes = app_commands.Group(name="strikes", description="Members' strikes here", parent=mod)
+
+    @strikes.command(name="reset", description="Clear a member's strikes here and lift the cooldowns they caused")
+    async def strikes_reset(self, interaction: discord.Interaction, member: discord.User,
+                            reason: app_commands.Range[str, 1, 300] | None = None) -> None:
+        async def work() -> str:
+            return await self.service.strikes.reset(moderator_of(interaction), member.id, reason)
+        await private_answer(interaction, work)
+
+    @mod.command(name="purge", description="Take every image a member made here out of the public messages")
+    async def purge(self, interaction: discord.Interaction, member: discord.User,
+                    reason: app_commands.Range[str, 1, 300] | None = None) -> None:
+        async def work() -> str:
+            return await self.service.strikes.purge(moderator_of(interaction), member.id, reason)
+        await private_answer(interaction, work)
+
+    @app_commands.command(name="dalle-appeal", description="Ask this server's moderators to lift a ban, cooldown "
+                                                           "or your strikes")
+    @app_commands.guild_only()
+    async def appeal(self, interaction: discord.Interaction) -> None:
+        await interaction.response.send_modal(AppealModal())
+
+    @mod.command(name="unblock", description="Lift the image-hash block matching a case's image (or a near-copy)")
+    @app_commands.describe(case_id="The case of the removed image, or of a withheld near-copy")
+    async def unblock(self, interaction: discord.Interaction, case_id: app_commands.Range[int, 1],
+                      reason: str | None = None) -> None:
+        async def work() -> str:
+            return await self.service.blocklist.unblock(moderator_of(interaction), case_id, reason)
+        await private_answer(interaction, work)
+
+    @mod.command(name="blocklist", description="The image hashes blocked here")
+    async def blocklist(self, interaction: discord.Interaction) -> None:
+        async def work() -> str:
+            return blocks_text(await self.service.blocklist.blocks(moderator_of(interaction)))
+        await private_answer(interaction, work)
+
+    async def _upkeep_pass(self) -> None:
+        """Re-ping the open cases that are due (a failure is logged; the loop goes on)."""
+        try:
+            await self.service.upkeep.reping_due()
+        except Exception:  # noqa: BLE001 - the next pass tries again
+            log.warning("re-pinging open cases failed", exc_info=True)
+
+    @commands.Cog.listener("on_raw_message_delete")
+    async def message_deleted(self, payload: discord.RawMessageDeleteEvent) -> None:
+        await self._public_deleted([payload.message_id])
+
+    @commands.Cog.listener("on_raw_bulk_message_delete")
+    async def messages_deleted(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
+        await self._public_deleted(payload.message_ids)
+
+    async def _public_deleted(self, message_ids: Any) -> None:
+        """A deleted result message closes its open cases (with a note, audited as the bot's own action)."""
+        try:
+            await self.service.upkeep.public_message_deleted(message_ids)
+        except Exception:
+            log.exception("closing the cases of deleted messages %s failed", sorted(message_ids)[:10])
+
     @commands.Cog.listener("on_interaction")
     async def ban_submitted(self, interaction: discord.Interaction) -> None:
         try:
-            await handle_ban_submit(interaction)
+            await handle_ban_submit(interaction) or await handle_appeal_submit(interaction)
         except Exception:
-            log.exception("ban form submission %s failed", interaction.id)
+            log.exception("form submission %s failed", interaction.id)
             await tell_failure(interaction)
 
 

@@ -20,12 +20,18 @@ from bot.views.common import answers_failures, service_of
 from bot.views.report import modal_values
 
 ACTIONS = ("approve", "remove", "ban", "dismiss", "history")
+# the buttons of a case by its source: a case about a member (no image) has no image to approve or remove
+SOURCE_ACTIONS = {"refusals": ("ban", "dismiss", "history"), "appeal": ("accept", "reject", "history")}
 _LABELS = {"approve": ("Approve", discord.ButtonStyle.success), "remove": ("Remove", discord.ButtonStyle.danger),
            "ban": ("Ban author", discord.ButtonStyle.danger), "dismiss": ("Dismiss", discord.ButtonStyle.secondary),
-           "history": ("History", discord.ButtonStyle.secondary)}
+           "history": ("History", discord.ButtonStyle.secondary),
+           "accept": ("Accept appeal", discord.ButtonStyle.success),
+           "reject": ("Reject appeal", discord.ButtonStyle.danger)}
 BAN_MODAL_RE = re.compile(r"dalle:banmodal:(?P<case>[0-9]+)")
 STATUS_COLOURS = {"open": discord.Colour.orange(), "approved": discord.Colour.green(),
-                  "removed": discord.Colour.red(), "dismissed": discord.Colour.light_grey()}
+                  "removed": discord.Colour.red(), "dismissed": discord.Colour.light_grey(),
+                  "closed": discord.Colour.dark_grey(), "accepted": discord.Colour.green(),
+                  "rejected": discord.Colour.red()}
 
 
 def moderation_of(interaction: discord.Interaction) -> Any:
@@ -45,13 +51,18 @@ def case_embed(case: CaseView) -> discord.Embed:
     embed = discord.Embed(title=f"Case #{case.case_id} · {case.source} · {case.status}",
                           description=f"**{prompt[:1000]}**" if prompt else None,
                           colour=STATUS_COLOURS.get(case.status, discord.Colour.default()))
-    embed.add_field(name="Author", value=f"<@{case.author_id}>" if case.author_id else "unknown")
+    embed.add_field(name="Member" if case.image_id is None else "Author",
+                    value=f"<@{case.author_id}>" if case.author_id else "unknown")
     embed.add_field(name="Seed", value=f"`{case.seed}`" if case.seed is not None else "–")
     embed.add_field(name="Model", value=f"`{case.model_id}`" if case.model_id else "–")
     scores = ", ".join(f"{k} {v:.2f}" for k, v in sorted(case.safety_scores.items()))
     embed.add_field(name="Safety scores", value=scores or "–", inline=False)
     if case.reason:
-        embed.add_field(name="Opened because", value=case.reason[:1000], inline=False)
+        embed.add_field(name="Their appeal" if case.source == "appeal" else "Opened because",
+                        value=case.reason[:1000], inline=False)
+    if case.details:
+        lines = [f"• {discord.utils.escape_markdown(p[:150])}" for p in case.details]
+        embed.add_field(name="Latest refused prompts", value="\n".join(lines)[:1024], inline=False)
     if case.reports:
         lines = [f"<@{r.user_id}>: {r.reason or 'other'}" + (f" — {r.note[:200]}" if r.note else "")
                  for r in case.reports[:10]]
@@ -59,17 +70,25 @@ def case_embed(case: CaseView) -> discord.Embed:
     if case.guild_id and case.channel_id and case.public_message_id:
         link = f"https://discord.com/channels/{case.guild_id}/{case.channel_id}/{case.public_message_id}"
         embed.add_field(name="Public message", value=link, inline=False)
+    if case.note:
+        embed.add_field(name="Closed by the bot", value=case.note[:1000], inline=False)
     if case.actions:
-        lines = [f"{a.action} by <@{a.moderator_id}> <t:{int(a.at.timestamp())}:f>" + (f": {a.reason}" if a.reason
+        lines = [f"{a.action} by {_who(a.moderator_id)} <t:{int(a.at.timestamp())}:f>" + (f": {a.reason}" if a.reason
                                                                                          else "")
                  for a in case.actions[-10:]]
         embed.add_field(name="Actions", value="\n".join(lines)[:1024], inline=False)
-    embed.set_footer(text=f"image {case.image_id} · generation {case.generation_id}")
+    embed.set_footer(text=f"image {case.image_id} · generation {case.generation_id}" if case.image_id is not None
+                     else f"member {case.author_id}")
     return embed
 
 
+def _who(moderator_id: int) -> str:
+    """A moderator's mention; 0 (``SYSTEM_MODERATOR``) is the bot acting by itself."""
+    return "the bot" if moderator_id == 0 else f"<@{moderator_id}>"
+
+
 class ReviewButton(discord.ui.DynamicItem[discord.ui.Button],
-                   template=r"dalle:case:(?P<action>approve|remove|ban|dismiss|history):(?P<case>[0-9]+)"):
+                   template=r"dalle:case:(?P<action>approve|remove|ban|dismiss|history|accept|reject):(?P<case>[0-9]+)"):
     def __init__(self, action: str, case_id: int) -> None:
         label, style = _LABELS[action]
         super().__init__(discord.ui.Button(label=label, style=style, custom_id=f"dalle:case:{action}:{case_id}"))
@@ -95,6 +114,8 @@ class ReviewButton(discord.ui.DynamicItem[discord.ui.Button],
             if self.action == "history":
                 author, record = await moderation.history(self.case_id, actor)
                 text = history_text(author, record)
+            elif self.action in ("accept", "reject"):  # an appeal (bot.appeals)
+                text = (await getattr(service_of(interaction).appeals, self.action)(self.case_id, actor)).message
             else:
                 text = (await getattr(moderation, self.action)(self.case_id, actor)).message
         except (NotModerator, CaseNotFound, ValueError) as exc:
@@ -103,11 +124,12 @@ class ReviewButton(discord.ui.DynamicItem[discord.ui.Button],
 
 
 class ReviewView(discord.ui.View):
-    """Approve, Remove, Dismiss while the case is open; Ban author and History always."""
+    """Approve, Remove, Dismiss while the case is open; Ban author and History always. A member's refusal
+    pattern: Ban, Dismiss, History; an appeal: Accept and Reject while open, History always."""
 
-    def __init__(self, case_id: int, open_case: bool) -> None:
+    def __init__(self, case_id: int, open_case: bool, source: str = "auto") -> None:
         super().__init__(timeout=None)
-        for action in ACTIONS:
+        for action in SOURCE_ACTIONS.get(source, ACTIONS):
             if open_case or action in ("ban", "history"):
                 self.add_item(ReviewButton(action, case_id))
 
@@ -159,11 +181,12 @@ def history_text(author: int | None, record: Any) -> str:
     if author is None or record is None:
         return "This case has no author on record."
     lines = [f"**History of <@{author}> in this server**",
-             f"{record.generations} generation(s) · {record.refusals} refused prompt(s) · {record.strikes} strike(s)"
+             f"{record.generations} generation(s) · {record.refusals} refused prompt(s) · "
+             f"{record.live_strikes} live strike(s) ({record.strikes} ever) · {record.reports_made} report(s) made"
              + (" · banned by the operator" if record.globally_banned else "")]
     for ban in record.bans:
         state = "lifted" if ban.lifted_at else format_until(ban.expires_at)
-        lines.append(f"ban by <@{ban.moderator_id}> {state}: {ban.reason or '–'}")
+        lines.append(f"{ban.kind} by {_who(ban.moderator_id)} {state}: {ban.reason or '–'}")
     if record.cases:
         lines.append("cases: " + ", ".join(f"#{c.id} {c.status}" for c in record.cases))
     return "\n".join(lines)[:2000]

@@ -27,6 +27,7 @@ from store.models import (
     ModerationAction,
     ModerationCase,
     Refusal,
+    Strike,
     UserState,
 )
 from store.repo.base import NotFound, RepositoryBase, check_choice
@@ -52,6 +53,8 @@ class UserRecord:
     globally_banned: bool
     bans: list[GuildBan]  # newest first
     cases: list[ModerationCase]  # cases on their images, newest first
+    live_strikes: int = 0  # strikes that still count (``strikes`` is the lifetime count)
+    reports_made: int = 0  # images they reported
 
 
 class ModerationRepository(RepositoryBase):
@@ -246,12 +249,19 @@ class ModerationRepository(RepositoryBase):
             return list((await s.execute(stmt)).scalars())
 
     async def removed_image_ids(self, generation_id: int) -> set[int]:
-        """The generation's images a moderator removed (hidden, with a case closed as removed)."""
+        """The generation's images a moderator removed (hidden, with a case closed as removed, or made before a
+        ``purge`` of their author in that guild)."""
         stmt = (select(Image.id).join(ModerationCase, ModerationCase.image_id == Image.id)
                 .where(Image.generation_id == generation_id, Image.hidden.is_(True),
                        ModerationCase.status == CaseStatus.REMOVED.value))
+        purged = (select(Image.id).join(Generation, Generation.id == Image.generation_id)
+                  .join(ModerationAction, (ModerationAction.action == ModAction.PURGE.value)
+                        & (ModerationAction.target_user_id == Generation.user_id)
+                        & (ModerationAction.guild_id == Generation.guild_id)
+                        & (ModerationAction.created_at >= Image.created_at))
+                  .where(Image.generation_id == generation_id, Image.hidden.is_(True)))
         async with self._read() as s:
-            return set((await s.execute(stmt)).scalars())
+            return set((await s.execute(stmt)).scalars()) | set((await s.execute(purged)).scalars())
 
     # --- guild bans ----------------------------------------------------------------------------------------
 
@@ -300,9 +310,17 @@ class ModerationRepository(RepositoryBase):
             gens = select(func.count()).select_from(Generation).where(Generation.user_id == user_id)
             refusals = select(func.count()).select_from(Refusal).where(Refusal.user_id == user_id)
             bans = select(GuildBan).where(GuildBan.user_id == user_id).order_by(GuildBan.id.desc()).limit(limit)
-            cases = (select(ModerationCase).join(Generation, Generation.id == ModerationCase.generation_id)
-                     .where(Generation.user_id == user_id).order_by(ModerationCase.id.desc()).limit(limit))
+            cases = (select(ModerationCase).outerjoin(Generation, Generation.id == ModerationCase.generation_id)
+                     .where(or_(Generation.user_id == user_id, ModerationCase.user_id == user_id))
+                     .order_by(ModerationCase.id.desc()).limit(limit))
+            live = select(func.count()).select_from(Strike).where(
+                Strike.user_id == user_id, Strike.cleared_at.is_(None), Strike.expires_at > self.now())
+            reports = (select(func.count()).select_from(Feedback).join(Image, Image.id == Feedback.image_id)
+                       .join(Generation, Generation.id == Image.generation_id)
+                       .where(Feedback.user_id == user_id, Feedback.kind == FeedbackKind.REPORT.value))
             if guild_id is not None:
+                live = live.where(Strike.guild_id == guild_id)
+                reports = reports.where(Generation.guild_id == guild_id)
                 gens = gens.where(Generation.guild_id == guild_id)
                 refusals = refusals.where(Refusal.guild_id == guild_id)
                 bans = bans.where(GuildBan.guild_id == guild_id)
@@ -313,7 +331,8 @@ class ModerationRepository(RepositoryBase):
                 refusals=(await s.execute(refusals)).scalar_one(),
                 strikes=state.strikes if state is not None else 0,
                 globally_banned=bool(state is not None and state.banned),
-                bans=list((await s.execute(bans)).scalars()), cases=list((await s.execute(cases)).scalars()))
+                bans=list((await s.execute(bans)).scalars()), cases=list((await s.execute(cases)).scalars()),
+                live_strikes=(await s.execute(live)).scalar_one(), reports_made=(await s.execute(reports)).scalar_one())
 
     # --- user state ----------------------------------------------------------------------------------------
 

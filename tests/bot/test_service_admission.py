@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from bot.ratelimit import LimitPolicy, StrikePolicy
+from bot.ratelimit import LimitPolicy
 from bot.service import GenerationService, derive_seed
 from store.models import Feedback, Refusal
 from tests.fakes.botkit import make_repo, rows_of
@@ -15,18 +15,21 @@ from tests.fakes.engine import FakeEngine
 
 
 async def test_filter_refusals_are_recorded_and_strikes_escalate(running_service):
+    """Outside a guild the default strike rules hold (bot.strikes): a cooldown from the third live strike, kept in
+    the user's row (tests/bot/test_strikes_moderation_service.py covers guilds, restarts and expiry)."""
     svc, repo, engine, pub = running_service
-    svc.limiter.strikes = StrikePolicy(free=1, base_s=60)
     a = await svc.submit(user_id=2, prompt="n.u.d.e beach")
     assert not a.ok and a.category == "sexual" and "can't draw" in a.message and "cooldown" not in a.message
     b = await svc.submit(user_id=2, prompt="f u c k")
-    assert not b.ok and "cooldown" in b.message
+    assert not b.ok and "cooldown" not in b.message
+    b = await svc.submit(user_id=2, prompt="n.u.d.e party")
+    assert not b.ok and "You're on a cooldown for 10 min after 3 strikes." in b.message
     c = await svc.submit(user_id=2, prompt="a cat wearing a hat")
-    assert not c.ok and c.category == "rate:cooldown" and c.retry_after > 50
+    assert not c.ok and c.category == "rate:cooldown" and c.retry_after > 500
     refusals = await rows_of(repo, Refusal)
-    assert [r.reason.split(":")[0] for r in refusals] == ["sexual", "profanity", "rate"]
+    assert [r.reason.split(":")[0] for r in refusals] == ["sexual", "profanity", "sexual", "rate"]
     assert refusals[0].normalized == "nude beach"
-    assert (await repo.get_user_state(2)).strikes == 2
+    assert (await repo.get_user_state(2)).strikes == 3
     assert engine.submitted == []
 
 
