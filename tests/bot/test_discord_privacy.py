@@ -17,9 +17,9 @@ from training.feedback import build_dataset
 ME, OTHER = 71, 72
 
 
-async def privacy_command(fake, subcommand: str, user_id: int = ME):
+async def privacy_command(fake, subcommand: str, user_id: int = ME, guild_id: int | None = 2000):
     """Run ``/dalle-privacy <subcommand>``; returns (interaction, the edit of its private deferred reply)."""
-    rec = await fake.slash("dalle-privacy", {}, subcommand=subcommand, user_id=user_id)
+    rec = await fake.slash("dalle-privacy", {}, subcommand=subcommand, user_id=user_id, guild_id=guild_id)
     cb = await fake.wait_for(lambda c: c.path.startswith(f"/interactions/{rec.id}/"))
     assert cb.json == {"type": 5, "data": {"flags": 64}}  # deferred privately, first
     edit = await fake.wait_for(lambda c: c.method == "PATCH" and rec.token in c.path)
@@ -57,7 +57,7 @@ async def test_privacy_optout_export_delete(fake, bot_db_url, tmp_path):
         assert edit.json["content"] == OPTED_OUT
         dataset = build_dataset(await repo.dataset_source())
         assert {i for e in dataset.unpaired for i in e.image_ids} == {theirs[1].id}  # neither my image nor my vote
-        _, edit = await privacy_command(fake, "optin")
+        _, edit = await privacy_command(fake, "optin", guild_id=None)  # in a DM with the bot too
         assert edit.json["content"] == OPTED_IN
         await privacy_command(fake, "optout")
 
