@@ -255,11 +255,15 @@ def export_from_url(database_url: str, out: Path, *, holdout: float = DEFAULT_HO
     """The CLI's entry: the database must be at the code's schema (it is only read, never migrated here)."""
     import asyncio
 
-    from store.db import DatabaseUnavailable, MigrationRequired, ensure_migrated, redact_url
+    from store.db import DatabaseUnavailable, MigrationRequired, ensure_migrated, parse_url, redact_url
     from store.repository import Repository
 
     if not 0.0 <= holdout < 1.0:
         raise ValueError(f"--holdout must be in [0, 1); got {holdout}")
+    parsed = parse_url(database_url)  # DatabaseURLError is a ValueError
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") \
+            and not Path(parsed.database).is_file():  # opening it would create an empty one
+        raise ValueError(f"no database file at {parsed.database}")
     try:
         ensure_migrated(database_url, auto=False)
     except (MigrationRequired, DatabaseUnavailable) as exc:

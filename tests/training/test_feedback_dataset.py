@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -198,6 +199,11 @@ def test_cli_refuses_bad_input(tmp_path, capsys, monkeypatch):
     assert "no database" in capsys.readouterr().err
     stale = f"sqlite:///{tmp_path / 'stale.db'}"
     assert main(["feedback", "--database-url", stale, "--out", str(tmp_path / "o")]) == 2
+    assert "no database file at" in capsys.readouterr().err and not (tmp_path / "stale.db").exists()
+    sqlite3.connect(tmp_path / "stale.db").close()  # a database without the bot's schema
+    assert main(["feedback", "--database-url", stale, "--out", str(tmp_path / "o")]) == 2
     assert "python -m store upgrade" in capsys.readouterr().err
+    assert main(["feedback", "--database-url", "mysql://u:pw@h/db", "--out", str(tmp_path / "o")]) == 2
+    assert "unsupported database" in capsys.readouterr().err
     assert main(["feedback", "--database-url", stale, "--out", str(tmp_path / "o"), "--holdout", "1.5"]) == 2
     assert not (tmp_path / "o").exists()
