@@ -26,8 +26,8 @@ async def test_dalle_defers_progresses_and_posts_result(fake, bot_db_url, tmp_pa
     engine = FakeEngine(steps=3, step_s=0.05)
     run = await start_bot(discord_settings(tmp_path), engine, repo)
     try:
-        assert [c["name"] for c in fake.commands] == ["dalle", "dalle-queue", "dalle-mod", "dalle-admin",
-                                                      "dalle-privacy"]
+        assert [c["name"] for c in fake.commands] == ["dalle", "dalle-queue", "dalle-mod", "dalle-appeal",
+                                                      "dalle-admin", "dalle-privacy"]
         assert fake.identifies and fake.identifies[0]["shard"] == [0, 1]  # AutoShardedBot
         rec = await fake.slash("dalle", {"prompt": "a red circle on a blue background", "images": 4, "seed": 7})
         cb = await interaction_callback(fake, rec)
@@ -68,7 +68,8 @@ async def test_discord_guild_ids_sync_the_commands_to_each_guild_only(fake, bot_
         assert sorted(fake.guild_commands) == [2000, 2001]
         for guild_id in (2000, 2001):
             assert [c["name"] for c in fake.guild_commands[guild_id]] == ["dalle", "dalle-queue", "dalle-mod",
-                                                                          "dalle-admin", "dalle-privacy"]
+                                                                          "dalle-appeal", "dalle-admin",
+                                                                          "dalle-privacy"]
         assert fake.commands == [] and fake.calls_for("PUT", f"/applications/{APP_ID}/commands") == []
         await fake.slash("dalle", {"prompt": "a red circle", "images": 1}, user_id=5, guild_id=2000)
         post = await fake.wait_for(channel_posts(fake))
