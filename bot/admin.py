@@ -28,6 +28,12 @@ SETTINGS = {
     "notify_mode": "members told outcomes",
     "automod": "AutoMod rules applied to prompts",
     "reping_hours": "hours before an open case is re-pinged (0: never)",
+    "strike_days": "days a strike counts",
+    "strikes_to_cooldown": "strikes before a cooldown (0: never)",
+    "cooldown_minutes": "first cooldown in minutes (doubles with each further strike)",
+    "strikes_to_ban": "strikes before a ban (0: never)",
+    "ban_days": "days of that ban (0: permanent)",
+    "appeal_days": "days between a member's appeals",
 }
 MAX_CHANNELS = 25
 
@@ -163,6 +169,9 @@ class AdminService:
                 if not items:
                     raise ValueError(f"{SETTINGS[key]}: {text!r} not understood; write e.g. `5 per minute` or "
                                      f"`2 per 10 seconds; 20 per hour`")
+                if any(item.amount < 1 for item in items):
+                    raise ValueError(f"{SETTINGS[key]}: at least 1 request per period (to stop /dalle in a channel, "
+                                     f"list the channels where it works)")
                 changes[key] = text
 
     # -- the guild's own filter terms --------------------------------------------------------------------

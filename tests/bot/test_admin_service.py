@@ -75,7 +75,8 @@ async def test_admin_settings_rate_limits_channels_notify_mode_and_reset(admin, 
     # bad input: a clear error, nothing changed, nothing audited
     before = await audit_rows(repo)
     for bad, match in (({"rate_limit_user": "lots"}, "not understood"), ({"rate_limit_guild": "5 per fortnight"},
-                       "not understood"), ({"max_images": 10}, "between 1 and 9"), ({"max_images": 0}, "between"),
+                       "not understood"), ({"rate_limit_user": "0 per minute"}, "at least 1"),
+                       ({"max_images": 10}, "between 1 and 9"), ({"max_images": 0}, "between"),
                        ({"notify_mode": "pigeon"}, "ephemeral"), ({"channel_ids": [1]}, "unknown"),
                        ({"add_channel": 5, "remove_channel": 5}, "added and removed")):
         with pytest.raises(ValueError, match=match):
