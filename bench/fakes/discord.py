@@ -276,6 +276,8 @@ class FakeDiscord:
         iid = int(payload["id"])
         rec = InteractionRecord(id=iid, token=payload["token"], type=payload["type"], dispatched_at=time.monotonic(),
                                 created_ms=(iid >> 22) + DISCORD_EPOCH_MS, channel_id=int(payload["channel_id"]))
+        if payload.get("message"):  # a component's @original is its message until a reply of its own replaces it
+            rec.original_message_id = int(payload["message"]["id"])
         self.interactions[iid] = rec
         await self.dispatch("INTERACTION_CREATE", payload)
         return rec
