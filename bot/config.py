@@ -70,6 +70,8 @@ class Settings:
     job_lease_seconds: int = 60  # on a shared database: how soon a dead process's jobs are taken over
     review_channel_id: int | None = None
     flagged_mode: Literal["spoiler", "withhold"] = "spoiler"
+    case_reping_hours: int = 24  # re-ping open cases older than this once (a guild's reping_hours wins; 0: never)
+    case_upkeep_seconds: int = 300  # how often open cases are checked for a re-ping
     log_level: str = "INFO"
     shard_count: int | None = None  # None: discord.py asks Discord how many shards and runs them all here
     shard_ids: tuple[int, ...] | None = None  # this process's shards (None: all of shard_count)
@@ -356,6 +358,8 @@ def load_settings(
         job_lease_seconds=e.int("JOB_LEASE_SECONDS", 60, 3, 3600),  # type: ignore[arg-type]
         review_channel_id=e.snowflake("REVIEW_CHANNEL_ID"),
         flagged_mode=e.choice("FLAGGED_MODE", ("spoiler", "withhold"), "spoiler"),  # type: ignore[arg-type]
+        case_reping_hours=e.int("CASE_REPING_HOURS", Settings.case_reping_hours, 0, 8760),  # type: ignore[arg-type]
+        case_upkeep_seconds=e.int("CASE_UPKEEP_SECONDS", Settings.case_upkeep_seconds, 1, 86_400),  # type: ignore[arg-type]
         log_level=log_level,
         shard_count=shard_count,
         shard_ids=shard_ids,

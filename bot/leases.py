@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.metrics import BotMetrics
-from bot.outcome import Outcome, Publisher, StoredImage
+from bot.outcome import Outcome, Publisher, StoredImage, is_withheld
 from bot.scheduler import QueueEntry, Scheduler
 from store.models import FlaggedMode
 from store.repository import Repository
@@ -134,7 +134,8 @@ class Leases:
             png = await asyncio.to_thread(path.read_bytes) if path and path.exists() else b""
             out.append(StoredImage(id=row.id, index=row.index, rank=row.rank or 0, path=path or Path(),
                                    sha256=row.sha256 or "", clip_score=row.clip_score or 0.0, flagged=row.flagged,
-                                   hidden=row.hidden, withheld=row.flagged and withhold, png=png))
+                                   hidden=row.hidden, withheld=is_withheld(row.flagged, row.hidden, withhold),
+                                   png=png))
         return out
 
     # -- renewal -------------------------------------------------------------------------------------

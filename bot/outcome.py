@@ -63,6 +63,13 @@ class StoredImage:
     removed: bool = False  # taken out by a moderator (withheld too)
 
 
+def is_withheld(flagged: bool, hidden: bool, withhold_flagged: bool) -> bool:
+    """Whether a stored image stays out of its public message: a hidden image the safety check flagged where the
+    guild withholds flagged images, and any hidden image it did not flag (withheld as a blocked hash's
+    near-duplicate). Approved images are no longer hidden; removed ones are withheld by the caller."""
+    return hidden and (withhold_flagged or not flagged)
+
+
 @dataclass
 class Outcome:
     """A finished generation, ready to publish."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
@@ -15,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bot.blocklist import phash_png
 from bot.leases import Leases
-from bot.outcome import Outcome, ProgressUpdate, Publisher, StoredImage
+from bot.outcome import Outcome, ProgressUpdate, Publisher, StoredImage, is_withheld
 from bot.ratelimit import human_duration
 from bot.scheduler import Scheduler, SchedulerClosed
-from engine.api import Engine, EngineError, GenerationRequest, GenerationResult, RequestCancelled
+from bot.variations import variation_prefix
+from engine.api import BadRequest, Engine, EngineError, GenerationRequest, GenerationResult, RequestCancelled
 from store.models import CaseSource, FlaggedMode, Status
 from store.repository import NewImage, Repository, TakenOver
 
@@ -69,6 +72,7 @@ class Runner:
         self._position_task: asyncio.Task | None = None
         self._engine_ids: dict[int, str] = {}
         self._last_positions: dict[int, int] = {}
+        self.blocklist: Any = None  # bot.blocklist.BlocklistService: near-duplicates of blocked hashes are withheld
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -179,9 +183,19 @@ class Runner:
                                     request_id=f"gen-{gen.id}-{gen.attempts}-{self.run_nonce}")
         try:
             try:
+                request = dataclasses.replace(request, image_prefix=await self._image_prefix(gen))
                 if turn is not None:
                     await turns.wait(turn)  # claims run concurrently; the engine's FIFO gets the fair order
-                rid = await self.engine.submit(request)
+                try:
+                    rid = await self.engine.submit(request)
+                except BadRequest:
+                    if not request.image_prefix:
+                        raise
+                    # the model serving now cannot take the parent's tokens (another codebook or image size):
+                    # a seed-only variation rather than none
+                    log.warning("generation %s: the engine refused its image prefix; sampling it without", gen.id)
+                    request = dataclasses.replace(request, image_prefix=())
+                    rid = await self.engine.submit(request)
             finally:
                 if turn is not None:
                     turns.finish(turn)
@@ -227,6 +241,15 @@ class Runner:
             await asyncio.shield(self._finish_failed(gen, "the images could not be stored; please try again"))
             return
         self.leases.publish_later(outcome)
+
+    async def _image_prefix(self, gen: Any) -> tuple[int, ...]:
+        """A variation's kept rows of its parent image (:mod:`bot.variations`); none if they cannot be read, which
+        leaves a seed-only variation rather than a failed job."""
+        try:
+            return await variation_prefix(self.repo, gen)
+        except Exception:  # noqa: BLE001 - see above
+            log.warning("generation %s: reading its parent image's tokens failed", gen.id, exc_info=True)
+            return ()
 
     async def _claim(self, generation_id: int, attempts: int = 4) -> Any:
         """``repo.claim`` with a few retries: a transient database error must not drop a queued job (the worker
@@ -292,19 +315,28 @@ class Runner:
         self.leases.publish_later(Outcome(gen, [], error=error))
 
     async def _finish_ok(self, gen: Any, result: GenerationResult) -> Outcome:
-        """Write PNGs, store Image rows, open cases for flagged images, mark done (one uncancellable step)."""
+        """Write PNGs, store Image rows, open cases for flagged images and for near-duplicates of blocked hashes
+        (withheld), mark done (one uncancellable step)."""
         withhold = await self.flagged_mode(gen.guild_id) == FlaggedMode.WITHHOLD.value
         owner = self.leases.owner
-        files = await asyncio.to_thread(_write_pngs, self.output_dir / str(gen.id), gen.id, result)
-        new = [NewImage.from_generated(im, file_path=str(path), sha256=sha, hidden=bool(im.flagged))
-               for im, (path, sha) in zip(result.images, files, strict=True)]
-        if not any(im.flagged for im in new):  # the common case: one transaction
+        written = await asyncio.to_thread(_write_pngs, self.output_dir / str(gen.id), gen.id, result)
+        files = [(path, sha) for path, sha, _ in written]
+        phashes = [phash for _, _, phash in written]
+        blocked = (await self.blocklist.matches(gen.guild_id, phashes) if self.blocklist is not None
+                   else [None] * len(phashes))
+        new = [NewImage.from_generated(im, file_path=str(path), sha256=sha, phash=phash,
+                                       hidden=bool(im.flagged) or hit is not None)
+               for im, (path, sha), phash, hit in zip(result.images, files, phashes, blocked, strict=True)]
+        if not any(im.flagged for im in new) and not any(blocked):  # the common case: one transaction
             gen, rows = await self.repo.finish_generation(gen.id, new, checkpoint_id=result.checkpoint_id,
                                                           attention=result.attention, owner=owner)
         else:  # the cases are opened before the job counts as done, so none is lost to a crash in between
             rows = await self.repo.add_images(gen.id, new, owner=owner)
-            for row in rows:
-                if row.flagged:
+            for row, hit in zip(rows, blocked, strict=True):
+                if hit is not None:
+                    await self.repo.open_case(CaseSource.BLOCKLIST.value, image_id=row.id, generation_id=gen.id,
+                                              reason=hit.reason)
+                elif row.flagged:
                     await self.repo.open_case(CaseSource.AUTO.value, image_id=row.id, generation_id=gen.id,
                                               reason="safety checker: " + ", ".join(
                                                   f"{k}={v:.2f}" for k, v in sorted(row.safety_scores.items())))
@@ -313,14 +345,15 @@ class Runner:
         images = [
             StoredImage(id=row.id, index=row.index, rank=row.rank, path=Path(path), sha256=sha,
                         clip_score=row.clip_score, flagged=row.flagged, hidden=row.hidden,
-                        withheld=row.flagged and withhold, png=im.png)
+                        withheld=is_withheld(row.flagged, row.hidden, withhold), png=im.png)
             for row, im, (path, sha) in zip(rows, result.images, files, strict=True)
         ]
         images.sort(key=lambda s: s.rank)
         return Outcome(gen, images)
 
 
-def _write_pngs(folder: Path, gen_id: int, result: GenerationResult) -> list[tuple[Path, str]]:
+def _write_pngs(folder: Path, gen_id: int, result: GenerationResult) -> list[tuple[Path, str, str | None]]:
+    """Each image's file, SHA-256 and perceptual hash (run in a worker thread: hashing is CPU work)."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for im in result.images:
@@ -328,7 +361,7 @@ def _write_pngs(folder: Path, gen_id: int, result: GenerationResult) -> list[tup
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(im.png)
         tmp.replace(path)
-        out.append((path.resolve(), hashlib.sha256(im.png).hexdigest()))
+        out.append((path.resolve(), hashlib.sha256(im.png).hexdigest(), phash_png(im.png)))
     return out
 
 

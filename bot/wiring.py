@@ -71,6 +71,7 @@ def service_from_settings(settings: Settings, repo: Repository, engine: Engine, 
         concurrency=settings.engine_concurrency, engine_stall_timeout=float(settings.engine_stall_timeout),
         default_images=settings.default_images, flagged_mode=settings.flagged_mode,
         review_channel_id=settings.review_channel_id, lease_s=float(settings.job_lease_seconds),
+        reping_hours=settings.case_reping_hours, upkeep_interval_s=float(settings.case_upkeep_seconds),
     )
     kwargs.update(overrides)
     return GenerationService(repo, engine, publisher, **kwargs)
