@@ -89,7 +89,8 @@ class DiscordPublisher:
         if removed:
             lines.append(f"{removed} image(s) removed by a moderator.")
         if withheld:
-            lines.append(f"{withheld} image(s) withheld by the safety checker; moderators will review them.")
+            lines.append(f"{withheld} image(s) withheld for the moderators to review (flagged by the safety "
+                         "checker, or like an image they removed).")
         if hidden:
             lines.append(f"{hidden} image(s) flagged by the safety checker are hidden behind a spoiler.")
         return "\n".join(lines)
