@@ -39,7 +39,7 @@ async def test_moderation_cases_and_actions(repo, gen_with_images):
     with pytest.raises(ValueError):
         await repo.add_action(None, moderator_id=5, action="ban")
     with pytest.raises(ValueError):
-        await repo.add_action(case.id, moderator_id=5, action="delete")
+        await repo.add_action(case.id, moderator_id=5, action="obliterate")  # not a ModAction
     with pytest.raises(ValueError):
         await repo.open_case("robot", image_id=rows[0].id)
 
