@@ -1,5 +1,7 @@
-"""Rate limits on the ``limits`` library: per-user and per-guild moving windows, a daily quota, and
-escalating cooldowns for users who keep tripping the prompt filter.
+"""Rate limits on the ``limits`` library: per-user and per-guild moving windows, a daily quota, a cancelled
+request's hit given back (``give_back``), and an in-memory strike counter with escalating cooldowns
+(``strike``). The generation service's strikes, cooldowns and bans are durable database rows instead
+(``bot.strikes``): they must survive a restart without Redis.
 
 Memory storage by default; Redis (``redis://...``) when several bot processes must share the counts.
 Every key carries a namespace so tests and deployments sharing one Redis don't collide.

@@ -150,7 +150,8 @@ class GenerationService:
                                             "rate_limit_user": self.limiter.policy.user,
                                             "rate_limit_guild": self.limiter.policy.guild, "max_images": MAX_IMAGES,
                                             "private_results": True, "notify_mode": "ephemeral", "automod": True,
-                                            "reping_hours": reping_hours},
+                                            "reping_hours": reping_hours,
+                                            **dataclasses.asdict(self.strikes.defaults)},
                                   invalidate=self.invalidate_guild_settings, automod=self.automod,
                                   engine_info=engine.info)
 

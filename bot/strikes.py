@@ -99,7 +99,8 @@ class StrikeService:
         if result.imposed == BanKind.BAN.value:
             return f" You're banned from generating here {format_until(result.until)} after {result.live} strikes."
         left = (result.until - self.repo.now()).total_seconds() if result.until is not None else 0
-        return f" You're on a cooldown for {human_duration(left)} after {result.live} strikes."
+        count = f"{result.live} strike{'s' if result.live != 1 else ''}"
+        return f" You're on a cooldown for {human_duration(left)} after {count}."
 
     async def removal(self, case: Any, author_id: int, reason: str | None) -> None:
         """A moderator removed one of the author's images: a strike in the case's guild."""
@@ -109,25 +110,30 @@ class StrikeService:
         except Exception:  # noqa: BLE001 - the removal is done and audited; the strike must not undo it
             log.warning("could not add the removal strike of case %s", case.id, exc_info=True)
 
+    async def _guild_of(self, actor: Moderator) -> int | None:
+        """The guild the actor moderates here (the operator: the one they named, or None outside guilds)."""
+        if not actor.operator and (actor.guild_id is None or not await self.moderation.is_moderator(
+                actor.guild_id, actor.role_ids, actor.can_manage_messages)):
+            raise NotModerator()
+        return actor.guild_id
+
+    async def record(self, actor: Moderator, user_id: int) -> Any:
+        """A member's record in the actor's guild (the operator's: everywhere unless they named a guild)."""
+        return await self.repo.user_record(user_id, guild_id=await self._guild_of(actor))
+
     async def reset(self, actor: Moderator, user_id: int, reason: str | None = None) -> str:
         """``/dalle-mod strikes reset``: clear the member's live strikes here and lift their cooldowns (audited)."""
-        if actor.operator:
-            guild_id = actor.guild_id
-        elif actor.guild_id is None or not await self.moderation.is_moderator(actor.guild_id, actor.role_ids,
-                                                                              actor.can_manage_messages):
-            raise NotModerator()
-        else:
-            guild_id = actor.guild_id
+        guild_id = await self._guild_of(actor)
         cleared, lifted = await self.repo.reset_strikes(user_id, guild_id, actor.user_id, reason)
         lifted_text = f" and {lifted} cooldown(s) lifted" if lifted else ""
         return f"<@{user_id}>: {cleared} strike(s) cleared{lifted_text}."
 
     async def purge(self, actor: Moderator, user_id: int, reason: str | None = None) -> str:
         """``/dalle-mod purge``: take every image the member made here out of the public messages (audited)."""
-        if actor.guild_id is None or not await self.moderation.is_moderator(actor.guild_id, actor.role_ids,
-                                                                            actor.can_manage_messages):
-            raise NotModerator()
-        public, hidden = await self.repo.purge_user(user_id, actor.guild_id, actor.user_id, reason)
+        guild_id = await self._guild_of(actor)
+        if guild_id is None:
+            raise ValueError("purge needs the server whose public messages to clean")
+        public, hidden = await self.repo.purge_user(user_id, guild_id, actor.user_id, reason)
         for generation_id in public:
             await self.moderation.refresh_public(generation_id)  # best effort: logged when an edit fails
         return f"<@{user_id}>: {hidden} image(s) taken down from {len(public)} public message(s)."

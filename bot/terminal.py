@@ -17,11 +17,13 @@ import threading
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from bot.blocklist import blocks_text
 from bot.config import Settings
 from bot.moderation import CaseNotFound, Moderator, NotModerator
 from bot.outcome import MAX_IMAGES, Outcome, ProgressUpdate, from_discord
 from bot.privacy import PrivacyService
 from bot.service import GenerationService
+from bot.terminal_admin import admin_command
 from bot.wiring import engine_for_settings, open_repository, service_from_settings
 from engine.api import Engine
 from engine.client import EngineUnavailable
@@ -40,7 +42,16 @@ HELP = f"""
     /cases                               open moderation cases (you are the operator: every case)
     /case <id> [approve|remove|dismiss [reason...]]   show a case, or decide it
     /ban <user-id> <reason...>, /unban <user-id>      the operator's ban, in every guild
+    /case <id> accept|reject [reason...]              decide an appeal (accept lifts bans, cooldowns, strikes)
+    /user <user-id> [guild-id]           a user's record: generations, refusals, strikes, bans, cases, reports made
+    /strikes reset <user-id> [guild-id]  clear a user's strikes (outside guilds, or in one) and their cooldowns
+    /purge <user-id> <guild-id>          take every image the user made in that guild out of public messages
     /privacy optout|optin|export|delete [confirm]    your data: training use, a JSON export, deletion
+    /block <case-id> [reason...]         block the case's image hash in every guild
+    /unblock <case-id> [reason...]       lift the blocks matching the case's image (or a near-copy), anywhere
+    /blocklist                           the image hashes blocked
+    /admin <guild-id> settings | set key=value… | reset <key> | filter add|allow|remove <term> | filter list
+                                         a guild's settings and filter terms; /admin model: the model serving
     /help, /quit                         (end of input also quits, after queued work finishes)"""
 
 
@@ -66,7 +77,8 @@ class TerminalPublisher:
             for im in outcome.images:
                 note = ""
                 if im.withheld:
-                    note = "  WITHHELD (flagged by the safety checker)"
+                    note = ("  WITHHELD (flagged by the safety checker)" if im.flagged
+                            else "  WITHHELD (near-duplicate of a blocked image)")
                 elif im.flagged:
                     note = "  FLAGGED (hidden)"
                 self._print(f"  image {im.id}  rank {im.rank}  clip {im.clip_score:.3f}  {im.path}{note}")
@@ -173,13 +185,19 @@ class TerminalFrontEnd:
             note = " ".join(parts[3:]) or None if kind == "report" else None
             res = await self.service.feedback(int(parts[0]), self.user_id, kind, reason=reason, note=note)
             self.say(res.message if res.ok else f"error: {res.message}")
-        elif cmd in ("/cases", "/case", "/ban", "/unban"):
+        elif cmd in ("/cases", "/case", "/ban", "/unban", "/block", "/unblock", "/blocklist", "/user", "/strikes",
+                     "/purge"):
             try:
                 await self._moderate(cmd, args.split())
             except (NotModerator, CaseNotFound, ValueError) as exc:
                 self.say(f"error: {exc}")
         elif cmd == "/privacy":
             await self._privacy(args.split())
+        elif cmd == "/admin":  # any guild's settings and filter terms (bot.terminal_admin)
+            try:
+                self.say(await admin_command(self.service.admin, self.user_id, args.split()))
+            except ValueError as exc:
+                self.say(f"error: {exc}")
         elif cmd == "/queue":
             jobs = await self.service.user_queue(self.user_id)
             if not jobs:
@@ -200,12 +218,22 @@ class TerminalFrontEnd:
             self.say("No open cases." if not cases else "\n".join(
                 f"  case {c.id}: {c.source}, image {c.image_id}, {c.reason or ''}" for c in cases))
             return
+        if cmd == "/blocklist":
+            self.say(blocks_text(await self.service.blocklist.blocks(me)))
+            return
+        if cmd in ("/user", "/strikes", "/purge"):
+            await self._member(cmd, parts)
+            return
         target = _id(parts[0]) if parts else None
         if target is None:
             self.say(f"usage: {cmd} <id> ...")
             return
         rest = " ".join(parts[1:])
-        if cmd == "/ban":
+        if cmd in ("/block", "/unblock"):
+            blocklist = self.service.blocklist
+            act = blocklist.block_everywhere if cmd == "/block" else blocklist.unblock
+            self.say(await act(me, target, rest or None))
+        elif cmd == "/ban":
             self.say(await moderation.operator_ban(me, target, rest))
         elif cmd == "/unban":
             self.say(await moderation.operator_ban(me, target, rest, lift=True))
@@ -218,8 +246,11 @@ class TerminalFrontEnd:
         elif parts[1].lower() in ("approve", "remove", "dismiss"):
             result = await getattr(moderation, parts[1].lower())(target, me, " ".join(parts[2:]) or None)
             self.say(result.message)
+        elif parts[1].lower() in ("accept", "reject"):  # an appeal
+            result = await getattr(self.service.appeals, parts[1].lower())(target, me, " ".join(parts[2:]) or None)
+            self.say(result.message)
         else:
-            self.say("usage: /case <id> [approve|remove|dismiss [reason...]]")
+            self.say("usage: /case <id> [approve|remove|dismiss|accept|reject [reason...]]")
 
     async def _privacy(self, parts: list[str]) -> None:
         """The terminal user's own data, through the same PrivacyService as ``/dalle-privacy``."""
@@ -239,6 +270,33 @@ class TerminalFrontEnd:
             self.say(text.replace("Confirm to delete", "Type /privacy delete confirm to delete") if anything else text)
         else:
             self.say("usage: /privacy optout|optin|export|delete [confirm]")
+
+    async def _member(self, cmd: str, parts: list[str]) -> None:
+        """/user, /strikes reset, /purge: the operator acts on one guild's record (or outside guilds)."""
+        if cmd == "/strikes":
+            if not parts or parts[0].lower() != "reset":
+                self.say("usage: /strikes reset <user-id> [guild-id]")
+                return
+            parts = parts[1:]
+        ids = [_id(p) for p in parts]
+        if not 1 <= len(ids) <= 2 or None in ids or (cmd == "/purge" and len(ids) != 2):
+            self.say({"/user": "usage: /user <user-id> [guild-id]", "/strikes": "usage: /strikes reset <user-id> "
+                      "[guild-id]", "/purge": "usage: /purge <user-id> <guild-id>"}[cmd])
+            return
+        me = Moderator(user_id=self.user_id, guild_id=ids[1] if len(ids) == 2 else None, operator=True)
+        strikes = self.service.strikes
+        if cmd == "/strikes":
+            self.say(await strikes.reset(me, ids[0]))
+        elif cmd == "/purge":
+            self.say(await strikes.purge(me, ids[0]))
+        else:
+            r = await strikes.record(me, ids[0])
+            self.say(f"user {ids[0]}: {r.generations} generation(s), {r.refusals} refusal(s), {r.live_strikes} live "
+                     f"strike(s) ({r.strikes} ever), {r.reports_made} report(s) made"
+                     + (", banned by the operator" if r.globally_banned else "")
+                     + "".join(f"\n  {b.kind} in {b.guild_id} by {b.moderator_id}: {b.reason or ''}"
+                               + (" (lifted)" if b.lifted_at else "") for b in r.bans)
+                     + "".join(f"\n  case {c.id}: {c.source}, {c.status}" for c in r.cases))
 
     def _admitted(self, adm) -> None:
         if adm.ok:

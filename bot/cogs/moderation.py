@@ -3,9 +3,10 @@
 Loading the cog makes :class:`DiscordReviewer` the moderation service's front end (cases are posted to the
 guild's review channel with the image bytes re-uploaded as a spoiler, review posts are edited after each action,
 public results are re-rendered, reporters are told the outcome) and posts the open cases a previous run left
-unposted. The buttons are ``bot.views.review``; the ban form's submissions arrive here. ``/dalle-mod`` (cases,
-case, user, ban, unban) is hidden from members without Manage Messages by default, and every command is checked
-again by the service (a server admin may have opened the command to others). All decisions are the service's.
+unposted. The buttons are ``bot.views.review``; the ban and appeal forms' submissions arrive here. ``/dalle-mod``
+(cases, case, user, ban, unban, strikes reset, purge, ...) is hidden from members without Manage Messages by
+default, and every command is checked again by the service (a server admin may have opened the command to others).
+``/dalle-appeal`` opens the appeal form (``bot.views.appeal``). All decisions are the services'.
 """
 
 from __future__ import annotations

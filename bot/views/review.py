@@ -1,5 +1,6 @@
 """The review channel's post of a moderation case: its embed, its buttons (Approve, Remove, Ban author, Dismiss,
-History) and the ban form.
+History; a member's refusal pattern: Ban author, Dismiss, History; an appeal: Accept, Reject, History) and the ban
+form.
 
 Every button's custom id carries the case id (``dalle:case:<action>:<case>``), so posts made before a restart keep
 working. Every click is checked again on the server side by ``ModerationService`` from the clicker's roles and

@@ -55,8 +55,9 @@ class GuildRepository(RepositoryBase):
         if "notify_mode" in fields:
             check_choice("notify_mode", fields["notify_mode"], NotifyMode, nullable=True)
         for key in _STRIKE_FIELDS:
-            if fields.get(key) is not None and (isinstance(fields[key], bool) or int(fields[key]) < 0):
-                raise ValueError(f"{key} must be a whole number >= 0; got {fields[key]}")
+            least = 1 if key == "strike_days" else 0
+            if fields.get(key) is not None and (isinstance(fields[key], bool) or int(fields[key]) < least):
+                raise ValueError(f"{key} must be a whole number >= {least}; got {fields[key]}")
         if fields.get("reping_hours") is not None and not 0 <= int(fields["reping_hours"]) <= 8760:
             raise ValueError(f"reping_hours must be a whole number from 0 to 8760; got {fields['reping_hours']}")
         if fields.get("max_images") is not None and int(fields["max_images"]) < 1:

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import pytest
 
+from bot.admin import Admin
 from bot.moderation import Moderator, NotModerator
 from bot.ratelimit import LimitPolicy, RateLimiter
 from bot.service import GenerationService
@@ -230,3 +231,24 @@ async def test_strikes_moderation_purge_takes_a_members_images_down_here(world):
     later = await svc.repo.create_generation(user_id=30, prompt="a fish", guild_id=GUILD)
     await svc.repo.add_images(later.id, [NewImage(index=0, tokens=[1], flagged=True, hidden=True)])
     assert await svc.repo.removed_image_ids(later.id) == set()
+
+
+async def test_strikes_moderation_rules_are_admin_settings(world):
+    make, _ = world
+    svc, _ = await make()
+    admin = Admin(user_id=1, guild_id=GUILD, can_manage_guild=True)
+    shown = await svc.admin.show(admin)
+    assert shown["strikes_to_cooldown"] == (2, True) and shown["cooldown_minutes"] == (10, True)
+    assert shown["strikes_to_ban"] == (4, True)
+    for bad in ({"strikes_to_cooldown": -1}, {"strike_days": 0}):
+        with pytest.raises(ValueError, match="whole number"):
+            await svc.admin.set(admin, **bad)
+    assert (await svc.admin.show(admin))["strike_days"] == (1, True)  # a refused change changed nothing
+    said = await svc.admin.set(admin, strikes_to_cooldown=1, cooldown_minutes=5)
+    assert "strikes before a cooldown (0: never) → 1" in said
+    refused = await svc.submit(user_id=5, guild_id=GUILD, prompt=BAD[0])
+    assert refused.message.endswith("You're on a cooldown for 5 min after 1 strike.")
+    assert (await svc.admin.reset(admin, "strikes_to_cooldown")).startswith("strikes before a cooldown")
+    assert (await svc.admin.show(admin))["strikes_to_cooldown"] == (3, False)  # the bot's default
+    audit = [a.reason for a in await rows_of(svc.repo, ModerationAction) if a.action == "settings"]
+    assert audit == ["cooldown_minutes=5, strikes_to_cooldown=1", "strikes_to_cooldown=default"]
