@@ -295,6 +295,10 @@ class ModerationService:
     async def _close(self, case_id: int, actor: Moderator, action: str, reason: str | None) -> ActionResult:
         case = await self._case(case_id)
         await self._require(actor, case)
+        if case.source == CaseSource.APPEAL.value:
+            raise ValueError(f"Case #{case_id} is an appeal: accept or reject it.")
+        if case.image_id is None and action != ModAction.DISMISS.value:
+            raise ValueError(f"Case #{case_id} has no image to {action}.")
         try:
             await self.repo.add_action(case_id, actor.user_id, action, reason=reason,
                                        guild_id=case.guild_id if case.guild_id is not None else actor.guild_id)

@@ -252,3 +252,21 @@ async def test_strikes_moderation_rules_are_admin_settings(world):
     assert (await svc.admin.show(admin))["strikes_to_cooldown"] == (3, False)  # the bot's default
     audit = [a.reason for a in await rows_of(svc.repo, ModerationAction) if a.action == "settings"]
     assert audit == ["cooldown_minutes=5, strikes_to_cooldown=1", "strikes_to_cooldown=default"]
+
+
+async def test_strikes_moderation_cases_about_a_member_refuse_image_actions(world):
+    make, _ = world
+    svc, _ = await make()
+    await svc.appeals.appeal(5, GUILD, "please")
+    refusals, _ = await svc.repo.open_refusals_case(6, GUILD, "3 strikes")
+    appeal = max((await svc.repo.list_guild_cases(GUILD)), key=lambda c: c.source == "appeal")
+    for action in ("approve", "remove", "dismiss"):
+        with pytest.raises(ValueError, match="is an appeal: accept or reject it"):
+            await getattr(svc.moderation, action)(appeal.id, MOD)
+    for action in ("approve", "remove"):
+        with pytest.raises(ValueError, match="has no image to"):
+            await getattr(svc.moderation, action)(refusals.id, MOD)
+    assert await rows_of(svc.repo, ModerationAction) == []  # refused: nothing recorded
+    assert (await svc.moderation.dismiss(refusals.id, MOD, "a one-off")).message == f"Case #{refusals.id} dismissed."
+    author, record = await svc.moderation.history(refusals.id, MOD)
+    assert author == 6 and record.cases[0].status == "dismissed"
