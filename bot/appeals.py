@@ -4,7 +4,7 @@
 every ``appeal_days`` (the guild's strike rules), recorded as an ``appeal`` case about the member and posted once
 to the review channel with Accept and Reject. Accept lifts the member's bans and cooldowns in that guild and clears
 their strikes; Reject changes nothing. Both are audited, and the member is told the outcome (on their appeal's
-interaction while Discord allows, else by DM).
+interaction while Discord allows and the guild's notify_mode is ephemeral, else by DM).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from bot.guildrules import notify_privately
 from bot.moderation import ActionResult, ModerationService, Moderator
 from bot.outcome import Delivery
 from bot.strikes import StrikeService
@@ -70,9 +71,12 @@ class AppealService:
         text = (f"Your appeal (case #{case_id}) was accepted: you may generate images in that server again and "
                 f"your strikes there were cleared.{why}" if accept else
                 f"Your appeal (case #{case_id}) was rejected; nothing was changed.{why}")
+        contact = self.contacts.pop(case_id, None)
+        if not notify_privately(await self.strikes.guild_settings(case.guild_id)):
+            contact = None  # the guild's notify_mode says DM
         if self.moderation.front_end is not None and case.user_id is not None:
             try:
-                await self.moderation.front_end.tell_user(case.user_id, text, self.contacts.pop(case_id, None))
+                await self.moderation.front_end.tell_user(case.user_id, text, contact)
             except Exception:  # noqa: BLE001 - closed DMs must not undo the decision
                 log.info("could not tell the appellant of case %s", case_id, exc_info=True)
         action = ModAction.ACCEPT.value if accept else ModAction.REJECT.value

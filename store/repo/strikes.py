@@ -61,6 +61,10 @@ class AppealTooSoon(ValueError):
         self.next_at = next_at
 
 
+#: refusal reasons (``bot.service``) that say nothing about the prompt itself
+_NOT_ABOUT_THE_PROMPT = ("rate", "banned", "queue", "settings", "invalid", "closing")
+
+
 def _same_guild(column, guild_id: int | None):
     return column.is_(None) if guild_id is None else column == guild_id
 
@@ -200,8 +204,10 @@ class StrikeRepository(RepositoryBase):
             return (await work(s))[0]
 
     async def recent_refusals(self, user_id: int, guild_id: int | None, limit: int = 5) -> list[Refusal]:
-        """The user's latest refused prompts in the guild, newest first."""
-        stmt = (select(Refusal).where(Refusal.user_id == user_id, _same_guild(Refusal.guild_id, guild_id))
+        """The user's latest prompts refused for what they asked (a filter or AutoMod), newest first: not those
+        refused for who or when (a ban, a cooldown, a rate limit, a full queue, the channel, bad options)."""
+        stmt = (select(Refusal).where(Refusal.user_id == user_id, _same_guild(Refusal.guild_id, guild_id),
+                                      *(Refusal.reason.not_like(f"{p}%") for p in _NOT_ABOUT_THE_PROMPT))
                 .order_by(Refusal.created_at.desc(), Refusal.id.desc()).limit(limit))
         async with self._read() as s:
             return list((await s.execute(stmt)).scalars())

@@ -11,6 +11,7 @@ import pytest
 
 from bot.admin import Admin
 from bot.moderation import Moderator, NotModerator
+from bot.outcome import Delivery
 from bot.ratelimit import LimitPolicy, RateLimiter
 from bot.service import GenerationService
 from store.models import Image, ModerationAction, Strike, utcnow
@@ -270,3 +271,16 @@ async def test_strikes_moderation_cases_about_a_member_refuse_image_actions(worl
     assert (await svc.moderation.dismiss(refusals.id, MOD, "a one-off")).message == f"Case #{refusals.id} dismissed."
     author, record = await svc.moderation.history(refusals.id, MOD)
     assert author == 6 and record.cases[0].status == "dismissed"
+
+
+async def test_strikes_moderation_appeal_outcome_follows_notify_mode(world):
+    make, _ = world
+    svc, front = await make()
+    form = Delivery(channel_id=3000, application_id=1, interaction_token="tok")
+    await svc.appeals.appeal(5, GUILD, "please", contact=form)
+    await svc.appeals.reject(front.posts[-1][1].case_id, MOD)
+    assert front.told[-1][2] == form  # on their form (the front end falls back to a DM once it expired)
+    await svc.update_guild_settings(GUILD, notify_mode="dm")
+    await svc.appeals.appeal(6, GUILD, "please", contact=form)
+    await svc.appeals.reject(front.posts[-1][1].case_id, MOD)
+    assert front.told[-1][0] == 6 and front.told[-1][2] is None  # the server wants DMs

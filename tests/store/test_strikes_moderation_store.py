@@ -104,7 +104,9 @@ async def test_strikes_moderation_reset_clears_strikes_and_lifts_cooldowns_not_b
 async def test_strikes_moderation_one_refusals_case_per_member_and_guild(repo):
     await repo.record_refusal(user_id=11, guild_id=GUILD, prompt="bad one", reason="sexual")
     await repo.record_refusal(user_id=11, guild_id=2001, prompt="elsewhere", reason="sexual")
-    await repo.record_refusal(user_id=11, guild_id=GUILD, prompt="bad two", reason="sexual")
+    await repo.record_refusal(user_id=11, guild_id=GUILD, prompt="bad two", reason="sexual: nude")
+    await repo.record_refusal(user_id=11, guild_id=GUILD, prompt="a cat", reason="rate:cooldown")  # not the prompt
+    await repo.record_refusal(user_id=11, guild_id=GUILD, prompt="a dog", reason="banned")
     case, created = await repo.open_refusals_case(11, GUILD, "3 strikes")
     again, created_again = await repo.open_refusals_case(11, GUILD, "4 strikes")
     assert created and not created_again and again.id == case.id
