@@ -7,8 +7,11 @@ The items call ``interaction.client.service`` (a ``bot.service.GenerationService
 
 from __future__ import annotations
 
+from bot.views.delete import DeleteButton
+from bot.views.image_panel import PickSelect
 from bot.views.queue import CancelButton
 from bot.views.result import ReportButton, RerollButton, VariationButton, VoteButton
 from bot.views.review import ReviewButton
 
-DYNAMIC_ITEMS = (RerollButton, VariationButton, VoteButton, ReportButton, CancelButton, ReviewButton)
+DYNAMIC_ITEMS = (RerollButton, VariationButton, VoteButton, ReportButton, CancelButton, ReviewButton, PickSelect,
+                 DeleteButton)

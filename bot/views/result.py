@@ -1,4 +1,5 @@
-"""The result message's buttons: Reroll, 👍, 👎, Report (on the best image) and V1..Vn (variations)."""
+"""The result message's buttons: Reroll, 👍, 👎, Report (on the best image), V1..Vn (variations) and the "Pick an
+image" menu (``bot.views.image_panel``: vote, report or vary any one image)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import discord
 
 from bot.outcome import StoredImage
 from bot.views.common import answers_failures, delivery_for, service_of
+from bot.views.delete import DeleteButton
 from bot.views.queue import queued_reply
 from bot.views.report import ReportModal
 
@@ -92,7 +94,15 @@ class ResultView(discord.ui.View):
             self.add_item(VoteButton("up", best))
             self.add_item(VoteButton("down", best))
             self.add_item(ReportButton(best))
+        self.add_item(DeleteButton(generation_id))  # the author's own 🗑 (bot.views.delete), row 0
         for number, im in enumerate(images[:10], 1):
             item = VariationButton(im.id, number)
             item.item.row = 1 if number <= 5 else 2
             self.add_item(item)
+        if images:
+            # imported here: the per-image panel is built from this module's buttons
+            from bot.views.image_panel import PickSelect
+
+            pick = PickSelect.for_images(generation_id, images)
+            pick.item.row = 3  # a select takes a whole row: rows 0-2 hold the buttons
+            self.add_item(pick)

@@ -35,11 +35,12 @@ async def _result(repo, tmp_path, *, private=False):
 
 
 def test_kept_prefix_is_the_top_rows_moderation():
-    assert kept_prefix(list(range(256))) == tuple(range(128))  # 16x16: the top 8 rows
+    assert kept_prefix(list(range(256))) == tuple(range(64))  # 16x16: the top 4 rows
+    assert kept_prefix(list(range(256)), keep=0.5) == tuple(range(128))
     assert kept_prefix(list(range(16)), keep=0.75) == tuple(range(12))
     assert kept_prefix(list(range(4)), keep=0.0) == (0, 1)  # at least one row
     assert kept_prefix(list(range(9)), keep=1.0) == tuple(range(6))  # never every row
-    assert kept_prefix(list(range(10))) == tuple(range(5))  # not a square: the same share of tokens
+    assert kept_prefix(list(range(10)), keep=0.5) == tuple(range(5))  # not a square: the same share of tokens
     assert kept_prefix(None) == () and kept_prefix([3]) == ()
 
 
@@ -78,7 +79,7 @@ async def test_variation_prefix_comes_from_the_parent_images_tokens_moderation(r
     variation = await repo.create_generation(user_id=8, prompt="a red square", guild_id=GUILD, seed=9,
                                              kind="variation", parent_generation_id=gen.id,
                                              parent_image_id=rows[1].id)
-    assert await variation_prefix(repo, variation) == tuple(range(16, 24))  # image 1's top two of 4 rows
+    assert await variation_prefix(repo, variation) == tuple(range(16, 20))  # image 1's top row of 4
     reroll = await repo.create_generation(user_id=8, prompt="a red square", guild_id=GUILD, seed=9, kind="reroll",
                                           parent_generation_id=gen.id)
     assert await variation_prefix(repo, reroll) == ()
