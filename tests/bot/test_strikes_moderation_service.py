@@ -18,6 +18,7 @@ from store.models import Image, ModerationAction, Strike, utcnow
 from store.repository import NewImage, Repository
 from tests.fakes.botkit import RecordingPublisher, rows_of
 from tests.fakes.engine import FakeEngine
+from tests.fakes.redis_server import PrivateRedis
 
 GUILD = 2000
 MOD = Moderator(user_id=9, guild_id=GUILD, can_manage_messages=True)
@@ -284,3 +285,19 @@ async def test_strikes_moderation_appeal_outcome_follows_notify_mode(world):
     await svc.appeals.appeal(6, GUILD, "please", contact=form)
     await svc.appeals.reject(front.posts[-1][1].case_id, MOD)
     assert front.told[-1][0] == 6 and front.told[-1][2] is None  # the server wants DMs
+
+
+async def test_strikes_moderation_give_back_is_shared_through_redis(tmp_path):
+    """Two bot processes' limiters on one Redis: a hit given back by one is a slot the other admits, once."""
+    server = PrivateRedis(tmp_path).start()
+    try:
+        policy = LimitPolicy(user="1 per minute", guild="", daily_quota=None)
+        a = RateLimiter(server.url, namespace="giveback", policy=policy)
+        b = RateLimiter(server.url, namespace="giveback", policy=policy)
+        assert (await a.hit(1, None)).allowed and not (await b.hit(1, None)).allowed
+        await a.give_back(1, None)
+        assert (await b.hit(1, None)).allowed
+        assert not (await a.hit(1, None)).allowed and not (await b.hit(1, None)).allowed
+        assert not a.degraded and not b.degraded
+    finally:
+        server.kill()
