@@ -11,11 +11,12 @@ import pytest
 
 from engine.api import BadRequest, GenerationRequest, SamplingParams
 from engine.batching import Batcher
+from engine.client import HttpEngine
 from engine.fake import FakePipeline
 from engine.openapi import openapi_spec
 from engine.pipeline import load_pipeline
 from engine.sampling import Sampler
-from engine.server import parse_generation_request
+from engine.server import ServerSettings, parse_generation_request, start_server
 from tests.fakes.dallebart import random_params, tiny_config
 from training.fixtures import random_checkpoint
 
@@ -108,3 +109,17 @@ async def test_batcher_refuses_a_prefix_the_model_cannot_take():
         assert all(im.tokens[:3].tolist() == [7, 8, 9] for im in result.images)
     finally:
         await batcher.close()
+
+
+async def test_prefix_travels_through_the_http_service():
+    server = await start_server(FakePipeline(tokens_total=16, image_size=16), ServerSettings(port=0, token="t0k"))
+    engine = HttpEngine(server.url, "t0k", timeout=10, retries=0)
+    try:
+        rid = await engine.submit(GenerationRequest("a cat", n=2, seed=1, image_prefix=(5, 6, 7)))
+        result = await engine.result(rid, timeout=10)
+        assert all(im.tokens[:3].tolist() == [5, 6, 7] for im in result.images)
+        with pytest.raises(BadRequest, match="shorter than the image"):
+            await engine.submit(GenerationRequest("a cat", image_prefix=tuple(range(16))))
+    finally:
+        await engine.close()
+        await server.stop()
