@@ -23,6 +23,7 @@ from bot.ratelimit import human_duration
 from bot.scheduler import Scheduler, SchedulerClosed
 from bot.variations import variation_prefix
 from engine.api import BadRequest, Engine, EngineError, GenerationRequest, GenerationResult, RequestCancelled
+from store.db import is_connection_error
 from store.models import CaseSource, FlaggedMode, Status
 from store.repository import NewImage, Repository, TakenOver
 
@@ -65,6 +66,9 @@ class Runner:
         # Longer than one sampling pass (a job queued in the engine waits a whole pass between events). 0: off.
         self.engine_stall_timeout = engine_stall_timeout
         self.retry_delay = 0.5  # seconds before the first retry of a failed database claim (doubling)
+        # while the database is unreachable (a restart, a failover), claims and results are tried again for this
+        # long: the images are in hand, and a job left running would otherwise wait for its lease to run out
+        self.unreachable_retry_s = 60.0
         self.clock = clock
         self.running: dict[int, asyncio.Task] = {}
         self._workers: list[asyncio.Task] = []
@@ -232,13 +236,16 @@ class Runner:
         finally:
             self._engine_ids.pop(gen.id, None)
         try:
-            outcome = await asyncio.shield(self._finish_ok(gen, result))
+            outcome = await asyncio.shield(self._while_unreachable(f"storing generation {gen.id}",
+                                                                   lambda: self._finish_ok(gen, result)))
         except TakenOver:  # our lease ran out and another process runs the job now: its result counts
             log.warning("generation %s was taken over by another process; this result is dropped", gen.id)
             return
         except Exception:  # noqa: BLE001 - disk full, database gone...: fail the job instead of leaving it running
             log.exception("generation %s: storing the result failed", gen.id)
-            await asyncio.shield(self._finish_failed(gen, "the images could not be stored; please try again"))
+            await asyncio.shield(self._while_unreachable(
+                f"failing generation {gen.id}",
+                lambda: self._finish_failed(gen, "the images could not be stored; please try again")))
             return
         self.leases.publish_later(outcome)
 
@@ -252,17 +259,38 @@ class Runner:
             return ()
 
     async def _claim(self, generation_id: int, attempts: int = 4) -> Any:
-        """``repo.claim`` with a few retries: a transient database error must not drop a queued job (the worker
-        forgets it either way; the row would wait for the next start)."""
+        """``repo.claim`` with a few retries, and more while the database is unreachable: a transient database
+        error must not drop a queued job (the worker forgets it either way; the row would wait for the next start)."""
         for attempt in range(attempts):
             try:
-                return await self.repo.claim(generation_id, self.leases.owner, self.leases.until())
+                return await self._while_unreachable(
+                    f"claiming generation {generation_id}",
+                    lambda: self.repo.claim(generation_id, self.leases.owner, self.leases.until()))
             except Exception:  # noqa: BLE001 - retried, then raised
                 if attempt == attempts - 1:
                     raise
                 log.warning("claiming generation %s failed; retrying", generation_id, exc_info=True)
                 await asyncio.sleep(self.retry_delay * 2**attempt)
         return None
+
+    async def _while_unreachable(self, what: str, step: Callable[[], Awaitable[Any]]) -> Any:
+        """``await step()``, tried again (backing off to 5 s) while it fails because the database cannot be reached,
+        for up to ``unreachable_retry_s``; any other error, or the last one, is raised. A step whose transactions
+        were all refused is simply run again; one that got partly through fails again on what it already wrote
+        (a unique row), which is raised like any other error."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.unreachable_retry_s
+        delay = self.retry_delay
+        while True:
+            try:
+                return await step()
+            except Exception as exc:
+                if not is_connection_error(exc) or loop.time() + delay > deadline:
+                    raise
+                log.warning("%s: the database is unreachable (%s); trying again in %.1f s", what,
+                            type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def _result_unless_stalled(self, rid: str, events: asyncio.Task, heard: _Heard) -> GenerationResult:
         """``engine.result(rid)``, given up (cancelled on the engine, EngineError) once the job's event stream has

@@ -12,13 +12,16 @@ out with the execution option ``sqlite_begin="DEFERRED"`` (the repository's read
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -45,6 +48,35 @@ class MigrationRequired(RuntimeError):
 
 class DatabaseUnavailable(RuntimeError):
     """The database could not be opened or read; the message is one line, with any password hidden."""
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database could not be reached (refused, reset, restarting, a dropped connection),
+    as opposed to a statement the database refused: the former is worth trying again once it is back."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):
+            return True
+        if isinstance(exc, OSError) and (exc.errno in _NETWORK_ERRNOS or "Connect call failed" in str(exc)):
+            return True  # asyncpg: "Multiple exceptions: [Errno 111] Connect call failed ..." carries no errno
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            return True
+        if isinstance(exc, (OperationalError, InterfaceError)) and not isinstance(exc.orig, sqlite3.Error):
+            return True  # PostgreSQL drivers: connection lost, server shutting down or starting up
+        if type(exc).__name__ in _PG_UNAVAILABLE:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+_NETWORK_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.ETIMEDOUT,
+                             errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN})
+
+# asyncpg / psycopg errors raised while the server restarts (by name: store is the only place they are known)
+_PG_UNAVAILABLE = frozenset({"CannotConnectNowError", "ConnectionDoesNotExistError", "ConnectionFailureError",
+                             "AdminShutdownError", "CrashShutdownError", "PostgresConnectionError",
+                             "ConnectionRejectionError", "AdminShutdown", "CannotConnectNow", "CrashShutdown"})
 
 
 def default_sqlite_url(cwd: str | Path | None = None) -> str:

@@ -25,9 +25,12 @@ DONE = re.compile(r"^\[(\d+)\] done: ")
 class BotProcess:
     """``python -m bot`` in terminal mode, its stdout read line by line in the background."""
 
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+    def __init__(self, env: dict[str, str], cwd: Path, stderr_path: Path | None = None) -> None:
+        """``stderr_path``: the log goes to this file (read it with :meth:`log`) instead of a pipe."""
+        self.stderr_path = stderr_path
+        stderr = open(stderr_path, "w") if stderr_path else subprocess.PIPE  # noqa: SIM115 - the child holds it
         self.proc = subprocess.Popen([sys.executable, "-m", "bot"], cwd=cwd, env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=stderr, text=True)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")),
                                        daemon=True)
@@ -38,6 +41,9 @@ class BotProcess:
         while not any(re.search(pattern, line) for line in list(self.lines)):
             assert time.monotonic() < deadline and self.proc.poll() is None, (pattern, self.lines)
             time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.stderr_path.read_text() if self.stderr_path else ""
 
     def send(self, *lines: str) -> None:
         self.proc.stdin.write("".join(f"{line}\n" for line in lines))
