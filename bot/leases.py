@@ -23,6 +23,7 @@ from typing import Any
 
 from bot.metrics import BotMetrics
 from bot.outcome import Outcome, Publisher, StoredImage, is_withheld
+from bot.retry import while_unreachable
 from bot.scheduler import QueueEntry, Scheduler
 from store.models import FlaggedMode
 from store.repository import Repository
@@ -216,8 +217,9 @@ class Leases:
                 log.exception("publishing generation %s failed; the next start posts it", gid)
                 self.post_failed.add(gid)
             return
-        try:
-            await self.repo.mark_delivered(gid, result_message_id=message_id)
+        try:  # posted: recording it rides out a database restart rather than posting it again at the next start
+            await while_unreachable(f"recording the delivery of generation {gid}",
+                                    lambda: self.repo.mark_delivered(gid, result_message_id=message_id))
         except Exception:  # noqa: BLE001 - posted but not recorded: the next start may post it again
             log.exception("recording the delivery of generation %s failed", gid)
             self.post_failed.add(gid)

@@ -20,10 +20,10 @@ from bot.blocklist import phash_png
 from bot.leases import Leases
 from bot.outcome import Outcome, ProgressUpdate, Publisher, StoredImage, is_withheld
 from bot.ratelimit import human_duration
+from bot.retry import while_unreachable
 from bot.scheduler import Scheduler, SchedulerClosed
 from bot.variations import variation_prefix
 from engine.api import BadRequest, Engine, EngineError, GenerationRequest, GenerationResult, RequestCancelled
-from store.db import is_connection_error
 from store.models import CaseSource, FlaggedMode, Status
 from store.repository import NewImage, Repository, TakenOver
 
@@ -273,24 +273,9 @@ class Runner:
                 await asyncio.sleep(self.retry_delay * 2**attempt)
         return None
 
+
     async def _while_unreachable(self, what: str, step: Callable[[], Awaitable[Any]]) -> Any:
-        """``await step()``, tried again (backing off to 5 s) while it fails because the database cannot be reached,
-        for up to ``unreachable_retry_s``; any other error, or the last one, is raised. A step whose transactions
-        were all refused is simply run again; one that got partly through fails again on what it already wrote
-        (a unique row), which is raised like any other error."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.unreachable_retry_s
-        delay = self.retry_delay
-        while True:
-            try:
-                return await step()
-            except Exception as exc:
-                if not is_connection_error(exc) or loop.time() + delay > deadline:
-                    raise
-                log.warning("%s: the database is unreachable (%s); trying again in %.1f s", what,
-                            type(exc).__name__, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        return await while_unreachable(what, step, limit_s=self.unreachable_retry_s, first_delay=self.retry_delay)
 
     async def _result_unless_stalled(self, rid: str, events: asyncio.Task, heard: _Heard) -> GenerationResult:
         """``engine.result(rid)``, given up (cancelled on the engine, EngineError) once the job's event stream has
