@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -129,6 +130,7 @@ class Image(Base):
     clip_score: Mapped[float | None] = mapped_column(Float)
     safety_scores: Mapped[dict[str, Any]] = mapped_column(default=dict)
     flagged: Mapped[bool] = mapped_column(Boolean, default=False)
+    critical: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # a critical concept
     hidden: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
