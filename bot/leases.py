@@ -135,8 +135,8 @@ class Leases:
             png = await asyncio.to_thread(path.read_bytes) if path and path.exists() else b""
             out.append(StoredImage(id=row.id, index=row.index, rank=row.rank or 0, path=path or Path(),
                                    sha256=row.sha256 or "", clip_score=row.clip_score or 0.0, flagged=row.flagged,
-                                   hidden=row.hidden, withheld=is_withheld(row.flagged, row.hidden, withhold),
-                                   png=png))
+                                   hidden=row.hidden, png=png,
+                                   withheld=is_withheld(row.flagged, row.hidden, withhold, row.critical)))
         return out
 
     # -- renewal -------------------------------------------------------------------------------------

@@ -70,7 +70,8 @@ async def _metrics(request: web.Request) -> web.Response:
         await metrics.refresh(request.app[REPO])
     except Exception as exc:  # noqa: BLE001 - a scrape must answer; the gauges keep their last values
         metrics.refresh_errors.inc()
-        log.warning("metrics: could not read the database (%s)", type(exc).__name__, exc_info=log.isEnabledFor(logging.DEBUG))
+        log.warning("metrics: could not read the database (%s)", type(exc).__name__,
+                    exc_info=log.isEnabledFor(logging.DEBUG))
     return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
 
 

@@ -447,7 +447,8 @@ class ModerationService:
             images.append(StoredImage(id=row.id, index=row.index, rank=row.rank or 0, path=path,
                                       sha256=row.sha256 or "", clip_score=row.clip_score or 0.0,
                                       flagged=row.hidden, hidden=row.hidden,
-                                      withheld=row.id in removed or is_withheld(row.flagged, row.hidden, withhold),
+                                      withheld=row.id in removed
+                                      or is_withheld(row.flagged, row.hidden, withhold, row.critical),
                                       png=png, removed=row.id in removed))
         try:
             await self.front_end.refresh_result(Outcome(gen, images))

@@ -63,11 +63,12 @@ class StoredImage:
     removed: bool = False  # taken out by a moderator (withheld too)
 
 
-def is_withheld(flagged: bool, hidden: bool, withhold_flagged: bool) -> bool:
+def is_withheld(flagged: bool, hidden: bool, withhold_flagged: bool, critical: bool = False) -> bool:
     """Whether a stored image stays out of its public message: a hidden image the safety check flagged where the
-    guild withholds flagged images, and any hidden image it did not flag (withheld as a blocked hash's
-    near-duplicate). Approved images are no longer hidden; removed ones are withheld by the caller."""
-    return hidden and (withhold_flagged or not flagged)
+    guild withholds flagged images, or flagged for a critical concept (whatever the guild's mode), and any hidden
+    image it did not flag (withheld as a blocked hash's near-duplicate). Approved images are no longer hidden;
+    removed ones are withheld by the caller."""
+    return hidden and (withhold_flagged or not flagged or critical)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bot.outcome import is_withheld
 from store.models import FlaggedMode
 
 
@@ -45,9 +46,8 @@ class ImagePicks:
             return PickedImage(False, "That generation is private: only the user who made it can see its images.")
         if image.id in await self.repo.removed_image_ids(gen.id):
             return PickedImage(False, "That image was removed by a moderator.")
-        # hidden and not flagged: withheld for another reason (a near-duplicate of a blocked image)
-        if image.hidden and (not image.flagged
-                             or await self.flagged_mode(gen.guild_id) == FlaggedMode.WITHHOLD.value):
+        withhold = await self.flagged_mode(gen.guild_id) == FlaggedMode.WITHHOLD.value
+        if is_withheld(image.flagged, image.hidden, withhold, image.critical):
             return PickedImage(False, "That image is withheld until a moderator reviews it.")
         png = await asyncio.to_thread(_read, image.file_path)
         if not png:

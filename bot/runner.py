@@ -350,15 +350,16 @@ class Runner:
                     await self.repo.open_case(CaseSource.BLOCKLIST.value, image_id=row.id, generation_id=gen.id,
                                               reason=hit.reason)
                 elif row.flagged:
+                    severity = " (critical)" if row.critical else ""
+                    scores = ", ".join(f"{k}={v:.2f}" for k, v in sorted(row.safety_scores.items()))
                     await self.repo.open_case(CaseSource.AUTO.value, image_id=row.id, generation_id=gen.id,
-                                              reason="safety checker: " + ", ".join(
-                                                  f"{k}={v:.2f}" for k, v in sorted(row.safety_scores.items())))
+                                              reason=f"safety checker{severity}: {scores}")
             gen = await self.repo.set_status(gen.id, Status.DONE.value, checkpoint_id=result.checkpoint_id,
                                              attention=result.attention)
         images = [
             StoredImage(id=row.id, index=row.index, rank=row.rank, path=Path(path), sha256=sha,
                         clip_score=row.clip_score, flagged=row.flagged, hidden=row.hidden,
-                        withheld=is_withheld(row.flagged, row.hidden, withhold), png=im.png)
+                        withheld=is_withheld(row.flagged, row.hidden, withhold, row.critical), png=im.png)
             for row, im, (path, sha) in zip(rows, result.images, files, strict=True)
         ]
         images.sort(key=lambda s: s.rank)

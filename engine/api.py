@@ -206,6 +206,7 @@ class GeneratedImage:
     clip_score: float
     safety: dict[str, float]
     flagged: bool
+    critical: bool = False  # flagged for a critical concept: withheld whatever the guild's flagged mode
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -216,6 +217,7 @@ class GeneratedImage:
             "clip_score": float(self.clip_score),
             "safety": {k: float(v) for k, v in self.safety.items()},
             "flagged": bool(self.flagged),
+            "critical": bool(self.critical),
         }
 
     @classmethod
@@ -228,6 +230,7 @@ class GeneratedImage:
             clip_score=float(data["clip_score"]),
             safety={k: float(v) for k, v in data["safety"].items()},
             flagged=bool(data["flagged"]),
+            critical=bool(data.get("critical", False)),  # an engine that predates severities: none is critical
         )
 
 

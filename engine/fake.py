@@ -72,6 +72,7 @@ class FakePipeline:
 
     ``fail_prompts``: a pass containing one of these prompts raises :class:`FakePipelineError`.
     ``flag_prompts``: candidates of these prompts get a high "sexual" safety score and are flagged.
+    ``critical_prompts``: candidates of these get a high "violence" score and are flagged as critical.
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class FakePipeline:
         fail_prompts: Collection[str] = (),
         flag_prompts: Collection[str] = (),
         flag_threshold: float = 0.8,
+        critical_prompts: Collection[str] = (),
     ) -> None:
         buckets = tuple(sorted({int(b) for b in batch_buckets}))
         if not buckets or buckets[0] < 1:
@@ -107,13 +109,14 @@ class FakePipeline:
         self.fail_prompts = set(fail_prompts)
         self.flag_prompts = set(flag_prompts)
         self.flag_threshold = float(flag_threshold)
+        self.critical_prompts = set(critical_prompts)
         self.calls: list[FakeCall] = []
         self._lock = threading.Lock()
         self._side = side
         self._settings = dict(
             batch_buckets=buckets, fixed_latency=fixed_latency, per_candidate_latency=per_candidate_latency,
             tokens_total=tokens_total, chunk_tokens=chunk_tokens, image_size=image_size, fail_prompts=fail_prompts,
-            flag_prompts=flag_prompts, flag_threshold=flag_threshold,
+            flag_prompts=flag_prompts, flag_threshold=flag_threshold, critical_prompts=critical_prompts,
         )
 
     def with_checkpoint(self, directory: str | Path) -> FakePipeline:
@@ -160,8 +163,11 @@ class FakePipeline:
         safety = {"sexual": float(0.5 * rng.random()), "violence": float(0.5 * rng.random())}
         if request.prompt in self.flag_prompts:
             safety["sexual"] = 0.95
+        if request.prompt in self.critical_prompts:
+            safety["violence"] = 0.99
         flagged = max(safety.values()) >= self.flag_threshold
-        return GeneratedImage(index, 0, self.decode(tokens), tokens, clip_score, safety, flagged)
+        critical = request.prompt in self.critical_prompts
+        return GeneratedImage(index, 0, self.decode(tokens), tokens, clip_score, safety, flagged, critical)
 
     # -- Pipeline protocol --------------------------------------------------------------------------------
 

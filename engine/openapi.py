@@ -90,6 +90,7 @@ def openapi_spec() -> dict[str, Any]:
                                    "png": {"type": "string", "contentEncoding": "base64"},
                                    "tokens": {"type": "array", "items": {"type": "integer"}},
                                    "clip_score": {"type": "number"}, "flagged": {"type": "boolean"},
+                                   "critical": {"type": "boolean"},
                                    "safety": {"type": "object", "additionalProperties": {"type": "number"}}}}},
             },
         },

@@ -358,6 +358,7 @@ class ModelPipeline:
                     clip_score=float(clip_scores[r]),
                     safety=dict(verdicts[r].scores),
                     flagged=verdicts[r].flagged,
+                    critical=verdicts[r].critical,
                 )
                 for rank, r in enumerate(order)
             ]

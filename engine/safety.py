@@ -7,13 +7,16 @@ the moderators and later training can see *why* something was flagged, not only 
 
 Concepts live in ``safety.json`` next to the CLIP checkpoint::
 
-    {"concepts": [{"name": "gore", "prompts": ["a photo of gore", "bloody wounds"], "threshold": 0.22},
+    {"concepts": [{"name": "gore", "prompts": ["a photo of gore", "bloody wounds"], "threshold": 0.22,
+                   "severity": "critical"},
                   {"name": "weapon", "embedding": [...], "threshold": 0.25}],
      "adjustment": 0.0}
 
 A concept gives either literal ``embedding`` values (already in CLIP's joint space) or ``prompts`` that
 are embedded once at load time with the checkpoint's own text tower (their mean, re-normalised).
-``adjustment`` shifts every threshold at once (negative = stricter), the knob operators turn.
+``adjustment`` shifts every threshold at once (negative = stricter), the knob operators turn. ``severity`` is
+``mild`` (the default: the guild's flagged mode decides, spoiler or withhold) or ``critical`` (always withheld until a
+moderator approves it).
 """
 
 from __future__ import annotations
@@ -30,11 +33,15 @@ class SafetyConfigError(ValueError):
     """``safety.json`` is malformed."""
 
 
+SEVERITIES = ("mild", "critical")
+
+
 @dataclass(frozen=True)
 class SafetyVerdict:
     scores: dict[str, float]  # concept name → cosine similarity
     flagged: bool
     concepts: tuple[str, ...]  # the concepts over their thresholds
+    critical: bool = False  # one of them is a critical concept
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -46,16 +53,21 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 class SafetyChecker:
     """Flags images whose CLIP embedding is close to a configured concept."""
 
-    def __init__(self, names: Sequence[str], embeddings: np.ndarray, thresholds: Sequence[float], adjustment=0.0):
+    def __init__(self, names: Sequence[str], embeddings: np.ndarray, thresholds: Sequence[float], adjustment=0.0,
+                 critical: Sequence[str] = ()):
+        """``critical``: the names of the critical concepts (the others are mild)."""
         embeddings = np.asarray(embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or embeddings.shape[0] != len(names) or len(thresholds) != len(names):
             raise SafetyConfigError("need one embedding and one threshold per concept")
+        if set(critical) - set(names):
+            raise SafetyConfigError(f"unknown critical concepts: {sorted(set(critical) - set(names))}")
         if len(set(names)) != len(names):
             raise SafetyConfigError("concept names must be unique")
         self.names = tuple(names)
         self.embeddings = _normalise(embeddings) if len(names) else embeddings
         self.thresholds = np.asarray(thresholds, dtype=np.float32)
         self.adjustment = float(adjustment)
+        self.critical = frozenset(critical)
 
     @classmethod
     def disabled(cls, dim: int = 1) -> SafetyChecker:
@@ -75,7 +87,7 @@ class SafetyChecker:
         concepts = raw.get("concepts")
         if not isinstance(concepts, list):
             raise SafetyConfigError(f"{path}: 'concepts' must be a list")
-        names, embeddings, thresholds = [], [], []
+        names, embeddings, thresholds, critical = [], [], [], []
         for i, concept in enumerate(concepts):
             where = f"{path}: concept #{i}"
             if not isinstance(concept, dict) or not isinstance(concept.get("name"), str):
@@ -92,13 +104,18 @@ class SafetyChecker:
                 emb = _normalise(np.asarray(embed_texts(list(concept["prompts"])))).mean(axis=0)
             else:
                 raise SafetyConfigError(f"{where} ({concept['name']}): needs 'embedding' or 'prompts'")
+            severity = concept.get("severity", "mild")
+            if severity not in SEVERITIES:
+                raise SafetyConfigError(f"{where} ({concept['name']}): severity must be one of {', '.join(SEVERITIES)}")
             names.append(concept["name"])
             embeddings.append(emb)
             thresholds.append(threshold)
+            if severity == "critical":
+                critical.append(concept["name"])
         if embeddings and len({e.shape for e in embeddings}) != 1:
             raise SafetyConfigError(f"{path}: concept embeddings have different sizes")
         matrix = np.stack(embeddings) if embeddings else np.zeros((0, 1), np.float32)
-        return cls(names, matrix, thresholds, adjustment=float(raw.get("adjustment", 0.0)))
+        return cls(names, matrix, thresholds, adjustment=float(raw.get("adjustment", 0.0)), critical=critical)
 
     def scores(self, image_embeds: np.ndarray) -> np.ndarray:
         """Cosine similarity of each image to each concept: (N, D) → (N, C)."""
@@ -122,6 +139,7 @@ class SafetyChecker:
                     scores={n: round(float(s), 6) for n, s in zip(self.names, row, strict=True)},
                     flagged=bool(concepts),
                     concepts=concepts,
+                    critical=any(n in self.critical for n in concepts),
                 )
             )
         return verdicts

@@ -51,6 +51,7 @@ class NewImage:
     flagged: bool = False
     hidden: bool = False
     phash: str | None = None  # perceptual hash (16 hex digits), for the image-hash blocklist
+    critical: bool = False  # flagged for a critical concept: withheld whatever the guild's flagged mode
 
     @classmethod
     def from_generated(cls, image: Any, *, file_path: str | None = None, sha256: str | None = None,
@@ -68,6 +69,7 @@ class NewImage:
             flagged=flagged,
             hidden=flagged if hidden is None else hidden,
             phash=phash,
+            critical=bool(getattr(image, "critical", False)),
         )
 
 
@@ -86,6 +88,7 @@ def _image_rows(generation_id: int, images: Iterable[NewImage], now: datetime) -
             flagged=im.flagged,
             hidden=im.hidden,
             phash=im.phash,
+            critical=im.critical,
             created_at=now,
         )
         for im in images

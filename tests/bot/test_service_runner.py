@@ -364,3 +364,15 @@ async def test_engine_request_ids_do_not_clash_across_bot_processes(tmp_path):
             await engine.close()
             await repo.close()
     assert len(seen) == 2 and seen[0] != seen[1]
+
+
+async def test_a_critical_flag_is_withheld_even_where_the_guild_spoilers_flagged_images(running_service):
+    svc, repo, engine, pub = running_service
+    await svc.submit(user_id=4, guild_id=1, prompt="a severe lighthouse", n=2, seed=1)  # guild 1: spoiler mode
+    [outcome] = await pub.wait_for(1)
+    [critical] = [im for im in outcome.images if im.flagged]
+    assert critical.hidden and critical.withheld
+    assert all(not im.withheld for im in outcome.images if not im.flagged)
+    [case] = await rows_of(repo, ModerationCase)
+    assert case.image_id == critical.id and case.reason.startswith("safety checker (critical): ")
+    assert (await repo.get_image(critical.id)).critical is True

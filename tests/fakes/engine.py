@@ -2,8 +2,9 @@
 
 It implements ``engine.api.Engine`` honestly (submit returns at once, events stream until a final state,
 result raises ``RequestCancelled``/``EngineError``) so the service and the Discord front end are tested
-against the same protocol the real engine speaks. Prompts containing ``unsafe`` come back flagged and
-prompts containing ``explode`` fail, so tests can drive those paths.
+against the same protocol the real engine speaks. Prompts containing ``unsafe`` come back flagged (the first
+image), ``severe`` flagged for a critical concept, and prompts containing ``explode`` fail, so tests can drive
+those paths.
 """
 
 from __future__ import annotations
@@ -122,8 +123,10 @@ class FakeEngine:
                         index=i, rank=0, png=pattern_png(req.seed, i) if self.patterned else solid_png(rgb),
                         tokens=tokens,
                         clip_score=float(sum(rgb)) / 765.0,
-                        safety={"nsfw": 0.9 if "unsafe" in req.prompt else 0.01},
-                        flagged="unsafe" in req.prompt and i == 0,
+                        safety={"nsfw": 0.9 if "unsafe" in req.prompt else 0.01,
+                                "gore": 0.95 if "severe" in req.prompt else 0.01},
+                        flagged=("unsafe" in req.prompt or "severe" in req.prompt) and i == 0,
+                        critical="severe" in req.prompt and i == 0,
                     ))
                 images.sort(key=lambda im: -im.clip_score)
                 for rank, im in enumerate(images):
