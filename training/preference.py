@@ -1,0 +1,337 @@
+"""Preference fine-tuning of a DalleBart on the feedback dataset (:mod:`training.feedback`): KTO on the unpaired
+👍/👎 examples, DPO on the pairs where one prompt has both, optionally mixed with supervised tokens of liked images.
+
+Every objective works on the **summed log-probability** of a stored image-token sequence given its prompt,
+``log π(y|x) = Σ_t log π(y_t | x, y_<t)``, against the frozen parent model (the reference, whose log-probs are
+computed once, before the first step, and kept with the run's state so a resumed run never recomputes them).
+With the implicit reward ``r = log π(y|x) − log π_ref(y|x)``:
+
+- **KTO** (Ethayarajh et al., 2024): a desirable example costs ``λ_D·(1 − σ(β(r − z)))``, an undesirable one
+  ``λ_U·(1 − σ(β(z − r)))``, each times its weight. ``z`` (the reference point) is the batch's mean reward,
+  clipped at 0 and held fixed (no gradient) — the paper's batch estimate of KL(π‖π_ref), taken over the batch's
+  own examples rather than mismatched prompt/image pairs, which would need a second forward pass per step;
+- **DPO** (Rafailov et al., 2023): ``−log σ(β(r_chosen − r_rejected))`` per pair, times its weight;
+- **SFT**: token cross-entropy of the desirable sequences (keeps what people liked likely in absolute terms).
+
+Logged every step: the losses, the implicit reward margin (mean ``r`` of desirable − of undesirable), and
+``kl_ref``, the mean of ``log π_ref − log π`` over the batch's sequences: the stored tokens were sampled from the
+parent, so this is a Monte-Carlo estimate of KL(π_ref ‖ π) in nats per image.
+
+The result is a complete checkpoint directory (the parent's VQGAN, CLIP and safety files copied, the new
+DalleBart exported) that the engine loads like any other; an interrupted run (Ctrl-C, SIGTERM from a cancel)
+writes no checkpoint, and the same command resumes it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from engine.config import DalleBartConfig
+from engine.models.dallebart import DalleBart
+from engine.models.layout import load_dallebart_params
+from engine.text import DalleBartTokenizer
+from training.checkpoint import export_trained
+from training.loop import ArrayBatches, train
+from training.optim import OptimConfig
+
+#: files of a checkpoint directory the fine-tune takes over from its parent unchanged
+PARENT_PARTS = ("vqgan", "clip")
+PARENT_FILES = ("safety.json",)
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    """The objective's settings (recorded with the run and the checkpoint)."""
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0  # λ_D
+    undesirable_weight: float = 1.0  # λ_U
+    dpo_weight: float = 1.0  # the DPO term's share of the loss when pairs exist
+    sft_weight: float = 0.0  # the supervised term's share (0: off)
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0; got {self.beta}")
+        for name in ("desirable_weight", "undesirable_weight", "dpo_weight", "sft_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+
+
+def sequence_logprobs(model: DalleBart, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
+                      labels: jax.Array, start: int) -> tuple[jax.Array, jax.Array]:
+    """(summed log-prob per row (B,), mean token cross-entropy) of image tokens ``labels`` given the prompts."""
+    dec_in = jnp.concatenate([jnp.full((labels.shape[0], 1), start, labels.dtype), labels[:, :-1]], axis=1)
+    logits = model.apply({"params": params}, input_ids, attention_mask, dec_in).astype(jnp.float32)
+    token_lp = -optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.sum(token_lp, axis=-1), -jnp.mean(token_lp, axis=-1)
+
+
+def kto_terms(logp: jax.Array, ref_logp: jax.Array, desirable: jax.Array, weight: jax.Array,
+              cfg: PreferenceConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """KTO loss (weighted mean) and its diagnostics; ``desirable`` is 1.0/0.0 per row."""
+    r = logp - ref_logp
+    z = jax.lax.stop_gradient(jnp.maximum(jnp.mean(r), 0.0))
+    des = desirable.astype(jnp.float32)
+    value = des * cfg.desirable_weight * (1 - jax.nn.sigmoid(cfg.beta * (r - z))) \
+        + (1 - des) * cfg.undesirable_weight * (1 - jax.nn.sigmoid(cfg.beta * (z - r)))
+    loss = jnp.sum(weight * value) / jnp.maximum(jnp.sum(weight), 1e-6)
+    n_des, n_und = jnp.sum(des), jnp.sum(1 - des)
+    r_des = jnp.sum(des * r) / jnp.maximum(n_des, 1.0)
+    r_und = jnp.sum((1 - des) * r) / jnp.maximum(n_und, 1.0)
+    both = (n_des > 0) & (n_und > 0)
+    return loss, {"kto_loss": loss, "reward_desirable": r_des, "reward_undesirable": r_und,
+                  "reward_margin": jnp.where(both, r_des - r_und, 0.0), "kto_z": z}
+
+
+def dpo_terms(chosen: jax.Array, ref_chosen: jax.Array, rejected: jax.Array, ref_rejected: jax.Array,
+              weight: jax.Array, cfg: PreferenceConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+    value = -jax.nn.log_sigmoid(cfg.beta * margin)
+    loss = jnp.sum(weight * value) / jnp.maximum(jnp.sum(weight), 1e-6)
+    return loss, {"dpo_loss": loss, "dpo_margin": jnp.mean(margin),
+                  "dpo_accuracy": jnp.mean((margin > 0).astype(jnp.float32))}
+
+
+def make_preference_loss(model: DalleBart, config: DalleBartConfig, cfg: PreferenceConfig, *, with_pairs: bool):
+    """``loss_fn(params, batch, rng)`` for :func:`training.loop.train` (KTO + optional DPO + optional SFT)."""
+    start = config.decoder_start_token_id
+
+    def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
+        logp, ce = sequence_logprobs(model, params, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                     start)
+        loss, aux = kto_terms(logp, batch["ref_logp"], batch["desirable"], batch["weight"], cfg)
+        aux["kl_ref"] = jnp.mean(batch["ref_logp"] - logp)
+        if cfg.sft_weight > 0:
+            des = batch["desirable"].astype(jnp.float32)
+            sft = jnp.sum(des * ce) / jnp.maximum(jnp.sum(des), 1.0)
+            loss = loss + cfg.sft_weight * sft
+            aux["sft_loss"] = sft
+        if with_pairs:
+            both_ids = jnp.concatenate([batch["p_input_ids"], batch["p_input_ids"]])
+            both_mask = jnp.concatenate([batch["p_attention_mask"], batch["p_attention_mask"]])
+            both = jnp.concatenate([batch["p_chosen"], batch["p_rejected"]])
+            lp, _ = sequence_logprobs(model, params, both_ids, both_mask, both, start)
+            n = batch["p_chosen"].shape[0]
+            dpo, daux = dpo_terms(lp[:n], batch["p_ref_chosen"], lp[n:], batch["p_ref_rejected"],
+                                  batch["p_weight"], cfg)
+            loss = loss + cfg.dpo_weight * dpo
+            aux.update(daux)
+        aux["loss_total"] = loss
+        return loss, aux
+
+    return loss_fn
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_loss(config: DalleBartConfig, cfg: PreferenceConfig, with_pairs: bool):
+    return make_preference_loss(DalleBart(config), config, cfg, with_pairs=with_pairs)
+
+
+@functools.lru_cache(maxsize=4)
+def _logprob_fn(config: DalleBartConfig):
+    model = DalleBart(config)
+    return jax.jit(lambda p, i, m, y: sequence_logprobs(model, p, i, m, y, config.decoder_start_token_id)[0])
+
+
+def batched_logprobs(config: DalleBartConfig, params: Any, input_ids: np.ndarray, attention_mask: np.ndarray,
+                     labels: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Summed log-probs of every row, in fixed-size batches (the last one padded, so one compiled shape)."""
+    fn = _logprob_fn(config)
+    n = len(labels)
+    out = np.zeros(n, np.float32)
+    for i in range(0, n, batch_size):
+        idx = np.arange(i, min(i + batch_size, n))
+        pad = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
+        lp = fn(params, jnp.asarray(input_ids[pad]), jnp.asarray(attention_mask[pad]), jnp.asarray(labels[pad]))
+        out[idx] = np.asarray(lp)[: len(idx)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class PreferenceData:
+    """Tokenised examples of one split: ``unpaired`` (KTO rows) and ``pairs`` (DPO rows; may be empty)."""
+
+    unpaired: dict[str, np.ndarray]
+    pairs: dict[str, np.ndarray]
+    content_sha256: str
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.pairs.get("p_chosen", ()))
+
+
+def load_preference_data(data_dir: Path, tokenizer: DalleBartTokenizer, image_length: int, *,
+                         split: str = "train") -> PreferenceData:
+    """Read ``unpaired.parquet`` / ``pairs.parquet`` of an export and tokenise the prompts of ``split``."""
+    import pyarrow.parquet as pq
+
+    manifest_path = Path(data_dir) / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{data_dir}: no manifest.json (export the feedback first)")
+    manifest = json.loads(manifest_path.read_text())
+    rows = [r for r in pq.read_table(Path(data_dir) / manifest["files"]["unpaired"]).to_pylist()
+            if r["split"] == split]
+    if not rows:
+        raise ValueError(f"{data_dir}: no labelled examples in the {split!r} split")
+    bad = [r["example_id"] for r in rows if len(r["tokens"]) != image_length]
+    if bad:
+        raise ValueError(f"{data_dir}: {len(bad)} examples are not {image_length} tokens long (another model's?)")
+    tok = tokenizer([r["prompt"] for r in rows])
+    unpaired = {"input_ids": tok["input_ids"].astype(np.int32),
+                "attention_mask": tok["attention_mask"].astype(np.int32),
+                "labels": np.asarray([r["tokens"] for r in rows], np.int32),
+                "desirable": np.asarray([r["desirable"] for r in rows], np.float32),
+                "weight": np.asarray([r["weight"] for r in rows], np.float32)}
+    pair_rows = [r for r in pq.read_table(Path(data_dir) / manifest["files"]["pairs"]).to_pylist()
+                 if r["split"] == split]
+    pairs: dict[str, np.ndarray] = {}
+    if pair_rows:
+        ptok = tokenizer([r["prompt"] for r in pair_rows])
+        pairs = {"p_input_ids": ptok["input_ids"].astype(np.int32),
+                 "p_attention_mask": ptok["attention_mask"].astype(np.int32),
+                 "p_chosen": np.asarray([r["chosen_tokens"] for r in pair_rows], np.int32),
+                 "p_rejected": np.asarray([r["rejected_tokens"] for r in pair_rows], np.int32),
+                 "p_weight": np.asarray([r["weight"] for r in pair_rows], np.float32)}
+    return PreferenceData(unpaired, pairs, manifest.get("content_sha256", ""))
+
+
+class PreferenceBatches:
+    """KTO rows and (when there are pairs) DPO pairs side by side, each its own seeded epoch order."""
+
+    def __init__(self, data: PreferenceData, batch_size: int, *, seed: int = 0):
+        n = len(data.unpaired["labels"])
+        self.kto = ArrayBatches(data.unpaired, min(batch_size, n), seed=seed)
+        self.size = min(batch_size, n)
+        self.pairs = ArrayBatches(data.pairs, self.size, seed=seed + 1) if data.n_pairs >= self.size else None
+
+    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+        batch = dict(self.kto[k])
+        if self.pairs is not None:
+            batch.update(self.pairs[k])
+        return batch
+
+
+def _with_reference(data: PreferenceData, config: DalleBartConfig, ref_params: Any, work: Path,
+                    batch_size: int) -> PreferenceData:
+    """Add the parent's summed log-probs (``ref_logp``; ``p_ref_chosen`` / ``p_ref_rejected``), computed once and
+    cached in ``work/reference.npz`` under the data's hash."""
+    cache = work / "reference.npz"
+    key = hashlib.sha256((data.content_sha256 + str(len(data.unpaired["labels"]))).encode()).hexdigest()
+    if cache.is_file():
+        saved = np.load(cache)
+        if str(saved["key"]) == key:
+            data.unpaired["ref_logp"] = saved["ref_logp"]
+            if data.n_pairs:
+                data.pairs["p_ref_chosen"], data.pairs["p_ref_rejected"] = saved["ref_chosen"], saved["ref_rejected"]
+            return data
+    u = data.unpaired
+    data.unpaired["ref_logp"] = batched_logprobs(config, ref_params, u["input_ids"], u["attention_mask"],
+                                                 u["labels"], batch_size)
+    extra: dict[str, np.ndarray] = {}
+    if data.n_pairs:
+        p = data.pairs
+        p["p_ref_chosen"] = batched_logprobs(config, ref_params, p["p_input_ids"], p["p_attention_mask"],
+                                             p["p_chosen"], batch_size)
+        p["p_ref_rejected"] = batched_logprobs(config, ref_params, p["p_input_ids"], p["p_attention_mask"],
+                                               p["p_rejected"], batch_size)
+        extra = {"ref_chosen": p["p_ref_chosen"], "ref_rejected": p["p_ref_rejected"]}
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = work / "reference.partial.npz"
+    np.savez(tmp, key=np.asarray(key), ref_logp=u["ref_logp"], **extra)
+    tmp.replace(cache)
+    return data
+
+
+# ----------------------------------------------------------------------------------------------- run
+
+
+@dataclass
+class FinetuneOutput:
+    out_dir: Path
+    interrupted: bool
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def copy_parent_parts(parent: Path, out: Path) -> None:
+    """The parts a DalleBart fine-tune leaves as they are (VQGAN, CLIP, safety concept)."""
+    for part in PARENT_PARTS:
+        if (parent / part).is_dir():
+            shutil.copytree(parent / part, out / part, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("*-train", "eval"))
+    for name in PARENT_FILES:
+        if (parent / name).is_file():
+            shutil.copyfile(parent / name, out / name)
+
+
+def finetune(parent_dir: str | Path, data_dir: str | Path, out_dir: str | Path, *,
+             cfg: PreferenceConfig | None = None, steps: int = 100, batch_size: int = 16, lr: float = 5e-5,
+             seed: int = 0, work_dir: str | Path | None = None, progress: bool | None = None, log_every: int = 1,
+             save_every: int = 25, stop_after: int | None = None, checkpoint_id: str | None = None,
+             meta: dict[str, Any] | None = None) -> FinetuneOutput:
+    """Fine-tune the DalleBart of checkpoint ``parent_dir`` on the export in ``data_dir`` into ``out_dir``.
+
+    ``out_dir`` appears only when training finished (parts first, ``checkpoint.json`` last), so an interrupted or
+    cancelled run never leaves a directory that looks like a checkpoint. Training state and ``metrics.jsonl`` go
+    to ``work_dir`` (default ``<out>-train``); running the same call again resumes.
+    """
+    cfg = cfg or PreferenceConfig()
+    cfg.validate()
+    parent, out = Path(parent_dir), Path(out_dir)
+    if (out / "checkpoint.json").is_file():
+        raise FileExistsError(f"{out}: a checkpoint is already there")
+    work = Path(work_dir) if work_dir is not None else out.with_name(out.name + "-train")
+    config = DalleBartConfig.from_json(parent / "dallebart")
+    tokenizer = DalleBartTokenizer.from_dir(parent / "dallebart", max_length=config.max_text_length,
+                                            normalize=config.normalize_text)
+    data = load_preference_data(Path(data_dir), tokenizer, config.image_length)
+    ref_params = load_dallebart_params(parent / "dallebart", config, dtype="float32")
+    data = _with_reference(data, config, ref_params, work, batch_size)
+    batches = PreferenceBatches(data, batch_size, seed=seed)
+    optim = OptimConfig(name="adamw", learning_rate=lr, warmup_steps=min(10, max(steps // 10, 1)), decay="cosine",
+                        decay_steps=max(steps, 1), end_lr_ratio=0.1, b2=0.98, weight_decay=0.0, max_grad_norm=1.0)
+    result = train(jax.tree.map(jnp.array, ref_params), _cached_loss(config, cfg, batches.pairs is not None), batches,
+                   steps=steps, optim=optim, seed=seed, ckpt_dir=work / "checkpoints", save_every=save_every,
+                   log_path=work / "metrics.jsonl", log_every=log_every, progress=progress, stop_after=stop_after,
+                   meta={"model": "dallebart-preference", "objective": cfg.__dict__, "batch_size": batches.size,
+                         "examples": int(len(data.unpaired["labels"])), "pairs": data.n_pairs})
+    summary = {"objective": dict(cfg.__dict__), "lr": lr, "steps": steps, "batch_size": batches.size,
+               "examples": int(len(data.unpaired["labels"])), "pairs": data.n_pairs,
+               "data_sha256": data.content_sha256, "parent": str(parent)}
+    if result.history:
+        last = result.history[-1]
+        summary["last"] = {k: v for k, v in last.items() if isinstance(v, int | float)}
+    if result.interrupted:
+        return FinetuneOutput(out, True, int(result.state.step), result.history, summary)
+    staging = out.with_name(out.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    export_trained(staging / "dallebart", jax.device_get(result.params), config.to_dict(), result, {})
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if (parent / "dallebart" / name).is_file():
+            shutil.copyfile(parent / "dallebart" / name, staging / "dallebart" / name)
+    copy_parent_parts(parent, staging)
+    parent_meta = json.loads((parent / "checkpoint.json").read_text()) if (parent / "checkpoint.json").is_file() \
+        else {}
+    ck = {"id": checkpoint_id or out.name, "parent": parent_meta.get("id", parent.name),
+          "sampling": parent_meta.get("sampling", {}), "finetune": summary, **(meta or {})}
+    (staging / "checkpoint.json").write_text(json.dumps(ck, indent=2, default=str) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.replace(out)
+    return FinetuneOutput(out, False, int(result.state.step), result.history, summary)
