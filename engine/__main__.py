@@ -145,7 +145,13 @@ def add_generate(subparsers: Any) -> None:
     add(subparsers)
 
 
-COMMANDS: list[Callable[[Any], None]] = [add_serve, add_inspect, add_generate]
+def add_calibrate(subparsers: Any) -> None:
+    from engine.calibrate import add_calibrate as add
+
+    add(subparsers)
+
+
+COMMANDS: list[Callable[[Any], None]] = [add_serve, add_inspect, add_generate, add_calibrate]
 
 
 def build_parser() -> argparse.ArgumentParser:
