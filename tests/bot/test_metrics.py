@@ -56,7 +56,7 @@ async def test_metrics_endpoint_reports_the_shared_queue_open_cases_and_this_pro
     finally:
         await runner.cleanup()
     assert status == 200
-    assert got[("bot_queue_length", ())] == 3  # three created queued (a new generation starts queued), one moved to running
+    assert got[("bot_queue_length", ())] == 3  # four created (a new one starts queued), one moved to running
     assert got[("bot_generations_running", ())] == 1
     assert got[("bot_open_cases", ())] == 1
     assert got[("bot_refusals_total", (("reason", "rate:user"),))] == 2
