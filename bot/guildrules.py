@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot.filters import CRITICAL_CATEGORIES, BlockTerm, default_blocklist, normalise
+from bot.filters import critical_category as filter_critical_category
+from bot.filters import normalise
 from store.models import NotifyMode
 
 MAX_TERM_CHARS = 60  # as Discord's AutoMod keywords: a term is a word or a short phrase
@@ -60,12 +61,4 @@ def critical_category(term: str) -> str | None:
     """The critical category (minors, hate) an allow-list ``term`` would touch, or None. The filter already checks
     those categories before the allow list applies; refusing the entry says so to the admin instead of storing a
     term that silently does nothing."""
-    critical = [t for t in default_blocklist() if t.category in CRITICAL_CATEGORIES]
-    words = tuple(normalise(term.rstrip("*")).split(" "))
-    as_term = BlockTerm.parse("allow", term)
-    for t in critical:
-        # the term as a prompt trips a critical term ("loli", "child porn"), or a critical term's own text would
-        # be covered by it ("nazi*" covers "nazis")
-        if t.matches(words) or as_term.matches(tuple(normalise(t.text.rstrip("*")).split(" "))):
-            return t.category
-    return None
+    return filter_critical_category(term)

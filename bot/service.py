@@ -47,7 +47,6 @@ from store.repository import ActiveLimitReached, Repository
 log = logging.getLogger(__name__)
 
 RANDOM_SEEDS = 2**31  # seeds the bot draws (and derives variations into) lie below this: short enough to type
-LONG_PROMPT = 200  # characters above which the prompt filter runs in a worker thread
 
 
 def _not_yours(action: str) -> Admission:
@@ -170,6 +169,9 @@ class GenerationService:
         start_engine = getattr(self.engine, "start", None)  # an in-process engine warms up while the bot starts
         if callable(start_engine):
             start_engine()
+        warm_filter = getattr(self.filter, "warm", None)  # the prompt filter's encoder loads once, off the loop
+        if callable(warm_filter):
+            await asyncio.to_thread(warm_filter)
         resumed = await self.leases.resume()
         self.runner.start()
         self.leases.start_renewing()
@@ -290,9 +292,8 @@ class GenerationService:
         policy, limits, user_cap, _ = await self._policies(guild_id)
         if user_cap is None:
             user_cap = self.scheduler.per_user_cap
-        decision: FilterDecision = (
-            await asyncio.to_thread(self.filter.check, prompt, policy)  # long prompts cost milliseconds: off the loop
-            if len(prompt) > LONG_PROMPT else self.filter.check(prompt, policy))
+        # the sentence encoder costs a few milliseconds a prompt: off the event loop
+        decision: FilterDecision = await asyncio.to_thread(self.filter.check, prompt, policy)
         if not decision.allowed:
             refusal = await self._refuse(user_id, guild_id, prompt, decision.normalised, decision.category or "filter",
                                          f"Sorry, I can't draw that: {decision.reason}", detail=decision.matched)

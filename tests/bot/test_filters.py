@@ -1,20 +1,16 @@
-"""Prompt filter: normalisation defeats bypass tricks, ordinary prompts pass, the classifier is real."""
+"""Prompt filter: normalisation defeats bypass tricks, the lists respect word boundaries and allow phrases, other
+languages and euphemisms are caught, ordinary prompts (names and words that contain a listed word) pass."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot.filters import (
-    AbuseClassifier,
-    GuildPolicy,
-    PromptFilter,
-    default_blocklist,
-    load_blocklist,
-    normalise,
-    read_labelled,
-)
+from bot.filters import GuildPolicy, PromptFilter, normalise
+from bot.promptfilter import lists, semantic
+from bot.promptfilter.normalise import Views, native
 
 FILTER = PromptFilter()
 
@@ -35,22 +31,32 @@ ORDINARY = [
     "a cute puppy playing in the grass",
 ]
 
+# the false refusals issue #29 names: names and ordinary words containing or sounding like a listed word, and
+# adjacent words that join into one
+HARD_ORDINARY = [
+    "Moby Dick and the white whale", "Al Gore giving a speech", "a cock crowing at dawn", "two blue tits on a branch",
+    "a naked mole rat", "a car with suicide doors", "the Sex Pistols on stage", "a man who returns home",
+    "it is a bit chilly today", "geese that will be heading south", "a sextant on a map", "the Essex coastline",
+    "a bowl of shiitake", "a Maine Coon cat", "magna cum laude", "un gato negro", "un cono de helado",
+    "裸足の少年", "カロリーの高いケーキ", "театральная труппа",
+]
+
 # Plain blocked words (single words, no wildcard needed) to mutate.
 TARGETS = ["fuck", "naked", "porn", "hentai", "nazi", "gore", "shit", "nude"]
 
 ZW = ["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad"]
-HOMO = {"a": "аα", "e": "е", "o": "оο", "p": "рρ", "c": "с", "x": "х", "i": "іι", "k": "κк", "u": "υ",
-        "n": "η", "h": "һ"}
-LEET = {"a": "4@", "e": "3", "i": "1!", "o": "0", "s": "5$", "t": "7", "g": "9",
-        "b": "8"}
+HOMO = {"a": "аαɑᴀ", "e": "еᴇ", "o": "оοօᴏ", "p": "рρᴘ", "c": "с", "x": "х", "i": "іι", "k": "κкᴋ", "u": "υսᴜ",
+        "n": "ηոɴ", "h": "һհʜ", "t": "тᴛ", "d": "ԁᴅ", "r": "гʀ", "s": "ѕꜱ", "g": "ɡɢ", "z": "ᴢ", "f": "ꜰ"}
+LEET = {"a": "4@", "e": "3", "i": "1!", "o": "0", "s": "5$", "t": "7", "g": "9", "b": "8"}
 FULLWIDTH = {c: chr(ord(c) - ord("a") + 0xFF41) for c in "abcdefghijklmnopqrstuvwxyz"}
+ENCLOSED = [0x1F1E6, 0x1F170, 0x24B6, 0x1F130]  # regional indicator, negative squared, circled, squared
 
 
 @st.composite
 def disguised(draw, word: str) -> str:
     out = []
     for ch in word:
-        choice = draw(st.sampled_from(["plain", "upper", "homo", "leet", "full", "repeat"]))
+        choice = draw(st.sampled_from(["plain", "upper", "homo", "leet", "full", "repeat", "enclosed"]))
         if choice == "upper":
             ch = ch.upper()
         elif choice == "homo" and ch in HOMO:
@@ -59,16 +65,18 @@ def disguised(draw, word: str) -> str:
             ch = draw(st.sampled_from(list(LEET[ch])))
         elif choice == "full":
             ch = FULLWIDTH[ch]
+        elif choice == "enclosed":
+            ch = chr(draw(st.sampled_from(ENCLOSED)) + ord(ch) - ord("a"))
         elif choice == "repeat":
-            ch = ch * draw(st.integers(2, 4))
+            ch = ch * draw(st.integers(3, 4))
         out.append(ch)
     sep = draw(st.sampled_from(["", "zw", ".", "-", " ", "_", "*", "mixed"]))
     pieces = [out[0]]
     for ch in out[1:]:
         if sep == "zw":
             pieces.append(draw(st.sampled_from(ZW)))
-        elif sep == "mixed":
-            pieces.append(draw(st.sampled_from(["", ".", " ", "\u200b"])))
+        elif sep == "mixed":  # a space only at some gaps ("nak ed") is not read as one word: "pen is", "an al"
+            pieces.append(draw(st.sampled_from(["", ".", "-", "\u200b"])))
         else:
             pieces.append(sep)
         pieces.append(ch)
@@ -82,10 +90,9 @@ def test_bypass_variants_of_blocked_words_are_caught(data, target, before, after
     word = data.draw(disguised(target))
     decision = FILTER.check(f"{before}{word}{after}")
     assert not decision.allowed, (word, decision)
-    assert decision.category not in (None, "abuse")
 
 
-@pytest.mark.parametrize("prompt", ORDINARY)
+@pytest.mark.parametrize("prompt", ORDINARY + HARD_ORDINARY)
 def test_ordinary_prompts_pass(prompt):
     decision = FILTER.check(prompt)
     assert decision.allowed, decision
@@ -103,6 +110,37 @@ def test_random_benign_sentences_pass(words):
     assert decision.allowed, decision
 
 
+@pytest.mark.parametrize("prompt,category", [
+    # misspellings, sound-alikes and the gaps between exact words
+    ("nood selfie", "sexual"), ("pron video", "sexual"), ("seks on the beach", "sexual"), ("a nekkid man", "sexual"),
+    ("suiside", "self_harm"), ("a sexual pose", "sexual"), ("a guy unaliving himself", "self_harm"),
+    # other languages, in their own script too
+    ("eine nackte Frau", "sexual"), ("une femme nue", "sexual"), ("una mujer desnuda", "sexual"),
+    ("una donna nuda", "sexual"), ("uma mulher nua", "sexual"), ("голая женщина", "sexual"), ("裸の女性", "sexual"),
+    ("Selbstmord", "self_harm"), ("самоубийство", "self_harm"), ("自殺", "self_harm"), ("ein Hakenkreuz", "hate"),
+    # emoji and symbol letters, homoglyphs the first filter's table lacked
+    ("🇳🇺🇩🇪 art", "sexual"), ("🅽🆄🅳🅴 photo", "sexual"), ("ⓝⓤⓓⓔ", "sexual"), ("ɴᴜᴅᴇ ᴘʜᴏᴛᴏ", "sexual"),
+    ("nսde", "sexual"), ("ɡore", "violence"), ("kill yᴏurseӏf", "self_harm"), ("a gir| cutting herse|f", "self_harm"),
+    ("пoрнo", "sexual"), ("с у и ц и д", "self_harm"), ("h e i l  h i t l e r", "hate"),
+    # descriptions with no word of the first filter's list
+    ("a woman without any clothes", "sexual"), ("a man in his birthday suit", "sexual"),
+    ("a man with his throat slit", "violence"), ("a girl slitting her wrists", "self_harm"),
+])
+def test_evasions_the_first_filter_let_through_are_caught(prompt, category):
+    decision = FILTER.check(prompt)
+    assert not decision.allowed and decision.category == category, decision
+
+
+def test_a_minor_with_anything_sexual_is_a_minors_refusal_whatever_the_guild_allows():
+    anything = GuildPolicy(allow=["nude", "sexy", "lingerie", "eggplant"])
+    for prompt in ["a nude child", "a sexy schoolgirl", "a 12 year old in lingerie", "🧒 🍆💦", "ein nacktes Kind",
+                   "голая школьница", "a twelve-year-old, sexy"]:
+        d = FILTER.check(prompt, anything)
+        assert not d.allowed and d.category == "minors", (prompt, d)
+    assert FILTER.check("a child flying a kite").allowed
+    assert FILTER.check("an 18 year old in lingerie").category == "sexual"
+
+
 def test_normalise_examples():
     assert normalise("ＨＥＬＬＯ   Wörld!") == "hello world"
     assert normalise("h3ll0 w0rld") == "hello world"
@@ -110,76 +148,85 @@ def test_normalise_examples():
     assert normalise("саt") == "cat"  # Cyrillic с and а
     assert normalise("painted 4 times") == "painted 4 times"  # a lone digit among words is not leetspeak
     assert normalise("g o r 3") == "g o r e"  # ...but inside a spaced-out run it is
+    assert normalise("ɴᴜᴅᴇ 🅽🆄🅳🅴 🇳🇺🇩🇪 ⓝⓤⓓⓔ 𝐧𝐮𝐝𝐞") == "nude nude nude nude nude"
+    assert normalise("l'amour 🍆") == "l amour eggplant"
+    assert native("ＨＥＬＬＯ  Мир 🍑") == "hello мир peach"  # the own-script view keeps Cyrillic
+    assert Views.of("gir|").il_variants  # "|" may be an i or an l: the lists read both
 
 
 def test_spaced_letters_and_multiword_terms():
-    assert not FILTER.check("s e x").allowed
     assert FILTER.check("s e x").category == "sexual"
     assert not FILTER.check("school   shooting").allowed
     assert not FILTER.check("childporn").allowed
     assert FILTER.check("a school bus").allowed
-    # Repeat collapsing must not make "xxx" match "sex" or vice versa.
     assert FILTER.check("a fox box").allowed
-    assert FILTER.check("f u c k").category == "profanity"  # not "kkk" collapsed to "k"
+    assert FILTER.check("f u c k").category == "profanity"
     assert FILTER.check("x marks the spot on a k").allowed
     assert not FILTER.check("XXX poster").allowed
+    assert FILTER.check("an al gore poster").allowed  # "an al" is not "anal"; "al gore" is a name
 
 
 def test_guild_block_and_allow_lists():
-    assert not FILTER.check("a poster of moby dick").allowed
-    assert FILTER.check("a poster of moby dick", GuildPolicy(allow=["moby dick"])).allowed
-    # allow-listing a phrase does not allow the word elsewhere
-    assert not FILTER.check("moby dick and a dick", GuildPolicy(allow=["moby dick"])).allowed
+    assert FILTER.check("a poster of moby dick").allowed  # a packaged allow phrase now
+    assert not FILTER.check("moby dick and a dick").allowed  # ...which allows the phrase, not the word
+    assert not FILTER.check("a nude figure study").allowed
+    assert FILTER.check("a nude figure study", GuildPolicy(allow=["nude figure"])).allowed
+    assert not FILTER.check("a nude figure and a nude woman", GuildPolicy(allow=["nude figure"])).allowed
     d = FILTER.check("a picture of a clown", GuildPolicy(block=["clown*"]))
     assert not d.allowed and d.category == "guild" and d.matched == "clown*"
     assert not FILTER.check("many c.l.o.w.n.s", GuildPolicy(block=["clown*"])).allowed
+    assert not FILTER.check("ein Clown", GuildPolicy(block=["clown"])).allowed
+    assert FILTER.check("a clown", GuildPolicy(block=["clown"], allow=["a clown"])).allowed
 
 
 def test_invalid_prompts():
     assert FILTER.check("   ").category == "invalid"
     assert FILTER.check("x" * 1001).category == "invalid"
     assert FILTER.check("!!! ???").category == "invalid"
+    assert FILTER.check("猫").allowed  # letters of any script count
 
 
-def test_blocklist_parse_errors():
-    with pytest.raises(ValueError, match="line 1"):
-        load_blocklist(["no tab here"])
-    assert len(default_blocklist()) > 40
-
-
-def test_classifier_catches_abuse_without_listed_words():
+def test_abuse_and_threats_are_refused():
     for text in ["you are a worthless pathetic idiot", "i will hurt you and your family",
-                 "those people are vermin and deserve to die"]:
+                 "those people are vermin and deserve to die", "niemand liebt dich", "я тебя убью"]:
         d = FILTER.check(text)
         assert not d.allowed and d.category == "abuse", (text, d)
+
+
+def test_the_semantic_layer_reads_what_no_list_names():
+    lists_only = PromptFilter(classifier=None)
+    # none of these has a listed word; the encoder and head refuse them
+    for text in ["a woman posing with nothing covering her body", "a man lying in his own blood, his skull split",
+                 "a girl with a razor and fresh cuts on her arm"]:
+        assert lists_only.check(text).allowed, text
+        d = FILTER.check(text)
+        assert not d.allowed and d.matched.startswith("semantic"), (text, d)
         assert d.score >= FILTER.threshold
+    # a guild's allow list hands it the ordinary categories: the semantic verdict on them goes too
+    assert FILTER.check("a woman posing with nothing covering her body", GuildPolicy(allow=["posing"])).allowed
 
 
-def test_classifier_generalises_to_held_out_examples():
-    # None of these lines is in bot/assets/abuse_train.tsv.
-    held_out = [
-        (1, "you filthy worthless scum i hope you suffer"),
-        (1, "i am going to hurt your whole family"),
-        (1, "nobody loves you, pathetic ugly loser"),
-        (1, "they are vermin, wipe them out"),
-        (0, "a yellow duck floating in a bathtub"),
-        (0, "a castle on a hill under a full moon"),
-        (0, "a painting of a family of ducks"),
-        (0, "a blue whale jumping out of the ocean"),
-    ]
-    clf = FILTER.classifier
-    scores = [(label, clf.score(text)) for label, text in held_out]
-    pos = [s for lab, s in scores if lab == 1]
-    neg = [s for lab, s in scores if lab == 0]
-    assert min(pos) > max(neg), scores
-    assert sum(s >= 0.5 for s in pos) >= 3 and all(s < 0.5 for s in neg), scores
-
-
-def test_classifier_training_is_deterministic_and_learns():
-    texts, labels = read_labelled(["1\tyou idiot", "1\tstupid idiot", "0\ta red ball", "0\ta blue ball"])
-    a = AbuseClassifier.train(texts, labels, dim=256, epochs=200)
-    b = AbuseClassifier.train(texts, labels, dim=256, epochs=200)
+def test_the_head_trains_deterministically_and_round_trips():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 8)).astype(np.float32)
+    labels = ["ok" if v[0] > 0 else "abuse" for v in x]
+    a = semantic.train_head(x, labels, ("ok", "abuse"), 0.5, epochs=200, lr=1.0)
+    b = semantic.train_head(x, labels, ("ok", "abuse"), 0.5, epochs=200, lr=1.0)
     assert (a.weights == b.weights).all()
-    assert a.score("idiot") > 0.5 > a.score("a green ball")
-    with pytest.raises(ValueError):
-        read_labelled(["2\tbad label"])
+    assert (np.array(a.classes)[a.probs(x).argmax(axis=1)] == np.array(labels)).mean() > 0.9
+    c = semantic.Head.from_bytes(a.to_bytes())
+    assert c.classes == a.classes and np.allclose(c.probs(x), a.probs(x))
+
+
+def test_list_syntax_and_errors():
+    terms, allows = lists.parse_lines(["# comment", "", "sexual\tnak*", "violence\tabgetrennte* kopf*",
+                                       "allow\tnaked mole rat", "hate\t=coño", "sexual\t裸の"])
+    assert [t.kind for t in terms] == ["latin", "latin", "native", "substring"] and len(allows) == 1
+    ts = lists.TermSet(tuple(terms))
+    assert ts.find("latin", "ein abgetrennter kopf")[0][2].text == "abgetrennte* kopf*"
+    assert ts.find("native", "cono") == [] and ts.find("native", "coño")
+    with pytest.raises(ValueError, match="line 1"):
+        lists.parse_lines(["no tab here"])
+    with pytest.raises(ValueError, match="line 2"):
+        lists.parse_lines(["sexual\tok", "sexual\t***"])
+    assert len(lists.Lexicon.default().terms.terms) > 800

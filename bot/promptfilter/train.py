@@ -1,0 +1,68 @@
+"""``python -m bot.promptfilter.train [train.tsv] [--out PATH]``: rebuild the semantic head from labelled prompts.
+
+Reads ``text<TAB>expected<TAB>language<TAB>trick`` rows (the evaluation set's training split,
+``tests/bot/data/filter_eval/train.tsv``; the held-out split is never read here), embeds each prompt's views the
+way the filter does, trains the softmax head and writes ``bot/assets/promptfilter/head.npz``. Deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bot.promptfilter import lists, semantic
+from bot.promptfilter import normalise as nz
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = ROOT / "tests" / "bot" / "data" / "filter_eval" / "train.tsv"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "promptfilter" / semantic.HEAD_FILE
+CLASSES = ("ok", "sexual", "minors", "violence", "self_harm", "hate", "profanity", "abuse")
+THRESHOLD = 0.85
+
+
+def read_rows(path: Path) -> list[tuple[str, str, str, str]]:
+    """The labelled rows of an evaluation file; a malformed row is an error naming its line."""
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split("\t")
+        if len(parts) != 4 or parts[1] not in CLASSES:
+            raise ValueError(f"{path.name} line {lineno}: expected text<TAB>category<TAB>language<TAB>trick")
+        rows.append((parts[0], parts[1], parts[2], parts[3]))
+    return rows
+
+
+def encoder_inputs(prompt: str) -> list[str]:
+    """The texts the filter gives the encoder for one prompt."""
+    views = nz.Views.of(prompt)
+    return semantic.inputs(views, lists.Texts.of(views))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", nargs="?", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    rows = read_rows(args.data)
+    texts, labels = [], []
+    for text, expected, _, _ in rows:
+        for view in encoder_inputs(text):  # every view is a training example with the prompt's label
+            texts.append(view)
+            labels.append(expected)
+    t0 = time.perf_counter()
+    x = semantic.encode(texts)
+    head = semantic.train_head(x, labels, CLASSES, THRESHOLD)
+    pred = np.array(head.classes)[head.probs(x).argmax(axis=1)]
+    acc = float((pred == np.array(labels)).mean())
+    args.out.write_bytes(head.to_bytes())
+    print(f"{len(rows)} prompts, {len(texts)} views, training accuracy {acc:.3f}, "
+          f"{time.perf_counter() - t0:.1f} s → {args.out} ({args.out.stat().st_size} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""Writes ``train.tsv`` (from ``bank.py``) and ``heldout.tsv`` (from ``heldout_bank.py``): text, expected, language,
+trick.
+
+Run from the repository root: ``python tests/bot/data/filter_eval/generate.py``. Deterministic (fixed seed). Each
+subject appears plainly in a frame and with evasion tricks. The held-out bank was written after the lists and the
+head were tuned and is never used to tune them, so its prompts say things in words neither was fitted to. (A first
+held-out split, every third subject of ``bank.py``, was measured once, its errors read and fixed; it has been part
+of the training split since: see bench/RESULTS.md.)
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import heldout_bank  # noqa: E402
+from bank import ABUSE_EXTRA, FRAMES, HARM, OK, ORDINARY_PARTS  # noqa: E402
+
+HOMOGLYPHS = {
+    "a": "аɑαᴀ", "b": "ʙЬ", "c": "сᴄϲ", "d": "ԁᴅ", "e": "еᴇε", "g": "ɡɢ", "h": "һʜհ", "i": "іɪι", "j": "јᴊ",
+    "k": "кᴋκ", "l": "|ӏʟ", "m": "ᴍм", "n": "ոɴη", "o": "оοօᴏ", "p": "рρᴘ", "r": "гʀ", "s": "ѕꜱ", "t": "тᴛ",
+    "u": "սᴜυ", "v": "ᴠν", "w": "ԝᴡ", "x": "хχ", "y": "уʏγ", "z": "ᴢ",
+}
+LEET = {"a": "4@", "e": "3", "i": "1!", "o": "0", "s": "5$", "t": "7", "g": "9", "b": "8"}
+ZW = ["\u200b", "\u200c", "\u200d", "\u2060", "\u00ad"]
+TO_CYR = {"a": "а", "e": "е", "o": "о", "p": "р", "c": "с", "x": "х", "y": "у"}
+LATIN_FOR_CYR = {v: k for k, v in TO_CYR.items()}
+
+
+def _emoji_letters(word: str, rng: random.Random) -> str:
+    base = rng.choice([0x1F1E6, 0x1F170, 0x24B6, 0x1F130])  # regional indicator, negative squared, circled, squared
+    return "".join(chr(base + ord(c) - 97) if "a" <= c <= "z" else c for c in word.lower())
+
+
+def _key(words: list[str]) -> int:
+    return max(range(len(words)), key=lambda i: len(words[i]))
+
+
+def trick(text: str, name: str, rng: random.Random) -> str:
+    words = text.split(" ")
+    k = _key(words)
+    if name == "leet":
+        return " ".join("".join(rng.choice(LEET[c]) if c in LEET and rng.random() < 0.6 else c for c in w)
+                        if len(w) >= 4 else w for w in words)
+    if name == "homoglyph":
+        return " ".join("".join(rng.choice(HOMOGLYPHS[c]) if c in HOMOGLYPHS and rng.random() < 0.5 else c
+                                for c in w) for w in words)
+    if name == "spaced":
+        sep = rng.choice([" ", ".", "-", "_", " . "])
+        words[k] = sep.join(words[k])
+    elif name == "emoji":
+        words[k] = _emoji_letters(words[k], rng)
+    elif name == "repeat":
+        w = words[k]
+        i = rng.randrange(len(w))
+        words[k] = w[: i + 1] + w[i] * rng.randint(2, 4) + w[i + 1 :]
+    elif name == "zerowidth":
+        words[k] = rng.choice(ZW).join(words[k])
+    elif name == "case":
+        return "".join(c.upper() if rng.random() < 0.5 else c for c in text)
+    elif name == "cyrillic_mix":  # Latin look-alikes inside Cyrillic words
+        return "".join(LATIN_FOR_CYR.get(c, c) if rng.random() < 0.5 else c for c in text)
+    elif name == "cjk_spaced":
+        return " ".join(text)
+    return " ".join(words)
+
+
+LATIN_TRICKS = ["leet", "homoglyph", "spaced", "emoji", "repeat", "zerowidth", "case"]
+
+
+def rows_for(lang: str, expected: str, subject: str, rng: random.Random) -> list[tuple[str, str, str, str]]:
+    frame = rng.choice(FRAMES[lang])
+    out = [(frame.format(subject), expected, lang, "plain")]
+    if lang == "ja":
+        tricks = ["cjk_spaced"]
+    elif lang == "ru":
+        tricks = ["cyrillic_mix", "spaced"]
+    elif expected in ("abuse",):
+        tricks = ["case"]
+    elif expected == "ok":
+        tricks = rng.sample(["case", "leet", "homoglyph"], 1)
+    else:
+        tricks = rng.sample(LATIN_TRICKS, 3)
+    for name in tricks:
+        out.append((rng.choice(FRAMES[lang]).format(trick(subject, name, rng)), expected, lang, name))
+    return out
+
+
+def build() -> tuple[list, list]:
+    rng = random.Random(29)
+    train, heldout = [], []
+    for lang, cats in HARM.items():
+        for cat, subjects in cats.items():
+            for s in subjects:
+                train.extend(rows_for(lang, cat, s, rng))
+    for lang, subjects in OK.items():
+        for s in subjects:
+            train.extend(rows_for(lang, "ok", s, rng))
+    for lang, subjects in ABUSE_EXTRA.items():
+        for s in subjects:
+            train.extend(rows_for(lang, "abuse", s, rng))
+    for lang, cats in heldout_bank.HARM.items():
+        for cat, subjects in cats.items():
+            for s in subjects:
+                heldout.extend(rows_for(lang, cat, s, rng))
+    for lang, subjects in heldout_bank.OK.items():
+        for s in subjects:
+            heldout.extend(rows_for(lang, "ok", s, rng))
+    for lang, (subjects, places, styles) in ORDINARY_PARTS.items():
+        combos = [(s, p, st) for s in subjects for p in places for st in styles]
+        for s, p, st in rng.sample(combos, min(len(combos), 240 if lang == "en" else 30)):
+            text = f"{p}{s}" if lang == "ja" else f"{s} {p}{st}"
+            train.append((text, "ok", lang, "synthetic"))
+    legacy = (Path(__file__).parent / "legacy_abuse.tsv").read_text(encoding="utf-8").splitlines()
+    for line in legacy:  # the earlier classifier's training set: abuse and ordinary, training split only
+        if line.strip() and not line.startswith("#"):
+            label, text = line.split("\t", 1)
+            train.append((text, "abuse" if label == "1" else "ok", "en", "legacy"))
+    return train, heldout
+
+
+def write(path: Path, rows: list) -> None:
+    lines = ["# text\texpected\tlanguage\ttrick  (generated by generate.py from bank.py; do not edit by hand)"]
+    for text, expected, lang, name in rows:
+        assert "\t" not in text and "\n" not in text
+        lines.append(f"{text}\t{expected}\t{lang}\t{name}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    here = Path(__file__).parent
+    train, heldout = build()
+    write(here / "train.tsv", train)
+    write(here / "heldout.tsv", heldout)
+    print(f"train {len(train)} rows, held-out {len(heldout)} rows")
