@@ -158,6 +158,8 @@ class ModerationService:
         self.on_removed: Callable[[Any, int, str | None], Awaitable[None]] | None = None
         self._case_locks: dict[int, asyncio.Lock] = {}
         self.blocklist: Any = None  # bot.blocklist.BlocklistService: Remove blocks the image's hash
+        # whether this process posts a guild's waiting cases at start (several processes, each its own shards)
+        self.serves: Callable[[int | None], bool] = lambda guild_id: True
 
     # -- who may act ---------------------------------------------------------------------------------
 
@@ -251,6 +253,8 @@ class ModerationService:
             return []
         posted = []
         for case in await self.repo.list_unposted_cases(generation_id):
+            if generation_id is None and not self.serves(case.guild_id):
+                continue  # another process runs that guild's shard: it posts the case
             try:
                 if await self._post_or_update(case.id):
                     posted.append(case.id)
@@ -276,6 +280,7 @@ class ModerationService:
                 return False
             message_id = await self.front_end.post_case(channel, view)
             await self.repo.set_case_review_message(case_id, message_id)
+            log.info("case %s posted to review channel %s", case_id, channel)
             return True
 
     # -- actions -------------------------------------------------------------------------------------

@@ -106,9 +106,18 @@ class Moderation(commands.Cog):
     async def cog_load(self) -> None:
         moderation = self.service.moderation
         moderation.front_end = DiscordReviewer(self.bot, self.service.publisher)
+        moderation.serves = self._serves
         self._pending = asyncio.create_task(moderation.post_pending(), name="dalle-review-pending")
         self._upkeep = tasks.loop(seconds=self.service.upkeep.interval_s)(self._upkeep_pass)
         self._upkeep.start()
+
+    def _serves(self, guild_id: int | None) -> bool:
+        """Whether the guild's shard runs in this process (Discord's rule; cases from DMs go with shard 0)."""
+        shard_ids = getattr(self.bot, "shard_ids", None)
+        if not shard_ids:
+            return True  # every shard runs here
+        shard = (guild_id >> 22) % (self.bot.shard_count or 1) if guild_id is not None else 0
+        return shard in shard_ids
 
     async def cog_unload(self) -> None:
         if self._upkeep is not None:

@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench.fakes.discord import FakeDiscord
@@ -18,13 +19,36 @@ ROOT = Path(__file__).resolve().parents[2]
 GUILD_0 = 2 << 22  # (id >> 22) % 2 == 0: shard 0
 GUILD_1 = 3 << 22  # shard 1
 CHANNEL = 3000
+REVIEW = 3100
 
 
 def channel_of(guild_id: int) -> int:
     return CHANNEL + (guild_id - GUILD_0)  # the fake's channel numbering
 
 
+async def waiting_case(pg_url: str, tmp_path: Path, guild_id: int) -> int:
+    """A flagged image's open case that no review post carries yet (its bot stopped before posting it)."""
+    from PIL import Image as PILImage
+
+    from store.db import upgrade
+    from store.repository import NewImage, Repository
+
+    upgrade(pg_url)
+    png = tmp_path / "flagged.png"
+    PILImage.new("RGB", (8, 8), (200, 0, 0)).save(png)
+    repo = Repository.from_url(pg_url)
+    try:
+        gen = await repo.create_generation(user_id=103, guild_id=guild_id, prompt="an unsafe thing")
+        [row] = await repo.add_images(gen.id, [NewImage(index=0, tokens=np.zeros(256, np.int16), rank=0,
+                                                        file_path=str(png), flagged=True, hidden=True)])
+        case, _ = await repo.open_case("auto", image_id=row.id, generation_id=gen.id, reason="safety checker")
+        return case.id
+    finally:
+        await repo.close()
+
+
 async def test_two_bot_processes_each_run_their_own_shard(pg_url, tmp_path):
+    case_id = await waiting_case(pg_url, tmp_path, GUILD_1)
     fake = await FakeDiscord(guilds=(GUILD_0, GUILD_1), channel_id=CHANNEL).start()
     procs: list[asyncio.subprocess.Process] = []
     try:
@@ -34,6 +58,7 @@ async def test_two_bot_processes_each_run_their_own_shard(pg_url, tmp_path):
                 DISCORD_TOKEN="fake-token", DISCORD_API_BASE=fake.api_base, DISCORD_GATEWAY_URL=fake.gateway_url,
                 SYNC_COMMANDS="true", DATABASE_URL=pg_url, AUTO_MIGRATE="true", OUTPUT_DIR=str(tmp_path / "out"),
                 DEFAULT_IMAGES="2", SHARD_COUNT="2", SHARD_IDS=str(shard), LOG_LEVEL="INFO",
+                REVIEW_CHANNEL_ID=str(REVIEW),
                 DALLE_ENGINE_FACTORY="tests.fakes.engine:inprocess_fake_engine",
                 PYTHONPATH=os.pathsep.join(p for p in [os.environ.get("PYTHONPATH", ""), str(ROOT)] if p),
             )
@@ -60,6 +85,9 @@ async def test_two_bot_processes_each_run_their_own_shard(pg_url, tmp_path):
         await asyncio.sleep(1.0)  # a duplicate post would show here
         posts = {g: fake.calls_for("POST", f"/channels/{channel_of(g)}/messages") for g in (GUILD_0, GUILD_1)}
         assert {g: len(p) for g, p in posts.items()} == {GUILD_0: 1, GUILD_1: 1}
+        # the case that waited in the database is posted once, by the process that runs its guild's shard
+        [review] = fake.calls_for("POST", f"/channels/{REVIEW}/messages")
+        assert f"dalle:case:history:{case_id}" in str(review.json["components"])
     finally:
         logs = []
         for proc in procs:
@@ -71,7 +99,8 @@ async def test_two_bot_processes_each_run_their_own_shard(pg_url, tmp_path):
     for proc, log in zip(procs, logs, strict=True):
         assert proc.returncode == 0, log[-3000:]
         assert "Traceback" not in log, log[-4000:]
-    # each process queued only its own shard's request
+    # each process queued only its own shard's request, and the waiting case went to its guild's process
+    assert f"case {case_id} posted" in logs[1] and f"case {case_id} posted" not in logs[0], logs[0][-3000:]
     assert "for user 101" in logs[0] and "for user 102" not in logs[0], logs[0][-3000:]
     assert "for user 102" in logs[1] and "for user 101" not in logs[1], logs[1][-3000:]
     assert fake.unknown == [], [(c.method, c.path) for c in fake.unknown]
