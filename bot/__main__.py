@@ -1,6 +1,7 @@
 """``python -m bot``: load settings, make sure the database schema is current, start the front end.
 
-Discord mode runs ``bot.app.main(settings)``; local (terminal) mode runs ``bot.terminal.main(settings)``. A bad
+Discord mode runs ``bot.app.main(settings)``; local (terminal) mode runs ``bot.terminal.main(settings)``;
+``python -m bot web [link]`` runs the moderators' web page (``bot.web.cli``) on the same database. A bad
 setting, a database that needs migrating or that the process cannot write is one line on stderr and exit code 2,
 never a traceback.
 """
@@ -51,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from bot.preflight import check_output_dir, check_redis, lock_sqlite
 
-    problem = lock_sqlite(settings.database_url)  # first: a second process must not even migrate
+    argv = sys.argv[1:] if argv is None else argv
+    web_page = argv[:1] == ["web"]  # the page runs no jobs: it shares a SQLite file with the bot
+    problem = None if web_page else lock_sqlite(settings.database_url)  # first: a second bot must not even migrate
     if problem:
         return _fail(problem, EXIT_CONFIG, secrets)
 
@@ -63,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(settings.database_url)  # readable but not writable: refuse now, not at every request
     except (MigrationRequired, DatabaseUnavailable) as exc:
         return _fail(f"database error: {exc}", EXIT_CONFIG, secrets)
+
+    if web_page:
+        from bot.web.cli import main as web_main
+
+        return web_main(settings, argv[1:])
 
     problem = check_output_dir(settings.output_dir) or (check_redis(settings.redis_url) if settings.redis_url else None)
     if problem:

@@ -27,12 +27,14 @@ from store.repo.privacy import Deletion, PrivacyRepository, UserData
 from store.repo.registry import RegistryRepository
 from store.repo.stats import StatsRepository
 from store.repo.strikes import AppealTooSoon, Escalation, StrikeRepository, StrikeResult
+from store.repo.web import DailyCounts, QueueRow, WebRepository
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
     "ActiveLimitReached",
     "AppealTooSoon",
     "CaseClosed",
+    "DailyCounts",
     "DatasetSource",
     "Deletion",
     "Escalation",
@@ -41,6 +43,7 @@ __all__ = [
     "NewImage",
     "NotFound",
     "QueuedJob",
+    "QueueRow",
     "Repository",
     "StatusError",
     "StrikeResult",
@@ -63,6 +66,7 @@ class Repository(
     DatasetRepository,
     PrivacyRepository,
     StatsRepository,
+    WebRepository,
     RepositoryBase,
 ):
     """Async data access for the bot and training; construct with a session factory or :meth:`from_url`.

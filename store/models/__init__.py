@@ -38,6 +38,7 @@ from store.models.moderation import (
     UserState,
 )
 from store.models.registry import Checkpoint, CheckpointStatus, TrainingRun
+from store.models.web import WebSignIn
 
 __all__ = [
     "FINISHED_STATUSES",
@@ -71,6 +72,7 @@ __all__ = [
     "TrainingRun",
     "UTCDateTime",
     "UserState",
+    "WebSignIn",
     "check_in",
     "decode_tokens",
     "encode_tokens",

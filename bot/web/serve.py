@@ -1,0 +1,86 @@
+"""Running the page: inside the bot process (WEB_PORT: the bot's own services, so its Discord front end edits the
+posts) or on its own (``python -m bot web``: the same database; Discord edits through the bot's REST client,
+logged in with DISCORD_TOKEN but never connected to the gateway)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import discord
+from aiohttp import web
+from discord.ext import commands
+
+from bot.cogs.moderation import DiscordReviewer
+from bot.config import Settings
+from bot.publish import DiscordPublisher
+from bot.web.app import create_app, start_site
+from bot.web.config import WebConfig, load_web_config
+from bot.webaccess import SignInLinks, WebModeration
+from bot.wiring import open_repository, service_from_settings
+
+log = logging.getLogger(__name__)
+
+
+class NoEngine:
+    """The stand-alone page generates nothing: ``/dalle-admin model`` belongs to the bot."""
+
+    async def info(self) -> Any:
+        raise ValueError("the web page's own process runs no model: ask the bot (/dalle-admin model show)")
+
+    async def close(self) -> None:
+        return None
+
+
+def build_app(service: Any, config: WebConfig) -> web.Application:
+    """The page over a ``GenerationService`` (its moderation, appeals, blocklist and admin parts)."""
+    return create_app(WebModeration(service), SignInLinks(service.repo), config)
+
+
+async def start_in_bot(bot: Any) -> web.AppRunner | None:
+    """Called from the bot's setup: serve the page when WEB_PORT is set (None otherwise)."""
+    if not os.environ.get("WEB_PORT"):
+        return None
+    config = load_web_config(bot.settings.database_url)
+    return await start_site(build_app(bot.service, config), config.host, config.port)
+
+
+class StandAlone:
+    """The page's own process: repository, services, and (with DISCORD_TOKEN) a REST-only Discord client."""
+
+    def __init__(self, settings: Settings, config: WebConfig) -> None:
+        self.settings = settings
+        self.config = config
+        self.repo: Any = None
+        self.discord: commands.Bot | None = None
+        self.runner: web.AppRunner | None = None
+        self.service: Any = None
+
+    async def open(self) -> web.Application:
+        self.repo = await open_repository(self.settings)
+        publisher = None
+        if self.settings.discord_token:
+            if self.settings.discord_api_base:  # test-only: the loopback fake Discord
+                discord.http.Route.BASE = str(self.settings.discord_api_base).rstrip("/")
+            self.discord = commands.Bot(command_prefix=commands.when_mentioned, intents=discord.Intents.none())
+            await self.discord.login(self.settings.discord_token)  # REST only: no gateway connection
+            publisher = DiscordPublisher(self.discord)
+        self.service = service_from_settings(self.settings, self.repo, NoEngine(), publisher)  # type: ignore[arg-type]
+        if self.discord is not None:
+            self.service.moderation.front_end = DiscordReviewer(self.discord, publisher)
+        else:
+            log.warning("no DISCORD_TOKEN: decisions are recorded but review posts and public messages are not "
+                        "edited until the bot acts on them")
+        return build_app(self.service, self.config)
+
+    async def serve(self) -> None:
+        self.runner = await start_site(await self.open(), self.config.host, self.config.port)
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.discord is not None:
+            await self.discord.close()
+        if self.repo is not None:
+            await self.repo.close()

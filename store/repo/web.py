@@ -1,0 +1,185 @@
+"""What the moderators' web page reads and writes beyond the moderation service's own queries: one-time sign-in
+links (redeemed once, atomically, whichever process serves the page), the case queue with its filters and search,
+the audit log, and the dashboard's daily counts. Every query takes the guilds the reader may see (None: all)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import String, cast, delete, func, or_, select, update
+
+from store.models import (
+    CaseStatus,
+    Feedback,
+    FeedbackKind,
+    Generation,
+    Image,
+    ModerationAction,
+    ModerationCase,
+    Refusal,
+    WebSignIn,
+)
+from store.repo.base import RepositoryBase
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    case: ModerationCase
+    prompt: str | None
+    author_id: int | None
+    seed: int | None
+    model_id: str | None
+    safety_scores: dict[str, Any]
+    report_reasons: list[str]
+
+
+@dataclass(frozen=True)
+class DailyCounts:
+    days: list[str]  # ISO dates, oldest first
+    requests: list[int]
+    flags: list[int]
+    reports: list[int]
+    refusals_by_reason: dict[str, int]
+    open_cases: int
+    median_decision_s: float | None
+
+
+def _scope(column: Any, guild_ids: list[int] | None) -> Any:
+    return True if guild_ids is None else column.in_(guild_ids or [-1])
+
+
+class WebRepository(RepositoryBase):
+    # -- one-time sign-in links ------------------------------------------------------------------------
+
+    async def create_sign_in(self, token_hash: str, user_id: int, *, operator: bool, grants: dict[str, Any],
+                             ttl: timedelta) -> WebSignIn:
+        """Store a link (its secret's hash); expired links are deleted on the way."""
+        now = self.now()
+        async with self.sessions.begin() as s:
+            await s.execute(delete(WebSignIn).where(WebSignIn.expires_at < now - timedelta(days=1)))
+            row = WebSignIn(token_hash=token_hash, user_id=user_id, operator=operator, grants=grants,
+                            created_at=now, expires_at=now + ttl)
+            s.add(row)
+        return row
+
+    async def redeem_sign_in(self, token_hash: str) -> WebSignIn | None:
+        """Mark the link used if it is unused and unexpired; the link for the one caller that did, else None."""
+        now = self.now()
+        async with self.sessions.begin() as s:
+            done = await s.execute(update(WebSignIn).where(
+                WebSignIn.token_hash == token_hash, WebSignIn.used_at.is_(None), WebSignIn.expires_at > now,
+            ).values(used_at=now))
+            if done.rowcount != 1:
+                return None
+            return (await s.execute(select(WebSignIn).where(WebSignIn.token_hash == token_hash))).scalar_one()
+
+    # -- the queue ---------------------------------------------------------------------------------------
+
+    async def queue(self, guild_ids: list[int] | None, *, status: str | None = CaseStatus.OPEN.value,
+                    source: str | None = None, older_than: timedelta | None = None, search: str | None = None,
+                    limit: int = 100) -> list[QueueRow]:
+        """Cases (open ones oldest first) with what a moderator judges them by. ``search``: a case number
+        (``#12`` or ``12``), an author's user id, or words of the prompt."""
+        stmt = (select(ModerationCase, Generation.prompt, Generation.user_id, Generation.seed, Generation.checkpoint_id,
+                       Image.safety_scores)
+                .outerjoin(Generation, Generation.id == ModerationCase.generation_id)
+                .outerjoin(Image, Image.id == ModerationCase.image_id)
+                .where(_scope(ModerationCase.guild_id, guild_ids))
+                .order_by(ModerationCase.opened_at, ModerationCase.id).limit(limit))
+        if status:
+            stmt = stmt.where(ModerationCase.status == status)
+        if source:
+            stmt = stmt.where(ModerationCase.source == source)
+        if older_than is not None:
+            stmt = stmt.where(ModerationCase.opened_at <= self.now() - older_than)
+        if search and search.strip():
+            term = search.strip()
+            number = term.lstrip("#")
+            conditions = [func.lower(Generation.prompt).contains(term.lower(), autoescape=True)]
+            if number.isdigit():
+                conditions += [ModerationCase.id == int(number), Generation.user_id == int(number),
+                               ModerationCase.user_id == int(number)]
+            stmt = stmt.where(or_(*conditions))
+        async with self._read() as s:
+            rows = (await s.execute(stmt)).all()
+            image_ids = [case.image_id for case, *_ in rows if case.image_id is not None]
+            reasons: dict[int, list[str]] = {}
+            if image_ids:
+                reports = select(Feedback.image_id, Feedback.reason).where(
+                    Feedback.image_id.in_(image_ids), Feedback.kind == FeedbackKind.REPORT.value)
+                for image_id, reason in (await s.execute(reports)).all():
+                    reasons.setdefault(image_id, []).append(reason or "other")
+        return [QueueRow(case, prompt, author if author is not None else case.user_id, seed, model,
+                         dict(scores or {}), reasons.get(case.image_id, []) if case.image_id else [])
+                for case, prompt, author, seed, model, scores in rows]
+
+    async def generation_images(self, generation_id: int) -> list[Image]:
+        """Every image of a generation, in the result's order."""
+        stmt = select(Image).where(Image.generation_id == generation_id).order_by(Image.rank, Image.index)
+        async with self._read() as s:
+            return list((await s.execute(stmt)).scalars())
+
+    # -- the audit log -----------------------------------------------------------------------------------
+
+    async def audit_log(self, guild_ids: list[int] | None, *, action: str | None = None,
+                        moderator_id: int | None = None, case_id: int | None = None, user_id: int | None = None,
+                        limit: int = 200) -> list[ModerationAction]:
+        """Audited actions, newest first. A reader limited to guilds sees those guilds' actions only."""
+        stmt = (select(ModerationAction).where(_scope(ModerationAction.guild_id, guild_ids))
+                .order_by(ModerationAction.id.desc()).limit(limit))
+        if action:
+            stmt = stmt.where(ModerationAction.action == action)
+        if moderator_id is not None:
+            stmt = stmt.where(ModerationAction.moderator_id == moderator_id)
+        if case_id is not None:
+            stmt = stmt.where(ModerationAction.case_id == case_id)
+        if user_id is not None:
+            stmt = stmt.where(ModerationAction.target_user_id == user_id)
+        async with self._read() as s:
+            return list((await s.execute(stmt)).scalars())
+
+    # -- the dashboard -----------------------------------------------------------------------------------
+
+    async def daily_counts(self, guild_ids: list[int] | None, days: int = 14) -> DailyCounts:
+        """Requests, flagged images and reports per day for the last ``days`` days, refusals by reason, the open
+        cases and the median time from a case's opening to its decision (cases closed in the window)."""
+        now = self.now()
+        since = (now - timedelta(days=days - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
+        keys = [(since + timedelta(days=i)).date().isoformat() for i in range(days)]
+
+        def per_day(stamps: list[datetime]) -> list[int]:
+            counts = dict.fromkeys(keys, 0)
+            for stamp in stamps:
+                key = stamp.date().isoformat()
+                if key in counts:
+                    counts[key] += 1
+            return list(counts.values())
+
+        async with self._read() as s:
+            gens = select(Generation.queued_at).where(Generation.queued_at >= since,
+                                                       _scope(Generation.guild_id, guild_ids))
+            flags = (select(Image.created_at).join(Generation, Generation.id == Image.generation_id)
+                     .where(Image.created_at >= since, Image.flagged.is_(True), _scope(Generation.guild_id, guild_ids)))
+            reports = (select(Feedback.created_at).join(Image, Image.id == Feedback.image_id)
+                       .join(Generation, Generation.id == Image.generation_id)
+                       .where(Feedback.created_at >= since, Feedback.kind == FeedbackKind.REPORT.value,
+                              _scope(Generation.guild_id, guild_ids)))
+            refusals = (select(cast(Refusal.reason, String), func.count())
+                        .where(Refusal.created_at >= since, _scope(Refusal.guild_id, guild_ids))
+                        .group_by(Refusal.reason))
+            open_cases = select(func.count()).select_from(ModerationCase).where(
+                ModerationCase.status == CaseStatus.OPEN.value, _scope(ModerationCase.guild_id, guild_ids))
+            decided = select(ModerationCase.opened_at, ModerationCase.closed_at).where(
+                ModerationCase.closed_at.is_not(None), ModerationCase.closed_at >= since,
+                _scope(ModerationCase.guild_id, guild_ids))
+            requests = per_day(list((await s.execute(gens)).scalars()))
+            flagged = per_day(list((await s.execute(flags)).scalars()))
+            reported = per_day(list((await s.execute(reports)).scalars()))
+            by_reason = {reason: int(n) for reason, n in (await s.execute(refusals)).all()}
+            n_open = int((await s.execute(open_cases)).scalar_one())
+            spans = [(closed - opened).total_seconds() for opened, closed in (await s.execute(decided)).all()]
+        return DailyCounts(keys, requests, flagged, reported, by_reason, n_open,
+                           statistics.median(spans) if spans else None)
