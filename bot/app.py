@@ -59,6 +59,7 @@ class DalleBot(commands.AutoShardedBot):
         self.service: GenerationService | None = None
         self.metrics = BotMetrics()
         self._metrics_runner: Any = None
+        self._web_runner: Any = None
         self.resumed: list[int] = []
         self._close_task: asyncio.Future | None = None
         self.tree.on_error = self.on_app_command_error  # type: ignore[method-assign]
@@ -85,6 +86,9 @@ class DalleBot(commands.AutoShardedBot):
                 log.exception("extension %s failed to load", ext)
         if self.settings.sync_commands:
             await self.sync_commands()
+        from bot.web.serve import start_in_bot  # WEB_PORT: the moderators' page, on this process's services
+
+        self._web_runner = await start_in_bot(self)
         self.resumed = await self.service.start()
         if self.resumed:
             log.info("resumed %d queued generation(s)", len(self.resumed))
@@ -137,6 +141,8 @@ class DalleBot(commands.AutoShardedBot):
         await super().close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
+        if self._web_runner is not None:
+            await self._web_runner.cleanup()
         if self._owns_repo and self.repo is not None:
             await self.repo.close()
 

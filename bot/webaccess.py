@@ -23,7 +23,7 @@ from bot.admin import SETTINGS, Admin, NotAdmin
 from bot.moderation import CaseNotFound, CaseView, Moderator, NotModerator
 from bot.terminal_admin import admin_command
 
-__all__ = ["LINK_TTL", "SETTINGS", "Grant", "NoSuchThing", "Rights", "SignInLinks", "WebModeration"]
+__all__ = ["LINK_TTL", "SETTINGS", "Grant", "NoSuchThing", "Rights", "SignInLinks", "WebModeration", "moderator_link"]
 
 LINK_TTL = timedelta(minutes=10)
 
@@ -91,6 +91,19 @@ class SignInLinks:
         if row is None:
             return None
         return Rights.from_json({"user_id": row.user_id, "operator": row.operator, "grants": row.grants})
+
+
+async def moderator_link(service: Any, actor: Moderator, can_manage_guild: bool, base_url: str) -> str:
+    """``/dalle-mod web``: a one-time link for a moderator, bound to the rights Discord showed for them in this
+    guild (their roles, Manage Messages, Manage Server). Anyone else is refused (NotModerator)."""
+    if actor.guild_id is None or not await service.moderation.is_moderator(actor.guild_id, actor.role_ids,
+                                                                           actor.can_manage_messages):
+        raise NotModerator()
+    grant = Grant(tuple(actor.role_ids), actor.can_manage_messages, bool(can_manage_guild))
+    token = await SignInLinks(service.repo).create(Rights(actor.user_id, grants={actor.guild_id: grant}))
+    minutes = int(LINK_TTL.total_seconds() // 60)
+    return (f"Your sign-in link to the moderators' page (one use, {minutes} minutes; don't share it): "
+            f"{base_url.rstrip('/')}/signin/{token}")
 
 
 class WebModeration:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
@@ -36,6 +37,8 @@ from bot.views.review import (
     moderation_of,
     moderator_of,
 )
+from bot.web.config import DEFAULT_BASE_URL
+from bot.webaccess import moderator_link
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +198,13 @@ class Moderation(commands.Cog):
                       reason: str | None = None) -> None:
         async def work() -> str:
             return await self.service.blocklist.unblock(moderator_of(interaction), case_id, reason)
+        await private_answer(interaction, work)
+
+    @mod.command(name="web", description="A one-time sign-in link to the moderators' web page (10 minutes)")
+    async def web(self, interaction: discord.Interaction) -> None:
+        async def work() -> str:
+            return await moderator_link(self.service, moderator_of(interaction), interaction.permissions.manage_guild,
+                                        os.environ.get("WEB_BASE_URL") or DEFAULT_BASE_URL)
         await private_answer(interaction, work)
 
     @mod.command(name="blocklist", description="The image hashes blocked here")

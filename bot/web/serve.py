@@ -49,16 +49,19 @@ async def start_in_bot(bot: Any) -> web.AppRunner | None:
 class StandAlone:
     """The page's own process: repository, services, and (with DISCORD_TOKEN) a REST-only Discord client."""
 
-    def __init__(self, settings: Settings, config: WebConfig) -> None:
+    def __init__(self, settings: Settings, config: WebConfig, *, repo: Any = None) -> None:
+        """``repo``: an open repository to use (tests); else one on DATABASE_URL, closed with the page."""
         self.settings = settings
         self.config = config
-        self.repo: Any = None
+        self.repo: Any = repo
+        self._owns_repo = repo is None
         self.discord: commands.Bot | None = None
         self.runner: web.AppRunner | None = None
         self.service: Any = None
 
     async def open(self) -> web.Application:
-        self.repo = await open_repository(self.settings)
+        if self.repo is None:
+            self.repo = await open_repository(self.settings)
         publisher = None
         if self.settings.discord_token:
             if self.settings.discord_api_base:  # test-only: the loopback fake Discord
@@ -82,5 +85,5 @@ class StandAlone:
             await self.runner.cleanup()
         if self.discord is not None:
             await self.discord.close()
-        if self.repo is not None:
+        if self._owns_repo and self.repo is not None:
             await self.repo.close()

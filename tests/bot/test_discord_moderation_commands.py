@@ -30,7 +30,7 @@ async def test_moderation_commands_ban_unban_user_cases(fake, bot_db_url, tmp_pa
         assert int(mod["default_member_permissions"]) == 1 << 13  # Manage Messages: members don't see it
         assert mod.get("contexts") == [0] or mod.get("dm_permission") is False  # guilds only
         assert {o["name"] for o in mod["options"]} == {"cases", "case", "user", "ban", "unban", "unblock", "blocklist",
-                                                       "strikes", "purge"}
+                                                       "strikes", "purge", "web"}
 
         # an ordinary member (a server admin opened the command to everyone): refused, nothing recorded
         answer = await mod_command(fake, "ban", {"reason": "spam", "duration": "1d"}, users={"member": 71})
