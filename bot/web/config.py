@@ -67,7 +67,10 @@ def load_web_config(database_url: str, *, host: str | None = None, port: int | N
                     env: Mapping[str, str] | None = None) -> WebConfig:
     """WEB_BASE_URL, WEB_SECRET_KEY (required off loopback; else kept in the data directory), WEB_SESSION_HOURS,
     WEB_OAUTH_CLIENT_ID/SECRET. Raises WebConfigError with one line to show."""
-    env = os.environ if env is None else env
+    if env is None:  # the environment over ./.env, as the bot's own settings
+        from dotenv import dotenv_values
+
+        env = {**{k: v for k, v in dotenv_values(".env").items() if v is not None}, **os.environ}
     host = host or env.get("WEB_HOST") or "127.0.0.1"
     if port is None:
         raw = env.get("WEB_PORT") or "8080"
