@@ -277,8 +277,10 @@ class GenerationService:
         if state is not None and state.banned:
             return await self._refuse(user_id, guild_id, prompt, None, "banned",
                                       "You are not allowed to generate images here.")
-        if state is not None and state.cooldown_until is not None and state.cooldown_until > self.repo.now():
-            left = (state.cooldown_until - self.repo.now()).total_seconds()  # outside a guild (bot.strikes)
+        # the user-wide cooldown is earned in DMs and holds there only; a server's own is a guild ban (kind cooldown)
+        if (guild_id is None and state is not None and state.cooldown_until is not None
+                and state.cooldown_until > self.repo.now()):
+            left = (state.cooldown_until - self.repo.now()).total_seconds()
             return await self._refuse(user_id, guild_id, prompt, None, "rate:cooldown", "You're on a cooldown after "
                                       f"blocked prompts. Try again in {human_duration(left)}.", retry_after=left)
         guild_ban = await self.moderation.ban_message(user_id, guild_id)

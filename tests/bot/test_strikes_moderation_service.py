@@ -301,3 +301,15 @@ async def test_strikes_moderation_give_back_is_shared_through_redis(tmp_path):
         assert not a.degraded and not b.degraded
     finally:
         server.kill()
+
+
+async def test_strikes_moderation_cooldown_in_dms_does_not_follow_into_servers(world):
+    """A cooldown earned in DMs is the DMs' own: no server's strikes reset could lift it, so it must not apply there."""
+    make, _ = world
+    svc, _ = await make()
+    for prompt in BAD[:3]:  # the default rules: a cooldown from 3 strikes
+        refused = await svc.submit(user_id=18, prompt=prompt)
+    assert "You're on a cooldown for 10 min after 3 strikes." in refused.message
+    assert (await svc.submit(user_id=18, guild_id=GUILD, prompt="a cat in a hat")).ok
+    in_dms = await svc.submit(user_id=18, prompt="a cat in a hat")
+    assert not in_dms.ok and in_dms.category == "rate:cooldown"
