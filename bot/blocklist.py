@@ -42,7 +42,10 @@ def phash_png(png: bytes) -> str | None:
 
 def distance(a: str, b: str) -> int:
     """Hamming distance between two hashes (bits that differ)."""
-    return int(imagehash.hex_to_hash(a) - imagehash.hex_to_hash(b))
+    return (int(a, 16) ^ int(b, 16)).bit_count()
+
+
+INLINE_COMPARISONS = 2000  # more hash comparisons than this run in a worker thread, off the event loop
 
 
 def too_plain(phash: str) -> bool:
@@ -80,17 +83,10 @@ class BlocklistService:
         ``max_distance``, or None. One database read for all of them."""
         if not any(phashes):
             return [None] * len(phashes)
-        blocks = await self.repo.active_blocks(guild_id)
-        out: list[BlockMatch | None] = []
-        for phash in phashes:
-            best = None
-            if phash and not too_plain(phash):
-                for block in blocks:
-                    d = distance(phash, block.phash)
-                    if d <= self.max_distance and (best is None or d < best.distance):
-                        best = BlockMatch(block.id, block.phash, d, block.guild_id)
-            out.append(best)
-        return out
+        blocks = [(b.id, b.phash, int(b.phash, 16), b.guild_id) for b in await self.repo.active_blocks(guild_id)]
+        if len(blocks) * len(phashes) > INLINE_COMPARISONS:
+            return await asyncio.to_thread(_nearest, phashes, blocks, self.max_distance)
+        return _nearest(phashes, blocks, self.max_distance)
 
     # -- blocking ---------------------------------------------------------------------------------------
 
@@ -151,7 +147,7 @@ class BlocklistService:
             guild_id = view.guild_id if view.guild_id is not None else actor.guild_id
             blocks = await self.repo.active_blocks(guild_id, include_global=False)
             blocks = [b for b in blocks if b.guild_id is not None]
-        near = [b for b in blocks if distance(phash, b.phash) <= self.max_distance]
+        near = await asyncio.to_thread(lambda: [b for b in blocks if distance(phash, b.phash) <= self.max_distance])
         if not near:
             return f"No block in force here matches case #{case_id}'s image; nothing changed."
         lifted = await self.repo.lift_blocks([b.id for b in near], actor.user_id,
@@ -170,6 +166,22 @@ class BlocklistService:
                                                                             actor.can_manage_messages):
             raise NotModerator()
         return await self.repo.active_blocks(actor.guild_id)
+
+
+def _nearest(phashes: list[str | None], blocks: list[tuple[int, str, int, int | None]],
+             max_distance: int) -> list[BlockMatch | None]:
+    """For each hash, the nearest of ``blocks`` ((id, hash, hash as int, guild)) within ``max_distance``."""
+    out: list[BlockMatch | None] = []
+    for phash in phashes:
+        best = None
+        if phash and not too_plain(phash):
+            value = int(phash, 16)
+            for block_id, block_hash, block_value, guild_id in blocks:
+                d = (value ^ block_value).bit_count()
+                if d <= max_distance and (best is None or d < best.distance):
+                    best = BlockMatch(block_id, block_hash, d, guild_id)
+        out.append(best)
+    return out
 
 
 def blocks_text(blocks: list[Any]) -> str:

@@ -340,22 +340,17 @@ class Runner:
         new = [NewImage.from_generated(im, file_path=str(path), sha256=sha, phash=phash,
                                        hidden=bool(im.flagged) or hit is not None)
                for im, (path, sha), phash, hit in zip(result.images, files, phashes, blocked, strict=True)]
-        if not any(im.flagged for im in new) and not any(blocked):  # the common case: one transaction
-            gen, rows = await self.repo.finish_generation(gen.id, new, checkpoint_id=result.checkpoint_id,
-                                                          attention=result.attention, owner=owner)
-        else:  # the cases are opened before the job counts as done, so none is lost to a crash in between
-            rows = await self.repo.add_images(gen.id, new, owner=owner)
-            for row, hit in zip(rows, blocked, strict=True):
-                if hit is not None:
-                    await self.repo.open_case(CaseSource.BLOCKLIST.value, image_id=row.id, generation_id=gen.id,
-                                              reason=hit.reason)
-                elif row.flagged:
-                    severity = " (critical)" if row.critical else ""
-                    scores = ", ".join(f"{k}={v:.2f}" for k, v in sorted(row.safety_scores.items()))
-                    await self.repo.open_case(CaseSource.AUTO.value, image_id=row.id, generation_id=gen.id,
-                                              reason=f"safety checker{severity}: {scores}")
-            gen = await self.repo.set_status(gen.id, Status.DONE.value, checkpoint_id=result.checkpoint_id,
-                                             attention=result.attention)
+        cases: dict[int, tuple[str, str | None]] = {}  # image index → its review case, opened with the images
+        for im, hit in zip(new, blocked, strict=True):
+            if hit is not None:
+                cases[im.index] = (CaseSource.BLOCKLIST.value, hit.reason)
+            elif im.flagged:
+                severity = " (critical)" if im.critical else ""
+                scores = ", ".join(f"{k}={v:.2f}" for k, v in sorted((im.safety_scores or {}).items()))
+                cases[im.index] = (CaseSource.AUTO.value, f"safety checker{severity}: {scores}")
+        # one transaction: a retry after the database dropped the connection finds nothing half written
+        gen, rows = await self.repo.finish_generation(gen.id, new, checkpoint_id=result.checkpoint_id,
+                                                      attention=result.attention, owner=owner, cases=cases)
         images = [
             StoredImage(id=row.id, index=row.index, rank=row.rank, path=Path(path), sha256=sha,
                         clip_score=row.clip_score, flagged=row.flagged, hidden=row.hidden,

@@ -12,6 +12,7 @@ import numpy as np
 from sqlalchemy import delete, or_, select
 
 from store.models import (
+    CaseSource,
     CaseStatus,
     Generation,
     Image,
@@ -21,7 +22,7 @@ from store.models import (
     Status,
     encode_tokens,
 )
-from store.repo.base import NotFound, RepositoryBase
+from store.repo.base import NotFound, RepositoryBase, check_choice
 from store.repo.generations import check_owner, lock_for_move, stamp_move
 
 
@@ -114,13 +115,25 @@ class ImageRepository(RepositoryBase):
     async def finish_generation(
         self, generation_id: int, images: Iterable[NewImage], *, checkpoint_id: str | None = None,
         attention: str | None = None, owner: str | None = None,
+        cases: Mapping[int, tuple[str, str | None]] | None = None,
     ) -> tuple[Generation, list[Image]]:
-        """``add_images`` and ``set_status(done)`` in one transaction (one round trip, one write lock): the
-        images are stored and the job is done, or neither. Same errors as those two."""
+        """``add_images``, the review cases of flagged or blocked images (``cases``: image index → (case source,
+        reason)) and ``set_status(done)`` in one transaction: the images are stored, their cases open and the job
+        done, or none of it. Same errors as ``add_images`` and ``set_status``."""
         rows = _image_rows(generation_id, images, self.now())
+        cases = dict(cases or {})
+        for source, _ in cases.values():
+            check_choice("source", source, CaseSource)
         async with self.sessions.begin() as s:
             gen = await lock_for_move(s, generation_id, Status.DONE.value, owner)
             s.add_all(rows)
+            if cases:
+                await s.flush()  # the images' ids
+                now = self.now()
+                s.add_all(ModerationCase(image_id=row.id, generation_id=generation_id, guild_id=gen.guild_id,
+                                         user_id=gen.user_id, source=cases[row.index][0],
+                                         status=CaseStatus.OPEN.value, reason=cases[row.index][1], opened_at=now)
+                          for row in rows if row.index in cases)
             stamp_move(gen, Status.DONE.value, self.now(), checkpoint_id=checkpoint_id, attention=attention)
         return gen, rows
 
