@@ -52,8 +52,9 @@ class StrikeRules:
             length = timedelta(days=self.ban_days) if self.ban_days else None
             return Escalation(BanKind.BAN.value, length, f"{live} strikes within {self.strike_days} days")
         if self.strikes_to_cooldown and self.cooldown_minutes and live >= self.strikes_to_cooldown:
-            length = min(timedelta(minutes=self.cooldown_minutes) * 2 ** (live - self.strikes_to_cooldown),
-                         MAX_COOLDOWN)
+            # in whole minutes, capped before a timedelta is made: doubling past the cap must not overflow
+            minutes = self.cooldown_minutes * 2 ** min(live - self.strikes_to_cooldown, 32)
+            length = min(timedelta(minutes=min(minutes, MAX_COOLDOWN // timedelta(minutes=1))), MAX_COOLDOWN)
             return Escalation(BanKind.COOLDOWN.value, length, f"{live} strikes within {self.strike_days} days")
         return None
 

@@ -14,6 +14,7 @@ from bot.moderation import Moderator, NotModerator
 from bot.outcome import Delivery
 from bot.ratelimit import LimitPolicy, RateLimiter
 from bot.service import GenerationService
+from bot.strikes import StrikeRules
 from store.models import Image, ModerationAction, Strike, utcnow
 from store.repository import NewImage, Repository
 from tests.fakes.botkit import RecordingPublisher, rows_of
@@ -313,3 +314,25 @@ async def test_strikes_moderation_cooldown_in_dms_does_not_follow_into_servers(w
     assert (await svc.submit(user_id=18, guild_id=GUILD, prompt="a cat in a hat")).ok
     in_dms = await svc.submit(user_id=18, prompt="a cat in a hat")
     assert not in_dms.ok and in_dms.category == "rate:cooldown"
+
+
+def test_strikes_moderation_cooldown_doubling_stops_at_a_day_without_overflow():
+    rules = StrikeRules(strikes_to_cooldown=3, cooldown_minutes=10, strikes_to_ban=0)
+    assert [rules.escalation(n, guild=True).length for n in (3, 4, 11)] == [
+        timedelta(minutes=10), timedelta(minutes=20), timedelta(days=1)]
+    assert rules.escalation(45, guild=True).length == timedelta(days=1)  # 10 min * 2**42 overflowed timedelta
+    assert rules.escalation(10_000, guild=False).length == timedelta(days=1)
+
+
+async def test_strikes_moderation_many_strikes_keep_striking(world):
+    """With bans off, strikes far past the threshold still count and keep the member on a day's cooldown."""
+    make, _ = world
+    svc, _ = await make()
+    await svc.update_guild_settings(GUILD, strikes_to_cooldown=1, strikes_to_ban=0)
+    for _ in range(45):
+        result = await svc.strikes.add(19, GUILD, "manual", reason="test")
+    assert (result.live, result.imposed) == (45, "cooldown")
+    assert result.until - svc.repo.now() > timedelta(hours=23)
+    refused = await svc.submit(user_id=19, guild_id=GUILD, prompt=BAD[0])
+    assert not refused.ok and "cooldown" in refused.message
+    assert await svc.repo.live_strikes(19, GUILD) == 45  # a refused prompt while cooled down adds no strike
