@@ -130,6 +130,17 @@ class WebModeration:
         return Moderator(user_id=rights.user_id, guild_id=guild_id, role_ids=grant.roles,
                          can_manage_messages=grant.manage_messages)
 
+    async def rights_from_discord(self, user_id: int,
+                                  grants: dict[int, tuple[tuple[int, ...], bool, bool]]) -> Rights:
+        """A Discord sign-in's rights: the guilds where Discord shows them as a moderator (the guild's moderator
+        role, Manage Messages) or an admin (Manage Server). ``grants``: guild → (roles, Manage Messages,
+        Manage Server)."""
+        kept = {}
+        for guild_id, (roles, manage_messages, admin) in grants.items():
+            if admin or await self.moderation.is_moderator(guild_id, roles, manage_messages):
+                kept[guild_id] = Grant(tuple(roles), manage_messages or admin, admin)
+        return Rights(user_id, grants=kept)
+
     def admin(self, rights: Rights, guild_id: int) -> Admin:
         grant = rights.grants.get(guild_id)
         if not rights.operator and grant is None:

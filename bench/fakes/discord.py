@@ -26,6 +26,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 from aiohttp import WSMsgType, web
 
@@ -83,6 +84,14 @@ class FakeDiscord:
         self.automod_forbidden: set[int] = set()  # guilds where the bot lacks Manage Server: rules are 403/50013
         self.followup_error: tuple[int, int, str] | None = None  # (status, code, message) for follow-up POSTs
         self.storms: list[tuple[str, re.Pattern[str], list[tuple[int, float]]]] = []  # see storm()
+        # OAuth2 (the web page's sign-in): who approves at /oauth2/authorize, codes and bearer tokens issued, the
+        # client secret the token endpoint wants, and members' roles as GET /guilds/{g}/members/{u} shows them
+        self.oauth_user: int | None = None  # None: the user denies (redirect with error=access_denied)
+        self.oauth_secret = "fake-oauth-secret"
+        self.oauth_codes: dict[str, tuple[int, str]] = {}  # code → (user id, redirect_uri)
+        self.oauth_tokens: dict[str, int] = {}  # access token → user id
+        self.member_roles: dict[tuple[int, int], list[int]] = {}  # (guild, user) → role ids; absent: not a member
+        self.guild_roles: dict[int, list[dict]] = {}  # extra roles per guild beyond @everyone and moderators
         self.calls: list[Call] = []
         self.unknown: list[Call] = []
         self.errors: list[Call] = []  # calls the fake refused (deadline, expiry, size...)
@@ -109,6 +118,7 @@ class FakeDiscord:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/gateway", self._gateway)
         app.router.add_get("/cdn/{name}", self._cdn)
+        app.router.add_get("/oauth2/authorize", self._oauth_authorize)
         app.router.add_route("*", "/api/v10/{tail:.*}", self._api)
         app.router.add_route("*", "/{tail:.*}", self._unknown_route)
         self._runner = web.AppRunner(app, access_log=None)
@@ -383,6 +393,8 @@ class FakeDiscord:
                     body = json.loads(data)
                 else:
                     files[part.filename or part.name or "file"] = bytes(data)
+        elif ctype.startswith("application/x-www-form-urlencoded"):  # the OAuth2 token endpoint's form
+            body = dict(parse_qsl((await request.read()).decode()))
         elif request.can_read_body:
             raw = await request.read()
             body = json.loads(raw) if raw else None
@@ -400,6 +412,61 @@ class FakeDiscord:
         self.unknown.append(call)
         await self._record(call)
         return _error(404, 0, f"fake discord: unknown route {request.method} {request.path}")
+
+    # -- OAuth2 and members (the web page's sign-in) ---------------------------------------------------------
+
+    async def _oauth_authorize(self, request: web.Request) -> web.Response:
+        """Discord's consent page, answered at once for ``oauth_user``: back to redirect_uri with a code."""
+        q = request.query
+        call = Call("GET", "/oauth2/authorize", dict(q), None)
+        await self._record(call)
+        if q.get("client_id") != str(APP_ID) or q.get("response_type") != "code" or not q.get("redirect_uri"):
+            call.status = 400
+            return _error(400, 0, "invalid OAuth2 request")
+        if q.get("scope") != "identify":  # the page asks for nothing more than who the user is
+            call.status = 400
+            return _error(400, 0, f"unexpected scope {q.get('scope')!r}")
+        sep = "&" if "?" in q["redirect_uri"] else "?"
+        if self.oauth_user is None:
+            raise web.HTTPFound(f"{q['redirect_uri']}{sep}error=access_denied&state={q.get('state', '')}")
+        code = f"code{self.snowflake()}"
+        self.oauth_codes[code] = (self.oauth_user, q["redirect_uri"])
+        raise web.HTTPFound(f"{q['redirect_uri']}{sep}code={code}&state={q.get('state', '')}")
+
+    def _oauth_route(self, request: web.Request, call: Call) -> web.Response | None:
+        p = call.path.strip("/").split("/")
+        auth = request.headers.get("Authorization", "")
+        if request.method == "POST" and p == ["oauth2", "token"]:
+            form = call.json if isinstance(call.json, dict) else dict(call.query)
+            form = form or {}
+            code = self.oauth_codes.pop(str(form.get("code", "")), None)  # a code works once
+            if (form.get("grant_type") != "authorization_code" or code is None or form.get("redirect_uri") != code[1]
+                    or form.get("client_id") != str(APP_ID) or form.get("client_secret") != self.oauth_secret):
+                return _json({"error": "invalid_grant"}, status=400)
+            token = f"bearer{self.snowflake()}"
+            self.oauth_tokens[token] = code[0]
+            return _json({"access_token": token, "token_type": "Bearer", "expires_in": 604800,
+                          "refresh_token": "unused", "scope": "identify"})
+        if auth.startswith("Bearer "):
+            uid = self.oauth_tokens.get(auth[7:])
+            if request.method == "GET" and p == ["users", "@me"] and uid is not None:
+                return _json(self.user(uid))
+            return _error(401, 0, "401: Unauthorized")  # a bearer token reaches users/@me only (scope identify)
+        if request.method == "GET" and p == ["users", "@me", "guilds"]:
+            return _json([{"id": str(g), "name": f"guild{g}", "icon": None, "owner": False, "permissions": "8",
+                           "features": []} for g in self.guild_ids])
+        if request.method == "GET" and len(p) == 3 and p[0] == "guilds" and p[2] == "roles":
+            gid = int(p[1])
+            return _json([{"id": str(gid), "name": "@everyone", "permissions": MEMBER_PERMISSIONS, "position": 0},
+                          {"id": str(MOD_ROLE_ID), "name": "moderators", "permissions": "0", "position": 1},
+                          *self.guild_roles.get(gid, [])])
+        if request.method == "GET" and len(p) == 4 and p[0] == "guilds" and p[2] == "members":
+            roles = self.member_roles.get((int(p[1]), int(p[3])))
+            if int(p[1]) not in self.guild_ids or roles is None:
+                return _error(404, 10007, "Unknown Member")
+            return _json({"user": self.user(int(p[3])), "roles": [str(r) for r in roles], "nick": None,
+                          "joined_at": "2026-01-01T00:00:00+00:00", "deaf": False, "mute": False, "flags": 0})
+        return None
 
     async def _cdn(self, request: web.Request) -> web.Response:
         data = self.files.get(request.match_info["name"])
@@ -430,6 +497,8 @@ class FakeDiscord:
         call = Call(request.method, "/" + request.match_info["tail"], dict(request.query), body, files)
         try:
             resp = self._storm_answer(call)  # (a Response is an empty mapping: falsy, so no `or` here)
+            if resp is None:
+                resp = self._oauth_route(request, call)
             if resp is None:
                 resp = await self._route(request.method, call.path.strip("/").split("/"), call)
         except _Refuse as r:

@@ -39,6 +39,7 @@ WEB_KEY = web.AppKey("web", WebModeration)
 LINKS_KEY = web.AppKey("links", SignInLinks)
 CONFIG_KEY = web.AppKey("config", WebConfig)
 RIGHTS_KEY = web.RequestKey("rights", Rights)
+DIRECTORY_KEY = web.AppKey("directory", object)  # bot.web.oauth.DiscordDirectory, or None without OAuth2
 
 
 class BadInput(ValueError):
@@ -106,7 +107,7 @@ async def _error(request: web.Request, status: int, message: str) -> web.StreamR
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """Signed-in readers only (except /healthz and the sign-in pages); sessions past their lifetime end."""
-    if request.path == "/healthz" or request.path == "/signin" or request.path.startswith("/signin/"):
+    if request.path in ("/healthz", "/signin") or request.path.startswith(("/signin/", "/oauth/")):
         return await handler(request)
     session = await aiohttp_session.get_session(request)
     config = request.app[CONFIG_KEY]
@@ -116,7 +117,23 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
         if request.path.startswith("/api/"):
             return web.json_response({"error": "sign in first"}, status=401)
         raise web.HTTPSeeOther(f"/signin?next={quote(request.path_qs, safe='')}")
-    request[RIGHTS_KEY] = Rights.from_json(session["rights"])
+    rights = Rights.from_json(session["rights"])
+    directory = request.app[DIRECTORY_KEY]
+    if session.get("oauth") and directory is not None:  # Discord's roles again (cached for minutes)
+        from bot.web.oauth import DiscordUnavailable, grants_of
+
+        try:
+            fresh = await request.app[WEB_KEY].rights_from_discord(
+                rights.user_id, grants_of(await directory.memberships(rights.user_id)))
+        except DiscordUnavailable as exc:
+            return await _error(request, 503, f"{exc}; try again in a moment.")
+        if not fresh.grants:
+            session.invalidate()
+            raise web.HTTPSeeOther("/signin")
+        if fresh != rights:
+            session["rights"] = fresh.to_json()
+        rights = fresh
+    request[RIGHTS_KEY] = rights
     return await handler(request)
 
 
@@ -151,13 +168,18 @@ def session_key(secret: str) -> bytes:
     return hashlib.sha256(("dalle-bot web session:" + secret).encode()).digest()
 
 
-def create_app(web_moderation: WebModeration, links: SignInLinks, config: WebConfig) -> web.Application:
+def create_app(web_moderation: WebModeration, links: SignInLinks, config: WebConfig,
+               directory: Any = None) -> web.Application:
+    """``directory``: a ``bot.web.oauth.DiscordDirectory`` for Discord sign-in (None: one-time links only)."""
     from bot.web import pages
 
     app = web.Application(middlewares=[headers_middleware], client_max_size=1024 * 1024)
     app[WEB_KEY] = web_moderation
     app[LINKS_KEY] = links
     app[CONFIG_KEY] = config
+    app[DIRECTORY_KEY] = directory
+    if directory is not None:
+        app.on_cleanup.append(lambda _app: directory.close())
     storage = EncryptedCookieStorage(session_key(config.secret_key), cookie_name=COOKIE,
                                      max_age=int(config.session_hours * 3600), httponly=True,
                                      secure=config.secure_cookies, samesite="Lax")
@@ -171,7 +193,8 @@ def create_app(web_moderation: WebModeration, links: SignInLinks, config: WebCon
 
 
 async def _context(request: web.Request) -> dict[str, Any]:
-    return {"rights": request.get(RIGHTS_KEY), "csrf": await csrf_token(request), "path": request.path}
+    return {"rights": request.get(RIGHTS_KEY), "oauth": request.app[DIRECTORY_KEY] is not None,
+            "csrf": await csrf_token(request), "path": request.path}
 
 
 async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:

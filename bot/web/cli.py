@@ -69,6 +69,9 @@ def main(settings: Settings, argv: list[str]) -> int:
         asyncio.run(serve(settings, StandAlone(settings, config)))
     except KeyboardInterrupt:
         return 130
+    except WebConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"error: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 2

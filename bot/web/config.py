@@ -27,6 +27,7 @@ class WebConfig:
     session_hours: float = 12.0
     oauth_client_id: str | None = None
     oauth_client_secret: str | None = field(default=None, repr=False)
+    role_cache_s: float = 300.0  # a Discord sign-in's roles are read again after this long
 
     @property
     def secure_cookies(self) -> bool:
@@ -95,6 +96,9 @@ def load_web_config(database_url: str, *, host: str | None = None, port: int | N
         session_hours = -1
     if not 0 < session_hours <= 24 * 30:
         raise WebConfigError(f"WEB_SESSION_HOURS must be between 0 and 720; got {hours!r}")
-    return WebConfig(host=host, port=port, base_url=base_url, secret_key=key, session_hours=session_hours,
+    config = WebConfig(host=host, port=port, base_url=base_url, secret_key=key, session_hours=session_hours,
                      oauth_client_id=env.get("WEB_OAUTH_CLIENT_ID") or None,
                      oauth_client_secret=env.get("WEB_OAUTH_CLIENT_SECRET") or None)
+    if bool(config.oauth_client_id) != bool(config.oauth_client_secret):
+        raise WebConfigError("WEB_OAUTH_CLIENT_ID and WEB_OAUTH_CLIENT_SECRET go together (Discord sign-in)")
+    return config

@@ -13,7 +13,7 @@ import aiohttp_jinja2
 import aiohttp_session
 from aiohttp import web
 
-from bot.web.app import LINKS_KEY, RIGHTS_KEY, WEB_KEY, BadInput, int_param, sign_in
+from bot.web.app import CONFIG_KEY, DIRECTORY_KEY, LINKS_KEY, RIGHTS_KEY, WEB_KEY, BadInput, int_param, sign_in
 from bot.web.charts import bar_chart
 from bot.webaccess import SETTINGS, Rights
 
@@ -100,6 +100,37 @@ async def signin_post(request: web.Request) -> web.StreamResponse:
         return response
     await sign_in(request, rights)
     raise web.HTTPSeeOther(_safe_next(form.get("next"), "/"))
+
+
+@routes.get("/oauth/discord")
+async def oauth_start(request: web.Request) -> web.StreamResponse:
+    from bot.web.oauth import start
+
+    directory = request.app[DIRECTORY_KEY]
+    if directory is None:
+        raise web.HTTPNotFound(text="Discord sign-in is not set up here (WEB_OAUTH_CLIENT_ID).")
+    return await start(request, directory, request.app[CONFIG_KEY].base_url)
+
+
+@routes.get("/oauth/discord/callback")
+async def oauth_callback(request: web.Request) -> web.StreamResponse:
+    from bot.web.oauth import DiscordUnavailable, finish
+
+    directory = request.app[DIRECTORY_KEY]
+    if directory is None:
+        raise web.HTTPNotFound(text="Discord sign-in is not set up here (WEB_OAUTH_CLIENT_ID).")
+    try:
+        outcome = await finish(request, directory, request.app[CONFIG_KEY].base_url, _web(request))
+    except DiscordUnavailable as exc:
+        return aiohttp_jinja2.render_template("error.html", request, {"status": 503, "message": str(exc)},
+                                              status=503)
+    if isinstance(outcome, str):
+        return aiohttp_jinja2.render_template("error.html", request, {"status": 403, "message": outcome},
+                                              status=403)
+    await sign_in(request, outcome)
+    session = await aiohttp_session.get_session(request)
+    session["oauth"] = True
+    raise web.HTTPSeeOther("/")
 
 
 @routes.post("/signout")

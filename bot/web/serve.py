@@ -16,7 +16,8 @@ from bot.cogs.moderation import DiscordReviewer
 from bot.config import Settings
 from bot.publish import DiscordPublisher
 from bot.web.app import create_app, start_site
-from bot.web.config import WebConfig, load_web_config
+from bot.web.config import WebConfig, WebConfigError, load_web_config
+from bot.web.oauth import DiscordDirectory
 from bot.webaccess import SignInLinks, WebModeration
 from bot.wiring import open_repository, service_from_settings
 
@@ -33,17 +34,32 @@ class NoEngine:
         return None
 
 
-def build_app(service: Any, config: WebConfig) -> web.Application:
-    """The page over a ``GenerationService`` (its moderation, appeals, blocklist and admin parts)."""
-    return create_app(WebModeration(service), SignInLinks(service.repo), config)
+def build_app(service: Any, config: WebConfig, *, bot_token: str | None = None,
+              api_base: str | None = None) -> web.Application:
+    """The page over a ``GenerationService`` (its moderation, appeals, blocklist and admin parts); Discord sign-in
+    when WEB_OAUTH_CLIENT_ID/SECRET are set (members' roles are read with ``bot_token``)."""
+    directory = None
+    if config.oauth_client_id and config.oauth_client_secret:
+        if not bot_token:
+            raise WebConfigError("Discord sign-in (WEB_OAUTH_CLIENT_ID) needs DISCORD_TOKEN: the bot's token reads "
+                                 "members' roles")
+        directory = DiscordDirectory(client_id=config.oauth_client_id, client_secret=config.oauth_client_secret,
+                                     bot_token=bot_token, api_base=api_base, cache_s=config.role_cache_s)
+    return create_app(WebModeration(service), SignInLinks(service.repo), config, directory)
 
 
 async def start_in_bot(bot: Any) -> web.AppRunner | None:
     """Called from the bot's setup: serve the page when WEB_PORT is set (None otherwise)."""
     if not os.environ.get("WEB_PORT"):
         return None
-    config = load_web_config(bot.settings.database_url)
-    return await start_site(build_app(bot.service, config), config.host, config.port)
+    try:
+        config = load_web_config(bot.settings.database_url)
+        app = build_app(bot.service, config, bot_token=bot.settings.discord_token,
+                        api_base=bot.settings.discord_api_base)
+    except WebConfigError as exc:  # the bot goes on without its page
+        log.error("the moderators' web page is not served: %s", exc)
+        return None
+    return await start_site(app, config.host, config.port)
 
 
 class StandAlone:
@@ -75,7 +91,8 @@ class StandAlone:
         else:
             log.warning("no DISCORD_TOKEN: decisions are recorded but review posts and public messages are not "
                         "edited until the bot acts on them")
-        return build_app(self.service, self.config)
+        return build_app(self.service, self.config, bot_token=self.settings.discord_token,
+                         api_base=self.settings.discord_api_base)
 
     async def serve(self) -> None:
         self.runner = await start_site(await self.open(), self.config.host, self.config.port)
