@@ -36,7 +36,8 @@ class CaseUpkeep:
         if front is None or not hasattr(front, "reping_case"):
             return []
         pinged = []
-        for case in await self.repo.cases_due_for_reping(self.reping_hours):
+        no_default = self.moderation.review_channel_id is None  # then only guilds with their own channel
+        for case in await self.repo.cases_due_for_reping(self.reping_hours, own_channel_only=no_default):
             channel = await self.moderation.review_channel(case.guild_id)
             if channel is None or not await self.repo.claim_reping(case.id):
                 continue  # no review channel any more, or another process reminded already

@@ -24,14 +24,19 @@ from store.repo.base import RepositoryBase
 class CaseUpkeepRepository(RepositoryBase):
     """Re-pings and automatic closing of cases."""
 
-    async def cases_due_for_reping(self, default_hours: int, limit: int = 50) -> list[ModerationCase]:
+    async def cases_due_for_reping(self, default_hours: int, limit: int = 50, *,
+                                   own_channel_only: bool = False) -> list[ModerationCase]:
         """Posted open cases never re-pinged, open longer than their guild's ``reping_hours`` (``default_hours``
-        where the guild sets none; 0 turns re-pinging off), oldest first."""
+        where the guild sets none; 0 turns re-pinging off), oldest first. ``own_channel_only`` (there is no global
+        review channel): only cases whose guild still has a review channel, so that cases nobody can be reminded
+        of do not fill every page and hold back the rest."""
         stmt = (select(ModerationCase, GuildSettings.reping_hours)
                 .outerjoin(GuildSettings, GuildSettings.guild_id == ModerationCase.guild_id)
                 .where(ModerationCase.status == CaseStatus.OPEN.value, ModerationCase.repinged_at.is_(None),
                        ModerationCase.review_message_id.is_not(None))
                 .order_by(ModerationCase.opened_at, ModerationCase.id))
+        if own_channel_only:
+            stmt = stmt.where(GuildSettings.review_channel_id.is_not(None))
         now = self.now()
         due = []
         async with self._read() as s:

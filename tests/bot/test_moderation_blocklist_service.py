@@ -182,3 +182,32 @@ async def test_moderation_upkeep_repings_once_and_closes_cases_of_deleted_messag
     edited = {view.case_id: view for _, _, view in front.updates[updates:]}
     assert set(edited) == {old.id, fresh.id} and edited[old.id].note == "public message deleted"
     assert edited[old.id].status == "closed"
+
+
+async def test_moderation_upkeep_repings_past_cases_of_guilds_without_a_review_channel(repo):
+    """Fifty old cases of a guild that lost its review channel (and no global one) used to fill every page of due
+    cases, so no other case was ever re-pinged."""
+    front = Reminders()
+
+    async def spoiler(_guild):
+        return "spoiler"
+
+    moderation = ModerationService(repo, guild_settings=repo.get_guild_settings, flagged_mode=spoiler,
+                                   front_end=front)  # no global review channel
+    upkeep = CaseUpkeep(repo, moderation, reping_hours=24)
+    gen = await repo.create_generation(user_id=77, prompt="a pattern", guild_id=2001, channel_id=3001)
+    rows = await repo.add_images(gen.id, [NewImage(index=i, tokens=[1]) for i in range(51)])
+    for n, row in enumerate(rows):  # posted while the guild still had a review channel
+        case, _ = await repo.open_case("report", image_id=row.id)
+        await repo.set_case_review_message(case.id, 8000 + n)
+    mine = await repo.create_generation(user_id=78, prompt="a pattern", guild_id=GUILD, channel_id=3000)
+    [row] = await repo.add_images(mine.id, [NewImage(index=0, tokens=[1])])
+    await repo.update_guild_settings(GUILD, review_channel_id=3200)
+    case, created = await repo.open_case("report", image_id=row.id)
+    await moderation.case_opened(case.id, created)
+    async with repo.sessions.begin() as s:  # all of them old; the orphaned ones the oldest
+        await s.execute(update(ModerationCase).values(opened_at=repo.now() - timedelta(hours=40)))
+        await s.execute(update(ModerationCase).where(ModerationCase.id == case.id).values(
+            opened_at=repo.now() - timedelta(hours=30)))
+    assert await upkeep.reping_due() == [case.id]
+    assert [(c, k) for c, _, k, _, _ in front.repings] == [(3200, case.id)]
