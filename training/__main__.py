@@ -28,6 +28,8 @@ from typing import Any
 
 from training.optim import OptimConfig
 
+FEEDBACK_ACTIONS = ("export", "finetune", "evaluate", "promote", "rollback", "list")
+
 
 def _int_tuple(text: str) -> tuple[int, ...]:
     try:
@@ -283,12 +285,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", default=None, help="checkpoint id to record in the target's checkpoint.json")
     _sampling_args(p, "record these as the checkpoint's recommended sampling params")
 
-    p = sub.add_parser("feedback", help="export the feedback dataset (KTO rows, DPO pairs) from the bot's database")
+    p = sub.add_parser("feedback", help="retrain from feedback: export | finetune | evaluate | promote | rollback | "
+                       "list (see training.retrain)")
+    p.add_argument("action", nargs="?", default="export", choices=FEEDBACK_ACTIONS,
+                   help="export (default): the feedback dataset (KTO rows, DPO pairs); finetune: KTO/DPO on it "
+                        "into a candidate; evaluate: the promotion gate; promote / rollback: the active checkpoint "
+                        "(engines reload it); list: the registry")
     p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"),
-                   help="the bot's database (default: $DATABASE_URL); read only, never migrated")
-    p.add_argument("--out", type=Path, required=True, help="unpaired.parquet, pairs.parquet, manifest.json go here")
-    p.add_argument("--holdout", type=float, default=0.1, help="share of prompts held out for evaluation")
+                   help="the bot's database (default: $DATABASE_URL); never migrated here")
+    p.add_argument("--out", type=Path, default=None,
+                   help="export: the dataset directory; finetune: the new checkpoint directory")
+    p.add_argument("--holdout", type=float, default=0.1, help="export: share of prompts held out for evaluation")
     p.add_argument("--max-pairs-per-prompt", type=int, default=32)
+    p.add_argument("--data", type=Path, default=None, help="finetune/evaluate: an export directory")
+    p.add_argument("--parent", type=Path, default=None,
+                   help="finetune/evaluate: the parent checkpoint directory (default: the active one's, for "
+                        "evaluate the candidate's registered parent)")
+    p.add_argument("--checkpoint", default=None, help="evaluate: a candidate directory; promote: an id")
+    p.add_argument("--id", default=None, help="finetune: the new checkpoint's id (default: --out's name)")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--beta", type=float, default=0.1, help="KTO/DPO beta on summed token log-probs")
+    p.add_argument("--sft-weight", type=float, default=0.0, help="share of supervised loss on liked images")
+    p.add_argument("--desirable-weight", type=float, default=1.0)
+    p.add_argument("--undesirable-weight", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=_int_tuple, default=(0, 1), help="evaluate: evaluation seeds (default 0,1)")
+    p.add_argument("--n-per-kind", type=int, default=8, help="evaluate: prompts per kind and seed")
+    p.add_argument("--candidates", type=int, default=9)
+    p.add_argument("--kl-budget", type=float, default=None, help="evaluate: KL(parent||candidate) nats per image")
+    p.add_argument("--force", action="store_true", help="promote: even a candidate the gate rejected")
+    p.add_argument("--engine-url", action="append", default=None,
+                   help="promote/rollback: engine services to reload, one after the other (repeat; default "
+                        "$ENGINE_URLS)")
+    p.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -584,13 +615,20 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_feedback(args: argparse.Namespace) -> dict[str, Any]:
-    """Votes, reports and decisions of consenting users → ``--out`` (see ``training.feedback``)."""
-    from training.feedback import export_from_url
-
+    """``export`` (votes, reports and decisions of consenting users → ``--out``, see ``training.feedback``) and the
+    registry actions of :mod:`training.retrain`."""
     if not args.database_url:
         raise ValueError("no database: give --database-url or set DATABASE_URL")
-    return export_from_url(args.database_url, args.out, holdout=args.holdout,
-                           max_pairs_per_prompt=args.max_pairs_per_prompt)
+    if args.action == "export":
+        from training.feedback import export_from_url
+
+        if args.out is None:
+            raise ValueError("export needs --out DIR")
+        return export_from_url(args.database_url, args.out, holdout=args.holdout,
+                               max_pairs_per_prompt=args.max_pairs_per_prompt)
+    from training.feedback_cli import run_action
+
+    return run_action(args)
 
 
 COMMANDS = {"vqgan": cmd_vqgan, "encode": cmd_encode, "dallebart": cmd_dallebart, "clip": cmd_clip,

@@ -1,0 +1,171 @@
+"""Retraining from feedback through the model registry: a fine-tune registers a candidate with its training run and
+data manifest; a cancelled one (SIGTERM, as /dalle-admin model cancels) leaves no half-registered checkpoint; the
+gate's verdict decides promotion, rollback goes back to the parent (SQLite and PostgreSQL); and a hot swap under a
+stream of requests through the real bot service loses none, each result naming the checkpoint that made it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from store.db import upgrade
+from store.models import Checkpoint, TrainingRun
+from store.repository import Repository
+from tests.fakes.botkit import RecordingPublisher, rows_of
+from tests.training.test_preference import _export
+from training import retrain
+from training.__main__ import install_checkpoint, main
+
+
+def _run(url: str, fn):
+    async def go():
+        repo = Repository.from_url(url)
+        try:
+            return await fn(repo)
+        finally:
+            await repo.close()
+
+    return asyncio.run(go())
+
+
+def test_cancelled_training_run_leaves_no_half_registered_checkpoint(demo, sqlite_url, tmp_path):
+    upgrade(sqlite_url, "head")
+    _export(demo, tmp_path / "data")
+    out = tmp_path / "cand"
+    cmd = [sys.executable, "-m", "training", "feedback", "finetune", "--database-url", sqlite_url, "--parent",
+           str(demo), "--data", str(tmp_path / "data"), "--out", str(out), "--steps", "100000", "--batch-size", "8",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = tmp_path / "cand-train" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr.decode()
+    assert "cancelled" in json.loads(stdout)
+    assert not out.exists() and not (tmp_path / "cand.partial").exists()
+    checkpoints = _run(sqlite_url, lambda repo: rows_of(repo, Checkpoint))
+    runs = _run(sqlite_url, lambda repo: rows_of(repo, TrainingRun))
+    assert [c.id for c in checkpoints] == [retrain.checkpoint_id_of(demo)]  # the parent only
+    assert [(r.status, r.output_checkpoint_id) for r in runs] == [("cancelled", None)]
+    assert runs[0].finished_at is not None and runs[0].input_checkpoint_id == checkpoints[0].id
+
+
+def _report(candidate: str, promote: bool) -> dict:
+    metrics = {k: {"mean": v} for k, v in (("fidelity", 0.4), ("bias_share", 0.2), ("tv_to_uniform", 0.1),
+                                           ("colour_adherence", 0.9))}
+    return {"candidate": candidate, "promote": promote, "checks": [], "policy": {}, "kl": {"kl": 3.0},
+            "candidate_metrics": metrics}
+
+
+def test_finetune_registers_a_candidate_and_the_gate_decides(demo, sqlite_url, tmp_path, capsys):
+    upgrade(sqlite_url, "head")
+    _export(demo, tmp_path / "data")
+    base = ["feedback", "--database-url", sqlite_url]
+    assert main([*base, "finetune", "--parent", str(demo), "--data", str(tmp_path / "data"), "--out",
+                 str(tmp_path / "c1"), "--steps", "2", "--batch-size", "8", "--no-progress"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert done["checkpoint"] == "c1" and done["steps"] == 2
+    row = _run(sqlite_url, lambda repo: repo.get_checkpoint("c1"))
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert (row.status, row.parent_id) == ("candidate", retrain.checkpoint_id_of(demo))
+    assert row.metrics["training_run"] == done["training_run"]
+    assert row.metrics["data"]["content_sha256"] == manifest["content_sha256"]
+    run = _run(sqlite_url, lambda repo: repo.get_training_run(done["training_run"]))
+    assert (run.status, run.output_checkpoint_id, run.kind) == ("done", "c1", "feedback")
+    # not evaluated yet: no promotion
+    assert main([*base, "promote", "--checkpoint", "c1"]) == 2
+    assert "has not been evaluated" in capsys.readouterr().err
+    _run(sqlite_url, lambda repo: retrain.record_gate(repo, _report("c1", False)))
+    assert main([*base, "promote", "--checkpoint", "c1"]) == 2
+    assert "rejected by the gate" in capsys.readouterr().err
+    assert main([*base, "list"]) == 0
+    listed = {c["id"]: c for c in json.loads(capsys.readouterr().out)["checkpoints"]}
+    assert listed["c1"]["status"] == "rejected" and listed["c1"]["gate"] == "rejected"
+    assert listed[retrain.checkpoint_id_of(demo)]["status"] == "active"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+async def test_promote_and_rollback_in_the_registry(repo, tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "c").mkdir()
+    await repo.register_checkpoint("p", str(tmp_path / "p"))
+    await repo.set_active_checkpoint("p")
+    await repo.register_checkpoint("c", str(tmp_path / "c"), parent_id="p")
+    await retrain.record_gate(repo, _report("c", True))
+    assert (await retrain.promote(repo, "c")).status == "active"
+    assert (await repo.get_checkpoint("p")).status == "retired"
+    with pytest.raises(ValueError, match="already active"):
+        await retrain.promote(repo, "c")
+    parent, old = await retrain.rollback(repo)
+    assert (parent.id, old.id) == ("p", "c")
+    assert (await repo.get_active_checkpoint()).id == "p"
+    with pytest.raises(ValueError, match="no parent"):
+        await retrain.rollback(repo)
+    # a rejected candidate can still be promoted by hand, and says so
+    await repo.register_checkpoint("r", str(tmp_path / "c"), parent_id="p")
+    await retrain.record_gate(repo, _report("r", False))
+    assert (await repo.get_checkpoint("r")).status == "retired"
+    forced = await retrain.promote(repo, "r", force=True)
+    assert forced.status == "active" and forced.metrics["forced"] is True
+
+
+async def test_hot_swap_under_a_stream_of_requests_loses_none(demo, sqlite_url, tmp_path):
+    from bot.ratelimit import LimitPolicy, RateLimiter
+    from bot.scheduler import Scheduler
+    from bot.service import GenerationService
+    from engine.client import InProcessEngine
+    from engine.pipeline import load_pipeline
+
+    upgrade(sqlite_url, "head")
+    cand = tmp_path / "cand"
+    install_checkpoint(demo, cand)
+    meta = json.loads((cand / "checkpoint.json").read_text())
+    (cand / "checkpoint.json").write_text(json.dumps({**meta, "id": "swapped-in"}))
+    parent_id = retrain.checkpoint_id_of(demo)
+    repo = Repository.from_url(sqlite_url)
+    engine = InProcessEngine(load_pipeline(demo), warmup=False)
+    pub = RecordingPublisher()
+    limiter = RateLimiter(policy=LimitPolicy(user="1000 per minute", guild="1000 per minute", daily_quota=None))
+    svc = GenerationService(repo, engine, pub, output_dir=tmp_path / "out", limiter=limiter,
+                            scheduler=Scheduler(per_user_cap=50), concurrency=2, progress_interval=0.0)
+    await svc.start()
+    try:
+        await retrain.ensure_registered(repo, demo)
+        await repo.register_checkpoint("swapped-in", str(cand), parent_id=parent_id)
+        await retrain.record_gate(repo, _report("swapped-in", True))
+        ids = []
+        for k in range(12):
+            adm = await svc.submit(user_id=1 + k % 3, prompt=f"a small circle {k}", n=2)
+            assert adm.ok, adm.message
+            ids.append(adm.generation_id)
+            if k == 5:  # promotion, then the running engine swaps while requests are queued and running
+                row = await retrain.promote(repo, "swapped-in")
+                assert (await engine.reload(row.path)).checkpoint_id == "swapped-in"
+        outcomes = await pub.wait_for(12, timeout=300)
+        assert all(o.ok for o in outcomes), [o.error for o in outcomes if not o.ok]
+        gens = [await repo.get_generation(i) for i in ids]
+        assert all(g.status == "done" for g in gens)
+        named = [g.checkpoint_id for g in gens]
+        assert set(named) <= {parent_id, "swapped-in"} and named[-1] == "swapped-in"
+        assert named[0] == parent_id
+        late = await svc.submit(user_id=9, prompt="a star", n=1)
+        await pub.wait_for(13, timeout=120)
+        assert (await repo.get_generation(late.generation_id)).checkpoint_id == "swapped-in"
+        assert (await repo.get_active_checkpoint()).id == "swapped-in"
+    finally:
+        await svc.stop(grace=1)
+        await engine.close()
+        await repo.close()
+    assert os.environ.get("DATABASE_URL") != sqlite_url

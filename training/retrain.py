@@ -1,0 +1,255 @@
+"""Retraining from feedback, as an admin runs it: export → fine-tune → evaluate (the gate) → promote → rollback,
+every step recorded in the store's model registry (``checkpoints``, ``training_runs``).
+
+- a checkpoint is a row: id (its ``checkpoint.json`` id), path, parent, status, metrics (the fine-tune's summary,
+  ``training_run``, ``data`` — the export's directory and manifest hash —, the gate's report);
+- **finetune** opens a training run (``running``), trains in this process's main thread (Ctrl-C or SIGTERM stop it:
+  the run becomes ``cancelled``, its state is kept for a resume, and no checkpoint row or directory appears), then
+  registers the finished directory as a ``candidate`` and closes the run ``done``;
+- **evaluate** measures parent and candidate on the same prompts and seeds (:mod:`training.gate`), writes
+  ``gate.json`` next to the candidate and records the verdict; a candidate the gate rejects is taken out
+  (``retired``, with ``metrics.rejected`` true and its report: the schema's statuses have no ``rejected`` of their
+  own);
+- **promote** makes a candidate the gate passed ``active`` (``--force`` overrides a rejection) and tells each engine
+  service to load it (``POST /admin/reload``, one service after the other, so the others keep serving);
+- **rollback** makes the active checkpoint's parent active again and reloads it the same way.
+
+The bot's processes never import this: ``/dalle-admin model`` starts ``python -m training feedback ...`` as its own
+process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from store.models import CheckpointStatus, Status
+
+GATE_FILE = "gate.json"
+MEASURE_FILE = "gate-measure-{key}.json"
+
+
+def checkpoint_id_of(directory: Path) -> str:
+    meta = directory / "checkpoint.json"
+    if meta.is_file():
+        cid = json.loads(meta.read_text()).get("id")
+        if cid:
+            return str(cid)
+    return directory.resolve().name
+
+
+def _status(row: Any) -> str:
+    """The registry status an admin sees (a retired row the gate rejected reads ``rejected``)."""
+    if row.status == CheckpointStatus.RETIRED.value and (row.metrics or {}).get("rejected"):
+        return "rejected"
+    return row.status
+
+
+def describe(row: Any) -> dict[str, Any]:
+    m = row.metrics or {}
+    gate = m.get("gate") or {}
+    return {"id": row.id, "status": _status(row), "parent": row.parent_id, "path": row.path,
+            "created_at": row.created_at.isoformat(timespec="seconds") if row.created_at else None,
+            "training_run": m.get("training_run"), "data": (m.get("data") or {}).get("content_sha256"),
+            "gate": None if not gate else ("passed" if gate.get("promote") else "rejected"),
+            "bias": (m.get("measure") or {}).get("bias_share"), "fidelity": (m.get("measure") or {}).get("fidelity")}
+
+
+async def ensure_registered(repo: Any, directory: Path, *, parent_id: str | None = None,
+                            activate_if_none: bool = True) -> Any:
+    """The registry row of checkpoint ``directory`` (registered now if new; active if nothing is)."""
+    cid = checkpoint_id_of(directory)
+    row = await repo.get_checkpoint(cid)
+    if row is None:
+        row = await repo.register_checkpoint(cid, str(directory.resolve()), parent_id=parent_id)
+    if activate_if_none and await repo.get_active_checkpoint() is None:
+        row = await repo.set_active_checkpoint(cid)
+    return row
+
+
+class Cancelled(Exception):
+    """The fine-tune stopped before it finished (Ctrl-C, SIGTERM)."""
+
+
+def _sigterm_as_interrupt() -> Any:
+    """SIGTERM (a cancel from ``/dalle-admin model``) stops training like Ctrl-C: state saved, nothing exported."""
+    def raise_interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, raise_interrupt)
+    except ValueError:  # not the main thread
+        return None
+
+
+def finetune_registered(database_url: str, parent: Path, data: Path, out: Path, **kw: Any) -> dict[str, Any]:
+    """:func:`training.preference.finetune` inside a registry training run (see the module's note)."""
+    from store.repository import Repository
+    from training.preference import finetune
+
+    manifest = json.loads((data / "manifest.json").read_text()) if (data / "manifest.json").is_file() else None
+    if manifest is None:
+        raise FileNotFoundError(f"{data}: no manifest.json (run `python -m training feedback export` first)")
+    cfg = kw.get("cfg")
+    config = {"parent": str(parent), "data": str(data), "out": str(out),
+              **{k: v for k, v in kw.items() if k in ("steps", "batch_size", "lr", "seed")},
+              "objective": dict(cfg.__dict__) if cfg is not None else None}
+
+    async def start() -> tuple[str, int]:
+        repo = Repository.from_url(database_url)
+        try:
+            row = await ensure_registered(repo, parent)
+            run = await repo.create_training_run("feedback", config=config, input_checkpoint_id=row.id,
+                                                 log_path=str(out.with_name(out.name + "-train") / "metrics.jsonl"))
+            return row.id, run.id
+        finally:
+            await repo.close()
+
+    parent_id, run_id = asyncio.run(start())
+    previous = _sigterm_as_interrupt()
+    status, result, error = Status.FAILED.value, None, None
+    try:
+        result = finetune(parent, data, out, checkpoint_id=kw.pop("checkpoint_id", None) or out.name,
+                          **{k: v for k, v in kw.items() if k != "checkpoint_id"})
+        status = Status.CANCELLED.value if result.interrupted else Status.DONE.value
+    except KeyboardInterrupt:
+        status = Status.CANCELLED.value
+    except Exception as exc:
+        error = f"{exc.__class__.__name__}: {exc}"
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        asyncio.run(_finish(database_url, run_id, status, parent_id, out, manifest, data, result, error))
+    if status == Status.CANCELLED.value:
+        raise Cancelled(f"training run {run_id} cancelled at step {result.steps if result else '?'}; the same "
+                        f"command resumes it")
+    assert result is not None
+    return {"training_run": run_id, "checkpoint": checkpoint_id_of(out), "parent": parent_id, "out": str(out),
+            "steps": result.steps, "last": result.summary.get("last")}
+
+
+async def _finish(database_url: str, run_id: int, status: str, parent_id: str, out: Path, manifest: dict,
+                  data: Path, result: Any, error: str | None) -> None:
+    from store.repository import Repository
+
+    repo = Repository.from_url(database_url)
+    try:
+        metrics: dict[str, Any] = {"steps": result.steps if result else None}
+        if error:
+            metrics["error"] = error
+        if status != Status.DONE.value:
+            await repo.finish_training_run(run_id, status, metrics=metrics)
+            return
+        cid = checkpoint_id_of(out)
+        await repo.register_checkpoint(cid, str(out.resolve()), parent_id=parent_id, metrics={
+            "training_run": run_id, "finetune": result.summary,
+            "data": {"dir": str(data.resolve()), "content_sha256": manifest.get("content_sha256"),
+                     "counts": manifest.get("counts")}})
+        await repo.finish_training_run(run_id, status, metrics={**metrics, **(result.summary.get("last") or {})},
+                                       output_checkpoint_id=cid)
+    finally:
+        await repo.close()
+
+
+def _measure_cached(directory: Path, seeds: Sequence[int], n_per_kind: int, candidates: int) -> dict[str, Any]:
+    """:func:`training.gate.measure` of a checkpoint, kept in the directory (the parent is measured once)."""
+    from engine.pipeline import load_pipeline
+    from training.gate import measure
+
+    key = f"s{'-'.join(map(str, seeds))}-n{n_per_kind}-c{candidates}"
+    path = directory / MEASURE_FILE.format(key=key)
+    if path.is_file():
+        return json.loads(path.read_text())
+    m = measure(load_pipeline(directory), seeds=seeds, n_per_kind=n_per_kind, candidates=candidates,
+                progress=lambda seed, s: print(f"  {directory.name} seed {seed}: fidelity {s['fidelity']:.3f}, "
+                                               f"red {s['bias_share']}, adherence {s['colour_adherence']}",
+                                               file=sys.stderr))
+    path.write_text(json.dumps(m, indent=2) + "\n")
+    return m
+
+
+def gate_candidate(candidate: Path, parent: Path, data: Path | None, *, seeds: Sequence[int] = (0, 1),
+                   n_per_kind: int = 8, candidates: int = 9, kl_budget: float | None = None) -> dict[str, Any]:
+    """Measure both, decide, and write ``candidate/gate.json`` (the report an admin reads either way)."""
+    from training.gate import GatePolicy, decide, kl_to_parent
+
+    policy = GatePolicy() if kl_budget is None else GatePolicy(kl_budget=kl_budget)
+    pm = _measure_cached(parent, seeds, n_per_kind, candidates)
+    cm = _measure_cached(candidate, seeds, n_per_kind, candidates)
+    kl = kl_to_parent(parent, candidate, data) if data is not None else None
+    verdict = decide(pm, cm, kl["kl"] if kl else None, policy)
+    report = {"candidate": checkpoint_id_of(candidate), "parent": checkpoint_id_of(parent), **verdict, "kl": kl,
+              "parent_metrics": _brief(pm), "candidate_metrics": _brief(cm)}
+    (candidate / GATE_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _brief(m: dict[str, Any]) -> dict[str, Any]:
+    keys = ("fidelity", "fidelity_mean_candidate", "bias_share", "dominant_share", "tv_to_uniform",
+            "colour_adherence")
+    return {**{k: m[k] for k in keys}, "shares": m["shares"], "seeds": m["seeds"]}
+
+
+async def record_gate(repo: Any, report: dict[str, Any]) -> Any:
+    """Store the verdict on the candidate's row; a rejected candidate is taken out of the running."""
+    cid = report["candidate"]
+    measure = {k: (v.get("mean") if isinstance(v, dict) else v) for k, v in report["candidate_metrics"].items()
+               if k in ("fidelity", "bias_share", "tv_to_uniform", "colour_adherence")}
+    row = await repo.update_checkpoint_metrics(cid, {"gate": {k: report[k] for k in ("promote", "checks", "policy")},
+                                                     "kl": (report.get("kl") or {}).get("kl"), "measure": measure,
+                                                     "rejected": not report["promote"]})
+    if not report["promote"] and row.status == CheckpointStatus.CANDIDATE.value:
+        row = await repo.retire_checkpoint(cid)
+    return row
+
+
+async def reload_engines(urls: Sequence[str], token: str | None, path: str) -> list[dict[str, Any]]:
+    """Each engine service loads ``path``, one after the other (the rest keep serving meanwhile)."""
+    from engine.client import HttpEngine
+
+    done = []
+    for url in urls:
+        engine = HttpEngine(url, token)
+        try:
+            info = await engine.reload(path)
+            done.append({"url": url, "checkpoint_id": info.checkpoint_id})
+        finally:
+            await engine.close()
+    return done
+
+
+async def promote(repo: Any, checkpoint_id: str, *, force: bool = False) -> Any:
+    """Make ``checkpoint_id`` active (the gate must have passed it unless ``force``)."""
+    row = await repo.get_checkpoint(checkpoint_id)
+    if row is None:
+        raise ValueError(f"checkpoint {checkpoint_id!r} is not registered")
+    gate = (row.metrics or {}).get("gate")
+    if not force and (gate is None or not gate.get("promote")):
+        why = "has not been evaluated" if gate is None else "was rejected by the gate"
+        raise ValueError(f"checkpoint {checkpoint_id!r} {why}; run `feedback evaluate` (or promote --force)")
+    if row.status == CheckpointStatus.ACTIVE.value:
+        raise ValueError(f"checkpoint {checkpoint_id!r} is already active")
+    if not Path(row.path).is_dir():
+        raise ValueError(f"checkpoint {checkpoint_id!r}: its directory {row.path} is gone")
+    if force and (row.metrics or {}).get("rejected"):
+        await repo.update_checkpoint_metrics(checkpoint_id, {"rejected": False, "forced": True})
+    return await repo.set_active_checkpoint(checkpoint_id)
+
+
+async def rollback(repo: Any) -> tuple[Any, Any]:
+    """The active checkpoint's parent becomes active again; returns (parent row, the row rolled back)."""
+    active = await repo.get_active_checkpoint()
+    if active is None:
+        raise ValueError("no checkpoint is active")
+    if active.parent_id is None:
+        raise ValueError(f"checkpoint {active.id!r} has no parent to roll back to")
+    parent = await repo.get_checkpoint(active.parent_id)
+    if parent is None or not Path(parent.path).is_dir():
+        raise ValueError(f"the parent {active.parent_id!r} is not available")
+    return await repo.set_active_checkpoint(parent.id), active
