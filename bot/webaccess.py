@@ -121,7 +121,7 @@ class WebModeration:
     async def actor(self, rights: Rights, guild_id: int | None) -> Moderator:
         """The reader as a moderator of ``guild_id``; NotModerator if they hold no right there (or lost it)."""
         if rights.operator:
-            return Moderator(user_id=rights.user_id, guild_id=guild_id, operator=True)
+            return Moderator(user_id=rights.user_id, guild_id=guild_id, can_manage_messages=True, operator=True)
         grant = rights.grants.get(guild_id) if guild_id is not None else None
         if grant is None:
             raise NotModerator("That belongs to a server you don't moderate.")
@@ -214,8 +214,13 @@ class WebModeration:
             return await self.repo.active_blocks(None, every_guild=True)
         return await self.service.blocklist.blocks(await self.actor(rights, guild_id))
 
-    async def user(self, rights: Rights, guild_id: int, user_id: int) -> Any:
-        return await self.moderation.user_history(await self.actor(rights, guild_id), user_id)
+    async def user(self, rights: Rights, guild_id: int, user_id: int) -> dict[str, Any]:
+        """A member's record in a guild: the counts moderators see in Discord, and their latest generations,
+        refusals and strikes there."""
+        record = await self.moderation.user_history(await self.actor(rights, guild_id), user_id)
+        return {"record": record, "generations": await self.repo.user_generations(user_id, guild_id),
+                "refusals": await self.repo.recent_refusals(user_id, guild_id, limit=20),
+                "strikes": await self.repo.list_strikes(user_id, guild_id)}
 
     async def settings(self, rights: Rights, guild_id: int) -> dict[str, tuple[Any, bool]]:
         await self.actor(rights, guild_id)

@@ -269,9 +269,9 @@ async def blocklist(request: web.Request) -> web.Response:
 async def user_page(request: web.Request) -> web.Response:
     guild_id = int_param(request.match_info["guild_id"], "guild")
     user_id = int_param(request.match_info["user_id"], "user")
-    record = await _web(request).user(_rights(request), guild_id, user_id)
+    found = await _web(request).user(_rights(request), guild_id, user_id)
     actions = await _web(request).audit(_rights(request), guild_id=guild_id, user_id=user_id, limit=50)
-    return await _render(request, "user.html", {"record": record, "guild_id": guild_id, "actions": actions})
+    return await _render(request, "user.html", {**found, "guild_id": guild_id, "actions": actions})
 
 
 async def _audit_rows(request: web.Request) -> list[Any]:

@@ -122,6 +122,16 @@ class WebRepository(RepositoryBase):
         async with self._read() as s:
             return list((await s.execute(stmt)).scalars())
 
+    async def user_generations(self, user_id: int, guild_id: int | None,
+                               limit: int = 20) -> list[tuple[Generation, int | None]]:
+        """A user's newest generations in a guild, each with its best image's id (None: no image stored)."""
+        best = (select(Image.id).where(Image.generation_id == Generation.id)
+                .order_by(Image.rank, Image.index).limit(1).scalar_subquery())
+        stmt = (select(Generation, best).where(Generation.user_id == user_id, Generation.guild_id == guild_id)
+                .order_by(Generation.id.desc()).limit(limit))
+        async with self._read() as s:
+            return [(gen, image_id) for gen, image_id in (await s.execute(stmt)).all()]
+
     # -- the audit log -----------------------------------------------------------------------------------
 
     async def audit_log(self, guild_ids: list[int] | None, *, action: str | None = None,

@@ -196,10 +196,16 @@ async def test_web_review_bulk_remove_blocklist_and_unblock(site, tmp_path):
     queue = await (await client.get("/?q=green")).text()
     assert f'data-case="{c.case_id}"' in queue and f'data-case="{a.case_id}"' not in queue
     assert f'data-case="{b.case_id}"' in await (await client.get(f"/?q=%23{b.case_id}")).text()
+    assert 'data-case=' not in await (await client.get("/?kind=report")).text()
+    assert 'data-case=' not in await (await client.get("/?age=1")).text()  # none open for an hour yet
+    only_a = await (await client.get(f"/?guild={GUILD_A}")).text()
+    assert f'data-case="{a.case_id}"' in only_a and f'data-case="{b.case_id}"' not in only_a
     r = await client.post("/bulk", data={"csrf": csrf, "action": "remove", "case": [a.case_id, c.case_id]})
     assert r.status == 200
     assert {(await repo.get_case(i)).status for i in (a.case_id, c.case_id)} == {"removed"}
     assert (await repo.get_case(b.case_id)).status == "open"
+    strikes = await (await client.get(f"/user/{GUILD_A}/77")).text()
+    assert "removal" in strikes  # a removed image is a strike for its author
     blocks = await (await client.get("/blocklist")).text()
     assert f"/case/{a.case_id}/unblock" in blocks
     r = await client.post(f"/case/{a.case_id}/unblock", data={"csrf": csrf, "reason": "mistake"})
@@ -217,8 +223,10 @@ async def test_web_review_settings_need_admin_and_ban_from_case(site):
     assert r.status == 403
     r = await client.post(f"/case/{a.case_id}/ban", data={"csrf": csrf, "duration": "7d", "reason": "spam"})
     assert r.status == 200 and "banned from generating" in await r.text()
+    await repo.record_refusal(user_id=77, guild_id=GUILD_A, prompt="a forbidden thing", reason="blocked term")
     user = await (await client.get(f"/user/{GUILD_A}/77")).text()
     assert "ban" in user and "spam" in user
+    assert "a red square" in user and f"/image/{a.image_ids[0]}" in user and "a forbidden thing" in user
     client.session.cookie_jar.clear()
     csrf = await sign_in(client, repo, ADMIN_A)
     r = await client.post(f"/settings/{GUILD_A}", data={"csrf": csrf, "key": "daily_quota", "value": "5"})
