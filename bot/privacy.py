@@ -43,6 +43,15 @@ def _snowflake(value: int | None) -> str | None:
     return str(value) if value is not None else None
 
 
+def _tokens(image: Any) -> list[int] | None:
+    tokens = image.tokens
+    return None if tokens is None else tokens.tolist()
+
+
+def _encoded(data: UserData, now: datetime) -> bytes:
+    return json.dumps(export_document(data, now), indent=2, ensure_ascii=False).encode("utf-8")
+
+
 def export_document(data: UserData, now: datetime) -> dict[str, Any]:
     """What an export holds: the user's own rows, without secrets (interaction tokens) or moderators' ids."""
     state = data.state
@@ -58,7 +67,9 @@ def export_document(data: UserData, now: datetime) -> dict[str, Any]:
             "params": g.params, "status": g.status, "private": g.private, "model_id": g.checkpoint_id,
             "parent_generation_id": g.parent_generation_id, "parent_image_id": g.parent_image_id,
             "images": [{"id": im.id, "index": im.index, "rank": im.rank, "clip_score": im.clip_score,
-                        "flagged": im.flagged, "hidden": im.hidden, "sha256": im.sha256} for im in g.images],
+                        "flagged": im.flagged, "hidden": im.hidden, "sha256": im.sha256,
+                        "file": Path(im.file_path).name if im.file_path else None,
+                        "tokens": _tokens(im)} for im in g.images],
         } for g in data.generations],
         "votes": [{"image_id": f.image_id, "vote": f.kind, "at": _at(f.created_at)}
                   for f in data.feedback if f.kind != "report"],
@@ -139,7 +150,7 @@ class PrivacyService:
     async def export(self, user_id: int) -> DataExport:
         data = await self.repo.user_data(user_id)
         now = datetime.now(UTC)
-        body = json.dumps(export_document(data, now), indent=2, ensure_ascii=False).encode("utf-8")
+        body = await asyncio.to_thread(_encoded, data, now)  # megabytes for a heavy user: off the event loop
         summary = (f"Your data: {len(data.generations)} generation(s), {len(data.feedback)} vote(s)/report(s), "
                    f"{len(data.refusals)} refused prompt(s), {len(data.strikes)} strike(s), {len(data.bans)} ban(s).")
         return DataExport(f"dalle-data-{user_id}-{now:%Y%m%d-%H%M%S}.json", body, summary)

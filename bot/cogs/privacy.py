@@ -4,6 +4,7 @@ server or in DMs. The decisions are ``bot.privacy.PrivacyService``'s; ``delete``
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import logging
@@ -46,7 +47,7 @@ class Privacy(commands.Cog):
         export = await privacy_of(interaction).export(interaction.user.id)
         name, data = export.filename, export.data
         if len(data) > interaction.filesize_limit:
-            name, data = name + ".gz", gzip.compress(data)
+            name, data = name + ".gz", await asyncio.to_thread(gzip.compress, data)  # off the event loop
         if len(data) > interaction.filesize_limit:
             await interaction.edit_original_response(content=export.summary + "\nThe file is larger than Discord "
                                                      "lets the bot send; ask the bot's operator for it.")

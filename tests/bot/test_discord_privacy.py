@@ -4,8 +4,10 @@ only; delete asks first, removes their generations, images and files, and keeps 
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import threading
 
 from bot.privacy import OPTED_IN, OPTED_OUT
 from store.models import Feedback, Generation, Image, ModerationAction
@@ -37,7 +39,7 @@ async def images_of(repo, user_id: int) -> list[Image]:
     return [i for i in await rows_of(repo, Image) if i.generation_id in gens]
 
 
-async def test_privacy_optout_export_delete(fake, bot_db_url, tmp_path):
+async def test_privacy_optout_export_delete(fake, bot_db_url, tmp_path, monkeypatch):
     repo = make_repo(bot_db_url)
     run = await start_bot(discord_settings(tmp_path), FakeEngine(), repo)
     try:
@@ -71,7 +73,22 @@ async def test_privacy_optout_export_delete(fake, bot_db_url, tmp_path):
         assert doc["votes"][0]["image_id"] == theirs[0].id
         assert "their green circle" not in data.decode()
 
+        # larger than the upload limit: gzipped, off the event loop, with the image tokens inside
+        fake.attachment_limit = len(data) - 1
+        real_compress, threads = gzip.compress, []
+
+        def compress(raw, *args, **kwargs):
+            threads.append(threading.current_thread())
+            return real_compress(raw, *args, **kwargs)
+
+        monkeypatch.setattr(gzip, "compress", compress)
         _, edit = await privacy_command(fake, "export")
+        monkeypatch.setattr(gzip, "compress", real_compress)
+        fake.attachment_limit = 10 * 1024 * 1024
+        [(name, packed)] = edit.files.items()
+        assert name.endswith(".json.gz") and threads and threads[0] is not threading.main_thread()
+        [image] = [i for i in json.loads(gzip.decompress(packed))["generations"][0]["images"] if i["id"] == mine[0].id]
+        assert image["tokens"] == mine[0].tokens.tolist() and image["file"] == os.path.basename(mine[0].file_path)
         rec = await fake.slash("dalle-privacy", {}, subcommand="export", user_id=ME)  # a third within a minute
         cb = await fake.wait_for(lambda c: c.path.startswith(f"/interactions/{rec.id}/"))
         assert cb.json["data"]["content"].startswith("Slow down: try again in") and cb.json["data"]["flags"] == 64

@@ -5,10 +5,13 @@ files go; audited without the prompt)."""
 from __future__ import annotations
 
 import json
+import threading
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 
+from bot import privacy as privacy_module
 from bot.privacy import PrivacyService
 from store.models import Feedback, Generation, Image, ModerationAction, Refusal, Strike
 from store.repository import NewImage
@@ -83,6 +86,9 @@ async def test_export_holds_my_rows_only(repo, tmp_path):
     assert set(gens) == {seeded["mine"].id, seeded["reviewed"].id, seeded["queued"].id}
     assert gens[seeded["mine"].id]["prompt"] == SECRET_PROMPT and gens[seeded["mine"].id]["model_id"] == "demo"
     assert [im["id"] for im in gens[seeded["mine"].id]["images"]] == [r.id for r in seeded["mine_rows"]]
+    first = gens[seeded["mine"].id]["images"][0]  # the exact image tokens and the file's name, as README promises
+    assert first["tokens"] == list(range(seeded["mine"].id * 10, seeded["mine"].id * 10 + 16))
+    assert first["file"] == Path(seeded["mine_rows"][0].file_path).name
     assert doc["votes"] == [{"image_id": seeded["their_rows"][0].id, "vote": "up", "at": doc["votes"][0]["at"]}]
     assert [(r["image_id"], r["reason"], r["note"]) for r in doc["reports"]] == [
         (seeded["their_rows"][1].id, "quality", "blurry")]
@@ -135,3 +141,19 @@ async def test_export_to_file_for_the_terminal(repo, tmp_path):
     path, summary = await PrivacyService(repo, output_dir=tmp_path / "out").export_to_file(ME)
     assert path.parent == tmp_path / "out" and json.loads(path.read_text())["user_id"] == str(ME)
     assert summary.startswith("Your data:")
+
+
+async def test_export_is_encoded_off_the_event_loop(repo, tmp_path, monkeypatch):
+    """A heavy user's export is megabytes of JSON: it must not be built on the event loop."""
+    await seed(repo, tmp_path)
+    threads = []
+    real = privacy_module.export_document
+
+    def spy(data, now):
+        threads.append(threading.current_thread())
+        return real(data, now)
+
+    monkeypatch.setattr(privacy_module, "export_document", spy)
+    export = await PrivacyService(repo).export(ME)
+    assert json.loads(export.data)["user_id"] == str(ME)
+    assert threads and threads[0] is not threading.main_thread()
