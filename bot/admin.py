@@ -11,7 +11,7 @@ from typing import Any
 from bot.guildrules import MAX_TERMS, clean_term, critical_category, same_term
 from bot.ratelimit import LimitPolicy
 from store.models import FlaggedMode, ModAction, NotifyMode
-from store.repository import Repository
+from store.repository import ListEdit, Repository
 
 #: what ``/dalle-admin settings set`` may change, with what the admin sees
 SETTINGS = {
@@ -74,9 +74,6 @@ class AdminService:
             raise NotAdmin()
         return actor.guild_id
 
-    async def _audit(self, actor: Admin, action: ModAction, what: str) -> None:
-        await self.repo.add_action(None, actor.user_id, action.value, reason=what, guild_id=actor.guild_id)
-
     # -- settings --------------------------------------------------------------------------------------
 
     async def show(self, actor: Admin) -> dict[str, tuple[Any, bool]]:
@@ -118,34 +115,42 @@ class AdminService:
             current = [int(c) for c in (getattr(gs, "channel_ids", None) or [])]
             if int(add_channel) not in current and len(current) >= MAX_CHANNELS:
                 raise ValueError(f"at most {MAX_CHANNELS} channels; remove one first")
-        said = []
-        if changes:
-            await self.update_settings(guild_id, **changes)
-            said += [f"{label} → {changes[k]}" for k, label in SETTINGS.items() if k in changes]
+        lists = {"channel_ids": ListEdit(add=(add_channel,) if add_channel is not None else (),
+                                         remove=(remove_channel,) if remove_channel is not None else (),
+                                         clear=any_channel)} if channel_edit else {}
+
+        def audited(edits: dict[str, tuple[list[Any], list[Any]]]) -> str:
+            shown = dict(changes)
+            if "channel_ids" in edits:
+                shown["channel_ids"] = "+{} -{}".format(*edits["channel_ids"])
+            return ", ".join(f"{k}={v}" for k, v in sorted(shown.items()))
+
+        _, edits = await self._change(guild_id, actor, ModAction.SETTINGS, audited, fields=changes, lists=lists)
+        said = [f"{label} → {changes[k]}" for k, label in SETTINGS.items() if k in changes]
         if channel_edit:
-            _, added, removed = await self.repo.edit_guild_list(
-                guild_id, "channel_ids", add=[add_channel] if add_channel is not None else [],
-                remove=[remove_channel] if remove_channel is not None else [], clear=any_channel)
-            self.invalidate(guild_id)
+            added, removed = edits["channel_ids"]
             said += [f"/dalle works in <#{c}>" for c in added] + [f"/dalle no longer listed in <#{c}>" for c in removed]
             if any_channel:
                 said.append("/dalle works in every channel")
-            changes["channel_ids"] = f"+{added} -{removed}"
-        what = ", ".join(f"{k}={v}" for k, v in sorted(changes.items()))
-        await self._audit(actor, ModAction.SETTINGS, what)
         return "Changed: " + ", ".join(said) + "." if said else "Nothing changed."
+
+    async def _change(self, guild_id: int, actor: Admin, action: ModAction, reason: Callable[..., str | None],
+                      **what: Any) -> Any:
+        """The change and its audit row in one transaction (``Repository.change_guild_settings``); this
+        process's cached settings are dropped before and after, so a read racing the write keeps no old row."""
+        self.invalidate(guild_id)
+        try:
+            return await self.repo.change_guild_settings(guild_id, actor.user_id, action.value, reason=reason, **what)
+        finally:
+            self.invalidate(guild_id)
 
     async def reset(self, actor: Admin, key: str) -> str:
         """Drop the guild's own value of one setting: the global default applies again. Audited."""
         guild_id = self._require(actor)
         if key not in SETTINGS:
             raise ValueError(f"unknown setting {key!r}")
-        if key == "channel_ids":
-            await self.repo.edit_guild_list(guild_id, "channel_ids", clear=True)
-            self.invalidate(guild_id)
-        else:
-            await self.update_settings(guild_id, **{key: None})
-        await self._audit(actor, ModAction.SETTINGS, f"{key}=default")
+        what = {"lists": {key: ListEdit(clear=True)}} if key == "channel_ids" else {"fields": {key: None}}
+        await self._change(guild_id, actor, ModAction.SETTINGS, lambda _: f"{key}=default", **what)
         return f"{SETTINGS[key]}: back to the default."
 
     @staticmethod
@@ -201,10 +206,9 @@ class AdminService:
                              f"remove it there first")
         if len(current) >= MAX_TERMS:
             raise ValueError(f"at most {MAX_TERMS} terms per list; remove one first")
-        _, added, _ = await self.repo.edit_guild_list(guild_id, column, add=[term])
-        self.invalidate(guild_id)
-        if added:
-            await self._audit(actor, ModAction.FILTER, f"{'block' if column == 'block_list' else 'allow'} +{term}")
+        name = "block" if column == "block_list" else "allow"
+        await self._change(guild_id, actor, ModAction.FILTER, lambda e: f"{name} +{term}" if e[column][0] else None,
+                           lists={column: ListEdit(add=(term,))})
         return f"“{term}” is now {word} in this server's prompts."
 
     async def filter_remove(self, actor: Admin, term: str) -> str:
@@ -216,11 +220,13 @@ class AdminService:
         for column, name in (("block_list", "block"), ("allow_list", "allow")):
             stored = [t for t in getattr(gs, column, None) or [] if same_term(term, t)]
             if stored:
-                _, _, removed = await self.repo.edit_guild_list(guild_id, column, remove=stored)
+                _, edits = await self._change(
+                    guild_id, actor, ModAction.FILTER,
+                    lambda e, c=column, n=name: f"{n} -{', '.join(e[c][1])}" if e[c][1] else None,
+                    lists={column: ListEdit(remove=tuple(stored))})
+                removed = edits[column][1]
                 if removed:
-                    await self._audit(actor, ModAction.FILTER, f"{name} -{', '.join(removed)}")
                     said.append(f"“{removed[0]}” is off the {name} list")
-        self.invalidate(guild_id)
         if not said:
             raise ValueError(f"“{term}” is on neither of this server's lists")
         return "; ".join(said) + "."

@@ -20,7 +20,7 @@ from store.repo.generations import (
     StatusError,
     TakenOver,
 )
-from store.repo.guilds import GuildRepository
+from store.repo.guilds import GuildRepository, ListEdit
 from store.repo.images import ImageRepository, NewImage
 from store.repo.moderation import CaseClosed, ModerationRepository, UserRecord
 from store.repo.privacy import Deletion, PrivacyRepository, UserData
@@ -40,6 +40,7 @@ __all__ = [
     "Escalation",
     "FeedbackRecord",
     "JudgedImage",
+    "ListEdit",
     "NewImage",
     "NotFound",
     "QueuedJob",

@@ -4,12 +4,13 @@ setting"."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from store.models import FlaggedMode, GuildSettings, NotifyMode
+from store.models import FlaggedMode, GuildSettings, ModAction, ModerationAction, NotifyMode
 from store.repo.base import RepositoryBase, check_choice
 
 _GUILD_FIELDS = frozenset(
@@ -47,27 +48,41 @@ class GuildRepository(RepositoryBase):
 
     async def update_guild_settings(self, guild_id: int, **fields: Any) -> GuildSettings:
         """Create or update a guild's overrides (None clears an override back to the global setting)."""
-        unknown = set(fields) - _GUILD_FIELDS
-        if unknown:
-            raise ValueError(f"unknown guild setting(s): {', '.join(sorted(unknown))}")
-        if "flagged_mode" in fields:
-            check_choice("flagged_mode", fields["flagged_mode"], FlaggedMode, nullable=True)
-        if "notify_mode" in fields:
-            check_choice("notify_mode", fields["notify_mode"], NotifyMode, nullable=True)
-        for key in _STRIKE_FIELDS:
-            least = 1 if key == "strike_days" else 0
-            if fields.get(key) is not None and (isinstance(fields[key], bool) or int(fields[key]) < least):
-                raise ValueError(f"{key} must be a whole number >= {least}; got {fields[key]}")
-        if fields.get("reping_hours") is not None and not 0 <= int(fields["reping_hours"]) <= 8760:
-            raise ValueError(f"reping_hours must be a whole number from 0 to 8760; got {fields['reping_hours']}")
-        if fields.get("max_images") is not None and int(fields["max_images"]) < 1:
-            raise ValueError(f"max_images must be >= 1; got {fields['max_images']}")
-        for key in ("block_list", "allow_list"):
-            if key in fields:
-                fields[key] = [str(x) for x in (fields[key] or [])]
-        if "channel_ids" in fields:
-            fields["channel_ids"] = [int(x) for x in (fields["channel_ids"] or [])]
-        return await self._upsert(GuildSettings, guild_id, fields, _new_row())
+        return await self._upsert(GuildSettings, guild_id, _checked(fields), _new_row())
+
+    async def change_guild_settings(
+        self, guild_id: int, moderator_id: int, action: str, *, fields: dict[str, Any] | None = None,
+        lists: dict[str, ListEdit] | None = None,
+        reason: Callable[[dict[str, tuple[list[Any], list[Any]]]], str | None],
+    ) -> tuple[GuildSettings, dict[str, tuple[list[Any], list[Any]]]]:
+        """An admin's change and its audit row (``action`` by ``moderator_id``) in one transaction, so that no
+        change is ever left unaudited: ``fields`` as :meth:`update_guild_settings` takes them, ``lists`` edited as
+        :meth:`edit_guild_list` does. ``reason(edits)`` gets each list's ``(added, removed)`` and returns the audit
+        row's reason, or None when nothing changed (then no row). Returns the row and the edits."""
+        check_choice("action", action, ModAction)
+        fields = _checked(dict(fields or {}))
+        lists = lists or {}
+        if set(lists) - _LIST_FIELDS:
+            raise ValueError(f"{', '.join(sorted(set(lists) - _LIST_FIELDS))} is not a list setting")
+
+        async def work(s: AsyncSession) -> tuple[tuple[GuildSettings, dict[str, tuple[list[Any], list[Any]]]], bool]:
+            row = await s.get(GuildSettings, guild_id, with_for_update=True)
+            created = row is None
+            if row is None:
+                row = GuildSettings(guild_id=guild_id, **_new_row())
+                s.add(row)
+            for name, value in fields.items():
+                setattr(row, name, value)
+            edits = {column: _edit_list(row, column, e.add, e.remove, e.clear) for column, e in lists.items()}
+            now = self.now()
+            row.updated_at = now
+            why = reason(edits)
+            if why is not None:
+                s.add(ModerationAction(case_id=None, moderator_id=moderator_id, guild_id=guild_id, action=action,
+                                       reason=why, created_at=now))
+            return (row, edits), created
+
+        return await self._insert_race(work)
 
     async def edit_guild_list(self, guild_id: int, column: str, *, add: Iterable[Any] = (), remove: Iterable[Any] = (),
                               clear: bool = False) -> tuple[GuildSettings, list[Any], list[Any]]:
@@ -76,8 +91,6 @@ class GuildRepository(RepositoryBase):
         already there is not added twice; one not there is not removed)."""
         if column not in _LIST_FIELDS:
             raise ValueError(f"{column} is not a list setting")
-        cast = int if column == "channel_ids" else str
-        to_add, to_remove = [cast(a) for a in add], {cast(r) for r in remove}
 
         async def work(s: AsyncSession) -> tuple[tuple[GuildSettings, list[Any], list[Any]], bool]:
             row = await s.get(GuildSettings, guild_id, with_for_update=True)
@@ -85,18 +98,64 @@ class GuildRepository(RepositoryBase):
             if row is None:
                 row = GuildSettings(guild_id=guild_id, **_new_row())
                 s.add(row)
-            current = [cast(x) for x in (getattr(row, column) or [])]
-            dropped = list(current) if clear else [x for x in current if x in to_remove]
-            kept = [x for x in current if x not in dropped]
-            added = []
-            for x in to_add:
-                if x not in kept and x not in added:
-                    added.append(x)
-            setattr(row, column, kept + added)  # a new list: the JSON column sees the change
+            added, dropped = _edit_list(row, column, add, remove, clear)
             row.updated_at = self.now()
             return (row, added, dropped), created
 
         return await self._insert_race(work)
+
+
+@dataclass(frozen=True)
+class ListEdit:
+    """What to do to one list setting: entries to add, entries to remove, or empty it first (``clear``)."""
+
+    add: tuple[Any, ...] = ()
+    remove: tuple[Any, ...] = ()
+    clear: bool = False
+
+
+def _edit_list(row: GuildSettings, column: str, add: Iterable[Any], remove: Iterable[Any],
+               clear: bool) -> tuple[list[Any], list[Any]]:
+    """Edit ``row``'s list ``column`` in place; returns what was actually added and removed."""
+    cast = int if column == "channel_ids" else str
+    to_add, to_remove = [cast(a) for a in add], {cast(r) for r in remove}
+    current = [cast(x) for x in (getattr(row, column) or [])]
+    dropped = list(current) if clear else [x for x in current if x in to_remove]
+    kept = [x for x in current if x not in dropped]
+    added: list[Any] = []
+    for x in to_add:
+        if x not in kept and x not in added:
+            added.append(x)
+    setattr(row, column, kept + added)  # a new list: the JSON column sees the change
+    return added, dropped
+
+
+def _checked(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` validated (ValueError, nothing written, for anything out of range) and normalised."""
+    unknown = set(fields) - _GUILD_FIELDS
+    if unknown:
+        raise ValueError(f"unknown guild setting(s): {', '.join(sorted(unknown))}")
+    if "flagged_mode" in fields:
+        check_choice("flagged_mode", fields["flagged_mode"], FlaggedMode, nullable=True)
+    if "notify_mode" in fields:
+        check_choice("notify_mode", fields["notify_mode"], NotifyMode, nullable=True)
+    for key in _STRIKE_FIELDS:
+        least = 1 if key == "strike_days" else 0
+        if fields.get(key) is not None and (isinstance(fields[key], bool) or int(fields[key]) < least):
+            raise ValueError(f"{key} must be a whole number >= {least}; got {fields[key]}")
+    if fields.get("reping_hours") is not None and not 0 <= int(fields["reping_hours"]) <= 8760:
+        raise ValueError(f"reping_hours must be a whole number from 0 to 8760; got {fields['reping_hours']}")
+    if fields.get("max_images") is not None and int(fields["max_images"]) < 1:
+        raise ValueError(f"max_images must be >= 1; got {fields['max_images']}")
+    for quota in ("daily_quota", "max_queue_per_user"):
+        if fields.get(quota) is not None and int(fields[quota]) < 0:
+            raise ValueError(f"{quota} must be >= 0; got {fields[quota]}")
+    for key in ("block_list", "allow_list"):
+        if key in fields:
+            fields[key] = [str(x) for x in (fields[key] or [])]
+    if "channel_ids" in fields:
+        fields["channel_ids"] = [int(x) for x in (fields["channel_ids"] or [])]
+    return fields
 
 
 def _new_row() -> dict[str, Any]:

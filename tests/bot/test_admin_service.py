@@ -147,3 +147,29 @@ async def test_admin_model_show_is_the_engines_info(repo):
         "demo-7", "native", "float32")
     with pytest.raises(NotAdmin):
         await service.model(Admin(user_id=2, guild_id=GUILD))
+
+
+async def test_admin_settings_change_and_its_audit_row_are_one_transaction(admin, repo, monkeypatch):
+    """A crash between the change and its audit row must not leave the change unaudited: neither is written."""
+    import store.repo.guilds as guilds
+
+    boss = Admin(user_id=1, guild_id=GUILD, can_manage_guild=True)
+    await admin.set(boss, flagged_mode="spoiler", add_channel=3001)
+    await admin.filter_add(boss, "gore")
+    before = await audit_rows(repo)
+
+    def crash(**_):
+        raise RuntimeError("the process died while writing the audit row")
+
+    monkeypatch.setattr(guilds, "ModerationAction", crash)
+    for change in (lambda: admin.set(boss, flagged_mode="withhold", add_channel=3002),
+                   lambda: admin.reset(boss, "channel_ids"), lambda: admin.filter_add(boss, "blood"),
+                   lambda: admin.filter_remove(boss, "gore")):
+        with pytest.raises(RuntimeError):
+            await change()
+    gs = await repo.get_guild_settings(GUILD)
+    assert (gs.flagged_mode, gs.channel_ids, gs.block_list) == ("spoiler", [3001], ["gore"])
+    assert await audit_rows(repo) == before
+    monkeypatch.undo()
+    assert "withhold" in await admin.set(boss, flagged_mode="withhold")
+    assert (await audit_rows(repo))[-1] == ("settings", 1, GUILD, "flagged_mode=withhold")
