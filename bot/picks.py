@@ -44,15 +44,24 @@ class ImagePicks:
             return PickedImage(False, "That image no longer exists.")
         if gen.private and gen.user_id != user_id:
             return PickedImage(False, "That generation is private: only the user who made it can see its images.")
-        if image.id in await self.repo.removed_image_ids(gen.id):
-            return PickedImage(False, "That image was removed by a moderator.")
-        withhold = await self.flagged_mode(gen.guild_id) == FlaggedMode.WITHHOLD.value
-        if is_withheld(image.flagged, image.hidden, withhold, image.critical):
-            return PickedImage(False, "That image is withheld until a moderator reviews it.")
+        hidden = await self.hidden_from_public(image, gen)
+        if hidden is not None:
+            return PickedImage(False, hidden)
         png = await asyncio.to_thread(_read, image.file_path)
         if not png:
             return PickedImage(False, "That image's file is no longer stored.")
         return PickedImage(True, image_id=image.id, generation_id=gen.id, png=png, spoiler=bool(image.hidden))
+
+
+    async def hidden_from_public(self, image: Any, gen: Any) -> str | None:
+        """Why the public message does not show ``image`` (removed, or withheld as the guild's flagged mode says),
+        or None when it does. Variations go by this too: they must not copy what moderation took down."""
+        if image.id in await self.repo.removed_image_ids(gen.id):
+            return "That image was removed by a moderator."
+        withhold = await self.flagged_mode(gen.guild_id) == FlaggedMode.WITHHOLD.value
+        if is_withheld(image.flagged, image.hidden, withhold, image.critical):
+            return "That image is withheld until a moderator reviews it."
+        return None
 
 
 def _read(path: str | None) -> bytes:

@@ -389,6 +389,9 @@ class GenerationService:
             return Admission(False, category="invalid", message="That image no longer exists.")
         if parent.private and parent.user_id != user_id:
             return _not_yours("make variations of")
+        hidden = await self.picks.hidden_from_public(image, parent)  # a panel or V button left from before
+        if hidden is not None:
+            return Admission(False, category="invalid", message=hidden)
         return await self.submit(
             user_id=user_id, prompt=parent.prompt, guild_id=guild_id if guild_id is not None else parent.guild_id,
             n=parent.n_images, seed=derive_seed(parent.seed, image.index), private=parent.private,

@@ -38,10 +38,14 @@ def kept_prefix(tokens: Any, keep: float = KEEP_ROWS) -> tuple[int, ...]:
 async def variation_prefix(repo: Any, generation: Any) -> tuple[int, ...]:
     """The image prefix a queued generation is sampled with: the kept rows of its parent image for a variation
     (read from the database, so a resumed or taken-over job keeps the same prefix), else none. A parent image
-    that is gone or has no stored tokens gives a seed-only variation, as before."""
+    that is gone, has no stored tokens or is hidden (removed, or flagged and not approved, whatever the guild's
+    flagged mode) gives a seed-only variation, as before."""
     if getattr(generation, "kind", None) != GenerationKind.VARIATION.value or not generation.parent_image_id:
         return ()
     image = await repo.get_image(generation.parent_image_id)
+    if image is not None and image.hidden:  # removed or withheld since the variation was queued: copy none of it
+        log.info("variation %s: image %s is hidden now; a seed-only variation", generation.id, image.id)
+        return ()
     tokens = None if image is None else image.tokens
     if tokens is None:
         log.info("variation %s: image %s has no stored tokens; a seed-only variation", generation.id,

@@ -3,8 +3,10 @@ report with a reason, variations of that image), within Discord's component limi
 
 from __future__ import annotations
 
-from bot.variations import kept_prefix
+from bot.moderation import Moderator
+from bot.variations import kept_prefix, variation_prefix
 from store.models import Feedback, Generation, Image, ModerationCase
+from store.repository import NewImage
 from tests.fakes.botkit import make_repo, rows_of
 from tests.fakes.discordkit import (
     channel_posts,
@@ -112,3 +114,40 @@ async def test_pick_with_a_value_not_in_the_menu_is_answered_moderation(fake, bo
     finally:
         await run.stop()
         await repo.close()
+
+
+async def test_variation_of_a_removed_image_from_an_old_panel_is_refused_moderation(fake, bot_db_url, tmp_path):
+    """A panel opened before a moderator removed the image still has its V button: it must not copy the image."""
+    repo = make_repo(bot_db_url)
+    engine = FakeEngine()
+    run = await start_bot(discord_settings(tmp_path, DEFAULT_IMAGES="4"), engine, repo)
+    try:
+        message, _ = await dalle_result(fake, {"prompt": "a lighthouse at dusk", "images": 4, "seed": 3}, 11)
+        image_k = int(_select(message)["options"][1]["value"].split(":")[0])
+        _, _, panel = await _pick(fake, message, 2, user_id=12)  # opened while the image was still shown
+        case, _ = await repo.open_case("report", image_id=image_k)
+        await run.bot.service.moderation.remove(case.id, Moderator(user_id=9, guild_id=2000, operator=True))
+        submitted = len(engine.submitted)
+
+        rec = await fake.click(panel, f"dalle:var:{image_k}:2", user_id=12)
+        await interaction_callback(fake, rec)
+        answer = await fake.wait_for(lambda c: c.method == "PATCH" and rec.token in c.path)
+        assert answer.json["content"] == "That image was removed by a moderator."
+        assert len(engine.submitted) == submitted
+        assert [g.kind for g in await rows_of(repo, Generation)] == ["new"]
+        assert fake.errors == []
+    finally:
+        await run.stop()
+        await repo.close()
+
+
+async def test_variation_queued_before_its_image_was_removed_copies_none_of_it_moderation(repo):
+    """The job reads its prefix when it runs: an image hidden since then gives a seed-only variation."""
+    parent = await repo.create_generation(user_id=11, prompt="a lighthouse", guild_id=2000)
+    [image] = await repo.add_images(parent.id, [NewImage(index=0, tokens=list(range(16)))])
+    var = await repo.create_generation(user_id=12, prompt="a lighthouse", guild_id=2000, kind="variation",
+                                       parent_generation_id=parent.id, parent_image_id=image.id)
+    assert await variation_prefix(repo, var) == tuple(range(4))
+    case, _ = await repo.open_case("report", image_id=image.id)
+    await repo.add_action(case.id, 9, "remove")
+    assert await variation_prefix(repo, var) == ()
