@@ -10,6 +10,8 @@ changed (AUTO_MODERATION_RULE_* events) or after a few minutes.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 import discord
@@ -18,6 +20,7 @@ from discord.ext import commands
 
 from bot.admin import SETTINGS, Admin, NotAdmin
 from bot.automod import AutoModUnavailable, KeywordRule
+from bot.model_admin import ModelActor, ModelAdmin, NotOperator
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ async def answer(interaction: discord.Interaction, work: Any) -> None:
     await interaction.response.defer(ephemeral=True, thinking=True)
     try:
         text = await work()
-    except (NotAdmin, ValueError) as exc:
+    except (NotAdmin, NotOperator, ValueError) as exc:
         text = str(exc)
     await interaction.edit_original_response(content=text[:2000], allowed_mentions=NO_MENTIONS)
 
@@ -102,10 +105,24 @@ class GuildAdmin(commands.Cog, name="Admin"):
 
     def __init__(self, bot: commands.Bot) -> None:
         self.bot = bot
+        self._models: ModelAdmin | None = None
 
     @property
     def service(self) -> Any:
         return self.bot.service  # type: ignore[attr-defined]
+
+    @property
+    def models(self) -> ModelAdmin:
+        """Retraining (``bot.model_admin``): the bot's own, or one over this service's store and engine."""
+        if self._models is None:
+            self._models = getattr(self.bot, "model_admin", None) or ModelAdmin(
+                self.service.repo, self.service.engine, database_url=self.bot.settings.database_url,
+                runs_dir=Path(os.environ.get("FEEDBACK_RUNS_DIR", "runs/feedback")))
+        return self._models
+
+    async def model_actor(self, interaction: discord.Interaction) -> ModelActor:
+        return ModelActor(interaction.user.id, interaction.guild_id, interaction.permissions.manage_guild,
+                          await self.bot.is_owner(interaction.user))
 
     async def cog_load(self) -> None:
         self.service.automod.loader = self.read_automod_rules
@@ -240,6 +257,46 @@ class GuildAdmin(commands.Cog, name="Admin"):
             info = await self.service.admin.model(admin_of(interaction))
             return (f"Model: checkpoint `{info.checkpoint_id}` · attention `{info.attention or 'unknown'}` · "
                     f"dtype `{info.dtype or 'unknown'}`")
+        await answer(interaction, work)
+
+    @model.command(name="list", description="The registered checkpoints: active, candidates, rejected, retired")
+    async def model_list(self, interaction: discord.Interaction) -> None:
+        async def work() -> str:
+            return await self.models.list(await self.model_actor(interaction))
+        await answer(interaction, work)
+
+    @model.command(name="train", description="Retrain from feedback: export, fine-tune, evaluate (operator only)")
+    @app_commands.describe(steps="Fine-tuning steps (default 60)")
+    async def model_train(self, interaction: discord.Interaction,
+                          steps: app_commands.Range[int, 1, 5000] = 60) -> None:
+        async def work() -> str:
+            return await self.models.train(await self.model_actor(interaction), steps=steps)
+        await answer(interaction, work)
+
+    @model.command(name="status", description="How the training job is going")
+    async def model_status(self, interaction: discord.Interaction) -> None:
+        async def work() -> str:
+            return await self.models.status(await self.model_actor(interaction))
+        await answer(interaction, work)
+
+    @model.command(name="cancel", description="Stop the training job (nothing is registered)")
+    async def model_cancel(self, interaction: discord.Interaction) -> None:
+        async def work() -> str:
+            return await self.models.cancel(await self.model_actor(interaction))
+        await answer(interaction, work)
+
+    @model.command(name="promote", description="Serve a checkpoint the gate passed (operator only)")
+    @app_commands.describe(checkpoint="Its id, as /dalle-admin model list shows it")
+    async def model_promote(self, interaction: discord.Interaction,
+                            checkpoint: app_commands.Range[str, 1, 128]) -> None:
+        async def work() -> str:
+            return await self.models.promote(await self.model_actor(interaction), checkpoint)
+        await answer(interaction, work)
+
+    @model.command(name="rollback", description="Serve the active checkpoint's parent again (operator only)")
+    async def model_rollback(self, interaction: discord.Interaction) -> None:
+        async def work() -> str:
+            return await self.models.rollback(await self.model_actor(interaction))
         await answer(interaction, work)
 
 
