@@ -320,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="promote/rollback: engine services to reload, one after the other (repeat; default "
                         "$ENGINE_URLS)")
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("bias-demo", help="simulated users' feedback removes the demo model's red bias, end to end "
+                       "(python -m bench bias_demo --help for its options)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options passed on to python -m bench bias_demo")
     return parser
 
 
@@ -631,12 +636,30 @@ def cmd_feedback(args: argparse.Namespace) -> dict[str, Any]:
     return run_action(args)
 
 
+def cmd_bias_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """The end-to-end demonstration lives with the benchmarks (it drives the bot, which training never imports):
+    run it as its own process, its output passed through."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "bench", "bias_demo", "--out", str(args.out), *getattr(args, "rest", [])]
+    code = subprocess.call(cmd)
+    if code != 0:
+        raise ValueError(f"bias-demo failed (exit {code})")
+    return {"report": str(args.out / "report.json")}
+
+
 COMMANDS = {"vqgan": cmd_vqgan, "encode": cmd_encode, "dallebart": cmd_dallebart, "clip": cmd_clip,
-            "demo": cmd_demo, "evaluate": cmd_evaluate, "install": cmd_install, "feedback": cmd_feedback}
+            "demo": cmd_demo, "evaluate": cmd_evaluate, "install": cmd_install, "feedback": cmd_feedback,
+            "bias-demo": cmd_bias_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "bias-demo":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "bias-demo":  # its own options are the benchmark's
+        args.rest = [*unknown, *args.rest]
     try:
         report = COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:

@@ -31,7 +31,7 @@ from typing import Any
 from store.models import CheckpointStatus, Status
 
 GATE_FILE = "gate.json"
-MEASURE_FILE = "gate-measure-{key}.json"
+MEASURE_FILE = "measure-{key}.json"
 
 
 def checkpoint_id_of(directory: Path) -> str:
@@ -157,13 +157,16 @@ async def _finish(database_url: str, run_id: int, status: str, parent_id: str, o
         await repo.close()
 
 
-def _measure_cached(directory: Path, seeds: Sequence[int], n_per_kind: int, candidates: int) -> dict[str, Any]:
-    """:func:`training.gate.measure` of a checkpoint, kept in the directory (the parent is measured once)."""
+def _measure_cached(directory: Path, seeds: Sequence[int], n_per_kind: int, candidates: int,
+                    cache: Path) -> dict[str, Any]:
+    """:func:`training.gate.measure` of a checkpoint, kept in ``cache`` (so a parent is measured once for all the
+    candidates beside each other, and nothing is written into the parent's own directory)."""
     from engine.pipeline import load_pipeline
     from training.gate import measure
 
-    key = f"s{'-'.join(map(str, seeds))}-n{n_per_kind}-c{candidates}"
-    path = directory / MEASURE_FILE.format(key=key)
+    key = f"{checkpoint_id_of(directory)}-s{'-'.join(map(str, seeds))}-n{n_per_kind}-c{candidates}"
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / MEASURE_FILE.format(key=key)
     if path.is_file():
         return json.loads(path.read_text())
     m = measure(load_pipeline(directory), seeds=seeds, n_per_kind=n_per_kind, candidates=candidates,
@@ -180,8 +183,9 @@ def gate_candidate(candidate: Path, parent: Path, data: Path | None, *, seeds: S
     from training.gate import GatePolicy, decide, kl_to_parent
 
     policy = GatePolicy() if kl_budget is None else GatePolicy(kl_budget=kl_budget)
-    pm = _measure_cached(parent, seeds, n_per_kind, candidates)
-    cm = _measure_cached(candidate, seeds, n_per_kind, candidates)
+    cache = candidate.resolve().parent / ".gate-cache"
+    pm = _measure_cached(parent, seeds, n_per_kind, candidates, cache)
+    cm = _measure_cached(candidate, seeds, n_per_kind, candidates, cache)
     kl = kl_to_parent(parent, candidate, data) if data is not None else None
     verdict = decide(pm, cm, kl["kl"] if kl else None, policy)
     report = {"candidate": checkpoint_id_of(candidate), "parent": checkpoint_id_of(parent), **verdict, "kl": kl,
