@@ -1,7 +1,8 @@
 """The author's own control over a result, Discord-independent: the requester (or one of the guild's moderators)
 deletes it. The public message goes first (the front end's ``take_down``); then the generation's rows go too,
-unless an open moderation case still needs them (the case keeps its evidence until a moderator decides). Either
-way the deletion is an audited ``ModerationAction`` (``delete``)."""
+unless an open moderation case still needs them: the case stays open with its evidence, and the rows go when a
+moderator decides it (:meth:`ResultDeletion.case_decided`). Either way the deletion is an audited
+``ModerationAction`` (``delete``)."""
 
 from __future__ import annotations
 
@@ -41,8 +42,18 @@ class ResultDeletion:
             return "That result was deleted already."
         if not await self.may_delete(gen, actor):
             raise NotModerator(NOT_YOURS)
+        # marked before the message goes: its delete event must not close the cases on it (that would let an
+        # author escape a report, and race the deletion below)
+        marked = await self.repo.mark_result_deleted(generation_id)
+        if marked is None:
+            return "That result was deleted already."
         if take_down is not None:
-            await take_down(gen)
+            try:
+                await take_down(gen)
+            except BaseException:
+                if marked:
+                    await self.repo.mark_result_deleted(generation_id, deleted=False)
+                raise
         who = "author" if actor.user_id == gen.user_id else "moderator"
         done = await self.repo.delete_result(generation_id, actor.user_id, guild_id=gen.guild_id,
                                              reason=f"result #{generation_id} deleted by its {who}")
@@ -54,6 +65,15 @@ class ResultDeletion:
         await asyncio.to_thread(_unlink, done.file_paths)
         log.info("generation %s deleted by %s %s", generation_id, who, actor.user_id)
         return "Deleted: the message and its images are gone."
+
+
+    async def case_decided(self, generation_id: int) -> None:
+        """A case on this result was decided: if its author had deleted it and no other case is open, the rows kept
+        for the review go now, and its files."""
+        paths = await self.repo.finish_deleted_result(generation_id)
+        if paths is not None:
+            await asyncio.to_thread(_unlink, paths)
+            log.info("generation %s: deleted by its author, its last case decided; its rows are gone", generation_id)
 
 
 def _unlink(paths: tuple[str, ...]) -> None:

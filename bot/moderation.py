@@ -156,6 +156,7 @@ class ModerationService:
         self.reporters: dict[int, dict[int, Delivery | None]] = {}
         # called as (case, author id, reason) after a Remove: the author's strike (``bot.strikes``)
         self.on_removed: Callable[[Any, int, str | None], Awaitable[None]] | None = None
+        self.on_decided: Callable[[int], Awaitable[None]] | None = None  # a case on this generation was decided
         self._case_locks: dict[int, asyncio.Lock] = {}
         self.blocklist: Any = None  # bot.blocklist.BlocklistService: Remove blocks the image's hash
         # whether this process posts a guild's waiting cases at start (several processes, each its own shards)
@@ -210,7 +211,7 @@ class ModerationService:
         if gen is not None:
             view.author_id, view.prompt, view.seed = gen.user_id, gen.prompt, gen.seed
             view.model_id, view.channel_id = gen.checkpoint_id, gen.channel_id
-            view.public_message_id = None if gen.private else gen.result_message_id
+            view.public_message_id = None if gen.private or gen.deleted_at else gen.result_message_id
         if view.author_id is None and case.user_id is not None:  # a case about a user (refusals, appeal)
             view.author_id = case.user_id
             if case.source == CaseSource.REFUSALS.value:
@@ -329,6 +330,8 @@ class ModerationService:
                                                                f"“{view.prompt[:200]}”).{why}", None)
             except Exception:  # noqa: BLE001 - closed DMs must not undo the action
                 log.info("could not tell the author of case %s", case_id, exc_info=True)
+        if case.generation_id is not None and self.on_decided is not None:  # last: the steps above read its rows
+            await self.on_decided(case.generation_id)
         return ActionResult(view, action, f"Case #{case_id} {word}.")
 
     async def ban_author(self, case_id: int, actor: Moderator, duration: str, reason: str) -> ActionResult:
@@ -441,7 +444,7 @@ class ModerationService:
         if self.front_end is None:
             return
         gen = await self.repo.get_generation(generation_id)
-        if gen is None or gen.private or not gen.result_message_id:
+        if gen is None or gen.private or not gen.result_message_id or gen.deleted_at is not None:
             return
         removed = await self.repo.removed_image_ids(generation_id)
         withhold = await self.flagged_mode(gen.guild_id) == FlaggedMode.WITHHOLD.value

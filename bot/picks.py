@@ -54,8 +54,11 @@ class ImagePicks:
 
 
     async def hidden_from_public(self, image: Any, gen: Any) -> str | None:
-        """Why the public message does not show ``image`` (removed, or withheld as the guild's flagged mode says),
+        """Why the public message does not show ``image`` (its result deleted, the image removed, or withheld as the
+        guild's flagged mode says),
         or None when it does. Variations go by this too: they must not copy what moderation took down."""
+        if getattr(gen, "deleted_at", None) is not None:  # kept only for an open case's review
+            return "That result was deleted."
         if image.id in await self.repo.removed_image_ids(gen.id):
             return "That image was removed by a moderator."
         withhold = await self.flagged_mode(gen.guild_id) == FlaggedMode.WITHHOLD.value

@@ -141,6 +141,7 @@ class GenerationService:
         self.picks = ImagePicks(repo, self.flagged_mode_for)  # one image of a result, for its per-image panel
         self.metrics: BotMetrics | None = None  # the Discord front end's (bot.app): see use_metrics
         self.deletion = ResultDeletion(repo, self.moderation)  # the author's 🗑
+        self.moderation.on_decided = self.deletion.case_decided  # rows kept for a case go once it is decided
         self.automod = AutoModRules()  # a guild's own AutoMod keyword rules; a front end sets its loader
         self.admin = AdminService(repo, guild_settings=self.guild_settings, update_settings=self.update_guild_settings,
                                   defaults={"review_channel_id": review_channel_id, "flagged_mode": flagged_mode,

@@ -91,6 +91,8 @@ class Generation(Base):
     ack_message_id: Mapped[int | None] = mapped_column(BigInteger)
     result_message_id: Mapped[int | None] = mapped_column(BigInteger)
     delivered_at: Mapped[datetime | None]
+    # taken down with 🗑 by its author (or a moderator): the rows wait only for the open cases on it to be decided
+    deleted_at: Mapped[datetime | None]
 
     images: Mapped[list[Image]] = relationship(
         back_populates="generation",

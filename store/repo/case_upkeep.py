@@ -58,7 +58,8 @@ class CaseUpkeepRepository(RepositoryBase):
 
     async def close_cases_of_messages(self, message_ids: Iterable[int], note: str) -> list[int]:
         """Close the open cases on the results posted as these messages (status ``closed``, ``note``), each
-        audited as ``close`` by ``SYSTEM_MODERATOR``; returns their ids (none: nothing written)."""
+        audited as ``close`` by ``SYSTEM_MODERATOR``; returns their ids (none: nothing written). A result its
+        author deleted with 🗑 (``mark_result_deleted``) keeps its cases open: that is no way out of a report."""
         ids = sorted({int(m) for m in message_ids})
         if not ids:
             return []
@@ -66,7 +67,8 @@ class CaseUpkeepRepository(RepositoryBase):
             cases = list((await s.execute(
                 select(ModerationCase)
                 .join(Generation, Generation.id == ModerationCase.generation_id)
-                .where(Generation.result_message_id.in_(ids), ModerationCase.status == CaseStatus.OPEN.value)
+                .where(Generation.result_message_id.in_(ids), ModerationCase.status == CaseStatus.OPEN.value,
+                       Generation.deleted_at.is_(None))  # taken down by its author: the moderators still decide
                 .order_by(ModerationCase.id).with_for_update(of=ModerationCase))).scalars())
             now = self.now()
             for case in cases:

@@ -151,14 +151,8 @@ class ImageRepository(RepositoryBase):
             gen = await s.get(Generation, generation_id, with_for_update=True)
             if gen is None:
                 return None
-            image_ids = select(Image.id).where(Image.generation_id == generation_id)
-            open_cases = (await s.execute(
-                select(ModerationCase.id).where(
-                    ModerationCase.status == CaseStatus.OPEN.value,
-                    or_(ModerationCase.generation_id == generation_id, ModerationCase.image_id.in_(image_ids)))
-                .order_by(ModerationCase.id))).scalars().all()
-            paths = tuple((await s.execute(select(Image.file_path).where(
-                Image.generation_id == generation_id, Image.file_path.is_not(None)))).scalars())
+            open_cases = await _open_cases(s, generation_id)
+            paths = await _file_paths(s, generation_id)
             s.add(ModerationAction(case_id=None, moderator_id=actor_id, action=ModAction.DELETE.value,
                                    guild_id=guild_id if guild_id is not None else gen.guild_id,
                                    target_user_id=gen.user_id, reason=reason, created_at=self.now()))
@@ -167,4 +161,46 @@ class ImageRepository(RepositoryBase):
             if not open_cases:
                 # the database's ON DELETE rules take the images and feedback with it and unlink closed cases
                 await s.execute(delete(Generation).where(Generation.id == generation_id))
+            elif gen.deleted_at is None:
+                gen.deleted_at = self.now()  # finish_deleted_result deletes it once the cases are decided
         return result
+
+    async def mark_result_deleted(self, generation_id: int, deleted: bool = True) -> bool | None:
+        """Mark (or unmark) a result as taken down by its author, before its public message goes: the message's
+        delete event then leaves the open cases on it to the moderators (``close_cases_of_messages`` skips it).
+        None when the generation does not exist; else whether this call changed the mark."""
+        async with self.sessions.begin() as s:
+            gen = await s.get(Generation, generation_id, with_for_update=True)
+            if gen is None:
+                return None
+            if (gen.deleted_at is not None) == deleted:
+                return False
+            gen.deleted_at = self.now() if deleted else None
+            return True
+
+    async def finish_deleted_result(self, generation_id: int) -> tuple[str, ...] | None:
+        """A case on a result its author deleted was decided: once no open case needs it, its rows go as
+        :meth:`delete_result` would have deleted them. Returns the image files to remove; None when nothing went
+        (not marked deleted, gone already, or a case is still open)."""
+        async with self.sessions.begin() as s:
+            gen = await s.get(Generation, generation_id, with_for_update=True)
+            if gen is None or gen.deleted_at is None or await _open_cases(s, generation_id):
+                return None
+            paths = await _file_paths(s, generation_id)
+            await s.execute(delete(Generation).where(Generation.id == generation_id))
+        return paths
+
+
+async def _open_cases(s: Any, generation_id: int) -> list[int]:
+    """The open cases on a generation or on one of its images."""
+    image_ids = select(Image.id).where(Image.generation_id == generation_id)
+    return list((await s.execute(
+        select(ModerationCase.id).where(
+            ModerationCase.status == CaseStatus.OPEN.value,
+            or_(ModerationCase.generation_id == generation_id, ModerationCase.image_id.in_(image_ids)))
+        .order_by(ModerationCase.id))).scalars())
+
+
+async def _file_paths(s: Any, generation_id: int) -> tuple[str, ...]:
+    return tuple((await s.execute(select(Image.file_path).where(
+        Image.generation_id == generation_id, Image.file_path.is_not(None)))).scalars())

@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from bot.deletion import ResultDeletion
 from bot.moderation import ModerationService, Moderator, NotModerator
+from bot.picks import ImagePicks
 from store.models import Feedback, Image, ModerationAction, ModerationCase
 from store.repository import NewImage
 
@@ -61,7 +62,9 @@ def services(repo):
         return "spoiler"
 
     moderation = ModerationService(repo, guild_settings=settings, flagged_mode=mode, front_end=FrontEnd())
-    return moderation, ResultDeletion(repo, moderation)
+    deletion = ResultDeletion(repo, moderation)
+    moderation.on_decided = deletion.case_decided  # as bot.service wires them
+    return moderation, deletion
 
 
 async def test_result_deletion_by_author_removes_rows_files_and_is_audited(services, repo, tmp_path):
@@ -103,13 +106,61 @@ async def test_result_deletion_keeps_rows_an_open_case_needs_and_moderators_may_
     [audit] = await rows(repo, ModerationAction)
     assert (audit.action, audit.moderator_id, audit.reason) == ("delete", 9, f"result #{gen.id} deleted by its "
                                                                          "moderator")
-    # once the case is closed, a closed case no longer holds the rows back; its record stays
+    # once the case is decided, the rows kept for it go, and the files; its record stays
     await moderation.dismiss(case.id, mod)
-    assert (await deletion.delete(gen.id, Moderator(user_id=77, guild_id=GUILD))).startswith("Deleted: ")
-    assert await repo.get_generation(gen.id) is None
+    assert await repo.get_generation(gen.id) is None and not any(p.exists() for p in paths)
+    assert await deletion.delete(gen.id, Moderator(user_id=77, guild_id=GUILD)) == "That result was deleted already."
     [kept] = await rows(repo, ModerationCase)
     assert (kept.status, kept.generation_id, kept.image_id) == ("dismissed", None, None)
     # a moderator of another server is no moderator here
     other, _, _ = await result(repo, tmp_path)
     with pytest.raises(NotModerator):
         await deletion.delete(other.id, Moderator(user_id=9, guild_id=GUILD + 1, can_manage_messages=True))
+
+
+async def test_result_deletion_by_author_leaves_reported_cases_open_until_decided_moderation(services, repo,
+                                                                                            tmp_path):
+    """🗑 is no way out of a report: the message's delete event leaves the cases open, the rows stay as evidence,
+    and they go once the last case on the result is decided."""
+    moderation, deletion = services
+    gen, images, paths = await result(repo, tmp_path)
+    first, _ = await repo.open_case("report", image_id=images[0].id, reason="nsfw")
+    second, _ = await repo.open_case("report", image_id=images[1].id, reason="nsfw")
+    author, mod = Moderator(user_id=77, guild_id=GUILD), Moderator(user_id=9, guild_id=GUILD, operator=True)
+    seen = []
+
+    async def take_down(g):  # Discord's MESSAGE_DELETE arrives while the deletion is still under way
+        seen.append(await repo.close_cases_of_messages([g.result_message_id], "public message deleted"))
+
+    text = await deletion.delete(gen.id, author, take_down)
+    assert text.startswith("Deleted from the channel. Moderators are reviewing a report")
+    assert seen == [[]] and await repo.close_cases_of_messages([4444], "public message deleted") == []
+    assert [(await repo.get_case(c.id)).status for c in (first, second)] == ["open", "open"]
+    assert (await repo.get_generation(gen.id)).deleted_at is not None and all(p.exists() for p in paths)
+    picked = await ImagePicks(repo, moderation.flagged_mode).pick(images[1].id, 5)  # an old panel, or its V button
+    assert (picked.ok, picked.message) == (False, "That result was deleted.")
+
+    await moderation.remove(first.id, mod, "gross")  # one case still open: the rows stay
+    assert await repo.get_generation(gen.id) is not None and all(p.exists() for p in paths)
+    await moderation.dismiss(second.id, mod)  # the last one decided: now they go
+    assert await repo.get_generation(gen.id) is None and await rows(repo, Image) == []
+    assert not any(p.exists() for p in paths)
+    assert {(c.id, c.status, c.image_id) for c in await rows(repo, ModerationCase)} == {
+        (first.id, "removed", None), (second.id, "dismissed", None)}
+    assert [a.action for a in await rows(repo, ModerationAction)] == ["delete", "remove", "dismiss"]
+
+
+async def test_result_deletion_whose_take_down_fails_changes_nothing_moderation(services, repo, tmp_path):
+    _, deletion = services
+    gen, images, paths = await result(repo, tmp_path)
+    case, _ = await repo.open_case("report", image_id=images[0].id)
+
+    async def take_down(g):
+        raise RuntimeError("Discord said no")
+
+    with pytest.raises(RuntimeError):
+        await deletion.delete(gen.id, Moderator(user_id=77, guild_id=GUILD), take_down)
+    assert (await repo.get_generation(gen.id)).deleted_at is None and all(p.exists() for p in paths)
+    assert await rows(repo, ModerationAction) == []
+    assert await repo.close_cases_of_messages([4444], "public message deleted") == [case.id]  # as before
+    assert await repo.finish_deleted_result(gen.id) is None  # never marked: a closed case deletes nothing
