@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from store.repository import Repository
 
 log = logging.getLogger(__name__)
 
+# a result marked deleted this long ago with no case open was left by a crash (a deletion in progress is younger)
+LEFT_BEHIND = timedelta(minutes=10)
 NOT_YOURS = "Only the member who asked for these images (or a moderator) can delete them."
 
 
@@ -69,11 +72,14 @@ class ResultDeletion:
 
     async def case_decided(self, generation_id: int) -> None:
         """A case on this result was decided: if its author had deleted it and no other case is open, the rows kept
-        for the review go now, and its files."""
-        paths = await self.repo.finish_deleted_result(generation_id)
-        if paths is not None:
-            await asyncio.to_thread(_unlink, paths)
-            log.info("generation %s: deleted by its author, its last case decided; its rows are gone", generation_id)
+        for the review go now, and its files. Results a crash left behind after their decision (marked long ago,
+        no case open) go with them."""
+        stale = await self.repo.deleted_results_before(self.repo.now() - LEFT_BEHIND)
+        for gen_id in [generation_id, *(g for g in stale if g != generation_id)]:
+            paths = await self.repo.finish_deleted_result(gen_id)
+            if paths is not None:
+                await asyncio.to_thread(_unlink, paths)
+                log.info("generation %s: deleted by its author, no case open any more; its rows are gone", gen_id)
 
 
 def _unlink(paths: tuple[str, ...]) -> None:

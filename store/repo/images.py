@@ -178,6 +178,14 @@ class ImageRepository(RepositoryBase):
             gen.deleted_at = self.now() if deleted else None
             return True
 
+    async def deleted_results_before(self, cutoff: datetime, limit: int = 100) -> list[int]:
+        """Results marked deleted before ``cutoff`` whose rows are still here (waiting for a case, or left by a
+        crash between a decision and :meth:`finish_deleted_result`), oldest first."""
+        async with self._read() as s:
+            return list((await s.execute(
+                select(Generation.id).where(Generation.deleted_at.is_not(None), Generation.deleted_at < cutoff)
+                .order_by(Generation.deleted_at, Generation.id).limit(limit))).scalars())
+
     async def finish_deleted_result(self, generation_id: int) -> tuple[str, ...] | None:
         """A case on a result its author deleted was decided: once no open case needs it, its rows go as
         :meth:`delete_result` would have deleted them. Returns the image files to remove; None when nothing went

@@ -6,12 +6,12 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from bot.deletion import ResultDeletion
 from bot.moderation import ModerationService, Moderator, NotModerator
 from bot.picks import ImagePicks
-from store.models import Feedback, Image, ModerationAction, ModerationCase
+from store.models import Feedback, Generation, Image, ModerationAction, ModerationCase
 from store.repository import NewImage
 
 GUILD = 2000
@@ -164,3 +164,25 @@ async def test_result_deletion_whose_take_down_fails_changes_nothing_moderation(
     assert await rows(repo, ModerationAction) == []
     assert await repo.close_cases_of_messages([4444], "public message deleted") == [case.id]  # as before
     assert await repo.finish_deleted_result(gen.id) is None  # never marked: a closed case deletes nothing
+
+
+async def test_result_deletion_left_by_a_crash_goes_with_the_next_decision_moderation(services, repo, tmp_path):
+    """A crash between a decision and the row deletion leaves a marked result with no open case: the next decision
+    anywhere deletes it; a deletion still in progress (marked moments ago) is left alone."""
+    moderation, _ = services
+    left, left_images, left_paths = await result(repo, tmp_path)
+    case, _ = await repo.open_case("report", image_id=left_images[0].id)
+    await repo.mark_result_deleted(left.id)
+    await repo.add_action(case.id, 9, "dismiss")  # decided, then the process died before the rows went
+    async with repo.sessions.begin() as s:
+        await s.execute(update(Generation).where(Generation.id == left.id).values(
+            deleted_at=repo.now() - timedelta(minutes=30)))
+    in_flight, _, in_flight_paths = await result(repo, tmp_path)
+    await repo.mark_result_deleted(in_flight.id)  # its take-down is under way
+    other, other_images, _ = await result(repo, tmp_path)
+    other_case, _ = await repo.open_case("report", image_id=other_images[0].id)
+
+    await moderation.dismiss(other_case.id, Moderator(user_id=9, guild_id=GUILD, operator=True))
+    assert await repo.get_generation(left.id) is None and not any(p.exists() for p in left_paths)
+    assert await repo.get_generation(in_flight.id) is not None and all(p.exists() for p in in_flight_paths)
+    assert await repo.get_generation(other.id) is not None  # never deleted: nothing to finish
