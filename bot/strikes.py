@@ -54,7 +54,7 @@ class StrikeRules:
         if self.strikes_to_cooldown and self.cooldown_minutes and live >= self.strikes_to_cooldown:
             # in whole minutes, capped before a timedelta is made: doubling past the cap must not overflow
             minutes = self.cooldown_minutes * 2 ** min(live - self.strikes_to_cooldown, 32)
-            length = min(timedelta(minutes=min(minutes, MAX_COOLDOWN // timedelta(minutes=1))), MAX_COOLDOWN)
+            length = timedelta(minutes=min(minutes, MAX_COOLDOWN // timedelta(minutes=1)))
             return Escalation(BanKind.COOLDOWN.value, length, f"{live} strikes within {self.strike_days} days")
         return None
 
