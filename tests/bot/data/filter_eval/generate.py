@@ -1,11 +1,11 @@
-"""Writes ``train.tsv`` (from ``bank.py``) and ``heldout.tsv`` (from ``heldout_bank.py``): text, expected, language,
-trick.
+"""Writes ``train.tsv`` (from ``bank.py`` and ``heldout_bank.py``) and ``heldout.tsv`` (from ``heldout_bank3.py``):
+text, expected, language, trick.
 
 Run from the repository root: ``python tests/bot/data/filter_eval/generate.py``. Deterministic (fixed seed). Each
 subject appears plainly in a frame and with evasion tricks. The held-out bank was written after the lists and the
-head were tuned and is never used to tune them, so its prompts say things in words neither was fitted to. (A first
-held-out split, every third subject of ``bank.py``, was measured once, its errors read and fixed; it has been part
-of the training split since: see bench/RESULTS.md.)
+head were last tuned and is never used to tune them, so its prompts say things in words neither was fitted to.
+Two earlier held-out sets (every third subject of ``bank.py``, then ``heldout_bank.py``) were each measured once,
+their errors read and fixed, and joined the training split: see bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import heldout_bank  # noqa: E402
+import heldout_bank3  # noqa: E402
 from bank import ABUSE_EXTRA, FRAMES, HARM, OK, ORDINARY_PARTS  # noqa: E402
 
 HOMOGLYPHS = {
@@ -101,13 +102,14 @@ def build() -> tuple[list, list]:
     for lang, subjects in ABUSE_EXTRA.items():
         for s in subjects:
             train.extend(rows_for(lang, "abuse", s, rng))
-    for lang, cats in heldout_bank.HARM.items():
-        for cat, subjects in cats.items():
+    for bank, split in ((heldout_bank, train), (heldout_bank3, heldout)):
+        for lang, cats in bank.HARM.items():
+            for cat, subjects in cats.items():
+                for s in subjects:
+                    split.extend(rows_for(lang, cat, s, rng))
+        for lang, subjects in bank.OK.items():
             for s in subjects:
-                heldout.extend(rows_for(lang, cat, s, rng))
-    for lang, subjects in heldout_bank.OK.items():
-        for s in subjects:
-            heldout.extend(rows_for(lang, "ok", s, rng))
+                split.extend(rows_for(lang, "ok", s, rng))
     for lang, (subjects, places, styles) in ORDINARY_PARTS.items():
         combos = [(s, p, st) for s in subjects for p in places for st in styles]
         for s, p, st in rng.sample(combos, min(len(combos), 240 if lang == "en" else 30)):
