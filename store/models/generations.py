@@ -110,6 +110,7 @@ class Generation(Base):
         Index("ix_generations_status_queued_at", "status", "queued_at"),  # queue scan
         Index("ix_generations_user_id_status", "user_id", "status"),  # per-user queue / history
         Index("ix_generations_guild_id_status", "guild_id", "status"),  # per-guild queue
+        {"sqlite_autoincrement": True},  # a deleted result's id is never handed to a new one (old buttons)
     )
 
     def __repr__(self) -> str:  # no prompt, no token: reprs end up in logs
@@ -138,7 +139,7 @@ class Image(Base):
 
     generation: Mapped[Generation] = relationship(back_populates="images", foreign_keys=[generation_id])
 
-    __table_args__ = (UniqueConstraint("generation_id", "index"),)
+    __table_args__ = (UniqueConstraint("generation_id", "index"), {"sqlite_autoincrement": True})
 
     @property
     def tokens(self) -> np.ndarray | None:
