@@ -136,9 +136,7 @@ class PromptFilter:
 
     @staticmethod
     def _refuse(category: str, term: str, norm: str) -> FilterDecision:
-        label = LABELS.get(category, category.replace("_", " "))
-        reason = ("The prompt contains a term this server blocks." if category == "guild"
-                  else f"The prompt contains a blocked term ({label}).")
+        reason = f"The prompt contains a blocked term ({category.replace('_', ' ')})."  # as worded since the first
         return FilterDecision(False, category, reason, matched=term, normalised=norm)
 
 
