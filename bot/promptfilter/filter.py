@@ -122,8 +122,8 @@ class PromptFilter:
         category, score = self.classifier.classify(inputs, threshold)
         if category in ("sexual", "minors"):  # the encoder alone does not know a minor: the lists' groups do
             category = "minors" if minor is not None else "sexual"
-        if category is not None and category != "minors" and any(h.category == category for h in allowed):
-            category = None  # a packaged allow phrase spoke for this very category ("a string sextet", "Nazi Germany")
+        if category not in (None, *CRITICAL_CATEGORIES) and any(h.category == category for h in allowed):
+            category = None  # a packaged allow phrase spoke for this very category ("a string sextet")
         if category is not None and category not in CRITICAL_CATEGORIES and guild_allow is not None and (
                 waived or any(guild_allow.find(kind, text) for kind, text in texts.each())):
             category = None  # the guild allowed words of this prompt: its ordinary categories are the guild's call
