@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT / "tests" / "bot" / "data" / "filter_eval" / "train.tsv"
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "promptfilter" / semantic.HEAD_FILE
 CLASSES = ("ok", "sexual", "minors", "violence", "self_harm", "hate", "profanity", "abuse")
-THRESHOLD = 0.85
+THRESHOLD = 0.9
 
 
 def read_rows(path: Path) -> list[tuple[str, str, str, str]]:
