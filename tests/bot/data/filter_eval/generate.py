@@ -115,6 +115,12 @@ def build() -> tuple[list, list]:
         for s, p, st in rng.sample(combos, min(len(combos), 240 if lang == "en" else 30)):
             text = f"{p}{s}" if lang == "ja" else f"{s} {p}{st}"
             train.append((text, "ok", lang, "synthetic"))
+    for lang, (subjects, places, styles) in ORDINARY_PARTS.items():  # word salad: short, odd, ordinary
+        words = " ".join([*subjects, *places, *styles]).replace(",", " ").split()
+        words += ["red", "blue", "green", "photo", "painting", "square", "circle", "triangle", "large", "small", "the",
+                  "of", "a", "on", "with", "hat", "tree", "house", "background", "bird", "boat", "sky", "cat", "dog"]
+        for _ in range(500 if lang == "en" else 25):
+            train.append((" ".join(rng.choice(words) for _ in range(rng.randint(2, 6))), "ok", lang, "salad"))
     legacy = (Path(__file__).parent / "legacy_abuse.tsv").read_text(encoding="utf-8").splitlines()
     for line in legacy:  # the earlier classifier's training set: abuse and ordinary, training split only
         if line.strip() and not line.startswith("#"):
