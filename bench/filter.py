@@ -27,8 +27,8 @@ LATENCY_TARGET_MS = 20.0
 
 
 def read_split(name: str) -> list[tuple[str, str, str, str]]:
-    """``(text, expected, language, trick)`` rows of ``train``, ``heldout`` or ``all``."""
-    names = ["train", "heldout"] if name == "all" else [name]
+    """``(text, expected, language, trick)`` rows of ``train``, ``heldout``, ``fresh`` or ``all``."""
+    names = ["train", "heldout", "fresh"] if name == "all" else [name]
     rows = []
     for n in names:
         for line in (DATA / f"{n}.tsv").read_text(encoding="utf-8").splitlines():
@@ -152,7 +152,8 @@ def table(new: Report, old: Report) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench filter", description=__doc__.splitlines()[0])
-    parser.add_argument("--split", choices=["heldout", "train", "all"], default="heldout")
+    parser.add_argument("--split", choices=["heldout", "fresh", "train", "all"], default="heldout",
+                        help="fresh: the last held-out bank, measured once on the finished filter")
     parser.add_argument("--misses", type=int, default=20, help="print up to this many of the new filter's errors")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args(argv)
