@@ -20,6 +20,7 @@ from store.db import make_sync_engine
 ROOT = Path(__file__).resolve().parents[2]
 JOBS = 5
 DONE = re.compile(r"^\[(\d+)\] done: ")
+QUEUED = re.compile(r"^\[(\d+)\] queued at position ")
 
 
 class BotProcess:
@@ -52,6 +53,13 @@ class BotProcess:
     def done_ids(self) -> list[int]:
         return [int(m.group(1)) for line in list(self.lines) if (m := DONE.match(line))]
 
+    def wait_queued(self, count: int, timeout: float = 60.0) -> None:
+        """Until this process has answered ``count`` submissions (each queued or already under way)."""
+        deadline = time.monotonic() + timeout
+        while sum(bool(QUEUED.match(line)) for line in list(self.lines)) < count:
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.lines
+            time.sleep(0.05)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -71,6 +79,7 @@ def test_kill_9_of_one_of_two_bot_processes_on_postgresql(pg_url, tmp_path):
         victim = BotProcess(env, tmp_path)
         victim.wait_for("local mode")
         victim.send(*(f"chaos job {i} --n 1 --seed {i}" for i in range(JOBS)))
+        victim.wait_queued(JOBS)  # every job is in the database (a slow machine reads the lines slowly)
         victim.wait_for(r"^\[\d+\] done: ")  # one finished: the others are queued or running
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait(timeout=10)

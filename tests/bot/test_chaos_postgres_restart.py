@@ -85,6 +85,7 @@ def test_postgresql_restart_under_load_loses_and_duplicates_nothing(private_pg, 
     try:
         bot.wait_for("local mode")
         bot.send(*(f"restart job {i} --n 1 --seed {i}" for i in range(JOBS)))
+        bot.wait_queued(JOBS)  # every job is in the database before it goes away
         bot.wait_for(r"^\[\d+\] done: ")  # one finished: the others are queued or running
         private_pg.stop()
         down_at = time.monotonic()
