@@ -145,14 +145,15 @@ def training_cli(args: Sequence[str], env: dict[str, str], log: Path) -> dict[st
     return json.loads(proc.stdout)
 
 
-def chart(before: dict[str, Any], after: dict[str, Any], out: Path, title: str) -> None:
+def chart(before: dict[str, Any], after: dict[str, Any], out: Path, title: str,
+          labels: tuple[str, str] = ("round 1", "round 2")) -> None:
     """Grouped bars: each colour's share of the colour-free prompts' images, before and after."""
     w, h, pad, top = 760, 380, 50, 60
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     d.text((pad, 15), title, fill="black")
-    d.text((pad, 32), "share of colour-free prompts' images by colour: left bar round 1, right bar round 2 "
-           "(dashed: uniform 12.5%)", fill=(80, 80, 80))
+    d.text((pad, 32), f"share of colour-free prompts' images by colour: left bar {labels[0]}, right bar "
+           f"{labels[1]} (dashed: uniform 12.5%)", fill=(80, 80, 80))
     base, span = h - 40, h - 40 - top
     d.line([(pad, base), (w - 20, base)], fill="black")
     for frac in (0.25, 0.5, 0.75, 1.0):
