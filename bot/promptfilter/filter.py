@@ -120,11 +120,14 @@ class PromptFilter:
             return FilterDecision(True, normalised=norm)
         threshold = policy.classifier_threshold if policy.classifier_threshold is not None else self.threshold
         category, score = self.classifier.classify(inputs, threshold)
+        # what the encoder read as critical stays refused whatever an allow list says, even where the label below
+        # becomes "sexual" for want of a listed minor term
+        waivable = category not in (None, *CRITICAL_CATEGORIES)
         if category in ("sexual", "minors"):  # the encoder alone does not know a minor: the lists' groups do
             category = "minors" if minor is not None else "sexual"
-        if category not in (None, *CRITICAL_CATEGORIES) and any(h.category == category for h in allowed):
+        if waivable and any(h.category == category for h in allowed):
             category = None  # a packaged allow phrase spoke for this very category ("a string sextet")
-        if category is not None and category not in CRITICAL_CATEGORIES and guild_allow is not None and (
+        if waivable and category is not None and guild_allow is not None and (
                 waived or any(guild_allow.find(kind, text) for kind, text in texts.each())):
             category = None  # the guild allowed words of this prompt: its ordinary categories are the guild's call
         if category is None:

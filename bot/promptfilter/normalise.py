@@ -89,11 +89,20 @@ def skeleton_table() -> dict[str, str]:
     return table
 
 
+# Characters that draw nothing but are letters or symbols to Unicode, so a category test keeps them: the Hangul
+# fillers, the braille blank, the combining grapheme joiner, Khmer's invisible vowels, Mongolian's variation
+# selectors (Unicode's Default_Ignorable_Code_Point set, less what the category test drops already). Written inside a
+# word they split it ("hit\u3164ler").
+INVISIBLE_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f\u17b4\u17b5\u180b\u180c\u180d\u180e\u180f")
+
+
 def _strip_invisible(text: str, marks: bool) -> str:
-    """Drop format (zero-width, bidi), control characters and, for the skeleton, combining marks."""
+    """Drop format (zero-width, bidi), control characters, letters that draw nothing and, for the skeleton,
+    combining marks."""
     drop = ("Cf", "Cc", "Co", "Cs", "Mn", "Me") if marks else ("Cf", "Cc", "Co", "Cs")
     return "".join(" " if ch in "\t\n\r" else ch for ch in text
-                   if ch in "\t\n\r" or ch == IL or unicodedata.category(ch) not in drop)
+                   if ch in "\t\n\r" or ch == IL
+                   or (ch not in INVISIBLE_LETTERS and unicodedata.category(ch) not in drop))
 
 
 def _demojize(text: str) -> str:
