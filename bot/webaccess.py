@@ -4,9 +4,10 @@ signed-in reader may see and do. Every decision goes through the same services a
 ``Moderator``; this module only adds who may see what, guild by guild.
 
 Rights come from the sign-in: an operator link (``python -m bot web link``) holds every guild; a moderator's link
-(``/dalle-mod web``) holds the guilds, roles and permissions Discord showed for them when they asked. The roles
-are judged again by ``ModerationService.is_moderator`` on every action, so a guild that changes its moderator role
-locks out a link holder who no longer has it.
+(``/dalle-mod web``) holds the guilds, roles and permissions Discord showed for them when they asked; with the bot's
+token the page reads them again from Discord every few minutes (``bot.web.app.auth_middleware``). The roles are
+judged by ``ModerationService.is_moderator`` on every action, so a guild that changes its moderator role locks out a
+link holder who no longer has it.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ WEB_KEY = web.AppKey("web", WebModeration)
 LINKS_KEY = web.AppKey("links", SignInLinks)
 CONFIG_KEY = web.AppKey("config", WebConfig)
 RIGHTS_KEY = web.RequestKey("rights", Rights)
-DIRECTORY_KEY = web.AppKey("directory", object)  # bot.web.oauth.DiscordDirectory, or None without OAuth2
+DIRECTORY_KEY = web.AppKey("directory", object)  # bot.web.oauth.DiscordDirectory, or None without a bot token
 
 
 class BadInput(ValueError):
@@ -119,12 +119,12 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
         raise web.HTTPSeeOther(f"/signin?next={quote(request.path_qs, safe='')}")
     rights = Rights.from_json(session["rights"])
     directory = request.app[DIRECTORY_KEY]
-    if session.get("oauth") and directory is not None:  # Discord's roles again (cached for minutes)
+    if not rights.operator and directory is not None:  # Discord's roles again (cached for minutes), link or OAuth
         from bot.web.oauth import DiscordUnavailable, grants_of
 
         try:
-            fresh = await request.app[WEB_KEY].rights_from_discord(
-                rights.user_id, grants_of(await directory.memberships(rights.user_id)))
+            fresh = await request.app[WEB_KEY].rights_from_discord(rights.user_id, grants_of(
+                await directory.memberships(rights.user_id, guild_ids=sorted(rights.grants))))
         except DiscordUnavailable as exc:
             return await _error(request, 503, f"{exc}; try again in a moment.")
         if not fresh.grants:
@@ -170,7 +170,8 @@ def session_key(secret: str) -> bytes:
 
 def create_app(web_moderation: WebModeration, links: SignInLinks, config: WebConfig,
                directory: Any = None) -> web.Application:
-    """``directory``: a ``bot.web.oauth.DiscordDirectory`` for Discord sign-in (None: one-time links only)."""
+    """``directory``: a ``bot.web.oauth.DiscordDirectory`` reading members' roles, and Discord sign-in when it has
+    OAuth2 credentials (None: one-time links only, their roles as given)."""
     from bot.web import pages
 
     app = web.Application(middlewares=[headers_middleware], client_max_size=1024 * 1024)
@@ -192,8 +193,14 @@ def create_app(web_moderation: WebModeration, links: SignInLinks, config: WebCon
     return app
 
 
+def oauth_directory(app: web.Application) -> Any:
+    """The directory when Discord sign-in is set up, else None."""
+    directory = app[DIRECTORY_KEY]
+    return directory if directory is not None and directory.oauth else None
+
+
 async def _context(request: web.Request) -> dict[str, Any]:
-    return {"rights": request.get(RIGHTS_KEY), "oauth": request.app[DIRECTORY_KEY] is not None,
+    return {"rights": request.get(RIGHTS_KEY), "oauth": oauth_directory(request.app) is not None,
             "csrf": await csrf_token(request), "path": request.path}
 
 

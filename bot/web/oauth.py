@@ -20,6 +20,9 @@ DISCORD_API = "https://discord.com/api/v10"
 ADMINISTRATOR, MANAGE_GUILD, MANAGE_MESSAGES = 1 << 3, 1 << 5, 1 << 13
 
 
+Memberships = dict[int, tuple[tuple[int, ...], int]]  # guild → (role ids, guild-wide permission bits)
+
+
 class DiscordUnavailable(RuntimeError):
     pass
 
@@ -27,7 +30,7 @@ class DiscordUnavailable(RuntimeError):
 class DiscordDirectory:
     """Who a Discord user is (OAuth2) and what they hold in the bot's guilds (the bot's token)."""
 
-    def __init__(self, *, client_id: str, client_secret: str, bot_token: str, api_base: str | None = None,
+    def __init__(self, *, client_id: str | None, client_secret: str | None, bot_token: str, api_base: str | None = None,
                  cache_s: float = 300.0) -> None:
         self.client_id = client_id
         self.client_secret = client_secret
@@ -36,7 +39,7 @@ class DiscordDirectory:
         site = self.api_base.rsplit("/api", 1)[0]
         self.authorize_url = f"{site}/oauth2/authorize"
         self.cache_s = cache_s
-        self._cache: dict[int, tuple[float, dict[int, tuple[tuple[int, ...], int]]]] = {}
+        self._cache: dict[tuple[int, tuple[int, ...] | None], tuple[float, Memberships]] = {}
         self._http: aiohttp.ClientSession | None = None
 
     def http(self) -> aiohttp.ClientSession:
@@ -79,16 +82,24 @@ class DiscordDirectory:
                 raise DiscordUnavailable(f"Discord answered {r.status} to {path.split('/')[1]}")
             return await r.json()
 
-    async def memberships(self, user_id: int, *, fresh: bool = False) -> dict[int, tuple[tuple[int, ...], int]]:
+    @property
+    def oauth(self) -> bool:
+        """Whether Discord sign-in is set up (else this only reads members' roles for sign-in links' sessions)."""
+        return bool(self.client_id and self.client_secret)
+
+    async def memberships(self, user_id: int, *, fresh: bool = False,
+                          guild_ids: list[int] | None = None) -> dict[int, tuple[tuple[int, ...], int]]:
         """guild id → (the member's role ids, their guild-wide permissions) in each of the bot's guilds they are
-        in; cached ``cache_s`` seconds unless ``fresh``."""
-        hit = self._cache.get(user_id)
+        in (``guild_ids``: only these, a session's); cached ``cache_s`` seconds unless ``fresh``."""
+        key = (user_id, None if guild_ids is None else tuple(sorted(guild_ids)))
+        hit = self._cache.get(key)
         if hit is not None and not fresh and time.monotonic() - hit[0] < self.cache_s:
             return hit[1]
         out: dict[int, tuple[tuple[int, ...], int]] = {}
         try:
-            for guild in await self._bot_get("/users/@me/guilds") or []:
-                gid = int(guild["id"])
+            if guild_ids is None:
+                guild_ids = [int(g["id"]) for g in await self._bot_get("/users/@me/guilds") or []]
+            for gid in guild_ids:
                 member = await self._bot_get(f"/guilds/{gid}/members/{user_id}")
                 if member is None:
                     continue
@@ -101,7 +112,7 @@ class DiscordDirectory:
                 out[gid] = ((gid, *roles), total)
         except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as exc:
             raise DiscordUnavailable(f"Discord could not be asked for your roles: {type(exc).__name__}") from None
-        self._cache[user_id] = (time.monotonic(), out)
+        self._cache[key] = (time.monotonic(), out)
         return out
 
 

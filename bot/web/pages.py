@@ -13,7 +13,7 @@ import aiohttp_jinja2
 import aiohttp_session
 from aiohttp import web
 
-from bot.web.app import CONFIG_KEY, DIRECTORY_KEY, LINKS_KEY, RIGHTS_KEY, WEB_KEY, BadInput, int_param, sign_in
+from bot.web.app import CONFIG_KEY, LINKS_KEY, RIGHTS_KEY, WEB_KEY, BadInput, int_param, oauth_directory, sign_in
 from bot.web.charts import bar_chart
 from bot.webaccess import SETTINGS, Rights
 
@@ -106,7 +106,7 @@ async def signin_post(request: web.Request) -> web.StreamResponse:
 async def oauth_start(request: web.Request) -> web.StreamResponse:
     from bot.web.oauth import start
 
-    directory = request.app[DIRECTORY_KEY]
+    directory = oauth_directory(request.app)
     if directory is None:
         raise web.HTTPNotFound(text="Discord sign-in is not set up here (WEB_OAUTH_CLIENT_ID).")
     return await start(request, directory, request.app[CONFIG_KEY].base_url)
@@ -116,7 +116,7 @@ async def oauth_start(request: web.Request) -> web.StreamResponse:
 async def oauth_callback(request: web.Request) -> web.StreamResponse:
     from bot.web.oauth import DiscordUnavailable, finish
 
-    directory = request.app[DIRECTORY_KEY]
+    directory = oauth_directory(request.app)
     if directory is None:
         raise web.HTTPNotFound(text="Discord sign-in is not set up here (WEB_OAUTH_CLIENT_ID).")
     try:

@@ -37,14 +37,17 @@ class NoEngine:
 def build_app(service: Any, config: WebConfig, *, bot_token: str | None = None,
               api_base: str | None = None) -> web.Application:
     """The page over a ``GenerationService`` (its moderation, appeals, blocklist and admin parts); Discord sign-in
-    when WEB_OAUTH_CLIENT_ID/SECRET are set (members' roles are read with ``bot_token``)."""
+    when WEB_OAUTH_CLIENT_ID/SECRET are set. With ``bot_token`` every moderator's session has its roles read again
+    from Discord (cached ``role_cache_s``), sign-in links' too: a demoted or departed moderator loses the page."""
     directory = None
-    if config.oauth_client_id and config.oauth_client_secret:
-        if not bot_token:
-            raise WebConfigError("Discord sign-in (WEB_OAUTH_CLIENT_ID) needs DISCORD_TOKEN: the bot's token reads "
-                                 "members' roles")
+    if config.oauth_client_id and config.oauth_client_secret and not bot_token:
+        raise WebConfigError("Discord sign-in (WEB_OAUTH_CLIENT_ID) needs DISCORD_TOKEN: the bot's token reads "
+                             "members' roles")
+    if bot_token:
         directory = DiscordDirectory(client_id=config.oauth_client_id, client_secret=config.oauth_client_secret,
                                      bot_token=bot_token, api_base=api_base, cache_s=config.role_cache_s)
+    else:
+        log.warning("no DISCORD_TOKEN: moderators' sessions keep the roles their sign-in link was made with")
     return create_app(WebModeration(service), SignInLinks(service.repo), config, directory)
 
 
