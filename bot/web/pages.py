@@ -24,6 +24,7 @@ BULK_ACTIONS = ("approve", "remove", "dismiss")
 AUDIT_ACTIONS = ("approve", "remove", "ban", "unban", "dismiss", "settings", "filter", "strike", "strikes_reset",
                  "cooldown", "purge", "block", "unblock", "accept", "reject", "close", "delete")
 MAX_BULK = 100
+DISCORD_ONLY = ("review_channel_id", "channel_ids")  # a typed id could name another server's channel
 
 routes = web.RouteTableDef()
 
@@ -313,7 +314,8 @@ async def audit_csv(request: web.Request) -> web.Response:
 async def settings_page(request: web.Request) -> web.Response:
     guild_id = int_param(request.match_info["guild_id"], "guild")
     values = await _web(request).settings(_rights(request), guild_id)
-    return await _render(request, "settings.html", {"guild_id": guild_id, "values": values, "labels": SETTINGS})
+    return await _render(request, "settings.html", {"guild_id": guild_id, "values": values, "labels": SETTINGS,
+                                                    "discord_only": DISCORD_ONLY})
 
 
 @routes.post("/settings/{guild_id}")
@@ -321,7 +323,10 @@ async def settings_post(request: web.Request) -> web.StreamResponse:
     guild_id = int_param(request.match_info["guild_id"], "guild")
     form = await request.post()
     key, value = str(form.get("key", "")), str(form.get("value", ""))
-    if key not in SETTINGS or key == "channel_ids":
+    if key in DISCORD_ONLY:
+        raise BadInput(f"{key} is set in Discord (/dalle-admin settings set), where only this server's channels "
+                       "can be picked")
+    if key not in SETTINGS:
         raise BadInput(f"not a setting you can set here: {key[:40]!r}")
     if not value.strip():
         raise BadInput("give a value")

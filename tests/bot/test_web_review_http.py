@@ -234,3 +234,18 @@ async def test_web_review_settings_need_admin_and_ban_from_case(site):
     assert "5" in await (await client.get(f"/settings/{GUILD_A}")).text()
     assert (await repo.get_guild_settings(GUILD_A)).daily_quota == 5
     assert [x.action for x in await repo.audit_log([GUILD_A], action="settings")] == ["settings"]
+
+
+async def test_web_review_settings_refuse_channel_ids(site):
+    """A typed channel id could be another server's: the review channel (and /dalle's channels) are picked in
+    Discord, where only this server's channels are offered."""
+    client, repo, *_ = site
+    csrf = await sign_in(client, repo, ADMIN_A)
+    page = await (await client.get(f"/settings/{GUILD_A}")).text()
+    assert 'aria-label="review_channel_id"' not in page and "set in Discord" in page
+    for key in ("review_channel_id", "channel_ids"):
+        r = await client.post(f"/settings/{GUILD_A}", data={"csrf": csrf, "key": key, "value": "3999"})
+        assert r.status == 400 and "/dalle-admin settings set" in await r.text(), key
+    settings = await repo.get_guild_settings(GUILD_A)
+    assert settings.review_channel_id is None and not settings.channel_ids
+    assert await repo.audit_log([GUILD_A], action="settings") == []
