@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
@@ -37,7 +36,7 @@ from bot.views.review import (
     moderation_of,
     moderator_of,
 )
-from bot.web.config import DEFAULT_BASE_URL
+from bot.web.config import base_url_of, web_env
 from bot.webaccess import moderator_link
 
 log = logging.getLogger(__name__)
@@ -203,8 +202,9 @@ class Moderation(commands.Cog):
     @mod.command(name="web", description="A one-time sign-in link to the moderators' web page (10 minutes)")
     async def web(self, interaction: discord.Interaction) -> None:
         async def work() -> str:
+            base_url = base_url_of(await asyncio.to_thread(web_env))  # the environment or ./.env, as the page
             return await moderator_link(self.service, moderator_of(interaction), interaction.permissions.manage_guild,
-                                        os.environ.get("WEB_BASE_URL") or DEFAULT_BASE_URL)
+                                        base_url)
         await private_answer(interaction, work)
 
     @mod.command(name="blocklist", description="The image hashes blocked here")

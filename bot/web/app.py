@@ -208,6 +208,10 @@ async def start_site(app: web.Application, host: str, port: int) -> web.AppRunne
     """Serve ``app`` on host:port (the caller cleans the runner up)."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError:  # e.g. the port is taken: nothing is left half open
+        await runner.cleanup()
+        raise
     log.info("the moderators' web page is at http://%s:%s/", host, port)
     return runner

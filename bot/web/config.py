@@ -64,21 +64,32 @@ def load_key(directory: Path) -> str:
     return key
 
 
+def web_env() -> dict[str, str]:
+    """The environment over ./.env, as the bot's own settings read it (WEB_* may live in either)."""
+    from dotenv import dotenv_values
+
+    found = dotenv_values(".env") if Path(".env").is_file() else {}
+    return {**{k: v for k, v in found.items() if v is not None}, **os.environ}
+
+
+def base_url_of(env: Mapping[str, str]) -> str:
+    """Where links point (WEB_BASE_URL; checked by ``load_web_config``)."""
+    return (env.get("WEB_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+
+
 def load_web_config(database_url: str, *, host: str | None = None, port: int | None = None,
                     env: Mapping[str, str] | None = None) -> WebConfig:
     """WEB_BASE_URL, WEB_SECRET_KEY (required off loopback; else kept in the data directory), WEB_SESSION_HOURS,
     WEB_OAUTH_CLIENT_ID/SECRET. Raises WebConfigError with one line to show."""
-    if env is None:  # the environment over ./.env, as the bot's own settings
-        from dotenv import dotenv_values
-
-        env = {**{k: v for k, v in dotenv_values(".env").items() if v is not None}, **os.environ}
+    if env is None:
+        env = web_env()
     host = host or env.get("WEB_HOST") or "127.0.0.1"
     if port is None:
         raw = env.get("WEB_PORT") or "8080"
         if not raw.isdigit() or not 1 <= int(raw) <= 65535:
             raise WebConfigError(f"WEB_PORT must be a port number (1-65535); got {raw!r}")
         port = int(raw)
-    base_url = (env.get("WEB_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+    base_url = base_url_of(env)
     if urlsplit(base_url).scheme not in ("http", "https") or not urlsplit(base_url).hostname:
         raise WebConfigError(f"WEB_BASE_URL must be an http(s) URL; got {base_url!r}")
     key = env.get("WEB_SECRET_KEY") or ""

@@ -4,8 +4,8 @@ logged in with DISCORD_TOKEN but never connected to the gateway)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import os
 from typing import Any
 
 import discord
@@ -16,7 +16,7 @@ from bot.cogs.moderation import DiscordReviewer
 from bot.config import Settings
 from bot.publish import DiscordPublisher
 from bot.web.app import create_app, start_site
-from bot.web.config import WebConfig, WebConfigError, load_web_config
+from bot.web.config import WebConfig, WebConfigError, load_web_config, web_env
 from bot.web.oauth import DiscordDirectory
 from bot.webaccess import SignInLinks, WebModeration
 from bot.wiring import open_repository, service_from_settings
@@ -52,17 +52,19 @@ def build_app(service: Any, config: WebConfig, *, bot_token: str | None = None,
 
 
 async def start_in_bot(bot: Any) -> web.AppRunner | None:
-    """Called from the bot's setup: serve the page when WEB_PORT is set (None otherwise)."""
-    if not os.environ.get("WEB_PORT"):
+    """Called from the bot's setup: serve the page when WEB_PORT is set in the environment or ./.env (None
+    otherwise). A bad setting or a port already taken is logged and the bot goes on without its page."""
+    env = await asyncio.to_thread(web_env)
+    if not env.get("WEB_PORT"):
         return None
     try:
-        config = load_web_config(bot.settings.database_url)
+        config = load_web_config(bot.settings.database_url, env=env)
         app = build_app(bot.service, config, bot_token=bot.settings.discord_token,
                         api_base=bot.settings.discord_api_base)
-    except WebConfigError as exc:  # the bot goes on without its page
+        return await start_site(app, config.host, config.port)
+    except (WebConfigError, OSError) as exc:  # the bot goes on without its page
         log.error("the moderators' web page is not served: %s", exc)
         return None
-    return await start_site(app, config.host, config.port)
 
 
 class StandAlone:
