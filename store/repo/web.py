@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import String, cast, delete, func, or_, select, update
@@ -45,6 +45,13 @@ class DailyCounts:
     refusals_by_reason: dict[str, int]
     open_cases: int
     median_decision_s: float | None
+
+
+def _day(column: Any, dialect: str) -> Any:
+    """A timestamp's UTC day as YYYY-MM-DD in SQL: SQLite keeps UTC text, PostgreSQL a timestamptz."""
+    if dialect == "postgresql":
+        return func.to_char(func.timezone("UTC", column), "YYYY-MM-DD")
+    return func.substr(column, 1, 10)
 
 
 def _scope(column: Any, guild_ids: list[int] | None) -> Any:
@@ -160,20 +167,21 @@ class WebRepository(RepositoryBase):
         since = (now - timedelta(days=days - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
         keys = [(since + timedelta(days=i)).date().isoformat() for i in range(days)]
 
-        def per_day(stamps: list[datetime]) -> list[int]:
+        async def per_day(s: Any, column: Any, stmt: Any) -> list[int]:
+            """Rows per UTC day, counted by the database (GROUP BY): a busy fortnight is not loaded into Python."""
+            day = _day(column, s.bind.dialect.name)
             counts = dict.fromkeys(keys, 0)
-            for stamp in stamps:
-                key = stamp.date().isoformat()
-                if key in counts:
-                    counts[key] += 1
+            for key, n in (await s.execute(stmt.add_columns(day, func.count()).group_by(day))).all():
+                if str(key)[:10] in counts:
+                    counts[str(key)[:10]] += int(n)
             return list(counts.values())
 
         async with self._read() as s:
-            gens = select(Generation.queued_at).where(Generation.queued_at >= since,
-                                                       _scope(Generation.guild_id, guild_ids))
-            flags = (select(Image.created_at).join(Generation, Generation.id == Image.generation_id)
+            gens = select().select_from(Generation).where(Generation.queued_at >= since,
+                                                          _scope(Generation.guild_id, guild_ids))
+            flags = (select().select_from(Image).join(Generation, Generation.id == Image.generation_id)
                      .where(Image.created_at >= since, Image.flagged.is_(True), _scope(Generation.guild_id, guild_ids)))
-            reports = (select(Feedback.created_at).join(Image, Image.id == Feedback.image_id)
+            reports = (select().select_from(Feedback).join(Image, Image.id == Feedback.image_id)
                        .join(Generation, Generation.id == Image.generation_id)
                        .where(Feedback.created_at >= since, Feedback.kind == FeedbackKind.REPORT.value,
                               _scope(Generation.guild_id, guild_ids)))
@@ -185,9 +193,9 @@ class WebRepository(RepositoryBase):
             decided = select(ModerationCase.opened_at, ModerationCase.closed_at).where(
                 ModerationCase.closed_at.is_not(None), ModerationCase.closed_at >= since,
                 _scope(ModerationCase.guild_id, guild_ids))
-            requests = per_day(list((await s.execute(gens)).scalars()))
-            flagged = per_day(list((await s.execute(flags)).scalars()))
-            reported = per_day(list((await s.execute(reports)).scalars()))
+            requests = await per_day(s, Generation.queued_at, gens)
+            flagged = await per_day(s, Image.created_at, flags)
+            reported = await per_day(s, Feedback.created_at, reports)
             by_reason = {reason: int(n) for reason, n in (await s.execute(refusals)).all()}
             n_open = int((await s.execute(open_cases)).scalar_one())
             spans = [(closed - opened).total_seconds() for opened, closed in (await s.execute(decided)).all()]
