@@ -46,16 +46,25 @@ class BadInput(ValueError):
     """A malformed request (a 400)."""
 
 
-def int_param(value: Any, name: str, *, required: bool = True) -> int | None:
-    """A whole number from a URL or form field; BadInput names the field otherwise."""
+MAX_ID = 2**63 - 1  # the databases' BIGINT: a larger id names nothing (and would overflow SQLite)
+
+
+def int_param(value: Any, name: str, *, required: bool = True, maximum: int | None = None) -> int | None:
+    """A whole number from a URL or form field; BadInput names the field otherwise (or one over ``maximum``). An
+    id (no ``maximum``) beyond BIGINT names nothing: NoSuchThing (404)."""
     if value is None or value == "":
         if required:
             raise BadInput(f"{name} is missing")
         return None
     text = str(value).strip().lstrip("#")
-    if not text.isdigit() or len(text) > 20:
+    if not text.isascii() or not text.isdigit() or len(text) > 20:
         raise BadInput(f"{name} must be a whole number; got {str(value)[:40]!r}")
-    return int(text)
+    number = int(text)
+    if maximum is not None and number > maximum:
+        raise BadInput(f"{name} is at most {maximum}; got {number}")
+    if number > MAX_ID:
+        raise NoSuchThing(f"No {name} {number}.")
+    return number
 
 
 async def rights_of(request: web.Request) -> Rights | None:

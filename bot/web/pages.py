@@ -24,6 +24,7 @@ BULK_ACTIONS = ("approve", "remove", "dismiss")
 AUDIT_ACTIONS = ("approve", "remove", "ban", "unban", "dismiss", "settings", "filter", "strike", "strikes_reset",
                  "cooldown", "purge", "block", "unblock", "accept", "reject", "close", "delete")
 MAX_BULK = 100
+MAX_AGE_HOURS = 24 * 365 * 10  # the queue's age filter (a larger one overflows timedelta)
 DISCORD_ONLY = ("review_channel_id", "channel_ids")  # a typed id could name another server's channel
 
 routes = web.RouteTableDef()
@@ -42,9 +43,12 @@ def _web(request: web.Request) -> Any:
 
 
 def _safe_next(value: Any, default: str) -> str:
-    """Only a path on this site (no scheme, no //host)."""
+    """Only a path on this site (no scheme, no //host); no backslash or control character either, which browsers
+    drop or turn into ``/`` (``/<TAB>/evil.example`` would reach another host)."""
     text = str(value or "")
-    return text if text.startswith("/") and not text.startswith("//") and "\\" not in text else default
+    if any(c == "\\" or ord(c) < 32 or ord(c) == 127 for c in text):
+        return default
+    return text if text.startswith("/") and not text.startswith("//") else default
 
 
 async def _flash(request: web.Request, message: str) -> None:
@@ -146,7 +150,7 @@ async def signout(request: web.Request) -> web.StreamResponse:
 
 def _queue_filters(query: Any) -> dict[str, Any]:
     status = _choice(query.get("status"), STATUSES, "status") or "open"
-    hours = int_param(query.get("age"), "age (hours)", required=False)
+    hours = int_param(query.get("age"), "age (hours)", required=False, maximum=MAX_AGE_HOURS)
     search = (query.get("q") or "").strip()
     if len(search) > 200:
         raise BadInput("search is at most 200 characters")

@@ -145,11 +145,15 @@ async def test_web_review_moderator_sees_and_acts_only_in_their_guild(site):
 async def test_web_review_bad_input_and_unknown_ids(site):
     client, repo, svc, front, a, b = site
     csrf = await sign_in(client, repo, ADMIN_A)
-    for path in ("/case/999999", "/image/999999"):
+    huge = "99999999999999999999"  # beyond BIGINT: names nothing (and must not overflow the database)
+    for path in ("/case/999999", "/image/999999", f"/case/{huge}", f"/image/{huge}", f"/user/{GUILD_A}/{huge}",
+                 f"/?guild={huge}", f"/audit?case={huge}"):
         assert (await client.get(path)).status == 404, path
+    assert (await client.post(f"/case/{huge}/decide", data={"csrf": csrf, "action": "approve"})).status == 404
     assert (await client.post("/case/999999/decide", data={"csrf": csrf, "action": "approve"})).status == 404
     for path in ("/case/abc", "/image/-1", "/user/2000/abc", "/?age=soon", "/?kind=nonsense", "/?status=x",
-                 "/audit?action=explode", "/audit?case=x", "/settings/x", "/?q=" + "x" * 300):
+                 "/audit?action=explode", "/audit?case=x", "/settings/x", "/?q=" + "x" * 300,
+                 "/?age=99999999999999", "/appeals?age=87601", "/case/１２"):
         assert (await client.get(path)).status == 400, path
     bad_posts = [(f"/case/{a.case_id}/decide", {"action": "explode"}), (f"/case/{a.case_id}/decide", {}),
                  (f"/case/{a.case_id}/ban", {"duration": "7d"}),
@@ -167,6 +171,25 @@ async def test_web_review_bad_input_and_unknown_ids(site):
     assert no_csrf.status == 403 and wrong_csrf.status == 403
     assert (await repo.get_case(a.case_id)).status == "open"
     assert (await repo.audit_log(None)) == [] and front.updates == []
+
+
+async def test_web_review_next_stays_on_this_site(site):
+    """A sign-in or bulk form's ``next`` is a path here: never a host, however it is disguised."""
+    client, repo, svc, front, a, b = site
+    token = await SignInLinks(repo).create(MOD_A)
+    csrf = CSRF.search(await (await client.get(f"/signin/{token}")).text())[1]
+    r = await client.post("/signin", data={"token": token, "csrf": csrf, "next": "/\t/evil.example"},
+                          allow_redirects=False)
+    assert r.status == 303 and r.headers["Location"] == "/"
+    csrf = CSRF.search(await (await client.get("/")).text())[1]
+    for bad in ("/\t/evil.example", "/\n/evil.example", "/\\evil.example", "//evil.example", "https://evil.example",
+                "/\x7f/evil.example"):
+        r = await client.post("/bulk", data={"csrf": csrf, "action": "approve", "case": [a.case_id], "next": bad},
+                              allow_redirects=False)
+        assert r.status == 303 and r.headers["Location"] == "/", bad
+    r = await client.post("/bulk", data={"csrf": csrf, "action": "dismiss", "case": [a.case_id],
+                                         "next": "/?kind=auto"}, allow_redirects=False)
+    assert r.headers["Location"] == "/?kind=auto"
 
 
 async def test_web_review_approve_is_the_buttons_action(site):
