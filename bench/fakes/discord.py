@@ -452,9 +452,10 @@ class FakeDiscord:
             if request.method == "GET" and p == ["users", "@me"] and uid is not None:
                 return _json(self.user(uid))
             return _error(401, 0, "401: Unauthorized")  # a bearer token reaches users/@me only (scope identify)
-        if request.method == "GET" and p == ["users", "@me", "guilds"]:
+        if request.method == "GET" and p == ["users", "@me", "guilds"]:  # pages of at most 200, as Discord's
+            after, limit = int(call.query.get("after", 0)), min(int(call.query.get("limit", 200)), 200)
             return _json([{"id": str(g), "name": f"guild{g}", "icon": None, "owner": False, "permissions": "8",
-                           "features": []} for g in self.guild_ids])
+                           "features": []} for g in sorted(self.guild_ids) if g > after][:limit])
         if request.method == "GET" and len(p) == 3 and p[0] == "guilds" and p[2] == "roles":
             gid = int(p[1])
             return _json([{"id": str(gid), "name": "@everyone", "permissions": MEMBER_PERMISSIONS, "position": 0},

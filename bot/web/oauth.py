@@ -5,6 +5,7 @@ the page within minutes."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from typing import Any
@@ -18,6 +19,7 @@ from bot.webaccess import Rights
 
 DISCORD_API = "https://discord.com/api/v10"
 ADMINISTRATOR, MANAGE_GUILD, MANAGE_MESSAGES = 1 << 3, 1 << 5, 1 << 13
+GUILDS_PAGE = 200  # Discord's most guilds per /users/@me/guilds page
 
 
 Memberships = dict[int, tuple[tuple[int, ...], int]]  # guild → (role ids, guild-wide permission bits)
@@ -40,6 +42,8 @@ class DiscordDirectory:
         self.authorize_url = f"{site}/oauth2/authorize"
         self.cache_s = cache_s
         self._cache: dict[tuple[int, tuple[int, ...] | None], tuple[float, Memberships]] = {}
+        self._inflight: dict[tuple[int, tuple[int, ...] | None], asyncio.Future[Memberships]] = {}
+        self._roles: dict[int, tuple[float, dict[int, int]]] = {}
         self._http: aiohttp.ClientSession | None = None
 
     def http(self) -> aiohttp.ClientSession:
@@ -88,24 +92,31 @@ class DiscordDirectory:
         return bool(self.client_id and self.client_secret)
 
     async def memberships(self, user_id: int, *, fresh: bool = False,
-                          guild_ids: list[int] | None = None) -> dict[int, tuple[tuple[int, ...], int]]:
+                          guild_ids: list[int] | None = None) -> Memberships:
         """guild id → (the member's role ids, their guild-wide permissions) in each of the bot's guilds they are
-        in (``guild_ids``: only these, a session's); cached ``cache_s`` seconds unless ``fresh``."""
+        in (``guild_ids``: only these, a session's); cached ``cache_s`` seconds unless ``fresh``. One lookup per
+        user at a time: the requests that find the cache stale together (a page's thumbnails) share it, so the
+        bot's token is not spent, and rate-limited, once per request."""
         key = (user_id, None if guild_ids is None else tuple(sorted(guild_ids)))
         hit = self._cache.get(key)
         if hit is not None and not fresh and time.monotonic() - hit[0] < self.cache_s:
             return hit[1]
-        out: dict[int, tuple[tuple[int, ...], int]] = {}
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._look_up(key, user_id, guild_ids))
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: (self._inflight.pop(key, None), t.cancelled() or t.exception()))
+        return await asyncio.shield(task)  # a reader who leaves does not cancel the others' lookup
+
+    async def _look_up(self, key: Any, user_id: int, guild_ids: list[int] | None) -> Memberships:
+        out: Memberships = {}
         try:
-            if guild_ids is None:
-                guild_ids = [int(g["id"]) for g in await self._bot_get("/users/@me/guilds") or []]
-            for gid in guild_ids:
+            for gid in await self._bot_guilds() if guild_ids is None else guild_ids:
                 member = await self._bot_get(f"/guilds/{gid}/members/{user_id}")
                 if member is None:
                     continue
                 roles = tuple(int(r) for r in member.get("roles", []))
-                perms = {int(r["id"]): int(r.get("permissions", 0)) for r in await self._bot_get(
-                    f"/guilds/{gid}/roles") or []}
+                perms = await self._role_permissions(gid)
                 total = perms.get(gid, 0)  # @everyone's id is the guild's
                 for role in roles:
                     total |= perms.get(role, 0)
@@ -115,8 +126,27 @@ class DiscordDirectory:
         self._cache[key] = (time.monotonic(), out)
         return out
 
+    async def _bot_guilds(self) -> list[int]:
+        """Every guild of the bot: Discord lists at most 200 a page."""
+        ids: list[int] = []
+        while True:
+            page = await self._bot_get(f"/users/@me/guilds?limit={GUILDS_PAGE}&after={ids[-1] if ids else 0}") or []
+            ids += [int(g["id"]) for g in page]
+            if len(page) < GUILDS_PAGE:
+                return ids
 
-def grants_of(memberships: dict[int, tuple[tuple[int, ...], int]]) -> dict[int, tuple[tuple[int, ...], bool, bool]]:
+    async def _role_permissions(self, guild_id: int) -> dict[int, int]:
+        """role id → permission bits in a guild, shared by every member's lookup for ``cache_s``."""
+        hit = self._roles.get(guild_id)
+        if hit is not None and time.monotonic() - hit[0] < self.cache_s:
+            return hit[1]
+        perms = {int(r["id"]): int(r.get("permissions", 0)) for r in await self._bot_get(
+            f"/guilds/{guild_id}/roles") or []}
+        self._roles[guild_id] = (time.monotonic(), perms)
+        return perms
+
+
+def grants_of(memberships: Memberships) -> dict[int, tuple[tuple[int, ...], bool, bool]]:
     """guild → (roles, Manage Messages, Manage Server) from Discord's permission bits (Administrator: both)."""
     return {g: (roles, bool(p & (MANAGE_MESSAGES | ADMINISTRATOR)), bool(p & (MANAGE_GUILD | ADMINISTRATOR)))
             for g, (roles, p) in memberships.items()}
