@@ -84,14 +84,32 @@ class SignInLinks:
                                        grants=data["grants"], ttl=self.ttl)
         return token
 
-    async def redeem(self, token: str) -> Rights | None:
-        """The link's rights if it is unused and not expired (it is used up now), else None."""
+    async def redeem(self, token: str, *, session_ttl: timedelta | None = None) -> Rights | None:
+        """The link's rights if it is unused and not expired (it is used up now), else None. ``session_ttl``: the
+        link's row then stands for the session it opens (``session_id``), live that long unless ended."""
         if not token or len(token) > 128:
             return None
-        row = await self.repo.redeem_sign_in(_hash(token))
+        row = await self.repo.redeem_sign_in(_hash(token), session_ttl=session_ttl)
         if row is None:
             return None
         return Rights.from_json({"user_id": row.user_id, "operator": row.operator, "grants": row.grants})
+
+    @staticmethod
+    def session_id(token: str) -> str:
+        return _hash(token)
+
+    async def open_session(self, rights: Rights, lifetime: timedelta) -> str:
+        """A session without a link (Discord sign-in): its id, revocable like a link's."""
+        token = await self.create(rights)
+        await self.redeem(token, session_ttl=lifetime)
+        return _hash(token)
+
+    async def live(self, session_id: str) -> bool:
+        return bool(session_id) and await self.repo.sign_in_live(session_id)
+
+    async def end(self, session_id: str) -> None:
+        if session_id:
+            await self.repo.end_sign_in(session_id)
 
 
 async def moderator_link(service: Any, actor: Moderator, can_manage_guild: bool, base_url: str) -> str:

@@ -75,10 +75,12 @@ async def rights_of(request: web.Request) -> Rights | None:
     return Rights.from_json(data)
 
 
-async def sign_in(request: web.Request, rights: Rights) -> None:
-    """A fresh session (a new identity for the cookie, a new CSRF token) for ``rights``."""
+async def sign_in(request: web.Request, rights: Rights, session_id: str) -> None:
+    """A fresh session (a new identity for the cookie, a new CSRF token) for ``rights``; ``session_id`` names its
+    row in the database, which sign-out ends (so a copied cookie dies with it)."""
     session = await aiohttp_session.new_session(request)
     session["rights"] = rights.to_json()
+    session["sid"] = session_id
     session["at"] = time.time()
     session["csrf"] = secrets.token_urlsafe(32)
 
@@ -120,8 +122,9 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
         return await handler(request)
     session = await aiohttp_session.get_session(request)
     config = request.app[CONFIG_KEY]
-    if session.get("rights") and time.time() - float(session.get("at", 0)) > config.session_hours * 3600:
-        session.invalidate()
+    if session.get("rights") and (time.time() - float(session.get("at", 0)) > config.session_hours * 3600
+                                  or not await request.app[LINKS_KEY].live(str(session.get("sid") or ""))):
+        session.invalidate()  # past its lifetime, or signed out (perhaps from another copy of this cookie)
     if not session.get("rights"):
         if request.path.startswith("/api/"):
             return web.json_response({"error": "sign in first"}, status=401)

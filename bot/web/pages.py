@@ -97,14 +97,19 @@ async def signin_link(request: web.Request) -> web.Response:
 @routes.post("/signin")
 async def signin_post(request: web.Request) -> web.StreamResponse:
     form = await request.post()
-    rights = await request.app[LINKS_KEY].redeem(str(form.get("token", "")))
+    token, links = str(form.get("token", "")), request.app[LINKS_KEY]
+    rights = await links.redeem(token, session_ttl=_lifetime(request))
     if rights is None:
         response = aiohttp_jinja2.render_template(
             "error.html", request, {"status": 403, "message": "This sign-in link is unknown, already used or expired "
                                     "(links last 10 minutes and work once). Ask for a new one."}, status=403)
         return response
-    await sign_in(request, rights)
+    await sign_in(request, rights, links.session_id(token))
     raise web.HTTPSeeOther(_safe_next(form.get("next"), "/"))
+
+
+def _lifetime(request: web.Request) -> timedelta:
+    return timedelta(hours=request.app[CONFIG_KEY].session_hours)
 
 
 @routes.get("/oauth/discord")
@@ -132,7 +137,7 @@ async def oauth_callback(request: web.Request) -> web.StreamResponse:
     if isinstance(outcome, str):
         return aiohttp_jinja2.render_template("error.html", request, {"status": 403, "message": outcome},
                                               status=403)
-    await sign_in(request, outcome)
+    await sign_in(request, outcome, await request.app[LINKS_KEY].open_session(outcome, _lifetime(request)))
     session = await aiohttp_session.get_session(request)
     session["oauth"] = True
     raise web.HTTPSeeOther("/")
@@ -141,6 +146,7 @@ async def oauth_callback(request: web.Request) -> web.StreamResponse:
 @routes.post("/signout")
 async def signout(request: web.Request) -> web.StreamResponse:
     session = await aiohttp_session.get_session(request)
+    await request.app[LINKS_KEY].end(str(session.get("sid") or ""))
     session.invalidate()
     raise web.HTTPSeeOther("/signin")
 

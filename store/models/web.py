@@ -1,9 +1,11 @@
 """One-time sign-in links to the moderators' web page (``bot.web``).
 
 Only a hash of the link's secret is stored, so a database dump signs nobody in. A link is good for one use before
-``expires_at``; ``used_at`` is set atomically by the one redemption that wins. ``grants`` holds the rights the
-link carries: ``{"guild id": {"roles": [...], "manage_messages": bool, "admin": bool}}``; ``operator`` links hold
-every guild.
+``expires_at``; ``used_at`` is set atomically by the one redemption that wins, and the row then stands for the
+session the link opened: ``expires_at`` becomes the session's end, and signing out sets it to now (the page checks
+it on every request, so a copied cookie ends too). Discord sign-ins get such a row as well. ``grants`` holds the
+rights the link carries: ``{"guild id": {"roles": [...], "manage_messages": bool, "admin": bool}}``; ``operator``
+links hold every guild.
 """
 
 from __future__ import annotations

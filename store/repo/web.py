@@ -72,16 +72,30 @@ class WebRepository(RepositoryBase):
             s.add(row)
         return row
 
-    async def redeem_sign_in(self, token_hash: str) -> WebSignIn | None:
-        """Mark the link used if it is unused and unexpired; the link for the one caller that did, else None."""
+    async def redeem_sign_in(self, token_hash: str, *, session_ttl: timedelta | None = None) -> WebSignIn | None:
+        """Mark the link used if it is unused and unexpired; the link for the one caller that did, else None.
+        ``session_ttl``: the row then stands for the session it opens, live until then (or until signed out)."""
         now = self.now()
+        extra = {"expires_at": now + session_ttl} if session_ttl is not None else {}
         async with self.sessions.begin() as s:
             done = await s.execute(update(WebSignIn).where(
                 WebSignIn.token_hash == token_hash, WebSignIn.used_at.is_(None), WebSignIn.expires_at > now,
-            ).values(used_at=now))
+            ).values(used_at=now, **extra))
             if done.rowcount != 1:
                 return None
             return (await s.execute(select(WebSignIn).where(WebSignIn.token_hash == token_hash))).scalar_one()
+
+    async def sign_in_live(self, token_hash: str) -> bool:
+        """Whether the session a redeemed link opened still holds (not signed out, not past its lifetime)."""
+        async with self._read() as s:
+            found = await s.execute(select(WebSignIn.token_hash).where(
+                WebSignIn.token_hash == token_hash, WebSignIn.used_at.is_not(None), WebSignIn.expires_at > self.now()))
+            return found.first() is not None
+
+    async def end_sign_in(self, token_hash: str) -> None:
+        """Sign-out: the session ends here, so a copy of its cookie stops working too."""
+        async with self.sessions.begin() as s:
+            await s.execute(update(WebSignIn).where(WebSignIn.token_hash == token_hash).values(expires_at=self.now()))
 
     # -- the queue ---------------------------------------------------------------------------------------
 

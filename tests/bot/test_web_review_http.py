@@ -97,6 +97,24 @@ async def test_web_review_session_cookie_flags_and_sign_out(site):
     assert (await client.get("/", allow_redirects=False)).status == 303
 
 
+async def test_web_review_sign_out_ends_copies_of_the_cookie(site):
+    """A session lives in the database too: signing out ends it for every copy of its cookie."""
+    client, repo, *_ = site
+    await sign_in(client, repo, MOD_A)
+    copy = TestClient(TestServer(client.app))  # the same cookie, copied into another browser
+    await copy.start_server()
+    try:
+        copy.session.cookie_jar.update_cookies({c.key: c.value for c in client.session.cookie_jar})
+        assert (await copy.get("/", allow_redirects=False)).status == 200
+        csrf = CSRF.search(await (await client.get("/")).text())[1]
+        assert (await client.post("/signout", data={"csrf": csrf}, allow_redirects=False)).status == 303
+        r = await copy.get("/", allow_redirects=False)
+        assert r.status == 303 and r.headers["Location"].startswith("/signin")
+        assert (await copy.get("/api/queue")).status == 401
+    finally:
+        await copy.close()
+
+
 async def test_web_review_secure_cookie_behind_https_and_session_lifetime(repo, tmp_path):
     svc, _ = make_service(repo, tmp_path)
     client = TestClient(TestServer(make_app(svc, base_url="https://mod.example", session_hours=0.0003)))
