@@ -24,7 +24,7 @@ from store.repo.guilds import GuildRepository, ListEdit
 from store.repo.images import ImageRepository, NewImage
 from store.repo.moderation import CaseClosed, ModerationRepository, UserRecord
 from store.repo.privacy import Deletion, PrivacyRepository, UserData
-from store.repo.registry import RegistryRepository
+from store.repo.registry import CheckpointRejected, ModelAudit, RegistryRepository
 from store.repo.stats import StatsRepository
 from store.repo.strikes import AppealTooSoon, Escalation, StrikeRepository, StrikeResult
 from store.repo.web import DailyCounts, QueueRow, WebRepository
@@ -34,6 +34,7 @@ __all__ = [
     "ActiveLimitReached",
     "AppealTooSoon",
     "CaseClosed",
+    "CheckpointRejected",
     "DailyCounts",
     "DatasetSource",
     "Deletion",
@@ -41,6 +42,7 @@ __all__ = [
     "FeedbackRecord",
     "JudgedImage",
     "ListEdit",
+    "ModelAudit",
     "NewImage",
     "NotFound",
     "QueuedJob",

@@ -7,12 +7,17 @@ every step recorded in the store's model registry (``checkpoints``, ``training_r
   the run becomes ``cancelled``, its state is kept for a resume, and no checkpoint row or directory appears), then
   registers the finished directory as a ``candidate`` and closes the run ``done``;
 - **evaluate** measures parent and candidate on the same prompts and seeds (:mod:`training.gate`), writes
-  ``gate.json`` next to the candidate and records the verdict; a candidate the gate rejects is taken out
-  (``retired``, with ``metrics.rejected`` true and its report: the schema's statuses have no ``rejected`` of their
-  own);
-- **promote** makes a candidate the gate passed ``active`` (``--force`` overrides a rejection) and tells each engine
-  service to load it (``POST /admin/reload``, one service after the other, so the others keep serving);
-- **rollback** makes the active checkpoint's parent active again and reloads it the same way.
+  ``gate.json`` next to the candidate and records the verdict; a candidate the gate rejects becomes ``rejected``
+  (with its report);
+- **promote** makes a candidate the gate passed ``active`` (``--force`` overrides a rejection, and says so) and tells
+  each engine service to load it (``POST /admin/reload``, one service after the other, so the others keep serving);
+- **rollback** makes the active checkpoint's parent active again (never a rejected one: it goes further up) and
+  reloads it the same way.
+
+Every change of the served model is audited (``model_train``, ``model_promote``, ``model_rollback``,
+``model_reject`` moderation actions, in the same transaction as the change): by the admin whose ``/dalle-admin
+model`` command ran it (``--actor``, ``--guild``), else by the operator (:data:`store.models.OPERATOR_MODERATOR`);
+the gate's rejections by the bot itself (:data:`store.models.SYSTEM_MODERATOR`).
 
 The bot's processes never import this: ``/dalle-admin model`` starts ``python -m training feedback ...`` as its own
 process.
@@ -28,7 +33,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from store.models import CheckpointStatus, Status
+from store.models import OPERATOR_MODERATOR, SYSTEM_MODERATOR, CheckpointStatus, ModAction, Status
+from store.repository import ModelAudit
+
+OPERATOR = ModelAudit(OPERATOR_MODERATOR)
 
 GATE_FILE = "gate.json"
 MEASURE_FILE = "measure-{key}.json"
@@ -43,17 +51,10 @@ def checkpoint_id_of(directory: Path) -> str:
     return directory.resolve().name
 
 
-def _status(row: Any) -> str:
-    """The registry status an admin sees (a retired row the gate rejected reads ``rejected``)."""
-    if row.status == CheckpointStatus.RETIRED.value and (row.metrics or {}).get("rejected"):
-        return "rejected"
-    return row.status
-
-
 def describe(row: Any) -> dict[str, Any]:
     m = row.metrics or {}
     gate = m.get("gate") or {}
-    return {"id": row.id, "status": _status(row), "parent": row.parent_id, "path": row.path,
+    return {"id": row.id, "status": row.status, "parent": row.parent_id, "path": row.path,
             "created_at": row.created_at.isoformat(timespec="seconds") if row.created_at else None,
             "training_run": m.get("training_run"), "data": (m.get("data") or {}).get("content_sha256"),
             "gate": None if not gate else ("passed" if gate.get("promote") else "rejected"),
@@ -62,12 +63,14 @@ def describe(row: Any) -> dict[str, Any]:
 
 async def ensure_registered(repo: Any, directory: Path, *, parent_id: str | None = None,
                             activate_if_none: bool = True) -> Any:
-    """The registry row of checkpoint ``directory`` (registered now if new; active if nothing is)."""
+    """The registry row of checkpoint ``directory`` (registered now if new; active if nothing is, unless the gate
+    rejected it)."""
     cid = checkpoint_id_of(directory)
     row = await repo.get_checkpoint(cid)
     if row is None:
         row = await repo.register_checkpoint(cid, str(directory.resolve()), parent_id=parent_id)
-    if activate_if_none and await repo.get_active_checkpoint() is None:
+    if activate_if_none and row.status != CheckpointStatus.REJECTED.value \
+            and await repo.get_active_checkpoint() is None:
         row = await repo.set_active_checkpoint(cid)
     return row
 
@@ -87,8 +90,10 @@ def _sigterm_as_interrupt() -> Any:
         return None
 
 
-def finetune_registered(database_url: str, parent: Path, data: Path, out: Path, **kw: Any) -> dict[str, Any]:
-    """:func:`training.preference.finetune` inside a registry training run (see the module's note)."""
+def finetune_registered(database_url: str, parent: Path, data: Path, out: Path, *, by: ModelAudit | None = None,
+                        **kw: Any) -> dict[str, Any]:
+    """:func:`training.preference.finetune` inside a registry training run (see the module's note); its start is
+    audited (``model_train``) by ``by`` (default the operator)."""
     from store.repository import Repository
     from training.preference import finetune
 
@@ -97,7 +102,7 @@ def finetune_registered(database_url: str, parent: Path, data: Path, out: Path, 
         raise FileNotFoundError(f"{data}: no manifest.json (run `python -m training feedback export` first)")
     cfg = kw.get("cfg")
     config = {"parent": str(parent), "data": str(data), "out": str(out),
-              **{k: v for k, v in kw.items() if k in ("steps", "batch_size", "lr", "seed")},
+              **{k: v for k, v in kw.items() if k in ("steps", "batch_size", "lr", "seed", "trainable")},
               "objective": dict(cfg.__dict__) if cfg is not None else None}
 
     async def start() -> tuple[str, int]:
@@ -105,7 +110,8 @@ def finetune_registered(database_url: str, parent: Path, data: Path, out: Path, 
         try:
             row = await ensure_registered(repo, parent)
             run = await repo.create_training_run("feedback", config=config, input_checkpoint_id=row.id,
-                                                 log_path=str(out.with_name(out.name + "-train") / "metrics.jsonl"))
+                                                 log_path=str(out.with_name(out.name + "-train") / "metrics.jsonl"),
+                                                 by=by or OPERATOR)
             return row.id, run.id
         finally:
             await repo.close()
@@ -200,17 +206,19 @@ def _brief(m: dict[str, Any]) -> dict[str, Any]:
     return {**{k: m[k] for k in keys}, "shares": m["shares"], "seeds": m["seeds"]}
 
 
-async def record_gate(repo: Any, report: dict[str, Any]) -> Any:
-    """Store the verdict on the candidate's row; a rejected candidate is taken out of the running."""
+async def record_gate(repo: Any, report: dict[str, Any], *, guild_id: int | None = None) -> Any:
+    """Store the verdict on the candidate's row; a candidate the gate rejects becomes ``rejected``, audited
+    (``model_reject``) as the bot's own action (``guild_id``: the guild whose admin started the training)."""
     cid = report["candidate"]
     measure = {k: (v.get("mean") if isinstance(v, dict) else v) for k, v in report["candidate_metrics"].items()
                if k in ("fidelity", "bias_share", "tv_to_uniform", "colour_adherence")}
-    row = await repo.update_checkpoint_metrics(cid, {"gate": {k: report[k] for k in ("promote", "checks", "policy")},
-                                                     "kl": (report.get("kl") or {}).get("kl"), "measure": measure,
-                                                     "rejected": not report["promote"]})
-    if not report["promote"] and row.status == CheckpointStatus.CANDIDATE.value:
-        row = await repo.retire_checkpoint(cid)
-    return row
+    metrics = {"gate": {k: report[k] for k in ("promote", "checks", "policy")},
+               "kl": (report.get("kl") or {}).get("kl"), "measure": measure}
+    if report["promote"]:
+        return await repo.update_checkpoint_metrics(cid, metrics)
+    failed = [c.get("name", "?") for c in report.get("checks") or [] if not c.get("pass")]
+    return await repo.reject_checkpoint(cid, metrics, by=ModelAudit(SYSTEM_MODERATOR, guild_id),
+                                        reason="the gate rejected it" + (f" ({', '.join(failed)})" if failed else ""))
 
 
 async def reload_engines(urls: Sequence[str], token: str | None, path: str) -> list[dict[str, Any]]:
@@ -228,32 +236,47 @@ async def reload_engines(urls: Sequence[str], token: str | None, path: str) -> l
     return done
 
 
-async def promote(repo: Any, checkpoint_id: str, *, force: bool = False) -> Any:
-    """Make ``checkpoint_id`` active (the gate must have passed it unless ``force``)."""
+async def promote(repo: Any, checkpoint_id: str, *, force: bool = False, by: ModelAudit | None = None) -> Any:
+    """Make ``checkpoint_id`` active (the gate must have passed it unless ``force``); audited (``model_promote``)
+    by ``by`` (default the operator), with the override named when ``force`` was needed."""
     row = await repo.get_checkpoint(checkpoint_id)
     if row is None:
         raise ValueError(f"checkpoint {checkpoint_id!r} is not registered")
     gate = (row.metrics or {}).get("gate")
-    if not force and (gate is None or not gate.get("promote")):
-        why = "has not been evaluated" if gate is None else "was rejected by the gate"
+    rejected = row.status == CheckpointStatus.REJECTED.value or (gate is not None and not gate.get("promote"))
+    if not force and (gate is None or rejected):
+        why = "was rejected by the gate" if rejected else "has not been evaluated"
         raise ValueError(f"checkpoint {checkpoint_id!r} {why}; run `feedback evaluate` (or promote --force)")
     if row.status == CheckpointStatus.ACTIVE.value:
         raise ValueError(f"checkpoint {checkpoint_id!r} is already active")
     if not Path(row.path).is_dir():
         raise ValueError(f"checkpoint {checkpoint_id!r}: its directory {row.path} is gone")
-    if force and (row.metrics or {}).get("rejected"):
-        await repo.update_checkpoint_metrics(checkpoint_id, {"rejected": False, "forced": True})
-    return await repo.set_active_checkpoint(checkpoint_id)
+    note = None
+    if force and (gate is None or rejected):
+        note = "forced: " + ("the gate rejected it" if rejected else "not evaluated by the gate")
+    return await repo.set_active_checkpoint(checkpoint_id, force=force, by=by or OPERATOR,
+                                            action=ModAction.MODEL_PROMOTE, note=note)
 
 
-async def rollback(repo: Any) -> tuple[Any, Any]:
-    """The active checkpoint's parent becomes active again; returns (parent row, the row rolled back)."""
+async def rollback(repo: Any, *, by: ModelAudit | None = None) -> tuple[Any, Any]:
+    """The active checkpoint's parent becomes active again (a rejected ancestor is passed over: rollback never
+    serves what the gate turned down); audited (``model_rollback``) by ``by`` (default the operator). Returns
+    (the row now active, the row rolled back)."""
     active = await repo.get_active_checkpoint()
     if active is None:
         raise ValueError("no checkpoint is active")
     if active.parent_id is None:
         raise ValueError(f"checkpoint {active.id!r} has no parent to roll back to")
-    parent = await repo.get_checkpoint(active.parent_id)
-    if parent is None or not Path(parent.path).is_dir():
-        raise ValueError(f"the parent {active.parent_id!r} is not available")
-    return await repo.set_active_checkpoint(parent.id), active
+    parent, skipped, seen = await repo.get_checkpoint(active.parent_id), [], {active.id}
+    while parent is not None and parent.status == CheckpointStatus.REJECTED.value and parent.parent_id \
+            and parent.id not in seen:
+        seen.add(parent.id)
+        skipped.append(parent.id)
+        parent = await repo.get_checkpoint(parent.parent_id)
+    if parent is None or parent.status == CheckpointStatus.REJECTED.value:
+        raise ValueError(f"checkpoint {active.id!r} has no parent to roll back to that the gate did not reject")
+    if not Path(parent.path).is_dir():
+        raise ValueError(f"the parent {parent.id!r} is not available")
+    note = f"rolled back from {active.id}" + (f", passing over rejected {', '.join(skipped)}" if skipped else "")
+    row = await repo.set_active_checkpoint(parent.id, by=by or OPERATOR, action=ModAction.MODEL_ROLLBACK, note=note)
+    return row, active

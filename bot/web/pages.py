@@ -22,7 +22,8 @@ STATUSES = ("open", "approved", "removed", "dismissed", "accepted", "rejected", 
 ACTIONS = ("approve", "remove", "dismiss", "accept", "reject")
 BULK_ACTIONS = ("approve", "remove", "dismiss")
 AUDIT_ACTIONS = ("approve", "remove", "ban", "unban", "dismiss", "settings", "filter", "strike", "strikes_reset",
-                 "cooldown", "purge", "block", "unblock", "accept", "reject", "close", "delete")
+                 "cooldown", "purge", "block", "unblock", "accept", "reject", "close", "delete", "model_train",
+                 "model_promote", "model_rollback", "model_reject")
 MAX_BULK = 100
 MAX_AGE_HOURS = 24 * 365 * 10  # the queue's age filter (a larger one overflows timedelta)
 DISCORD_ONLY = ("review_channel_id", "channel_ids")  # a typed id could name another server's channel

@@ -23,6 +23,7 @@ from store.models.generations import (
 )
 from store.models.guilds import FlaggedMode, GuildSettings, NotifyMode
 from store.models.moderation import (
+    OPERATOR_MODERATOR,
     SYSTEM_MODERATOR,
     BanKind,
     CaseSource,
@@ -43,6 +44,7 @@ from store.models.web import WebSignIn
 __all__ = [
     "FINISHED_STATUSES",
     "NAMING_CONVENTION",
+    "OPERATOR_MODERATOR",
     "SYSTEM_MODERATOR",
     "TOKEN_DTYPE",
     "BanKind",

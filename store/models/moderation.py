@@ -57,10 +57,19 @@ class ModAction(enum.StrEnum):
     REJECT = "reject"  # appeal rejected
     CLOSE = "close"  # a case closed by the bot (moderator_id = SYSTEM_MODERATOR)
     DELETE = "delete"  # the author deleted their own result
+    # the model registry (every guild's model): who changed the served checkpoint, and the gate's verdicts
+    MODEL_TRAIN = "model_train"  # a fine-tune started (its training run)
+    MODEL_PROMOTE = "model_promote"  # a checkpoint made active (the reason says when the gate was overridden)
+    MODEL_ROLLBACK = "model_rollback"  # the active checkpoint's parent made active again
+    MODEL_REJECT = "model_reject"  # the promotion gate rejected a candidate (moderator_id = SYSTEM_MODERATOR)
 
 
 SYSTEM_MODERATOR = 0
-"""``moderator_id`` of actions the bot takes by itself (strike thresholds, auto-closed cases)."""
+"""``moderator_id`` of actions the bot takes by itself (strike thresholds, auto-closed cases, the model gate)."""
+
+OPERATOR_MODERATOR = 1
+"""``moderator_id`` of the operator at the terminal or on the command line (``python -m training feedback``): the
+terminal's user id (``bot.terminal.TERMINAL_USER_ID``, ``bot.web.cli.OPERATOR_ID``)."""
 
 
 class StrikeSource(enum.StrEnum):

@@ -23,11 +23,14 @@ from store.models.generations import Status
 class CheckpointStatus(enum.StrEnum):
     CANDIDATE = "candidate"
     ACTIVE = "active"
+    REJECTED = "rejected"  # the promotion gate turned it down (promoted only by force, never rolled back to)
     RETIRED = "retired"
 
 
 class Checkpoint(Base):
-    """Model checkpoint registry; at most one row is ``active`` (the one the engine should serve)."""
+    """Model checkpoint registry; at most one row is ``active`` (the one the engine should serve). A ``candidate``
+    becomes ``rejected`` when the gate turns it down, or ``active`` when promoted; an active one is ``retired`` when
+    another takes its place."""
 
     __tablename__ = "checkpoints"
 

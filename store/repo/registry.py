@@ -1,15 +1,41 @@
-"""The model registry: checkpoints (``candidate`` → ``active`` → ``retired``; at most one active, the one the
-engine should serve) and the training runs that produce them."""
+"""The model registry: checkpoints (``candidate`` → ``active`` → ``retired``, or ``candidate`` → ``rejected`` by the
+gate; at most one active, the one the engine should serve) and the training runs that produce them.
+
+The actions that change the served model (a fine-tune started, a promotion, a rollback, the gate's rejection) are
+audited as :class:`~store.models.ModerationAction` rows (``model_*``) in the same transaction as the change, naming
+who asked (:class:`ModelAudit`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from store.models import Checkpoint, CheckpointStatus, Status, TrainingRun
+from store.models import Checkpoint, CheckpointStatus, ModAction, ModerationAction, Status, TrainingRun
 from store.repo.base import NotFound, RepositoryBase, check_choice
+
+
+@dataclass(frozen=True)
+class ModelAudit:
+    """Who asked for a model action: an audited moderator id (a Discord admin's user id;
+    :data:`~store.models.OPERATOR_MODERATOR` at the terminal or command line; :data:`~store.models.SYSTEM_MODERATOR`
+    for the bot itself, e.g. the gate) and the guild the command came from (None: none, the operator's)."""
+
+    moderator_id: int
+    guild_id: int | None = None
+
+
+class CheckpointRejected(ValueError):
+    """A rejected checkpoint was to be made active without ``force``."""
+
+
+def _audit(s: AsyncSession, by: ModelAudit | None, action: ModAction | str, reason: str) -> None:
+    if by is not None:
+        s.add(ModerationAction(moderator_id=by.moderator_id, guild_id=by.guild_id, action=ModAction(action).value,
+                               reason=reason))
 
 
 class RegistryRepository(RepositoryBase):
@@ -58,12 +84,21 @@ class RegistryRepository(RepositoryBase):
             row.metrics = {**row.metrics, **dict(metrics)}
         return row
 
-    async def set_active_checkpoint(self, checkpoint_id: str) -> Checkpoint:
-        """Make one checkpoint ``active``; the previously active one becomes ``retired``."""
+    async def set_active_checkpoint(self, checkpoint_id: str, *, force: bool = False, by: ModelAudit | None = None,
+                                    action: ModAction = ModAction.MODEL_PROMOTE, note: str | None = None) -> Checkpoint:
+        """Make one checkpoint ``active``; the previously active one becomes ``retired``. A ``rejected`` one only
+        with ``force`` (its metrics then say ``forced``). With ``by``, the change is audited as ``action`` (a
+        promotion or a rollback) in the same transaction; ``note`` is added to the audit row's reason."""
         async with self.sessions.begin() as s:
             row = await s.get(Checkpoint, checkpoint_id, with_for_update=True)
             if row is None:
                 raise NotFound(f"checkpoint {checkpoint_id!r} is not registered")
+            if row.status == CheckpointStatus.REJECTED.value:
+                if not force:
+                    raise CheckpointRejected(f"checkpoint {checkpoint_id!r} was rejected by the gate")
+                row.metrics = {**row.metrics, "forced": True}
+            before = (await s.execute(select(Checkpoint.id).where(
+                Checkpoint.status == CheckpointStatus.ACTIVE.value))).scalar_one_or_none()
             await s.execute(
                 update(Checkpoint)
                 .where(and_(Checkpoint.status == CheckpointStatus.ACTIVE.value, Checkpoint.id != checkpoint_id))
@@ -71,6 +106,23 @@ class RegistryRepository(RepositoryBase):
             )
             await s.flush()
             row.status = CheckpointStatus.ACTIVE.value
+            reason = f"checkpoint {checkpoint_id}" + (f" (was {before})" if before and before != checkpoint_id else "")
+            _audit(s, by, action, reason + (f"; {note}" if note else ""))
+        return row
+
+    async def reject_checkpoint(self, checkpoint_id: str, metrics: Mapping[str, Any], *,
+                                by: ModelAudit | None = None, reason: str | None = None) -> Checkpoint:
+        """The gate's rejection: merge ``metrics`` (its report) and make a ``candidate`` ``rejected``, audited as
+        ``model_reject`` with ``by`` in the same transaction. A row that is no candidate any more (already rejected,
+        active or retired) only gets the metrics."""
+        async with self.sessions.begin() as s:
+            row = await s.get(Checkpoint, checkpoint_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"checkpoint {checkpoint_id!r} is not registered")
+            row.metrics = {**row.metrics, **dict(metrics)}
+            if row.status == CheckpointStatus.CANDIDATE.value:
+                row.status = CheckpointStatus.REJECTED.value
+                _audit(s, by, ModAction.MODEL_REJECT, f"checkpoint {checkpoint_id}" + (f"; {reason}" if reason else ""))
         return row
 
     async def retire_checkpoint(self, checkpoint_id: str) -> Checkpoint:
@@ -87,7 +139,6 @@ class RegistryRepository(RepositoryBase):
         async with self._read() as s:
             return (await s.execute(stmt)).scalar_one_or_none()
 
-
     # --- training runs -------------------------------------------------------------------------------------
 
     async def create_training_run(
@@ -98,7 +149,9 @@ class RegistryRepository(RepositoryBase):
         input_checkpoint_id: str | None = None,
         log_path: str | None = None,
         status: str = Status.RUNNING,
+        by: ModelAudit | None = None,
     ) -> TrainingRun:
+        """Open a training run; with ``by``, audited as ``model_train`` in the same transaction."""
         check_choice("status", status, Status)
         row = TrainingRun(
             kind=kind,
@@ -111,6 +164,9 @@ class RegistryRepository(RepositoryBase):
         )
         async with self.sessions.begin() as s:
             s.add(row)
+            await s.flush()
+            _audit(s, by, ModAction.MODEL_TRAIN, f"training run {row.id} ({kind})"
+                   + (f" from checkpoint {input_checkpoint_id}" if input_checkpoint_id else ""))
         return row
 
     async def finish_training_run(

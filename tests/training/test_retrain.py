@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from store.db import upgrade
-from store.models import Checkpoint, TrainingRun
-from store.repository import Repository
+from store.models import OPERATOR_MODERATOR, SYSTEM_MODERATOR, Checkpoint, ModerationAction, TrainingRun
+from store.repository import ModelAudit, Repository
 from tests.fakes.botkit import RecordingPublisher, rows_of
 from tests.training.test_preference import _export
 from training import retrain
@@ -65,7 +65,8 @@ def test_cancelled_training_run_leaves_no_half_registered_checkpoint(demo, sqlit
 def _report(candidate: str, promote: bool) -> dict:
     metrics = {k: {"mean": v} for k, v in (("fidelity", 0.4), ("bias_share", 0.2), ("tv_to_uniform", 0.1),
                                            ("colour_adherence", 0.9))}
-    return {"candidate": candidate, "promote": promote, "checks": [], "policy": {}, "kl": {"kl": 3.0},
+    checks = [{"name": "fidelity", "pass": True, "detail": ""}, {"name": "bias", "pass": promote, "detail": ""}]
+    return {"candidate": candidate, "promote": promote, "checks": checks, "policy": {}, "kl": {"kl": 3.0},
             "candidate_metrics": metrics}
 
 
@@ -84,6 +85,9 @@ def test_finetune_registers_a_candidate_and_the_gate_decides(demo, sqlite_url, t
     assert row.metrics["data"]["content_sha256"] == manifest["content_sha256"]
     run = _run(sqlite_url, lambda repo: repo.get_training_run(done["training_run"]))
     assert (run.status, run.output_checkpoint_id, run.kind) == ("done", "c1", "feedback")
+    [started] = _run(sqlite_url, lambda repo: rows_of(repo, ModerationAction))  # the operator started it
+    assert (started.moderator_id, started.action) == (OPERATOR_MODERATOR, "model_train")
+    assert started.reason == f"training run {run.id} (feedback) from checkpoint {retrain.checkpoint_id_of(demo)}"
     # not evaluated yet: no promotion
     assert main([*base, "promote", "--checkpoint", "c1"]) == 2
     assert "has not been evaluated" in capsys.readouterr().err
@@ -115,10 +119,52 @@ async def test_promote_and_rollback_in_the_registry(repo, tmp_path):
         await retrain.rollback(repo)
     # a rejected candidate can still be promoted by hand, and says so
     await repo.register_checkpoint("r", str(tmp_path / "c"), parent_id="p")
-    await retrain.record_gate(repo, _report("r", False))
-    assert (await repo.get_checkpoint("r")).status == "retired"
-    forced = await retrain.promote(repo, "r", force=True)
+    await retrain.record_gate(repo, _report("r", False), guild_id=2000)
+    assert (await repo.get_checkpoint("r")).status == "rejected"
+    with pytest.raises(ValueError, match="rejected by the gate"):
+        await retrain.promote(repo, "r")
+    assert (await repo.get_active_checkpoint()).id == "p"
+    forced = await retrain.promote(repo, "r", force=True, by=ModelAudit(77, 2000))
     assert forced.status == "active" and forced.metrics["forced"] is True
+    # every change was audited: the operator (the default), the gate as the bot itself, the admin who forced it
+    assert [(a.moderator_id, a.guild_id, a.action, a.reason) for a in await rows_of(repo, ModerationAction)] == [
+        (OPERATOR_MODERATOR, None, "model_promote", "checkpoint c (was p)"),
+        (OPERATOR_MODERATOR, None, "model_rollback", "checkpoint p (was c); rolled back from c"),
+        (SYSTEM_MODERATOR, 2000, "model_reject", "checkpoint r; the gate rejected it (bias)"),
+        (77, 2000, "model_promote", "checkpoint r (was p); forced: the gate rejected it"),
+    ]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+async def test_rollback_never_goes_to_a_rejected_checkpoint(repo, tmp_path):
+    for name in ("g", "r", "child"):
+        (tmp_path / name).mkdir()
+    await repo.register_checkpoint("g", str(tmp_path / "g"))
+    await repo.set_active_checkpoint("g")
+    await repo.register_checkpoint("r", str(tmp_path / "r"), parent_id="g")
+    await retrain.record_gate(repo, _report("r", False))
+    # a fine-tune made from the rejected candidate (--parent DIR), promoted after passing the gate
+    await repo.register_checkpoint("child", str(tmp_path / "child"), parent_id="r")
+    await retrain.record_gate(repo, _report("child", True))
+    await retrain.promote(repo, "child")
+    now, old = await retrain.rollback(repo, by=ModelAudit(77, 2000))
+    assert (now.id, old.id) == ("g", "child")
+    assert {c.id: c.status for c in await repo.list_checkpoints()} == {"g": "active", "r": "rejected",
+                                                                      "child": "retired"}
+    last = (await rows_of(repo, ModerationAction))[-1]
+    assert (last.moderator_id, last.action, last.reason) == (
+        77, "model_rollback", "checkpoint g (was child); rolled back from child, passing over rejected r")
+    # nothing but rejected ancestors: refused, nothing changes
+    await repo.register_checkpoint("orphan", str(tmp_path / "r"))
+    await retrain.record_gate(repo, _report("orphan", False))
+    await repo.register_checkpoint("leaf", str(tmp_path / "child"), parent_id="orphan")
+    await retrain.record_gate(repo, _report("leaf", True))
+    await retrain.promote(repo, "leaf")
+    before = len(await rows_of(repo, ModerationAction))
+    with pytest.raises(ValueError, match="did not reject"):
+        await retrain.rollback(repo)
+    assert (await repo.get_active_checkpoint()).id == "leaf"
+    assert len(await rows_of(repo, ModerationAction)) == before
 
 
 async def test_hot_swap_under_a_stream_of_requests_loses_none(demo, sqlite_url, tmp_path):
