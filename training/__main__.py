@@ -319,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-url", action="append", default=None,
                    help="promote/rollback: engine services to reload, one after the other (repeat; default "
                         "$ENGINE_URLS)")
+    p.add_argument("--actor", type=int, default=None,
+                   help="finetune/promote/rollback: the user id the audit log names (default: the operator, 1)")
+    p.add_argument("--guild", type=int, default=None,
+                   help="finetune/evaluate/promote/rollback: the server the action was asked from (audit log)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("bias-demo", help="simulated users' feedback removes the demo model's red bias, end to end "

@@ -36,6 +36,16 @@ async def _with_repo(url: str, fn: Any) -> Any:
         await repo.close()
 
 
+def _by(args: argparse.Namespace) -> Any:
+    """Who the audit rows name: ``--actor`` (the admin whose ``/dalle-admin model`` command runs this) in
+    ``--guild``, else the operator at the command line."""
+    from store.models import OPERATOR_MODERATOR
+    from store.repository import ModelAudit
+
+    actor = getattr(args, "actor", None)
+    return ModelAudit(OPERATOR_MODERATOR if actor is None else actor, getattr(args, "guild", None))
+
+
 def _engine_urls(args: argparse.Namespace) -> list[str]:
     if args.engine_url:
         return list(args.engine_url)
@@ -68,7 +78,8 @@ def run_action(args: argparse.Namespace) -> dict[str, Any]:
                                undesirable_weight=args.undesirable_weight)
         cfg.validate()
         try:
-            return retrain.finetune_registered(url, parent, args.data, args.out, cfg=cfg, steps=args.steps,
+            return retrain.finetune_registered(url, parent, args.data, args.out, by=_by(args), cfg=cfg,
+                                               steps=args.steps,
                                                batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                                checkpoint_id=args.id, progress=not args.no_progress)
         except retrain.Cancelled as exc:
@@ -91,7 +102,7 @@ def run_action(args: argparse.Namespace) -> dict[str, Any]:
         parent = args.parent or asyncio.run(_with_repo(url, parent_of))
         report = retrain.gate_candidate(cand, parent, args.data, seeds=args.seeds, n_per_kind=args.n_per_kind,
                                         candidates=args.candidates, kl_budget=args.kl_budget)
-        asyncio.run(_with_repo(url, lambda repo: _record_if_registered(repo, report)))
+        asyncio.run(_with_repo(url, lambda repo: _record_if_registered(repo, report, _by(args).guild_id)))
         for c in report["checks"]:
             print(f"  {'PASS' if c['pass'] else 'FAIL'} {c['name']}: {c['detail']}", file=sys.stderr)
         return {"candidate": report["candidate"], "promote": report["promote"],
@@ -101,14 +112,14 @@ def run_action(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError("promote needs --checkpoint ID")
 
         async def go(repo: Any) -> dict[str, Any]:
-            row = await retrain.promote(repo, args.checkpoint, force=args.force)
+            row = await retrain.promote(repo, args.checkpoint, force=args.force, by=_by(args))
             reloaded = await retrain.reload_engines(_engine_urls(args), os.environ.get("ENGINE_TOKEN"), row.path)
             return {"active": row.id, "path": row.path, "reloaded": reloaded}
 
         return asyncio.run(_with_repo(url, go))
     if action == "rollback":
         async def back(repo: Any) -> dict[str, Any]:
-            row, old = await retrain.rollback(repo)
+            row, old = await retrain.rollback(repo, by=_by(args))
             reloaded = await retrain.reload_engines(_engine_urls(args), os.environ.get("ENGINE_TOKEN"), row.path)
             return {"active": row.id, "rolled_back": old.id, "path": row.path, "reloaded": reloaded}
 
@@ -116,6 +127,6 @@ def run_action(args: argparse.Namespace) -> dict[str, Any]:
     raise ValueError(f"unknown action {action!r}")
 
 
-async def _record_if_registered(repo: Any, report: dict[str, Any]) -> None:
+async def _record_if_registered(repo: Any, report: dict[str, Any], guild_id: int | None) -> None:
     if await repo.get_checkpoint(report["candidate"]) is not None:
-        await retrain.record_gate(repo, report)
+        await retrain.record_gate(repo, report, guild_id=guild_id)

@@ -167,6 +167,34 @@ async def test_rollback_never_goes_to_a_rejected_checkpoint(repo, tmp_path):
     assert len(await rows_of(repo, ModerationAction)) == before
 
 
+def test_cli_audits_promote_and_rollback_by_the_actor_or_the_operator(sqlite_url, tmp_path, capsys):
+    upgrade(sqlite_url, "head")
+    (tmp_path / "p").mkdir()
+
+    async def setup(repo):
+        await repo.register_checkpoint("p", str(tmp_path / "p"))
+        await repo.set_active_checkpoint("p")
+        await repo.register_checkpoint("bad", str(tmp_path / "p"), parent_id="p")
+        await retrain.record_gate(repo, _report("bad", False))
+
+    _run(sqlite_url, setup)
+    base = ["feedback", "--database-url", sqlite_url]
+    assert main([*base, "promote", "--checkpoint", "bad"]) == 2
+    assert "rejected by the gate" in capsys.readouterr().err
+    assert main([*base, "promote", "--checkpoint", "bad", "--force", "--actor", "4242", "--guild", "2000"]) == 0
+    assert json.loads(capsys.readouterr().out)["active"] == "bad"
+    assert main([*base, "rollback"]) == 0
+    assert json.loads(capsys.readouterr().out)["active"] == "p"
+    rows = _run(sqlite_url, lambda repo: rows_of(repo, ModerationAction))
+    assert [(a.moderator_id, a.guild_id, a.action) for a in rows] == [
+        (SYSTEM_MODERATOR, None, "model_reject"), (4242, 2000, "model_promote"),
+        (OPERATOR_MODERATOR, None, "model_rollback")]
+    assert "forced" in rows[1].reason
+    assert main([*base, "list"]) == 0
+    listed = {c["id"]: c["status"] for c in json.loads(capsys.readouterr().out)["checkpoints"]}
+    assert listed == {"p": "active", "bad": "retired"}
+
+
 async def test_hot_swap_under_a_stream_of_requests_loses_none(demo, sqlite_url, tmp_path):
     from bot.ratelimit import LimitPolicy, RateLimiter
     from bot.scheduler import Scheduler
