@@ -9,6 +9,10 @@ fine-tune stops like Ctrl-C, its training run is marked cancelled and no checkpo
 
 Who may: ``list`` and ``status`` any admin of the guild (Manage Server); ``train``, ``cancel``, ``promote`` and
 ``rollback`` change the model for every guild, so also only the bot's operator (its Discord application's owner).
+
+Audited: the CLI is told who asked (``--actor`` the admin's user id, ``--guild`` the server), so the training run's
+start, the promotion and the rollback are recorded (``model_train``, ``model_promote``, ``model_rollback``) in the
+same transaction as the change, naming the admin; the gate's rejection is the bot's own (``model_reject``).
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ class ModelAdmin:
         lines = ["**Checkpoints** (newest last)"]
         for row in rows[-15:]:
             m = row.metrics or {}
-            status = "rejected" if row.status == "retired" and m.get("rejected") else row.status
+            status = row.status + (" (forced past the gate)" if m.get("forced") else "")
             measure = m.get("measure") or {}
             extra = ""
             if measure:
@@ -110,9 +114,10 @@ class ModelAdmin:
             lines.append(f"`{row.id}` — {status}{parent}{extra}")
         return "\n".join(lines)
 
-    async def _cli(self, *args: str) -> dict[str, Any]:
+    async def _cli(self, actor: ModelActor, *args: str) -> dict[str, Any]:
+        who = ("--actor", str(actor.user_id)) + (("--guild", str(actor.guild_id)) if actor.guild_id else ())
         proc = await asyncio.create_subprocess_exec(
-            *self.command, "feedback", *args, "--database-url", self.database_url,
+            *self.command, "feedback", *args, "--database-url", self.database_url, *who,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=self._env())
         if self.job is not None and self.job.state == "running":
             self.job.process = proc
@@ -136,23 +141,23 @@ class ModelAdmin:
         run_dir = self.runs_dir / time.strftime("feedback-%Y%m%d-%H%M%S", time.gmtime())
         run_dir.mkdir(parents=True, exist_ok=True)
         self.job = TrainingJob(run_dir, steps)
-        self.job.task = asyncio.get_running_loop().create_task(self._run(self.job), name="model-training")
+        self.job.task = asyncio.get_running_loop().create_task(self._run(self.job, actor), name="model-training")
         return f"Training started in `{run_dir.name}`: export → fine-tune ({steps} steps) → evaluate. " \
                "`/dalle-admin model status` shows its progress, `/dalle-admin model cancel` stops it."
 
-    async def _run(self, job: TrainingJob) -> None:
+    async def _run(self, job: TrainingJob, actor: ModelActor) -> None:
         try:
             job.stage = "export"
-            await self._cli("export", "--out", str(job.run_dir / "data"))
+            await self._cli(actor, "export", "--out", str(job.run_dir / "data"))
             job.stage = "finetune"
-            ft = await self._cli("finetune", "--data", str(job.run_dir / "data"), "--out",
+            ft = await self._cli(actor, "finetune", "--data", str(job.run_dir / "data"), "--out",
                                  str(job.run_dir / "candidate"), "--id", job.run_dir.name, "--steps",
                                  str(job.steps), "--no-progress")
             if job.cancelled or "cancelled" in ft:
                 job.state, job.message = "cancelled", "stopped; nothing was registered"
                 return
             job.stage = "evaluate"
-            gate = await self._cli("evaluate", "--checkpoint", str(job.run_dir / "candidate"), "--data",
+            gate = await self._cli(actor, "evaluate", "--checkpoint", str(job.run_dir / "candidate"), "--data",
                                    str(job.run_dir / "data"))
             job.result = gate
             job.state = "done"
@@ -185,13 +190,13 @@ class ModelAdmin:
 
     async def promote(self, actor: ModelActor, checkpoint_id: str) -> str:
         self._operator(actor)
-        done = await self._cli("promote", "--checkpoint", checkpoint_id)
+        done = await self._cli(actor, "promote", "--checkpoint", checkpoint_id)
         info = await self.engine.reload(done["path"])
         return f"`{done['active']}` is now active; the engine serves `{info.checkpoint_id}`."
 
     async def rollback(self, actor: ModelActor) -> str:
         self._operator(actor)
-        done = await self._cli("rollback")
+        done = await self._cli(actor, "rollback")
         info = await self.engine.reload(done["path"])
         return f"Rolled back from `{done['rolled_back']}` to `{done['active']}`; the engine serves " \
                f"`{info.checkpoint_id}`."

@@ -9,6 +9,8 @@ import json
 import sys
 import textwrap
 
+import pytest
+
 from bench.fakes.discord import MEMBER_PERMISSIONS
 from bot.model_admin import ModelAdmin
 from store.db import upgrade
@@ -18,11 +20,14 @@ from tests.fakes.engine import FakeEngine
 
 MANAGE_GUILD = str(int(MEMBER_PERMISSIONS) | 1 << 5)
 OPERATOR = 1  # the fake application's owner
+GUILD = 2000  # the fake's guild of slash commands
 
 FAKE_TRAINING = textwrap.dedent("""
     import json, pathlib, signal, sys, time
     args = sys.argv[1:]
     action = args[1]
+    with open(pathlib.Path(sys.argv[0]).with_name("argv.jsonl"), "a") as f:
+        f.write(json.dumps(args) + "\\n")
     if action == "export":
         print(json.dumps({"counts": {}}))
     elif action == "finetune":
@@ -87,8 +92,7 @@ async def test_operator_promotes_rolls_back_and_the_engine_swaps(fake, tmp_path)
         await repo.update_checkpoint_metrics("round-1", {"gate": {"promote": True, "checks": []},
                                                          "measure": {"bias_share": 0.2, "fidelity": 0.44}})
         await repo.register_checkpoint("bad", str(cand), parent_id="base")
-        await repo.update_checkpoint_metrics("bad", {"gate": {"promote": False}, "rejected": True})
-        await repo.retire_checkpoint("bad")
+        await repo.reject_checkpoint("bad", {"gate": {"promote": False}})
 
         listed = await admin_command(fake, "model list", permissions=MANAGE_GUILD)
         assert "`base` — active" in listed and "`bad` — rejected" in listed
@@ -109,8 +113,45 @@ async def test_operator_promotes_rolls_back_and_the_engine_swaps(fake, tmp_path)
         assert text.startswith("Rolled back from `round-1` to `base`")
         assert (await repo.get_active_checkpoint()).id == "base"
         assert (await engine.info()).checkpoint_id == parent.name
+        # audited in the command's server, naming the admin (the refused promotion left nothing)
+        assert [(a.moderator_id, a.guild_id, a.action, a.reason) for a in await repo.audit_log(None)][::-1] == [
+            (OPERATOR, GUILD, "model_promote", "checkpoint round-1 (was base)"),
+            (OPERATOR, GUILD, "model_rollback", "checkpoint base (was round-1); rolled back from round-1")]
+        assert [a.action for a in await repo.audit_log([GUILD])] == ["model_rollback", "model_promote"]
     finally:
         await run.stop()
+        await repo.close()
+
+
+async def test_model_admin_audit_rows_name_the_admin(tmp_path):
+    """Through the real CLI: the promotion and the rollback name the admin who asked, in their server; a
+    non-operator's or non-admin's attempt changes nothing and leaves no row."""
+    from bot.admin import NotAdmin
+    from bot.model_admin import ModelActor, NotOperator
+
+    url = f"sqlite:///{tmp_path / 'models.db'}"
+    upgrade(url, "head")
+    repo = make_repo(url)
+    admin = ModelAdmin(repo, FakeEngine(), database_url=url, runs_dir=tmp_path / "runs")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    try:
+        await repo.register_checkpoint("a", str(tmp_path / "a"))
+        await repo.set_active_checkpoint("a")
+        await repo.register_checkpoint("b", str(tmp_path / "b"), parent_id="a")
+        await repo.update_checkpoint_metrics("b", {"gate": {"promote": True}})
+        for who, refused in ((ModelActor(55, 7000, True, False), NotOperator),
+                             (ModelActor(55, 7000, False, True), NotAdmin)):
+            with pytest.raises(refused):
+                await admin.promote(who, "b")
+        assert await repo.audit_log(None) == [] and (await repo.get_active_checkpoint()).id == "a"
+        owner = ModelActor(4242, 7000, True, True)
+        assert (await admin.promote(owner, "b")).startswith("`b` is now active")
+        assert (await admin.rollback(owner)).startswith("Rolled back from `b` to `a`")
+        rows = [(a.moderator_id, a.guild_id, a.action) for a in await repo.audit_log(None)][::-1]
+        assert rows == [(4242, 7000, "model_promote"), (4242, 7000, "model_rollback")]
+        assert "`b` — retired" in await admin.list(owner)
+    finally:
         await repo.close()
 
 
@@ -142,6 +183,9 @@ async def test_operator_trains_in_its_own_process_sees_progress_and_cancels(fake
         assert job.state == "cancelled" and job.process is None
         assert json.loads((job.run_dir / "candidate-train" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
         assert await repo.list_checkpoints() == []
+        # every stage was told who asked, so the training run's start is audited as this admin's
+        for argv in map(json.loads, (tmp_path / "argv.jsonl").read_text().splitlines()):
+            assert argv[argv.index("--actor") + 1] == str(OPERATOR) and argv[argv.index("--guild") + 1] == str(GUILD)
     finally:
         await run.stop()
         await repo.close()
