@@ -13,9 +13,11 @@ update step (which keeps resume exact).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import optax
 
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
@@ -43,6 +45,10 @@ class OptimConfig:
     momentum: float = 0.0  # SGD only
     max_grad_norm: float | None = None
     grad_accum_steps: int = 1
+    #: regular expressions over a parameter's path (``model/encoder/layers/...``, keys joined by ``/``): only
+    #: leaves matching one of them are updated, every other leaf is frozen (its update is zero and it keeps no
+    #: optimiser state); empty: every leaf is trained
+    trainable: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -61,6 +67,10 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         if self.grad_accum_steps < 1:
             raise ValueError(f"OptimConfig.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if isinstance(self.trainable, str):
+            raise ValueError("OptimConfig.trainable is a tuple of patterns, not one string")
+        for pattern in self.trainable:
+            re.compile(pattern)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -71,7 +81,23 @@ class OptimConfig:
         unknown = sorted(set(raw) - names)
         if unknown:
             raise ValueError(f"OptimConfig: unknown keys {unknown}")
+        if "trainable" in raw:
+            raw = {**raw, "trainable": tuple(raw["trainable"])}
         return cls(**raw)
+
+
+def param_path(path: Any) -> str:
+    """``model/encoder/embed_tokens/embedding``: a leaf's key path as :attr:`OptimConfig.trainable` matches it."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def trainable_mask(params: Any, patterns: tuple[str, ...]) -> Any:
+    """A tree like ``params`` of bools: which leaves ``patterns`` trains (all of them when ``patterns`` is empty)."""
+    if not patterns:
+        return jax.tree.map(lambda _: True, params)
+    compiled = [re.compile(p) for p in patterns]
+    return jax.tree_util.tree_map_with_path(lambda path, _: any(c.search(param_path(path)) for c in compiled),
+                                            params)
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -102,5 +128,10 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
         if cfg.weight_decay:
             opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay), opt)
     if cfg.max_grad_norm is not None:
-        return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), opt)
-    return opt
+        opt = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), opt)
+    if not cfg.trainable:
+        return opt
+    # frozen leaves: a zero update and no state; the clipping norm and weight decay see only the trained leaves
+    labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen",  # noqa: E731
+                                         trainable_mask(params, cfg.trainable))
+    return optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()}, labels)

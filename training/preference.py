@@ -43,7 +43,18 @@ from engine.models.layout import load_dallebart_params
 from engine.text import DalleBartTokenizer
 from training.checkpoint import export_trained
 from training.loop import ArrayBatches, train
-from training.optim import OptimConfig
+from training.optim import OptimConfig, trainable_mask
+
+#: which parameters a fine-tune may change (regular expressions over ``model/encoder/...`` paths, see
+#: :attr:`training.optim.OptimConfig.trainable`); the rest keep the parent's values exactly. The decoder knows how
+#: to draw every colour, shape and position; "encoder" moves only what a caption means to it.
+TRAINABLE = {
+    "all": (),
+    "encoder": (r"^model/encoder/",),
+    "encoder+cross": (r"^model/encoder/", r"^model/decoder/layers/[^/]+/FlaxBartAttention_1/"),
+    "cross": (r"^model/decoder/layers/[^/]+/FlaxBartAttention_1/",),
+    "encoder-embed": (r"^model/encoder/embed_tokens/",),
+}
 
 #: files of a checkpoint directory the fine-tune takes over from its parent unchanged
 PARENT_PARTS = ("vqgan", "clip")
@@ -283,15 +294,19 @@ def finetune(parent_dir: str | Path, data_dir: str | Path, out_dir: str | Path, 
              cfg: PreferenceConfig | None = None, steps: int = 100, batch_size: int = 16, lr: float = 5e-5,
              seed: int = 0, work_dir: str | Path | None = None, progress: bool | None = None, log_every: int = 1,
              save_every: int = 25, stop_after: int | None = None, checkpoint_id: str | None = None,
-             meta: dict[str, Any] | None = None) -> FinetuneOutput:
+             meta: dict[str, Any] | None = None, trainable: str = "all") -> FinetuneOutput:
     """Fine-tune the DalleBart of checkpoint ``parent_dir`` on the export in ``data_dir`` into ``out_dir``.
 
     ``out_dir`` appears only when training finished (parts first, ``checkpoint.json`` last), so an interrupted or
     cancelled run never leaves a directory that looks like a checkpoint. Training state and ``metrics.jsonl`` go
-    to ``work_dir`` (default ``<out>-train``); running the same call again resumes.
+    to ``work_dir`` (default ``<out>-train``); running the same call again resumes. ``trainable`` (a key of
+    :data:`TRAINABLE`) picks the parameters that may change; the others stay the parent's, and the exported
+    checkpoint is always a whole DalleBart.
     """
     cfg = cfg or PreferenceConfig()
     cfg.validate()
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable={trainable!r}: choose one of {', '.join(TRAINABLE)}")
     parent, out = Path(parent_dir), Path(out_dir)
     if (out / "checkpoint.json").is_file():
         raise FileExistsError(f"{out}: a checkpoint is already there")
@@ -304,13 +319,20 @@ def finetune(parent_dir: str | Path, data_dir: str | Path, out_dir: str | Path, 
     data = _with_reference(data, config, ref_params, work, batch_size)
     batches = PreferenceBatches(data, batch_size, seed=seed)
     optim = OptimConfig(name="adamw", learning_rate=lr, warmup_steps=min(10, max(steps // 10, 1)), decay="cosine",
-                        decay_steps=max(steps, 1), end_lr_ratio=0.1, b2=0.98, weight_decay=0.0, max_grad_norm=1.0)
+                        decay_steps=max(steps, 1), end_lr_ratio=0.1, b2=0.98, weight_decay=0.0, max_grad_norm=1.0,
+                        trainable=TRAINABLE[trainable])
+    n_trained = sum(int(np.prod(leaf.shape)) for leaf, on in zip(jax.tree.leaves(ref_params),
+                    jax.tree.leaves(trainable_mask(ref_params, optim.trainable)), strict=True) if on)
+    if n_trained == 0:
+        raise ValueError(f"trainable={trainable!r} matches no parameter of {parent}")
     result = train(jax.tree.map(jnp.array, ref_params), _cached_loss(config, cfg, batches.pairs is not None), batches,
                    steps=steps, optim=optim, seed=seed, ckpt_dir=work / "checkpoints", save_every=save_every,
                    log_path=work / "metrics.jsonl", log_every=log_every, progress=progress, stop_after=stop_after,
                    meta={"model": "dallebart-preference", "objective": cfg.__dict__, "batch_size": batches.size,
-                         "examples": int(len(data.unpaired["labels"])), "pairs": data.n_pairs})
+                         "examples": int(len(data.unpaired["labels"])), "pairs": data.n_pairs,
+                         "trainable": trainable, "trained_parameters": n_trained})
     summary = {"objective": dict(cfg.__dict__), "lr": lr, "steps": steps, "batch_size": batches.size,
+               "trainable": trainable, "trained_parameters": n_trained,
                "examples": int(len(data.unpaired["labels"])), "pairs": data.n_pairs,
                "data_sha256": data.content_sha256, "parent": str(parent)}
     if result.history:

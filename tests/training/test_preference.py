@@ -112,3 +112,50 @@ def test_finetune_writes_a_checkpoint_and_an_interrupted_run_writes_none(demo, t
     assert {"kto_loss", "dpo_loss", "reward_margin", "kl_ref"} <= keys
     with pytest.raises(FileExistsError):
         finetune(demo, tmp_path / "data", out, steps=6, batch_size=8)
+
+
+def test_trainable_encoder_freezes_the_decoder_and_still_moves_the_rewards_the_right_way():
+    from training.loop import train
+    from training.optim import OptimConfig, param_path
+    from training.preference import TRAINABLE
+
+    params = jax.jit(lambda r: init_params(CFG, r))(jax.random.PRNGKey(1))
+    batch = _batch()
+    batch["ref_logp"] = batched_logprobs(CFG, params, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                         8)
+    loss_fn = make_preference_loss(DalleBart(CFG), CFG, PreferenceConfig(beta=0.1), with_pairs=False)
+    optim = OptimConfig(learning_rate=3e-2, max_grad_norm=1.0, trainable=TRAINABLE["encoder"])
+    result = train(jax.tree.map(jnp.array, params), loss_fn, lambda k: batch, steps=8, optim=optim,
+                   progress=False)
+    before = dict((param_path(k), np.asarray(v)) for k, v in jax.tree_util.tree_leaves_with_path(params))
+    after = dict((param_path(k), np.asarray(v)) for k, v in jax.tree_util.tree_leaves_with_path(result.params))
+    encoder = [k for k in before if k.startswith("model/encoder/")]
+    frozen = [k for k in before if not k.startswith("model/encoder/")]
+    assert encoder and frozen and any(k.startswith("model/decoder/") for k in frozen)
+    for k in frozen:  # bit for bit the parent's
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    assert all(not np.array_equal(after[k], before[k]) for k in encoder if "embed_tokens" not in k)
+    assert not np.array_equal(after["model/encoder/embed_tokens/embedding"],
+                              before["model/encoder/embed_tokens/embedding"])
+    new = batched_logprobs(CFG, result.params, batch["input_ids"], batch["attention_mask"], batch["labels"], 8)
+    r = new - batch["ref_logp"]
+    des = batch["desirable"] == 1
+    assert r[des].mean() > 0 > r[~des].mean()
+
+
+def test_trainable_presets_match_the_demo_models_parameters(demo):
+    from engine.models.layout import load_dallebart_params
+    from training.optim import trainable_mask
+    from training.preference import TRAINABLE
+
+    config = DalleBartConfig.from_json(demo / "dallebart")
+    params = load_dallebart_params(demo / "dallebart", config, dtype="float32")
+    total = sum(x.size for x in jax.tree.leaves(params))
+    counts = {name: sum(x.size for x, on in zip(jax.tree.leaves(params),
+                                                jax.tree.leaves(trainable_mask(params, pats)), strict=True) if on)
+              for name, pats in TRAINABLE.items()}
+    assert counts["all"] == total
+    assert 0 < counts["encoder-embed"] < counts["encoder"] < counts["encoder+cross"] < total
+    assert counts["encoder+cross"] == counts["encoder"] + counts["cross"]
+    with pytest.raises(ValueError, match="trainable"):
+        finetune(demo, demo, demo.parent / "never", trainable="decoder-only")
