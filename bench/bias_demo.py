@@ -229,7 +229,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         ft = training_cli(["finetune", "--parent", str(parent), "--data", str(data), "--out", str(cand),
                            "--id", args.candidate_id, "--steps", str(args.steps), "--lr", str(args.lr),
                            "--beta", str(args.beta), "--batch-size", str(args.batch_size),
-                           "--desirable-weight", str(args.desirable_weight), "--sft-weight", str(args.sft_weight)],
+                           "--desirable-weight", str(args.desirable_weight), "--sft-weight", str(args.sft_weight),
+                           "--trainable", args.trainable],
                           env, log)
         report["finetune"] = ft
         t = lap("finetune", t)
@@ -291,6 +292,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--desirable-weight", type=float, default=3.0)
     p.add_argument("--sft-weight", type=float, default=0.0)
+    p.add_argument("--trainable", default="all",
+                   help="the parameters the fine-tune may change (training.preference.TRAINABLE)")
     p.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), default=(0, 1))
     p.add_argument("--n-per-kind", type=int, default=8)
     p.add_argument("--kl-budget", type=float, default=50.0)

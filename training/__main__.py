@@ -310,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-weight", type=float, default=0.0, help="share of supervised loss on liked images")
     p.add_argument("--desirable-weight", type=float, default=1.0)
     p.add_argument("--undesirable-weight", type=float, default=1.0)
+    p.add_argument("--trainable", default="all",
+                   help="finetune: the parameters that may change, the rest keep the parent's values: all, "
+                        "encoder, encoder+cross, cross, encoder-embed (training.preference.TRAINABLE)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=_int_tuple, default=(0, 1), help="evaluate: evaluation seeds (default 0,1)")
     p.add_argument("--n-per-kind", type=int, default=8, help="evaluate: prompts per kind and seed")

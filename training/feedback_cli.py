@@ -81,7 +81,8 @@ def run_action(args: argparse.Namespace) -> dict[str, Any]:
             return retrain.finetune_registered(url, parent, args.data, args.out, by=_by(args), cfg=cfg,
                                                steps=args.steps,
                                                batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                               checkpoint_id=args.id, progress=not args.no_progress)
+                                               checkpoint_id=args.id, progress=not args.no_progress,
+                                               trainable=args.trainable)
         except retrain.Cancelled as exc:
             print(f"cancelled: {exc}", file=sys.stderr)
             return {"cancelled": str(exc)}
