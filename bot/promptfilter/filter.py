@@ -2,7 +2,8 @@
 
 Order of a check: the prompt's validity; the guild's own blocked terms; the packaged lists (every language, word
 boundaries, allow phrases); the two-group rule (a minor together with anything sexual is a hard "minors" refusal,
-after AI Horde); the semantic head over the prompt as written and its Latin skeleton. A guild's allow list
+after AI Horde), the hate rule (a group with a dehumanising word) and the self-harm rule (a verb of hurting with a
+reflexive pronoun); the semantic head over the prompt as written and its Latin skeleton. A guild's allow list
 suppresses list hits and semantic verdicts of the ordinary categories, never of the critical ones.
 """
 
@@ -65,10 +66,11 @@ class PromptFilter:
 
     lexicon: lists.Lexicon = field(default_factory=lists.Lexicon.default)
     classifier: semantic.SemanticClassifier | None = field(default_factory=semantic.SemanticClassifier.default)
-    threshold: float | None = None  # the semantic layer's; None: the one trained with the head
+    threshold: float | None = None  # the semantic layer's, for every class; None: those trained with the head
     max_chars: int = MAX_PROMPT_CHARS
 
     def __post_init__(self) -> None:
+        self._per_class = self.threshold is None  # the head's own thresholds, one per class where it has them
         if self.threshold is None:
             self.threshold = self.classifier.threshold if self.classifier is not None else 0.5
 
@@ -110,6 +112,12 @@ class PromptFilter:
         if target is not None and dehumanise is not None:
             return FilterDecision(False, "hate", "The prompt dehumanises a group of people.",
                                   matched=f"{target} + {dehumanise}", normalised=norm)
+        hurt = next((h.term for h in group_hits if h.category == "selfhurt"), None)
+        reflexive = next((h.term for h in group_hits if h.category == "reflexive"), None)
+        if hurt is not None and reflexive is not None and not (guild_allow is not None and any(
+                guild_allow.find(kind, text) for kind, text in texts.each())):
+            return FilterDecision(False, "self_harm", "The prompt describes someone hurting themselves.",
+                                  matched=f"{hurt} + {reflexive}", normalised=norm)
         if hits:
             hit = _pick(hits)
             return self._refuse(hit.category, hit.term, norm)
@@ -118,7 +126,8 @@ class PromptFilter:
         inputs = [t for t in semantic.inputs(views, texts, lex.allows) if t]
         if not inputs:
             return FilterDecision(True, normalised=norm)
-        threshold = policy.classifier_threshold if policy.classifier_threshold is not None else self.threshold
+        threshold = policy.classifier_threshold if policy.classifier_threshold is not None else (
+            None if self._per_class else self.threshold)
         category, score = self.classifier.classify(inputs, threshold)
         # what the encoder read as critical stays refused whatever an allow list says, even where the label below
         # becomes "sexual" for want of a listed minor term

@@ -36,12 +36,34 @@ _TO_CYRILLIC = str.maketrans({"a": "а", "e": "е", "o": "о", "p": "р", "c": "
 _LOOKALIKES = frozenset("aeopcxykmthb30i")
 _CYRILLIC = re.compile(r"[\u0400-\u04ff]")
 _WORD = re.compile(r"\w+")
+# number words under 18 in the eight languages (their values), for "a seven-year-old", "siebenjährig", "de sept ans"
+_NUMBER_WORDS = {
+    "en": "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen",
+    "de": "ein zwei drei vier fünf sechs sieben acht neun zehn elf zwölf dreizehn vierzehn fünfzehn sechzehn siebzehn",
+    "fr": "un deux trois quatre cinq six sept huit neuf dix onze douze treize quatorze quinze seize dix-sept",
+    "es": "un dos tres cuatro cinco seis siete ocho nueve diez once doce trece catorce quince dieciséis diecisiete",
+    "it": "un due tre quattro cinque sei sette otto nove dieci undici dodici tredici quattordici quindici sedici "
+          "diciassette",
+    "pt": "um dois três quatro cinco seis sete oito nove dez onze doze treze catorze quinze dezesseis dezessete",
+}
+_NUMBERS = {w: i for words in _NUMBER_WORDS.values() for i, w in enumerate(words.split(), 1)}
+_NUMBERS.update({"une": 1, "uno": 1, "una": 1, "uma": 1, "duas": 2, "eins": 1, "quatorze": 14, "dezasseis": 16,
+                 "dezassete": 17})
 _AGE = re.compile(
-    r"(?<!\d)(\d{1,2}|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|fifteen|"
-    r"sixteen|seventeen)\s*[- ]?\s*(?:yo|y/o|y\.o\.?|years?[- ]old|yrs?[- ]old|years? of age|jahre alt|jährig\w*|"
-    r"ans|años|anni|anos|лет|года|歳|才)(?!\w)")
-_NUMBERS = {w: i for i, w in enumerate("one two three four five six seven eight nine ten eleven twelve thirteen "
-                                       "fourteen fifteen sixteen seventeen".split(), 1)}
+    r"(?<![\w-])(\d{1,2}|" + "|".join(sorted(_NUMBERS, key=len, reverse=True)) + r")\s*[- ]?\s*(?:yo|y/o|y\.o\.?|"
+    r"years?[- ]old|yrs?[- ]old|years? of age|jahre alt|jährig\w*|ans|años|anni|anos|лет|года|歳|才)(?!\w)")
+# a word before a number word that makes it part of a larger number
+_TENS = frozenset("twenty thirty forty fifty sixty seventy eighty ninety hundred y e et und and".split())
+_CJK_AGE = re.compile(r"(?<![一二三四五六七八九十\d])([一二三四五六七八九十]{1,3})(?:歳|才)")
+_KANJI = {c: i for i, c in enumerate("一二三四五六七八九", 1)}
+
+
+def _kanji_number(text: str) -> int:
+    """一 → 1, 十 → 10, 十七 → 17, 二十 → 20 (enough for ages)."""
+    if "十" not in text:
+        return _KANJI.get(text, 99) if len(text) == 1 else 99
+    tens, _, ones = text.partition("十")
+    return (_KANJI.get(tens, 99) if tens else 1) * 10 + (_KANJI.get(ones, 99) if ones else 0)
 
 
 @dataclass(frozen=True)
@@ -323,10 +345,18 @@ def find_hits(texts: Texts, terms: TermSet, allows: Sequence[TermSet], guild_all
 
 
 def age_mentioned(native: str) -> str | None:
-    """The first age under 18 written with digits or English number words ("a 12 year old", "zwölfjährig" no)."""
+    """The first age under 18 written with digits, number words of the Latin-script languages ("a 12 year old",
+    "siebenjährig", "de sept ans") or kanji ("七歳"); a number that is part of a larger one ("vingt-sept ans") is
+    not one."""
     for m in _AGE.finditer(native):
         n = m.group(1)
+        before = native[: m.start()].split()[-1:]
+        if before and before[0] in _TENS:  # "twenty one years old", "treinta y dos años"
+            continue
         if (int(n) if n.isdigit() else _NUMBERS[n]) < 18:
+            return m.group(0)
+    for m in _CJK_AGE.finditer(native):
+        if _kanji_number(m.group(1)) < 18:
             return m.group(0)
     return None
 

@@ -1,11 +1,11 @@
-"""Writes ``train.tsv`` (from ``bank.py`` and ``heldout_bank.py``) and ``heldout.tsv`` (from ``heldout_bank3.py``):
-text, expected, language, trick.
+"""Writes ``train.tsv`` (every bank: ``bank.py``, ``heldout_bank.py``, ``heldout_bank3.py``, ``fresh_bank.py`` and the
+compositional ``compose.py``), ``heldout.tsv`` (``heldout_bank3.py``) and ``fresh.tsv`` (``fresh_bank.py``): text,
+expected, language, trick. The last two were each measured once as held-out sets and now also train the filter
+(issue #29); ``crossval.py`` leaves one bank out at a time instead.
 
-Run from the repository root: ``python tests/bot/data/filter_eval/generate.py``. Deterministic (fixed seed). Each
-subject appears plainly in a frame and with evasion tricks. The held-out bank was written after the lists and the
-head were last tuned and is never used to tune them, so its prompts say things in words neither was fitted to.
-Two earlier held-out sets (every third subject of ``bank.py``, then ``heldout_bank.py``) were each measured once,
-their errors read and fixed, and joined the training split: see bench/RESULTS.md.
+Run from the repository root: ``python tests/bot/data/filter_eval/generate.py``. Deterministic (fixed seeds). Each
+subject appears plainly in a frame and with evasion tricks. Every hand-written bank was written after the filter
+of its day and measured once on it before its errors were read and fixed: see bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import compose  # noqa: E402
 import fresh_bank  # noqa: E402
 import heldout_bank  # noqa: E402
 import heldout_bank3  # noqa: E402
@@ -90,58 +91,66 @@ def rows_for(lang: str, expected: str, subject: str, rng: random.Random) -> list
     return out
 
 
-def build() -> tuple[list, list]:
+def _bank_rows(bank, rng: random.Random) -> list:
+    rows = []
+    for lang, cats in bank.HARM.items():
+        for cat, subjects in cats.items():
+            for s in subjects:
+                rows.extend(rows_for(lang, cat, s, rng))
+    for lang, subjects in bank.OK.items():
+        for s in subjects:
+            rows.extend(rows_for(lang, "ok", s, rng))
+    return rows
+
+
+def build_banks() -> dict[str, list]:
+    """Every bank's rows, by bank (the unit of leave-one-bank-out cross-validation, ``crossval.py``). The order of
+    the random draws is the one the files were first made with, so ``heldout.tsv`` and ``fresh.tsv`` do not move."""
     rng = random.Random(29)
-    train, heldout = [], []
+    first = []
     for lang, cats in HARM.items():
         for cat, subjects in cats.items():
             for s in subjects:
-                train.extend(rows_for(lang, cat, s, rng))
+                first.extend(rows_for(lang, cat, s, rng))
     for lang, subjects in OK.items():
         for s in subjects:
-            train.extend(rows_for(lang, "ok", s, rng))
+            first.extend(rows_for(lang, "ok", s, rng))
     for lang, subjects in ABUSE_EXTRA.items():
         for s in subjects:
-            train.extend(rows_for(lang, "abuse", s, rng))
-    for bank, split in ((heldout_bank, train), (heldout_bank3, heldout)):
-        for lang, cats in bank.HARM.items():
-            for cat, subjects in cats.items():
-                for s in subjects:
-                    split.extend(rows_for(lang, cat, s, rng))
-        for lang, subjects in bank.OK.items():
-            for s in subjects:
-                split.extend(rows_for(lang, "ok", s, rng))
+            first.extend(rows_for(lang, "abuse", s, rng))
+    banks = {"bank": first, "heldout_bank": _bank_rows(heldout_bank, rng),
+             "heldout_bank3": _bank_rows(heldout_bank3, rng)}
     for lang, (subjects, places, styles) in ORDINARY_PARTS.items():
         combos = [(s, p, st) for s in subjects for p in places for st in styles]
         for s, p, st in rng.sample(combos, min(len(combos), 240 if lang == "en" else 30)):
             text = f"{p}{s}" if lang == "ja" else f"{s} {p}{st}"
-            train.append((text, "ok", lang, "synthetic"))
+            first.append((text, "ok", lang, "synthetic"))
     for lang, (subjects, places, styles) in ORDINARY_PARTS.items():  # word salad: short, odd, ordinary
         words = " ".join([*subjects, *places, *styles]).replace(",", " ").split()
         words += ["red", "blue", "green", "photo", "painting", "square", "circle", "triangle", "large", "small", "the",
                   "of", "a", "on", "with", "hat", "tree", "house", "background", "bird", "boat", "sky", "cat", "dog"]
         for _ in range(500 if lang == "en" else 25):
-            train.append((" ".join(rng.choice(words) for _ in range(rng.randint(2, 6))), "ok", lang, "salad"))
+            first.append((" ".join(rng.choice(words) for _ in range(rng.randint(2, 6))), "ok", lang, "salad"))
     legacy = (Path(__file__).parent / "legacy_abuse.tsv").read_text(encoding="utf-8").splitlines()
-    for line in legacy:  # the earlier classifier's training set: abuse and ordinary, training split only
+    for line in legacy:  # the earlier classifier's training set: abuse and ordinary
         if line.strip() and not line.startswith("#"):
             label, text = line.split("\t", 1)
-            train.append((text, "abuse" if label == "1" else "ok", "en", "legacy"))
-    return train, heldout
+            first.append((text, "abuse" if label == "1" else "ok", "en", "legacy"))
+    banks["fresh_bank"] = build_fresh()
+    banks["compose"] = _bank_rows(compose, random.Random(2030))  # its own seed: the others do not move
+    return banks
+
+
+def build() -> tuple[list, list]:
+    """(training rows: every bank; ``heldout.tsv``'s rows: ``heldout_bank3``, kept as it was first measured)."""
+    banks = build_banks()
+    return [row for rows in banks.values() for row in rows], banks["heldout_bank3"]
 
 
 def build_fresh() -> list:
     """``fresh.tsv``: the fourth bank, after everything (its own seed, so the other files do not move)."""
     rng = random.Random(4)
-    rows = []
-    for lang, cats in fresh_bank.HARM.items():
-        for cat, subjects in cats.items():
-            for s in subjects:
-                rows.extend(rows_for(lang, cat, s, rng))
-    for lang, subjects in fresh_bank.OK.items():
-        for s in subjects:
-            rows.extend(rows_for(lang, "ok", s, rng))
-    return rows
+    return _bank_rows(fresh_bank, rng)
 
 
 def write(path: Path, rows: list) -> None:

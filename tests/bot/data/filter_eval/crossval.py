@@ -1,0 +1,131 @@
+"""Leave-one-bank-out cross-validation of the prompt filter's semantic head: the figure that predicts a new bank.
+
+``python tests/bot/data/filter_eval/crossval.py [--hidden H] [--epochs N] [--lr LR] [--l2 L2] [--ok-weight W]
+[--thresholds 0.5,0.9] [--misses N]``, from the repository root. For each of the hand-written banks (``bank.py``
+with its synthetic rows, ``heldout_bank.py``, ``heldout_bank3.py``, ``fresh_bank.py``) it trains the head the way
+``python -m bot.promptfilter.train`` does on every other bank (the compositional ``compose.py`` rows always among
+them) and runs the whole filter (lists, rules, that head) on the bank left out. Subject-grouped folds of one bank
+share its style and said 98.9 % where each new bank said 67-85 %; a left-out bank is written in its own words.
+
+The lists were tuned on the first three banks' errors, so for those the figure flatters the lists; ``fresh_bank``
+was the one left-out bank neither lists nor head were fitted to before this cross-validation was written; since
+then the lists have also taken in its phrasings. So the script prints the head alone too (a row refused when any
+non-"ok" class reaches the threshold on any of its views): the figure no list tuning flatters.
+Embeddings are cached in ``$TMPDIR/filter_cv_embeddings.npz`` (keyed by the encoder's input text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[4]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+import generate  # noqa: E402
+
+from bench.filter import evaluate  # noqa: E402
+from bot.promptfilter import PromptFilter, semantic  # noqa: E402
+from bot.promptfilter import train as trainer  # noqa: E402
+
+HELD_OUT = ("bank", "heldout_bank", "heldout_bank3", "fresh_bank")
+CACHE = Path(os.environ.get("TMPDIR", tempfile.gettempdir())) / "filter_cv_embeddings.npz"
+
+
+class Embeddings:
+    """Encoder outputs by input text, computed once and kept on disk between runs."""
+
+    def __init__(self) -> None:
+        self.table: dict[str, np.ndarray] = {}
+        if CACHE.exists():
+            with np.load(CACHE, allow_pickle=False) as z:
+                self.table = dict(zip((str(t) for t in z["texts"]), z["x"], strict=True))
+        self._encode = semantic.encode
+
+    def __call__(self, texts) -> np.ndarray:  # noqa: ANN001 - drop-in for semantic.encode
+        missing = [t for t in dict.fromkeys(texts) if t not in self.table]
+        if missing:
+            for t, row in zip(missing, self._encode(missing), strict=True):
+                self.table[t] = row
+        return np.stack([self.table[t] for t in texts])
+
+    def save(self) -> None:
+        texts = list(self.table)
+        np.savez(CACHE, texts=np.array(texts), x=np.stack([self.table[t] for t in texts]))
+
+
+def views_of(rows: list) -> tuple[list[str], list[str]]:
+    texts, labels = [], []
+    for text, expected, _, _ in rows:
+        for view in trainer.encoder_inputs(text):
+            texts.append(view)
+            labels.append(expected)
+    return texts, labels
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=trainer.HIDDEN)
+    parser.add_argument("--epochs", type=int, default=trainer.EPOCHS)
+    parser.add_argument("--lr", type=float, default=trainer.LR)
+    parser.add_argument("--l2", type=float, default=trainer.L2)
+    parser.add_argument("--ok-weight", type=float, default=trainer.OK_WEIGHT)
+    parser.add_argument("--thresholds", default=f"0.5,0.7,0.8,{trainer.THRESHOLD},0.95")
+    parser.add_argument("--only", default=",".join(HELD_OUT), help="which banks to leave out, comma-separated")
+    parser.add_argument("--without", default="", help="banks left out of every training set (e.g. compose)")
+    parser.add_argument("--misses", type=int, default=0)
+    parser.add_argument("--head-only", action="store_true", help="skip the whole filter's run (faster)")
+    args = parser.parse_args(argv)
+    banks = generate.build_banks()
+    emb = Embeddings()
+    semantic.encode = emb  # the filter's own calls read the cache too
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    totals = {t: [0, 0, 0, 0] for t in thresholds}
+    head_totals = {t: [0, 0, 0, 0] for t in thresholds}
+    for left in args.only.split(","):
+        train_rows = [r for name, rows in banks.items() if name not in (left, *args.without.split(",")) for r in rows]
+        texts, labels = views_of(train_rows)
+        head = semantic.train_head(emb(texts), labels, trainer.CLASSES, trainer.THRESHOLD, epochs=args.epochs,
+                                   lr=args.lr, l2=args.l2, ok_weight=args.ok_weight, hidden=args.hidden)
+        emb.save()
+        ok_col = list(head.classes).index("ok")
+        per_row = []  # the head alone: each row's highest non-"ok" probability over its views
+        for text, expected, _, _ in banks[left]:
+            views = trainer.encoder_inputs(text)
+            p = head.probs(emb(views)) if views else np.zeros((1, len(head.classes)))
+            per_row.append((expected, float(np.delete(p, ok_col, axis=1).max())))
+        for t in thresholds:
+            harm = [s for e, s in per_row if e != "ok"]
+            ok = [s for e, s in per_row if e == "ok"]
+            rh, fh = sum(s >= t for s in harm), sum(s >= t for s in ok)
+            head_totals[t] = [a + b for a, b in zip(head_totals[t], (rh, len(harm), fh, len(ok)), strict=True)]
+            print(f"left out {left:<14} t={t:.2f}: head alone recall {100 * rh / len(harm):5.1f}%, "
+                  f"false refusals {100 * fh / len(ok):4.1f}%")
+        for t in [] if args.head_only else thresholds:
+            f = PromptFilter(classifier=semantic.SemanticClassifier(head), threshold=t)
+            rep = evaluate(lambda s, f=f: (lambda d: (d.allowed, d.category))(f.check(s)), banks[left])
+            totals[t] = [a + b for a, b in zip(totals[t], (rep.recall.hit, rep.recall.total, rep.false_refusals.hit,
+                                                            rep.false_refusals.total), strict=True)]
+            cats = " ".join(f"{c[:4]} {100 * v.rate:.0f}" for c, v in sorted(rep.by_category.items()))
+            print(f"left out {left:<14} t={t:.2f}: recall {100 * rep.recall.rate:5.1f}% "
+                  f"({rep.recall.hit}/{rep.recall.total}), false refusals {100 * rep.false_refusals.rate:4.1f}% "
+                  f"({rep.false_refusals.hit}/{rep.false_refusals.total})  [{cats}]", flush=True)
+            if args.misses and t == trainer.THRESHOLD:
+                for text, expected, got in rep.misses[: args.misses]:
+                    print(f"    expected {expected:<9} got {got or 'allowed':<9} {text}")
+    for t, (rh, rt, fh, ft) in head_totals.items():
+        print(f"head alone, all left-out banks t={t:.2f}: recall {100 * rh / rt:.1f}% ({rh}/{rt}), false refusals "
+              f"{100 * fh / ft:.1f}% ({fh}/{ft})")
+    for t, (rh, rt, fh, ft) in [] if args.head_only else totals.items():
+        print(f"all left-out banks t={t:.2f}: recall {100 * rh / rt:.1f}% ({rh}/{rt}), false refusals "
+              f"{100 * fh / ft:.1f}% ({fh}/{ft})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
