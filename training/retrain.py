@@ -8,16 +8,18 @@ every step recorded in the store's model registry (``checkpoints``, ``training_r
   registers the finished directory as a ``candidate`` and closes the run ``done``;
 - **evaluate** measures parent and candidate on the same prompts and seeds (:mod:`training.gate`), writes
   ``gate.json`` next to the candidate and records the verdict; a candidate the gate rejects becomes ``rejected``
-  (with its report);
+  (with its report), and a rejected one that a later run passes is a ``candidate`` again;
 - **promote** makes a candidate the gate passed ``active`` (``--force`` overrides a rejection, and says so) and tells
   each engine service to load it (``POST /admin/reload``, one service after the other, so the others keep serving);
-- **rollback** makes the active checkpoint's parent active again (never a rejected one: it goes further up) and
-  reloads it the same way.
+- **rollback** makes the active checkpoint's parent active again (never one the gate rejected, whether ``rejected``
+  or force-promoted and since retired: it goes further up) and reloads it the same way; if another promotion made a
+  different checkpoint active meanwhile, it refuses and changes nothing.
 
 Every change of the served model is audited (``model_train``, ``model_promote``, ``model_rollback``,
 ``model_reject`` moderation actions, in the same transaction as the change): by the admin whose ``/dalle-admin
-model`` command ran it (``--actor``, ``--guild``), else by the operator (:data:`store.models.OPERATOR_MODERATOR`);
-the gate's rejections by the bot itself (:data:`store.models.SYSTEM_MODERATOR`).
+model`` command ran it (``--actor``, ``--guild``), else by the operator (:data:`store.models.OPERATOR_MODERATOR`),
+the parent a fine-tune activates because nothing was active included; the gate's verdicts (a rejection, or one
+withdrawn by a passing re-run) by the bot itself (:data:`store.models.SYSTEM_MODERATOR`).
 
 The bot's processes never import this: ``/dalle-admin model`` starts ``python -m training feedback ...`` as its own
 process.
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from store.models import OPERATOR_MODERATOR, SYSTEM_MODERATOR, CheckpointStatus, ModAction, Status
+from store.repo.registry import ActiveChanged, gate_passed
 from store.repository import ModelAudit
 
 OPERATOR = ModelAudit(OPERATOR_MODERATOR)
@@ -58,20 +61,26 @@ def describe(row: Any) -> dict[str, Any]:
             "created_at": row.created_at.isoformat(timespec="seconds") if row.created_at else None,
             "training_run": m.get("training_run"), "data": (m.get("data") or {}).get("content_sha256"),
             "gate": None if not gate else ("passed" if gate.get("promote") else "rejected"),
+            "forced": bool(m.get("forced")),
             "bias": (m.get("measure") or {}).get("bias_share"), "fidelity": (m.get("measure") or {}).get("fidelity")}
 
 
 async def ensure_registered(repo: Any, directory: Path, *, parent_id: str | None = None,
-                            activate_if_none: bool = True) -> Any:
+                            activate_if_none: bool = True, by: ModelAudit = OPERATOR) -> Any:
     """The registry row of checkpoint ``directory`` (registered now if new; active if nothing is, unless the gate
-    rejected it)."""
+    turned it down). Activating it changes the served model, so it is audited (``model_promote``) by ``by``: who asked
+    for what needed it (the operator by default; :data:`store.models.SYSTEM_MODERATOR` for the bot's own calls);
+    if something became active meanwhile, that one stays."""
     cid = checkpoint_id_of(directory)
     row = await repo.get_checkpoint(cid)
     if row is None:
         row = await repo.register_checkpoint(cid, str(directory.resolve()), parent_id=parent_id)
-    if activate_if_none and row.status != CheckpointStatus.REJECTED.value \
-            and await repo.get_active_checkpoint() is None:
-        row = await repo.set_active_checkpoint(cid)
+    if activate_if_none and gate_passed(row) is not False and await repo.get_active_checkpoint() is None:
+        try:
+            row = await repo.set_active_checkpoint(cid, by=by, action=ModAction.MODEL_PROMOTE, expect_active=None,
+                                                   note="registered while nothing was active")
+        except ActiveChanged:
+            row = await repo.get_checkpoint(cid)
     return row
 
 
@@ -92,8 +101,9 @@ def _sigterm_as_interrupt() -> Any:
 
 def finetune_registered(database_url: str, parent: Path, data: Path, out: Path, *, by: ModelAudit | None = None,
                         **kw: Any) -> dict[str, Any]:
-    """:func:`training.preference.finetune` inside a registry training run (see the module's note); its start is
-    audited (``model_train``) by ``by`` (default the operator)."""
+    """:func:`training.preference.finetune` inside a registry training run (see the module's note); its start (and
+    the parent's activation when nothing was active) is audited (``model_train``, ``model_promote``) by ``by``
+    (default the operator)."""
     from store.repository import Repository
     from training.preference import finetune
 
@@ -108,7 +118,7 @@ def finetune_registered(database_url: str, parent: Path, data: Path, out: Path, 
     async def start() -> tuple[str, int]:
         repo = Repository.from_url(database_url)
         try:
-            row = await ensure_registered(repo, parent)
+            row = await ensure_registered(repo, parent, by=by or OPERATOR)
             run = await repo.create_training_run("feedback", config=config, input_checkpoint_id=row.id,
                                                  log_path=str(out.with_name(out.name + "-train") / "metrics.jsonl"),
                                                  by=by or OPERATOR)
@@ -207,17 +217,19 @@ def _brief(m: dict[str, Any]) -> dict[str, Any]:
 
 
 async def record_gate(repo: Any, report: dict[str, Any], *, guild_id: int | None = None) -> Any:
-    """Store the verdict on the candidate's row; a candidate the gate rejects becomes ``rejected``, audited
-    (``model_reject``) as the bot's own action (``guild_id``: the guild whose admin started the training)."""
+    """Store the verdict on the candidate's row; a candidate the gate rejects becomes ``rejected``, and a rejected
+    one it passes (a re-run) a ``candidate`` again; both audited (``model_reject``) as the bot's own action
+    (``guild_id``: the guild whose admin started the training)."""
     cid = report["candidate"]
     measure = {k: (v.get("mean") if isinstance(v, dict) else v) for k, v in report["candidate_metrics"].items()
                if k in ("fidelity", "bias_share", "tv_to_uniform", "colour_adherence")}
     metrics = {"gate": {k: report[k] for k in ("promote", "checks", "policy")},
                "kl": (report.get("kl") or {}).get("kl"), "measure": measure}
+    by = ModelAudit(SYSTEM_MODERATOR, guild_id)
     if report["promote"]:
-        return await repo.update_checkpoint_metrics(cid, metrics)
+        return await repo.reinstate_checkpoint(cid, metrics, by=by, reason="the gate passed it on a re-run")
     failed = [c.get("name", "?") for c in report.get("checks") or [] if not c.get("pass")]
-    return await repo.reject_checkpoint(cid, metrics, by=ModelAudit(SYSTEM_MODERATOR, guild_id),
+    return await repo.reject_checkpoint(cid, metrics, by=by,
                                         reason="the gate rejected it" + (f" ({', '.join(failed)})" if failed else ""))
 
 
@@ -242,41 +254,46 @@ async def promote(repo: Any, checkpoint_id: str, *, force: bool = False, by: Mod
     row = await repo.get_checkpoint(checkpoint_id)
     if row is None:
         raise ValueError(f"checkpoint {checkpoint_id!r} is not registered")
-    gate = (row.metrics or {}).get("gate")
-    rejected = row.status == CheckpointStatus.REJECTED.value or (gate is not None and not gate.get("promote"))
-    if not force and (gate is None or rejected):
-        why = "was rejected by the gate" if rejected else "has not been evaluated"
+    passed = gate_passed(row)
+    if not force and not passed:
+        why = "was rejected by the gate" if passed is False else "has not been evaluated"
         raise ValueError(f"checkpoint {checkpoint_id!r} {why}; run `feedback evaluate` (or promote --force)")
     if row.status == CheckpointStatus.ACTIVE.value:
         raise ValueError(f"checkpoint {checkpoint_id!r} is already active")
     if not Path(row.path).is_dir():
         raise ValueError(f"checkpoint {checkpoint_id!r}: its directory {row.path} is gone")
     note = None
-    if force and (gate is None or rejected):
-        note = "forced: " + ("the gate rejected it" if rejected else "not evaluated by the gate")
+    if force and not passed:
+        note = "forced: " + ("the gate rejected it" if passed is False else "not evaluated by the gate")
     return await repo.set_active_checkpoint(checkpoint_id, force=force, by=by or OPERATOR,
                                             action=ModAction.MODEL_PROMOTE, note=note)
 
 
 async def rollback(repo: Any, *, by: ModelAudit | None = None) -> tuple[Any, Any]:
-    """The active checkpoint's parent becomes active again (a rejected ancestor is passed over: rollback never
-    serves what the gate turned down); audited (``model_rollback``) by ``by`` (default the operator). Returns
-    (the row now active, the row rolled back)."""
+    """The active checkpoint's parent becomes active again (an ancestor the gate turned down, ``rejected`` or a
+    forced one since retired, is passed over: rollback never serves it); audited (``model_rollback``) by ``by``
+    (default the operator). The activation checks, in its own transaction, that the active checkpoint is still the
+    one read here (else ValueError, nothing changed). Returns (the row now active, the row rolled back)."""
     active = await repo.get_active_checkpoint()
     if active is None:
         raise ValueError("no checkpoint is active")
     if active.parent_id is None:
         raise ValueError(f"checkpoint {active.id!r} has no parent to roll back to")
     parent, skipped, seen = await repo.get_checkpoint(active.parent_id), [], {active.id}
-    while parent is not None and parent.status == CheckpointStatus.REJECTED.value and parent.parent_id \
-            and parent.id not in seen:
+    while parent is not None and gate_passed(parent) is False and parent.parent_id and parent.id not in seen:
         seen.add(parent.id)
         skipped.append(parent.id)
         parent = await repo.get_checkpoint(parent.parent_id)
-    if parent is None or parent.status == CheckpointStatus.REJECTED.value:
+    if parent is None or gate_passed(parent) is False or parent.id in seen:
         raise ValueError(f"checkpoint {active.id!r} has no parent to roll back to that the gate did not reject")
     if not Path(parent.path).is_dir():
         raise ValueError(f"the parent {parent.id!r} is not available")
+    # "(was X)" in the reason is what the activation retired; expect_active makes it the same X as here
     note = f"rolled back from {active.id}" + (f", passing over rejected {', '.join(skipped)}" if skipped else "")
-    row = await repo.set_active_checkpoint(parent.id, by=by or OPERATOR, action=ModAction.MODEL_ROLLBACK, note=note)
+    try:
+        row = await repo.set_active_checkpoint(parent.id, by=by or OPERATOR, action=ModAction.MODEL_ROLLBACK,
+                                               note=note, expect_active=active.id)
+    except ActiveChanged as exc:
+        raise ValueError(f"rollback from {active.id!r} refused: {exc}; run rollback again to roll back from the "
+                         "checkpoint active now") from exc
     return row, active

@@ -1,14 +1,17 @@
 """The model registry: checkpoints (``candidate`` → ``active`` → ``retired``, or ``candidate`` → ``rejected`` by the
-gate; at most one active, the one the engine should serve) and the training runs that produce them.
+gate, and back to ``candidate`` when a re-run of the gate passes it; at most one active, the one the engine should
+serve) and the training runs that produce them.
 
-The actions that change the served model (a fine-tune started, a promotion, a rollback, the gate's rejection) are
-audited as :class:`~store.models.ModerationAction` rows (``model_*``) in the same transaction as the change, naming
-who asked (:class:`ModelAudit`)."""
+The actions that change the served model (a fine-tune started, a promotion, a rollback, the gate's verdict when it
+changes a status) are audited as :class:`~store.models.ModerationAction` rows (``model_*``) in the same transaction
+as the change, naming who asked (:class:`ModelAudit`). The gate's verdicts are ``model_reject`` rows (the schema has
+no other gate action): a rejection, or a rejection withdrawn by a passing re-run, which its reason says."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import Any
 
 from sqlalchemy import and_, select, update
@@ -30,6 +33,20 @@ class ModelAudit:
 
 class CheckpointRejected(ValueError):
     """A rejected checkpoint was to be made active without ``force``."""
+
+
+class ActiveChanged(ValueError):
+    """The active checkpoint was not the one the caller had read (another promotion or rollback came first)."""
+
+
+def gate_passed(row: Checkpoint) -> bool | None:
+    """The gate's verdict on a checkpoint: False when it is ``rejected`` or its latest gate report says not to
+    promote it (a rejected candidate force-promoted, then retired, is ``retired`` but still gate-failed), True when the
+    report passed it, None when it was never evaluated."""
+    if row.status == CheckpointStatus.REJECTED.value:
+        return False
+    gate = (row.metrics or {}).get("gate")
+    return None if gate is None else bool(gate.get("promote"))
 
 
 def _audit(s: AsyncSession, by: ModelAudit | None, action: ModAction | str, reason: str) -> None:
@@ -85,25 +102,37 @@ class RegistryRepository(RepositoryBase):
         return row
 
     async def set_active_checkpoint(self, checkpoint_id: str, *, force: bool = False, by: ModelAudit | None = None,
-                                    action: ModAction = ModAction.MODEL_PROMOTE, note: str | None = None) -> Checkpoint:
+                                    action: ModAction = ModAction.MODEL_PROMOTE, note: str | None = None,
+                                    expect_active: str | None | EllipsisType = ...) -> Checkpoint:
         """Make one checkpoint ``active``; the previously active one becomes ``retired``. A ``rejected`` one only
-        with ``force`` (its metrics then say ``forced``). With ``by``, the change is audited as ``action`` (a
-        promotion or a rollback) in the same transaction; ``note`` is added to the audit row's reason."""
+        with ``force``; a forced one the gate did not pass (rejected, gate-failed or never evaluated) gets
+        ``metrics.forced``. With ``by``, the change is audited as ``action`` (a promotion or a rollback) in the same
+        transaction; ``note`` is added to the audit row's reason. ``expect_active`` (an id, or None for "nothing"):
+        the checkpoint the caller read as active; if another one is active in this transaction, :class:`ActiveChanged`
+        and nothing changes (a concurrent promotion is not silently retired)."""
         async with self.sessions.begin() as s:
             row = await s.get(Checkpoint, checkpoint_id, with_for_update=True)
             if row is None:
                 raise NotFound(f"checkpoint {checkpoint_id!r} is not registered")
-            if row.status == CheckpointStatus.REJECTED.value:
-                if not force:
-                    raise CheckpointRejected(f"checkpoint {checkpoint_id!r} was rejected by the gate")
-                row.metrics = {**row.metrics, "forced": True}
-            before = (await s.execute(select(Checkpoint.id).where(
-                Checkpoint.status == CheckpointStatus.ACTIVE.value))).scalar_one_or_none()
-            await s.execute(
+            if row.status == CheckpointStatus.REJECTED.value and not force:
+                raise CheckpointRejected(f"checkpoint {checkpoint_id!r} was rejected by the gate")
+            # lock the active row, so a concurrent change of the served model waits for this one (PostgreSQL)
+            await s.execute(select(Checkpoint.id).where(Checkpoint.status == CheckpointStatus.ACTIVE.value)
+                            .with_for_update())
+            # what is retired is what was active when it was written: the audit's "was" and the check use that
+            retired = (await s.execute(
                 update(Checkpoint)
                 .where(and_(Checkpoint.status == CheckpointStatus.ACTIVE.value, Checkpoint.id != checkpoint_id))
                 .values(status=CheckpointStatus.RETIRED.value)
-            )
+                .returning(Checkpoint.id)
+            )).scalars().all()
+            before = retired[0] if retired else (checkpoint_id if row.status == CheckpointStatus.ACTIVE.value
+                                                 else None)
+            if expect_active is not ... and before != expect_active:
+                raise ActiveChanged(f"the active checkpoint is {before!r}, not {expect_active!r} (it changed "
+                                    "meanwhile); nothing was changed")
+            if force and not gate_passed(row):
+                row.metrics = {**row.metrics, "forced": True}
             await s.flush()
             row.status = CheckpointStatus.ACTIVE.value
             reason = f"checkpoint {checkpoint_id}" + (f" (was {before})" if before and before != checkpoint_id else "")
@@ -123,6 +152,22 @@ class RegistryRepository(RepositoryBase):
             if row.status == CheckpointStatus.CANDIDATE.value:
                 row.status = CheckpointStatus.REJECTED.value
                 _audit(s, by, ModAction.MODEL_REJECT, f"checkpoint {checkpoint_id}" + (f"; {reason}" if reason else ""))
+        return row
+
+    async def reinstate_checkpoint(self, checkpoint_id: str, metrics: Mapping[str, Any], *,
+                                   by: ModelAudit | None = None, reason: str | None = None) -> Checkpoint:
+        """The gate's pass: merge ``metrics`` (its report); a ``rejected`` row (an earlier run failed it) becomes a
+        ``candidate`` again, audited with ``by`` in the same transaction (``model_reject``, the gate's verdicts'
+        action; the reason says the rejection was withdrawn). Any other row only gets the metrics."""
+        async with self.sessions.begin() as s:
+            row = await s.get(Checkpoint, checkpoint_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"checkpoint {checkpoint_id!r} is not registered")
+            row.metrics = {**row.metrics, **dict(metrics)}
+            if row.status == CheckpointStatus.REJECTED.value:
+                row.status = CheckpointStatus.CANDIDATE.value
+                _audit(s, by, ModAction.MODEL_REJECT, f"checkpoint {checkpoint_id}; rejection withdrawn, a candidate "
+                       "again" + (f": {reason}" if reason else ""))
         return row
 
     async def retire_checkpoint(self, checkpoint_id: str) -> Checkpoint:

@@ -155,6 +155,35 @@ async def test_model_admin_audit_rows_name_the_admin(tmp_path):
         await repo.close()
 
 
+async def test_model_list_marks_every_forced_promotion(tmp_path):
+    """Forced past the gate: a rejected checkpoint, one the gate failed after it stopped being a candidate, and one
+    never evaluated; a checkpoint that passed, promoted with a needless force, is not marked."""
+    from bot.model_admin import ModelActor
+    from store.repository import ModelAudit
+
+    url = f"sqlite:///{tmp_path / 'models.db'}"
+    upgrade(url, "head")
+    repo = make_repo(url)
+    admin = ModelAdmin(repo, FakeEngine(), database_url=url, runs_dir=tmp_path / "runs")
+    by = ModelAudit(OPERATOR, GUILD)
+    try:
+        await repo.register_checkpoint("base", "/base")
+        await repo.set_active_checkpoint("base")
+        await repo.register_checkpoint("rejected", "/r", parent_id="base")
+        await repo.reject_checkpoint("rejected", {"gate": {"promote": False}})
+        await repo.register_checkpoint("failed", "/f", parent_id="base", metrics={"gate": {"promote": False}})
+        await repo.register_checkpoint("ungated", "/u", parent_id="base")
+        await repo.register_checkpoint("passed", "/p", parent_id="base", metrics={"gate": {"promote": True}})
+        for cid in ("rejected", "failed", "ungated", "passed"):
+            await repo.set_active_checkpoint(cid, force=True, by=by)
+        listed = await admin.list(ModelActor(55, GUILD, True, False))
+        for cid in ("rejected", "failed", "ungated"):
+            assert f"`{cid}` — retired (forced past the gate)" in listed, (cid, listed)
+        assert "`passed` — active · parent `base`" in listed.splitlines() and "`base` — retired" in listed.splitlines()
+    finally:
+        await repo.close()
+
+
 async def test_operator_trains_in_its_own_process_sees_progress_and_cancels(fake, tmp_path):
     settings = discord_settings(tmp_path)
     upgrade(settings.database_url, "head")

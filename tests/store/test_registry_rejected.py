@@ -114,3 +114,67 @@ async def test_rejected_checkpoint_is_made_active_only_by_force_and_every_change
     await repo.create_training_run("vqgan")  # no ``by``: not audited
     assert len(await _audit(repo)) == 3
     assert {c.id: c.status for c in await rows_of(repo, Checkpoint)} == {"p": "retired", "c": "active"}
+
+
+async def test_a_passing_rerun_withdraws_the_rejection_in_the_same_transaction(repo):
+    gate = ModelAudit(SYSTEM_MODERATOR, 2000)
+    await repo.register_checkpoint("p", "/p")
+    await repo.set_active_checkpoint("p")
+    await repo.register_checkpoint("c", "/c", parent_id="p")
+    await repo.reject_checkpoint("c", {"gate": {"promote": False}}, by=gate, reason="the gate rejected it")
+    # the audit row cannot be written (no moderator): the status and the metrics stay as they were
+    with pytest.raises(IntegrityError):
+        await repo.reinstate_checkpoint("c", {"gate": {"promote": True}}, by=ModelAudit(None))
+    kept = await repo.get_checkpoint("c")
+    assert (kept.status, kept.metrics) == ("rejected", {"gate": {"promote": False}})
+    assert len(await _audit(repo)) == 1
+
+    again = await repo.reinstate_checkpoint("c", {"gate": {"promote": True}, "kl": 2.0}, by=gate,
+                                            reason="the gate passed it on a re-run")
+    assert (again.status, again.metrics) == ("candidate", {"gate": {"promote": True}, "kl": 2.0})
+    assert (await _audit(repo))[-1] == (
+        0, 2000, "model_reject", "checkpoint c; rejection withdrawn, a candidate again: the gate passed it on a re-run")
+    # a candidate again: made active without force, and not marked forced
+    active = await repo.set_active_checkpoint("c", by=ModelAudit(4242, 2000))
+    assert active.status == "active" and "forced" not in active.metrics
+    # a pass on a row that was never rejected only merges the metrics, with no audit row
+    assert (await repo.reinstate_checkpoint("c", {"kl": 1.0}, by=gate)).status == "active"
+    assert (await repo.reinstate_checkpoint("p", {"kl": 0.0}, by=gate)).status == "retired"
+    assert len(await _audit(repo)) == 3
+    with pytest.raises(NotFound):
+        await repo.reinstate_checkpoint("nope", {}, by=gate)
+
+
+async def test_activation_refuses_when_the_active_checkpoint_is_not_the_expected_one(repo):
+    from store.repo.registry import ActiveChanged
+
+    admin = ModelAudit(4242, 2000)
+    for cid in ("a", "b", "c"):
+        await repo.register_checkpoint(cid, f"/{cid}")
+    with pytest.raises(ActiveChanged, match="'a'"):  # nothing is active yet
+        await repo.set_active_checkpoint("b", expect_active="a", by=admin)
+    await repo.set_active_checkpoint("a", expect_active=None, by=admin)
+    await repo.set_active_checkpoint("b", expect_active="a", by=admin, action="model_rollback")
+    assert (await _audit(repo))[-1] == (4242, 2000, "model_rollback", "checkpoint b (was a)")
+    for stale in ("a", None):  # someone read "a" (or nothing) as active: "b" came first, nothing changes
+        with pytest.raises(ActiveChanged, match="'b'"):
+            await repo.set_active_checkpoint("c", expect_active=stale, by=admin)
+    assert {c.id: c.status for c in await rows_of(repo, Checkpoint)} == {"a": "retired", "b": "active",
+                                                                         "c": "candidate"}
+    assert len(await _audit(repo)) == 2
+
+
+async def test_a_forced_activation_of_what_the_gate_did_not_pass_is_marked_forced(repo):
+    admin = ModelAudit(4242, 2000)
+    await repo.register_checkpoint("base", "/base")
+    await repo.set_active_checkpoint("base")
+    await repo.register_checkpoint("ungated", "/u", parent_id="base")
+    await repo.register_checkpoint("failed", "/f", parent_id="base", metrics={"gate": {"promote": False}})
+    await repo.register_checkpoint("passed", "/p", parent_id="base", metrics={"gate": {"promote": True}})
+    for cid in ("ungated", "failed"):
+        assert (await repo.set_active_checkpoint(cid, force=True, by=admin)).metrics.get("forced") is True, cid
+    # a force that overrode nothing, and a plain activation (a rollback to the ungated base), are not forced
+    assert "forced" not in (await repo.set_active_checkpoint("passed", force=True, by=admin)).metrics
+    assert "forced" not in (await repo.set_active_checkpoint("base", by=admin)).metrics
+    assert {c.id: bool(c.metrics.get("forced")) for c in await rows_of(repo, Checkpoint)} == {
+        "base": False, "ungated": True, "failed": True, "passed": False}

@@ -85,9 +85,13 @@ def test_finetune_registers_a_candidate_and_the_gate_decides(demo, sqlite_url, t
     assert row.metrics["data"]["content_sha256"] == manifest["content_sha256"]
     run = _run(sqlite_url, lambda repo: repo.get_training_run(done["training_run"]))
     assert (run.status, run.output_checkpoint_id, run.kind) == ("done", "c1", "feedback")
-    [started] = _run(sqlite_url, lambda repo: rows_of(repo, ModerationAction))  # the operator started it
+    # the operator started it, and the parent it registered became active because nothing was: both audited
+    activated, started = _run(sqlite_url, lambda repo: rows_of(repo, ModerationAction))
+    parent_id = retrain.checkpoint_id_of(demo)
+    assert (activated.moderator_id, activated.action) == (OPERATOR_MODERATOR, "model_promote")
+    assert activated.reason == f"checkpoint {parent_id}; registered while nothing was active"
     assert (started.moderator_id, started.action) == (OPERATOR_MODERATOR, "model_train")
-    assert started.reason == f"training run {run.id} (feedback) from checkpoint {retrain.checkpoint_id_of(demo)}"
+    assert started.reason == f"training run {run.id} (feedback) from checkpoint {parent_id}"
     # not evaluated yet: no promotion
     assert main([*base, "promote", "--checkpoint", "c1"]) == 2
     assert "has not been evaluated" in capsys.readouterr().err
@@ -243,3 +247,159 @@ async def test_hot_swap_under_a_stream_of_requests_loses_none(demo, sqlite_url, 
         await engine.close()
         await repo.close()
     assert os.environ.get("DATABASE_URL") != sqlite_url
+
+
+def _audit_rows(rows) -> list[tuple[int, int | None, str, str | None]]:
+    return [(a.moderator_id, a.guild_id, a.action, a.reason) for a in rows]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+async def test_a_passing_rerun_of_the_gate_makes_a_rejected_checkpoint_a_candidate_again(repo, tmp_path):
+    for name in ("p", "r"):
+        (tmp_path / name).mkdir()
+    await repo.register_checkpoint("p", str(tmp_path / "p"))
+    await repo.set_active_checkpoint("p")
+    await repo.register_checkpoint("r", str(tmp_path / "r"), parent_id="p")
+    await retrain.record_gate(repo, _report("r", False), guild_id=2000)
+    assert retrain.describe(await repo.get_checkpoint("r"))["status"] == "rejected"
+    # `feedback evaluate` again, and this time the gate passes it
+    await retrain.record_gate(repo, _report("r", True), guild_id=2000)
+    listed = retrain.describe(await repo.get_checkpoint("r"))
+    assert (listed["status"], listed["gate"]) == ("candidate", "passed") and listed["forced"] is False
+    row = await retrain.promote(repo, "r")  # no --force needed, and no "forced" note or mark
+    assert row.status == "active" and "forced" not in row.metrics
+    await retrain.record_gate(repo, _report("r", True))  # a pass on a non-rejected row: metrics only
+    assert _audit_rows(await rows_of(repo, ModerationAction)) == [
+        (SYSTEM_MODERATOR, 2000, "model_reject", "checkpoint r; the gate rejected it (bias)"),
+        (SYSTEM_MODERATOR, 2000, "model_reject",
+         "checkpoint r; rejection withdrawn, a candidate again: the gate passed it on a re-run"),
+        (OPERATOR_MODERATOR, None, "model_promote", "checkpoint r (was p)"),
+    ]
+    # and rollback from a child of it lands on it
+    (tmp_path / "child").mkdir()
+    await repo.register_checkpoint("child", str(tmp_path / "child"), parent_id="r")
+    await retrain.record_gate(repo, _report("child", True))
+    await retrain.promote(repo, "child")
+    assert (await retrain.rollback(repo))[0].id == "r"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+async def test_ensure_registered_audits_the_activation_it_makes(repo, tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "checkpoint.json").write_text(json.dumps({"id": name}))
+    assert (await retrain.ensure_registered(repo, tmp_path / "a")).status == "active"  # the operator by default
+    assert _audit_rows(await rows_of(repo, ModerationAction)) == [
+        (OPERATOR_MODERATOR, None, "model_promote", "checkpoint a; registered while nothing was active")]
+    # something is active: registered only, nothing audited; an existing row is returned as it is
+    assert (await retrain.ensure_registered(repo, tmp_path / "b")).status == "candidate"
+    assert (await retrain.ensure_registered(repo, tmp_path / "a")).status == "active"
+    assert len(await rows_of(repo, ModerationAction)) == 1
+    await repo.retire_checkpoint("a")
+    row = await retrain.ensure_registered(repo, tmp_path / "b", by=ModelAudit(SYSTEM_MODERATOR, 2000))
+    assert row.status == "active"
+    assert _audit_rows(await rows_of(repo, ModerationAction))[-1] == (
+        SYSTEM_MODERATOR, 2000, "model_promote", "checkpoint b; registered while nothing was active")
+    # one the gate turned down (forced once, retired since) is not made active just because nothing is
+    await repo.update_checkpoint_metrics("b", {"gate": {"promote": False}})
+    await repo.retire_checkpoint("b")
+    assert (await retrain.ensure_registered(repo, tmp_path / "b")).status == "retired"
+    assert await repo.get_active_checkpoint() is None and len(await rows_of(repo, ModerationAction)) == 2
+
+
+class _PromoteMeanwhile:
+    """The repository, but another admin's promotion of ``other`` commits while rollback walks the parents."""
+
+    def __init__(self, repo, other: str) -> None:
+        self.repo, self.other, self.done = repo, other, False
+
+    def __getattr__(self, name):
+        return getattr(self.repo, name)
+
+    async def get_checkpoint(self, checkpoint_id):
+        if not self.done:
+            self.done = True
+            await retrain.promote(self.repo, self.other, by=ModelAudit(55, 7000))
+        return await self.repo.get_checkpoint(checkpoint_id)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+async def test_rollback_refuses_when_a_promotion_came_in_between(repo, tmp_path):
+    for name in ("p", "c", "d"):
+        (tmp_path / name).mkdir()
+    await repo.register_checkpoint("p", str(tmp_path / "p"))
+    await repo.set_active_checkpoint("p")
+    for cid in ("c", "d"):
+        await repo.register_checkpoint(cid, str(tmp_path / cid), parent_id="p")
+        await retrain.record_gate(repo, _report(cid, True))
+    await retrain.promote(repo, "c")
+    with pytest.raises(ValueError, match="rollback from 'c' refused: the active checkpoint is 'd'"):
+        await retrain.rollback(_PromoteMeanwhile(repo, "d"), by=ModelAudit(77, 2000))
+    # the concurrent promotion stands; the refused rollback left no audit row
+    assert {c.id: c.status for c in await repo.list_checkpoints()} == {"p": "retired", "c": "retired", "d": "active"}
+    assert [a.action for a in await rows_of(repo, ModerationAction)] == ["model_promote", "model_promote"]
+    # run again, it rolls back from what is active now, and the reason names that one twice, consistently
+    now, old = await retrain.rollback(repo, by=ModelAudit(77, 2000))
+    assert (now.id, old.id) == ("p", "d")
+    assert _audit_rows(await rows_of(repo, ModerationAction))[-1] == (
+        77, 2000, "model_rollback", "checkpoint p (was d); rolled back from d")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+async def test_rollback_waits_for_an_uncommitted_promotion_then_refuses(repo, tmp_path):
+    """Real concurrency: another process's promotion of ``d`` holds its transaction open while rollback reads ``c``
+    as active; the rollback's activation waits for it (row lock / SQLite's write lock), then sees ``d`` and
+    refuses, instead of retiring ``d`` or failing on the one-active index."""
+    from sqlalchemy import update
+
+    for name in ("p", "c", "d"):
+        (tmp_path / name).mkdir()
+    await repo.register_checkpoint("p", str(tmp_path / "p"))
+    await repo.set_active_checkpoint("p")
+    for cid in ("c", "d"):
+        await repo.register_checkpoint(cid, str(tmp_path / cid), parent_id="p")
+        await retrain.record_gate(repo, _report(cid, True))
+    await retrain.promote(repo, "c")
+    read = asyncio.Event()
+
+    class Signalled(_PromoteMeanwhile):
+        async def get_checkpoint(self, checkpoint_id):
+            read.set()  # rollback has read the active row and walks the parents
+            return await self.repo.get_checkpoint(checkpoint_id)
+
+    async with repo.sessions.begin() as s:
+        await s.execute(update(Checkpoint).where(Checkpoint.id == "c").values(status="retired"))
+        await s.execute(update(Checkpoint).where(Checkpoint.id == "d").values(status="active"))
+        await s.flush()
+        task = asyncio.create_task(retrain.rollback(Signalled(repo, "d")))
+        await asyncio.wait_for(read.wait(), 30)
+        await asyncio.sleep(0.5)
+        assert not task.done()  # waiting for this transaction
+    with pytest.raises(ValueError, match="rollback from 'c' refused: the active checkpoint is 'd'"):
+        await asyncio.wait_for(task, 30)
+    assert {c.id: c.status for c in await repo.list_checkpoints()} == {"p": "retired", "c": "retired", "d": "active"}
+    assert [a.action for a in await rows_of(repo, ModerationAction)] == ["model_promote"]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+async def test_rollback_passes_over_a_forced_checkpoint_the_gate_failed(repo, tmp_path):
+    for name in ("g", "f", "x"):
+        (tmp_path / name).mkdir()
+    await repo.register_checkpoint("g", str(tmp_path / "g"))
+    await repo.set_active_checkpoint("g")
+    await repo.register_checkpoint("f", str(tmp_path / "f"), parent_id="g")
+    await retrain.record_gate(repo, _report("f", False))
+    await retrain.promote(repo, "f", force=True)  # served despite the gate, then replaced by its child
+    await repo.register_checkpoint("x", str(tmp_path / "x"), parent_id="f")
+    await retrain.record_gate(repo, _report("x", True))
+    await retrain.promote(repo, "x")
+    assert (await repo.get_checkpoint("f")).status == "retired"
+    now, old = await retrain.rollback(repo)
+    assert (now.id, old.id) == ("g", "x")
+    assert (await rows_of(repo, ModerationAction))[-1].reason == \
+        "checkpoint g (was x); rolled back from x, passing over rejected f"
+    # a forced promotion of an un-gated checkpoint is marked too, and rollback may land on an un-gated one
+    await repo.register_checkpoint("u", str(tmp_path / "x"), parent_id="g")
+    forced = await retrain.promote(repo, "u", force=True)
+    assert forced.metrics["forced"] is True and retrain.describe(forced)["forced"] is True
+    assert (await retrain.rollback(repo))[0].id == "g"
