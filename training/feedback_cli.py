@@ -75,7 +75,8 @@ def run_action(args: argparse.Namespace) -> dict[str, Any]:
         if not (parent / "dallebart").is_dir():
             raise FileNotFoundError(f"{parent}: no dallebart/ (is this a checkpoint directory?)")
         cfg = PreferenceConfig(beta=args.beta, sft_weight=args.sft_weight, desirable_weight=args.desirable_weight,
-                               undesirable_weight=args.undesirable_weight)
+                               undesirable_weight=args.undesirable_weight,
+                               token_kl_weight=args.token_kl_weight)
         cfg.validate()
         try:
             return retrain.finetune_registered(url, parent, args.data, args.out, by=_by(args), cfg=cfg,

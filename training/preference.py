@@ -70,22 +70,41 @@ class PreferenceConfig:
     undesirable_weight: float = 1.0  # λ_U
     dpo_weight: float = 1.0  # the DPO term's share of the loss when pairs exist
     sft_weight: float = 0.0  # the supervised term's share (0: off)
+    #: weight of the token-level KL(parent ‖ model) over every position of the batch's sequences, with the
+    #: parent's whole next-token distribution (0: off). The sequence rewards say only "this image, not that one";
+    #: this makes the cheap way to follow them changing the few positions where the parent was undecided (which
+    #: colour) rather than every token of a disliked image (its shape and position too)
+    token_kl_weight: float = 0.0
 
     def validate(self) -> None:
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0; got {self.beta}")
-        for name in ("desirable_weight", "undesirable_weight", "dpo_weight", "sft_weight"):
+        for name in ("desirable_weight", "undesirable_weight", "dpo_weight", "sft_weight", "token_kl_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
 
 
-def sequence_logprobs(model: DalleBart, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
-                      labels: jax.Array, start: int) -> tuple[jax.Array, jax.Array]:
-    """(summed log-prob per row (B,), mean token cross-entropy) of image tokens ``labels`` given the prompts."""
+def _logits(model: DalleBart, params: Any, input_ids: jax.Array, attention_mask: jax.Array, labels: jax.Array,
+            start: int) -> jax.Array:
+    """Teacher-forced logits (B, S, V+1) of image tokens ``labels`` (B, S) given the prompts."""
     dec_in = jnp.concatenate([jnp.full((labels.shape[0], 1), start, labels.dtype), labels[:, :-1]], axis=1)
-    logits = model.apply({"params": params}, input_ids, attention_mask, dec_in).astype(jnp.float32)
+    return model.apply({"params": params}, input_ids, attention_mask, dec_in).astype(jnp.float32)
+
+
+def sequence_logprobs(model: DalleBart, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
+                      labels: jax.Array, start: int, ref_params: Any = None
+                      ) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, jax.Array]:
+    """(summed log-prob per row (B,), mean token cross-entropy) of image tokens ``labels`` given the prompts; with
+    ``ref_params`` also the token-level KL(ref ‖ model) per row (B,), summed over positions, from the two whole
+    next-token distributions (no gradient into the reference)."""
+    logits = _logits(model, params, input_ids, attention_mask, labels, start)
     token_lp = -optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return jnp.sum(token_lp, axis=-1), -jnp.mean(token_lp, axis=-1)
+    if ref_params is None:
+        return jnp.sum(token_lp, axis=-1), -jnp.mean(token_lp, axis=-1)
+    ref_lp = jax.nn.log_softmax(jax.lax.stop_gradient(_logits(model, ref_params, input_ids, attention_mask, labels,
+                                                              start)), axis=-1)
+    kl = jnp.sum(jnp.exp(ref_lp) * (ref_lp - jax.nn.log_softmax(logits, axis=-1)), axis=(-2, -1))
+    return jnp.sum(token_lp, axis=-1), -jnp.mean(token_lp, axis=-1), kl
 
 
 def kto_terms(logp: jax.Array, ref_logp: jax.Array, desirable: jax.Array, weight: jax.Array,
@@ -114,14 +133,22 @@ def dpo_terms(chosen: jax.Array, ref_chosen: jax.Array, rejected: jax.Array, ref
                   "dpo_accuracy": jnp.mean((margin > 0).astype(jnp.float32))}
 
 
-def make_preference_loss(model: DalleBart, config: DalleBartConfig, cfg: PreferenceConfig, *, with_pairs: bool):
-    """``loss_fn(params, batch, rng)`` for :func:`training.loop.train` (KTO + optional DPO + optional SFT)."""
+def make_preference_loss(model: DalleBart, config: DalleBartConfig, cfg: PreferenceConfig, *, with_pairs: bool,
+                         ref_params: Any = None):
+    """``loss_fn(params, batch, rng)`` for :func:`training.loop.train` (KTO + optional DPO + optional SFT +
+    optional token-level KL to ``ref_params``, which ``cfg.token_kl_weight`` > 0 needs)."""
     start = config.decoder_start_token_id
+    use_kl = cfg.token_kl_weight > 0
+    if use_kl and ref_params is None:
+        raise ValueError("token_kl_weight > 0 needs the parent's parameters (ref_params)")
+    ref = ref_params if use_kl else None
 
     def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
-        logp, ce = sequence_logprobs(model, params, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                     start)
+        out = sequence_logprobs(model, params, batch["input_ids"], batch["attention_mask"], batch["labels"], start,
+                                ref)
+        logp, ce = out[0], out[1]
         loss, aux = kto_terms(logp, batch["ref_logp"], batch["desirable"], batch["weight"], cfg)
+        kls = [out[2]] if use_kl else []
         aux["kl_ref"] = jnp.mean(batch["ref_logp"] - logp)
         if cfg.sft_weight > 0:
             des = batch["desirable"].astype(jnp.float32)
@@ -132,12 +159,19 @@ def make_preference_loss(model: DalleBart, config: DalleBartConfig, cfg: Prefere
             both_ids = jnp.concatenate([batch["p_input_ids"], batch["p_input_ids"]])
             both_mask = jnp.concatenate([batch["p_attention_mask"], batch["p_attention_mask"]])
             both = jnp.concatenate([batch["p_chosen"], batch["p_rejected"]])
-            lp, _ = sequence_logprobs(model, params, both_ids, both_mask, both, start)
+            pout = sequence_logprobs(model, params, both_ids, both_mask, both, start, ref)
+            lp = pout[0]
+            if use_kl:
+                kls.append(pout[2])
             n = batch["p_chosen"].shape[0]
             dpo, daux = dpo_terms(lp[:n], batch["p_ref_chosen"], lp[n:], batch["p_ref_rejected"],
                                   batch["p_weight"], cfg)
             loss = loss + cfg.dpo_weight * dpo
             aux.update(daux)
+        if use_kl:
+            token_kl = jnp.mean(jnp.concatenate(kls))
+            loss = loss + cfg.token_kl_weight * token_kl
+            aux["token_kl"] = token_kl
         aux["loss_total"] = loss
         return loss, aux
 
@@ -325,7 +359,12 @@ def finetune(parent_dir: str | Path, data_dir: str | Path, out_dir: str | Path, 
                     jax.tree.leaves(trainable_mask(ref_params, optim.trainable)), strict=True) if on)
     if n_trained == 0:
         raise ValueError(f"trainable={trainable!r} matches no parameter of {parent}")
-    result = train(jax.tree.map(jnp.array, ref_params), _cached_loss(config, cfg, batches.pairs is not None), batches,
+    if cfg.token_kl_weight > 0:  # the parent's parameters live in the loss (a constant of the jitted step)
+        loss_fn = make_preference_loss(DalleBart(config), config, cfg, with_pairs=batches.pairs is not None,
+                                       ref_params=jax.tree.map(jnp.asarray, ref_params))
+    else:
+        loss_fn = _cached_loss(config, cfg, batches.pairs is not None)
+    result = train(jax.tree.map(jnp.array, ref_params), loss_fn, batches,
                    steps=steps, optim=optim, seed=seed, ckpt_dir=work / "checkpoints", save_every=save_every,
                    log_path=work / "metrics.jsonl", log_every=log_every, progress=progress, stop_after=stop_after,
                    meta={"model": "dallebart-preference", "objective": cfg.__dict__, "batch_size": batches.size,

@@ -159,3 +159,34 @@ def test_trainable_presets_match_the_demo_models_parameters(demo):
     assert counts["encoder+cross"] == counts["encoder"] + counts["cross"]
     with pytest.raises(ValueError, match="trainable"):
         finetune(demo, demo, demo.parent / "never", trainable="decoder-only")
+
+
+def test_token_kl_is_zero_at_the_parent_and_holds_the_model_near_it():
+    params = jax.jit(lambda r: init_params(CFG, r))(jax.random.PRNGKey(1))
+    batch = _batch()
+    batch["ref_logp"] = batched_logprobs(CFG, params, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                         8)
+    with pytest.raises(ValueError, match="ref_params"):
+        make_preference_loss(DalleBart(CFG), CFG, PreferenceConfig(token_kl_weight=1.0), with_pairs=False)
+
+    def run(weight: float):
+        loss_fn = make_preference_loss(DalleBart(CFG), CFG, PreferenceConfig(beta=0.1, token_kl_weight=weight),
+                                       with_pairs=False, ref_params=params)
+        grad = jax.jit(jax.grad(lambda p: loss_fn(p, batch, None)[0]))
+        p = params
+        for _ in range(5):
+            p = jax.tree.map(lambda w, g: w - 0.5 * g, p, grad(p))
+        return p
+
+    probe = make_preference_loss(DalleBart(CFG), CFG, PreferenceConfig(token_kl_weight=1.0), with_pairs=False,
+                                 ref_params=params)
+    assert float(probe(params, batch, None)[1]["token_kl"]) == pytest.approx(0.0, abs=1e-5)
+    kls = {}
+    for weight in (0.0, 0.2):
+        p = run(weight)
+        kls[weight] = float(probe(p, batch, None)[1]["token_kl"])
+        r = batched_logprobs(CFG, p, batch["input_ids"], batch["attention_mask"], batch["labels"], 8) \
+            - batch["ref_logp"]
+        des = batch["desirable"] == 1
+        assert r[des].mean() > r[~des].mean() and r[~des].mean() < 0  # the preference still moves the right way
+    assert 0 < kls[0.2] < kls[0.0]
