@@ -292,7 +292,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--desirable-weight", type=float, default=3.0)
     p.add_argument("--sft-weight", type=float, default=0.0)
-    p.add_argument("--token-kl-weight", type=float, default=0.0,
+    p.add_argument("--token-kl-weight", type=float, default=0.05,
                    help="weight of the fine-tune's token-level KL to the parent")
     p.add_argument("--trainable", default="all",
                    help="the parameters the fine-tune may change (training.preference.TRAINABLE)")

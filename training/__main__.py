@@ -305,12 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", default=None, help="finetune: the new checkpoint's id (default: --out's name)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--beta", type=float, default=0.1, help="KTO/DPO beta on summed token log-probs")
     p.add_argument("--sft-weight", type=float, default=0.0, help="share of supervised loss on liked images")
-    p.add_argument("--desirable-weight", type=float, default=1.0)
+    p.add_argument("--desirable-weight", type=float, default=3.0)
     p.add_argument("--undesirable-weight", type=float, default=1.0)
-    p.add_argument("--token-kl-weight", type=float, default=0.0,
+    p.add_argument("--token-kl-weight", type=float, default=0.05,
                    help="finetune: weight of the token-level KL to the parent (whole next-token distributions)")
     p.add_argument("--trainable", default="all",
                    help="finetune: the parameters that may change, the rest keep the parent's values: all, "
