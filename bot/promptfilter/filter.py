@@ -101,7 +101,7 @@ class PromptFilter:
         hits, waived, allowed = lists.find_hits(texts, lex.terms, [lex.allows], guild_allow, CRITICAL_CATEGORIES)
         group_hits, _, _ = lists.find_hits(texts, lex.groups, [lex.allows], None, frozenset())
         minor = next((h.term for h in group_hits if h.category == "minor"), None) or lists.age_mentioned(
-            views.native)
+            views.native) or lists.age_mentioned(nz.letters_folded(views.native))  # "a 10yᴏ"
         if minor is not None:
             sexual = next((h.term for h in [*hits, *waived, *group_hits] if h.category == "sexual"), None)
             if sexual is not None:

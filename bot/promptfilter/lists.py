@@ -153,6 +153,8 @@ class TermSet:
             forms = [t.literal]
             if t.kind == "latin" and " " in t.literal and len(t.literal.replace(" ", "")) >= 6:
                 forms.append(t.literal.replace(" ", ""))  # "childporn", "sexpistols"
+            if t.kind == "latin":  # as the swapped view reads it: "cock pheasant" is "cock feasant" there
+                forms += [f for f in map(nz.sound_swaps, forms) if f not in forms]
             cont = _LATIN_CONT if t.kind == "latin" else _NATIVE_CONT
             for form in forms:
                 items[t.kind].append(form)
@@ -274,6 +276,7 @@ class Texts:
     @classmethod
     def of(cls, views: nz.Views) -> Texts:
         latin = list(dict.fromkeys([*nz.stretch_views(views.skeleton), *nz.stretch_views(views.aggressive)]))
+        latin += [nz.sound_swaps(v) for v in latin]  # "fvck", "phuck"; the same text when nothing is swapped
         joins: list[str] = []
         for view in list(latin):  # de-stretched first: "f u ccc k" is spelled out too
             words = view.split(" ")
@@ -320,16 +323,29 @@ def find_hits(texts: Texts, terms: TermSet, allows: Sequence[TermSet], guild_all
     hits: list[Hit] = []
     waived: list[Hit] = []
     suppressed: list[Hit] = []
+    per_view = []
+    allowed_reading: dict[tuple[str, str], int] = {}  # (kind, term): most hits of it one view had, all allowed
     for kind, text in texts.each():
         found = terms.find(kind, text)
         if not found:
             continue
         group = texts.aligned if kind == "latin" and text in texts.aligned else (text,)
         spans = [(s, e) for a in allows for t in group for s, e, _ in a.find(kind, t)]
+        inside = [any(s <= start and end <= e for s, e in spans) for start, end, _ in found]
+        counts: dict[str, list[int]] = {}
+        for (_, _, term), ok in zip(found, inside, strict=True):
+            counts.setdefault(term.text, [0, 0])[ok] += 1
+        for name, (outside, allowed) in counts.items():
+            if not outside:
+                allowed_reading[kind, name] = max(allowed_reading.get((kind, name), 0), allowed)
+        per_view.append((kind, text, group, found, inside, counts))
+    for kind, text, group, found, inside, counts in per_view:
         guild_spans = [(s, e) for t in group for s, e, _ in guild_allow.find(kind, t)] if guild_allow else []
-        for start, end, term in found:
+        for (start, end, term), ok in zip(found, inside, strict=True):
             hit = Hit(term.category, term.text, text)
-            if any(s <= start and end <= e for s, e in spans):
+            # inside an allow phrase here, or in another reading of the prompt where every hit of this term was
+            # ("nude colour" read with its "l" look-alike; "голый землекоп" with its spaced letters joined)
+            if ok or sum(counts[term.text]) <= allowed_reading.get((kind, term.text), 0):
                 suppressed.append(hit)
                 continue
             if term.category not in critical and any(s <= start and end <= e for s, e in guild_spans):

@@ -55,6 +55,10 @@ def _split(m: re.Match[str]) -> str:
     if m.group(0)[0] in "'’ʼ`´":
         return " "
     before, after = m.string[m.start() - 3 : m.start()], m.string[m.end() : m.end() + 3]
+    word_before = re.search(r"[^\W\d_]*$", m.string[: m.start()]).group(0)
+    word_after = re.match(r"[^\W\d_]*", m.string[m.end() :]).group(0)
+    if _RUN3.search(word_before) or _RUN3.search(word_after):  # a stretched piece: "nnna-ked"
+        return ""
     return " " if len(set(before)) > 1 and len(set(after)) > 1 else ""
 _SCRIPTS_OWN = re.compile(r"[\u0400-\u04ff\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\u0600-\u06ff]")
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uff66-\uff9f]")
@@ -186,6 +190,15 @@ def stretch_views(text: str) -> list[str]:
     return list(dict.fromkeys((text, once, twice)))
 
 
+_V_AS_U = re.compile(r"(?<=[b-df-hj-np-tv-xz])v(?=[b-df-hj-np-tv-xz])")
+
+
+def sound_swaps(text: str) -> str:
+    """Letters swapped for ones that read alike: a "v" between two consonants is a "u" ("fvck", "cvnt"), "ph" is an
+    "f" ("phuck", "phag"). An extra view: the text itself is matched too."""
+    return _V_AS_U.sub("u", text.replace("ph", "f"))
+
+
 def spaced_joins(words: list[str]) -> list[str]:
     """Words broken up with a letter on its own ("n u d e", "henta i", "hen ta i"): every join of two to eight
     consecutive pieces, 20 characters at most, that has a one-letter piece. Adjacent whole words are never joined
@@ -202,6 +215,12 @@ def spaced_joins(words: list[str]) -> list[str]:
             if single:
                 out.append(acc)
     return out
+
+
+def letters_folded(text: str) -> str:
+    """``text`` with look-alike letters read as Latin ones and digits left as they are ("10yᴏ" → "10yo"), for ages."""
+    table = skeleton_table()
+    return "".join(table.get(c, c) for c in text)
 
 
 def has_own_script(text: str) -> bool:

@@ -61,7 +61,7 @@ def _without(kind: str, text: str, allows: lists.TermSet | None) -> tuple[str, b
     keep = [True] * len(text)
     for s, e, _ in spans:
         keep[s:e] = [False] * (e - s)
-    sep = " " if kind == "latin" else ""
+    sep = "" if kind == "substring" else " "
     return sep.join("".join(c if k else " " for c, k in zip(text, keep, strict=True)).split()), True
 
 
@@ -71,8 +71,9 @@ def inputs(views: nz.Views, texts: lists.Texts, allows: lists.TermSet | None = N
     joined (and as written when that is plain letters). ``allows``' phrases are left out."""
     if nz.has_cjk(views.native):  # no spaces between Japanese words: spaced-out characters are a trick
         return [_without("substring", texts.substring[0], allows)[0] if texts.substring else views.native]
-    if nz.has_own_script(views.native):
-        return list(dict.fromkeys([views.native, texts.reading or views.native]))
+    if nz.has_own_script(views.native):  # Cyrillic: allow phrases ("голый землекоп", "застраховать") left out too
+        own = [_without("native", t, allows)[0] for t in (views.native, texts.reading or views.native)]
+        return list(dict.fromkeys(own))
     # a Latin-script prompt: its skeleton, where leetspeak and look-alikes are read, and the prompt as written only
     # when it is plain letters (its accents help; "ch3vali3r" as written is noise, and noise is what it misreads)
     skeleton, allowed = _without("latin", views.skeleton, allows)

@@ -29,8 +29,9 @@ LR = 0.003
 L2 = 1e-3
 OK_WEIGHT = 3.0
 # a class whose threshold differs from THRESHOLD: profanity is what the lists catch best, and short word salad
-# ("painting photo triangle") is what the head mistakes for it
-CLASS_THRESHOLDS = {"profanity": 0.9}
+# ("painting photo triangle") is what the head mistakes for it; sexual, minors, self-harm and abuse at 0.5 cost
+# few false refusals on the left-out banks for the recall they add (leave-one-bank-out, round 3: bench/RESULTS.md)
+CLASS_THRESHOLDS = {"profanity": 0.9, "sexual": 0.5, "minors": 0.5, "self_harm": 0.5, "abuse": 0.5}
 
 
 def read_rows(path: Path) -> list[tuple[str, str, str, str]]:

@@ -2,21 +2,22 @@
 
 ``python tests/bot/data/filter_eval/crossval.py [--hidden H] [--epochs N] [--lr LR] [--l2 L2] [--ok-weight W]
 [--thresholds 0.5,0.9] [--misses N]``, from the repository root. For each of the hand-written banks (``bank.py``
-with its synthetic rows, ``heldout_bank.py``, ``heldout_bank3.py``, ``fresh_bank.py``) it trains the head the way
-``python -m bot.promptfilter.train`` does on every other bank (the compositional ``compose.py`` rows always among
-them) and runs the whole filter (lists, rules, that head) on the bank left out. Subject-grouped folds of one bank
-share its style and said 98.9 % where each new bank said 67-85 %; a left-out bank is written in its own words.
+with its synthetic rows, ``heldout_bank.py``, ``heldout_bank3.py``, ``fresh_bank.py``, ``fresh_bank2.py``) it trains
+the head the way ``python -m bot.promptfilter.train`` does on every other bank (the compositional ``compose.py`` rows
+always among them) and runs the whole filter (lists, rules, that head) on the bank left out, at each threshold for
+every class and at the per-class thresholds ``train.py`` ships ("shipped"). Subject-grouped folds of one bank share
+its style and said 98.9 % where each new bank said 67-85 %; a left-out bank is written in its own words.
 
-The lists were tuned on the first three banks' errors, so for those the figure flatters the lists; ``fresh_bank``
-was the one left-out bank neither lists nor head were fitted to before this cross-validation was written; since
-then the lists have also taken in its phrasings. So the script prints the head alone too (a row refused when any
-non-"ok" class reaches the threshold on any of its views): the figure no list tuning flatters.
+The lists were tuned on every bank's errors (``fresh_bank2`` too, since round 3), so the whole filter's figure
+flatters the lists; the script prints the head alone too (a row refused when a non-"ok" class reaches the threshold
+on any of its views): the figure no list tuning flatters, and the one model selection uses.
 Embeddings are cached in ``$TMPDIR/filter_cv_embeddings.npz`` (keyed by the encoder's input text).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from bench.filter import evaluate  # noqa: E402
 from bot.promptfilter import PromptFilter, semantic  # noqa: E402
 from bot.promptfilter import train as trainer  # noqa: E402
 
-HELD_OUT = ("bank", "heldout_bank", "heldout_bank3", "fresh_bank")
+HELD_OUT = ("bank", "heldout_bank", "heldout_bank3", "fresh_bank", "fresh_bank2")
 CACHE = Path(os.environ.get("TMPDIR", tempfile.gettempdir())) / "filter_cv_embeddings.npz"
 
 
@@ -68,6 +69,10 @@ def views_of(rows: list) -> tuple[list[str], list[str]]:
     return texts, labels
 
 
+def _t(t: float | None) -> str:
+    return "shipped" if t is None else f"{t:.2f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=trainer.HIDDEN)
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=trainer.LR)
     parser.add_argument("--l2", type=float, default=trainer.L2)
     parser.add_argument("--ok-weight", type=float, default=trainer.OK_WEIGHT)
-    parser.add_argument("--thresholds", default=f"0.5,0.7,0.8,{trainer.THRESHOLD},0.95")
+    parser.add_argument("--thresholds", default="0.5,0.7,0.8,0.9")
     parser.add_argument("--only", default=",".join(HELD_OUT), help="which banks to leave out, comma-separated")
     parser.add_argument("--without", default="", help="banks left out of every training set (e.g. compose)")
     parser.add_argument("--misses", type=int, default=0)
@@ -85,20 +90,25 @@ def main(argv: list[str] | None = None) -> int:
     emb = Embeddings()
     semantic.encode = emb  # the filter's own calls read the cache too
     thresholds = [float(t) for t in args.thresholds.split(",")]
-    totals = {t: [0, 0, 0, 0] for t in thresholds}
-    head_totals = {t: [0, 0, 0, 0] for t in thresholds}
+    totals = {t: [0, 0, 0, 0] for t in [*thresholds, None]}  # None: the per-class thresholds train.py ships
+    head_totals = {t: [0, 0, 0, 0] for t in [*thresholds, None]}
     for left in args.only.split(","):
         train_rows = [r for name, rows in banks.items() if name not in (left, *args.without.split(",")) for r in rows]
         texts, labels = views_of(train_rows)
         head = semantic.train_head(emb(texts), labels, trainer.CLASSES, trainer.THRESHOLD, epochs=args.epochs,
                                    lr=args.lr, l2=args.l2, ok_weight=args.ok_weight, hidden=args.hidden)
         emb.save()
+        head = dataclasses.replace(head, class_thresholds=tuple(
+            trainer.CLASS_THRESHOLDS.get(c, trainer.THRESHOLD) for c in trainer.CLASSES))  # as train.py ships it
         ok_col = list(head.classes).index("ok")
+        per_row_shipped = []
         per_row = []  # the head alone: each row's highest non-"ok" probability over its views
         for text, expected, _, _ in banks[left]:
             views = trainer.encoder_inputs(text)
             p = head.probs(emb(views)) if views else np.zeros((1, len(head.classes)))
             per_row.append((expected, float(np.delete(p, ok_col, axis=1).max())))
+            over = p.max(axis=0) >= np.array(head.class_thresholds)  # the shipped per-class thresholds
+            per_row_shipped.append((expected, bool(np.delete(over, ok_col).any())))
         for t in thresholds:
             harm = [s for e, s in per_row if e != "ok"]
             ok = [s for e, s in per_row if e == "ok"]
@@ -106,23 +116,29 @@ def main(argv: list[str] | None = None) -> int:
             head_totals[t] = [a + b for a, b in zip(head_totals[t], (rh, len(harm), fh, len(ok)), strict=True)]
             print(f"left out {left:<14} t={t:.2f}: head alone recall {100 * rh / len(harm):5.1f}%, "
                   f"false refusals {100 * fh / len(ok):4.1f}%")
-        for t in [] if args.head_only else thresholds:
+        harm = [s for e, s in per_row_shipped if e != "ok"]
+        ok = [s for e, s in per_row_shipped if e == "ok"]
+        head_totals[None] = [a + b for a, b in zip(head_totals[None], (sum(harm), len(harm), sum(ok), len(ok)),
+                                                   strict=True)]
+        print(f"left out {left:<14} shipped per-class thresholds: head alone recall {100 * sum(harm) / len(harm):5.1f}%"
+              f", false refusals {100 * sum(ok) / len(ok):4.1f}%")
+        for t in [] if args.head_only else [*thresholds, None]:
             f = PromptFilter(classifier=semantic.SemanticClassifier(head), threshold=t)
             rep = evaluate(lambda s, f=f: (lambda d: (d.allowed, d.category))(f.check(s)), banks[left])
             totals[t] = [a + b for a, b in zip(totals[t], (rep.recall.hit, rep.recall.total, rep.false_refusals.hit,
                                                             rep.false_refusals.total), strict=True)]
             cats = " ".join(f"{c[:4]} {100 * v.rate:.0f}" for c, v in sorted(rep.by_category.items()))
-            print(f"left out {left:<14} t={t:.2f}: recall {100 * rep.recall.rate:5.1f}% "
+            print(f"left out {left:<14} t={_t(t)}: recall {100 * rep.recall.rate:5.1f}% "
                   f"({rep.recall.hit}/{rep.recall.total}), false refusals {100 * rep.false_refusals.rate:4.1f}% "
                   f"({rep.false_refusals.hit}/{rep.false_refusals.total})  [{cats}]", flush=True)
-            if args.misses and t == trainer.THRESHOLD:
+            if args.misses and t is None:
                 for text, expected, got in rep.misses[: args.misses]:
                     print(f"    expected {expected:<9} got {got or 'allowed':<9} {text}")
     for t, (rh, rt, fh, ft) in head_totals.items():
-        print(f"head alone, all left-out banks t={t:.2f}: recall {100 * rh / rt:.1f}% ({rh}/{rt}), false refusals "
+        print(f"head alone, all left-out banks t={_t(t)}: recall {100 * rh / rt:.1f}% ({rh}/{rt}), false refusals "
               f"{100 * fh / ft:.1f}% ({fh}/{ft})")
     for t, (rh, rt, fh, ft) in [] if args.head_only else totals.items():
-        print(f"all left-out banks t={t:.2f}: recall {100 * rh / rt:.1f}% ({rh}/{rt}), false refusals "
+        print(f"all left-out banks t={_t(t)}: recall {100 * rh / rt:.1f}% ({rh}/{rt}), false refusals "
               f"{100 * fh / ft:.1f}% ({fh}/{ft})")
     return 0
 

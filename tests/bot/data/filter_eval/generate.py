@@ -1,7 +1,8 @@
-"""Writes ``train.tsv`` (every bank: ``bank.py``, ``heldout_bank.py``, ``heldout_bank3.py``, ``fresh_bank.py`` and the
-compositional ``compose.py``), ``heldout.tsv`` (``heldout_bank3.py``) and ``fresh.tsv`` (``fresh_bank.py``): text,
-expected, language, trick. The last two were each measured once as held-out sets and now also train the filter
-(issue #29); ``crossval.py`` leaves one bank out at a time instead.
+"""Writes ``train.tsv`` (every bank: ``bank.py``, ``heldout_bank.py``, ``heldout_bank3.py``, ``fresh_bank.py``,
+``fresh_bank2.py`` and the compositional ``compose.py``), ``heldout.tsv`` (``heldout_bank3.py``), ``fresh.tsv``
+(``fresh_bank.py``) and ``fresh2.tsv`` (``fresh_bank2.py``): text, expected, language, trick. The last three were
+each measured once as held-out sets and now also train the filter (issue #29; fresh2 since round 3);
+``crossval.py`` leaves one bank out at a time instead.
 
 Run from the repository root: ``python tests/bot/data/filter_eval/generate.py``. Deterministic (fixed seeds). Each
 subject appears plainly in a frame and with evasion tricks. Every hand-written bank was written after the filter
@@ -137,6 +138,7 @@ def build_banks() -> dict[str, list]:
             label, text = line.split("\t", 1)
             first.append((text, "abuse" if label == "1" else "ok", "en", "legacy"))
     banks["fresh_bank"] = build_fresh()
+    banks["fresh_bank2"] = build_fresh2()  # measured once (bench/RESULTS.md), training data from round 3 on
     banks["compose"] = _bank_rows(compose, random.Random(2030))  # its own seed: the others do not move
     return banks
 
