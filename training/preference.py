@@ -12,6 +12,12 @@ With the implicit reward ``r = log π(y|x) − log π_ref(y|x)``:
   own examples rather than mismatched prompt/image pairs, which would need a second forward pass per step;
 - **DPO** (Rafailov et al., 2023): ``−log σ(β(r_chosen − r_rejected))`` per pair, times its weight;
 - **SFT**: token cross-entropy of the desirable sequences (keeps what people liked likely in absolute terms).
+- **token KL** (optional, ``token_kl_weight``): KL(π_ref ‖ π) between the two whole next-token distributions at
+  every position of the batch's sequences (the parent's forward pass runs in the step), so a change the sequence
+  rewards ask for lands where the parent was undecided rather than on every token of a disliked image.
+
+``finetune(trainable=...)`` trains only a subset (:data:`TRAINABLE`, e.g. the text encoder); the rest stays the
+parent's bit for bit.
 
 Logged every step: the losses, the implicit reward margin (mean ``r`` of desirable − of undesirable), and
 ``kl_ref``, the mean of ``log π_ref − log π`` over the batch's sequences: the stored tokens were sampled from the
