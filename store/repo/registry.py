@@ -94,11 +94,21 @@ class RegistryRepository(RepositoryBase):
 
     async def update_checkpoint_metrics(self, checkpoint_id: str, metrics: Mapping[str, Any]) -> Checkpoint:
         """Merge ``metrics`` into the checkpoint's metrics."""
+        return await self._merge_metrics(checkpoint_id, metrics)
+
+    async def _merge_metrics(self, checkpoint_id: str, metrics: Mapping[str, Any], *,
+                             move: tuple[CheckpointStatus, CheckpointStatus] | None = None,
+                             by: ModelAudit | None = None, reason: str = "") -> Checkpoint:
+        """Merge ``metrics`` into the checkpoint's (row locked); with ``move`` (from, to), a row in status ``from``
+        goes to ``to`` and that change is audited as ``model_reject`` with ``by`` and ``reason``, one transaction."""
         async with self.sessions.begin() as s:
             row = await s.get(Checkpoint, checkpoint_id, with_for_update=True)
             if row is None:
                 raise NotFound(f"checkpoint {checkpoint_id!r} is not registered")
             row.metrics = {**row.metrics, **dict(metrics)}
+            if move is not None and row.status == move[0].value:
+                row.status = move[1].value
+                _audit(s, by, ModAction.MODEL_REJECT, reason)
         return row
 
     async def set_active_checkpoint(self, checkpoint_id: str, *, force: bool = False, by: ModelAudit | None = None,
@@ -144,31 +154,19 @@ class RegistryRepository(RepositoryBase):
         """The gate's rejection: merge ``metrics`` (its report) and make a ``candidate`` ``rejected``, audited as
         ``model_reject`` with ``by`` in the same transaction. A row that is no candidate any more (already rejected,
         active or retired) only gets the metrics."""
-        async with self.sessions.begin() as s:
-            row = await s.get(Checkpoint, checkpoint_id, with_for_update=True)
-            if row is None:
-                raise NotFound(f"checkpoint {checkpoint_id!r} is not registered")
-            row.metrics = {**row.metrics, **dict(metrics)}
-            if row.status == CheckpointStatus.CANDIDATE.value:
-                row.status = CheckpointStatus.REJECTED.value
-                _audit(s, by, ModAction.MODEL_REJECT, f"checkpoint {checkpoint_id}" + (f"; {reason}" if reason else ""))
-        return row
+        return await self._merge_metrics(checkpoint_id, metrics,
+                                         move=(CheckpointStatus.CANDIDATE, CheckpointStatus.REJECTED), by=by,
+                                         reason=f"checkpoint {checkpoint_id}" + (f"; {reason}" if reason else ""))
 
     async def reinstate_checkpoint(self, checkpoint_id: str, metrics: Mapping[str, Any], *,
                                    by: ModelAudit | None = None, reason: str | None = None) -> Checkpoint:
         """The gate's pass: merge ``metrics`` (its report); a ``rejected`` row (an earlier run failed it) becomes a
         ``candidate`` again, audited with ``by`` in the same transaction (``model_reject``, the gate's verdicts'
         action; the reason says the rejection was withdrawn). Any other row only gets the metrics."""
-        async with self.sessions.begin() as s:
-            row = await s.get(Checkpoint, checkpoint_id, with_for_update=True)
-            if row is None:
-                raise NotFound(f"checkpoint {checkpoint_id!r} is not registered")
-            row.metrics = {**row.metrics, **dict(metrics)}
-            if row.status == CheckpointStatus.REJECTED.value:
-                row.status = CheckpointStatus.CANDIDATE.value
-                _audit(s, by, ModAction.MODEL_REJECT, f"checkpoint {checkpoint_id}; rejection withdrawn, a candidate "
-                       "again" + (f": {reason}" if reason else ""))
-        return row
+        return await self._merge_metrics(checkpoint_id, metrics,
+                                         move=(CheckpointStatus.REJECTED, CheckpointStatus.CANDIDATE), by=by,
+                                         reason=f"checkpoint {checkpoint_id}; rejection withdrawn, a candidate again"
+                                         + (f": {reason}" if reason else ""))
 
     async def retire_checkpoint(self, checkpoint_id: str) -> Checkpoint:
         """Take a checkpoint out of service (an active one leaves no active checkpoint behind)."""
