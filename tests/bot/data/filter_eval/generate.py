@@ -1,8 +1,8 @@
 """Writes ``train.tsv`` (every bank: ``bank.py``, ``heldout_bank.py``, ``heldout_bank3.py``, ``fresh_bank.py``,
-``fresh_bank2.py`` and the compositional ``compose.py``), ``heldout.tsv`` (``heldout_bank3.py``), ``fresh.tsv``
-(``fresh_bank.py``) and ``fresh2.tsv`` (``fresh_bank2.py``): text, expected, language, trick. The last three were
-each measured once as held-out sets and now also train the filter (issue #29; fresh2 since round 3);
-``crossval.py`` leaves one bank out at a time instead.
+``fresh_bank2.py``, ``fresh_bank3.py`` and the compositional ``compose.py``), ``heldout.tsv`` (``heldout_bank3.py``),
+``fresh.tsv`` (``fresh_bank.py``), ``fresh2.tsv`` (``fresh_bank2.py``) and ``fresh3.tsv`` (``fresh_bank3.py``): text,
+expected, language, trick. The last four were each measured once as held-out sets and now also train the filter
+(issue #29; fresh2 since round 3, fresh3 since round 4); ``crossval.py`` leaves one bank out at a time instead.
 
 Run from the repository root: ``python tests/bot/data/filter_eval/generate.py``. Deterministic (fixed seeds). Each
 subject appears plainly in a frame and with evasion tricks. Every hand-written bank was written after the filter
@@ -139,6 +139,7 @@ def build_banks() -> dict[str, list]:
             first.append((text, "abuse" if label == "1" else "ok", "en", "legacy"))
     banks["fresh_bank"] = build_fresh()
     banks["fresh_bank2"] = build_fresh2()  # measured once (bench/RESULTS.md), training data from round 3 on
+    banks["fresh_bank3"] = build_fresh3()  # measured once (bench/RESULTS.md), training data from round 4 on
     banks["compose"] = _bank_rows(compose, random.Random(2030))  # its own seed: the others do not move
     return banks
 
@@ -165,8 +166,9 @@ def build_fresh2() -> list:
 
 def build_fresh3() -> list:
     """``fresh3.tsv``: the sixth bank (``fresh_bank3.py``), written by someone else while the filter was reworked in
-    round 3 and run once on the finished, committed filter (its own seed, so the other files do not move)."""
-    import fresh_bank3  # noqa: PLC0415 - imported only here: nothing else may read it
+    round 3 and run once on the finished, committed filter (its own seed, so the other files do not move); training
+    data from round 4 on."""
+    import fresh_bank3  # noqa: PLC0415 - imported here like the other measured banks
 
     return _bank_rows(fresh_bank3, random.Random(6))
 
