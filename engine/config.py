@@ -222,7 +222,9 @@ class VQGANConfig(_FromDict):
     # GroupNorm groups (min(norm_groups, channels) per layer); 32 in the published model, fewer for tiny ones
     norm_groups: int = 32
     # the decoder's own channel multipliers (None: ch_mult, as published); a wider decoder draws sharper
-    # outlines from the same tokens, so it can be trained after the encoder and codebook are fixed
+    # outlines from the same tokens, so it can be trained after the encoder and codebook are fixed. Each entry
+    # beyond len(ch_mult) is one more upsampling level: the decoder then draws images larger than it encodes
+    # (output_resolution), so a short token grid still gives full-sized pictures
     decoder_ch_mult: tuple[int, ...] | None = None
 
     @property
@@ -244,15 +246,25 @@ class VQGANConfig(_FromDict):
         """Tokens per side of the image grid (16 for the published f16 model at 256 px)."""
         return self.resolution // self.downsample_factor
 
+    @property
+    def output_resolution(self) -> int:
+        """Side of the decoded images: ``resolution``, doubled for each decoder level beyond the encoder's."""
+        return self.grid_size * 2 ** (len(self.decoder_mult) - 1)
+
+    @property
+    def upsample_factor(self) -> int:
+        """``output_resolution / resolution``: 1 unless the decoder has extra upsampling levels."""
+        return 2 ** (len(self.decoder_mult) - len(self.ch_mult))
+
     def validate(self, source: str = "config") -> None:
         if self.resolution % self.downsample_factor:
             raise ConfigError(f"{source}: resolution {self.resolution} not divisible by the VQGAN factor")
         if self.double_z:
             raise ConfigError(f"{source}: double_z=True is not implemented")
-        if self.decoder_ch_mult is not None and (len(self.decoder_ch_mult) != len(self.ch_mult)
+        if self.decoder_ch_mult is not None and (len(self.decoder_ch_mult) < len(self.ch_mult)
                                                  or min(self.decoder_ch_mult) < 1):
-            raise ConfigError(f"{source}: decoder_ch_mult {list(self.decoder_ch_mult)} needs "
-                              f"{len(self.ch_mult)} positive entries, one per level of ch_mult")
+            raise ConfigError(f"{source}: decoder_ch_mult {list(self.decoder_ch_mult)} needs at least "
+                              f"{len(self.ch_mult)} positive entries, one per level of ch_mult (more: upsampling)")
 
 
 # ----------------------------------------------------------------------------------------------

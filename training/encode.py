@@ -35,7 +35,10 @@ def load_vqgan(path: str | Path) -> tuple[VQModel, VQGANConfig, Any]:
 
 
 class Encoder:
-    """Jitted ``images (B, R, R, 3) uint8 or [0,1] floats -> codes (B, (R/f)^2) int32``, optionally sharded."""
+    """Jitted ``images (B, R, R, 3) uint8 or [0,1] floats -> codes (B, (R/f)^2) int32``, optionally sharded.
+
+    Images may also come at the decoder's larger ``output_resolution``: they are box-filtered to R first, as in
+    training (:func:`training.train_vqgan.encoder_input`)."""
 
     def __init__(self, model: VQModel, params: Any, *, mesh: Any = None, batch_size: int = 64):
         self.model = model
@@ -61,11 +64,16 @@ class Encoder:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
-        if images.ndim != 4 or images.shape[1:] != (self.resolution, self.resolution, 3):
+        out_res = self.model.config.output_resolution
+        sizes = {(self.resolution, self.resolution, 3), (out_res, out_res, 3)}
+        if images.ndim != 4 or images.shape[1:] not in sizes:
             raise ValueError(
                 f"expected images (B, {self.resolution}, {self.resolution}, 3), got shape {images.shape}"
             )
         x = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
+        if x.shape[1] != self.resolution:
+            k = x.shape[1] // self.resolution
+            x = x.reshape(len(x), self.resolution, k, self.resolution, k, 3).mean(axis=(2, 4))
         out = []
         for i in range(0, len(x), self.batch_size):
             chunk = x[i : i + self.batch_size]
@@ -143,8 +151,10 @@ def encode_shapes(
     else:
         model, params = vqgan
         config = model.config
-    shapes = shapes or ShapesConfig(image_size=config.resolution, factor=config.downsample_factor)
-    if shapes.image_size != config.resolution:
+    # drawn at the decoder's size and box-filtered by the Encoder, exactly as the VQGAN saw them in training
+    shapes = shapes or ShapesConfig(image_size=config.output_resolution,
+                                    factor=config.downsample_factor * config.upsample_factor)
+    if shapes.image_size not in (config.resolution, config.output_resolution):
         raise ValueError(f"dataset image_size {shapes.image_size} != VQGAN resolution {config.resolution}")
     items = shapes_items(num_images, seed=seed, start=start, shapes=shapes)
     return encode_items(items, (model, params), out_dir, total=num_images, **kwargs)

@@ -270,7 +270,7 @@ def vqgan_quality(vqgan_dir: str | Path, n_images: int = 64, *, seed: int = EVAL
     model, config, params = load_vqgan(vqgan_dir)
 
     def recon(scenes: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-        images = np.stack([render_scene(spec, config.resolution) for spec in scenes]).astype(np.float32) / 255.0
+        images = np.stack([render_scene(spec, config.output_resolution) for spec in scenes]).astype(np.float32) / 255.0
         metrics, recons = reconstruct(model, params, images, batch_size, keep=True)
         return metrics, _aggregate([_score(im, spec["named"]) for im, spec in zip(recons, scenes, strict=True)])
 

@@ -48,7 +48,8 @@ def small_vqgan_config(image_size: int = 128, factor: int = 8, *, ch: int = 16, 
     Channels grow slowly with depth (default ``ch * (1, 1, 2, 2, 4, 4)``): most of the cost is at full
     resolution, so widening the low-resolution levels (e.g. ``ch_mult=(1, 2, 2, 4)``) adds decoder capacity
     cheaply. ``ch_mult`` needs one entry per level, ``log2(factor) + 1``; so does ``decoder_ch_mult``, the
-    decoder's own multipliers (default ``ch_mult``).
+    decoder's own multipliers (default ``ch_mult``), or more: each extra entry is an upsampling level, so the
+    decoder draws ``image_size * 2**extra`` pixels from the same token grid.
     ``norm_groups`` must leave several channels per GroupNorm group: with one channel per group (the
     published 32 groups on a 16-channel layer) the norm erases each channel's mean, i.e. a flat colour.
     """
@@ -131,11 +132,22 @@ def vqgan_module(config: VQGANConfig) -> VQModel:
     return VQModel(config, norm_groups=config.norm_groups)
 
 
+def encoder_input(images: jax.Array, config: VQGANConfig) -> jax.Array:
+    """Images at the decoder's ``output_resolution`` → the encoder's ``resolution`` (a box filter: the dataset
+    draws by supersampling and box-averaging, so this is the same picture drawn smaller)."""
+    k = config.upsample_factor
+    if k == 1:
+        return images
+    b, h, w, c = images.shape
+    return images.reshape(b, h // k, k, w // k, k, c).mean(axis=(2, 4))
+
+
 def _forward(model: VQModel, params: Any, images: jax.Array):
-    """(reconstruction, pre-quantisation z, code indices, VQ losses) in one pass."""
+    """(reconstruction, pre-quantisation z, code indices, VQ losses) in one pass; ``images`` at the output
+    resolution (the encoder sees :func:`encoder_input` of them)."""
 
     def fn(m: VQModel, x: jax.Array):
-        z = m.quant_conv(m.encoder(x, True))
+        z = m.quant_conv(m.encoder(encoder_input(x, m.config), True))
         z_q, indices, losses = m.quantize(z)
         return m.decode(z_q), z, indices, losses
 
@@ -368,9 +380,12 @@ def train_vqgan(
     optim = optim or OptimConfig(name="adamw", learning_rate=1e-3, warmup_steps=min(100, max(steps // 10, 1)),
                                  decay="cosine", decay_steps=max(steps, 1), end_lr_ratio=0.1, b2=0.99)
     loss = loss or VQGANLoss()
-    shapes = shapes or ShapesConfig(image_size=config.resolution, factor=config.downsample_factor)
-    if shapes.image_size != config.resolution:
-        raise ValueError(f"dataset image_size {shapes.image_size} != VQGAN resolution {config.resolution}")
+    # the images are drawn at the decoder's size (the targets); the encoder sees them box-filtered
+    shapes = shapes or ShapesConfig(image_size=config.output_resolution,
+                                    factor=config.downsample_factor * config.upsample_factor)
+    if shapes.image_size != config.output_resolution:
+        raise ValueError(f"dataset image_size {shapes.image_size} != the VQGAN's output resolution "
+                         f"{config.output_resolution}")
     model = vqgan_module(config)
     batches = ShapeImageBatches(ShapesDataset(data_seed, shapes), batch_size)
     loss_fn, codebook_update, init = _step_fns(config, loss)

@@ -205,8 +205,9 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, r, r, z_channels) → (B, r·f, r·f, out_ch); levels run from the deepest (``up_{n-1}``) to ``up_0``,
-    level i with ``ch · config.decoder_mult[i]`` channels."""
+    """(B, r, r, z_channels) → (B, r·2^(n-1), r·2^(n-1), out_ch) for n = len(config.decoder_mult) levels (the
+    encoder's factor f, or more with extra upsampling levels); levels run from the deepest (``up_{n-1}``) to
+    ``up_0``, level i with ``ch · config.decoder_mult[i]`` channels."""
 
     config: VQGANConfig
     norm_groups: int = 32
@@ -217,7 +218,7 @@ class Decoder(nn.Module):
         cfg = self.config
         mult = cfg.decoder_mult
         n_levels = len(mult)
-        res = cfg.resolution // 2 ** (n_levels - 1)
+        res = cfg.grid_size
         h = _conv(cfg.ch * mult[-1], 3, "conv_in", self.dtype)(z)
         h = MidBlock(cfg.ch * mult[-1], self.norm_groups, cfg.dropout, self.dtype, name="mid")(h, deterministic)
         for i in reversed(range(n_levels)):
@@ -298,12 +299,13 @@ class VectorQuantizer(nn.Module):
 
 
 class VQModel(nn.Module):
-    """The full VQGAN. Images (B, R, R, 3) in [0, 1]; codes (B, (R/f)²) int32.
+    """The full VQGAN. Images (B, R, R, 3) in [0, 1]; codes (B, (R/f)²) int32; decoded images (B, R', R', 3) with
+    R' = ``config.output_resolution`` (R unless the decoder has extra upsampling levels).
 
     Methods (call with ``model.apply({"params": p}, x, method=VQModel.encode)`` etc.):
       * ``encode(images) -> (quantised (B, r, r, embed_dim), indices (B, r*r))``
-      * ``decode(quantised, clip=False) -> images (B, R, R, out_ch)``
-      * ``decode_code(indices, clip=False) -> images (B, R, R, out_ch)``
+      * ``decode(quantised, clip=False) -> images (B, R', R', out_ch)``
+      * ``decode_code(indices, clip=False) -> images (B, R', R', out_ch)``
       * ``__call__(images, deterministic=True) -> (reconstruction, aux)`` for training (with dropout > 0 and
         ``deterministic=False`` pass ``rngs={"dropout": key}``), with
         aux = {"indices", "quantised", "codebook_loss", "commitment_loss", "quant_loss"}.

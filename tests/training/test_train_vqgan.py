@@ -207,3 +207,53 @@ def test_a_wider_decoder_trains_on_the_saved_tokens(demo, tmp_path):
     assert main([*argv[:1], "--out", str(tmp_path / "refused"), *argv[3:]]) == 2
     with pytest.raises(ConfigError, match="decoder_ch_mult"):
         VQGANConfig.from_dict({**saved.to_dict(), "decoder_ch_mult": [1, 2]})
+
+
+def test_an_upsampling_decoder_draws_larger_images_from_the_same_tokens(demo, tmp_path):
+    """--decoder-ch-mult with one entry more than the encoder's levels: a decoder that draws 2x the encoder's
+    resolution from the saved tokens; the encoder sees the larger dataset images box-filtered, and encoding them
+    gives the tokens the shards already hold."""
+    out = tmp_path / "up"
+    argv = ["vqgan", "--out", str(out), "--init-from", str(demo / "vqgan-base"), "--decoder-only",
+            "--decoder-ch-mult", "1,1,2,2", "--steps", "4", "--batch-size", "2", "--lr", "3e-3", "--warmup", "1",
+            "--no-progress", "--log-every", "2"]
+    assert main(argv) == 0
+    saved = VQGANConfig.from_json(demo / "vqgan-base")
+    up = VQGANConfig.from_json(out)
+    assert (up.resolution, up.grid_size, up.output_resolution, up.upsample_factor) == (32, 8, 64, 2)
+    model, _, params = load_vqgan(out)
+    codes = jnp.zeros((2, saved.grid_size**2), jnp.int32)
+    assert model.apply({"params": params}, codes, method=model.decode_code).shape == (2, 64, 64, 3)
+
+    from training.data.shapes import ShapesConfig, ShapesDataset
+    from training.encode import Encoder
+
+    encoder = Encoder(model, params, batch_size=4)
+    big = np.stack([ShapesDataset(0, ShapesConfig(image_size=64, factor=8))[i].image for i in range(4)])
+    small = big.reshape(4, 32, 2, 32, 2, 3).mean(axis=(2, 4)) / 255.0
+    np.testing.assert_array_equal(encoder(big), encoder(small.astype(np.float32)))
+    with pytest.raises(ValueError, match="expected images"):
+        encoder(np.zeros((1, 48, 48, 3), np.uint8))
+    with pytest.raises(ConfigError, match="decoder_ch_mult"):
+        VQGANConfig.from_dict({**saved.to_dict(), "decoder_ch_mult": [1, 2]})
+
+
+def test_a_vqgan_with_an_upsampling_decoder_trains_from_scratch(tmp_path):
+    """The whole VQGAN trained with a 2x decoder: the targets are drawn at the output size, the loss falls, and
+    the exported checkpoint reconstructs at the output size."""
+    from training.train_vqgan import small_vqgan_config, train_vqgan
+
+    config = small_vqgan_config(32, 4, ch=8, n_embed=16, embed_dim=4, norm_groups=2, decoder_ch_mult=(1, 1, 2, 2))
+    assert config.output_resolution == 64
+    from training.optim import OptimConfig
+
+    optim = OptimConfig(name="adamw", learning_rate=3e-3, warmup_steps=1, decay="constant", decay_steps=1)
+    res = train_vqgan(tmp_path / "vq", config, steps=12, batch_size=2, optim=optim, eval_images=4,
+                      log_every=1, progress=False)
+    losses = res.result.losses
+    assert len(losses) == 12 and min(losses[-3:]) < losses[0]
+    assert res.eval_metrics["psnr"] > 0
+    model, cfg, params = load_vqgan(tmp_path / "vq")
+    assert cfg.output_resolution == 64
+    out = model.apply({"params": params}, jnp.zeros((1, cfg.grid_size**2), jnp.int32), method=model.decode_code)
+    assert out.shape == (1, 64, 64, 3)
