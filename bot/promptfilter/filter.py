@@ -3,7 +3,8 @@
 Order of a check: the prompt's validity; the guild's own blocked terms; the packaged lists (every language, word
 boundaries, allow phrases); the two-group rule (a minor together with anything sexual is a hard "minors" refusal,
 after AI Horde), the hate rule (a group with a dehumanising word) and the self-harm rule (a verb of hurting with a
-reflexive pronoun); the semantic head over the prompt as written and its Latin skeleton. A guild's allow list
+reflexive pronoun); the threat rule (a threat next to the reader's family: "I know where your kids go to school");
+the semantic head over the prompt as written and its Latin skeleton. A guild's allow list
 suppresses list hits and semantic verdicts of the ordinary categories, never of the critical ones.
 """
 
@@ -121,6 +122,12 @@ class PromptFilter:
         if hits:
             hit = _pick(hits)
             return self._refuse(hit.category, hit.term, norm)
+        threat = next((h.term for h in group_hits if h.category == "threat"), None)
+        kin = next((h.term for h in group_hits if h.category == "kin"), None)
+        if threat is not None and kin is not None and not (guild_allow is not None and any(
+                guild_allow.find(kind, text) for kind, text in texts.each())):
+            return FilterDecision(False, "abuse", "The prompt threatens someone or their family.",
+                                  matched=f"{threat} + {kin}", normalised=norm)
         if self.classifier is None or not _long_enough(views):
             return FilterDecision(True, normalised=norm)
         inputs = [t for t in semantic.inputs(views, texts, lex.allows) if t]

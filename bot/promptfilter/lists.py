@@ -7,7 +7,8 @@ term is matched in one of three ways, chosen by how it is written:
   word boundaries; a trailing ``*`` lets the last word continue ("sex*" → "sexual"), so gaps between exact words
   close without matching inside other words ("Essex", "be heading", "a bit chilly");
 - Cyrillic, or written with a leading ``=``: on the prompt in its own script, at word boundaries;
-- Japanese/Chinese: as a substring of the prompt in its own script with spaces and punctuation removed.
+- Japanese/Chinese: as a substring of the prompt in its own script with spaces and punctuation removed, and with
+  one character hidden by a sign ("チ○コ").
 
 An allow phrase suppresses every hit that lies inside it ("moby dick", "naked mole rat", "suicide doors"); a guild's
 allow list does the same for every category except the critical ones.
@@ -78,7 +79,8 @@ class Term:
 
     @classmethod
     def parse(cls, category: str, raw: str) -> Term:
-        """A ``*`` ends a word that may continue: the last ("sex*") or any other ("abgetrennte* kopf*")."""
+        """A ``*`` ends a word that may continue: the last ("sex*") or any other ("abgetrennte* kopf*"); a leading
+        ``*`` lets a Latin word begin earlier, for compounds ("*nackt*" catches "splitterfasernackt")."""
         raw = raw.strip()
         body = raw.lstrip("=")
         words = body.split()
@@ -92,9 +94,10 @@ class Term:
             kind, fold = "latin", nz.skeleton
         parts = []
         for w in words:
-            folded = fold(w.rstrip("*"))
+            folded = fold(w.strip("*"))
             if folded:
-                parts.append(folded + (WILD if w.endswith("*") and kind != "substring" else ""))
+                lead = WILD if w.startswith("*") and kind == "latin" else ""
+                parts.append(lead + folded + (WILD if w.endswith("*") and kind != "substring" else ""))
         literal = ("" if kind == "substring" else " ").join(parts)
         if not literal.replace(WILD, ""):
             raise ValueError(f"empty term: {raw!r}")
@@ -104,6 +107,20 @@ class Term:
 def compact(text: str) -> str:
     """The substring view: letters and digits only (spaces and punctuation between CJK characters dropped)."""
     return "".join(c for c in text if c.isalnum() or unicodedata.category(c).startswith("M"))
+
+
+# signs that hide one character of a Japanese word ("チ○コ", "ま●こ"): in the masked view each is MASK, and every
+# substring term of three or more characters is also matched with any one of its characters masked
+MASKS = frozenset("○◯●〇◎＊*×✕")
+MASK = "○"
+
+
+def masked(text: str) -> str | None:
+    """The substring view with each masking sign kept as :data:`MASK`; None when there is none."""
+    if not any(c in MASKS for c in text):
+        return None
+    return "".join(MASK if c in MASKS else c for c in text
+                   if c in MASKS or c.isalnum() or unicodedata.category(c).startswith("M"))
 
 
 def _char(ch: str, cont: str) -> str:
@@ -155,6 +172,8 @@ class TermSet:
                 forms.append(t.literal.replace(" ", ""))  # "childporn", "sexpistols"
             if t.kind == "latin":  # as the swapped view reads it: "cock pheasant" is "cock feasant" there
                 forms += [f for f in map(nz.sound_swaps, forms) if f not in forms]
+            if t.kind == "substring" and len(t.literal) >= 3:  # one character hidden: "チ○コ"
+                forms += [t.literal[:i] + MASK + t.literal[i + 1 :] for i in range(len(t.literal))]
             cont = _LATIN_CONT if t.kind == "latin" else _NATIVE_CONT
             for form in forms:
                 items[t.kind].append(form)
@@ -291,9 +310,11 @@ class Texts:
         native += [" ".join(cleaned), *joined]
         reading = joined[0] if joined else " ".join(cleaned)
         aligned = tuple(v for v in (views.skeleton, *views.il_variants) if len(v) == len(views.skeleton))
-        return cls(list(dict.fromkeys(latin)), list(dict.fromkeys(native)),
-                   [compact(views.native)] if nz.has_cjk(views.native) else [], aligned if len(aligned) > 1 else (),
-                   reading, tuple(dict.fromkeys(joins)))
+        substring = []
+        if nz.has_cjk(views.native):
+            substring = [compact(views.native), *filter(None, [masked(views.native)])]
+        return cls(list(dict.fromkeys(latin)), list(dict.fromkeys(native)), substring,
+                   aligned if len(aligned) > 1 else (), reading, tuple(dict.fromkeys(joins)))
 
     def each(self) -> Iterable[tuple[str, str]]:
         for kind in ("latin", "native", "substring"):

@@ -32,6 +32,7 @@ EXTRA: dict[str, str] = {
     "ɛ": "e", "ɩ": "i", "ʃ": "s", "ʒ": "z", "θ": "o", "λ": "a", "π": "n", "ψ": "w", "φ": "o", "η": "n",
     "μ": "u", "γ": "y", "σ": "o", "ς": "s", "δ": "d", "ζ": "z", "β": "b", "χ": "x", "ω": "w", "κ": "k",
     "ν": "v", "τ": "t", "υ": "u", "ι": "i", "ρ": "p", "ο": "o", "ε": "e", "α": "a",
+    "ӏ": "l", "ꞁ": "l", "׀": "l",  # drawn as an "l" (the table reads the Cyrillic palochka as "i")
 }
 _NAMED = re.compile(
     r"(?:LATIN|REGIONAL INDICATOR SYMBOL|SQUARED|CIRCLED|PARENTHESIZED|MATHEMATICAL|FULLWIDTH|MODIFIER)"
@@ -223,6 +224,35 @@ def letters_folded(text: str) -> str:
     return "".join(table.get(c, c) for c in text)
 
 
+# Cyrillic letters no Latin one looks like: a text with one of them is Russian, not Latin in disguise
+CYRILLIC_OWN = frozenset("бёжйфшщъыэю")
+
+
+def latin_in_disguise(text: str) -> bool:
+    """Whether a text with Cyrillic letters is a Latin-script one written with look-alikes ("а ϲоuᴘle"): fewer than
+    half its letters Cyrillic and none of them a letter only Cyrillic has (a Russian prompt with Latin look-alikes
+    inside its words, "coседка", is mostly Cyrillic)."""
+    letters = [c for c in text if c.isalpha()]
+    cyrillic = sum("\u0400" <= c <= "\u04ff" for c in letters)
+    if not cyrillic or has_cjk(text) or any(c in CYRILLIC_OWN for c in text):
+        return False
+    own = sum(bool(_SCRIPTS_OWN.match(c)) for c in letters)
+    return own == cyrillic and cyrillic * 2 < len(letters)
+
+
+def delook(text: str) -> str:
+    """``text`` with look-alike letters of other scripts and Unicode's letter forms (small capitals, "ɑ", "ꜱ") read
+    as Latin ones, and the Latin letters with their accents kept ("Päʀᴄʜеɴ" → "pärchen"): a homoglyph prompt as the
+    encoder reads the plain one."""
+    table = skeleton_table()
+    out = []
+    for c in text:
+        base = unicodedata.normalize("NFKD", c)[:1]
+        keep = c.isascii() or c in "ßæœøłđ" or (base.isascii() and base.isalpha())
+        out.append(c if keep else table.get(c, c))
+    return "".join(out)
+
+
 def has_own_script(text: str) -> bool:
     """True when the text has letters of a non-Latin script the lists cover natively (Cyrillic, CJK, ...)."""
     return bool(_SCRIPTS_OWN.search(text))
@@ -240,11 +270,14 @@ class Views:
     skeleton: str
     aggressive: str
     il_variants: tuple[str, ...] = ()  # the skeleton with every i/l look-alike written as IL
+    plain: str = ""  # the native view with look-alike letters read as Latin ones, accents kept (``delook``)
 
     @classmethod
     def of(cls, prompt: str) -> Views:
         il = (skeleton(prompt, il=True),) if any(c in IL_LIKE for c in prompt) else ()
-        return cls(native(prompt), skeleton(prompt), skeleton(prompt, aggressive=True), il)
+        own = native(prompt)
+        plain = own if prompt.isascii() else native(delook(prompt))
+        return cls(own, skeleton(prompt), skeleton(prompt, aggressive=True), il, plain)
 
 
 def runs_joined_variants(words: list[str]) -> list[str]:

@@ -71,17 +71,20 @@ def inputs(views: nz.Views, texts: lists.Texts, allows: lists.TermSet | None = N
     joined (and as written when that is plain letters). ``allows``' phrases are left out."""
     if nz.has_cjk(views.native):  # no spaces between Japanese words: spaced-out characters are a trick
         return [_without("substring", texts.substring[0], allows)[0] if texts.substring else views.native]
-    if nz.has_own_script(views.native):  # Cyrillic: allow phrases ("голый землекоп", "застраховать") left out too
+    if nz.has_own_script(views.native) and not nz.latin_in_disguise(views.native):
+        # Cyrillic: allow phrases ("голый землекоп", "застраховать") left out too
         own = [_without("native", t, allows)[0] for t in (views.native, texts.reading or views.native)]
         return list(dict.fromkeys(own))
     # a Latin-script prompt: its skeleton, where leetspeak and look-alikes are read, and the prompt as written only
-    # when it is plain letters (its accents help; "ch3vali3r" as written is noise, and noise is what it misreads)
+    # when it is plain letters (its accents help; "ch3vali3r" as written is noise, and noise is what it misreads),
+    # look-alike letters read as Latin ones first ("Päʀᴄʜеɴ" as "pärchen", as the plain prompt reads)
     skeleton, allowed = _without("latin", views.skeleton, allows)
     spelled = _SPELLED.search(skeleton)  # three one-letter words in a row: a word spelled out ("n u d e")
     out = [" ".join(nz.runs_joined_variants(skeleton.split(" "))[:1]) if spelled else skeleton]
-    latin = all(not c.isalpha() or unicodedata.name(c, "").startswith("LATIN") for c in views.native)
-    if not allowed and latin and _PLAIN.fullmatch(views.native):
-        out.append(views.native)
+    plain = views.plain or views.native
+    latin = all(not c.isalpha() or unicodedata.name(c, "").startswith("LATIN") for c in plain)
+    if not allowed and latin and _PLAIN.fullmatch(plain):
+        out.append(plain)
     return list(dict.fromkeys(out))
 
 

@@ -1,7 +1,7 @@
 """The layered prompt filter on its evaluation banks (tests/bot/data/filter_eval/): recall and false refusals stay at
-least as good as measured (bench/RESULTS.md, ``python -m bench filter``). ``heldout``, ``fresh`` and ``fresh2`` were
-each measured once on the finished filter of their day and have since joined the training data (fresh2 in round 3),
-so for them these are regression floors. Not a timing test."""
+least as good as measured (bench/RESULTS.md, ``python -m bench filter``). ``heldout``, ``fresh``, ``fresh2`` and
+``fresh3`` were each measured once on the finished filter of their day and have since joined the training data
+(fresh2 in round 3, fresh3 in round 4), so for them these are regression floors. Not a timing test."""
 
 from __future__ import annotations
 
@@ -42,10 +42,11 @@ def test_the_fresh2_split_stays_there():
     assert report.false_refusals.rate <= 0.02, report.as_dict()
 
 
-def test_the_fresh3_split_measured_once_on_the_finished_filter_stays_there():
-    """The sixth bank (fresh_bank3.py), never tuned on: 95.2 % caught, 3.1 % wrongly refused when first run on the
-    finished round-3 filter (bd67cae); the round-2 filter (79acdb4) got 89.7 % / 2.6 % on the same rows."""
+def test_the_fresh3_split_stays_there():
+    """The sixth bank (fresh_bank3.py): 95.2 % caught, 3.1 % wrongly refused when first and only run as a held-out
+    set, on the finished round-3 filter (bd67cae; the round-2 filter 79acdb4 got 89.7 % / 2.6 % on the same rows);
+    training data since round 4."""
     report = evaluate(new_filter(), read_split("fresh3"))
     assert report.recall.total > 950 and report.false_refusals.total >= 370
-    assert report.recall.rate >= 0.93, report.as_dict()
-    assert report.false_refusals.rate <= 0.04, report.as_dict()
+    assert report.recall.rate >= 0.97, report.as_dict()
+    assert report.false_refusals.rate <= 0.02, report.as_dict()
