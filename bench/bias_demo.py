@@ -230,7 +230,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                            "--id", args.candidate_id, "--steps", str(args.steps), "--lr", str(args.lr),
                            "--beta", str(args.beta), "--batch-size", str(args.batch_size),
                            "--desirable-weight", str(args.desirable_weight), "--sft-weight", str(args.sft_weight),
-                           "--trainable", args.trainable, "--token-kl-weight", str(args.token_kl_weight)],
+                           "--trainable", args.trainable, "--token-kl-weight", str(args.token_kl_weight),
+                           "--token-kl-scope", args.token_kl_scope],
                           env, log)
         report["finetune"] = ft
         t = lap("finetune", t)
@@ -294,6 +295,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sft-weight", type=float, default=0.0)
     p.add_argument("--token-kl-weight", type=float, default=0.05,
                    help="weight of the fine-tune's token-level KL to the parent")
+    p.add_argument("--token-kl-scope", choices=("all", "uncontested"), default="all",
+                   help="the sequences the token KL covers: all, or only prompts nobody disliked an image of")
     p.add_argument("--trainable", default="all",
                    help="the parameters the fine-tune may change (training.preference.TRAINABLE)")
     p.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), default=(0, 1))

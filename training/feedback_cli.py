@@ -76,7 +76,8 @@ def run_action(args: argparse.Namespace) -> dict[str, Any]:
             raise FileNotFoundError(f"{parent}: no dallebart/ (is this a checkpoint directory?)")
         cfg = PreferenceConfig(beta=args.beta, sft_weight=args.sft_weight, desirable_weight=args.desirable_weight,
                                undesirable_weight=args.undesirable_weight,
-                               token_kl_weight=args.token_kl_weight)
+                               token_kl_weight=args.token_kl_weight,
+                               token_kl_scope=getattr(args, "token_kl_scope", "all"))
         cfg.validate()
         try:
             return retrain.finetune_registered(url, parent, args.data, args.out, by=_by(args), cfg=cfg,

@@ -62,6 +62,9 @@ TRAINABLE = {
     "encoder-embed": (r"^model/encoder/embed_tokens/",),
 }
 
+#: the sequences a token-level KL may cover (see :attr:`PreferenceConfig.token_kl_scope`)
+TOKEN_KL_SCOPES = ("all", "uncontested")
+
 #: files of a checkpoint directory the fine-tune takes over from its parent unchanged
 PARENT_PARTS = ("vqgan", "clip")
 PARENT_FILES = ("safety.json",)
@@ -81,10 +84,16 @@ class PreferenceConfig:
     #: this makes the cheap way to follow them changing the few positions where the parent was undecided (which
     #: colour) rather than every token of a disliked image (its shape and position too)
     token_kl_weight: float = 0.0
+    #: which sequences the token KL anchors: "all", or "uncontested", only those of prompts nobody 👎'd (every
+    #: image of the prompt liked). The users' complaint is then free to move what the parent is sure of on the
+    #: prompts they complained about, while everything they were happy with stays the parent's
+    token_kl_scope: str = "all"
 
     def validate(self) -> None:
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0; got {self.beta}")
+        if self.token_kl_scope not in TOKEN_KL_SCOPES:
+            raise ValueError(f"token_kl_scope must be one of {', '.join(TOKEN_KL_SCOPES)}; got {self.token_kl_scope!r}")
         for name in ("desirable_weight", "undesirable_weight", "dpo_weight", "sft_weight", "token_kl_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
@@ -154,7 +163,10 @@ def make_preference_loss(model: DalleBart, config: DalleBartConfig, cfg: Prefere
                                 ref)
         logp, ce = out[0], out[1]
         loss, aux = kto_terms(logp, batch["ref_logp"], batch["desirable"], batch["weight"], cfg)
+        everywhere = cfg.token_kl_scope == "all"
         kls = [out[2]] if use_kl else []
+        # per-row weight of the token KL: 1 everywhere, or 1 only on uncontested prompts (DPO pairs never are)
+        anchors = [jnp.ones_like(out[0]) if everywhere else batch["uncontested"]] if use_kl else []
         aux["kl_ref"] = jnp.mean(batch["ref_logp"] - logp)
         if cfg.sft_weight > 0:
             des = batch["desirable"].astype(jnp.float32)
@@ -169,13 +181,15 @@ def make_preference_loss(model: DalleBart, config: DalleBartConfig, cfg: Prefere
             lp = pout[0]
             if use_kl:
                 kls.append(pout[2])
+                anchors.append(jnp.full_like(pout[2], 1.0 if everywhere else 0.0))
             n = batch["p_chosen"].shape[0]
             dpo, daux = dpo_terms(lp[:n], batch["p_ref_chosen"], lp[n:], batch["p_ref_rejected"],
                                   batch["p_weight"], cfg)
             loss = loss + cfg.dpo_weight * dpo
             aux.update(daux)
         if use_kl:
-            token_kl = jnp.mean(jnp.concatenate(kls))
+            kl_rows, anchor = jnp.concatenate(kls), jnp.concatenate(anchors)
+            token_kl = jnp.sum(anchor * kl_rows) / jnp.maximum(jnp.sum(anchor), 1.0)
             loss = loss + cfg.token_kl_weight * token_kl
             aux["token_kl"] = token_kl
         aux["loss_total"] = loss
@@ -242,11 +256,14 @@ def load_preference_data(data_dir: Path, tokenizer: DalleBartTokenizer, image_le
     if bad:
         raise ValueError(f"{data_dir}: {len(bad)} examples are not {image_length} tokens long (another model's?)")
     tok = tokenizer([r["prompt"] for r in rows])
+    contested = {r["normalized_prompt"] for r in rows if not r["desirable"]}
     unpaired = {"input_ids": tok["input_ids"].astype(np.int32),
                 "attention_mask": tok["attention_mask"].astype(np.int32),
                 "labels": np.asarray([r["tokens"] for r in rows], np.int32),
                 "desirable": np.asarray([r["desirable"] for r in rows], np.float32),
-                "weight": np.asarray([r["weight"] for r in rows], np.float32)}
+                "weight": np.asarray([r["weight"] for r in rows], np.float32),
+                # 1.0 where nobody disliked any image of the prompt (the token KL's "uncontested" scope)
+                "uncontested": np.asarray([r["normalized_prompt"] not in contested for r in rows], np.float32)}
     pair_rows = [r for r in pq.read_table(Path(data_dir) / manifest["files"]["pairs"]).to_pylist()
                  if r["split"] == split]
     pairs: dict[str, np.ndarray] = {}

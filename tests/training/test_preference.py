@@ -190,3 +190,51 @@ def test_token_kl_is_zero_at_the_parent_and_holds_the_model_near_it():
         des = batch["desirable"] == 1
         assert r[des].mean() > r[~des].mean() and r[~des].mean() < 0  # the preference still moves the right way
     assert 0 < kls[0.2] < kls[0.0]
+
+
+def test_uncontested_token_kl_anchors_only_prompts_nobody_disliked():
+    """token_kl_scope="uncontested": the KL is measured on the rows marked uncontested only, so a model moved away
+    from the parent on contested rows pays nothing for it, and the scope is validated."""
+    params = jax.jit(lambda r: init_params(CFG, r))(jax.random.PRNGKey(1))
+    moved = jax.jit(lambda r: init_params(CFG, r))(jax.random.PRNGKey(2))
+    batch = _batch()
+    batch["ref_logp"] = batched_logprobs(CFG, params, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                         8)
+
+    def token_kl(scope: str, uncontested: np.ndarray) -> float:
+        fn = make_preference_loss(DalleBart(CFG), CFG, PreferenceConfig(token_kl_weight=1.0, token_kl_scope=scope),
+                                  with_pairs=False, ref_params=params)
+        return float(fn(moved, {**batch, "uncontested": uncontested}, None)[1]["token_kl"])
+
+    everywhere = token_kl("all", np.zeros(8, np.float32))
+    assert everywhere > 0
+    assert token_kl("uncontested", np.zeros(8, np.float32)) == 0.0
+    assert token_kl("uncontested", np.ones(8, np.float32)) == pytest.approx(everywhere, rel=1e-5)
+    half = np.asarray([1, 1, 1, 1, 0, 0, 0, 0], np.float32)
+    assert 0 < token_kl("uncontested", half) != pytest.approx(everywhere)
+    with pytest.raises(ValueError, match="token_kl_scope"):
+        PreferenceConfig(token_kl_scope="liked").validate()
+
+
+def test_the_loaded_data_marks_prompts_with_a_dislike_as_contested(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from training.preference import load_preference_data
+
+    rows = [{"example_id": str(i), "prompt": p, "normalized_prompt": p.lower(), "tokens": [1, 2, 3, 4, 5],
+             "desirable": d, "weight": 1.0, "split": "train"}
+            for i, (p, d) in enumerate([("A circle", True), ("a circle", False), ("a star", True), ("a star", True)])]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "unpaired.parquet")
+    pq.write_table(pa.Table.from_pylist([], schema=pa.schema([("prompt", pa.string()), ("split", pa.string())])),
+                   tmp_path / "pairs.parquet")
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": {"unpaired": "unpaired.parquet",
+                                                                  "pairs": "pairs.parquet"}}))
+
+    class Tok:
+        def __call__(self, texts):
+            return {"input_ids": np.zeros((len(texts), 6), np.int32),
+                    "attention_mask": np.ones((len(texts), 6), np.int32)}
+
+    data = load_preference_data(tmp_path, Tok(), 5)
+    assert data.unpaired["uncontested"].tolist() == [0.0, 0.0, 1.0, 1.0]
