@@ -30,8 +30,9 @@ L2 = 1e-3
 OK_WEIGHT = 3.0
 # a class whose threshold differs from THRESHOLD: profanity is what the lists catch best, and short word salad
 # ("painting photo triangle") is what the head mistakes for it; sexual, minors, self-harm and abuse at 0.5 cost
-# few false refusals on the left-out banks for the recall they add (leave-one-bank-out, round 3: bench/RESULTS.md)
-CLASS_THRESHOLDS = {"profanity": 0.9, "sexual": 0.5, "minors": 0.5, "self_harm": 0.5, "abuse": 0.5}
+# few false refusals on the left-out banks for the recall they add (leave-one-bank-out, round 3), and violence at 0.6
+# (round 4: 1.3 points of the head's left-out recall for 2 more false refusals of 3,195; bench/RESULTS.md)
+CLASS_THRESHOLDS = {"profanity": 0.9, "sexual": 0.5, "minors": 0.5, "self_harm": 0.5, "abuse": 0.5, "violence": 0.6}
 
 
 def read_rows(path: Path) -> list[tuple[str, str, str, str]]:

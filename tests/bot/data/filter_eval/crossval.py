@@ -1,13 +1,14 @@
 """Leave-one-bank-out cross-validation of the prompt filter's semantic head: the figure that predicts a new bank.
 
 ``python tests/bot/data/filter_eval/crossval.py [--hidden H] [--epochs N] [--lr LR] [--l2 L2] [--ok-weight W]
-[--thresholds 0.5,0.9] [--misses N]``, from the repository root. For each of the hand-written banks (``bank.py``
-with its synthetic rows, ``heldout_bank.py``, ``heldout_bank3.py``, ``fresh_bank.py``, ``fresh_bank2.py``,
-``fresh_bank3.py``) it trains the head the way ``python -m bot.promptfilter.train`` does on every other bank (the
-compositional ``compose.py`` rows always among them) and runs the whole filter (lists, rules, that head) on the bank
-left out, at each threshold for every class and at the per-class thresholds ``train.py`` ships ("shipped").
-Subject-grouped folds of one bank share its style and said 98.9 % where each new bank said 67-85 %; a left-out bank
-is written in its own words.
+[--thresholds 0.5,0.9] [--misses N] [--sweep]``, from the repository root. For each of the hand-written banks
+(``bank.py`` with its synthetic rows, ``heldout_bank.py``, ``heldout_bank3.py``, ``fresh_bank.py``,
+``fresh_bank2.py``, ``fresh_bank3.py``) it trains the head the way ``python -m bot.promptfilter.train`` does on every
+other bank (the compositional ``compose.py`` rows always among them) and runs the whole filter (lists, rules, that
+head) on the bank left out, at each threshold for every class and at the per-class thresholds ``train.py`` ships
+("shipped"); ``--sweep`` prints the head alone with one class's threshold moved at a time. Subject-grouped folds of
+one bank share its style and said 98.9 % where each new bank said 67-85 %; a left-out bank is written in its own
+words.
 
 The lists were tuned on every bank's errors (``fresh_bank2`` since round 3, ``fresh_bank3`` since round 4), so the
 whole filter's figure flatters the lists; the script prints the head alone too (a row refused when a non-"ok" class
@@ -74,6 +75,24 @@ def _t(t: float | None) -> str:
     return "shipped" if t is None else f"{t:.2f}"
 
 
+def sweep(probs: list, classes: tuple[str, ...]) -> None:
+    """The head alone on every left-out row with the shipped per-class thresholds, one class's moved at a time: what
+    each class's threshold costs in false refusals for the recall it adds."""
+    shipped = np.array([trainer.CLASS_THRESHOLDS.get(c, trainer.THRESHOLD) for c in classes])
+    harm = np.array([e != "ok" for e, _ in probs])
+    p = np.stack([v for _, v in probs])
+    keep = np.array([c != "ok" for c in classes])
+    for k, c in enumerate(classes):
+        if c == "ok":
+            continue
+        for t in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+            th = shipped.copy()
+            th[k] = t
+            refused = (p[:, keep] >= th[keep]).any(axis=1)
+            print(f"sweep {c:<9} {t:.1f}: head alone recall {100 * refused[harm].mean():.1f}%, false refusals "
+                  f"{100 * refused[~harm].mean():.2f}% ({refused[~harm].sum()}/{(~harm).sum()})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=trainer.HIDDEN)
@@ -86,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--without", default="", help="banks left out of every training set (e.g. compose)")
     parser.add_argument("--misses", type=int, default=0)
     parser.add_argument("--head-only", action="store_true", help="skip the whole filter's run (faster)")
+    parser.add_argument("--sweep", action="store_true", help="the head alone with one class's threshold moved")
     args = parser.parse_args(argv)
     banks = generate.build_banks()
     emb = Embeddings()
@@ -93,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     thresholds = [float(t) for t in args.thresholds.split(",")]
     totals = {t: [0, 0, 0, 0] for t in [*thresholds, None]}  # None: the per-class thresholds train.py ships
     head_totals = {t: [0, 0, 0, 0] for t in [*thresholds, None]}
+    probs = []  # every left-out row: (expected, each class's highest probability over its views)
     for left in args.only.split(","):
         train_rows = [r for name, rows in banks.items() if name not in (left, *args.without.split(",")) for r in rows]
         texts, labels = views_of(train_rows)
@@ -108,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             views = trainer.encoder_inputs(text)
             p = head.probs(emb(views)) if views else np.zeros((1, len(head.classes)))
             per_row.append((expected, float(np.delete(p, ok_col, axis=1).max())))
+            probs.append((expected, p.max(axis=0)))
             over = p.max(axis=0) >= np.array(head.class_thresholds)  # the shipped per-class thresholds
             per_row_shipped.append((expected, bool(np.delete(over, ok_col).any())))
         for t in thresholds:
@@ -135,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.misses and t is None:
                 for text, expected, got in rep.misses[: args.misses]:
                     print(f"    expected {expected:<9} got {got or 'allowed':<9} {text}")
+    if args.sweep:
+        sweep(probs, head.classes)
     for t, (rh, rt, fh, ft) in head_totals.items():
         print(f"head alone, all left-out banks t={_t(t)}: recall {100 * rh / rt:.1f}% ({rh}/{rt}), false refusals "
               f"{100 * fh / ft:.1f}% ({fh}/{ft})")
