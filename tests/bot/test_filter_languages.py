@@ -70,7 +70,9 @@ def test_japanese_profanity_and_a_hidden_character_are_read():
     "un baiser sur la joue, aquarelle", "una polla de agua en el lago", "matarse a trabajar, caricatura",
     "una scopa e paletta in cucina", "um pica-pau numa árvore", "голыми руками поймал рыбу", "голые деревья зимой",
     "ジャクソンのコンサート", "a gardener feeding branches into a wood chipper", "Popcorn poppt im Topf",
-    "un gallo nel pollaio", "a girl cutting herself a slice of birthday cake",
+    "un gallo nel pollaio", "a girl cutting herself a slice of birthday cake", "un archer qui bande son arc",
+    "a quarterback getting laid out by a tackle", "ils baisent la main de la reine", "cippatrice per rami in giardino",
+    "an old photo of a hockey player with his teeth knocked out, smiling",
 ])
 def test_listed_words_in_their_ordinary_senses_pass_the_lists_in_every_language(prompt):
     d = LISTS_ONLY.check(prompt)
