@@ -9,12 +9,15 @@ Both models are measured the same way, on the same prompts and sampling seeds (s
   histogram to uniform over the palette;
 - **colour adherence**: over every candidate of prompts that name a colour, the share drawn in that colour (a
   model that never draws red again has not removed a bias, it has made a new one);
+- **blank images**: the share of the colour-free prompts' candidates in which no object is found at all (a model
+  that draws nothing lowers the red share too, and the users see all nine images, not only the top-ranked one);
 - each per evaluation seed, summarised as mean and 95 % t-interval over the seeds.
 
 :func:`decide` promotes only if the bias falls (the parent's dominant-colour share and the distance to uniform
 both lower), fidelity drops by at most ``max_fidelity_drop`` (2 points), colour adherence by at most
-``max_adherence_drop``, and the KL to the parent (:func:`kl_to_parent`, nats per image) stays within
-``kl_budget``; every check is reported with its numbers either way.
+``max_adherence_drop``, the blank share rises by at most ``max_blank_rise``, and the KL to the parent
+(:func:`kl_to_parent`, nats per image) stays within ``kl_budget``; every check is reported with its numbers either
+way.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def measure(pipeline: Any, *, seeds: Sequence[int] = DEFAULT_SEEDS, n_per_kind: 
         if progress is not None:
             progress(seed, per_seed[-1])
     keys = ("fidelity", "fidelity_mean_candidate", "bias_share", "dominant_share", "tv_to_uniform",
-            "colour_adherence")
+            "colour_adherence", "none_share")
     shares = {c: interval([s["shares"].get(c, 0.0) for s in per_seed])["mean"] for c in COLOUR_NAMES}
     return {"checkpoint_id": getattr(pipeline, "checkpoint_id", "unknown"), "seeds": list(seeds),
             "n_per_kind": n_per_kind, "candidates": candidates,
@@ -106,11 +109,14 @@ def measure(pipeline: Any, *, seeds: Sequence[int] = DEFAULT_SEEDS, n_per_kind: 
 class GatePolicy:
     max_fidelity_drop: float = 0.02
     max_adherence_drop: float = 0.02
+    max_blank_rise: float = 0.02  # share of colour-free candidates with no object found
     kl_budget: float = 50.0  # nats per image, KL(parent || candidate) on the parent's own samples
 
 
 def _mean(m: dict[str, Any], key: str) -> float | None:
     v = m.get(key)
+    if v is None and m.get("per_seed"):  # measured before the key was summarised: its per-seed values
+        return interval([s.get(key) for s in m["per_seed"]])["mean"]
     return v.get("mean") if isinstance(v, dict) else v
 
 
@@ -138,6 +144,11 @@ def decide(parent: dict[str, Any], candidate: dict[str, Any], kl: float | None,
     check("named colours kept", adrop is not None and adrop <= policy.max_adherence_drop + 1e-9,
           f"coloured prompts drawn in their colour {_pct(pa)} -> {_pct(ca)}", parent=pa, candidate=ca,
           limit=policy.max_adherence_drop)
+    pn, cn = _mean(parent, "none_share"), _mean(candidate, "none_share")
+    rise = None if None in (pn, cn) else cn - pn
+    check("objects still drawn", rise is not None and rise <= policy.max_blank_rise + 1e-9,
+          f"colour-free candidates with no object {_pct(pn)} -> {_pct(cn)} (rise allowed "
+          f"{100 * policy.max_blank_rise:.0f} points)", parent=pn, candidate=cn, limit=policy.max_blank_rise)
     check("KL to parent within budget", kl is not None and kl <= policy.kl_budget,
           f"KL(parent || candidate) {_num(kl)} nats/image (budget {policy.kl_budget:g})", value=kl,
           limit=policy.kl_budget)

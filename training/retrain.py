@@ -212,7 +212,7 @@ def gate_candidate(candidate: Path, parent: Path, data: Path | None, *, seeds: S
 
 def _brief(m: dict[str, Any]) -> dict[str, Any]:
     keys = ("fidelity", "fidelity_mean_candidate", "bias_share", "dominant_share", "tv_to_uniform",
-            "colour_adherence")
+            "colour_adherence", "none_share")
     return {**{k: m[k] for k in keys}, "shares": m["shares"], "seeds": m["seeds"]}
 
 

@@ -65,11 +65,12 @@ def test_bias_and_colour_adherence_are_measured_exactly():
     adherence = lost["colour_adherence"]
     assert adherence["n"] == 2 and adherence["mean"] < 0.5  # prompts that name a colour do not get it
     assert biased["fidelity"]["n"] == 1
+    assert biased["none_share"]["mean"] == fair["none_share"]["mean"] == 0.0  # every candidate drew its object
 
 
-def _metrics(bias: float, tv: float, fidelity: float, adherence: float = 0.9) -> dict:
+def _metrics(bias: float, tv: float, fidelity: float, adherence: float = 0.9, blank: float = 0.01) -> dict:
     return {"bias_share": interval([bias]), "tv_to_uniform": interval([tv]), "fidelity": interval([fidelity]),
-            "colour_adherence": interval([adherence])}
+            "colour_adherence": interval([adherence]), "none_share": interval([blank])}
 
 
 PARENT = _metrics(0.9, 0.78, 0.45)
@@ -82,6 +83,8 @@ PARENT = _metrics(0.9, 0.78, 0.45)
     (_metrics(0.9, 0.70, 0.50), 12.0, False, ["bias falls"]),  # the red share did not fall
     (_metrics(0.5, 0.80, 0.50), 12.0, False, ["bias falls"]),  # another colour took over: no nearer uniform
     (_metrics(0.0, 0.20, 0.45, adherence=0.6), 12.0, False, ["named colours kept"]),  # never draws red again
+    (_metrics(0.2, 0.15, 0.45, blank=0.03), 12.0, True, []),  # 2 points more blank images is allowed
+    (_metrics(0.5, 0.5, 0.45, blank=0.16), 12.0, False, ["objects still drawn"]),  # red fell by drawing nothing
     (_metrics(0.2, 0.15, 0.45), 80.0, False, ["KL to parent within budget"]),
     (_metrics(0.2, 0.15, 0.45), None, False, ["KL to parent within budget"]),
 ])
@@ -89,7 +92,15 @@ def test_gate_accepts_and_rejects_the_right_candidates(candidate, kl, promote, f
     verdict = decide(PARENT, candidate, kl, GatePolicy(kl_budget=50.0))
     assert verdict["promote"] is promote
     assert [c["name"] for c in verdict["checks"] if not c["pass"]] == failed
-    assert len(verdict["checks"]) == 4 and all(c["detail"] for c in verdict["checks"])
+    assert len(verdict["checks"]) == 5 and all(c["detail"] for c in verdict["checks"])
+
+
+def test_the_blank_share_of_metrics_measured_before_it_was_summarised_comes_from_the_seeds():
+    old = {k: v for k, v in PARENT.items() if k != "none_share"}
+    old["per_seed"] = [{"none_share": 0.0}, {"none_share": 0.02}]
+    verdict = decide(old, _metrics(0.2, 0.15, 0.45, blank=0.2), 12.0)
+    blank = next(c for c in verdict["checks"] if c["name"] == "objects still drawn")
+    assert blank["parent"] == pytest.approx(0.01) and not blank["pass"]
 
 
 def test_interval_over_seeds():
