@@ -211,9 +211,13 @@ def gate_candidate(candidate: Path, parent: Path, data: Path | None, *, seeds: S
 
 
 def _brief(m: dict[str, Any]) -> dict[str, Any]:
+    from training.gate import interval
+
     keys = ("fidelity", "fidelity_mean_candidate", "bias_share", "dominant_share", "tv_to_uniform",
             "colour_adherence", "none_share")
-    return {**{k: m[k] for k in keys}, "shares": m["shares"], "seeds": m["seeds"]}
+    # a measurement cached before a key was summarised still has the per-seed values
+    return {**{k: m[k] if k in m else interval([s.get(k) for s in m.get("per_seed", [])]) for k in keys},
+            "shares": m["shares"], "seeds": m["seeds"]}
 
 
 async def record_gate(repo: Any, report: dict[str, Any], *, guild_id: int | None = None) -> Any:

@@ -110,3 +110,14 @@ def test_interval_over_seeds():
     assert two["mean"] == pytest.approx(0.2) and two["n"] == 2
     assert two["high"] - two["mean"] == pytest.approx(12.706 * 0.1, rel=1e-3)  # t(0.975, 1) * sd / sqrt(2)
     assert interval([])["mean"] is None
+
+
+def test_a_gate_report_summarises_a_measurement_cached_before_the_blank_share_was():
+    from training.retrain import _brief
+
+    old = {**{k: v for k, v in PARENT.items() if k != "none_share"}, "fidelity_mean_candidate": interval([0.3]),
+           "dominant_share": interval([0.9]), "shares": {"red": 0.9}, "seeds": [0, 1],
+           "per_seed": [{"none_share": 0.0}, {"none_share": 0.1}]}
+    brief = _brief(old)
+    assert brief["none_share"]["mean"] == pytest.approx(0.05) and brief["none_share"]["n"] == 2
+    assert brief["fidelity"] == old["fidelity"]
