@@ -205,6 +205,11 @@ class Leases:
             return
         gid = outcome.generation.id
         try:
+            # on a shared database another process may have adopted this result while this one was too slow to
+            # renew its lease: then that one posts it (checked and re-leased at once, so it cannot adopt it now)
+            if not self.exclusive() and not await self.repo.hold_result(gid, self.owner, self.until()):
+                log.warning("generation %s: another process took over posting it; not posting it here", gid)
+                return
             message_id = await self.publisher.publish(outcome)
         except Exception:  # noqa: BLE001 - stays undelivered: tried again later here, else by the next start
             if attempt < len(self.post_retry_delays) and not self.scheduler.closed:

@@ -379,6 +379,19 @@ class GenerationRepository(RepositoryBase):
             )
             return result.rowcount == 1
 
+    async def hold_result(self, generation_id: int, owner: str, lease_until: datetime) -> bool:
+        """Just before posting a finished result: renew ``owner``'s lease on it if it is still ``owner``'s and
+        unposted, atomically. False when another process adopted it (this one's lease ran out while it was slow):
+        that process posts it, so this one must not."""
+        async with self.sessions.begin() as s:
+            result = await s.execute(
+                update(Generation)
+                .where(Generation.id == generation_id, Generation.owner == owner,
+                       Generation.delivered_at.is_(None))
+                .values(lease_until=lease_until)
+            )
+            return result.rowcount == 1
+
     async def list_generations(
         self, *, user_id: int | None = None, status: str | None = None, limit: int = 20
     ) -> list[Generation]:

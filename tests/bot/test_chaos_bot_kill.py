@@ -1,6 +1,7 @@
 """Chaos: two bot processes on one PostgreSQL database, and one of them gets ``kill -9`` in the middle of its
 queue. The other takes its jobs over once their leases run out (JOB_LEASE_SECONDS=3 here, 60 by default), runs
-the queued and the interrupted ones, and every result is posted exactly once: nothing lost, nothing twice."""
+the queued and the interrupted ones, and every result is posted exactly once: nothing lost, nothing twice. The kill
+comes after the victim's first result is posted and recorded; between those two steps delivery is at least once."""
 
 from __future__ import annotations
 
@@ -81,6 +82,22 @@ def test_kill_9_of_one_of_two_bot_processes_on_postgresql(pg_url, tmp_path):
         victim.send(*(f"chaos job {i} --n 1 --seed {i}" for i in range(JOBS)))
         victim.wait_queued(JOBS)  # every job is in the database (a slow machine reads the lines slowly)
         victim.wait_for(r"^\[\d+\] done: ")  # one finished: the others are queued or running
+        # ... and recorded as delivered: a kill between a post and its record would have the survivor post it again
+        # (delivery is at least once in that window; a loaded machine widens it enough to hit it)
+        first = victim.done_ids()[0]
+        engine = make_sync_engine(pg_url)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                with engine.connect() as conn:
+                    delivered = conn.execute(text("SELECT delivered_at FROM generations WHERE id = :i"),
+                                             {"i": first}).scalar()
+                if delivered is not None:
+                    break
+                assert time.monotonic() < deadline, f"generation {first} posted but never recorded"
+                time.sleep(0.02)
+        finally:
+            engine.dispose()
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait(timeout=10)
         victim.reader.join(5)

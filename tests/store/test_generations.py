@@ -174,10 +174,15 @@ async def test_leases_keep_a_live_process_jobs_and_free_a_dead_one(repo):
     await repo.set_status(live.id, "done", owner="proc-a")  # finished; proc-a is about to post it
     assert not await repo.adopt_result(live.id, "proc-b", soon)
     assert [g.id for g in await repo.undelivered()] == [live.id]
-    await repo.renew_leases("proc-a", [live.id], past)  # proc-a died before posting
+    assert await repo.hold_result(live.id, "proc-a", soon)  # about to post: still its own, lease renewed
+    await repo.renew_leases("proc-a", [live.id], past)  # proc-a died (or stalled) before posting
     assert await repo.adopt_result(live.id, "proc-b", soon)
     assert not await repo.adopt_result(live.id, "proc-c", soon)  # adopted once
     assert (await repo.get_generation(live.id)).owner == "proc-b"
+    assert not await repo.hold_result(live.id, "proc-a", soon)  # a stalled proc-a may not post it any more
+    assert await repo.hold_result(live.id, "proc-b", soon)
+    await repo.mark_delivered(live.id)
+    assert not await repo.hold_result(live.id, "proc-b", soon)  # posted: nothing left to hold
 
 
 async def test_leases_are_on_the_database_clock_so_skewed_hosts_agree(repo, migrated_url):
