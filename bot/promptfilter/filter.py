@@ -10,6 +10,7 @@ suppresses list hits and semantic verdicts of the ordinary categories, never of 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -61,6 +62,13 @@ def _pick(hits: Sequence[lists.Hit]) -> lists.Hit:
     return min(hits, key=lambda h: order.get(h.category, 99))
 
 
+def _pair(group_hits: Sequence[lists.Hit], first: str, second: str) -> str | None:
+    """``"term1 + term2"`` when the prompt has a term of group ``first`` and one of group ``second``, else None."""
+    a = next((h.term for h in group_hits if h.category == first), None)
+    b = next((h.term for h in group_hits if h.category == second), None)
+    return f"{a} + {b}" if a is not None and b is not None else None
+
+
 @dataclass
 class PromptFilter:
     """``check(prompt, policy)`` → :class:`FilterDecision`. Safe to share between threads."""
@@ -108,26 +116,23 @@ class PromptFilter:
             if sexual is not None:
                 return FilterDecision(False, "minors", "The prompt puts a minor together with sexual content.",
                                       matched=f"{minor} + {sexual}", normalised=norm)
-        target = next((h.term for h in group_hits if h.category == "target"), None)
-        dehumanise = next((h.term for h in group_hits if h.category == "dehumanise"), None)
-        if target is not None and dehumanise is not None:
-            return FilterDecision(False, "hate", "The prompt dehumanises a group of people.",
-                                  matched=f"{target} + {dehumanise}", normalised=norm)
-        hurt = next((h.term for h in group_hits if h.category == "selfhurt"), None)
-        reflexive = next((h.term for h in group_hits if h.category == "reflexive"), None)
-        if hurt is not None and reflexive is not None and not (guild_allow is not None and any(
-                guild_allow.find(kind, text) for kind, text in texts.each())):
+        pair = functools.partial(_pair, group_hits)
+        if (matched := pair("target", "dehumanise")) is not None:
+            return FilterDecision(False, "hate", "The prompt dehumanises a group of people.", matched=matched,
+                                  normalised=norm)
+
+        def guild_allowed() -> bool:  # asked only when a rule matched
+            return guild_allow is not None and any(guild_allow.find(kind, text) for kind, text in texts.each())
+
+        if (matched := pair("selfhurt", "reflexive")) is not None and not guild_allowed():
             return FilterDecision(False, "self_harm", "The prompt describes someone hurting themselves.",
-                                  matched=f"{hurt} + {reflexive}", normalised=norm)
+                                  matched=matched, normalised=norm)
         if hits:
             hit = _pick(hits)
             return self._refuse(hit.category, hit.term, norm)
-        threat = next((h.term for h in group_hits if h.category == "threat"), None)
-        kin = next((h.term for h in group_hits if h.category == "kin"), None)
-        if threat is not None and kin is not None and not (guild_allow is not None and any(
-                guild_allow.find(kind, text) for kind, text in texts.each())):
-            return FilterDecision(False, "abuse", "The prompt threatens someone or their family.",
-                                  matched=f"{threat} + {kin}", normalised=norm)
+        if (matched := pair("threat", "kin")) is not None and not guild_allowed():
+            return FilterDecision(False, "abuse", "The prompt threatens someone or their family.", matched=matched,
+                                  normalised=norm)
         if self.classifier is None or not _long_enough(views):
             return FilterDecision(True, normalised=norm)
         inputs = [t for t in semantic.inputs(views, texts, lex.allows) if t]
