@@ -1,5 +1,5 @@
 """Chaos: two bot processes on one PostgreSQL database, and one of them gets ``kill -9`` in the middle of its
-queue. The other takes its jobs over once their leases run out (JOB_LEASE_SECONDS=3 here, 60 by default), runs
+queue. The other takes its jobs over once their leases run out (JOB_LEASE_SECONDS=6 here, 60 by default), runs
 the queued and the interrupted ones, and every result is posted exactly once: nothing lost, nothing twice. The kill
 comes after the victim's first result is posted and recorded; between those two steps delivery is at least once."""
 
@@ -70,7 +70,7 @@ class BotProcess:
 def test_kill_9_of_one_of_two_bot_processes_on_postgresql(pg_url, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DALLE_", "DISCORD_", "DATABASE_"))}
     env.update(PYTHONPATH=str(ROOT), DALLE_MODE="local", LOG_LEVEL="WARNING", DATABASE_URL=pg_url,
-               AUTO_MIGRATE="true", JOB_LEASE_SECONDS="3", MAX_QUEUE_PER_USER="10", RATE_LIMIT_USER="100/minute",
+               AUTO_MIGRATE="true", JOB_LEASE_SECONDS="6", MAX_QUEUE_PER_USER="10", RATE_LIMIT_USER="100/minute",
                DAILY_QUOTA="0", OUTPUT_DIR=str(tmp_path / "out"),
                DALLE_ENGINE_FACTORY="tests.fakes.engine:slow_inprocess_fake_engine")
     survivor = BotProcess(env, tmp_path)
