@@ -23,6 +23,7 @@ from engine.models.vqgan import VQModel
 from training.checkpoint import load_flax_params
 from training.data.parquet import TokenShardWriter
 from training.data.shapes import ShapesConfig, ShapesDataset
+from training.train_vqgan import encoder_input
 
 
 def load_vqgan(path: str | Path) -> tuple[VQModel, VQGANConfig, Any]:
@@ -72,8 +73,7 @@ class Encoder:
             )
         x = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
         if x.shape[1] != self.resolution:
-            k = x.shape[1] // self.resolution
-            x = x.reshape(len(x), self.resolution, k, self.resolution, k, 3).mean(axis=(2, 4))
+            x = encoder_input(x, self.model.config)
         out = []
         for i in range(0, len(x), self.batch_size):
             chunk = x[i : i + self.batch_size]
