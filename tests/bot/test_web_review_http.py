@@ -4,12 +4,13 @@ audited)."""
 
 from __future__ import annotations
 
-import asyncio
+import time as _time
 from datetime import timedelta
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from bot.web import app as web_app
 from bot.webaccess import SignInLinks
 from tests.bot.webkit import (
     ADMIN_A,
@@ -115,9 +116,19 @@ async def test_web_review_sign_out_ends_copies_of_the_cookie(site):
         await copy.close()
 
 
-async def test_web_review_secure_cookie_behind_https_and_session_lifetime(repo, tmp_path):
+class _MovableClock:
+    """``time`` for bot.web.app with a hand that moves: the lifetime check is tested without racing a real clock."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def time(self) -> float:
+        return _time.time() + self.ahead
+
+
+async def test_web_review_secure_cookie_behind_https_and_session_lifetime(repo, tmp_path, monkeypatch):
     svc, _ = make_service(repo, tmp_path)
-    client = TestClient(TestServer(make_app(svc, base_url="https://mod.example", session_hours=0.0003)))
+    client = TestClient(TestServer(make_app(svc, base_url="https://mod.example", session_hours=1)))
     await client.start_server()
     try:
         token = await SignInLinks(repo).create(OPERATOR)
@@ -125,12 +136,15 @@ async def test_web_review_secure_cookie_behind_https_and_session_lifetime(repo, 
         assert "Secure" in page.headers["Set-Cookie"]
     finally:
         await client.close()
-    client = TestClient(TestServer(make_app(svc, session_hours=0.0003)))  # about a second
+    clock = _MovableClock()
+    monkeypatch.setattr(web_app, "time", clock)
+    client = TestClient(TestServer(make_app(svc, session_hours=1)))
     await client.start_server()
     try:
         await sign_in(client, repo, OPERATOR)
+        clock.ahead = 3590.0  # still inside the hour
         assert (await client.get("/", allow_redirects=False)).status == 200
-        await asyncio.sleep(1.3)
+        clock.ahead = 3610.0  # the session's hour is over; the cookie itself would still be sent
         assert (await client.get("/", allow_redirects=False)).status == 303
     finally:
         await client.close()
