@@ -42,6 +42,13 @@ def token_valid(gen: Any) -> bool:
     return bool(gen.interaction_token and gen.application_id and exp and datetime.now(UTC) + TOKEN_MARGIN < exp)
 
 
+def result_nonce(gen: Any) -> str:
+    """The nonce of a generation's result message. discord.py sends it with ``enforce_nonce``: a second post of the
+    same result by this bot within a few minutes (another process that took over a lapsed lease, a retry after a
+    lost answer) returns the first message instead of creating another. Follow-up webhooks take no nonce."""
+    return f"result-{gen.id}"
+
+
 class DiscordPublisher:
     """Delivers through REST only (webhook edits, channel posts), so it works before the gateway is ready and
     after a restart, from nothing but the Generation row."""
@@ -146,7 +153,8 @@ class DiscordPublisher:
             files, view = await self._message_parts(outcome, self._upload_limit(gen))
             try:
                 channel = self.bot.get_partial_messageable(gen.channel_id)
-                msg = await channel.send(content, files=files, view=view, allowed_mentions=mentions)
+                msg = await channel.send(content, files=files, view=view, allowed_mentions=mentions,
+                                         nonce=result_nonce(gen))
             except discord.HTTPException as exc:
                 if exc.status >= 500 or exc.status == 429:
                     raise  # transient (discord.py already retried): stays undelivered, retried at the next start
@@ -191,5 +199,5 @@ class DiscordPublisher:
                 log.info("follow-up token of %s refused (%s): sending the result as a DM", gen.id, exc.status)
         files, view = await self._message_parts(outcome, DEFAULT_FILE_LIMIT)
         dm = await self.bot.create_dm(discord.Object(id=gen.user_id))  # one REST call, no user lookup
-        msg = await dm.send(content, files=files, view=view, allowed_mentions=mentions)
+        msg = await dm.send(content, files=files, view=view, allowed_mentions=mentions, nonce=result_nonce(gen))
         return msg.id

@@ -96,6 +96,7 @@ class FakeDiscord:
         self.unknown: list[Call] = []
         self.errors: list[Call] = []  # calls the fake refused (deadline, expiry, size...)
         self.messages: dict[int, dict] = {}
+        self.nonces: dict[str, int] = {}  # nonce of a message the bot created → its id (for enforce_nonce)
         self.files: dict[str, bytes] = {}
         self.interactions: dict[int, InteractionRecord] = {}
         self.commands: list[dict] = []  # registered globally
@@ -537,8 +538,14 @@ class FakeDiscord:
                 raise _Refuse(_error(403, 50013, "Missing Permissions"))
             self._check_message(call, self.attachment_limit)
             payload = call.json or {}
+            nonce = payload.get("nonce")
+            if payload.get("enforce_nonce") and nonce is not None and self.nonces.get(str(nonce)) in self.messages:
+                return _json(self.messages[self.nonces[str(nonce)]])  # Discord returns the message it made before
             msg = self.message(int(p[1]), payload.get("content"), components=payload.get("components"),
                                attachments=list(call.files.items()), embeds=payload.get("embeds"))
+            if nonce is not None:
+                msg["nonce"] = nonce
+                self.nonces[str(nonce)] = int(msg["id"])
             return _json(msg)
         if method == "PATCH" and p[:1] == ["channels"] and p[-2] == "messages":
             return self._edit(int(p[-1]), call)

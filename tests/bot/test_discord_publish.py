@@ -7,6 +7,7 @@ import asyncio
 from types import SimpleNamespace
 
 from bench.fakes.discord import APP_ID
+from bot.outcome import Outcome
 from store.models import Generation
 from tests.fakes.botkit import make_repo, rows_of
 from tests.fakes.discordkit import CHANNEL, channel_posts, discord_settings, interaction_callback, start_bot
@@ -193,3 +194,33 @@ def test_a_result_whose_stored_images_are_missing_or_unreadable_still_posts():
     assert files == [] and len(shown) == 2
     files, _ = publisher._files(Outcome(gen, [image(3, b"junk")]), 8 * 1024 * 1024)
     assert [f.filename for f in files] == ["v1-image3.png"]
+
+
+async def test_a_result_posted_again_by_another_process_returns_the_first_message(fake, bot_db_url, tmp_path):
+    """Two bot processes on one database can both post a result when one of them stalls past its lease after
+    posting and before recording it. The post carries the generation's nonce with ``enforce_nonce``, so Discord
+    answers the second post with the first message and the channel shows the result once."""
+    repo = make_repo(bot_db_url)
+    engine = FakeEngine()
+    run = await start_bot(discord_settings(tmp_path), engine, repo)
+    try:
+        rec = await fake.slash("dalle", {"prompt": "a green triangle", "images": 2}, user_id=81)
+        await interaction_callback(fake, rec)
+        first = await fake.wait_for(channel_posts(fake))
+        for _ in range(100):
+            gen = (await rows_of(repo, Generation))[0]
+            if gen.delivered_at is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert first.json["enforce_nonce"] is True and first.json["nonce"] == f"result-{gen.id}"
+        gen = await repo.get_generation(gen.id)
+        leases = run.bot.service.leases
+        again = await run.bot.service.publisher.publish(Outcome(gen, await leases._stored_images(gen)))
+        assert again == gen.result_message_id
+        posted = [m for m in fake.messages.values() if m["channel_id"] == str(CHANNEL) and m["attachments"]]
+        assert len(posted) == 1 and int(posted[0]["id"]) == gen.result_message_id
+        assert len(fake.calls_for("POST", f"/channels/{CHANNEL}/messages")) == 2  # both posts reached Discord
+    finally:
+        await run.stop()
+        await engine.close()
+        await repo.close()
