@@ -295,8 +295,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sft-weight", type=float, default=0.0)
     p.add_argument("--token-kl-weight", type=float, default=0.05,
                    help="weight of the fine-tune's token-level KL to the parent")
-    p.add_argument("--token-kl-scope", choices=("all", "uncontested"), default="all",
-                   help="the sequences the token KL covers: all, or only prompts nobody disliked an image of")
+    p.add_argument("--token-kl-scope", choices=("all", "uncontested", "colour-spared"), default="all",
+                   help="the sequences the token KL covers: all; only prompts nobody disliked an image of; or all, "
+                        "leaving the colour free on prompts someone disliked an image of")
     p.add_argument("--trainable", default="all",
                    help="the parameters the fine-tune may change (training.preference.TRAINABLE)")
     p.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), default=(0, 1))

@@ -312,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--undesirable-weight", type=float, default=1.0)
     p.add_argument("--token-kl-weight", type=float, default=0.05,
                    help="finetune: weight of the token-level KL to the parent (whole next-token distributions)")
-    p.add_argument("--token-kl-scope", choices=("all", "uncontested"), default="all",
-                   help="finetune: the sequences the token KL covers: all, or only prompts nobody disliked an image of")
+    p.add_argument("--token-kl-scope", choices=("all", "uncontested", "colour-spared"), default="all",
+                   help="finetune: the sequences the token KL covers: all; only prompts nobody disliked an image of; "
+                        "or all, leaving the colour free on prompts someone disliked an image of")
     p.add_argument("--trainable", default="all",
                    help="finetune: the parameters that may change, the rest keep the parent's values: all, "
                         "encoder, encoder+cross, cross, encoder-embed (training.preference.TRAINABLE)")

@@ -48,6 +48,8 @@ from engine.models.dallebart import DalleBart
 from engine.models.layout import load_dallebart_params
 from engine.text import DalleBartTokenizer
 from training.checkpoint import export_trained
+from training.code_colours import class_matrix, code_colour_classes, colour_spared_kl, describe
+from training.data import COLOURS
 from training.loop import ArrayBatches, train
 from training.optim import OptimConfig, trainable_mask
 
@@ -63,7 +65,7 @@ TRAINABLE = {
 }
 
 #: the sequences a token-level KL may cover (see :attr:`PreferenceConfig.token_kl_scope`)
-TOKEN_KL_SCOPES = ("all", "uncontested")
+TOKEN_KL_SCOPES = ("all", "uncontested", "colour-spared")
 
 #: files of a checkpoint directory the fine-tune takes over from its parent unchanged
 PARENT_PARTS = ("vqgan", "clip")
@@ -86,7 +88,9 @@ class PreferenceConfig:
     token_kl_weight: float = 0.0
     #: which sequences the token KL anchors: "all", or "uncontested", only those of prompts nobody 👎'd (every
     #: image of the prompt liked). The users' complaint is then free to move what the parent is sure of on the
-    #: prompts they complained about, while everything they were happy with stays the parent's
+    #: prompts they complained about, while everything they were happy with stays the parent's; or
+    #: "colour-spared", every sequence, but on prompts someone 👎'd the KL leaves the object's colour free
+    #: (:mod:`training.code_colours`): shapes, positions and "draw an object here" stay the parent's
     token_kl_scope: str = "all"
 
     def validate(self) -> None:
@@ -107,18 +111,22 @@ def _logits(model: DalleBart, params: Any, input_ids: jax.Array, attention_mask:
 
 
 def sequence_logprobs(model: DalleBart, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
-                      labels: jax.Array, start: int, ref_params: Any = None
-                      ) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, jax.Array]:
+                      labels: jax.Array, start: int, ref_params: Any = None, classes: jax.Array | None = None
+                      ) -> tuple[jax.Array, ...]:
     """(summed log-prob per row (B,), mean token cross-entropy) of image tokens ``labels`` given the prompts; with
     ``ref_params`` also the token-level KL(ref ‖ model) per row (B,), summed over positions, from the two whole
-    next-token distributions (no gradient into the reference)."""
+    next-token distributions (no gradient into the reference); with ``classes`` (the (V, C) one-hot of
+    :func:`training.code_colours.class_matrix`) also the colour-spared KL per row."""
     logits = _logits(model, params, input_ids, attention_mask, labels, start)
     token_lp = -optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     if ref_params is None:
         return jnp.sum(token_lp, axis=-1), -jnp.mean(token_lp, axis=-1)
     ref_lp = jax.nn.log_softmax(jax.lax.stop_gradient(_logits(model, ref_params, input_ids, attention_mask, labels,
                                                               start)), axis=-1)
-    kl = jnp.sum(jnp.exp(ref_lp) * (ref_lp - jax.nn.log_softmax(logits, axis=-1)), axis=(-2, -1))
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    if classes is not None:
+        return jnp.sum(token_lp, axis=-1), -jnp.mean(token_lp, axis=-1), *colour_spared_kl(ref_lp, lp, classes)
+    kl = jnp.sum(jnp.exp(ref_lp) * (ref_lp - lp), axis=(-2, -1))
     return jnp.sum(token_lp, axis=-1), -jnp.mean(token_lp, axis=-1), kl
 
 
@@ -149,22 +157,28 @@ def dpo_terms(chosen: jax.Array, ref_chosen: jax.Array, rejected: jax.Array, ref
 
 
 def make_preference_loss(model: DalleBart, config: DalleBartConfig, cfg: PreferenceConfig, *, with_pairs: bool,
-                         ref_params: Any = None):
+                         ref_params: Any = None, code_classes: np.ndarray | None = None):
     """``loss_fn(params, batch, rng)`` for :func:`training.loop.train` (KTO + optional DPO + optional SFT +
-    optional token-level KL to ``ref_params``, which ``cfg.token_kl_weight`` > 0 needs)."""
+    optional token-level KL to ``ref_params``, which ``cfg.token_kl_weight`` > 0 needs; the "colour-spared" scope
+    also needs ``code_classes``, the (V, C) one-hot of :func:`training.code_colours.class_matrix`)."""
     start = config.decoder_start_token_id
     use_kl = cfg.token_kl_weight > 0
     if use_kl and ref_params is None:
         raise ValueError("token_kl_weight > 0 needs the parent's parameters (ref_params)")
     ref = ref_params if use_kl else None
+    spare = use_kl and cfg.token_kl_scope == "colour-spared"
+    if spare and code_classes is None:
+        raise ValueError("token_kl_scope='colour-spared' needs the codes' colour classes (code_classes)")
+    classes = jnp.asarray(code_classes) if spare else None
 
     def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
         out = sequence_logprobs(model, params, batch["input_ids"], batch["attention_mask"], batch["labels"], start,
-                                ref)
+                                ref, classes)
         logp, ce = out[0], out[1]
         loss, aux = kto_terms(logp, batch["ref_logp"], batch["desirable"], batch["weight"], cfg)
-        everywhere = cfg.token_kl_scope == "all"
-        kls = [out[2]] if use_kl else []
+        everywhere = cfg.token_kl_scope != "uncontested"
+        # the whole KL, or on the prompts someone disliked an image of the colour-spared one
+        kls = [jnp.where(batch["uncontested"] > 0, out[2], out[3]) if spare else out[2]] if use_kl else []
         # per-row weight of the token KL: 1 everywhere, or 1 only on uncontested prompts (DPO pairs never are)
         anchors = [jnp.ones_like(out[0]) if everywhere else batch["uncontested"]] if use_kl else []
         aux["kl_ref"] = jnp.mean(batch["ref_logp"] - logp)
@@ -177,10 +191,10 @@ def make_preference_loss(model: DalleBart, config: DalleBartConfig, cfg: Prefere
             both_ids = jnp.concatenate([batch["p_input_ids"], batch["p_input_ids"]])
             both_mask = jnp.concatenate([batch["p_attention_mask"], batch["p_attention_mask"]])
             both = jnp.concatenate([batch["p_chosen"], batch["p_rejected"]])
-            pout = sequence_logprobs(model, params, both_ids, both_mask, both, start, ref)
+            pout = sequence_logprobs(model, params, both_ids, both_mask, both, start, ref, classes)
             lp = pout[0]
             if use_kl:
-                kls.append(pout[2])
+                kls.append(pout[3] if spare else pout[2])
                 anchors.append(jnp.full_like(pout[2], 1.0 if everywhere else 0.0))
             n = batch["p_chosen"].shape[0]
             dpo, daux = dpo_terms(lp[:n], batch["p_ref_chosen"], lp[n:], batch["p_ref_rejected"],
@@ -382,9 +396,14 @@ def finetune(parent_dir: str | Path, data_dir: str | Path, out_dir: str | Path, 
                     jax.tree.leaves(trainable_mask(ref_params, optim.trainable)), strict=True) if on)
     if n_trained == 0:
         raise ValueError(f"trainable={trainable!r} matches no parameter of {parent}")
+    code_classes = colours = None
+    if cfg.token_kl_weight > 0 and cfg.token_kl_scope == "colour-spared":
+        classes, names = code_colour_classes(parent / "vqgan", COLOURS)
+        code_classes = class_matrix(classes, config.image_vocab_size + 1, len(names))
+        colours = describe(classes, names)
     if cfg.token_kl_weight > 0:  # the parent's parameters live in the loss (a constant of the jitted step)
         loss_fn = make_preference_loss(DalleBart(config), config, cfg, with_pairs=batches.pairs is not None,
-                                       ref_params=jax.tree.map(jnp.asarray, ref_params))
+                                       ref_params=jax.tree.map(jnp.asarray, ref_params), code_classes=code_classes)
     else:
         loss_fn = _cached_loss(config, cfg, batches.pairs is not None)
     result = train(jax.tree.map(jnp.array, ref_params), loss_fn, batches,
@@ -397,6 +416,8 @@ def finetune(parent_dir: str | Path, data_dir: str | Path, out_dir: str | Path, 
                "trainable": trainable, "trained_parameters": n_trained,
                "examples": int(len(data.unpaired["labels"])), "pairs": data.n_pairs,
                "data_sha256": data.content_sha256, "parent": str(parent)}
+    if colours is not None:
+        summary["codes_per_colour"] = colours
     if result.history:
         last = result.history[-1]
         summary["last"] = {k: v for k, v in last.items() if isinstance(v, int | float)}

@@ -1,0 +1,89 @@
+"""The colour-spared token KL: the codes' colours read from the VQGAN, and a KL that is the whole KL less the term
+for which colour the object takes (so a model that only re-colours pays nothing, one that draws no object does)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engine.models.dallebart import DalleBart, init_params
+from tests.training.test_preference import CFG, _batch
+from training.code_colours import class_matrix, code_colour_classes, colour_spared_kl
+from training.data import COLOURS
+from training.preference import PreferenceConfig, batched_logprobs, make_preference_loss
+
+DEMO_VQGAN = "engine/assets/demo/vqgan"
+#: codes 0-1 background, 2-4 red, 5-7 blue, 8-9 green; token 10 (the start token) counts as background
+CLASSES = np.asarray([0, 0, 1, 1, 1, 2, 2, 2, 3, 3], np.int32)
+
+
+def _kls(p: np.ndarray, q: np.ndarray) -> tuple[float, float]:
+    full, spared = colour_spared_kl(jnp.log(jnp.asarray(p))[None, None], jnp.log(jnp.asarray(q))[None, None],
+                                    jnp.asarray(class_matrix(CLASSES, 11, 4)))
+    return float(full[0]), float(spared[0])
+
+
+def test_recolouring_the_object_costs_nothing_and_everything_else_costs_what_it_did():
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(11))
+    onehot = class_matrix(CLASSES, 11, 4)
+    mass = p @ onehot  # per class
+    # the same object mass and the same code within each colour, the colours' shares changed to 0.8 / 0.1 / 0.1
+    obj = mass[1:].sum()
+    shares = np.asarray([0.8, 0.1, 0.1]) * obj
+    scale = np.ones(4)
+    scale[1:] = shares / mass[1:]
+    recoloured = p * (onehot @ scale)
+    full, spared = _kls(p, recoloured)
+    assert full > 0.05 and spared == pytest.approx(0.0, abs=1e-5)
+    # less object, more background (the cheap way to draw nothing): the spared KL sees it
+    is_obj = np.r_[CLASSES > 0, False]
+    blank = p.copy()
+    blank[is_obj] *= 0.3
+    blank[~is_obj] *= (1 - blank[is_obj].sum()) / blank[~is_obj].sum()
+    full, spared = _kls(p, blank)
+    assert spared > 0.05 and spared <= full + 1e-6
+    # another code within the same colour (another outline): seen too
+    outline = p.copy()
+    outline[2], outline[3] = outline[3], outline[2]
+    full, spared = _kls(p, outline)
+    assert spared == pytest.approx(full, rel=1e-4) and spared > 0
+
+
+def test_the_colour_spared_scope_spares_only_the_prompts_someone_disliked():
+    params = jax.jit(lambda r: init_params(CFG, r))(jax.random.PRNGKey(1))
+    moved = jax.jit(lambda r: init_params(CFG, r))(jax.random.PRNGKey(2))
+    batch = _batch()
+    batch["ref_logp"] = batched_logprobs(CFG, params, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                         8)
+    classes = class_matrix(CLASSES, CFG.image_vocab_size + 1, 4)
+
+    def token_kl(scope: str, uncontested: np.ndarray) -> float:
+        fn = make_preference_loss(DalleBart(CFG), CFG, PreferenceConfig(token_kl_weight=1.0, token_kl_scope=scope),
+                                  with_pairs=False, ref_params=params, code_classes=classes)
+        return float(fn(moved, {**batch, "uncontested": uncontested}, None)[1]["token_kl"])
+
+    everywhere = token_kl("all", np.zeros(8, np.float32))
+    assert token_kl("colour-spared", np.ones(8, np.float32)) == pytest.approx(everywhere, rel=1e-5)
+    spared = token_kl("colour-spared", np.zeros(8, np.float32))
+    assert 0 < spared < everywhere
+    with pytest.raises(ValueError, match="code_classes"):
+        make_preference_loss(DalleBart(CFG), CFG, PreferenceConfig(token_kl_weight=1.0,
+                             token_kl_scope="colour-spared"), with_pairs=False, ref_params=params)
+
+
+def test_the_demo_vqgans_codes_for_a_flat_colour_are_read_as_that_colour():
+    from training.encode import Encoder, load_vqgan
+
+    classes, names = code_colour_classes(DEMO_VQGAN, COLOURS)
+    assert names[0] == "white" and set(names) == set(COLOURS)
+    assert all(np.sum(classes == k) > 50 for k in range(len(names)))  # every colour has codes
+    model, config, params = load_vqgan(DEMO_VQGAN)
+    flat = np.stack([np.broadcast_to(np.asarray(COLOURS[n], np.uint8), (config.resolution, config.resolution, 3))
+                     for n in names])
+    codes = np.asarray(Encoder(model, params)(flat))
+    for k, name in enumerate(names):
+        read = np.bincount(classes[codes[k]], minlength=len(names))
+        assert read.argmax() == k, (name, dict(zip(names, read.tolist(), strict=True)))
