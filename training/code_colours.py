@@ -67,9 +67,21 @@ def class_matrix(classes: np.ndarray, vocab: int, n_classes: int) -> np.ndarray:
     return np.eye(n_classes, dtype=np.float32)[full]
 
 
-def colour_spared_kl(ref_lp: jax.Array, lp: jax.Array, classes: jax.Array) -> tuple[jax.Array, jax.Array]:
+def deciding_positions(labels: jax.Array, classes: jax.Array, window: int) -> jax.Array:
+    """(B, S) 1.0 where the image's colour is decided: every position up to the first code of an object colour in
+    ``labels`` (B, S) and ``window`` positions after it (the object's first raster row). Later positions only
+    continue the colour the prefix set, and the parent is right to be sure of that."""
+    label_class = jnp.argmax(classes, axis=-1)[labels]  # (B, S)
+    is_obj = label_class != BACKGROUND
+    first = jnp.where(jnp.any(is_obj, axis=1), jnp.argmax(is_obj, axis=1), labels.shape[1])
+    return (jnp.arange(labels.shape[1])[None, :] <= first[:, None] + window).astype(jnp.float32)
+
+
+def colour_spared_kl(ref_lp: jax.Array, lp: jax.Array, classes: jax.Array,
+                     free: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(full KL, colour-spared KL), each summed over positions → (B,), between the parent's log-probs ``ref_lp``
-    and the model's ``lp`` (both (B, S, V)); ``classes`` is the (V, C) one-hot of :func:`class_matrix`."""
+    and the model's ``lp`` (both (B, S, V)); ``classes`` is the (V, C) one-hot of :func:`class_matrix`; ``free``
+    (B, S) says where the colour term is dropped (everywhere if None; see :func:`deciding_positions`)."""
     p = jnp.exp(ref_lp)
     full = jnp.sum(p * (ref_lp - lp), axis=-1)
     tiny = jnp.finfo(jnp.float32).tiny
@@ -78,7 +90,8 @@ def colour_spared_kl(ref_lp: jax.Array, lp: jax.Array, classes: jax.Array) -> tu
     p_obj = jnp.sum(p_c, axis=-1, keepdims=True)
     q_obj = jnp.sum(q_c, axis=-1, keepdims=True)
     which_colour = jnp.sum(p_c * (jnp.log(p_c / p_obj) - jnp.log(q_c / q_obj)), axis=-1)
-    return jnp.sum(full, axis=-1), jnp.sum(full - which_colour, axis=-1)
+    spared = full - which_colour if free is None else full - free * which_colour
+    return jnp.sum(full, axis=-1), jnp.sum(spared, axis=-1)
 
 
 def describe(classes: np.ndarray, names: tuple[str, ...]) -> dict[str, Any]:

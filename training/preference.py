@@ -48,7 +48,7 @@ from engine.models.dallebart import DalleBart
 from engine.models.layout import load_dallebart_params
 from engine.text import DalleBartTokenizer
 from training.checkpoint import export_trained
-from training.code_colours import class_matrix, code_colour_classes, colour_spared_kl, describe
+from training.code_colours import class_matrix, code_colour_classes, colour_spared_kl, deciding_positions, describe
 from training.data import COLOURS
 from training.loop import ArrayBatches, train
 from training.optim import OptimConfig, trainable_mask
@@ -125,7 +125,8 @@ def sequence_logprobs(model: DalleBart, params: Any, input_ids: jax.Array, atten
                                                               start)), axis=-1)
     lp = jax.nn.log_softmax(logits, axis=-1)
     if classes is not None:
-        return jnp.sum(token_lp, axis=-1), -jnp.mean(token_lp, axis=-1), *colour_spared_kl(ref_lp, lp, classes)
+        free = deciding_positions(labels, classes, window=round(labels.shape[1] ** 0.5))
+        return jnp.sum(token_lp, axis=-1), -jnp.mean(token_lp, axis=-1), *colour_spared_kl(ref_lp, lp, classes, free)
     kl = jnp.sum(jnp.exp(ref_lp) * (ref_lp - lp), axis=(-2, -1))
     return jnp.sum(token_lp, axis=-1), -jnp.mean(token_lp, axis=-1), kl
 

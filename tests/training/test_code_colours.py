@@ -10,7 +10,7 @@ import pytest
 
 from engine.models.dallebart import DalleBart, init_params
 from tests.training.test_preference import CFG, _batch
-from training.code_colours import class_matrix, code_colour_classes, colour_spared_kl
+from training.code_colours import class_matrix, code_colour_classes, colour_spared_kl, deciding_positions
 from training.data import COLOURS
 from training.preference import PreferenceConfig, batched_logprobs, make_preference_loss
 
@@ -87,3 +87,18 @@ def test_the_demo_vqgans_codes_for_a_flat_colour_are_read_as_that_colour():
     for k, name in enumerate(names):
         read = np.bincount(classes[codes[k]], minlength=len(names))
         assert read.argmax() == k, (name, dict(zip(names, read.tolist(), strict=True)))
+
+
+def test_the_colour_is_free_only_where_it_is_decided():
+    classes = jnp.asarray(class_matrix(CLASSES, 11, 4))
+    labels = jnp.asarray([[0, 1, 0, 3, 4, 0, 2, 2, 1, 0],   # first object code (red) at position 3
+                          [0, 1, 0, 1, 0, 1, 0, 1, 0, 1]])  # nothing but background
+    free = np.asarray(deciding_positions(labels, classes, window=2))
+    assert free[0].tolist() == [1, 1, 1, 1, 1, 1, 0, 0, 0, 0] and free[1].tolist() == [1] * 10
+    # past the decision the whole KL holds: re-colouring there costs what it did
+    rng = np.random.default_rng(1)
+    p = jnp.log(jnp.asarray(rng.dirichlet(np.ones(11), size=(1, 10)), jnp.float32))
+    q = jnp.log(jnp.asarray(rng.dirichlet(np.ones(11), size=(1, 10)), jnp.float32))
+    full, everywhere = colour_spared_kl(p, q, classes)
+    _, at_decision = colour_spared_kl(p, q, classes, jnp.asarray(free[:1]))
+    assert float(everywhere[0]) < float(at_decision[0]) < float(full[0])
