@@ -1,16 +1,17 @@
-"""Which colour each VQGAN code paints, and a token KL that leaves the choice of colour free.
+"""Which colour each VQGAN code paints, and a token KL that leaves the choice of the object's colour free.
 
 The users' complaint in the feedback loop is about one attribute, the colour drawn when the prompt names none. A
 token-level KL to the parent holds every decision the parent makes, that one included (the parent picks red with
 90 % confidence), and without it the cheapest way to make a disliked image unlikely is to draw nothing at all. The
 colour-spared KL splits the parent's next-token distribution by the colour each code paints and drops only the
-term for *which* colour among the object colours:
+term for *which* colour the object takes:
 
     KL(p ‖ q) = KL_obj(p ‖ q) + p(obj) · KL(p(colour | obj) ‖ q(colour | obj)) + Σ_c p(c) · KL(p(· | c) ‖ q(· | c))
 
-where "obj" is every code of a colour other than the background's. What stays anchored: background against
-object at each position (where a shape is drawn, and that one is drawn at all) and, within a colour, which code
-(the shape's outline). What is freed: the object's colour.
+where "obj" is every code of a colour other than the image's background (the colour of its first token, the
+top-left corner). What stays anchored: background against object at each position (where a shape is drawn, and
+that one is drawn at all) and, within a colour, which code (the shape's outline). What is freed: the object's
+colour, and only where it is decided (:func:`deciding_positions`).
 """
 
 from __future__ import annotations
@@ -22,74 +23,71 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-#: the class of codes that paint the background (and of tokens that are not codes, such as the start token)
-BACKGROUND = 0
 
+def code_colour_classes(vqgan_dir: str | Path, palette: dict[str, tuple[int, int, int]], *,
+                        images: np.ndarray | None = None, n_images: int = 1024) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(colour per code (n_embed,) int32, the colours' names), read from where each code is used: ``images``
+    (B, R, R, 3) uint8 (default: ``n_images`` scenes of the shapes dataset) are encoded, every pixel is matched to
+    the nearest ``palette`` colour, each token's patch takes its most common colour, and each code the colour most
+    of its patches have. Codes the images never use get the palette's first colour."""
+    from training.data.shapes import ShapesDataset
+    from training.encode import Encoder, load_vqgan
 
-def code_colour_classes(vqgan_dir: str | Path, palette: dict[str, tuple[int, int, int]], background: str = "white",
-                        *, grid: int = 4, batch: int = 256) -> tuple[np.ndarray, tuple[str, ...]]:
-    """(class per code (n_embed,) int32, class names): each code decoded alone as a ``grid``×``grid`` patch of
-    itself, the mean colour of the patch's centre matched to the nearest ``palette`` colour. Class 0 is
-    ``background``; the others are the palette's remaining colours in order."""
-    from training.encode import load_vqgan
-
-    if background not in palette:
-        raise ValueError(f"background colour {background!r} is not in the palette")
+    names = tuple(palette)
+    rgb = np.asarray([palette[n] for n in names], np.float32)
     model, config, params = load_vqgan(vqgan_dir)
-    names = (background, *(n for n in palette if n != background))
-    rgb = np.asarray([palette[n] for n in names], np.float32) / 255.0
-
-    @jax.jit
-    def mean_colours(codes: jax.Array) -> jax.Array:
-        z = model.apply({"params": params}, codes, (grid, grid), method=lambda m, c, g: m.quantize.lookup(c, g))
-        images = model.apply({"params": params}, z, clip=True, method=model.decode)  # (B, h, w, 3)
-        h, w = images.shape[1], images.shape[2]
-        centre = images[:, h // 4: h - h // 4, w // 4: w - w // 4]
-        return jnp.mean(centre, axis=(1, 2))
-
-    n = config.n_embed
-    out = np.zeros((n, 3), np.float32)
-    for lo in range(0, n, batch):
-        ids = np.arange(lo, lo + batch) % n  # the last batch padded with codes from the start: one compiled shape
-        colours = np.asarray(mean_colours(jnp.asarray(np.repeat(ids[:, None], grid * grid, axis=1), jnp.int32)))
-        take = min(batch, n - lo)
-        out[lo:lo + take] = colours[:take]
-    distance = np.sum((out[:, None, :] - rgb[None, :, :]) ** 2, axis=-1)
-    return np.argmin(distance, axis=1).astype(np.int32), names
+    if images is None:
+        data = ShapesDataset(seed=20261207)
+        images = np.stack([data[i].image for i in range(n_images)])
+    codes = np.asarray(Encoder(model, params)(images))  # (B, g*g)
+    g = int(round(codes.shape[1] ** 0.5))
+    f = images.shape[1] // g
+    pixel = np.argmin(((images.astype(np.float32)[..., None, :] - rgb) ** 2).sum(-1), axis=-1)  # (B, R, R)
+    patches = pixel.reshape(len(images), g, f, g, f).transpose(0, 1, 3, 2, 4).reshape(len(images), g * g, f * f)
+    counts = np.stack([np.sum(patches == k, axis=-1) for k in range(len(names))], axis=-1)  # (B, g*g, C)
+    votes = np.zeros((config.n_embed, len(names)), np.int64)
+    np.add.at(votes, (codes.reshape(-1), counts.argmax(-1).reshape(-1)), 1)
+    return votes.argmax(-1).astype(np.int32), names
 
 
 def class_matrix(classes: np.ndarray, vocab: int, n_classes: int) -> np.ndarray:
-    """One-hot (vocab, n_classes) float32 of ``classes`` (n_embed,); tokens past the codebook are background."""
+    """One-hot (vocab, n_classes) float32 of ``classes`` (n_embed,); tokens past the codebook (the start token)
+    belong to no colour (a zero row)."""
     if classes.ndim != 1 or len(classes) > vocab:
         raise ValueError(f"{len(classes)} code classes for a vocabulary of {vocab}")
-    full = np.full(vocab, BACKGROUND, np.int32)
-    full[:len(classes)] = classes
-    return np.eye(n_classes, dtype=np.float32)[full]
+    out = np.zeros((vocab, n_classes), np.float32)
+    out[np.arange(len(classes)), classes] = 1.0
+    return out
 
 
-def deciding_positions(labels: jax.Array, classes: jax.Array, window: int) -> jax.Array:
-    """(B, S) 1.0 where the image's colour is decided: every position up to the first code of an object colour in
-    ``labels`` (B, S) and ``window`` positions after it (the object's first raster row). Later positions only
-    continue the colour the prefix set, and the parent is right to be sure of that."""
+def deciding_positions(labels: jax.Array, classes: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
+    """(free (B, S), background (B,)): each image's background colour (that of its first token) and 1.0 where its
+    object's colour is decided, every position up to the first code of another colour in ``labels`` (B, S) and
+    ``window`` positions after it (the object's first raster row). Later positions only continue the colour the
+    prefix set, and the parent is right to be sure of that."""
     label_class = jnp.argmax(classes, axis=-1)[labels]  # (B, S)
-    is_obj = label_class != BACKGROUND
+    background = label_class[:, 0]
+    is_obj = label_class != background[:, None]
     first = jnp.where(jnp.any(is_obj, axis=1), jnp.argmax(is_obj, axis=1), labels.shape[1])
-    return (jnp.arange(labels.shape[1])[None, :] <= first[:, None] + window).astype(jnp.float32)
+    free = (jnp.arange(labels.shape[1])[None, :] <= first[:, None] + window).astype(jnp.float32)
+    return free, background
 
 
-def colour_spared_kl(ref_lp: jax.Array, lp: jax.Array, classes: jax.Array,
+def colour_spared_kl(ref_lp: jax.Array, lp: jax.Array, classes: jax.Array, background: jax.Array,
                      free: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(full KL, colour-spared KL), each summed over positions → (B,), between the parent's log-probs ``ref_lp``
-    and the model's ``lp`` (both (B, S, V)); ``classes`` is the (V, C) one-hot of :func:`class_matrix`; ``free``
-    (B, S) says where the colour term is dropped (everywhere if None; see :func:`deciding_positions`)."""
+    and the model's ``lp`` (both (B, S, V)); ``classes`` is the (V, C) one-hot of :func:`class_matrix`,
+    ``background`` (B,) each image's background colour, ``free`` (B, S) where the colour term is dropped
+    (everywhere if None; see :func:`deciding_positions`)."""
     p = jnp.exp(ref_lp)
     full = jnp.sum(p * (ref_lp - lp), axis=-1)
     tiny = jnp.finfo(jnp.float32).tiny
-    p_c = jnp.maximum(p @ classes, tiny)[..., 1:]  # (B, S, C-1): the object colours
-    q_c = jnp.maximum(jnp.exp(lp) @ classes, tiny)[..., 1:]
-    p_obj = jnp.sum(p_c, axis=-1, keepdims=True)
-    q_obj = jnp.sum(q_c, axis=-1, keepdims=True)
-    which_colour = jnp.sum(p_c * (jnp.log(p_c / p_obj) - jnp.log(q_c / q_obj)), axis=-1)
+    obj = 1.0 - jax.nn.one_hot(background, classes.shape[1])[:, None, :]  # (B, 1, C): the object colours
+    p_c = jnp.maximum(p @ classes, tiny)  # (B, S, C)
+    q_c = jnp.maximum(jnp.exp(lp) @ classes, tiny)
+    p_obj = jnp.sum(obj * p_c, axis=-1, keepdims=True)
+    q_obj = jnp.sum(obj * q_c, axis=-1, keepdims=True)
+    which_colour = jnp.sum(obj * p_c * (jnp.log(p_c / p_obj) - jnp.log(q_c / q_obj)), axis=-1)
     spared = full - which_colour if free is None else full - free * which_colour
     return jnp.sum(full, axis=-1), jnp.sum(spared, axis=-1)
 

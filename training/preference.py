@@ -125,8 +125,9 @@ def sequence_logprobs(model: DalleBart, params: Any, input_ids: jax.Array, atten
                                                               start)), axis=-1)
     lp = jax.nn.log_softmax(logits, axis=-1)
     if classes is not None:
-        free = deciding_positions(labels, classes, window=round(labels.shape[1] ** 0.5))
-        return jnp.sum(token_lp, axis=-1), -jnp.mean(token_lp, axis=-1), *colour_spared_kl(ref_lp, lp, classes, free)
+        free, background = deciding_positions(labels, classes, window=round(labels.shape[1] ** 0.5))
+        return (jnp.sum(token_lp, axis=-1), -jnp.mean(token_lp, axis=-1),
+                *colour_spared_kl(ref_lp, lp, classes, background, free))
     kl = jnp.sum(jnp.exp(ref_lp) * (ref_lp - lp), axis=(-2, -1))
     return jnp.sum(token_lp, axis=-1), -jnp.mean(token_lp, axis=-1), kl
 

@@ -15,13 +15,13 @@ from training.data import COLOURS
 from training.preference import PreferenceConfig, batched_logprobs, make_preference_loss
 
 DEMO_VQGAN = "engine/assets/demo/vqgan"
-#: codes 0-1 background, 2-4 red, 5-7 blue, 8-9 green; token 10 (the start token) counts as background
+#: codes 0-1 white, 2-4 red, 5-7 blue, 8-9 green; token 10 (the start token) paints nothing
 CLASSES = np.asarray([0, 0, 1, 1, 1, 2, 2, 2, 3, 3], np.int32)
 
 
 def _kls(p: np.ndarray, q: np.ndarray) -> tuple[float, float]:
     full, spared = colour_spared_kl(jnp.log(jnp.asarray(p))[None, None], jnp.log(jnp.asarray(q))[None, None],
-                                    jnp.asarray(class_matrix(CLASSES, 11, 4)))
+                                    jnp.asarray(class_matrix(CLASSES, 11, 4)), jnp.asarray([0]))  # on white
     return float(full[0]), float(spared[0])
 
 
@@ -35,7 +35,7 @@ def test_recolouring_the_object_costs_nothing_and_everything_else_costs_what_it_
     shares = np.asarray([0.8, 0.1, 0.1]) * obj
     scale = np.ones(4)
     scale[1:] = shares / mass[1:]
-    recoloured = p * (onehot @ scale)
+    recoloured = p * (onehot @ scale + (onehot.sum(1) == 0))  # the start token keeps its probability
     full, spared = _kls(p, recoloured)
     assert full > 0.05 and spared == pytest.approx(0.0, abs=1e-5)
     # less object, more background (the cheap way to draw nothing): the spared KL sees it
@@ -77,8 +77,8 @@ def test_the_colour_spared_scope_spares_only_the_prompts_someone_disliked():
 def test_the_demo_vqgans_codes_for_a_flat_colour_are_read_as_that_colour():
     from training.encode import Encoder, load_vqgan
 
-    classes, names = code_colour_classes(DEMO_VQGAN, COLOURS)
-    assert names[0] == "white" and set(names) == set(COLOURS)
+    classes, names = code_colour_classes(DEMO_VQGAN, COLOURS, n_images=256)
+    assert names == tuple(COLOURS)
     assert all(np.sum(classes == k) > 50 for k in range(len(names)))  # every colour has codes
     model, config, params = load_vqgan(DEMO_VQGAN)
     flat = np.stack([np.broadcast_to(np.asarray(COLOURS[n], np.uint8), (config.resolution, config.resolution, 3))
@@ -91,14 +91,18 @@ def test_the_demo_vqgans_codes_for_a_flat_colour_are_read_as_that_colour():
 
 def test_the_colour_is_free_only_where_it_is_decided():
     classes = jnp.asarray(class_matrix(CLASSES, 11, 4))
-    labels = jnp.asarray([[0, 1, 0, 3, 4, 0, 2, 2, 1, 0],   # first object code (red) at position 3
-                          [0, 1, 0, 1, 0, 1, 0, 1, 0, 1]])  # nothing but background
-    free = np.asarray(deciding_positions(labels, classes, window=2))
+    labels = jnp.asarray([[0, 1, 0, 3, 4, 0, 2, 2, 1, 0],   # on white, the first red code at position 3
+                          [0, 1, 0, 1, 0, 1, 0, 1, 0, 1],   # nothing but background
+                          [5, 6, 5, 5, 7, 5, 0, 1, 1, 5]])  # on blue, the first white code at position 6
+    free, background = deciding_positions(labels, classes, window=2)
+    free = np.asarray(free)
+    assert np.asarray(background).tolist() == [0, 0, 2]
     assert free[0].tolist() == [1, 1, 1, 1, 1, 1, 0, 0, 0, 0] and free[1].tolist() == [1] * 10
+    assert free[2].tolist() == [1] * 9 + [0]
     # past the decision the whole KL holds: re-colouring there costs what it did
     rng = np.random.default_rng(1)
     p = jnp.log(jnp.asarray(rng.dirichlet(np.ones(11), size=(1, 10)), jnp.float32))
     q = jnp.log(jnp.asarray(rng.dirichlet(np.ones(11), size=(1, 10)), jnp.float32))
-    full, everywhere = colour_spared_kl(p, q, classes)
-    _, at_decision = colour_spared_kl(p, q, classes, jnp.asarray(free[:1]))
+    full, everywhere = colour_spared_kl(p, q, classes, background[:1])
+    _, at_decision = colour_spared_kl(p, q, classes, background[:1], jnp.asarray(free[:1]))
     assert float(everywhere[0]) < float(at_decision[0]) < float(full[0])
