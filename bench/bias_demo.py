@@ -231,7 +231,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                            "--beta", str(args.beta), "--batch-size", str(args.batch_size),
                            "--desirable-weight", str(args.desirable_weight), "--sft-weight", str(args.sft_weight),
                            "--trainable", args.trainable, "--token-kl-weight", str(args.token_kl_weight),
-                           "--token-kl-scope", args.token_kl_scope],
+                           "--token-kl-scope", args.token_kl_scope, "--reward-scope", args.reward_scope],
                           env, log)
         report["finetune"] = ft
         t = lap("finetune", t)
@@ -298,6 +298,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--token-kl-scope", choices=("all", "uncontested", "colour-spared"), default="all",
                    help="the sequences the token KL covers: all; only prompts nobody disliked an image of; or all, "
                         "leaving the colour free on prompts someone disliked an image of")
+    p.add_argument("--reward-scope", choices=("all", "colour-deciding"), default="all",
+                   help="the positions the fine-tune's KTO and DPO score: the whole image, or where the colour is "
+                        "decided")
     p.add_argument("--trainable", default="all",
                    help="the parameters the fine-tune may change (training.preference.TRAINABLE)")
     p.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), default=(0, 1))

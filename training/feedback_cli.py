@@ -77,7 +77,8 @@ def run_action(args: argparse.Namespace) -> dict[str, Any]:
         cfg = PreferenceConfig(beta=args.beta, sft_weight=args.sft_weight, desirable_weight=args.desirable_weight,
                                undesirable_weight=args.undesirable_weight,
                                token_kl_weight=args.token_kl_weight,
-                               token_kl_scope=getattr(args, "token_kl_scope", "all"))
+                               token_kl_scope=getattr(args, "token_kl_scope", "all"),
+                               reward_scope=getattr(args, "reward_scope", "all"))
         cfg.validate()
         try:
             return retrain.finetune_registered(url, parent, args.data, args.out, by=_by(args), cfg=cfg,

@@ -66,6 +66,9 @@ TRAINABLE = {
 
 #: the sequences a token-level KL may cover (see :attr:`PreferenceConfig.token_kl_scope`)
 TOKEN_KL_SCOPES = ("all", "uncontested", "colour-spared")
+#: the positions whose log-probabilities the preference terms (KTO, DPO) score (see
+#: :attr:`PreferenceConfig.reward_scope`)
+REWARD_SCOPES = ("all", "colour-deciding")
 
 #: files of a checkpoint directory the fine-tune takes over from its parent unchanged
 PARENT_PARTS = ("vqgan", "clip")
@@ -92,12 +95,23 @@ class PreferenceConfig:
     #: "colour-spared", every sequence, but on prompts someone 👎'd the KL leaves the object's colour free
     #: (:mod:`training.code_colours`): shapes, positions and "draw an object here" stay the parent's
     token_kl_scope: str = "all"
+    #: the positions the preference terms score: "all" (the summed log-probability of the whole image) or
+    #: "colour-deciding", only those up to the object's first row (:func:`training.code_colours.deciding_positions`),
+    #: where a colour complaint's credit belongs; a summed reward otherwise spreads each 👎 over every token
+    reward_scope: str = "all"
+
+    @property
+    def needs_code_colours(self) -> bool:
+        return (self.token_kl_weight > 0 and self.token_kl_scope == "colour-spared") \
+            or self.reward_scope == "colour-deciding"
 
     def validate(self) -> None:
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0; got {self.beta}")
         if self.token_kl_scope not in TOKEN_KL_SCOPES:
             raise ValueError(f"token_kl_scope must be one of {', '.join(TOKEN_KL_SCOPES)}; got {self.token_kl_scope!r}")
+        if self.reward_scope not in REWARD_SCOPES:
+            raise ValueError(f"reward_scope must be one of {', '.join(REWARD_SCOPES)}; got {self.reward_scope!r}")
         for name in ("desirable_weight", "undesirable_weight", "dpo_weight", "sft_weight", "token_kl_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
@@ -111,25 +125,26 @@ def _logits(model: DalleBart, params: Any, input_ids: jax.Array, attention_mask:
 
 
 def sequence_logprobs(model: DalleBart, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
-                      labels: jax.Array, start: int, ref_params: Any = None, classes: jax.Array | None = None
-                      ) -> tuple[jax.Array, ...]:
+                      labels: jax.Array, start: int, ref_params: Any = None, classes: jax.Array | None = None,
+                      reward_mask: jax.Array | None = None) -> tuple[jax.Array, ...]:
     """(summed log-prob per row (B,), mean token cross-entropy) of image tokens ``labels`` given the prompts; with
     ``ref_params`` also the token-level KL(ref ‖ model) per row (B,), summed over positions, from the two whole
     next-token distributions (no gradient into the reference); with ``classes`` (the (V, C) one-hot of
-    :func:`training.code_colours.class_matrix`) also the colour-spared KL per row."""
+    :func:`training.code_colours.class_matrix`) also the colour-spared KL per row. ``reward_mask`` (B, S) limits
+    the summed log-prob to some positions (the cross-entropy stays the whole image's)."""
     logits = _logits(model, params, input_ids, attention_mask, labels, start)
     token_lp = -optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    summed = jnp.sum(token_lp if reward_mask is None else token_lp * reward_mask, axis=-1)
     if ref_params is None:
-        return jnp.sum(token_lp, axis=-1), -jnp.mean(token_lp, axis=-1)
+        return summed, -jnp.mean(token_lp, axis=-1)
     ref_lp = jax.nn.log_softmax(jax.lax.stop_gradient(_logits(model, ref_params, input_ids, attention_mask, labels,
                                                               start)), axis=-1)
     lp = jax.nn.log_softmax(logits, axis=-1)
     if classes is not None:
         free, background = deciding_positions(labels, classes, window=round(labels.shape[1] ** 0.5))
-        return (jnp.sum(token_lp, axis=-1), -jnp.mean(token_lp, axis=-1),
-                *colour_spared_kl(ref_lp, lp, classes, background, free))
+        return summed, -jnp.mean(token_lp, axis=-1), *colour_spared_kl(ref_lp, lp, classes, background, free)
     kl = jnp.sum(jnp.exp(ref_lp) * (ref_lp - lp), axis=(-2, -1))
-    return jnp.sum(token_lp, axis=-1), -jnp.mean(token_lp, axis=-1), kl
+    return summed, -jnp.mean(token_lp, axis=-1), kl
 
 
 def kto_terms(logp: jax.Array, ref_logp: jax.Array, desirable: jax.Array, weight: jax.Array,
@@ -162,20 +177,26 @@ def make_preference_loss(model: DalleBart, config: DalleBartConfig, cfg: Prefere
                          ref_params: Any = None, code_classes: np.ndarray | None = None):
     """``loss_fn(params, batch, rng)`` for :func:`training.loop.train` (KTO + optional DPO + optional SFT +
     optional token-level KL to ``ref_params``, which ``cfg.token_kl_weight`` > 0 needs; the "colour-spared" scope
-    also needs ``code_classes``, the (V, C) one-hot of :func:`training.code_colours.class_matrix`)."""
+    and the "colour-deciding" reward scope also need ``code_classes``, the (V, C) one-hot of
+    :func:`training.code_colours.class_matrix`)."""
     start = config.decoder_start_token_id
     use_kl = cfg.token_kl_weight > 0
     if use_kl and ref_params is None:
         raise ValueError("token_kl_weight > 0 needs the parent's parameters (ref_params)")
     ref = ref_params if use_kl else None
     spare = use_kl and cfg.token_kl_scope == "colour-spared"
-    if spare and code_classes is None:
-        raise ValueError("token_kl_scope='colour-spared' needs the codes' colour classes (code_classes)")
-    classes = jnp.asarray(code_classes) if spare else None
+    if cfg.needs_code_colours and code_classes is None:
+        raise ValueError(f"token_kl_scope={cfg.token_kl_scope!r} / reward_scope={cfg.reward_scope!r} need the codes' "
+                         "colour classes (code_classes)")
+    all_classes = jnp.asarray(code_classes) if cfg.needs_code_colours else None
+    classes = all_classes if spare else None
+
+    def mask_of(labels: jax.Array) -> jax.Array | None:
+        return reward_mask(labels, all_classes, cfg.reward_scope)
 
     def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
         out = sequence_logprobs(model, params, batch["input_ids"], batch["attention_mask"], batch["labels"], start,
-                                ref, classes)
+                                ref, classes, mask_of(batch["labels"]))
         logp, ce = out[0], out[1]
         loss, aux = kto_terms(logp, batch["ref_logp"], batch["desirable"], batch["weight"], cfg)
         everywhere = cfg.token_kl_scope != "uncontested"
@@ -193,7 +214,7 @@ def make_preference_loss(model: DalleBart, config: DalleBartConfig, cfg: Prefere
             both_ids = jnp.concatenate([batch["p_input_ids"], batch["p_input_ids"]])
             both_mask = jnp.concatenate([batch["p_attention_mask"], batch["p_attention_mask"]])
             both = jnp.concatenate([batch["p_chosen"], batch["p_rejected"]])
-            pout = sequence_logprobs(model, params, both_ids, both_mask, both, start, ref, classes)
+            pout = sequence_logprobs(model, params, both_ids, both_mask, both, start, ref, classes, mask_of(both))
             lp = pout[0]
             if use_kl:
                 kls.append(pout[3] if spare else pout[2])
@@ -219,22 +240,33 @@ def _cached_loss(config: DalleBartConfig, cfg: PreferenceConfig, with_pairs: boo
     return make_preference_loss(DalleBart(config), config, cfg, with_pairs=with_pairs)
 
 
+def reward_mask(labels: jax.Array, classes: jax.Array | None, scope: str) -> jax.Array | None:
+    """(B, S) the positions a ``scope`` reward scores, or None for all of them."""
+    if scope == "all":
+        return None
+    return deciding_positions(labels, classes, window=round(labels.shape[1] ** 0.5))[0]
+
+
 @functools.lru_cache(maxsize=4)
 def _logprob_fn(config: DalleBartConfig):
     model = DalleBart(config)
-    return jax.jit(lambda p, i, m, y: sequence_logprobs(model, p, i, m, y, config.decoder_start_token_id)[0])
+    return jax.jit(lambda p, i, m, y, w: sequence_logprobs(model, p, i, m, y, config.decoder_start_token_id,
+                                                           reward_mask=w)[0])
 
 
 def batched_logprobs(config: DalleBartConfig, params: Any, input_ids: np.ndarray, attention_mask: np.ndarray,
-                     labels: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """Summed log-probs of every row, in fixed-size batches (the last one padded, so one compiled shape)."""
+                     labels: np.ndarray, batch_size: int = 16, mask: np.ndarray | None = None) -> np.ndarray:
+    """Summed log-probs of every row (over ``mask``'s positions if given), in fixed-size batches (the last one
+    padded, so one compiled shape)."""
     fn = _logprob_fn(config)
     n = len(labels)
+    weights = np.ones(labels.shape, np.float32) if mask is None else np.asarray(mask, np.float32)
     out = np.zeros(n, np.float32)
     for i in range(0, n, batch_size):
         idx = np.arange(i, min(i + batch_size, n))
         pad = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
-        lp = fn(params, jnp.asarray(input_ids[pad]), jnp.asarray(attention_mask[pad]), jnp.asarray(labels[pad]))
+        lp = fn(params, jnp.asarray(input_ids[pad]), jnp.asarray(attention_mask[pad]), jnp.asarray(labels[pad]),
+                jnp.asarray(weights[pad]))
         out[idx] = np.asarray(lp)[: len(idx)]
     return out
 
@@ -310,11 +342,17 @@ class PreferenceBatches:
 
 
 def _with_reference(data: PreferenceData, config: DalleBartConfig, ref_params: Any, work: Path,
-                    batch_size: int) -> PreferenceData:
-    """Add the parent's summed log-probs (``ref_logp``; ``p_ref_chosen`` / ``p_ref_rejected``), computed once and
-    cached in ``work/reference.npz`` under the data's hash."""
+                    batch_size: int, *, scope: str = "all", classes: np.ndarray | None = None) -> PreferenceData:
+    """Add the parent's summed log-probs (``ref_logp``; ``p_ref_chosen`` / ``p_ref_rejected``) over the reward
+    ``scope``'s positions, computed once and cached in ``work/reference.npz`` under the data's hash and the scope."""
     cache = work / "reference.npz"
-    key = hashlib.sha256((data.content_sha256 + str(len(data.unpaired["labels"]))).encode()).hexdigest()
+    key = hashlib.sha256((data.content_sha256 + str(len(data.unpaired["labels"])) + scope).encode()).hexdigest()
+
+    def logprobs(ids: np.ndarray, att: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        mask = reward_mask(jnp.asarray(labels), None if classes is None else jnp.asarray(classes), scope)
+        return batched_logprobs(config, ref_params, ids, att, labels, batch_size,
+                                None if mask is None else np.asarray(mask))
+
     if cache.is_file():
         saved = np.load(cache)
         if str(saved["key"]) == key:
@@ -323,15 +361,12 @@ def _with_reference(data: PreferenceData, config: DalleBartConfig, ref_params: A
                 data.pairs["p_ref_chosen"], data.pairs["p_ref_rejected"] = saved["ref_chosen"], saved["ref_rejected"]
             return data
     u = data.unpaired
-    data.unpaired["ref_logp"] = batched_logprobs(config, ref_params, u["input_ids"], u["attention_mask"],
-                                                 u["labels"], batch_size)
+    data.unpaired["ref_logp"] = logprobs(u["input_ids"], u["attention_mask"], u["labels"])
     extra: dict[str, np.ndarray] = {}
     if data.n_pairs:
         p = data.pairs
-        p["p_ref_chosen"] = batched_logprobs(config, ref_params, p["p_input_ids"], p["p_attention_mask"],
-                                             p["p_chosen"], batch_size)
-        p["p_ref_rejected"] = batched_logprobs(config, ref_params, p["p_input_ids"], p["p_attention_mask"],
-                                               p["p_rejected"], batch_size)
+        p["p_ref_chosen"] = logprobs(p["p_input_ids"], p["p_attention_mask"], p["p_chosen"])
+        p["p_ref_rejected"] = logprobs(p["p_input_ids"], p["p_attention_mask"], p["p_rejected"])
         extra = {"ref_chosen": p["p_ref_chosen"], "ref_rejected": p["p_ref_rejected"]}
     work.mkdir(parents=True, exist_ok=True)
     tmp = work / "reference.partial.npz"
@@ -389,7 +424,12 @@ def finetune(parent_dir: str | Path, data_dir: str | Path, out_dir: str | Path, 
                                             normalize=config.normalize_text)
     data = load_preference_data(Path(data_dir), tokenizer, config.image_length)
     ref_params = load_dallebart_params(parent / "dallebart", config, dtype="float32")
-    data = _with_reference(data, config, ref_params, work, batch_size)
+    code_classes = colours = None
+    if cfg.needs_code_colours:
+        classes, names = code_colour_classes(parent / "vqgan", COLOURS)
+        code_classes = class_matrix(classes, config.image_vocab_size + 1, len(names))
+        colours = describe(classes, names)
+    data = _with_reference(data, config, ref_params, work, batch_size, scope=cfg.reward_scope, classes=code_classes)
     batches = PreferenceBatches(data, batch_size, seed=seed)
     optim = OptimConfig(name="adamw", learning_rate=lr, warmup_steps=min(10, max(steps // 10, 1)), decay="cosine",
                         decay_steps=max(steps, 1), end_lr_ratio=0.1, b2=0.98, weight_decay=0.0, max_grad_norm=1.0,
@@ -398,16 +438,13 @@ def finetune(parent_dir: str | Path, data_dir: str | Path, out_dir: str | Path, 
                     jax.tree.leaves(trainable_mask(ref_params, optim.trainable)), strict=True) if on)
     if n_trained == 0:
         raise ValueError(f"trainable={trainable!r} matches no parameter of {parent}")
-    code_classes = colours = None
-    if cfg.token_kl_weight > 0 and cfg.token_kl_scope == "colour-spared":
-        classes, names = code_colour_classes(parent / "vqgan", COLOURS)
-        code_classes = class_matrix(classes, config.image_vocab_size + 1, len(names))
-        colours = describe(classes, names)
     if cfg.token_kl_weight > 0:  # the parent's parameters live in the loss (a constant of the jitted step)
         loss_fn = make_preference_loss(DalleBart(config), config, cfg, with_pairs=batches.pairs is not None,
                                        ref_params=jax.tree.map(jnp.asarray, ref_params), code_classes=code_classes)
     else:
-        loss_fn = _cached_loss(config, cfg, batches.pairs is not None)
+        loss_fn = make_preference_loss(DalleBart(config), config, cfg, with_pairs=batches.pairs is not None,
+                                       code_classes=code_classes) if code_classes is not None \
+            else _cached_loss(config, cfg, batches.pairs is not None)
     result = train(jax.tree.map(jnp.array, ref_params), loss_fn, batches,
                    steps=steps, optim=optim, seed=seed, ckpt_dir=work / "checkpoints", save_every=save_every,
                    log_path=work / "metrics.jsonl", log_every=log_every, progress=progress, stop_after=stop_after,

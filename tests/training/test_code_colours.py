@@ -12,7 +12,7 @@ from engine.models.dallebart import DalleBart, init_params
 from tests.training.test_preference import CFG, _batch
 from training.code_colours import class_matrix, code_colour_classes, colour_spared_kl, deciding_positions
 from training.data import COLOURS
-from training.preference import PreferenceConfig, batched_logprobs, make_preference_loss
+from training.preference import PreferenceConfig, batched_logprobs, make_preference_loss, reward_mask
 
 DEMO_VQGAN = "engine/assets/demo/vqgan"
 #: codes 0-1 white, 2-4 red, 5-7 blue, 8-9 green; token 10 (the start token) paints nothing
@@ -106,3 +106,33 @@ def test_the_colour_is_free_only_where_it_is_decided():
     full, everywhere = colour_spared_kl(p, q, classes, background[:1])
     _, at_decision = colour_spared_kl(p, q, classes, background[:1], jnp.asarray(free[:1]))
     assert float(everywhere[0]) < float(at_decision[0]) < float(full[0])
+
+
+def test_a_colour_deciding_reward_scores_only_the_positions_where_the_colour_is_chosen():
+    """reward_scope="colour-deciding": KTO's summed log-prob covers the positions up to the object's first row
+    only, so a 👎 moves the parent's choice there and nothing after it; the scope is validated and needs the
+    codes' colours."""
+    params = jax.jit(lambda r: init_params(CFG, r))(jax.random.PRNGKey(1))
+    classes = class_matrix(CLASSES, CFG.image_vocab_size + 1, 4)
+    batch = _batch()
+    # every row on white, its first red code at position 1: the window (one row of a 5-token image: 2) is 0..3
+    batch["labels"] = np.tile(np.asarray([0, 2, 3, 9, 6], np.int32), (8, 1))
+    free = np.asarray(reward_mask(jnp.asarray(batch["labels"]), jnp.asarray(classes), "colour-deciding"))
+    assert free.tolist() == [[1, 1, 1, 1, 0]] * 8
+    whole = batched_logprobs(CFG, params, batch["input_ids"], batch["attention_mask"], batch["labels"], 8)
+    part = batched_logprobs(CFG, params, batch["input_ids"], batch["attention_mask"], batch["labels"], 8, free)
+    assert np.all(part > whole)  # one position fewer of negative log-probs
+    batch["ref_logp"] = part
+    cfg = PreferenceConfig(beta=0.1, reward_scope="colour-deciding")
+    loss_fn = make_preference_loss(DalleBart(CFG), CFG, cfg, with_pairs=False, code_classes=classes)
+    grad = jax.jit(jax.grad(lambda p: loss_fn(p, batch, None)[0]))
+    p = params
+    for _ in range(5):
+        p = jax.tree.map(lambda w, g: w - 0.5 * g, p, grad(p))
+    new = batched_logprobs(CFG, p, batch["input_ids"], batch["attention_mask"], batch["labels"], 8, free)
+    des = batch["desirable"] == 1
+    assert (new - part)[des].mean() > (new - part)[~des].mean()
+    with pytest.raises(ValueError, match="reward_scope"):
+        PreferenceConfig(reward_scope="colour").validate()
+    with pytest.raises(ValueError, match="code_classes"):
+        make_preference_loss(DalleBart(CFG), CFG, cfg, with_pairs=False)
