@@ -316,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="finetune: the sequences the token KL covers: all; only prompts nobody disliked an image of; "
                         "or all, leaving the colour free on prompts someone disliked an image of")
     p.add_argument("--reward-scope", choices=("all", "colour-deciding"), default="all",
-                   help="finetune: the positions KTO and DPO score: the whole image, or only up to the object's "
-                        "first row, where its colour is decided")
+                   help="finetune: the positions KTO and DPO score: the whole image, or only the object's first "
+                        "code, where its colour is decided")
     p.add_argument("--trainable", default="all",
                    help="finetune: the parameters that may change, the rest keep the parent's values: all, "
                         "encoder, encoder+cross, cross, encoder-embed (training.preference.TRAINABLE)")

@@ -25,11 +25,15 @@ import numpy as np
 
 
 def code_colour_classes(vqgan_dir: str | Path, palette: dict[str, tuple[int, int, int]], *,
-                        images: np.ndarray | None = None, n_images: int = 1024) -> tuple[np.ndarray, tuple[str, ...]]:
+                        images: np.ndarray | None = None, n_images: int = 1024,
+                        min_share: float = 0.1) -> tuple[np.ndarray, tuple[str, ...]]:
     """(colour per code (n_embed,) int32, the colours' names), read from where each code is used: ``images``
     (B, R, R, 3) uint8 (default: ``n_images`` scenes of the shapes dataset) are encoded, every pixel is matched to
-    the nearest ``palette`` colour, each token's patch takes its most common colour, and each code the colour most
-    of its patches have. Codes the images never use get the palette's first colour."""
+    the nearest ``palette`` colour, each token's patch takes the most common colour in it other than the image's
+    background (its top-left pixel's) if that covers ``min_share`` of the patch, else the background's, and each
+    code the colour most of its patches have. So a code of an object's edge is that object's colour, and the
+    first code of another colour in an image is where its object starts. Codes the images never use get the
+    palette's first colour."""
     from training.data.shapes import ShapesDataset
     from training.encode import Encoder, load_vqgan
 
@@ -45,8 +49,12 @@ def code_colour_classes(vqgan_dir: str | Path, palette: dict[str, tuple[int, int
     pixel = np.argmin(((images.astype(np.float32)[..., None, :] - rgb) ** 2).sum(-1), axis=-1)  # (B, R, R)
     patches = pixel.reshape(len(images), g, f, g, f).transpose(0, 1, 3, 2, 4).reshape(len(images), g * g, f * f)
     counts = np.stack([np.sum(patches == k, axis=-1) for k in range(len(names))], axis=-1)  # (B, g*g, C)
+    background = pixel[:, 0, 0]  # (B,)
+    others = counts.copy()
+    others[np.arange(len(images)), :, background] = 0
+    patch_class = np.where(others.max(-1) >= min_share * f * f, others.argmax(-1), background[:, None])
     votes = np.zeros((config.n_embed, len(names)), np.int64)
-    np.add.at(votes, (codes.reshape(-1), counts.argmax(-1).reshape(-1)), 1)
+    np.add.at(votes, (codes.reshape(-1), patch_class.reshape(-1)), 1)
     return votes.argmax(-1).astype(np.int32), names
 
 
@@ -62,14 +70,15 @@ def class_matrix(classes: np.ndarray, vocab: int, n_classes: int) -> np.ndarray:
 
 def deciding_positions(labels: jax.Array, classes: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
     """(free (B, S), background (B,)): each image's background colour (that of its first token) and 1.0 where its
-    object's colour is decided, every position up to the first code of another colour in ``labels`` (B, S) and
-    ``window`` positions after it (the object's first raster row). Later positions only continue the colour the
-    prefix set, and the parent is right to be sure of that."""
+    object's colour is decided: the first code of another colour in ``labels`` (B, S) and the ``window`` positions
+    after it. Earlier positions are background, later ones continue the colour the prefix set (and the parent is
+    right to be sure of that); spreading a colour complaint over them is what makes it cheap to ignore."""
     label_class = jnp.argmax(classes, axis=-1)[labels]  # (B, S)
     background = label_class[:, 0]
     is_obj = label_class != background[:, None]
     first = jnp.where(jnp.any(is_obj, axis=1), jnp.argmax(is_obj, axis=1), labels.shape[1])
-    free = (jnp.arange(labels.shape[1])[None, :] <= first[:, None] + window).astype(jnp.float32)
+    t = jnp.arange(labels.shape[1])[None, :]
+    free = ((t >= first[:, None]) & (t <= first[:, None] + window)).astype(jnp.float32)
     return free, background
 
 

@@ -69,6 +69,8 @@ TOKEN_KL_SCOPES = ("all", "uncontested", "colour-spared")
 #: the positions whose log-probabilities the preference terms (KTO, DPO) score (see
 #: :attr:`PreferenceConfig.reward_scope`)
 REWARD_SCOPES = ("all", "colour-deciding")
+#: positions after an object's first code that still count as deciding its colour
+DECIDING_WINDOW = 0
 
 #: files of a checkpoint directory the fine-tune takes over from its parent unchanged
 PARENT_PARTS = ("vqgan", "clip")
@@ -96,7 +98,7 @@ class PreferenceConfig:
     #: (:mod:`training.code_colours`): shapes, positions and "draw an object here" stay the parent's
     token_kl_scope: str = "all"
     #: the positions the preference terms score: "all" (the summed log-probability of the whole image) or
-    #: "colour-deciding", only those up to the object's first row (:func:`training.code_colours.deciding_positions`),
+    #: "colour-deciding", only the object's first code (:func:`training.code_colours.deciding_positions`),
     #: where a colour complaint's credit belongs; a summed reward otherwise spreads each 👎 over every token
     reward_scope: str = "all"
 
@@ -141,7 +143,7 @@ def sequence_logprobs(model: DalleBart, params: Any, input_ids: jax.Array, atten
                                                               start)), axis=-1)
     lp = jax.nn.log_softmax(logits, axis=-1)
     if classes is not None:
-        free, background = deciding_positions(labels, classes, window=round(labels.shape[1] ** 0.5))
+        free, background = deciding_positions(labels, classes, window=DECIDING_WINDOW)
         return summed, -jnp.mean(token_lp, axis=-1), *colour_spared_kl(ref_lp, lp, classes, background, free)
     kl = jnp.sum(jnp.exp(ref_lp) * (ref_lp - lp), axis=(-2, -1))
     return summed, -jnp.mean(token_lp, axis=-1), kl
@@ -244,7 +246,7 @@ def reward_mask(labels: jax.Array, classes: jax.Array | None, scope: str) -> jax
     """(B, S) the positions a ``scope`` reward scores, or None for all of them."""
     if scope == "all":
         return None
-    return deciding_positions(labels, classes, window=round(labels.shape[1] ** 0.5))[0]
+    return deciding_positions(labels, classes, window=DECIDING_WINDOW)[0]
 
 
 @functools.lru_cache(maxsize=4)

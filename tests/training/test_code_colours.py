@@ -97,8 +97,8 @@ def test_the_colour_is_free_only_where_it_is_decided():
     free, background = deciding_positions(labels, classes, window=2)
     free = np.asarray(free)
     assert np.asarray(background).tolist() == [0, 0, 2]
-    assert free[0].tolist() == [1, 1, 1, 1, 1, 1, 0, 0, 0, 0] and free[1].tolist() == [1] * 10
-    assert free[2].tolist() == [1] * 9 + [0]
+    assert free[0].tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0, 0] and free[1].tolist() == [0] * 10
+    assert free[2].tolist() == [0] * 6 + [1, 1, 1, 0]
     # past the decision the whole KL holds: re-colouring there costs what it did
     rng = np.random.default_rng(1)
     p = jnp.log(jnp.asarray(rng.dirichlet(np.ones(11), size=(1, 10)), jnp.float32))
@@ -109,21 +109,22 @@ def test_the_colour_is_free_only_where_it_is_decided():
 
 
 def test_a_colour_deciding_reward_scores_only_the_positions_where_the_colour_is_chosen():
-    """reward_scope="colour-deciding": KTO's summed log-prob covers the positions up to the object's first row
-    only, so a 👎 moves the parent's choice there and nothing after it; the scope is validated and needs the
-    codes' colours."""
+    """reward_scope="colour-deciding": KTO's log-prob is the object's first code's only, so a 👎 moves the
+    parent's choice there and nothing else; the scope is validated and needs the codes' colours."""
     params = jax.jit(lambda r: init_params(CFG, r))(jax.random.PRNGKey(1))
     classes = class_matrix(CLASSES, CFG.image_vocab_size + 1, 4)
     batch = _batch()
-    # every row on white, its first red code at position 1: the window (one row of a 5-token image: 2) is 0..3
-    batch["labels"] = np.tile(np.asarray([0, 2, 3, 9, 6], np.int32), (8, 1))
+    # every row on white, its object's first code at position 1 (the only position scored): blue in the liked
+    # rows, red in the disliked ones
+    liked, disliked = [0, 5, 6, 9, 6], [0, 2, 3, 9, 6]
+    batch["labels"] = np.asarray([liked if d else disliked for d in batch["desirable"]], np.int32)
     free = np.asarray(reward_mask(jnp.asarray(batch["labels"]), jnp.asarray(classes), "colour-deciding"))
-    assert free.tolist() == [[1, 1, 1, 1, 0]] * 8
+    assert free.tolist() == [[0, 1, 0, 0, 0]] * 8
     whole = batched_logprobs(CFG, params, batch["input_ids"], batch["attention_mask"], batch["labels"], 8)
     part = batched_logprobs(CFG, params, batch["input_ids"], batch["attention_mask"], batch["labels"], 8, free)
     assert np.all(part > whole)  # one position fewer of negative log-probs
     batch["ref_logp"] = part
-    cfg = PreferenceConfig(beta=0.1, reward_scope="colour-deciding")
+    cfg = PreferenceConfig(beta=1.0, reward_scope="colour-deciding")
     loss_fn = make_preference_loss(DalleBart(CFG), CFG, cfg, with_pairs=False, code_classes=classes)
     grad = jax.jit(jax.grad(lambda p: loss_fn(p, batch, None)[0]))
     p = params
@@ -131,7 +132,7 @@ def test_a_colour_deciding_reward_scores_only_the_positions_where_the_colour_is_
         p = jax.tree.map(lambda w, g: w - 0.5 * g, p, grad(p))
     new = batched_logprobs(CFG, p, batch["input_ids"], batch["attention_mask"], batch["labels"], 8, free)
     des = batch["desirable"] == 1
-    assert (new - part)[des].mean() > (new - part)[~des].mean()
+    assert (new - part)[des].mean() > 0 > (new - part)[~des].mean()
     with pytest.raises(ValueError, match="reward_scope"):
         PreferenceConfig(reward_scope="colour").validate()
     with pytest.raises(ValueError, match="code_classes"):
