@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 from training.data.captions import BIAS_COLOUR, COLOUR_NAMES
 from training.detect import detect, matches
 from training.evaluate import build_prompts
+from training.preference import REWARD_SCOPES, TOKEN_KL_SCOPES
 
 DEFAULT_PARENT = Path(__file__).resolve().parents[1] / "engine" / "assets" / "demo"
 CHART_COLOURS = {"red": (220, 40, 40), "orange": (245, 140, 30), "yellow": (230, 210, 40), "green": (40, 160, 60),
@@ -295,10 +296,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sft-weight", type=float, default=0.0)
     p.add_argument("--token-kl-weight", type=float, default=0.05,
                    help="weight of the fine-tune's token-level KL to the parent")
-    p.add_argument("--token-kl-scope", choices=("all", "uncontested", "colour-spared"), default="all",
+    p.add_argument("--token-kl-scope", choices=TOKEN_KL_SCOPES, default="all",
                    help="the sequences the token KL covers: all; only prompts nobody disliked an image of; or all, "
                         "leaving the colour free on prompts someone disliked an image of")
-    p.add_argument("--reward-scope", choices=("all", "colour-deciding"), default="all",
+    p.add_argument("--reward-scope", choices=REWARD_SCOPES, default="all",
                    help="the positions the fine-tune's KTO and DPO score: the whole image, or where the colour is "
                         "decided")
     p.add_argument("--trainable", default="all",

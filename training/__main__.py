@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from training.optim import OptimConfig
+from training.preference import REWARD_SCOPES, TOKEN_KL_SCOPES
 
 FEEDBACK_ACTIONS = ("export", "finetune", "evaluate", "promote", "rollback", "list")
 
@@ -312,10 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--undesirable-weight", type=float, default=1.0)
     p.add_argument("--token-kl-weight", type=float, default=0.05,
                    help="finetune: weight of the token-level KL to the parent (whole next-token distributions)")
-    p.add_argument("--token-kl-scope", choices=("all", "uncontested", "colour-spared"), default="all",
+    p.add_argument("--token-kl-scope", choices=TOKEN_KL_SCOPES, default="all",
                    help="finetune: the sequences the token KL covers: all; only prompts nobody disliked an image of; "
                         "or all, leaving the colour free on prompts someone disliked an image of")
-    p.add_argument("--reward-scope", choices=("all", "colour-deciding"), default="all",
+    p.add_argument("--reward-scope", choices=REWARD_SCOPES, default="all",
                    help="finetune: the positions KTO and DPO score: the whole image, or only the object's first "
                         "code, where its colour is decided")
     p.add_argument("--trainable", default="all",
