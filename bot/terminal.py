@@ -178,10 +178,11 @@ class TerminalFrontEnd:
         elif cmd == "/feedback":
             parts = args.split()
             if len(parts) < 2 or _id(parts[0]) is None:
-                self.say("usage: /feedback <image-id> up|down|report [nsfw|bias|quality|other] [note]")
+                self.say("usage: /feedback <image-id> up | down [bias|quality|other] "
+                         "| report [nsfw|bias|quality|other] [note]")
                 return True
             kind = parts[1].lower()
-            reason = parts[2].lower() if kind == "report" and len(parts) > 2 else None
+            reason = parts[2].lower() if kind in ("report", "down") and len(parts) > 2 else None
             note = " ".join(parts[3:]) or None if kind == "report" else None
             res = await self.service.feedback(int(parts[0]), self.user_id, kind, reason=reason, note=note)
             self.say(res.message if res.ok else f"error: {res.message}")

@@ -17,8 +17,8 @@ never changes between exports.
 Written to ``--out``:
 
 - ``unpaired.parquet`` (KTO): ``example_id, prompt, normalized_prompt, tokens (list<int16>), label
-  ("desirable"/"undesirable"), desirable, weight, up, down, reports, report_reasons, removed, image_ids,
-  checkpoint_ids, split``;
+  ("desirable"/"undesirable"), desirable, weight, up, down, reports, report_reasons, down_reasons (the reasons
+  given with 👎 votes, e.g. ``bias``), removed, image_ids, checkpoint_ids, split``;
 - ``pairs.parquet`` (DPO): each desirable example of a prompt against each undesirable one of the same prompt
   (at most ``max_pairs_per_prompt``, strongest first): ``prompt, normalized_prompt, chosen_example_id,
   rejected_example_id, chosen_tokens, rejected_tokens, chosen_checkpoint_ids, rejected_checkpoint_ids,
@@ -83,6 +83,7 @@ class Example:
     up: int = 0
     down: int = 0
     report_reasons: list[str] = field(default_factory=list)
+    down_reasons: list[str] = field(default_factory=list)
     decisions: list[str] = field(default_factory=list)
     label: str | None = None
     weight: float = 0.0
@@ -95,6 +96,7 @@ class Example:
         self.up += image.up
         self.down += image.down
         self.report_reasons += image.report_reasons
+        self.down_reasons += image.down_reasons
         self.decisions += image.decisions
 
 
@@ -163,8 +165,9 @@ def unpaired_rows(ds: FeedbackDataset) -> list[dict[str, Any]]:
     return [{"example_id": e.example_id, "prompt": e.prompt, "normalized_prompt": e.normalized_prompt,
              "tokens": e.tokens.tolist(), "label": e.label, "desirable": e.label == DESIRABLE, "weight": e.weight,
              "up": e.up, "down": e.down, "reports": len(e.report_reasons), "report_reasons": list(e.report_reasons),
-             "removed": CaseStatus.REMOVED.value in e.decisions, "image_ids": list(e.image_ids),
-             "checkpoint_ids": list(e.checkpoint_ids), "split": e.split} for e in ds.unpaired]
+             "down_reasons": list(e.down_reasons), "removed": CaseStatus.REMOVED.value in e.decisions,
+             "image_ids": list(e.image_ids), "checkpoint_ids": list(e.checkpoint_ids), "split": e.split}
+            for e in ds.unpaired]
 
 
 def pair_rows(ds: FeedbackDataset) -> list[dict[str, Any]]:
@@ -184,8 +187,8 @@ def _schemas() -> tuple[Any, Any]:
         ("example_id", pa.string()), ("prompt", pa.string()), ("normalized_prompt", pa.string()), ("tokens", tokens),
         ("label", pa.string()), ("desirable", pa.bool_()), ("weight", pa.float32()), ("up", pa.int32()),
         ("down", pa.int32()), ("reports", pa.int32()), ("report_reasons", pa.list_(pa.string())),
-        ("removed", pa.bool_()), ("image_ids", pa.list_(pa.int64())), ("checkpoint_ids", pa.list_(pa.string())),
-        ("split", pa.string())])
+        ("down_reasons", pa.list_(pa.string())), ("removed", pa.bool_()), ("image_ids", pa.list_(pa.int64())),
+        ("checkpoint_ids", pa.list_(pa.string())), ("split", pa.string())])
     pairs = pa.schema([
         ("prompt", pa.string()), ("normalized_prompt", pa.string()), ("chosen_example_id", pa.string()),
         ("rejected_example_id", pa.string()), ("chosen_tokens", tokens), ("rejected_tokens", tokens),

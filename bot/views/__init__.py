@@ -10,8 +10,8 @@ from __future__ import annotations
 from bot.views.delete import DeleteButton
 from bot.views.image_panel import PickSelect
 from bot.views.queue import CancelButton
-from bot.views.result import ReportButton, RerollButton, VariationButton, VoteButton
+from bot.views.result import ReportButton, RerollButton, VariationButton, VoteButton, VoteReasonButton
 from bot.views.review import ReviewButton
 
-DYNAMIC_ITEMS = (RerollButton, VariationButton, VoteButton, ReportButton, CancelButton, ReviewButton, PickSelect,
-                 DeleteButton)
+DYNAMIC_ITEMS = (RerollButton, VariationButton, VoteButton, VoteReasonButton, ReportButton, CancelButton,
+                 ReviewButton, PickSelect, DeleteButton)

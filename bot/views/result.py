@@ -65,7 +65,45 @@ class VoteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dalle:vot
         # acknowledged first: the vote is a database write, and Discord allows 3 s for the first answer
         await interaction.response.defer(ephemeral=True, thinking=True)
         res = await service_of(interaction).feedback(self.image_id, interaction.user.id, self.kind)
-        await interaction.edit_original_response(content=res.message)
+        if res.ok and self.kind == "down":  # what was wrong decides what retraining learns from the 👎
+            await interaction.edit_original_response(content=f"{res.message} What was wrong with it?",
+                                                     view=VoteReasonView(self.image_id))
+        else:
+            await interaction.edit_original_response(content=res.message)
+
+
+#: the reasons a 👎 may carry, with their buttons' labels (``bias``: the model's default showing through, e.g. a
+#: colour nobody asked for, which retraining can answer with the same image in other colours)
+VOTE_REASONS = {"bias": "A default I didn't ask for (colour…)", "quality": "Wrong or badly drawn",
+                "other": "Something else"}
+
+
+class VoteReasonButton(discord.ui.DynamicItem[discord.ui.Button],
+                       template=r"dalle:why:(?P<reason>bias|quality|other):(?P<img>[0-9]+)"):
+    """Attaches a reason to the user's 👎 (the vote is recorded again with it; a 👍 since then is replaced)."""
+
+    def __init__(self, reason: str, image_id: int) -> None:
+        super().__init__(discord.ui.Button(label=VOTE_REASONS[reason], style=discord.ButtonStyle.secondary,
+                                           custom_id=f"dalle:why:{reason}:{image_id}"))
+        self.reason = reason
+        self.image_id = image_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction, item, match):
+        return cls(match["reason"], int(match["img"]))
+
+    @answers_failures
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        res = await service_of(interaction).feedback(self.image_id, interaction.user.id, "down", reason=self.reason)
+        await interaction.edit_original_response(content="Noted, thanks." if res.ok else res.message)
+
+
+class VoteReasonView(discord.ui.View):
+    def __init__(self, image_id: int) -> None:
+        super().__init__(timeout=None)
+        for reason in VOTE_REASONS:
+            self.add_item(VoteReasonButton(reason, image_id))
 
 
 class ReportButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dalle:report:(?P<img>[0-9]+)"):

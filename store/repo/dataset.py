@@ -1,6 +1,6 @@
 """The feedback dataset's source: every judged image with the exact tokens it was sampled as, its prompt and model
-id, its votes, its reports with their reasons and the moderators' decisions on it (``training.feedback`` turns
-this into preference data).
+id, its votes (with the reasons given for 👎), its reports with their reasons and the moderators' decisions on it
+(``training.feedback`` turns this into preference data).
 
 Consent is applied here, where the rows are: an image whose author opted out (``UserState.opted_out``) is left
 out with everything said about it, and a vote or report by a user who opted out is left out too. Only counts of
@@ -40,6 +40,7 @@ class JudgedImage:
     report_reasons: tuple[str, ...]  # one per report ("" where the reporter gave none)
     decisions: tuple[str, ...]  # closed cases' statuses, oldest first: approved / removed / dismissed
     created_at: datetime
+    down_reasons: tuple[str, ...] = ()  # the reasons given with 👎 votes (votes without one give none)
 
     @property
     def removed(self) -> bool:
@@ -93,6 +94,7 @@ class DatasetRepository(RepositoryBase):
         kept = {r.id for r in image_rows if not r.opted_out}
         votes: dict[int, dict[str, int]] = defaultdict(lambda: {"up": 0, "down": 0})
         reasons: dict[int, list[str]] = defaultdict(list)
+        down_reasons: dict[int, list[str]] = defaultdict(list)
         left_out_feedback = 0
         for image_id, kind, reason, opted_out in feedback_rows:
             if image_id not in kept:
@@ -103,6 +105,8 @@ class DatasetRepository(RepositoryBase):
                 reasons[image_id].append(reason or "")
             else:
                 votes[image_id][kind] += 1
+                if kind == FeedbackKind.DOWN.value and reason:
+                    down_reasons[image_id].append(reason)
         decisions: dict[int, list[str]] = defaultdict(list)
         for image_id, status in case_rows:
             decisions[image_id].append(status)
@@ -118,6 +122,6 @@ class DatasetRepository(RepositoryBase):
                 normalized_prompt=r.normalized_prompt, tokens=decode_tokens(r.token_bytes),
                 checkpoint_id=r.checkpoint_id, clip_score=r.clip_score, up=votes[r.id]["up"],
                 down=votes[r.id]["down"], report_reasons=tuple(reasons[r.id]), decisions=tuple(decisions[r.id]),
-                created_at=r.created_at))
+                created_at=r.created_at, down_reasons=tuple(down_reasons[r.id])))
         return DatasetSource(images=out, opted_out_images=sum(1 for r in image_rows if r.opted_out),
                              opted_out_feedback=left_out_feedback)

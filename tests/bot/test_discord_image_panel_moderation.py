@@ -64,7 +64,14 @@ async def test_pick_an_image_then_vote_report_and_vary_that_image_moderation(fak
         rec = await fake.click(panel, f"dalle:vote:down:{image_k}", user_id=12)
         await interaction_callback(fake, rec)
         done = await fake.wait_for(lambda c: c.method == "PATCH" and rec.token in c.path)
-        assert "Thanks" in done.json["content"]
+        assert "Thanks" in done.json["content"] and "What was wrong" in done.json["content"]
+        why = fake.messages[rec.original_message_id]  # the 👎's answer asks why, with one button per reason
+        assert _panel_ids(why) == [f"dalle:why:{r}:{image_k}" for r in ("bias", "quality", "other")]
+        assert (await rows_of(repo, Feedback))[0].reason is None  # the vote counts before any reason
+        rec = await fake.click(why, f"dalle:why:bias:{image_k}", user_id=12)
+        await interaction_callback(fake, rec)
+        done = await fake.wait_for(lambda c: c.method == "PATCH" and rec.token in c.path)
+        assert done.json["content"] == "Noted, thanks."
 
         for user, reason in ((12, "nsfw"), (13, "Bias")):  # two reports of image k: one case for it
             _, _, panel = await _pick(fake, message, 4, user_id=user)
@@ -84,7 +91,8 @@ async def test_pick_an_image_then_vote_report_and_vary_that_image_moderation(fak
         await fake.wait_count(channel_posts(fake), 2)
 
         fb = sorted((f.user_id, f.image_id, f.kind, f.reason) for f in await rows_of(repo, Feedback))
-        assert fb == [(12, image_k, "down", None), (12, image_k, "report", "nsfw"), (13, image_k, "report", "bias")]
+        # one 👎, now with its reason (the reason button re-records the vote, it does not add one)
+        assert fb == [(12, image_k, "down", "bias"), (12, image_k, "report", "nsfw"), (13, image_k, "report", "bias")]
         cases = await rows_of(repo, ModerationCase)
         assert [(c.source, c.image_id) for c in cases] == [("report", image_k)]
         var = next(g for g in await rows_of(repo, Generation) if g.user_id == 13)

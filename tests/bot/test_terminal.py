@@ -78,13 +78,16 @@ async def test_local_session_in_process(tmp_path):
     # second session on the same database: feedback on an image from the first
     image_id = paths[0][0]
     out2 = io.StringIO()
-    script2 = f"/feedback {image_id} up\n/feedback {image_id} report bias too samey\n/feedback 9999 up\n/queue\n"
+    other = paths[1][0]
+    script2 = (f"/feedback {image_id} up\n/feedback {image_id} report bias too samey\n/feedback {other} down bias\n"
+               "/feedback 9999 up\n/queue\n")
     await run(settings, stdin=io.StringIO(script2), out=out2, engine=FakeEngine())
     text2 = out2.getvalue()
     assert "Thanks for the feedback!" in text2 and "a moderator will review" in text2
     assert "error: Image 9999 does not exist." in text2 and "Your queue is empty." in text2
     fb = await _rows(settings.database_url, Feedback)
-    assert sorted((f.kind, f.reason, f.note) for f in fb) == [("report", "bias", "too samey"), ("up", None, None)]
+    assert sorted((f.kind, f.reason, f.note) for f in fb) == [("down", "bias", None), ("report", "bias", "too samey"),
+                                                              ("up", None, None)]
 
 
 def test_python_m_bot_subprocess_over_stdin(tmp_path):

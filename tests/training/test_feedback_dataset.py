@@ -49,7 +49,7 @@ async def seed(repo: Repository) -> dict[str, int]:
     await repo.record_feedback(ids["liked"], 11, "up")
     await repo.record_feedback(ids["duplicate"], 12, "up")
     await repo.record_feedback(ids["liked"], OPTED_OUT_VOTER, "down")  # left out: the voter opted out
-    await repo.record_feedback(ids["disliked"], 10, "down")
+    await repo.record_feedback(ids["disliked"], 10, "down", reason="bias")
     await repo.record_feedback(ids["removed"], 12, "report", reason="nsfw")
     await repo.record_feedback(ids["removed"], 10, "up")  # a moderator's removal outweighs a vote
     case, _ = await repo.open_case("report", image_id=ids["removed"])
@@ -82,6 +82,7 @@ async def test_dataset_consent_dedupe_labels_and_pairs(repo):
     assert liked.checkpoint_ids == ["ckpt-a", "ckpt-b"]
     np.testing.assert_array_equal(liked.tokens, tokens(0))
     assert (by_image[ids["disliked"]].label, by_image[ids["disliked"]].weight) == ("undesirable", 1.0)
+    assert by_image[ids["disliked"]].down_reasons == ["bias"] and liked.down_reasons == []  # the 👎's reason
     removed = by_image[ids["removed"]]
     assert (removed.label, removed.weight, removed.report_reasons) == ("undesirable", REMOVED_WEIGHT, ["nsfw"])
     assert ids["dismissed"] not in by_image and ids["tied"] not in by_image  # nothing either way
@@ -117,6 +118,8 @@ async def test_parquet_round_trip_and_manifest(repo, tmp_path):
     liked = next(r for r in rows if ids["liked"] in r["image_ids"])
     assert liked["tokens"] == tokens(0).tolist() and liked["label"] == "desirable" and liked["desirable"]
     assert liked["prompt"] == "a red square" and liked["split"] == "train"
+    disliked = next(r for r in rows if ids["disliked"] in r["image_ids"])
+    assert disliked["down_reasons"] == ["bias"] and liked["down_reasons"] == []
     pair_rows = pairs.to_pylist()
     assert [(p["chosen_tokens"], p["rejected_tokens"]) for p in pair_rows] == [
         (tokens(0).tolist(), tokens(2).tolist()), (tokens(0).tolist(), tokens(1).tolist())]
