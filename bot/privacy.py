@@ -71,7 +71,8 @@ def export_document(data: UserData, now: datetime) -> dict[str, Any]:
                         "file": Path(im.file_path).name if im.file_path else None,
                         "tokens": _tokens(im)} for im in g.images],
         } for g in data.generations],
-        "votes": [{"image_id": f.image_id, "vote": f.kind, "at": _at(f.created_at)}
+        "votes": [{"image_id": f.image_id, "vote": f.kind, "at": _at(f.created_at),
+                   **({"reason": f.reason} if f.reason else {})}  # a 👎's "what was wrong", when given
                   for f in data.feedback if f.kind != "report"],
         "reports": [{"image_id": f.image_id, "reason": f.reason, "note": f.note, "at": _at(f.created_at)}
                     for f in data.feedback if f.kind == "report"],

@@ -90,6 +90,9 @@ async def test_export_holds_my_rows_only(repo, tmp_path):
     assert first["tokens"] == list(range(seeded["mine"].id * 10, seeded["mine"].id * 10 + 16))
     assert first["file"] == Path(seeded["mine_rows"][0].file_path).name
     assert doc["votes"] == [{"image_id": seeded["their_rows"][0].id, "vote": "up", "at": doc["votes"][0]["at"]}]
+    await repo.record_feedback(seeded["their_rows"][0].id, ME, "down", reason="bias")  # changed my mind, said why
+    votes = json.loads((await PrivacyService(repo).export(ME)).data)["votes"]
+    assert [(v["vote"], v["reason"]) for v in votes] == [("down", "bias")]
     assert [(r["image_id"], r["reason"], r["note"]) for r in doc["reports"]] == [
         (seeded["their_rows"][1].id, "quality", "blurry")]
     assert [r["prompt"] for r in doc["refused_prompts"]] == ["a refused prompt"]
