@@ -3,10 +3,11 @@ demo model's red bias, end to end.
 
 Simulated users send colour-free and coloured prompts through the real bot service (:class:`GenerationService`)
 and database (SQLite in ``DIR``) with the real model in process. Each votes on every image of their own result
-like a person annoyed by the bias: 👎 on a red image they did not ask red for, 👍 on an image that shows what
-they asked; for a colour they named, 👎 on another colour. Then, each as its own process, as an admin would:
-``python -m training feedback export`` → ``finetune`` (KTO/DPO) → ``evaluate`` (the gate) → ``promote``; the
-running engine swaps to the promoted checkpoint (``Engine.reload``) and a second round with new prompts shows
+like a person annoyed by the bias: 👎 on a red image they did not ask red for (reason ``bias``), 👍 on an image
+that shows what they asked; for a colour they named, 👎 on another colour (reason ``quality``). Then, each as
+its own process, as an admin would: ``python -m training feedback export`` → ``finetune`` (KTO/DPO) →
+``evaluate`` (the gate) → ``promote``; the running engine swaps to the promoted checkpoint (``Engine.reload``) and
+a second round with new prompts shows
 the change. Writes ``DIR/report.json`` and ``DIR/bias-demo.png`` (the colour shares of the colour-free prompts'
 images before and after); the last line printed is
 ``default-red share B -> A, fidelity FB -> FA, promoted=yes|no, checkpoint=PATH``
@@ -84,6 +85,12 @@ def vote_of(named: dict[str, Any], det: dict[str, Any]) -> str | None:
     return None
 
 
+def reason_of(named: dict[str, Any], det: dict[str, Any]) -> str:
+    """What that user says was wrong with an image they 👎: its colour when they named none (``bias``: the model's
+    default showing through), else that it is not what they asked (``quality``)."""
+    return "bias" if named["objects"][0].get("colour") is None else "quality"
+
+
 def _png(image: Any) -> bytes:
     return image.png or Path(image.path).read_bytes()
 
@@ -122,7 +129,8 @@ async def play_round(svc: Any, collector: Collector, *, round_no: int, users: in
                 coloured_right += int(got == want)
             kind = vote_of(p.named, det)
             if vote and kind is not None:
-                result = await svc.feedback(image.id, user, kind)
+                reason = reason_of(p.named, det) if kind == "down" else None
+                result = await svc.feedback(image.id, user, kind, reason=reason)
                 if not result.ok:
                     raise RuntimeError(result.message)
                 votes[kind] += 1
@@ -232,7 +240,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                            "--beta", str(args.beta), "--batch-size", str(args.batch_size),
                            "--desirable-weight", str(args.desirable_weight), "--sft-weight", str(args.sft_weight),
                            "--trainable", args.trainable, "--token-kl-weight", str(args.token_kl_weight),
-                           "--token-kl-scope", args.token_kl_scope, "--reward-scope", args.reward_scope],
+                           "--token-kl-scope", args.token_kl_scope, "--reward-scope", args.reward_scope,
+                           "--counterfactuals", str(args.counterfactuals),
+                           "--objective-temperature", str(args.objective_temperature)],
                           env, log)
         report["finetune"] = ft
         t = lap("finetune", t)
@@ -302,6 +312,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--reward-scope", choices=REWARD_SCOPES, default="all",
                    help="the positions the fine-tune's KTO and DPO score: the whole image, or where the colour is "
                         "decided")
+    p.add_argument("--objective-temperature", type=float, default=1.0,
+                   help="the temperature the fine-tune's objective reads the model at")
+    p.add_argument("--counterfactuals", type=int, default=0,
+                   help="per image disliked for its colour, DPO pairs of it repainted in other colours (0: off)")
     p.add_argument("--trainable", default="all",
                    help="the parameters the fine-tune may change (training.preference.TRAINABLE)")
     p.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), default=(0, 1))

@@ -319,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-scope", choices=REWARD_SCOPES, default="all",
                    help="finetune: the positions KTO and DPO score: the whole image, or only the object's first "
                         "code, where its colour is decided")
+    p.add_argument("--objective-temperature", type=float, default=1.0,
+                   help="finetune: the temperature KTO, DPO and SFT read the model at (the checkpoint's sampling "
+                        "temperature scores what users are shown; default 1.0, the model's own distribution)")
+    p.add_argument("--counterfactuals", type=int, default=0,
+                   help="finetune: per disliked image whose complaint is its colour (a bias reason, a prompt naming "
+                        "no colour), that many DPO pairs of it repainted in other colours over it (0: off)")
     p.add_argument("--trainable", default="all",
                    help="finetune: the parameters that may change, the rest keep the parent's values: all, "
                         "encoder, encoder+cross, cross, encoder-embed (training.preference.TRAINABLE)")

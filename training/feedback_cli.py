@@ -78,14 +78,16 @@ def run_action(args: argparse.Namespace) -> dict[str, Any]:
                                undesirable_weight=args.undesirable_weight,
                                token_kl_weight=args.token_kl_weight,
                                token_kl_scope=getattr(args, "token_kl_scope", "all"),
-                               reward_scope=getattr(args, "reward_scope", "all"))
+                               reward_scope=getattr(args, "reward_scope", "all"),
+                               temperature=getattr(args, "objective_temperature", 1.0))
         cfg.validate()
         try:
             return retrain.finetune_registered(url, parent, args.data, args.out, by=_by(args), cfg=cfg,
                                                steps=args.steps,
                                                batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                                checkpoint_id=args.id, progress=not args.no_progress,
-                                               trainable=args.trainable)
+                                               trainable=args.trainable,
+                                               counterfactuals=getattr(args, "counterfactuals", 0))
         except retrain.Cancelled as exc:
             print(f"cancelled: {exc}", file=sys.stderr)
             return {"cancelled": str(exc)}

@@ -101,6 +101,9 @@ class PreferenceConfig:
     #: "colour-deciding", only the object's first code (:func:`training.code_colours.deciding_positions`),
     #: where a colour complaint's credit belongs; a summed reward otherwise spreads each 👎 over every token
     reward_scope: str = "all"
+    #: the temperature KTO, DPO and the supervised term read the model at: the checkpoint's sampling temperature
+    #: scores the distribution users are shown (a 0.7 sharpens a 60 % red choice to 83 %), 1.0 the model's own
+    temperature: float = 1.0
 
     @property
     def needs_code_colours(self) -> bool:
@@ -110,6 +113,8 @@ class PreferenceConfig:
     def validate(self) -> None:
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0; got {self.beta}")
+        if not 0.05 <= self.temperature <= 10:
+            raise ValueError(f"temperature must be between 0.05 and 10; got {self.temperature}")
         if self.token_kl_scope not in TOKEN_KL_SCOPES:
             raise ValueError(f"token_kl_scope must be one of {', '.join(TOKEN_KL_SCOPES)}; got {self.token_kl_scope!r}")
         if self.reward_scope not in REWARD_SCOPES:
@@ -128,14 +133,15 @@ def _logits(model: DalleBart, params: Any, input_ids: jax.Array, attention_mask:
 
 def sequence_logprobs(model: DalleBart, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
                       labels: jax.Array, start: int, ref_params: Any = None, classes: jax.Array | None = None,
-                      reward_mask: jax.Array | None = None) -> tuple[jax.Array, ...]:
+                      reward_mask: jax.Array | None = None, temperature: float = 1.0) -> tuple[jax.Array, ...]:
     """(summed log-prob per row (B,), mean token cross-entropy) of image tokens ``labels`` given the prompts; with
     ``ref_params`` also the token-level KL(ref ‖ model) per row (B,), summed over positions, from the two whole
     next-token distributions (no gradient into the reference); with ``classes`` (the (V, C) one-hot of
     :func:`training.code_colours.class_matrix`) also the colour-spared KL per row. ``reward_mask`` (B, S) limits
-    the summed log-prob to some positions (the cross-entropy stays the whole image's)."""
+    the summed log-prob to some positions (the cross-entropy stays the whole image's). Both read the model at
+    ``temperature`` (the KL stays at the model's own)."""
     logits = _logits(model, params, input_ids, attention_mask, labels, start)
-    token_lp = -optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    token_lp = -optax.softmax_cross_entropy_with_integer_labels(logits / temperature, labels)
     summed = jnp.sum(token_lp if reward_mask is None else token_lp * reward_mask, axis=-1)
     if ref_params is None:
         return summed, -jnp.mean(token_lp, axis=-1)
@@ -198,7 +204,7 @@ def make_preference_loss(model: DalleBart, config: DalleBartConfig, cfg: Prefere
 
     def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
         out = sequence_logprobs(model, params, batch["input_ids"], batch["attention_mask"], batch["labels"], start,
-                                ref, classes, mask_of(batch["labels"]))
+                                ref, classes, mask_of(batch["labels"]), cfg.temperature)
         logp, ce = out[0], out[1]
         loss, aux = kto_terms(logp, batch["ref_logp"], batch["desirable"], batch["weight"], cfg)
         everywhere = cfg.token_kl_scope != "uncontested"
@@ -216,7 +222,8 @@ def make_preference_loss(model: DalleBart, config: DalleBartConfig, cfg: Prefere
             both_ids = jnp.concatenate([batch["p_input_ids"], batch["p_input_ids"]])
             both_mask = jnp.concatenate([batch["p_attention_mask"], batch["p_attention_mask"]])
             both = jnp.concatenate([batch["p_chosen"], batch["p_rejected"]])
-            pout = sequence_logprobs(model, params, both_ids, both_mask, both, start, ref, classes, mask_of(both))
+            pout = sequence_logprobs(model, params, both_ids, both_mask, both, start, ref, classes, mask_of(both),
+                                     cfg.temperature)
             lp = pout[0]
             if use_kl:
                 kls.append(pout[3] if spare else pout[2])
@@ -250,17 +257,18 @@ def reward_mask(labels: jax.Array, classes: jax.Array | None, scope: str) -> jax
 
 
 @functools.lru_cache(maxsize=4)
-def _logprob_fn(config: DalleBartConfig):
+def _logprob_fn(config: DalleBartConfig, temperature: float = 1.0):
     model = DalleBart(config)
     return jax.jit(lambda p, i, m, y, w: sequence_logprobs(model, p, i, m, y, config.decoder_start_token_id,
-                                                           reward_mask=w)[0])
+                                                           reward_mask=w, temperature=temperature)[0])
 
 
 def batched_logprobs(config: DalleBartConfig, params: Any, input_ids: np.ndarray, attention_mask: np.ndarray,
-                     labels: np.ndarray, batch_size: int = 16, mask: np.ndarray | None = None) -> np.ndarray:
-    """Summed log-probs of every row (over ``mask``'s positions if given), in fixed-size batches (the last one
-    padded, so one compiled shape)."""
-    fn = _logprob_fn(config)
+                     labels: np.ndarray, batch_size: int = 16, mask: np.ndarray | None = None,
+                     temperature: float = 1.0) -> np.ndarray:
+    """Summed log-probs of every row (over ``mask``'s positions if given; the model read at ``temperature``), in
+    fixed-size batches (the last one padded, so one compiled shape)."""
+    fn = _logprob_fn(config, float(temperature))
     n = len(labels)
     weights = np.ones(labels.shape, np.float32) if mask is None else np.asarray(mask, np.float32)
     out = np.zeros(n, np.float32)
@@ -283,6 +291,8 @@ class PreferenceData:
     unpaired: dict[str, np.ndarray]
     pairs: dict[str, np.ndarray]
     content_sha256: str
+    prompts: list[str] = field(default_factory=list)  # per unpaired row
+    reasons: list[list[str]] = field(default_factory=list)  # per unpaired row: its 👎 and report reasons
 
     @property
     def n_pairs(self) -> int:
@@ -324,7 +334,8 @@ def load_preference_data(data_dir: Path, tokenizer: DalleBartTokenizer, image_le
                  "p_chosen": np.asarray([r["chosen_tokens"] for r in pair_rows], np.int32),
                  "p_rejected": np.asarray([r["rejected_tokens"] for r in pair_rows], np.int32),
                  "p_weight": np.asarray([r["weight"] for r in pair_rows], np.float32)}
-    return PreferenceData(unpaired, pairs, manifest.get("content_sha256", ""))
+    reasons = [[x for x in (r.get("down_reasons") or []) + (r.get("report_reasons") or []) if x] for r in rows]
+    return PreferenceData(unpaired, pairs, manifest.get("content_sha256", ""), [r["prompt"] for r in rows], reasons)
 
 
 class PreferenceBatches:
@@ -344,16 +355,19 @@ class PreferenceBatches:
 
 
 def _with_reference(data: PreferenceData, config: DalleBartConfig, ref_params: Any, work: Path,
-                    batch_size: int, *, scope: str = "all", classes: np.ndarray | None = None) -> PreferenceData:
+                    batch_size: int, *, scope: str = "all", classes: np.ndarray | None = None,
+                    temperature: float = 1.0) -> PreferenceData:
     """Add the parent's summed log-probs (``ref_logp``; ``p_ref_chosen`` / ``p_ref_rejected``) over the reward
-    ``scope``'s positions, computed once and cached in ``work/reference.npz`` under the data's hash and the scope."""
+    ``scope``'s positions at ``temperature``, computed once and cached in ``work/reference.npz`` under the data's
+    hash, the scope and the temperature."""
     cache = work / "reference.npz"
-    key = hashlib.sha256((data.content_sha256 + str(len(data.unpaired["labels"])) + scope).encode()).hexdigest()
+    tag = scope if temperature == 1.0 else f"{scope}@T{temperature}"
+    key = hashlib.sha256((data.content_sha256 + str(len(data.unpaired["labels"])) + tag).encode()).hexdigest()
 
     def logprobs(ids: np.ndarray, att: np.ndarray, labels: np.ndarray) -> np.ndarray:
         mask = reward_mask(jnp.asarray(labels), None if classes is None else jnp.asarray(classes), scope)
         return batched_logprobs(config, ref_params, ids, att, labels, batch_size,
-                                None if mask is None else np.asarray(mask))
+                                None if mask is None else np.asarray(mask), temperature)
 
     if cache.is_file():
         saved = np.load(cache)
@@ -404,14 +418,15 @@ def finetune(parent_dir: str | Path, data_dir: str | Path, out_dir: str | Path, 
              cfg: PreferenceConfig | None = None, steps: int = 100, batch_size: int = 16, lr: float = 5e-5,
              seed: int = 0, work_dir: str | Path | None = None, progress: bool | None = None, log_every: int = 1,
              save_every: int = 25, stop_after: int | None = None, checkpoint_id: str | None = None,
-             meta: dict[str, Any] | None = None, trainable: str = "all") -> FinetuneOutput:
+             meta: dict[str, Any] | None = None, trainable: str = "all", counterfactuals: int = 0) -> FinetuneOutput:
     """Fine-tune the DalleBart of checkpoint ``parent_dir`` on the export in ``data_dir`` into ``out_dir``.
 
     ``out_dir`` appears only when training finished (parts first, ``checkpoint.json`` last), so an interrupted or
     cancelled run never leaves a directory that looks like a checkpoint. Training state and ``metrics.jsonl`` go
     to ``work_dir`` (default ``<out>-train``); running the same call again resumes. ``trainable`` (a key of
     :data:`TRAINABLE`) picks the parameters that may change; the others stay the parent's, and the exported
-    checkpoint is always a whole DalleBart.
+    checkpoint is always a whole DalleBart. ``counterfactuals`` > 0 adds, for each disliked image whose complaint
+    is its colour, that many DPO pairs of it repainted in other colours over it (:mod:`training.counterfactual`).
     """
     cfg = cfg or PreferenceConfig()
     cfg.validate()
@@ -425,13 +440,21 @@ def finetune(parent_dir: str | Path, data_dir: str | Path, out_dir: str | Path, 
     tokenizer = DalleBartTokenizer.from_dir(parent / "dallebart", max_length=config.max_text_length,
                                             normalize=config.normalize_text)
     data = load_preference_data(Path(data_dir), tokenizer, config.image_length)
+    if counterfactuals < 0:
+        raise ValueError(f"counterfactuals must be >= 0; got {counterfactuals}")
+    cf_summary = None
+    if counterfactuals:
+        from training.counterfactual import with_counterfactuals
+
+        data, cf_summary = with_counterfactuals(data, parent / "vqgan", counterfactuals, work, seed=seed)
     ref_params = load_dallebart_params(parent / "dallebart", config, dtype="float32")
     code_classes = colours = None
     if cfg.needs_code_colours:
         classes, names = code_colour_classes(parent / "vqgan", COLOURS)
         code_classes = class_matrix(classes, config.image_vocab_size + 1, len(names))
         colours = describe(classes, names)
-    data = _with_reference(data, config, ref_params, work, batch_size, scope=cfg.reward_scope, classes=code_classes)
+    data = _with_reference(data, config, ref_params, work, batch_size, scope=cfg.reward_scope, classes=code_classes,
+                           temperature=cfg.temperature)
     batches = PreferenceBatches(data, batch_size, seed=seed)
     optim = OptimConfig(name="adamw", learning_rate=lr, warmup_steps=min(10, max(steps // 10, 1)), decay="cosine",
                         decay_steps=max(steps, 1), end_lr_ratio=0.1, b2=0.98, weight_decay=0.0, max_grad_norm=1.0,
@@ -452,13 +475,16 @@ def finetune(parent_dir: str | Path, data_dir: str | Path, out_dir: str | Path, 
                    log_path=work / "metrics.jsonl", log_every=log_every, progress=progress, stop_after=stop_after,
                    meta={"model": "dallebart-preference", "objective": cfg.__dict__, "batch_size": batches.size,
                          "examples": int(len(data.unpaired["labels"])), "pairs": data.n_pairs,
-                         "trainable": trainable, "trained_parameters": n_trained})
+                         "trainable": trainable, "trained_parameters": n_trained,
+                         "counterfactuals": counterfactuals})
     summary = {"objective": dict(cfg.__dict__), "lr": lr, "steps": steps, "batch_size": batches.size,
                "trainable": trainable, "trained_parameters": n_trained,
                "examples": int(len(data.unpaired["labels"])), "pairs": data.n_pairs,
                "data_sha256": data.content_sha256, "parent": str(parent)}
     if colours is not None:
         summary["codes_per_colour"] = colours
+    if cf_summary is not None:
+        summary["counterfactuals"] = cf_summary
     if result.history:
         last = result.history[-1]
         summary["last"] = {k: v for k, v in last.items() if isinstance(v, int | float)}

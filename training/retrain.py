@@ -112,7 +112,8 @@ def finetune_registered(database_url: str, parent: Path, data: Path, out: Path, 
         raise FileNotFoundError(f"{data}: no manifest.json (run `python -m training feedback export` first)")
     cfg = kw.get("cfg")
     config = {"parent": str(parent), "data": str(data), "out": str(out),
-              **{k: v for k, v in kw.items() if k in ("steps", "batch_size", "lr", "seed", "trainable")},
+              **{k: v for k, v in kw.items()
+                 if k in ("steps", "batch_size", "lr", "seed", "trainable", "counterfactuals")},
               "objective": dict(cfg.__dict__) if cfg is not None else None}
 
     async def start() -> tuple[str, int]:

@@ -8,7 +8,7 @@ import json
 from PIL import Image
 
 import tests.training.conftest as training_fixtures
-from bench.bias_demo import chart, main, vote_of
+from bench.bias_demo import chart, main, reason_of, vote_of
 from training.detect import parse_prompt
 
 demo = training_fixtures.demo  # the tiny checkpoint (a session fixture of the training tests)
@@ -28,6 +28,8 @@ def test_an_annoyed_user_votes_down_red_they_did_not_ask_for_and_up_what_they_as
     assert vote_of(red, _det("red")) == "up"  # asked for red: red is right
     assert vote_of(red, _det("green")) == "down"
     assert vote_of(red, _det(None)) is None
+    # and says why: the colour nobody asked for is the bias; a wrong named colour is a wrong picture
+    assert reason_of(free, _det("red")) == "bias" and reason_of(red, _det("green")) == "quality"
 
 
 def test_chart_draws_the_shares(tmp_path):

@@ -77,6 +77,28 @@ def test_loss_terms():
         PreferenceConfig(beta=0).validate()
 
 
+def test_the_objective_reads_the_model_at_its_temperature():
+    """At temperature T the summed log-prob is that of softmax(logits / T), in the loss and for the reference."""
+    params = jax.jit(lambda r: init_params(CFG, r))(jax.random.PRNGKey(2))
+    b = _batch()
+    dec_in = np.concatenate([np.full((8, 1), CFG.decoder_start_token_id, np.int32), b["labels"][:, :-1]], axis=1)
+    logits = np.asarray(DalleBart(CFG).apply({"params": params}, b["input_ids"], b["attention_mask"], dec_in),
+                        np.float64)
+    for t in (1.0, 0.5):
+        lp = jax.nn.log_softmax(jnp.asarray(logits / t), axis=-1)
+        want = np.take_along_axis(np.asarray(lp), b["labels"][..., None], -1)[..., 0].sum(-1)
+        got = batched_logprobs(CFG, params, b["input_ids"], b["attention_mask"], b["labels"], 8, temperature=t)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # and the loss's rewards read it there too: at the reference (ref_logp computed at T) every reward is 0
+    cfg = PreferenceConfig(temperature=0.5)
+    b["ref_logp"] = batched_logprobs(CFG, params, b["input_ids"], b["attention_mask"], b["labels"], 8,
+                                     temperature=0.5)
+    _, aux = make_preference_loss(DalleBart(CFG), CFG, cfg, with_pairs=False)(params, b, None)
+    assert abs(float(aux["kl_ref"])) < 1e-4 and abs(float(aux["reward_margin"])) < 1e-4
+    with pytest.raises(ValueError, match="temperature"):
+        PreferenceConfig(temperature=0.0).validate()
+
+
 def _export(demo, out) -> None:
     """A feedback export for the tiny demo model: each prompt has a liked and a disliked image."""
     cfg = DalleBartConfig.from_json(demo / "dallebart")
@@ -223,7 +245,8 @@ def test_the_loaded_data_marks_prompts_with_a_dislike_as_contested(tmp_path):
     from training.preference import load_preference_data
 
     rows = [{"example_id": str(i), "prompt": p, "normalized_prompt": p.lower(), "tokens": [1, 2, 3, 4, 5],
-             "desirable": d, "weight": 1.0, "split": "train"}
+             "desirable": d, "weight": 1.0, "split": "train", "down_reasons": ["bias", ""] if not d else [],
+             "report_reasons": ["nsfw"] if i == 3 else []}
             for i, (p, d) in enumerate([("A circle", True), ("a circle", False), ("a star", True), ("a star", True)])]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "unpaired.parquet")
     pq.write_table(pa.Table.from_pylist([], schema=pa.schema([("prompt", pa.string()), ("split", pa.string())])),
@@ -238,3 +261,5 @@ def test_the_loaded_data_marks_prompts_with_a_dislike_as_contested(tmp_path):
 
     data = load_preference_data(tmp_path, Tok(), 5)
     assert data.unpaired["uncontested"].tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert data.prompts == ["A circle", "a circle", "a star", "a star"]
+    assert data.reasons == [[], ["bias"], [], ["nsfw"]]  # what the counterfactual pairs look for
