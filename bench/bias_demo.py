@@ -7,9 +7,8 @@ like a person annoyed by the bias: 👎 on a red image they did not ask red for 
 that shows what they asked; for a colour they named, 👎 on another colour (reason ``quality``). Then, each as
 its own process, as an admin would: ``python -m training feedback export`` → ``finetune`` (KTO/DPO) →
 ``evaluate`` (the gate) → ``promote``; the running engine swaps to the promoted checkpoint (``Engine.reload``) and
-a second round with new prompts shows
-the change. Writes ``DIR/report.json`` and ``DIR/bias-demo.png`` (the colour shares of the colour-free prompts'
-images before and after); the last line printed is
+a second round with new prompts shows the change. Writes ``DIR/report.json`` and ``DIR/bias-demo.png`` (the
+colour shares of the colour-free prompts' images before and after); the last line printed is
 ``default-red share B -> A, fidelity FB -> FA, promoted=yes|no, checkpoint=PATH``
 (B, A: the red share of the two rounds' colour-free images; FB, FA: the gate's top-ranked fidelity of parent and
 candidate).

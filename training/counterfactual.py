@@ -141,8 +141,9 @@ def build_counterfactuals(prompts: list[str], tokens: np.ndarray, reasons: list[
     if not repainted:
         return Counterfactuals(np.zeros(0, np.int64), empty, empty, [], skipped)
     src = np.asarray(sources, np.int64)
+    image_of = {row: k for k, row in enumerate(rows)}
     new_tokens = _splice(np.asarray(tokens, np.int32)[src], painter.encode(np.stack(repainted)),
-                         np.stack(repainted), images[[rows.index(r) for r in sources]])
+                         np.stack(repainted), images[[image_of[r] for r in sources]])
     keep = np.ones(len(new_tokens), bool)
     if check:
         for j, back in enumerate(painter.decode(new_tokens)):
@@ -167,9 +168,8 @@ def with_counterfactuals(data: Any, vqgan_dir: str | Path, per_image: int, work:
                          seed: int = 0) -> tuple[Any, dict[str, Any]]:
     """``data`` (:class:`training.preference.PreferenceData`) with the counterfactual pairs of its disliked rows
     added to its DPO pairs and the repainted images to its liked rows (weight: the disliked row's), and their
-    summary. Built once and kept in
-    ``work/counterfactuals.npz`` under the data's hash, so a resumed run reuses them; the data's hash then names
-    them too (the parent's log-probabilities are cached under it)."""
+    summary. Built once and kept in ``work/counterfactuals.npz`` under the data's hash, so a resumed run reuses
+    them; the data's hash then names them too (the parent's log-probabilities are cached under it)."""
     import hashlib
     import json
 

@@ -102,7 +102,8 @@ class PreferenceConfig:
     #: where a colour complaint's credit belongs; a summed reward otherwise spreads each 👎 over every token
     reward_scope: str = "all"
     #: the temperature KTO, DPO and the supervised term read the model at: the checkpoint's sampling temperature
-    #: scores the distribution users are shown (a 0.7 sharpens a 60 % red choice to 83 %), 1.0 the model's own
+    #: scores the distribution users are shown (a temperature below 1 sharpens whichever colour leads), 1.0 the
+    #: model's own
     temperature: float = 1.0
 
     @property
