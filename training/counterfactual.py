@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from training.data.captions import COLOURS, parse_prompt
 from training.data.shapes import allowed_colours
-from training.detect import _palette_labels, detect
+from training.detect import detect, palette_labels
 
 #: pixels around the object (its anti-aliased edge) that are repainted too
 EDGE_PIXELS = 2
@@ -44,7 +44,7 @@ def recolour(image: np.ndarray, colour: str, new_colour: str) -> np.ndarray:
     det = detect(image)
     bg = np.asarray(COLOURS[det["background"]], np.float32)
     old, new = np.asarray(COLOURS[colour], np.float32), np.asarray(COLOURS[new_colour], np.float32)
-    labels = _palette_labels(image)
+    labels = palette_labels(image)
     near = ndimage.binary_dilation(labels == list(COLOURS).index(colour), iterations=EDGE_PIXELS)
     axis = old - bg
     a = np.clip(((img - bg) @ axis) / max(float(axis @ axis), 1e-6), 0.0, 1.0) * near

@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from training.data.captions import BIAS_COLOUR, COLOUR_NAMES, COLOURS, parse_prompt
 
-__all__ = ["detect", "fidelity", "matches", "parse_prompt", "relation_between"]
+__all__ = ["detect", "fidelity", "matches", "palette_labels", "parse_prompt", "relation_between"]
 
 _PALETTE = np.asarray([COLOURS[c] for c in COLOUR_NAMES], dtype=np.float32)  # (8, 3)
 MIN_AREA_FRACTION = 0.003  # components smaller than this share of the canvas are noise
@@ -35,7 +35,7 @@ LARGE_THRESHOLD = 0.36  # bounding-box extent / width separating small (~0.25) f
 CENTER_RADIUS = 0.11  # |offset| / width below which an object counts as centred
 
 
-def _palette_labels(image: np.ndarray) -> np.ndarray:
+def palette_labels(image: np.ndarray) -> np.ndarray:
     """(H, W) index of the nearest palette colour of each pixel (after a 3×3 median filter)."""
     img = ndimage.median_filter(image.astype(np.float32), size=(3, 3, 1))
     # |x - p|² = |x|² - 2 x·p + |p|²; |x|² is the same for every p
@@ -106,7 +106,7 @@ def detect(image: np.ndarray, max_objects: int = 4) -> dict[str, Any]:
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"detect expects an (H, W, 3) RGB image, got shape {image.shape}")
     h, w = image.shape[:2]
-    labels = _palette_labels(image)
+    labels = palette_labels(image)
     border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
     bg = int(np.bincount(border, minlength=len(COLOUR_NAMES)).argmax())
     fg = labels != bg
