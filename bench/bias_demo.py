@@ -241,7 +241,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                            "--trainable", args.trainable, "--token-kl-weight", str(args.token_kl_weight),
                            "--token-kl-scope", args.token_kl_scope, "--reward-scope", args.reward_scope,
                            "--counterfactuals", str(args.counterfactuals),
-                           "--objective-temperature", str(args.objective_temperature)],
+                           "--objective-temperature", str(args.objective_temperature),
+                           "--objective-guidance", str(args.objective_guidance)],
                           env, log)
         report["finetune"] = ft
         t = lap("finetune", t)
@@ -313,6 +314,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "decided")
     p.add_argument("--objective-temperature", type=float, default=1.0,
                    help="the temperature the fine-tune's objective reads the model at")
+    p.add_argument("--objective-guidance", type=float, default=1.0,
+                   help="the super-conditioning scale the fine-tune's objective reads the model at")
     p.add_argument("--counterfactuals", type=int, default=0,
                    help="per image disliked for its colour, DPO pairs of it repainted in other colours (0: off)")
     p.add_argument("--trainable", default="all",

@@ -322,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective-temperature", type=float, default=1.0,
                    help="finetune: the temperature KTO, DPO and SFT read the model at (the checkpoint's sampling "
                         "temperature scores what users are shown; default 1.0, the model's own distribution)")
+    p.add_argument("--objective-guidance", type=float, default=1.0,
+                   help="finetune: the super-conditioning scale KTO, DPO and SFT read the model at, against the "
+                        "empty prompt (the checkpoint's scale scores what users are shown; default 1.0, the "
+                        "conditional model alone)")
     p.add_argument("--counterfactuals", type=int, default=0,
                    help="finetune: per disliked image whose complaint is its colour (a bias reason, a prompt naming "
                         "no colour), that many DPO pairs of it repainted in other colours over it (0: off)")

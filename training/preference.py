@@ -105,6 +105,11 @@ class PreferenceConfig:
     #: scores the distribution users are shown (a temperature below 1 sharpens whichever colour leads), 1.0 the
     #: model's own
     temperature: float = 1.0
+    #: the super-conditioning scale they read it at: ``uncond + scale·(cond − uncond)``, the unconditional branch
+    #: being the model on the empty prompt, as the sampler guides (1.0: the conditional model alone). At the
+    #: checkpoint's scale a vote scores the distribution the image was drawn from, and the unconditional branch
+    #: takes its share of the credit
+    guidance: float = 1.0
 
     @property
     def needs_code_colours(self) -> bool:
@@ -116,6 +121,8 @@ class PreferenceConfig:
             raise ValueError(f"beta must be > 0; got {self.beta}")
         if not 0.05 <= self.temperature <= 10:
             raise ValueError(f"temperature must be between 0.05 and 10; got {self.temperature}")
+        if not 0 < self.guidance <= 20:
+            raise ValueError(f"guidance must be in (0, 20]; got {self.guidance}")
         if self.token_kl_scope not in TOKEN_KL_SCOPES:
             raise ValueError(f"token_kl_scope must be one of {', '.join(TOKEN_KL_SCOPES)}; got {self.token_kl_scope!r}")
         if self.reward_scope not in REWARD_SCOPES:
@@ -134,15 +141,25 @@ def _logits(model: DalleBart, params: Any, input_ids: jax.Array, attention_mask:
 
 def sequence_logprobs(model: DalleBart, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
                       labels: jax.Array, start: int, ref_params: Any = None, classes: jax.Array | None = None,
-                      reward_mask: jax.Array | None = None, temperature: float = 1.0) -> tuple[jax.Array, ...]:
+                      reward_mask: jax.Array | None = None, temperature: float = 1.0, guidance: float = 1.0,
+                      uncond: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, ...]:
     """(summed log-prob per row (B,), mean token cross-entropy) of image tokens ``labels`` given the prompts; with
     ``ref_params`` also the token-level KL(ref ‖ model) per row (B,), summed over positions, from the two whole
     next-token distributions (no gradient into the reference); with ``classes`` (the (V, C) one-hot of
     :func:`training.code_colours.class_matrix`) also the colour-spared KL per row. ``reward_mask`` (B, S) limits
     the summed log-prob to some positions (the cross-entropy stays the whole image's). Both read the model at
-    ``temperature`` (the KL stays at the model's own)."""
+    ``temperature`` and super-conditioning scale ``guidance``, whose unconditional branch is the model on
+    ``uncond`` (the empty prompt's ids and mask, (1, T)); the KL stays at the model's own conditional."""
     logits = _logits(model, params, input_ids, attention_mask, labels, start)
-    token_lp = -optax.softmax_cross_entropy_with_integer_labels(logits / temperature, labels)
+    scored = logits
+    if guidance != 1.0:
+        if uncond is None:
+            raise ValueError("guidance != 1 needs the empty prompt (uncond)")
+        b = input_ids.shape[0]
+        u_ids, u_mask = (jnp.broadcast_to(x, (b, x.shape[-1])) for x in uncond)
+        u_logits = _logits(model, params, u_ids, u_mask, labels, start)
+        scored = u_logits + guidance * (logits - u_logits)
+    token_lp = -optax.softmax_cross_entropy_with_integer_labels(scored / temperature, labels)
     summed = jnp.sum(token_lp if reward_mask is None else token_lp * reward_mask, axis=-1)
     if ref_params is None:
         return summed, -jnp.mean(token_lp, axis=-1)
@@ -183,12 +200,18 @@ def dpo_terms(chosen: jax.Array, ref_chosen: jax.Array, rejected: jax.Array, ref
 
 
 def make_preference_loss(model: DalleBart, config: DalleBartConfig, cfg: PreferenceConfig, *, with_pairs: bool,
-                         ref_params: Any = None, code_classes: np.ndarray | None = None):
+                         ref_params: Any = None, code_classes: np.ndarray | None = None,
+                         uncond: tuple[np.ndarray, np.ndarray] | None = None):
     """``loss_fn(params, batch, rng)`` for :func:`training.loop.train` (KTO + optional DPO + optional SFT +
     optional token-level KL to ``ref_params``, which ``cfg.token_kl_weight`` > 0 needs; the "colour-spared" scope
     and the "colour-deciding" reward scope also need ``code_classes``, the (V, C) one-hot of
-    :func:`training.code_colours.class_matrix`)."""
+    :func:`training.code_colours.class_matrix`); ``cfg.guidance`` != 1 needs ``uncond``, the empty prompt's
+    (1, T) ids and mask)."""
     start = config.decoder_start_token_id
+    if cfg.guidance != 1.0 and uncond is None:
+        raise ValueError("guidance != 1 needs the empty prompt's ids and mask (uncond)")
+    empty = None if cfg.guidance == 1.0 else tuple(jnp.asarray(x) for x in uncond)
+    read = {"temperature": cfg.temperature, "guidance": cfg.guidance, "uncond": empty}
     use_kl = cfg.token_kl_weight > 0
     if use_kl and ref_params is None:
         raise ValueError("token_kl_weight > 0 needs the parent's parameters (ref_params)")
@@ -205,7 +228,7 @@ def make_preference_loss(model: DalleBart, config: DalleBartConfig, cfg: Prefere
 
     def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
         out = sequence_logprobs(model, params, batch["input_ids"], batch["attention_mask"], batch["labels"], start,
-                                ref, classes, mask_of(batch["labels"]), cfg.temperature)
+                                ref, classes, mask_of(batch["labels"]), **read)
         logp, ce = out[0], out[1]
         loss, aux = kto_terms(logp, batch["ref_logp"], batch["desirable"], batch["weight"], cfg)
         everywhere = cfg.token_kl_scope != "uncontested"
@@ -224,7 +247,7 @@ def make_preference_loss(model: DalleBart, config: DalleBartConfig, cfg: Prefere
             both_mask = jnp.concatenate([batch["p_attention_mask"], batch["p_attention_mask"]])
             both = jnp.concatenate([batch["p_chosen"], batch["p_rejected"]])
             pout = sequence_logprobs(model, params, both_ids, both_mask, both, start, ref, classes, mask_of(both),
-                                     cfg.temperature)
+                                     **read)
             lp = pout[0]
             if use_kl:
                 kls.append(pout[3] if spare else pout[2])
@@ -258,18 +281,28 @@ def reward_mask(labels: jax.Array, classes: jax.Array | None, scope: str) -> jax
 
 
 @functools.lru_cache(maxsize=4)
-def _logprob_fn(config: DalleBartConfig, temperature: float = 1.0):
+def _logprob_fn(config: DalleBartConfig, temperature: float = 1.0, guidance: float = 1.0):
     model = DalleBart(config)
-    return jax.jit(lambda p, i, m, y, w: sequence_logprobs(model, p, i, m, y, config.decoder_start_token_id,
-                                                           reward_mask=w, temperature=temperature)[0])
+
+    def fn(p, i, m, y, w, ui, um):
+        return sequence_logprobs(model, p, i, m, y, config.decoder_start_token_id, reward_mask=w,
+                                 temperature=temperature, guidance=guidance, uncond=(ui, um))[0]
+
+    return jax.jit(fn)
 
 
 def batched_logprobs(config: DalleBartConfig, params: Any, input_ids: np.ndarray, attention_mask: np.ndarray,
                      labels: np.ndarray, batch_size: int = 16, mask: np.ndarray | None = None,
-                     temperature: float = 1.0) -> np.ndarray:
-    """Summed log-probs of every row (over ``mask``'s positions if given; the model read at ``temperature``), in
-    fixed-size batches (the last one padded, so one compiled shape)."""
-    fn = _logprob_fn(config, float(temperature))
+                     temperature: float = 1.0, guidance: float = 1.0,
+                     uncond: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Summed log-probs of every row (over ``mask``'s positions if given; the model read at ``temperature`` and
+    super-conditioning scale ``guidance`` against ``uncond``, the empty prompt), in fixed-size batches (the last
+    one padded, so one compiled shape)."""
+    if guidance != 1.0 and uncond is None:
+        raise ValueError("guidance != 1 needs the empty prompt's ids and mask (uncond)")
+    fn = _logprob_fn(config, float(temperature), float(guidance))
+    ui, um = (jnp.asarray(x) for x in uncond) if uncond is not None else \
+        (jnp.asarray(input_ids[:1]), jnp.asarray(attention_mask[:1]))
     n = len(labels)
     weights = np.ones(labels.shape, np.float32) if mask is None else np.asarray(mask, np.float32)
     out = np.zeros(n, np.float32)
@@ -277,7 +310,7 @@ def batched_logprobs(config: DalleBartConfig, params: Any, input_ids: np.ndarray
         idx = np.arange(i, min(i + batch_size, n))
         pad = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
         lp = fn(params, jnp.asarray(input_ids[pad]), jnp.asarray(attention_mask[pad]), jnp.asarray(labels[pad]),
-                jnp.asarray(weights[pad]))
+                jnp.asarray(weights[pad]), ui, um)
         out[idx] = np.asarray(lp)[: len(idx)]
     return out
 
@@ -357,18 +390,19 @@ class PreferenceBatches:
 
 def _with_reference(data: PreferenceData, config: DalleBartConfig, ref_params: Any, work: Path,
                     batch_size: int, *, scope: str = "all", classes: np.ndarray | None = None,
-                    temperature: float = 1.0) -> PreferenceData:
+                    temperature: float = 1.0, guidance: float = 1.0,
+                    uncond: tuple[np.ndarray, np.ndarray] | None = None) -> PreferenceData:
     """Add the parent's summed log-probs (``ref_logp``; ``p_ref_chosen`` / ``p_ref_rejected``) over the reward
-    ``scope``'s positions at ``temperature``, computed once and cached in ``work/reference.npz`` under the data's
-    hash, the scope and the temperature."""
+    ``scope``'s positions at ``temperature`` and ``guidance``, computed once and cached in ``work/reference.npz``
+    under the data's hash, the scope, the temperature and the guidance."""
     cache = work / "reference.npz"
-    tag = scope if temperature == 1.0 else f"{scope}@T{temperature}"
+    tag = scope + ("" if temperature == 1.0 else f"@T{temperature}") + ("" if guidance == 1.0 else f"@G{guidance}")
     key = hashlib.sha256((data.content_sha256 + str(len(data.unpaired["labels"])) + tag).encode()).hexdigest()
 
     def logprobs(ids: np.ndarray, att: np.ndarray, labels: np.ndarray) -> np.ndarray:
         mask = reward_mask(jnp.asarray(labels), None if classes is None else jnp.asarray(classes), scope)
         return batched_logprobs(config, ref_params, ids, att, labels, batch_size,
-                                None if mask is None else np.asarray(mask), temperature)
+                                None if mask is None else np.asarray(mask), temperature, guidance, uncond)
 
     if cache.is_file():
         saved = np.load(cache)
@@ -454,8 +488,12 @@ def finetune(parent_dir: str | Path, data_dir: str | Path, out_dir: str | Path, 
         classes, names = code_colour_classes(parent / "vqgan", COLOURS)
         code_classes = class_matrix(classes, config.image_vocab_size + 1, len(names))
         colours = describe(classes, names)
+    uncond = None
+    if cfg.guidance != 1.0:
+        empty = tokenizer.unconditional(1)
+        uncond = (empty["input_ids"].astype(np.int32), empty["attention_mask"].astype(np.int32))
     data = _with_reference(data, config, ref_params, work, batch_size, scope=cfg.reward_scope, classes=code_classes,
-                           temperature=cfg.temperature)
+                           temperature=cfg.temperature, guidance=cfg.guidance, uncond=uncond)
     batches = PreferenceBatches(data, batch_size, seed=seed)
     optim = OptimConfig(name="adamw", learning_rate=lr, warmup_steps=min(10, max(steps // 10, 1)), decay="cosine",
                         decay_steps=max(steps, 1), end_lr_ratio=0.1, b2=0.98, weight_decay=0.0, max_grad_norm=1.0,
@@ -464,13 +502,13 @@ def finetune(parent_dir: str | Path, data_dir: str | Path, out_dir: str | Path, 
                     jax.tree.leaves(trainable_mask(ref_params, optim.trainable)), strict=True) if on)
     if n_trained == 0:
         raise ValueError(f"trainable={trainable!r} matches no parameter of {parent}")
-    if cfg.token_kl_weight > 0:  # the parent's parameters live in the loss (a constant of the jitted step)
+    if cfg.token_kl_weight > 0 or code_classes is not None or uncond is not None:
+        # the parent's parameters, the codes' colours and the empty prompt live in the loss (constants of the step)
         loss_fn = make_preference_loss(DalleBart(config), config, cfg, with_pairs=batches.pairs is not None,
-                                       ref_params=jax.tree.map(jnp.asarray, ref_params), code_classes=code_classes)
+                                       ref_params=jax.tree.map(jnp.asarray, ref_params) if cfg.token_kl_weight > 0
+                                       else None, code_classes=code_classes, uncond=uncond)
     else:
-        loss_fn = make_preference_loss(DalleBart(config), config, cfg, with_pairs=batches.pairs is not None,
-                                       code_classes=code_classes) if code_classes is not None \
-            else _cached_loss(config, cfg, batches.pairs is not None)
+        loss_fn = _cached_loss(config, cfg, batches.pairs is not None)
     result = train(jax.tree.map(jnp.array, ref_params), loss_fn, batches,
                    steps=steps, optim=optim, seed=seed, ckpt_dir=work / "checkpoints", save_every=save_every,
                    log_path=work / "metrics.jsonl", log_every=log_every, progress=progress, stop_after=stop_after,

@@ -99,6 +99,44 @@ def test_the_objective_reads_the_model_at_its_temperature():
         PreferenceConfig(temperature=0.0).validate()
 
 
+def test_the_objective_reads_the_model_as_the_sampler_guides_it():
+    """At guidance s the summed log-prob is that of softmax((u + s·(c − u)) / T), u the model on the empty prompt,
+    in the loss and for the reference; and a step on a disliked image moves the unconditional branch too."""
+    params = jax.jit(lambda r: init_params(CFG, r))(jax.random.PRNGKey(4))
+    b = _batch()
+    empty = (np.asarray([[1, 2, 0, 0, 0, 0]], np.int32), np.asarray([[1, 1, 0, 0, 0, 0]], np.int32))
+    dec_in = np.concatenate([np.full((8, 1), CFG.decoder_start_token_id, np.int32), b["labels"][:, :-1]], axis=1)
+    model = DalleBart(CFG)
+    cond = np.asarray(model.apply({"params": params}, b["input_ids"], b["attention_mask"], dec_in), np.float64)
+    uncond = np.asarray(model.apply({"params": params}, np.repeat(empty[0], 8, 0), np.repeat(empty[1], 8, 0),
+                                    dec_in), np.float64)
+    s, t = 2.0, 0.7
+    lp = jax.nn.log_softmax(jnp.asarray((uncond + s * (cond - uncond)) / t), axis=-1)
+    want = np.take_along_axis(np.asarray(lp), b["labels"][..., None], -1)[..., 0].sum(-1)
+    got = batched_logprobs(CFG, params, b["input_ids"], b["attention_mask"], b["labels"], 8, temperature=t,
+                           guidance=s, uncond=empty)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    plain = batched_logprobs(CFG, params, b["input_ids"], b["attention_mask"], b["labels"], 8, temperature=t)
+    assert np.abs(got - plain).max() > 1e-3  # the guided reading is not the conditional one
+    cfg = PreferenceConfig(temperature=t, guidance=s)
+    b["ref_logp"] = got
+    loss_fn = make_preference_loss(model, CFG, cfg, with_pairs=False, uncond=empty)
+    _, aux = loss_fn(params, b, None)
+    assert abs(float(aux["kl_ref"])) < 1e-4 and abs(float(aux["reward_margin"])) < 1e-4
+    # the unconditional branch shares the credit: its logits on the empty prompt change after one step
+    grad = jax.grad(lambda p: loss_fn(p, b, None)[0])(params)
+    stepped = jax.tree.map(lambda w, g: w - 0.5 * g, params, grad)
+    moved = np.asarray(model.apply({"params": stepped}, np.repeat(empty[0], 8, 0), np.repeat(empty[1], 8, 0),
+                                   dec_in))
+    assert np.abs(moved - uncond).max() > 1e-4
+    with pytest.raises(ValueError, match="empty prompt"):
+        make_preference_loss(model, CFG, cfg, with_pairs=False)
+    with pytest.raises(ValueError, match="empty prompt"):
+        batched_logprobs(CFG, params, b["input_ids"], b["attention_mask"], b["labels"], 8, guidance=s)
+    with pytest.raises(ValueError, match="guidance"):
+        PreferenceConfig(guidance=0.0).validate()
+
+
 def _export(demo, out) -> None:
     """A feedback export for the tiny demo model: each prompt has a liked and a disliked image."""
     cfg = DalleBartConfig.from_json(demo / "dallebart")
