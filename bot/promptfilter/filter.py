@@ -4,7 +4,9 @@ Order of a check: the prompt's validity; the guild's own blocked terms; the pack
 boundaries, allow phrases); the two-group rule (a minor together with anything sexual is a hard "minors" refusal,
 after AI Horde), the hate rule (a group with a dehumanising word) and the self-harm rule (a verb of hurting with a
 reflexive pronoun); the threat rule (a threat next to the reader's family: "I know where your kids go to school");
-the semantic head over the prompt as written and its Latin skeleton. A guild's allow list
+the targeted-person rule (a private person the prompter knows, "my ex", "mein Chef", an @handle, with their
+address or phone number); the semantic head over the prompt as written and its Latin skeleton, which refuses a
+prompt naming such a person as abuse at a lower probability of harm than its own thresholds. A guild's allow list
 suppresses list hits and semantic verdicts of the ordinary categories, never of the critical ones.
 """
 
@@ -18,6 +20,10 @@ from bot.promptfilter import lists, semantic
 from bot.promptfilter import normalise as nz
 
 MAX_PROMPT_CHARS = 1000
+# the semantic head's probability of any harmful class at which a prompt that names a private person the prompter
+# knows ("my ex", "mein Chef", an @handle) is refused as abuse: a picture of "my boss hanged" or of "my classmate
+# beaten up" is harassment even where the head is unsure which harm it is (bench/RESULTS.md, round 5)
+TARGETED_THRESHOLD = 0.3
 
 # categories a guild's allow list cannot unlock: a guild may allow "nude" for its life-drawing channel, never
 # sexual content involving minors or hate
@@ -133,6 +139,13 @@ class PromptFilter:
         if (matched := pair("threat", "kin")) is not None and not guild_allowed():
             return FilterDecision(False, "abuse", "The prompt threatens someone or their family.", matched=matched,
                                   normalised=norm)
+        person = next((h.term for h in group_hits if h.category == "person"), None) \
+            or lists.handle_mentioned(views.native)
+        doxx = next((h.term for h in group_hits if h.category == "doxx"), None) \
+            or lists.address_mentioned(views.native) if person is not None else None
+        if doxx is not None and not guild_allowed():
+            return FilterDecision(False, "abuse", "The prompt targets a person with their address or phone number.",
+                                  matched=f"{person} + {doxx}", normalised=norm)
         if self.classifier is None or not _long_enough(views):
             return FilterDecision(True, normalised=norm)
         inputs = [t for t in semantic.inputs(views, texts, lex.allows) if t]
@@ -141,6 +154,8 @@ class PromptFilter:
         threshold = policy.classifier_threshold if policy.classifier_threshold is not None else (
             None if self._per_class else self.threshold)
         category, score = self.classifier.classify(inputs, threshold)
+        if category is None and person is not None and score >= TARGETED_THRESHOLD:
+            category = "abuse"  # harm aimed at someone the prompter knows
         # what the encoder read as critical stays refused whatever an allow list says, even where the label below
         # becomes "sexual" for want of a listed minor term
         waivable = category not in (None, *CRITICAL_CATEGORIES)

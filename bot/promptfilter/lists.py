@@ -381,6 +381,41 @@ def find_hits(texts: Texts, terms: TermSet, allows: Sequence[TermSet], guild_all
     return hits, waived, suppressed
 
 
+# an @handle of a social network ("@dani_w", "@leonie.mx"); not an e-mail address (a word character before the @)
+_HANDLE = re.compile(r"(?<![\w@])@[A-Za-z0-9_][A-Za-z0-9_.]{2,}")
+
+
+# a street address: a number with a street word in the eight languages ("42 Maple Street", "Lindenstraße 12",
+# "14 rue des Lilas", "calle Alcalá 45", "via Garibaldi 18", "rua das Flores 230", "ул. Ленина 15")
+_STREET = (r"street|st|road|rd|avenue|ave|lane|ln|drive|dr|boulevard|blvd|court|ct|close|crescent|way|"
+           r"rue|allee|allée|chemin|impasse|calle|avenida|av|paseo|plaza|carrer|via|viale|piazza|corso|vicolo|"
+           r"rua|travessa|largo|estrada|alameda|ул|улица|проспект|пр|переулок|пер")
+_ADDRESS = re.compile(
+    rf"(?<!\w)\d{{1,4}}[a-z]?,?\s+(?:[\w'’-]+\s+){{0,3}}(?:{_STREET})\.?(?!\w)"  # 42 Maple Street, 14 rue des Lilas
+    rf"|(?<!\w)(?:{_STREET})\.?\s+(?:[\w'’.-]+\s+){{0,3}}\d{{1,4}}(?!\d)"  # calle Alcalá 45, ул. Ленина 15
+    r"|\w+(?:straße|strasse|str\.|weg|gasse|platz|allee|ring|damm)\s+\d{1,4}(?!\d)"  # Lindenstraße 12
+    r"|[都道府県市区町村]\S{0,12}\d+[-−丁]", re.IGNORECASE)
+
+
+def address_mentioned(native: str) -> str | None:
+    """The first street address in the prompt, or None."""
+    m = _ADDRESS.search(native)
+    return m.group(0) if m else None
+
+
+# a word written in leetspeak ("r3@l1s7", "@nte8raço"), where an "@" is an "a" and not a handle
+_LEET_WORD = re.compile(r"[^\W\d_][0-9$!@]|[0-9$!@][^\W\d_]")
+
+
+def handle_mentioned(native: str) -> str | None:
+    """The first @handle in the prompt, a person named the way a harasser names one, or None (also when the rest of
+    the prompt is in leetspeak, whose "@" is an "a": "@v3c un cou734u")."""
+    m = _HANDLE.search(native)
+    if m is None or _LEET_WORD.search(native[: m.start()] + " " + native[m.end():]):
+        return None
+    return m.group(0)
+
+
 def age_mentioned(native: str) -> str | None:
     """The first age under 18 written with digits, number words of the Latin-script languages ("a 12 year old",
     "siebenjährig", "de sept ans") or kanji ("七歳"); a number that is part of a larger one ("vingt-sept ans") is

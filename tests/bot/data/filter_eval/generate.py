@@ -140,6 +140,7 @@ def build_banks() -> dict[str, list]:
     banks["fresh_bank"] = build_fresh()
     banks["fresh_bank2"] = build_fresh2()  # measured once (bench/RESULTS.md), training data from round 3 on
     banks["fresh_bank3"] = build_fresh3()  # measured once (bench/RESULTS.md), training data from round 4 on
+    banks["fresh_bank4"] = build_fresh4()  # measured once (bench/RESULTS.md), training data from round 5 on
     banks["compose"] = _bank_rows(compose, random.Random(2030))  # its own seed: the others do not move
     return banks
 
@@ -175,10 +176,19 @@ def build_fresh3() -> list:
 
 def build_fresh4() -> list:
     """``fresh4.tsv``: the seventh bank (``fresh_bank4.py``), written by someone else while the filter was reworked
-    in round 4 and run once on the finished, committed filter (its own seed, so the other files do not move)."""
-    import fresh_bank4  # noqa: PLC0415 - imported only here: nothing else may read it
+    in round 4 and run once on the finished, committed filter (its own seed, so the other files do not move); training
+    data from round 5 on."""
+    import fresh_bank4  # noqa: PLC0415 - imported here like the other measured banks
 
     return _bank_rows(fresh_bank4, random.Random(7))
+
+
+def build_fresh5() -> list:
+    """``fresh5.tsv``: the eighth bank (``fresh_bank5.py``), written by someone else while the filter was reworked
+    in round 5 and run once on the finished, committed filter (its own seed, so the other files do not move)."""
+    import fresh_bank5  # noqa: PLC0415 - imported only here: nothing else may read it
+
+    return _bank_rows(fresh_bank5, random.Random(8))
 
 
 def write(path: Path, rows: list) -> None:
@@ -202,5 +212,7 @@ if __name__ == "__main__":
     write(here / "fresh3.tsv", fresh3)
     fresh4 = build_fresh4()
     write(here / "fresh4.tsv", fresh4)
+    fresh5 = build_fresh5()
+    write(here / "fresh5.tsv", fresh5)
     print(f"train {len(train)} rows, held-out {len(heldout)} rows, fresh {len(fresh)} rows, fresh2 {len(fresh2)} rows, "
-          f"fresh3 {len(fresh3)} rows, fresh4 {len(fresh4)} rows")
+          f"fresh3 {len(fresh3)} rows, fresh4 {len(fresh4)} rows, fresh5 {len(fresh5)} rows")
