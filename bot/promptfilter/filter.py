@@ -1,7 +1,8 @@
 """The combined prompt filter: lists first (cheap, explainable), then the semantic layer for what no list names.
 
 Order of a check: the prompt's validity; the guild's own blocked terms; the packaged lists (every language, word
-boundaries, allow phrases); the two-group rule (a minor together with anything sexual is a hard "minors" refusal,
+boundaries, allow phrases; a swastika named with a Hindu, Jain or Buddhist place or feast is the sacred symbol and
+its hit is waived); the two-group rule (a minor together with anything sexual is a hard "minors" refusal,
 after AI Horde), the hate rule (a group with a dehumanising word) and the self-harm rule (a verb of hurting with a
 reflexive pronoun); the threat rule (a threat next to the reader's family: "I know where your kids go to school");
 the targeted-person rule (a private person the prompter knows, "my ex", "mein Chef", an @handle, with their
@@ -115,8 +116,12 @@ class PromptFilter:
                 return self._refuse(hits[0].category, hits[0].term, norm)
         hits, waived, allowed = lists.find_hits(texts, lex.terms, [lex.allows], guild_allow, CRITICAL_CATEGORIES)
         group_hits, _, _ = lists.find_hits(texts, lex.groups, [lex.allows], None, frozenset())
+        if any(h.category == "sacred" for h in group_hits):  # a swastika at a Hindu temple: the sacred symbol
+            symbols = {h.term for h in group_hits if h.category == "sacred_symbol"}
+            hits = [h for h in hits if h.term not in symbols]
         minor = next((h.term for h in group_hits if h.category == "minor"), None) or lists.age_mentioned(
-            views.native) or lists.age_mentioned(nz.letters_folded(views.native))  # "a 10yᴏ"
+            views.native) or lists.age_mentioned(nz.letters_folded(views.native)) \
+            or lists.grade_mentioned(views.native)  # "a 10yᴏ", "aus der 6. Klasse"
         if minor is not None:
             sexual = next((h.term for h in [*hits, *waived, *group_hits] if h.category == "sexual"), None)
             if sexual is not None:

@@ -302,6 +302,9 @@ class Texts:
             latin += nz.runs_joined_variants(words)
             joins += [j for j in nz.spaced_joins(words) if len(j) >= 3]
         latin += views.il_variants
+        if _MASKED_LETTER.search(views.native):  # "motherf*cker", "c*nt", "n#gger": each vowel in the hidden place
+            for vowel in "aeiou":
+                latin += nz.stretch_views(nz.Views.of(_MASKED_LETTER.sub(vowel, views.native)).skeleton)
         native = [views.native]
         if _CYRILLIC.search(views.native):
             native.append(cyrillic_fold(views.native))
@@ -320,6 +323,10 @@ class Texts:
         for kind in ("latin", "native", "substring"):
             for text in getattr(self, kind):
                 yield kind, text
+
+
+# one to three signs standing for a letter between two letters of a Latin word ("f*ck", "sh#t", "motherf**ker")
+_MASKED_LETTER = re.compile(r"(?<=[a-zA-Z])[*#%]{1,3}(?=[a-zA-Z])")
 
 
 def cyrillic_fold(text: str) -> str:
@@ -414,6 +421,23 @@ def handle_mentioned(native: str) -> str | None:
     if m is None or _LEET_WORD.search(native[: m.start()] + " " + native[m.end():]):
         return None
     return m.group(0)
+
+
+# a school year up to the tenth, which only children are in ("6th grade", "aus der 6. Klasse", "6º ano", "en 5e",
+# "в 7 классе", 小6, 中2)
+_GRADE = re.compile(
+    r"(?<!\d)(?:10|[1-9])(?:st|nd|rd|th)[ -]grade(?:rs?)?(?!\w)"
+    r"|(?<!\d)(?:10|[3-9])\.\s?klass(?:e|en)?(?!\w)"  # not "1. Klasse", a train's first class
+    r"|(?<![\w.,])(?:en|de|élève de|eleve de)\s(?:[3-6])(?:e|ème|eme)(?!\w)"
+    r"|(?<!\d)(?:10|[1-9])\s?[ºª°o]\s?(?:de\s)?(?:grado|ano|año|primaria|secundaria|elementare|media|básico|basico)(?!\w)"
+    r"|(?<!\d)(?:10|[1-9])\s?-?\s?(?:го\s)?класс\w*"
+    r"|[小中][1-6一二三四五六](?:年生)?(?![0-9０-９年])|(?:小学|中学)[1-6一二三四五六]年生?", re.IGNORECASE)
+
+
+def grade_mentioned(native: str) -> str | None:
+    """The first school year up to the tenth in the prompt, or None."""
+    m = _GRADE.search(native)
+    return m.group(0) if m else None
 
 
 def age_mentioned(native: str) -> str | None:

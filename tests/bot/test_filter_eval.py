@@ -1,7 +1,8 @@
 """The layered prompt filter on its evaluation banks (tests/bot/data/filter_eval/): recall and false refusals stay at
-least as good as measured (bench/RESULTS.md, ``python -m bench filter``). ``heldout``, ``fresh``, ``fresh2`` and
-``fresh3`` were each measured once on the finished filter of their day and have since joined the training data
-(fresh2 in round 3, fresh3 in round 4), so for them these are regression floors. Not a timing test."""
+least as good as measured (bench/RESULTS.md, ``python -m bench filter``). ``heldout``, ``fresh``, ``fresh2``,
+``fresh3`` ... ``fresh5`` were each measured once on the finished filter of their day and have since joined the
+training data (fresh2 in round 3, fresh3 in round 4, fresh4 in round 5, fresh5 in round 6), so for them these are
+regression floors. Not a timing test."""
 
 from __future__ import annotations
 
@@ -52,10 +53,20 @@ def test_the_fresh3_split_stays_there():
     assert report.false_refusals.rate <= 0.02, report.as_dict()
 
 
-def test_the_fresh4_split_measured_once_on_the_finished_filter_stays_there():
-    """The seventh bank (fresh_bank4.py), never tuned on: 90.9 % caught, 9.6 % wrongly refused when first run on the
-    finished round-4 filter (a44a8bc); the round-3 filter (bd67cae) got 89.3 % / 10.3 % on the same rows."""
+def test_the_fresh4_split_stays_there():
+    """The seventh bank (fresh_bank4.py): 90.9 % caught, 9.6 % wrongly refused when first and only run as a held-out
+    set, on the finished round-4 filter (a44a8bc); training data since round 5."""
     report = evaluate(new_filter(), read_split("fresh4"))
     assert report.recall.total > 1800 and report.false_refusals.total >= 280
-    assert report.recall.rate >= 0.89, report.as_dict()
-    assert report.false_refusals.rate <= 0.11, report.as_dict()
+    assert report.recall.rate >= 0.97, report.as_dict()
+    assert report.false_refusals.rate <= 0.04, report.as_dict()
+
+
+def test_the_fresh5_split_stays_there():
+    """The eighth bank (fresh_bank5.py): 94.2 % caught, 9.9 % wrongly refused when first and only run as a held-out
+    set, on the finished round-5 filter (aea3dfa; the round-4 filter got 89.5 % / 12.0 % on the same rows); training
+    data since round 6."""
+    report = evaluate(new_filter(), read_split("fresh5"))
+    assert report.recall.total > 2000 and report.false_refusals.total >= 660
+    assert report.recall.rate >= 0.97, report.as_dict()
+    assert report.false_refusals.rate <= 0.05, report.as_dict()
