@@ -6,8 +6,10 @@ its hit is waived); the two-group rule (a minor together with anything sexual is
 after AI Horde), the hate rule (a group with a dehumanising word) and the self-harm rule (a verb of hurting with a
 reflexive pronoun); the threat rule (a threat next to the reader's family: "I know where your kids go to school");
 the targeted-person rule (a private person the prompter knows, "my ex", "mein Chef", an @handle, with their
-address or phone number); the semantic head over the prompt as written and its Latin skeleton, which refuses a
-prompt naming such a person as abuse at a lower probability of harm than its own thresholds. A guild's allow list
+address or phone number, or a street address with a threat); the farewell rule (a means of ending one's life with
+a farewell: "pills beside a goodbye letter", "a rope, tonight is the night"); the semantic head over the prompt as
+written and its Latin skeleton, without the known person (the rule judges them), which refuses a prompt naming
+such a person as abuse at a lower probability of harm than its own thresholds. A guild's allow list
 suppresses list hits and semantic verdicts of the ordinary categories, never of the critical ones.
 """
 
@@ -151,9 +153,17 @@ class PromptFilter:
         if doxx is not None and not guild_allowed():
             return FilterDecision(False, "abuse", "The prompt targets a person with their address or phone number.",
                                   matched=f"{person} + {doxx}", normalised=norm)
+        if (address := lists.address_mentioned(views.native)) is not None and not guild_allowed() and (
+                threat := next((h.term for h in group_hits if h.category == "threat"), None)) is not None:
+            return FilterDecision(False, "abuse", "The prompt threatens someone at their address.",
+                                  matched=f"{address} + {threat}", normalised=norm)
+        # a means, or a verb of hurting (the self-harm rule's group holds a few of the same words), with a farewell
+        if (matched := pair("means", "farewell") or pair("selfhurt", "farewell")) is not None and not guild_allowed():
+            return FilterDecision(False, "self_harm", "The prompt describes someone ending their life.",
+                                  matched=matched, normalised=norm)
         if self.classifier is None or not _long_enough(views):
             return FilterDecision(True, normalised=norm)
-        inputs = [t for t in semantic.inputs(views, texts, lex.allows) if t]
+        inputs = [t for t in semantic.inputs(views, texts, lex.unread or lex.allows) if t]
         if not inputs:
             return FilterDecision(True, normalised=norm)
         threshold = policy.classifier_threshold if policy.classifier_threshold is not None else (

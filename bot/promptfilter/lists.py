@@ -267,6 +267,10 @@ class Lexicon:
     terms: TermSet
     allows: TermSet
     groups: TermSet
+    #: what the sentence encoder is not given to read: the allow phrases (known-innocent words it would only
+    #: misread) and the private people of the targeted-person rule ("my boss", "mein Chef"), which that rule judges;
+    #: read by the encoder, they taught it that a known person in any scene is abuse
+    unread: TermSet | None = None
 
     @classmethod
     @functools.cache
@@ -278,7 +282,9 @@ class Lexicon:
             terms += t
             allows += a
         groups, _ = parse_lines(_asset("groups.txt"), "groups.txt")
-        return cls(TermSet(tuple(terms)), TermSet(tuple(allows)), TermSet(tuple(groups)))
+        people = tuple(t for t in groups if t.category == "person")
+        return cls(TermSet(tuple(terms)), TermSet(tuple(allows)), TermSet(tuple(groups)),
+                   TermSet(tuple(allows) + people))
 
 
 @dataclass

@@ -51,7 +51,7 @@ def read_rows(path: Path) -> list[tuple[str, str, str, str]]:
 def encoder_inputs(prompt: str) -> list[str]:
     """The texts the filter gives the encoder for one prompt."""
     views = nz.Views.of(prompt)
-    return [t for t in semantic.inputs(views, lists.Texts.of(views), lists.Lexicon.default().allows) if t]
+    return [t for t in semantic.inputs(views, lists.Texts.of(views), lists.Lexicon.default().unread) if t]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -139,3 +139,42 @@ def test_a_train_s_first_class_is_not_a_school_year():
     assert lists.grade_mentioned("Abteil der 1. Klasse im ICE") is None
     assert lists.grade_mentioned("the 6e arrondissement of Paris") is None
     assert lists.grade_mentioned("Schüler der 8. Klasse") == "8. Klasse"
+
+
+@pytest.mark.parametrize("prompt", [
+    "a poster of Jim Hale, 9 Elm Road, 'you will pay'",
+    "Flugblatt gegen Jonas Weber, Gartenstraße 4: 'du wirst es bereuen'",
+    "cartel contra Pablo Gil, calle Luna 8, 'te vas a arrepentir'", "volantino per Marco, via Po 3, 'te ne pentirai'",
+])
+def test_a_street_address_with_a_threat_is_abuse(prompt):
+    d = LISTS_ONLY.check(prompt)
+    assert not d.allowed and d.category == "abuse", d
+
+
+@pytest.mark.parametrize("prompt", [
+    "a noose in the attic, tonight is the night", "sleeping pills and a goodbye letter on the nightstand",
+    "Tabletten neben einem Abschiedsbrief", "une corde et une lettre d'adieu", "pastillas y una carta de despedida",
+    "pillole e una lettera d'addio sul comodino", "comprimidos e uma carta de despedida", "петля и прощальная записка",
+    "睡眠薬と遺書",
+])
+def test_a_means_with_a_farewell_is_self_harm(prompt):
+    d = LISTS_ONLY.check(prompt)
+    assert not d.allowed and d.category == "self_harm", d
+
+
+@pytest.mark.parametrize("prompt", [
+    "a rope swing over a river, finally free for the summer", "who will pay the bill at 22 Oak Lane restaurant",
+    "a goodbye letter to summer on a sunny beach", "a bridge at night with city lights",
+])
+def test_a_means_or_an_address_alone_passes(prompt):
+    assert LISTS_ONLY.check(prompt).allowed
+
+
+def test_the_encoder_does_not_read_the_known_person():
+    """The targeted-person rule judges "my boss"; the encoder reads the scene around it, so it cannot learn that a
+    known person in any scene is abuse."""
+    from bot.promptfilter.train import encoder_inputs
+
+    scene = "grilling burgers at the company picnic"
+    assert encoder_inputs(f"my boss {scene}") == [scene]
+    assert encoder_inputs("кот моей соседки на подоконнике") == ["кот на подоконнике"]
