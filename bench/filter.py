@@ -1,5 +1,5 @@
 """The prompt filter on its evaluation set: ``python -m bench filter
-[--split heldout|fresh|fresh2|fresh3|fresh4|fresh5|fresh6|fresh7|train|all] [--json PATH]``.
+[--split heldout|fresh|fresh2|fresh3|fresh4|fresh5|fresh6|fresh7|fresh8|train|all] [--json PATH]``.
 
 Reads ``tests/bot/data/filter_eval/{train,heldout}.tsv`` (text, expected category or "ok", language, trick) and runs
 the layered filter (``bot.promptfilter``) and, in the same run, the first filter (``bench/reference/filter_v1.py``)
@@ -29,7 +29,7 @@ LATENCY_TARGET_MS = 20.0
 
 def read_split(name: str) -> list[tuple[str, str, str, str]]:
     """``(text, expected, language, trick)`` rows of ``train``, ``heldout``, ``fresh``, ``fresh2``, ``fresh3``,
-    ``fresh4``, ``fresh5``, ``fresh6``, ``fresh7`` or ``all`` (the first three)."""
+    ``fresh4``, ``fresh5``, ``fresh6``, ``fresh7``, ``fresh8`` or ``all`` (the first three)."""
     names = ["train", "heldout", "fresh"] if name == "all" else [name]
     rows = []
     for n in names:
@@ -154,10 +154,10 @@ def table(new: Report, old: Report) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench filter", description=__doc__.splitlines()[0])
-    splits = ["heldout", "fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7", "train", "all"]
+    splits = ["heldout", "fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7", "fresh8", "train", "all"]
     parser.add_argument("--split", choices=splits,
-                        default="heldout", help="fresh7: the last held-out bank, measured once on the finished filter "
-                        "(fresh6 ... fresh2 were the ones before; training data since)")
+                        default="heldout", help="fresh8: the last held-out bank, measured once on the finished filter "
+                        "(fresh7 ... fresh2 were the ones before; training data since)")
     parser.add_argument("--misses", type=int, default=20, help="print up to this many of the new filter's errors")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args(argv)

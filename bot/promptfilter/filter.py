@@ -6,11 +6,12 @@ its hit is waived); the two-group rule (a minor together with anything sexual is
 after AI Horde), the hate rule (a group with a dehumanising word) and the self-harm rule (a verb of hurting with a
 reflexive pronoun); the threat rule (a threat next to the reader's family: "I know where your kids go to school");
 the targeted-person rule (a private person the prompter knows, "my ex", "mein Chef", an @handle, with their
-address or phone number, or a street address with a threat); the farewell rule (a means of ending one's life with
-a farewell: "pills beside a goodbye letter", "a rope, tonight is the night"); the semantic head over the prompt as
-written and its Latin skeleton, without the known person (the rule judges them), which refuses a prompt naming
-such a person as abuse at a lower probability of harm than its own thresholds. A guild's allow list
-suppresses list hits and semantic verdicts of the ordinary categories, never of the critical ones.
+address or phone number, or with harm done to them; or a street address with a threat); the farewell rule (a means
+of ending one's life with a farewell: "pills beside a goodbye letter", "a rope, tonight is the night"); the semantic
+head over the prompt as written and its Latin skeleton, without the known person (the rule judges them) nor a sacred
+swastika's name, which refuses a prompt naming such a person as abuse at a lower probability of harm than its own
+thresholds. A guild's allow list suppresses list hits and semantic verdicts of the ordinary categories, never of the
+critical ones.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ class PromptFilter:
                 return self._refuse(hits[0].category, hits[0].term, norm)
         hits, waived, allowed = lists.find_hits(texts, lex.terms, [lex.allows], guild_allow, CRITICAL_CATEGORIES)
         group_hits, _, _ = lists.find_hits(texts, lex.groups, [lex.allows], None, frozenset())
-        if any(h.category == "sacred" for h in group_hits):  # a swastika at a Hindu temple: the sacred symbol
+        sacred = any(h.category == "sacred" for h in group_hits)
+        if sacred:  # a swastika at a Hindu temple: the sacred symbol, for the lists and the encoder
             symbols = {h.term for h in group_hits if h.category == "sacred_symbol"}
             hits = [h for h in hits if h.term not in symbols]
         minor = next((h.term for h in group_hits if h.category == "minor"), None) or lists.age_mentioned(
@@ -153,6 +155,10 @@ class PromptFilter:
         if doxx is not None and not guild_allowed():
             return FilterDecision(False, "abuse", "The prompt targets a person with their address or phone number.",
                                   matched=f"{person} + {doxx}", normalised=norm)
+        hurt = next((h.term for h in group_hits if h.category == "hurt"), None) if person is not None else None
+        if hurt is not None and not guild_allowed():
+            return FilterDecision(False, "abuse", "The prompt shows harm done to a person the author knows.",
+                                  matched=f"{person} + {hurt}", normalised=norm)
         if (address := lists.address_mentioned(views.native)) is not None and not guild_allowed() and (
                 threat := next((h.term for h in group_hits if h.category == "threat"), None)) is not None:
             return FilterDecision(False, "abuse", "The prompt threatens someone at their address.",
@@ -163,7 +169,7 @@ class PromptFilter:
                                   matched=matched, normalised=norm)
         if self.classifier is None or not _long_enough(views):
             return FilterDecision(True, normalised=norm)
-        inputs = [t for t in semantic.inputs(views, texts, lex.unread or lex.allows) if t]
+        inputs = [t for t in semantic.inputs(views, texts, lex.unread_for(group_hits)) if t]
         if not inputs:
             return FilterDecision(True, normalised=norm)
         threshold = policy.classifier_threshold if policy.classifier_threshold is not None else (

@@ -271,6 +271,13 @@ class Lexicon:
     #: misread) and the private people of the targeted-person rule ("my boss", "mein Chef"), which that rule judges;
     #: read by the encoder, they taught it that a known person in any scene is abuse
     unread: TermSet | None = None
+    #: the same and the swastika's names, for a prompt that sets it in a Hindu, Jain or Buddhist place or feast
+    unread_sacred: TermSet | None = None
+
+    def unread_for(self, group_hits: Sequence[Hit]) -> TermSet:
+        """What the encoder is not given to read in a prompt with these group hits."""
+        sacred = any(h.category == "sacred" for h in group_hits)
+        return (self.unread_sacred if sacred else self.unread) or self.allows
 
     @classmethod
     @functools.cache
@@ -283,8 +290,9 @@ class Lexicon:
             allows += a
         groups, _ = parse_lines(_asset("groups.txt"), "groups.txt")
         people = tuple(t for t in groups if t.category == "person")
+        symbols = tuple(t for t in groups if t.category == "sacred_symbol")
         return cls(TermSet(tuple(terms)), TermSet(tuple(allows)), TermSet(tuple(groups)),
-                   TermSet(tuple(allows) + people))
+                   TermSet(tuple(allows) + people), TermSet(tuple(allows) + people + symbols))
 
 
 @dataclass

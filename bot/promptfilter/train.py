@@ -51,7 +51,9 @@ def read_rows(path: Path) -> list[tuple[str, str, str, str]]:
 def encoder_inputs(prompt: str) -> list[str]:
     """The texts the filter gives the encoder for one prompt."""
     views = nz.Views.of(prompt)
-    return [t for t in semantic.inputs(views, lists.Texts.of(views), lists.Lexicon.default().unread) if t]
+    lex, texts = lists.Lexicon.default(), lists.Texts.of(views)
+    groups, _, _ = lists.find_hits(texts, lex.groups, [lex.allows], None, frozenset())
+    return [t for t in semantic.inputs(views, texts, lex.unread_for(groups)) if t]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -143,6 +143,7 @@ def build_banks() -> dict[str, list]:
     banks["fresh_bank4"] = build_fresh4()  # measured once (bench/RESULTS.md), training data from round 5 on
     banks["fresh_bank5"] = build_fresh5()  # measured once (bench/RESULTS.md), training data from round 6 on
     banks["fresh_bank6"] = build_fresh6()  # measured once (bench/RESULTS.md), training data from round 7 on
+    banks["fresh_bank7"] = build_fresh7()  # measured once (bench/RESULTS.md), training data from round 8 on
     banks["compose"] = _bank_rows(compose, random.Random(2030))  # its own seed: the others do not move
     return banks
 
@@ -205,10 +206,19 @@ def build_fresh6() -> list:
 
 def build_fresh7() -> list:
     """``fresh7.tsv``: the tenth bank (``fresh_bank7.py``), written by someone else while the filter was reworked
-    in round 7 and run once on the finished, committed filter (its own seed, so the other files do not move)."""
-    import fresh_bank7  # noqa: PLC0415 - imported only here: nothing else may read it
+    in round 7 and run once on the finished, committed filter (its own seed, so the other files do not move); training
+    data from round 8 on."""
+    import fresh_bank7  # noqa: PLC0415 - imported here like the other measured banks
 
     return _bank_rows(fresh_bank7, random.Random(10))
+
+
+def build_fresh8() -> list:
+    """``fresh8.tsv``: the eleventh bank (``fresh_bank8.py``), written by someone else while the filter was reworked
+    in round 8 and run once on the finished, committed filter (its own seed, so the other files do not move)."""
+    import fresh_bank8  # noqa: PLC0415 - imported only here: nothing else may read it
+
+    return _bank_rows(fresh_bank8, random.Random(11))
 
 
 def write(path: Path, rows: list) -> None:
@@ -238,6 +248,8 @@ if __name__ == "__main__":
     write(here / "fresh6.tsv", fresh6)
     fresh7 = build_fresh7()
     write(here / "fresh7.tsv", fresh7)
+    fresh8 = build_fresh8()
+    write(here / "fresh8.tsv", fresh8)
     print(f"train {len(train)} rows, held-out {len(heldout)} rows, fresh {len(fresh)} rows, fresh2 {len(fresh2)} rows, "
           f"fresh3 {len(fresh3)} rows, fresh4 {len(fresh4)} rows, fresh5 {len(fresh5)} rows, fresh6 {len(fresh6)} rows, "
-          f"fresh7 {len(fresh7)} rows")
+          f"fresh7 {len(fresh7)} rows, fresh8 {len(fresh8)} rows")
