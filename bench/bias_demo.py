@@ -242,7 +242,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                            "--token-kl-scope", args.token_kl_scope, "--reward-scope", args.reward_scope,
                            "--counterfactuals", str(args.counterfactuals),
                            "--objective-temperature", str(args.objective_temperature),
-                           "--objective-guidance", str(args.objective_guidance)],
+                           "--objective-guidance", str(args.objective_guidance),
+                           "--kto-reference", args.kto_reference],
                           env, log)
         report["finetune"] = ft
         t = lap("finetune", t)
@@ -316,6 +317,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="the temperature the fine-tune's objective reads the model at")
     p.add_argument("--objective-guidance", type=float, default=1.0,
                    help="the super-conditioning scale the fine-tune's objective reads the model at")
+    p.add_argument("--kto-reference", choices=("batch", "zero"), default="batch",
+                   help="KTO's reference point: the batch's mean reward, or zero")
     p.add_argument("--counterfactuals", type=int, default=0,
                    help="per image disliked for its colour, DPO pairs of it repainted in other colours (0: off)")
     p.add_argument("--trainable", default="all",

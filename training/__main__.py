@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from training.optim import OptimConfig
-from training.preference import REWARD_SCOPES, TOKEN_KL_SCOPES
+from training.preference import KTO_REFERENCES, REWARD_SCOPES, TOKEN_KL_SCOPES
 
 FEEDBACK_ACTIONS = ("export", "finetune", "evaluate", "promote", "rollback", "list")
 
@@ -322,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective-temperature", type=float, default=1.0,
                    help="finetune: the temperature KTO, DPO and SFT read the model at (the checkpoint's sampling "
                         "temperature scores what users are shown; default 1.0, the model's own distribution)")
+    p.add_argument("--kto-reference", choices=KTO_REFERENCES, default="batch",
+                   help="finetune: KTO's reference point, the batch's mean reward (clipped at 0) or zero (a disliked "
+                        "image keeps being pushed however fast the liked ones rise)")
     p.add_argument("--objective-guidance", type=float, default=1.0,
                    help="finetune: the super-conditioning scale KTO, DPO and SFT read the model at, against the "
                         "empty prompt (the checkpoint's scale scores what users are shown; default 1.0, the "

@@ -80,7 +80,8 @@ def run_action(args: argparse.Namespace) -> dict[str, Any]:
                                token_kl_scope=getattr(args, "token_kl_scope", "all"),
                                reward_scope=getattr(args, "reward_scope", "all"),
                                temperature=getattr(args, "objective_temperature", 1.0),
-                               guidance=getattr(args, "objective_guidance", 1.0))
+                               guidance=getattr(args, "objective_guidance", 1.0),
+                               kto_reference=getattr(args, "kto_reference", "batch"))
         cfg.validate()
         try:
             return retrain.finetune_registered(url, parent, args.data, args.out, by=_by(args), cfg=cfg,

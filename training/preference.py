@@ -69,6 +69,8 @@ TOKEN_KL_SCOPES = ("all", "uncontested", "colour-spared")
 #: the positions whose log-probabilities the preference terms (KTO, DPO) score (see
 #: :attr:`PreferenceConfig.reward_scope`)
 REWARD_SCOPES = ("all", "colour-deciding")
+#: KTO's reference points (see :attr:`PreferenceConfig.kto_reference`)
+KTO_REFERENCES = ("batch", "zero")
 #: positions after an object's first code that still count as deciding its colour
 DECIDING_WINDOW = 0
 
@@ -110,6 +112,11 @@ class PreferenceConfig:
     #: checkpoint's scale a vote scores the distribution the image was drawn from, and the unconditional branch
     #: takes its share of the credit
     guidance: float = 1.0
+    #: KTO's reference point z: "batch", the batch's mean reward (clipped at 0; the KL estimate of the KTO paper's
+    #: implementations), or "zero". With liked images rising fast (λ_D > 1, SFT) the batch mean climbs with them
+    #: and every disliked image's term saturates (its sigmoid at β·(z − r) ≫ 1), so the complaint stops pushing;
+    #: at zero a disliked image is pushed until its own reward is well below the parent's
+    kto_reference: str = "batch"
 
     @property
     def needs_code_colours(self) -> bool:
@@ -121,6 +128,8 @@ class PreferenceConfig:
             raise ValueError(f"beta must be > 0; got {self.beta}")
         if not 0.05 <= self.temperature <= 10:
             raise ValueError(f"temperature must be between 0.05 and 10; got {self.temperature}")
+        if self.kto_reference not in KTO_REFERENCES:
+            raise ValueError(f"kto_reference must be one of {', '.join(KTO_REFERENCES)}; got {self.kto_reference!r}")
         if not 0 < self.guidance <= 20:
             raise ValueError(f"guidance must be in (0, 20]; got {self.guidance}")
         if self.token_kl_scope not in TOKEN_KL_SCOPES:
@@ -177,7 +186,7 @@ def kto_terms(logp: jax.Array, ref_logp: jax.Array, desirable: jax.Array, weight
               cfg: PreferenceConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
     """KTO loss (weighted mean) and its diagnostics; ``desirable`` is 1.0/0.0 per row."""
     r = logp - ref_logp
-    z = jax.lax.stop_gradient(jnp.maximum(jnp.mean(r), 0.0))
+    z = jax.lax.stop_gradient(jnp.maximum(jnp.mean(r), 0.0)) if cfg.kto_reference == "batch" else jnp.zeros(())
     des = desirable.astype(jnp.float32)
     value = des * cfg.desirable_weight * (1 - jax.nn.sigmoid(cfg.beta * (r - z))) \
         + (1 - des) * cfg.undesirable_weight * (1 - jax.nn.sigmoid(cfg.beta * (z - r)))

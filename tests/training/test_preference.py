@@ -77,6 +77,27 @@ def test_loss_terms():
         PreferenceConfig(beta=0).validate()
 
 
+def test_kto_at_a_zero_reference_keeps_pushing_a_disliked_image_while_liked_ones_rise():
+    """With the batch's mean reward as reference, liked images far above the parent lift z and a disliked image's
+    term saturates (almost no gradient); at a zero reference it still pulls the disliked image down."""
+    des = jnp.asarray([1.0, 1.0, 1.0, 0.0])
+    ref = jnp.zeros(4)
+
+    def grad_on_disliked(reference: str) -> float:
+        cfg = PreferenceConfig(beta=0.1, kto_reference=reference)
+        g = jax.grad(lambda lp: kto_terms(lp, ref, des, jnp.ones(4), cfg)[0])(jnp.asarray([60.0, 60.0, 60.0, -5.0]))
+        return float(g[3])
+
+    batch, zero = grad_on_disliked("batch"), grad_on_disliked("zero")
+    assert 0 < batch < 1e-3  # z = 43.75: the disliked term is saturated
+    assert zero > 20 * batch  # descending the loss lowers the disliked image's log-prob
+    _, aux = kto_terms(jnp.asarray([60.0, 60.0, 60.0, -5.0]), ref, des, jnp.ones(4),
+                       PreferenceConfig(kto_reference="zero"))
+    assert float(aux["kto_z"]) == 0.0
+    with pytest.raises(ValueError, match="kto_reference"):
+        PreferenceConfig(kto_reference="mean").validate()
+
+
 def test_the_objective_reads_the_model_at_its_temperature():
     """At temperature T the summed log-prob is that of softmax(logits / T), in the loss and for the reference."""
     params = jax.jit(lambda r: init_params(CFG, r))(jax.random.PRNGKey(2))
