@@ -154,10 +154,10 @@ def table(new: Report, old: Report) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench filter", description=__doc__.splitlines()[0])
-    splits = ["heldout", "fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7", "fresh8", "train", "all"]
-    parser.add_argument("--split", choices=splits,
-                        default="heldout", help="fresh8: the last held-out bank, measured once on the finished filter "
-                        "(fresh7 ... fresh2 were the ones before; training data since)")
+    fresh = sorted((p.stem for p in DATA.glob("fresh*.tsv")), key=lambda n: int(n[5:] or 1))
+    parser.add_argument("--split", choices=["heldout", *fresh, "train", "all"], default="heldout",
+                        help=f"{fresh[-1]}: the last held-out bank, measured once on the finished filter (the "
+                        "fresh banks before it were measured once each and are training data since)")
     parser.add_argument("--misses", type=int, default=20, help="print up to this many of the new filter's errors")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args(argv)

@@ -2,18 +2,17 @@
 
 ``python tests/bot/data/filter_eval/crossval.py [--hidden H] [--epochs N] [--lr LR] [--l2 L2] [--ok-weight W]
 [--thresholds 0.5,0.9] [--misses N] [--sweep]``, from the repository root. For each of the hand-written banks
-(``bank.py`` with its synthetic rows, ``heldout_bank.py``, ``heldout_bank3.py``, ``fresh_bank.py``,
-``fresh_bank2.py`` ... ``fresh_bank7.py``) it trains the head the way ``python -m bot.promptfilter.train`` does on every
-other bank (the compositional ``compose.py`` rows always among them) and runs the whole filter (lists, rules, that
-head) on the bank left out, at each threshold for every class and at the per-class thresholds ``train.py`` ships
-("shipped"); ``--sweep`` prints the head alone with one class's threshold moved at a time. Subject-grouped folds of
-one bank share its style and said 98.9 % where each new bank said 67-85 %; a left-out bank is written in its own
-words.
+(``bank.py`` with its synthetic rows, ``heldout_bank.py``, ``heldout_bank3.py`` and the measured banks that train the
+filter, ``generate.FRESH``) it trains the head the way ``python -m bot.promptfilter.train`` does on every other bank
+(the compositional ``compose.py`` rows always among them) and runs the whole filter (lists, rules, that head) on the
+bank left out, at each threshold for every class and at the per-class thresholds ``train.py`` ships ("shipped");
+``--sweep`` prints the head alone with one class's threshold moved at a time. Subject-grouped folds of one bank share
+its style and said 98.9 % where each new bank said 67-85 %; a left-out bank is written in its own words.
 
-The lists were tuned on every bank's errors (``fresh_bank2`` since round 3, ``fresh_bank3`` since round 4, ``fresh_bank4`` since round 5, ``fresh_bank5`` since round 6, ``fresh_bank6`` since round 7, ``fresh_bank7`` since round 8), so the
-whole filter's figure flatters the lists; the script prints the head alone too (a row refused when a non-"ok" class
-reaches the threshold on any of its views): the figure no list tuning flatters, and the one model selection uses.
-Embeddings are cached in ``$TMPDIR/filter_cv_embeddings.npz`` (keyed by the encoder's input text).
+The lists were tuned on every training bank's errors (each measured bank's since the round after it was measured), so
+the whole filter's figure flatters the lists; the script prints the head alone too (a row refused when a non-"ok"
+class reaches the threshold on any of its views): the figure no list tuning flatters, and the one model selection
+uses. Embeddings are cached in ``$TMPDIR/filter_cv_embeddings.npz`` (keyed by the encoder's input text).
 """
 
 from __future__ import annotations
@@ -36,8 +35,8 @@ from bench.filter import evaluate  # noqa: E402
 from bot.promptfilter import PromptFilter, semantic  # noqa: E402
 from bot.promptfilter import train as trainer  # noqa: E402
 
-HELD_OUT = ("bank", "heldout_bank", "heldout_bank3", "fresh_bank", "fresh_bank2", "fresh_bank3", "fresh_bank4",
-            "fresh_bank5", "fresh_bank6", "fresh_bank7")
+HELD_OUT = ("bank", "heldout_bank", "heldout_bank3",
+            *(module for module, _, trains in generate.FRESH.values() if trains))
 CACHE = Path(os.environ.get("TMPDIR", tempfile.gettempdir())) / "filter_cv_embeddings.npz"
 
 

@@ -1,23 +1,22 @@
-"""Writes ``train.tsv`` (every bank: ``bank.py``, ``heldout_bank.py``, ``heldout_bank3.py``, ``fresh_bank.py``,
-``fresh_bank2.py``, ``fresh_bank3.py`` and the compositional ``compose.py``), ``heldout.tsv`` (``heldout_bank3.py``),
-``fresh.tsv`` (``fresh_bank.py``), ``fresh2.tsv`` (``fresh_bank2.py``) and ``fresh3.tsv`` (``fresh_bank3.py``): text,
-expected, language, trick. The last four were each measured once as held-out sets and now also train the filter
-(issue #29; fresh2 since round 3, fresh3 since round 4); ``crossval.py`` leaves one bank out at a time instead.
+"""Writes ``train.tsv`` (every training bank: ``bank.py``, ``heldout_bank.py``, ``heldout_bank3.py``, the measured
+banks of ``FRESH`` that train the filter, and the compositional ``compose.py``), ``heldout.tsv``
+(``heldout_bank3.py``) and one ``<split>.tsv`` per measured bank of ``FRESH``: text, expected, language, trick. Each
+measured bank was written by someone who had not seen the filter, measured once on the finished filter of its day,
+and trains the filter from the round after (issue #29); ``crossval.py`` leaves one bank out at a time instead.
 
 Run from the repository root: ``python tests/bot/data/filter_eval/generate.py``. Deterministic (fixed seeds). Each
 subject appears plainly in a frame and with evasion tricks. Every hand-written bank was written after the filter
-of its day and measured once on it before its errors were read and fixed: see bench/RESULTS.md.
-"""
+of its day and measured once on it before its errors were read and fixed: see bench/RESULTS.md."""
 
 from __future__ import annotations
 
+import importlib
 import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import compose  # noqa: E402
-import fresh_bank  # noqa: E402
 import heldout_bank  # noqa: E402
 import heldout_bank3  # noqa: E402
 from bank import ABUSE_EXTRA, FRAMES, HARM, OK, ORDINARY_PARTS  # noqa: E402
@@ -137,13 +136,9 @@ def build_banks() -> dict[str, list]:
         if line.strip() and not line.startswith("#"):
             label, text = line.split("\t", 1)
             first.append((text, "abuse" if label == "1" else "ok", "en", "legacy"))
-    banks["fresh_bank"] = build_fresh()
-    banks["fresh_bank2"] = build_fresh2()  # measured once (bench/RESULTS.md), training data from round 3 on
-    banks["fresh_bank3"] = build_fresh3()  # measured once (bench/RESULTS.md), training data from round 4 on
-    banks["fresh_bank4"] = build_fresh4()  # measured once (bench/RESULTS.md), training data from round 5 on
-    banks["fresh_bank5"] = build_fresh5()  # measured once (bench/RESULTS.md), training data from round 6 on
-    banks["fresh_bank6"] = build_fresh6()  # measured once (bench/RESULTS.md), training data from round 7 on
-    banks["fresh_bank7"] = build_fresh7()  # measured once (bench/RESULTS.md), training data from round 8 on
+    for split, (module, _, trains) in FRESH.items():
+        if trains:
+            banks[module] = build_fresh(split)
     banks["compose"] = _bank_rows(compose, random.Random(2030))  # its own seed: the others do not move
     return banks
 
@@ -154,71 +149,25 @@ def build() -> tuple[list, list]:
     return [row for rows in banks.values() for row in rows], banks["heldout_bank3"]
 
 
-def build_fresh() -> list:
-    """``fresh.tsv``: the fourth bank, after everything (its own seed, so the other files do not move)."""
-    rng = random.Random(4)
-    return _bank_rows(fresh_bank, rng)
+# the banks written by other authors, each measured once on the finished filter of its day (bench/RESULTS.md): split
+# → (module, its own seed, so the other files do not move; whether it also trains the filter: every one since the
+# round after it was measured, but the latest, which nothing else may read)
+FRESH = {
+    "fresh": ("fresh_bank", 4, True),
+    "fresh2": ("fresh_bank2", 5, True),  # training data from round 3 on
+    "fresh3": ("fresh_bank3", 6, True),  # from round 4 on
+    "fresh4": ("fresh_bank4", 7, True),  # from round 5 on
+    "fresh5": ("fresh_bank5", 8, True),  # from round 6 on
+    "fresh6": ("fresh_bank6", 9, True),  # from round 7 on
+    "fresh7": ("fresh_bank7", 10, True),  # from round 8 on
+    "fresh8": ("fresh_bank8", 11, False),  # measured once on round 8
+}
 
 
-def build_fresh2() -> list:
-    """``fresh2.tsv``: the fifth bank (``fresh_bank2.py``), written by someone else while the filter was rebuilt and
-    run once on the finished, committed filter (its own seed, so the other files do not move)."""
-    import fresh_bank2  # noqa: PLC0415 - imported only here: nothing else may read it
-
-    return _bank_rows(fresh_bank2, random.Random(5))
-
-
-def build_fresh3() -> list:
-    """``fresh3.tsv``: the sixth bank (``fresh_bank3.py``), written by someone else while the filter was reworked in
-    round 3 and run once on the finished, committed filter (its own seed, so the other files do not move); training
-    data from round 4 on."""
-    import fresh_bank3  # noqa: PLC0415 - imported here like the other measured banks
-
-    return _bank_rows(fresh_bank3, random.Random(6))
-
-
-def build_fresh4() -> list:
-    """``fresh4.tsv``: the seventh bank (``fresh_bank4.py``), written by someone else while the filter was reworked
-    in round 4 and run once on the finished, committed filter (its own seed, so the other files do not move); training
-    data from round 5 on."""
-    import fresh_bank4  # noqa: PLC0415 - imported here like the other measured banks
-
-    return _bank_rows(fresh_bank4, random.Random(7))
-
-
-def build_fresh5() -> list:
-    """``fresh5.tsv``: the eighth bank (``fresh_bank5.py``), written by someone else while the filter was reworked
-    in round 5 and run once on the finished, committed filter (its own seed, so the other files do not move); training
-    data from round 6 on."""
-    import fresh_bank5  # noqa: PLC0415 - imported here like the other measured banks
-
-    return _bank_rows(fresh_bank5, random.Random(8))
-
-
-def build_fresh6() -> list:
-    """``fresh6.tsv``: the ninth bank (``fresh_bank6.py``), written by someone else while the filter was reworked
-    in round 6 and run once on the finished, committed filter (its own seed, so the other files do not move); training
-    data from round 7 on."""
-    import fresh_bank6  # noqa: PLC0415 - imported here like the other measured banks
-
-    return _bank_rows(fresh_bank6, random.Random(9))
-
-
-def build_fresh7() -> list:
-    """``fresh7.tsv``: the tenth bank (``fresh_bank7.py``), written by someone else while the filter was reworked
-    in round 7 and run once on the finished, committed filter (its own seed, so the other files do not move); training
-    data from round 8 on."""
-    import fresh_bank7  # noqa: PLC0415 - imported here like the other measured banks
-
-    return _bank_rows(fresh_bank7, random.Random(10))
-
-
-def build_fresh8() -> list:
-    """``fresh8.tsv``: the eleventh bank (``fresh_bank8.py``), written by someone else while the filter was reworked
-    in round 8 and run once on the finished, committed filter (its own seed, so the other files do not move)."""
-    import fresh_bank8  # noqa: PLC0415 - imported only here: nothing else may read it
-
-    return _bank_rows(fresh_bank8, random.Random(11))
+def build_fresh(split: str = "fresh") -> list:
+    """``<split>.tsv``'s rows: its bank framed and tricked with its own seed."""
+    module, seed, _ = FRESH[split]
+    return _bank_rows(importlib.import_module(module), random.Random(seed))
 
 
 def write(path: Path, rows: list) -> None:
@@ -234,22 +183,9 @@ if __name__ == "__main__":
     train, heldout = build()
     write(here / "train.tsv", train)
     write(here / "heldout.tsv", heldout)
-    fresh = build_fresh()
-    write(here / "fresh.tsv", fresh)
-    fresh2 = build_fresh2()
-    write(here / "fresh2.tsv", fresh2)
-    fresh3 = build_fresh3()
-    write(here / "fresh3.tsv", fresh3)
-    fresh4 = build_fresh4()
-    write(here / "fresh4.tsv", fresh4)
-    fresh5 = build_fresh5()
-    write(here / "fresh5.tsv", fresh5)
-    fresh6 = build_fresh6()
-    write(here / "fresh6.tsv", fresh6)
-    fresh7 = build_fresh7()
-    write(here / "fresh7.tsv", fresh7)
-    fresh8 = build_fresh8()
-    write(here / "fresh8.tsv", fresh8)
-    print(f"train {len(train)} rows, held-out {len(heldout)} rows, fresh {len(fresh)} rows, fresh2 {len(fresh2)} rows, "
-          f"fresh3 {len(fresh3)} rows, fresh4 {len(fresh4)} rows, fresh5 {len(fresh5)} rows, fresh6 {len(fresh6)} rows, "
-          f"fresh7 {len(fresh7)} rows, fresh8 {len(fresh8)} rows")
+    counts = {"train": len(train), "held-out": len(heldout)}
+    for split in FRESH:
+        rows = build_fresh(split)
+        write(here / f"{split}.tsv", rows)
+        counts[split] = len(rows)
+    print(", ".join(f"{name} {n} rows" for name, n in counts.items()))
