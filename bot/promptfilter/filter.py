@@ -150,8 +150,9 @@ class PromptFilter:
                                   normalised=norm)
         person = next((h.term for h in group_hits if h.category == "person"), None) \
             or lists.handle_mentioned(views.native)
-        doxx = next((h.term for h in group_hits if h.category == "doxx"), None) \
-            or lists.address_mentioned(views.native) if person is not None else None
+        address = lists.address_mentioned(views.native)
+        doxx = next((h.term for h in group_hits if h.category == "doxx"), None) or address \
+            if person is not None else None
         if doxx is not None and not guild_allowed():
             return FilterDecision(False, "abuse", "The prompt targets a person with their address or phone number.",
                                   matched=f"{person} + {doxx}", normalised=norm)
@@ -159,7 +160,7 @@ class PromptFilter:
         if hurt is not None and not guild_allowed():
             return FilterDecision(False, "abuse", "The prompt shows harm done to a person the author knows.",
                                   matched=f"{person} + {hurt}", normalised=norm)
-        if (address := lists.address_mentioned(views.native)) is not None and not guild_allowed() and (
+        if address is not None and not guild_allowed() and (
                 threat := next((h.term for h in group_hits if h.category == "threat"), None)) is not None:
             return FilterDecision(False, "abuse", "The prompt threatens someone at their address.",
                                   matched=f"{address} + {threat}", normalised=norm)
