@@ -72,10 +72,14 @@ def _pick(hits: Sequence[lists.Hit]) -> lists.Hit:
     return min(hits, key=lambda h: order.get(h.category, 99))
 
 
+def _term(hits: Sequence[lists.Hit], category: str) -> str | None:
+    """The first hit's term of ``category``, or None."""
+    return next((h.term for h in hits if h.category == category), None)
+
+
 def _pair(group_hits: Sequence[lists.Hit], first: str, second: str) -> str | None:
     """``"term1 + term2"`` when the prompt has a term of group ``first`` and one of group ``second``, else None."""
-    a = next((h.term for h in group_hits if h.category == first), None)
-    b = next((h.term for h in group_hits if h.category == second), None)
+    a, b = _term(group_hits, first), _term(group_hits, second)
     return f"{a} + {b}" if a is not None and b is not None else None
 
 
@@ -123,11 +127,11 @@ class PromptFilter:
         if sacred:  # a swastika at a Hindu temple: the sacred symbol, for the lists and the encoder
             symbols = {h.term for h in group_hits if h.category == "sacred_symbol"}
             hits = [h for h in hits if h.term not in symbols]
-        minor = next((h.term for h in group_hits if h.category == "minor"), None) or lists.age_mentioned(
+        minor = _term(group_hits, "minor") or lists.age_mentioned(
             views.native) or lists.age_mentioned(nz.letters_folded(views.native)) \
             or lists.grade_mentioned(views.native)  # "a 10yᴏ", "aus der 6. Klasse"
         if minor is not None:
-            sexual = next((h.term for h in [*hits, *waived, *group_hits] if h.category == "sexual"), None)
+            sexual = _term([*hits, *waived, *group_hits], "sexual")
             if sexual is not None:
                 return FilterDecision(False, "minors", "The prompt puts a minor together with sexual content.",
                                       matched=f"{minor} + {sexual}", normalised=norm)
@@ -148,20 +152,17 @@ class PromptFilter:
         if (matched := pair("threat", "kin")) is not None and not guild_allowed():
             return FilterDecision(False, "abuse", "The prompt threatens someone or their family.", matched=matched,
                                   normalised=norm)
-        person = next((h.term for h in group_hits if h.category == "person"), None) \
-            or lists.handle_mentioned(views.native)
+        person = _term(group_hits, "person") or lists.handle_mentioned(views.native)
         address = lists.address_mentioned(views.native)
-        doxx = next((h.term for h in group_hits if h.category == "doxx"), None) or address \
-            if person is not None else None
+        doxx = _term(group_hits, "doxx") or address if person is not None else None
         if doxx is not None and not guild_allowed():
             return FilterDecision(False, "abuse", "The prompt targets a person with their address or phone number.",
                                   matched=f"{person} + {doxx}", normalised=norm)
-        hurt = next((h.term for h in group_hits if h.category == "hurt"), None) if person is not None else None
+        hurt = _term(group_hits, "hurt") if person is not None else None
         if hurt is not None and not guild_allowed():
             return FilterDecision(False, "abuse", "The prompt shows harm done to a person the author knows.",
                                   matched=f"{person} + {hurt}", normalised=norm)
-        if address is not None and not guild_allowed() and (
-                threat := next((h.term for h in group_hits if h.category == "threat"), None)) is not None:
+        if address is not None and (threat := _term(group_hits, "threat")) is not None and not guild_allowed():
             return FilterDecision(False, "abuse", "The prompt threatens someone at their address.",
                                   matched=f"{address} + {threat}", normalised=norm)
         # a means, or a verb of hurting (the self-harm rule's group holds a few of the same words), with a farewell
