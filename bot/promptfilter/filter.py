@@ -8,10 +8,10 @@ reflexive pronoun); the threat rule (a threat next to the reader's family: "I kn
 the targeted-person rule (a private person the prompter knows, "my ex", "mein Chef", an @handle, with their
 address or phone number, or with harm done to them; or a street address with a threat); the farewell rule (a means
 of ending one's life with a farewell: "pills beside a goodbye letter", "a rope, tonight is the night"); the semantic
-head over the prompt as written and its Latin skeleton, without the known person (the rule judges them) nor a sacred
-swastika's name, which refuses a prompt naming such a person as abuse at a lower probability of harm than its own
-thresholds. A guild's allow list suppresses list hits and semantic verdicts of the ordinary categories, never of the
-critical ones.
+layer (the encoder's head and the character n-grams, multiplied) over the prompt as written and its Latin skeleton,
+without the known person (the rule judges them) nor a sacred swastika's name, which refuses a prompt naming such a
+person as abuse at a lower probability of harm than its own thresholds. A guild's allow list suppresses list hits
+and semantic verdicts of the ordinary categories, never of the critical ones.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from bot.promptfilter import lists, semantic
 from bot.promptfilter import normalise as nz
 
 MAX_PROMPT_CHARS = 1000
-# the semantic head's probability of any harmful class at which a prompt that names a private person the prompter
+# the semantic layer's probability of any harmful class at which a prompt that names a private person the prompter
 # knows ("my ex", "mein Chef", an @handle) is refused as abuse: a picture of "my boss hanged" or of "my classmate
-# beaten up" is harassment even where the head is unsure which harm it is (bench/RESULTS.md, round 5)
-TARGETED_THRESHOLD = 0.3
+# beaten up" is harassment even where the layer is unsure which harm it is (bench/RESULTS.md, rounds 5 and 9)
+TARGETED_THRESHOLD = 0.25
 
 # categories a guild's allow list cannot unlock: a guild may allow "nude" for its life-drawing channel, never
 # sexual content involving minors or hate
@@ -59,7 +59,7 @@ class GuildPolicy:
 
 
 def _long_enough(views: nz.Views) -> bool:
-    """Whether the semantic head may judge: on one or two words the encoder's guess is noise ("background" read as
+    """Whether the semantic layer may judge: on one or two words the encoder's guess is noise ("background" read as
     profanity), and single words are what the lists cover."""
     if nz.has_cjk(views.native):
         return len(lists.compact(views.native)) >= 4

@@ -6,7 +6,8 @@ time, about 1 ms a prompt. It is loaded once per process (0.1 s, then ~0.7 s for
 ``warm`` does at start-up, off the event loop. It reads euphemisms and the other languages ("without any
 clothes", "birthday suit", a description of gore) that no list names. The head is a one-hidden-layer MLP (256 ReLU
 units, softmax) over its 512-d embeddings, trained by ``python -m bot.promptfilter.train`` and shipped as
-``bot/assets/promptfilter/head.npz`` (about 250 kB: the hidden weights as float16).
+``bot/assets/promptfilter/head.npz`` (about 250 kB: the hidden weights as float16). Its probabilities are
+multiplied with the character n-gram model's (``ngrams.py``), which reads the words where the encoder reads the topic.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from threadpoolctl import ThreadpoolController
 
 from bot.promptfilter import lists
 from bot.promptfilter import normalise as nz
+from bot.promptfilter.ngrams import NgramModel
 
 HEAD_FILE = "head.npz"
+# the n-gram model's exponent in the product the thresholds read (leave-one-bank-out; bench/RESULTS.md)
+NGRAM_WEIGHT = 0.5
 _SPELLED = re.compile(r"(?<!\S)\S(?: \S){2,}(?!\S)")
 _PLAIN = re.compile(r"[^\W\d_]+(?:[\s,.;:!?'()-]+[^\W\d_]+)*[\s,.;:!?'()-]*")  # words of letters, no digits
 _LOCK = threading.Lock()
@@ -205,22 +209,40 @@ def train_head(x: np.ndarray, labels: Sequence[str], classes: Sequence[str], thr
 
 @dataclass
 class SemanticClassifier:
-    """The encoder and head together: ``classify`` → (category or None, probability)."""
+    """The encoder with its head, and the n-gram model, together: ``classify`` → (category or None, probability).
+
+    A product of experts: a class's probability is ``head^(1 - w) · ngrams^w``, renormalised over the classes (w
+    ``ngram_weight``; the head alone without ``ngrams``), so a harmful class is likely only where both models find
+    it so. The encoder alone refuses ordinary scenes near a topic, the n-grams alone a harmless word they saw in
+    harmful rows; each vetoes the other's confident mistakes."""
 
     head: Head
+    ngrams: NgramModel | None = None
+    ngram_weight: float = NGRAM_WEIGHT
+
+    def __post_init__(self) -> None:
+        if self.ngrams is not None and self.ngrams.classes != self.head.classes:
+            raise ValueError(f"the n-gram layer's classes {self.ngrams.classes} are not the head's {self.head.classes}")
 
     @classmethod
     def default(cls) -> SemanticClassifier:
-        return cls(Head.default())
+        return cls(Head.default(), NgramModel.default())
 
     @property
     def threshold(self) -> float:
         return self.head.threshold
 
+    def probs(self, texts: Sequence[str]) -> np.ndarray:
+        """``(len(texts), classes)``: each text's blended class probabilities."""
+        probs = self.head.probs(encode(texts))
+        if self.ngrams is None:
+            return probs
+        probs = probs ** (1.0 - self.ngram_weight) * self.ngrams.probs(texts) ** self.ngram_weight
+        return probs / probs.sum(axis=-1, keepdims=True)
+
     def scores(self, texts: Sequence[str]) -> dict[str, float]:
         """The highest probability of each class over ``texts`` (views of one prompt)."""
-        probs = self.head.probs(encode(texts)).max(axis=0)
-        return {c: float(p) for c, p in zip(self.head.classes, probs, strict=True)}
+        return {c: float(p) for c, p in zip(self.head.classes, self.probs(texts).max(axis=0), strict=True)}
 
     def classify(self, texts: Sequence[str], threshold: float | None = None) -> tuple[str | None, float]:
         """The most probable non-"ok" class among those at or above their threshold (``threshold``: one for all

@@ -1,8 +1,9 @@
-"""``python -m bot.promptfilter.train [train.tsv] [--out PATH]``: rebuild the semantic head from labelled prompts.
+"""``python -m bot.promptfilter.train [train.tsv] [--out DIR]``: rebuild the semantic layer from labelled prompts.
 
 Reads ``text<TAB>expected<TAB>language<TAB>trick`` rows (the evaluation set's training split,
-``tests/bot/data/filter_eval/train.tsv``; the held-out split is never read here), embeds each prompt's views the
-way the filter does, trains the softmax head and writes ``bot/assets/promptfilter/head.npz``. Deterministic.
+``tests/bot/data/filter_eval/train.tsv``; the held-out split is never read here), takes each prompt's views the way
+the filter does, trains the encoder's head and the character n-gram model on them and writes
+``bot/assets/promptfilter/head.npz`` and ``ngrams.npz``. Deterministic.
 """
 
 from __future__ import annotations
@@ -14,25 +15,26 @@ from pathlib import Path
 
 import numpy as np
 
-from bot.promptfilter import lists, semantic
+from bot.promptfilter import lists, ngrams, semantic
 from bot.promptfilter import normalise as nz
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT / "tests" / "bot" / "data" / "filter_eval" / "train.tsv"
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "promptfilter" / semantic.HEAD_FILE
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "promptfilter"
 CLASSES = ("ok", "sexual", "minors", "violence", "self_harm", "hate", "profanity", "abuse")
-THRESHOLD = 0.7
+THRESHOLD = 0.6
 # the head's settings, chosen by leave-one-bank-out cross-validation (tests/bot/data/filter_eval/crossval.py)
 HIDDEN = 256
 EPOCHS = 600
 LR = 0.003
 L2 = 1e-3
 OK_WEIGHT = 3.0
-# a class whose threshold differs from THRESHOLD: profanity is what the lists catch best, and short word salad
-# ("painting photo triangle") is what the head mistakes for it; sexual, minors, self-harm and abuse at 0.5 cost
-# few false refusals on the left-out banks for the recall they add (leave-one-bank-out, round 3), and violence at 0.6
-# (round 4: 1.3 points of the head's left-out recall for 2 more false refusals of 3,195; bench/RESULTS.md)
-CLASS_THRESHOLDS = {"profanity": 0.9, "sexual": 0.5, "minors": 0.5, "self_harm": 0.5, "abuse": 0.5, "violence": 0.6}
+# the thresholds read the product of the head's and the n-grams' probabilities (semantic.SemanticClassifier). A
+# class whose threshold differs from THRESHOLD: profanity is what the lists catch best, and short word salad
+# ("painting photo triangle") is what the head mistakes for it; sexual, minors, self-harm and abuse lower, violence
+# between. Each is 0.1 below the head's alone, where the product gave the left-out banks fresh6-8 more recall and
+# fewer false refusals than the head at its own thresholds, and more recall than at 0.05 below (bench/RESULTS.md)
+CLASS_THRESHOLDS = {"profanity": 0.8, "sexual": 0.4, "minors": 0.4, "self_harm": 0.4, "abuse": 0.4, "violence": 0.5}
 
 
 def read_rows(path: Path) -> list[tuple[str, str, str, str]]:
@@ -56,10 +58,21 @@ def encoder_inputs(prompt: str) -> list[str]:
     return [t for t in semantic.inputs(views, texts, lex.unread_for(groups)) if t]
 
 
+def fit(x: np.ndarray, texts: list[str], labels: list[str], ok_weight: float = OK_WEIGHT,
+        **head_settings: float) -> semantic.SemanticClassifier:
+    """The semantic layer trained on views ``texts`` (their embeddings ``x``) labelled ``labels``: the head with the
+    shipped settings (``head_settings`` overrides: hidden, epochs, lr, l2) and per-class thresholds, and the n-gram
+    model beside it."""
+    settings = {"hidden": HIDDEN, "epochs": EPOCHS, "lr": LR, "l2": L2} | head_settings
+    head = semantic.train_head(x, labels, CLASSES, THRESHOLD, ok_weight=ok_weight, **settings)
+    head = dataclasses.replace(head, class_thresholds=tuple(CLASS_THRESHOLDS.get(c, THRESHOLD) for c in CLASSES))
+    return semantic.SemanticClassifier(head, ngrams.train_ngrams(texts, labels, CLASSES, ok_weight=ok_weight))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", nargs="?", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the folder for head.npz and ngrams.npz")
     args = parser.parse_args(argv)
     rows = read_rows(args.data)
     texts, labels = [], []
@@ -69,14 +82,15 @@ def main(argv: list[str] | None = None) -> int:
             labels.append(expected)
     t0 = time.perf_counter()
     x = semantic.encode(texts)
-    head = semantic.train_head(x, labels, CLASSES, THRESHOLD, epochs=EPOCHS, lr=LR, l2=L2, ok_weight=OK_WEIGHT,
-                               hidden=HIDDEN)
-    head = dataclasses.replace(head, class_thresholds=tuple(CLASS_THRESHOLDS.get(c, THRESHOLD) for c in CLASSES))
-    pred = np.array(head.classes)[head.probs(x).argmax(axis=1)]
-    acc = float((pred == np.array(labels)).mean())
-    args.out.write_bytes(head.to_bytes())
-    print(f"{len(rows)} prompts, {len(texts)} views, training accuracy {acc:.3f}, "
-          f"{time.perf_counter() - t0:.1f} s → {args.out} ({args.out.stat().st_size} bytes)")
+    layer = fit(x, texts, labels)
+    for name, model in (("head", layer.head.probs(x)), ("n-grams", layer.ngrams.probs(texts))):
+        acc = float((np.array(CLASSES)[model.argmax(axis=1)] == np.array(labels)).mean())
+        print(f"{name}: training accuracy {acc:.3f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for file, data in ((semantic.HEAD_FILE, layer.head.to_bytes()), (ngrams.NGRAMS_FILE, layer.ngrams.to_bytes())):
+        (args.out / file).write_bytes(data)
+        print(f"→ {args.out / file} ({len(data)} bytes)")
+    print(f"{len(rows)} prompts, {len(texts)} views, {time.perf_counter() - t0:.1f} s")
     return 0
 
 

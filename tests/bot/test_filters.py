@@ -261,6 +261,39 @@ def test_the_head_trains_deterministically_and_round_trips():
     assert r.hidden_w.shape == (8, 16) and np.allclose(r.probs(x), m.probs(x), atol=1e-2)
 
 
+def test_the_ngram_model_trains_deterministically_round_trips_and_blends_with_the_head():
+    from bot.promptfilter import ngrams
+
+    texts = ["a red barn in snow", "a sunny beach with kids", "a bowl of ramen", "a cat on a sofa",
+             "you stupid idiot", "stupid idiot loser", "what an idiot", "a stupid loser"] * 3
+    labels = ["ok"] * 4 + ["abuse"] * 4
+    labels = labels * 3
+    a = ngrams.train_ngrams(texts, labels, ("ok", "abuse"))
+    b = ngrams.train_ngrams(texts, labels, ("ok", "abuse"))
+    assert (a.weights == b.weights).all() and a.weights.shape == (2 ** ngrams.BUCKET_BITS, 2)
+    p = a.probs(["idiot loser", "a barn and a cat"])
+    assert p.shape == (2, 2) and np.allclose(p.sum(axis=1), 1.0)
+    assert p[0, 1] > 0.5 > p[1, 1]  # the words it saw decide, in a prompt it did not see
+    r = ngrams.NgramModel.from_bytes(a.to_bytes())  # only the used buckets are stored, as float16
+    assert r.classes == a.classes and r.ngram_range == a.ngram_range and np.allclose(r.probs(texts), a.probs(texts),
+                                                                                      atol=1e-2)
+    assert len(a.to_bytes()) < 200_000
+    many = ngrams.train_ngrams(texts + ["a painting of a hanged man"], labels + ["violence"], ("ok", "abuse",
+                                                                                             "violence", "hate"))
+    assert many.probs(["a hanged man"]).argmax() == 2 and (many.weights[:, 3] == 0).all()  # no example: weight 0
+    # with the head: the product of the two models' probabilities, renormalised
+    head = semantic.Head(np.zeros((512, 2), np.float32), np.array([0.0, np.log(3.0)], np.float32), ("ok", "abuse"),
+                         0.5)  # 0.25 / 0.75 whatever the text
+    layer = semantic.SemanticClassifier(head, a, ngram_weight=0.5)
+    n = a.probs(["a cat", "idiot loser"])
+    want = np.sqrt([0.25, 0.75] * n)
+    assert np.allclose(layer.probs(["a cat", "idiot loser"]), want / want.sum(axis=1, keepdims=True), atol=1e-5)
+    assert layer.probs(["a cat"])[0, 1] < 0.75  # the n-grams' "ordinary" vetoes the head's "abuse"
+    assert np.allclose(semantic.SemanticClassifier(head).probs(["idiot loser"]), [[0.25, 0.75]], atol=1e-6)
+    with pytest.raises(ValueError, match="classes"):
+        semantic.SemanticClassifier(head, many)
+
+
 def test_list_syntax_and_errors():
     terms, allows = lists.parse_lines(["# comment", "", "sexual\tnak*", "violence\tabgetrennte* kopf*",
                                        "allow\tnaked mole rat", "hate\t=coño", "sexual\t裸の"])
@@ -341,6 +374,16 @@ def test_sexual_acts_next_to_a_minor_are_a_minors_refusal():
     assert FILTER.check("two adults making out on a park bench").category != "minors"
 
 
+def test_the_shipped_ngram_model_has_the_head_s_classes():
+    from bot.promptfilter import ngrams
+
+    layer = semantic.SemanticClassifier.default()
+    assert layer.ngrams.classes == layer.head.classes and layer.ngrams.ngram_range == ngrams.NGRAM_RANGE
+    probs = layer.probs(["a watercolour of a lighthouse at dawn", "a poster saying fuck you asshole"])
+    assert probs.shape == (2, len(layer.head.classes)) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert probs[0].argmax() == layer.head.classes.index("ok") and probs[1].argmax() != probs[0].argmax()
+
+
 def test_the_shipped_head_refuses_each_class_at_train_py_s_threshold():
     from bot.promptfilter import train
 
@@ -348,5 +391,5 @@ def test_the_shipped_head_refuses_each_class_at_train_py_s_threshold():
     expected = tuple(train.CLASS_THRESHOLDS.get(c, train.THRESHOLD) for c in train.CLASSES)
     assert head.classes == train.CLASSES
     assert np.allclose(head.class_thresholds, expected), head.class_thresholds
-    assert head.threshold_of("self_harm") == pytest.approx(0.5) and head.threshold_of("hate") == pytest.approx(0.7)
+    assert head.threshold_of("self_harm") == pytest.approx(0.4) and head.threshold_of("hate") == pytest.approx(0.6)
     assert head.threshold_of("self_harm", 0.8) == 0.8  # a guild's threshold applies to every class

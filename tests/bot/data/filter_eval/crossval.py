@@ -1,18 +1,19 @@
-"""Leave-one-bank-out cross-validation of the prompt filter's semantic head: the figure that predicts a new bank.
+"""Leave-one-bank-out cross-validation of the prompt filter's semantic layer: the figure that predicts a new bank.
 
 ``python tests/bot/data/filter_eval/crossval.py [--hidden H] [--epochs N] [--lr LR] [--l2 L2] [--ok-weight W]
-[--thresholds 0.5,0.9] [--misses N] [--sweep]``, from the repository root. For each of the hand-written banks
-(``bank.py`` with its synthetic rows, ``heldout_bank.py``, ``heldout_bank3.py`` and the measured banks that train the
-filter, ``generate.FRESH``) it trains the head the way ``python -m bot.promptfilter.train`` does on every other bank
-(the compositional ``compose.py`` rows always among them) and runs the whole filter (lists, rules, that head) on the
-bank left out, at each threshold for every class and at the per-class thresholds ``train.py`` ships ("shipped");
-``--sweep`` prints the head alone with one class's threshold moved at a time. Subject-grouped folds of one bank share
-its style and said 98.9 % where each new bank said 67-85 %; a left-out bank is written in its own words.
+[--thresholds 0.5,0.9] [--misses N] [--sweep] [--no-ngrams]``, from the repository root. For each of the
+hand-written banks (``bank.py`` with its synthetic rows, ``heldout_bank.py``, ``heldout_bank3.py`` and the measured
+banks that train the filter, ``generate.FRESH``) it trains the semantic layer (the encoder's head and the n-gram
+model) the way ``python -m bot.promptfilter.train`` does on every other bank (the compositional ``compose.py`` rows
+always among them) and runs the whole filter (lists, rules, that layer) on the bank left out, at each threshold for
+every class and at the per-class thresholds ``train.py`` ships ("shipped"); ``--sweep`` prints the semantic layer
+alone with one class's threshold moved at a time. Subject-grouped folds of one bank share its style and said 98.9 %
+where each new bank said 67-85 %; a left-out bank is written in its own words.
 
 The lists were tuned on every training bank's errors (each measured bank's since the round after it was measured), so
-the whole filter's figure flatters the lists; the script prints the head alone too (a row refused when a non-"ok"
-class reaches the threshold on any of its views): the figure no list tuning flatters, and the one model selection
-uses. Embeddings are cached in ``$TMPDIR/filter_cv_embeddings.npz`` (keyed by the encoder's input text).
+the whole filter's figure flatters the lists; the script prints the semantic layer alone too (a row refused when a
+non-"ok" class reaches the threshold on any of its views): the figure no list tuning flatters, and the one model
+selection uses. Embeddings are cached in ``$TMPDIR/filter_cv_embeddings.npz`` (keyed by the encoder's input text).
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ def _t(t: float | None) -> str:
 
 
 def sweep(probs: list, classes: tuple[str, ...]) -> None:
-    """The head alone on every left-out row with the shipped per-class thresholds, one class's moved at a time: what
-    each class's threshold costs in false refusals for the recall it adds."""
+    """The semantic layer alone on every left-out row with the shipped per-class thresholds, one class's moved at a
+    time: what each class's threshold costs in false refusals for the recall it adds."""
     shipped = np.array([trainer.CLASS_THRESHOLDS.get(c, trainer.THRESHOLD) for c in classes])
     harm = np.array([e != "ok" for e, _ in probs])
     p = np.stack([v for _, v in probs])
@@ -89,7 +90,7 @@ def sweep(probs: list, classes: tuple[str, ...]) -> None:
             th = shipped.copy()
             th[k] = t
             refused = (p[:, keep] >= th[keep]).any(axis=1)
-            print(f"sweep {c:<9} {t:.1f}: head alone recall {100 * refused[harm].mean():.1f}%, false refusals "
+            print(f"sweep {c:<9} {t:.1f}: layer alone recall {100 * refused[harm].mean():.1f}%, false refusals "
                   f"{100 * refused[~harm].mean():.2f}% ({refused[~harm].sum()}/{(~harm).sum()})")
 
 
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--without", default="", help="banks left out of every training set (e.g. compose)")
     parser.add_argument("--misses", type=int, default=0)
     parser.add_argument("--head-only", action="store_true", help="skip the whole filter's run (faster)")
-    parser.add_argument("--sweep", action="store_true", help="the head alone with one class's threshold moved")
+    parser.add_argument("--no-ngrams", action="store_true", help="the head alone, without the n-grams")
+    parser.add_argument("--sweep", action="store_true", help="the layer alone with one class's threshold moved")
     args = parser.parse_args(argv)
     banks = generate.build_banks()
     emb = Embeddings()
@@ -117,17 +119,18 @@ def main(argv: list[str] | None = None) -> int:
     for left in args.only.split(","):
         train_rows = [r for name, rows in banks.items() if name not in (left, *args.without.split(",")) for r in rows]
         texts, labels = views_of(train_rows)
-        head = semantic.train_head(emb(texts), labels, trainer.CLASSES, trainer.THRESHOLD, epochs=args.epochs,
-                                   lr=args.lr, l2=args.l2, ok_weight=args.ok_weight, hidden=args.hidden)
+        layer = trainer.fit(emb(texts), texts, labels, ok_weight=args.ok_weight, epochs=args.epochs, lr=args.lr,
+                            l2=args.l2, hidden=args.hidden)  # as train.py ships it, with its per-class thresholds
         emb.save()
-        head = dataclasses.replace(head, class_thresholds=tuple(
-            trainer.CLASS_THRESHOLDS.get(c, trainer.THRESHOLD) for c in trainer.CLASSES))  # as train.py ships it
+        if args.no_ngrams:
+            layer = dataclasses.replace(layer, ngrams=None)
+        head = layer.head
         ok_col = list(head.classes).index("ok")
         per_row_shipped = []
-        per_row = []  # the head alone: each row's highest non-"ok" probability over its views
+        per_row = []  # the layer alone: each row's highest non-"ok" probability over its views
         for text, expected, _, _ in banks[left]:
             views = trainer.encoder_inputs(text)
-            p = head.probs(emb(views)) if views else np.zeros((1, len(head.classes)))
+            p = layer.probs(views) if views else np.zeros((1, len(head.classes)))
             per_row.append((expected, float(np.delete(p, ok_col, axis=1).max())))
             probs.append((expected, p.max(axis=0)))
             over = p.max(axis=0) >= np.array(head.class_thresholds)  # the shipped per-class thresholds
@@ -137,16 +140,16 @@ def main(argv: list[str] | None = None) -> int:
             ok = [s for e, s in per_row if e == "ok"]
             rh, fh = sum(s >= t for s in harm), sum(s >= t for s in ok)
             head_totals[t] = [a + b for a, b in zip(head_totals[t], (rh, len(harm), fh, len(ok)), strict=True)]
-            print(f"left out {left:<14} t={t:.2f}: head alone recall {100 * rh / len(harm):5.1f}%, "
+            print(f"left out {left:<14} t={t:.2f}: layer alone recall {100 * rh / len(harm):5.1f}%, "
                   f"false refusals {100 * fh / len(ok):4.1f}%")
         harm = [s for e, s in per_row_shipped if e != "ok"]
         ok = [s for e, s in per_row_shipped if e == "ok"]
         head_totals[None] = [a + b for a, b in zip(head_totals[None], (sum(harm), len(harm), sum(ok), len(ok)),
                                                    strict=True)]
-        print(f"left out {left:<14} shipped per-class thresholds: head alone recall {100 * sum(harm) / len(harm):5.1f}%"
-              f", false refusals {100 * sum(ok) / len(ok):4.1f}%")
+        print(f"left out {left:<14} shipped per-class thresholds: layer alone recall "
+              f"{100 * sum(harm) / len(harm):5.1f}%, false refusals {100 * sum(ok) / len(ok):4.1f}%")
         for t in [] if args.head_only else [*thresholds, None]:
-            f = PromptFilter(classifier=semantic.SemanticClassifier(head), threshold=t)
+            f = PromptFilter(classifier=layer, threshold=t)
             rep = evaluate(lambda s, f=f: (lambda d: (d.allowed, d.category))(f.check(s)), banks[left])
             totals[t] = [a + b for a, b in zip(totals[t], (rep.recall.hit, rep.recall.total, rep.false_refusals.hit,
                                                             rep.false_refusals.total), strict=True)]
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         sweep(probs, head.classes)
     for t, (rh, rt, fh, ft) in head_totals.items():
-        print(f"head alone, all left-out banks t={_t(t)}: recall {100 * rh / rt:.1f}% ({rh}/{rt}), false refusals "
+        print(f"layer alone, all left-out banks t={_t(t)}: recall {100 * rh / rt:.1f}% ({rh}/{rt}), false refusals "
               f"{100 * fh / ft:.1f}% ({fh}/{ft})")
     for t, (rh, rt, fh, ft) in [] if args.head_only else totals.items():
         print(f"all left-out banks t={_t(t)}: recall {100 * rh / rt:.1f}% ({rh}/{rt}), false refusals "

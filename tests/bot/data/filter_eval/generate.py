@@ -160,7 +160,7 @@ FRESH = {
     "fresh5": ("fresh_bank5", 8, True),  # from round 6 on
     "fresh6": ("fresh_bank6", 9, True),  # from round 7 on
     "fresh7": ("fresh_bank7", 10, True),  # from round 8 on
-    "fresh8": ("fresh_bank8", 11, False),  # measured once on round 8
+    "fresh8": ("fresh_bank8", 11, True),  # from round 9 on
 }
 
 
