@@ -4,7 +4,7 @@ The sentence encoder reads meaning, and misreads ordinary scenes near a harmful 
 "dying of laughter") as that topic. Character n-grams read the words themselves: the misspellings, slang and other
 languages' words of the labelled prompts, and the ordinary words around them. The two err on different prompts, so
 the filter multiplies their probabilities (``semantic.SemanticClassifier``). The n-grams are hashed (scikit-learn's
-``HashingVectorizer``: 2–5 characters inside word boundaries, 2**18 buckets), so no vocabulary ships; the weights do,
+``HashingVectorizer``: 3–5 characters inside word boundaries, 2**18 buckets), so no vocabulary ships; the weights do,
 as ``bot/assets/promptfilter/ngrams.npz``, trained with the head by ``python -m bot.promptfilter.train``.
 """
 
@@ -19,7 +19,7 @@ from importlib import resources
 import numpy as np
 
 NGRAMS_FILE = "ngrams.npz"
-NGRAM_RANGE = (2, 5)
+NGRAM_RANGE = (3, 5)
 BUCKET_BITS = 18
 
 
@@ -78,9 +78,13 @@ class NgramModel:
 
 
 def train_ngrams(texts: Sequence[str], labels: Sequence[str], classes: Sequence[str], ok_weight: float = 3.0,
-                 c: float = 10.0, max_iter: int = 300) -> NgramModel:
+                 c: float = 1.0, max_iter: int = 300, ngram_range: tuple[int, int] = NGRAM_RANGE) -> NgramModel:
     """Multinomial logistic regression (L-BFGS, inverse L2 strength ``c``) on the class-balanced loss, the ordinary
-    class weighted ``ok_weight`` times its balanced share as the head's is. Deterministic."""
+    class weighted ``ok_weight`` times its balanced share as the head's is. Deterministic.
+
+    The defaults (3–5 characters, ``c`` 1) refused the fewest plain prompts of common words ("a tiled dog"), at about
+    a point of recall less than 2–5 characters or ``c`` 10, which read "-led" as violence and "make it" as abuse
+    (leave-one-bank-out, fresh7 and fresh8; bench/RESULTS.md)."""
     from sklearn.linear_model import LogisticRegression
 
     index = {name: i for i, name in enumerate(classes)}
@@ -90,7 +94,7 @@ def train_ngrams(texts: Sequence[str], labels: Sequence[str], classes: Sequence[
     if "ok" in index:
         sample_w = np.where(y == index["ok"], sample_w * ok_weight, sample_w)
     model = NgramModel(np.zeros((2 ** BUCKET_BITS, len(classes)), np.float32), np.zeros(len(classes), np.float32),
-                       tuple(classes))
+                       tuple(classes), ngram_range)
     clf = LogisticRegression(C=c, max_iter=max_iter)
     clf.fit(model.features(texts), y, sample_weight=sample_w)
     weights = np.zeros((2 ** BUCKET_BITS, len(classes)), np.float32)
@@ -100,4 +104,4 @@ def train_ngrams(texts: Sequence[str], labels: Sequence[str], classes: Sequence[
     else:  # a class with no example keeps weight 0
         weights[:, clf.classes_] = clf.coef_.T
         bias[clf.classes_] = clf.intercept_
-    return NgramModel(weights, bias, tuple(classes))
+    return NgramModel(weights, bias, tuple(classes), ngram_range)

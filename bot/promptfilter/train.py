@@ -32,8 +32,8 @@ OK_WEIGHT = 3.0
 # the thresholds read the product of the head's and the n-grams' probabilities (semantic.SemanticClassifier). A
 # class whose threshold differs from THRESHOLD: profanity is what the lists catch best, and short word salad
 # ("painting photo triangle") is what the head mistakes for it; sexual, minors, self-harm and abuse lower, violence
-# between. Each is 0.1 below the head's alone, where the product gave the left-out banks fresh6-8 more recall and
-# fewer false refusals than the head at its own thresholds, and more recall than at 0.05 below (bench/RESULTS.md)
+# between. Each is 0.1 below the head's alone: there the product kept the recall the head alone had at its own
+# thresholds on the left-out banks fresh7 and fresh8, with a fraction of the false refusals (bench/RESULTS.md)
 CLASS_THRESHOLDS = {"profanity": 0.8, "sexual": 0.4, "minors": 0.4, "self_harm": 0.4, "abuse": 0.4, "violence": 0.5}
 
 

@@ -384,6 +384,14 @@ def test_the_shipped_ngram_model_has_the_head_s_classes():
     assert probs[0].argmax() == layer.head.classes.index("ok") and probs[1].argmax() != probs[0].argmax()
 
 
+def test_plain_prompts_of_common_words_pass_the_semantic_layer():
+    # character n-grams of 2 letters at a weak regularisation read "-led" as violence: plain prompts of the kind this
+    # bot draws, with words no bank has, stay allowed ("make it explode" does not: bench/RESULTS.md)
+    for prompt in ["a tiled dog", "a tiled cat", "a happy tiled dog", "a balloon about to explode", "a checkered cat",
+                   "a tiled bird", "fireworks explode over a lake"]:
+        assert FILTER.check(prompt).allowed, (prompt, FILTER.check(prompt))
+
+
 def test_the_shipped_head_refuses_each_class_at_train_py_s_threshold():
     from bot.promptfilter import train
 

@@ -61,7 +61,7 @@ async def test_flagged_images_are_hidden_or_withheld_and_cases_opened(running_se
 
 async def test_engine_failure_is_recorded_and_published(running_service):
     svc, repo, engine, pub = running_service
-    adm = await svc.submit(user_id=11, prompt="make it explode")
+    adm = await svc.submit(user_id=11, prompt="a balloon about to explode")  # the fake engine fails on "explode"
     [o] = await pub.wait_for(1)
     assert not o.ok and "exploded" in o.error
     gen = await wait_delivered(repo, adm.generation_id)
