@@ -394,9 +394,10 @@ def find_hits(texts: Texts, terms: TermSet, allows: Sequence[TermSet], guild_all
                 waived.append(hit)
             else:
                 hits.append(hit)
+    allowed_terms = {h.term for h in suppressed}  # a joined reading of words an allow phrase covered is that hit
     for candidate in texts.joins:
         term = terms.whole(candidate)
-        if term is not None:
+        if term is not None and term.text not in allowed_terms:
             (waived if term.category not in critical and guild_allow is not None and guild_allow.whole(candidate)
              else hits).append(Hit(term.category, term.text, candidate))
     return hits, waived, suppressed

@@ -384,6 +384,17 @@ def test_the_shipped_ngram_model_has_the_head_s_classes():
     assert probs[0].argmax() == layer.head.classes.index("ok") and probs[1].argmax() != probs[0].argmax()
 
 
+def test_an_allow_phrase_covers_the_joined_reading_of_its_own_words():
+    # "à la tronçonneuse" is also read joined ("alatronconneuse", the way "n u d e" is read): the allow phrase that
+    # covers the words covers that reading too; the term still refuses where no allow phrase is
+    assert FILTER.check("un bûcheron qui coupe du bois à la tronçonneuse").allowed
+    d = FILTER.check("il le découpe à la tronçonneuse")
+    assert not d.allowed and d.category == "violence" and d.matched == "a la tronconneuse"
+    # "salopette" (dungarees) is not "salope*": a little girl in dungarees is not the minors rule's pair
+    assert FILTER.check("une petite fille en salopette dans un champ de tournesols").allowed
+    assert FILTER.check("une petite fille salope").category == "minors"
+
+
 def test_plain_prompts_of_common_words_pass_the_semantic_layer():
     # character n-grams of 2 letters at a weak regularisation read "-led" as violence: plain prompts of the kind this
     # bot draws, with words no bank has, stay allowed ("make it explode" does not: bench/RESULTS.md)

@@ -161,7 +161,7 @@ FRESH = {
     "fresh6": ("fresh_bank6", 9, True),  # from round 7 on
     "fresh7": ("fresh_bank7", 10, True),  # from round 8 on
     "fresh8": ("fresh_bank8", 11, True),  # from round 9 on
-    "fresh9": ("fresh_bank9", 12, False),  # measured once on round 9
+    "fresh9": ("fresh_bank9", 12, True),  # from round 10 on
 }
 
 
