@@ -233,11 +233,13 @@ class SemanticClassifier:
         return self.head.threshold
 
     def probs(self, texts: Sequence[str]) -> np.ndarray:
-        """``(len(texts), classes)``: each text's blended class probabilities."""
+        """``(len(texts), classes)``: each text's class probabilities, the two models' product."""
         probs = self.head.probs(encode(texts))
         if self.ngrams is None:
             return probs
-        probs = probs ** (1.0 - self.ngram_weight) * self.ngrams.probs(texts) ** self.ngram_weight
+        floor = 1e-30  # each model's probability floored, so two models sure of different classes still sum > 0
+        probs = (np.maximum(probs, floor) ** (1.0 - self.ngram_weight)
+                 * np.maximum(self.ngrams.probs(texts), floor) ** self.ngram_weight)
         return probs / probs.sum(axis=-1, keepdims=True)
 
     def scores(self, texts: Sequence[str]) -> dict[str, float]:

@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data", nargs="?", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the folder for head.npz and ngrams.npz")
     args = parser.parse_args(argv)
+    if args.out.suffix == ".npz" or args.out.is_file():
+        parser.error(f"--out is the folder the two files go in, not a file: {args.out}")
     rows = read_rows(args.data)
     texts, labels = [], []
     for text, expected, _, _ in rows:

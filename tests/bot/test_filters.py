@@ -292,6 +292,11 @@ def test_the_ngram_model_trains_deterministically_round_trips_and_blends_with_th
     assert np.allclose(semantic.SemanticClassifier(head).probs(["idiot loser"]), [[0.25, 0.75]], atol=1e-6)
     with pytest.raises(ValueError, match="classes"):
         semantic.SemanticClassifier(head, many)
+    # two models sure of different classes: the product is floored, never 0 / 0
+    sure_ok = semantic.Head(np.zeros((512, 2), np.float32), np.array([200.0, 0.0], np.float32), ("ok", "abuse"), 0.5)
+    sure_abuse = ngrams.NgramModel(a.weights * 0, np.array([0.0, 200.0], np.float32), ("ok", "abuse"))
+    both = semantic.SemanticClassifier(sure_ok, sure_abuse).probs(["anything"])
+    assert np.isfinite(both).all() and np.allclose(both.sum(), 1.0)
 
 
 def test_list_syntax_and_errors():
