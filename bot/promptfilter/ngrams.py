@@ -77,10 +77,11 @@ class NgramModel:
         return cls.from_bytes(resources.files("bot.assets.promptfilter").joinpath(NGRAMS_FILE).read_bytes())
 
 
-def train_ngrams(texts: Sequence[str], labels: Sequence[str], classes: Sequence[str], ok_weight: float = 3.0,
-                 c: float = 1.0, max_iter: int = 300, ngram_range: tuple[int, int] = NGRAM_RANGE) -> NgramModel:
-    """Multinomial logistic regression (L-BFGS, inverse L2 strength ``c``) on the class-balanced loss, the ordinary
-    class weighted ``ok_weight`` times its balanced share as the head's is. Deterministic.
+def train_ngrams(texts: Sequence[str], labels: Sequence[str], classes: Sequence[str],
+                 sample_weight: np.ndarray | None = None, c: float = 1.0, max_iter: int = 300,
+                 ngram_range: tuple[int, int] = NGRAM_RANGE) -> NgramModel:
+    """Multinomial logistic regression (L-BFGS, inverse L2 strength ``c``), each example weighted by
+    ``sample_weight`` (the head's class-balanced weights, ``semantic.balanced_weights``; None: all 1). Deterministic.
 
     The defaults (3–5 characters, ``c`` 1) refused the fewest plain prompts of common words ("a tiled dog"), at about
     a point of recall less than 2–5 characters or ``c`` 10, which read "-led" as violence and "make it" as abuse
@@ -89,14 +90,10 @@ def train_ngrams(texts: Sequence[str], labels: Sequence[str], classes: Sequence[
 
     index = {name: i for i, name in enumerate(classes)}
     y = np.array([index[label] for label in labels])
-    counts = np.maximum(np.bincount(y, minlength=len(classes)), 1)
-    sample_w = (len(y) / (len(classes) * counts))[y]
-    if "ok" in index:
-        sample_w = np.where(y == index["ok"], sample_w * ok_weight, sample_w)
     model = NgramModel(np.zeros((2 ** BUCKET_BITS, len(classes)), np.float32), np.zeros(len(classes), np.float32),
                        tuple(classes), ngram_range)
     clf = LogisticRegression(C=c, max_iter=max_iter)
-    clf.fit(model.features(texts), y, sample_weight=sample_w)
+    clf.fit(model.features(texts), y, sample_weight=sample_weight)
     weights = np.zeros((2 ** BUCKET_BITS, len(classes)), np.float32)
     bias = np.zeros(len(classes), np.float32)
     if clf.coef_.shape[0] == 1:  # scikit-learn's binary case: one logit, for the second class, the first's at 0

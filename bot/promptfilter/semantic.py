@@ -156,6 +156,17 @@ class Head:
         return cls.from_bytes(resources.files("bot.assets.promptfilter").joinpath(HEAD_FILE).read_bytes())
 
 
+def balanced_weights(labels: Sequence[str], classes: Sequence[str], ok_weight: float) -> np.ndarray:
+    """``(len(labels),)`` example weights: each class's examples share an equal part of the total, the ordinary
+    class ``ok_weight`` times its part (the head's and the n-gram model's errors that cost most are false refusals:
+    the lists catch most of what must be refused)."""
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[label] for label in labels])
+    counts = np.maximum(np.bincount(y, minlength=len(classes)).astype(np.float32), 1.0)
+    weights = (len(y) / (len(classes) * counts))[y]
+    return np.where(y == index["ok"], weights * ok_weight, weights) if "ok" in index else weights
+
+
 def train_head(x: np.ndarray, labels: Sequence[str], classes: Sequence[str], threshold: float,
                epochs: int = 400, lr: float = 0.01, l2: float = 1e-4, ok_weight: float = 3.0,
                hidden: int = 0) -> Head:
@@ -173,10 +184,7 @@ def train_head(x: np.ndarray, labels: Sequence[str], classes: Sequence[str], thr
     x = x.astype(np.float32)
     onehot = np.zeros((n, k), dtype=np.float32)
     onehot[np.arange(n), y] = 1.0
-    counts = np.maximum(onehot.sum(axis=0), 1.0)
-    sample_w = (n / (k * counts))[y]
-    if "ok" in index:
-        sample_w = np.where(y == index["ok"], sample_w * ok_weight, sample_w)
+    sample_w = balanced_weights(labels, classes, ok_weight)
     sample_w = (sample_w / sample_w.sum()).astype(np.float32)[:, None]
     rng = np.random.default_rng(29)
     params = {"w": np.zeros((hidden or dim, k), np.float32), "b": np.zeros(k, np.float32)}

@@ -66,7 +66,8 @@ def fit(x: np.ndarray, texts: list[str], labels: list[str], ok_weight: float = O
     settings = {"hidden": HIDDEN, "epochs": EPOCHS, "lr": LR, "l2": L2} | head_settings
     head = semantic.train_head(x, labels, CLASSES, THRESHOLD, ok_weight=ok_weight, **settings)
     head = dataclasses.replace(head, class_thresholds=tuple(CLASS_THRESHOLDS.get(c, THRESHOLD) for c in CLASSES))
-    return semantic.SemanticClassifier(head, ngrams.train_ngrams(texts, labels, CLASSES, ok_weight=ok_weight))
+    weights = semantic.balanced_weights(labels, CLASSES, ok_weight)
+    return semantic.SemanticClassifier(head, ngrams.train_ngrams(texts, labels, CLASSES, weights))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -278,8 +278,12 @@ def test_the_ngram_model_trains_deterministically_round_trips_and_blends_with_th
     assert r.classes == a.classes and r.ngram_range == a.ngram_range and np.allclose(r.probs(texts), a.probs(texts),
                                                                                       atol=1e-2)
     assert len(a.to_bytes()) < 200_000
-    many = ngrams.train_ngrams(texts + ["a painting of a hanged man"], labels + ["violence"], ("ok", "abuse",
-                                                                                             "violence", "hate"))
+    # each class an equal share of the total, the ordinary class 3 times its share; a class with no example none
+    assert np.allclose(semantic.balanced_weights(["ok", "ok", "abuse"], ("ok", "abuse", "hate"), 3.0),
+                       [1.5, 1.5, 1.0])
+    four = ("ok", "abuse", "violence", "hate")  # one violence example, weighted as the head weighs its classes
+    many = ngrams.train_ngrams(texts + ["a painting of a hanged man"], labels + ["violence"], four,
+                               semantic.balanced_weights(labels + ["violence"], four, 3.0))
     assert many.probs(["a hanged man"]).argmax() == 2 and (many.weights[:, 3] == 0).all()  # no example: weight 0
     # with the head: the product of the two models' probabilities, renormalised
     head = semantic.Head(np.zeros((512, 2), np.float32), np.array([0.0, np.log(3.0)], np.float32), ("ok", "abuse"),
