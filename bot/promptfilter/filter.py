@@ -98,10 +98,11 @@ class PromptFilter:
             self.threshold = self.classifier.threshold if self.classifier is not None else 0.5
 
     def warm(self) -> None:
-        """Load what the first check would otherwise load (the encoder, the Unicode tables): call off the loop."""
+        """Load what the first check would otherwise load (the encoder, the n-grams, the Unicode tables): call off
+        the loop."""
         nz.skeleton_table()
         if self.classifier is not None:
-            semantic.warm()
+            self.classifier.warm()
 
     def check(self, prompt: str, policy: GuildPolicy | None = None) -> FilterDecision:
         policy = policy or GuildPolicy()

